@@ -1,0 +1,53 @@
+"""The read position, kept on disk: written atomically, only after Redis acknowledged."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+from .tailer import FileIdentity, Position
+
+log = logging.getLogger("streamkeeper.heartbeatd")
+
+
+def checkpoint_path(state_dir: str, log_path: str) -> str:
+    """One checkpoint per followed log, named after the log's path."""
+    digest = hashlib.sha1(log_path.encode()).hexdigest()[:12]
+    return os.path.join(state_dir, f"heartbeatd-{digest}.checkpoint.json")
+
+
+def load_checkpoint(path: str, log_path: str) -> Position | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        if data.get("log") != log_path:
+            log.warning("checkpoint %s is for %s, not %s; ignoring it", path, data.get("log"), log_path)
+            return None
+        return Position(FileIdentity.from_dict(data["file"]), int(data["offset"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("checkpoint %s is unreadable (%s); ignoring it", path, exc)
+        return None
+
+
+def save_checkpoint(path: str, log_path: str, position: Position) -> None:
+    """Temp file, fsync, rename, fsync the directory."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    payload = json.dumps({"log": log_path, "file": position.identity.as_dict(),
+                          "offset": position.offset}).encode()
+    temp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

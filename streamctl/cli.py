@@ -1,0 +1,40 @@
+"""``streamctl``: the operators' command line."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from streamstate.cli_options import settings_options
+from streamstate.settings import SPEC_BY_KEY
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Operate streamkeeper: settings, channels, streams, diagnosis.
+
+    Every command reads the same settings as the services: --config PATH (or
+    $STREAMKEEPER_CONFIG, else /etc/streamkeeper/streamkeeper.toml), then
+    STREAMKEEPER_<KEY> environment variables, then flags.
+    """
+
+
+@main.command("config")
+@settings_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: {key: {value, source}}.")
+def config_command(settings_loader, as_json):
+    """Print the effective settings and where each value came from.
+
+    Exit codes: 0 valid, 2 a setting is invalid (the line names it).
+    """
+    settings = settings_loader()
+    if as_json:
+        payload = {key: {"value": settings.values[key], "source": settings.sources[key]}
+                   for key in settings.values}
+        click.echo(json.dumps({"config_file": settings.config_path, "settings": payload}, indent=2))
+        return
+    click.echo(f"# config file: {settings.config_path or '(none: built-in defaults)'}")
+    width = max(len(key) for key in settings.values)
+    for key, value in settings.values.items():
+        click.echo(f"{key:<{width}} = {json.dumps(value):<40} # {settings.sources[key]}"
+                   f" - {SPEC_BY_KEY[key].help}")

@@ -1,0 +1,116 @@
+"""Heartbeat writes: last_access (atomic max) and viewers, for running streams only.
+
+One Lua script call per batch of channels.  Inside it, per channel:
+``EXISTS stream:<id>:pid`` (running?), then ``SET last_access t KEEPTTL GET``
+(put back the old value in the rare case it was newer), then one ``ZADD GT``
+of the viewers seen, and every ``viewer_window`` seconds a trim of the
+viewers set.  That is 2 commands per channel without viewer counting and 3
+with it (plus the trim once a window), however many requests were read.
+Nothing is created for a channel that is not running.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from . import keys
+
+# KEYS: per channel, 3 keys: pid, last_access, viewers.
+# ARGV[1]: trim cutoff (epoch s; viewers with an older score are removed)
+# ARGV[2]: viewers key lifetime in seconds (set when trimming)
+# then per channel: time, trim flag ("1"/"0"), n, then n pairs (score, member)
+_HEARTBEAT_LUA = """
+local cutoff = ARGV[1]
+local lifetime = ARGV[2]
+local a = 3
+local running = 0
+for k = 1, #KEYS, 3 do
+  local t = ARGV[a]
+  local trim = ARGV[a + 1]
+  local n = tonumber(ARGV[a + 2])
+  a = a + 3
+  if redis.call('EXISTS', KEYS[k]) == 1 then
+    running = running + 1
+    local old = redis.call('SET', KEYS[k + 1], t, 'KEEPTTL', 'GET')
+    if old then
+      local oldnum = tonumber(old)
+      if oldnum and oldnum > tonumber(t) then
+        redis.call('SET', KEYS[k + 1], old, 'KEEPTTL')
+      end
+    end
+    if n > 0 then
+      local args = {'GT'}
+      for j = 0, n - 1 do
+        args[#args + 1] = ARGV[a + 2 * j]
+        args[#args + 1] = ARGV[a + 2 * j + 1]
+      end
+      redis.call('ZADD', KEYS[k + 2], unpack(args))
+    end
+    if trim == '1' then
+      redis.call('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', '(' .. cutoff)
+      redis.call('EXPIRE', KEYS[k + 2], lifetime)
+    end
+  end
+  a = a + 2 * n
+end
+return running
+"""
+
+# Channels per script call, and viewers per channel per call (Lua's unpack
+# limit is about 8000 values).
+CHANNELS_PER_CALL = 500
+MAX_VIEWERS_PER_CALL = 3000
+
+
+def _script(client):
+    script = getattr(client, "_streamkeeper_heartbeat_script", None)
+    if script is None:
+        script = client.register_script(_HEARTBEAT_LUA)
+        client._streamkeeper_heartbeat_script = script
+    return script
+
+
+def format_time(epoch: float) -> str:
+    """last_access as the legacy keys hold it: epoch seconds, a float string."""
+    return f"{epoch:.3f}"
+
+
+def write_heartbeats(client, channel_times: Mapping[str, float],
+                     viewers: Mapping[str, Mapping[str, float]] | None = None,
+                     *, trim_channels: Iterable[str] = (), viewer_window: float = 0,
+                     now: float) -> int:
+    """Write heartbeats for running channels; return how many were running.
+
+    ``channel_times``: channel id -> newest request time.
+    ``viewers``: channel id -> {viewer hash: time of its last request}.
+    ``trim_channels``: channels whose viewers set is trimmed to the window now.
+    Raises redis errors to the caller, which keeps its data and retries.
+    """
+    viewers = viewers or {}
+    trim = set(trim_channels)
+    script = _script(client)
+    items = sorted(channel_times.items())
+    running = 0
+    pipe = client.pipeline(transaction=False)
+    calls = 0
+    for start in range(0, len(items), CHANNELS_PER_CALL):
+        key_list: list[str] = []
+        args: list[str] = [format_time(now - viewer_window), str(int(viewer_window * 2) + 60)]
+        for channel, when in items[start:start + CHANNELS_PER_CALL]:
+            key_list += [keys.pid_key(channel), keys.last_access_key(channel),
+                         keys.viewers_key(channel)]
+            seen = viewers.get(channel) or {}
+            if len(seen) > MAX_VIEWERS_PER_CALL:
+                seen = dict(sorted(seen.items(), key=lambda kv: kv[1])[-MAX_VIEWERS_PER_CALL:])
+            args += [format_time(when), "1" if channel in trim else "0", str(len(seen))]
+            for member, score in seen.items():
+                args += [format_time(score), member]
+        script(keys=key_list, args=args, client=pipe)
+        calls += 1
+    if calls:
+        running = sum(int(value) for value in pipe.execute())
+    return running
+
+
+def count_viewers(client, channel_id: str, *, window: float, now: float) -> int:
+    """Distinct viewers of a channel within the last ``window`` seconds."""
+    return int(client.zcount(keys.viewers_key(channel_id), now - window, "+inf"))

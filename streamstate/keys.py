@@ -1,0 +1,83 @@
+"""The Redis key schema.  No other module spells a Redis key.
+
+Legacy names (operators' runbooks and the old stream_api launcher use them):
+
+=============================  ======  ==========================  ===========================
+key                            type    written by                  read by
+=============================  ======  ==========================  ===========================
+``stream:<id>:pid``            string  launcher (old launcher too) heartbeatd (is it running?),
+                                                                   reaper, streamctl
+``stream:<id>:started``        string  launcher                    reaper, streamctl
+                               epoch s
+``stream:<id>:last_access``    string  launcher (= start time),    reaper (idle?), streamctl
+                               epoch s heartbeatd (atomic max of
+                               float   the request's own time)
+``channel:<id>``               string  streamctl channels          launcher
+                               JSON
+=============================  ======  ==========================  ===========================
+
+New keys beside them:
+
+=============================  ======  ==========================  ===========================
+``stream:<id>:viewers``        zset    heartbeatd: member = hash   streamctl status, launcher
+                                       of the viewer, score = the  /streams (ZCOUNT over the
+                                       time of its last request    viewer window)
+=============================  ======  ==========================  ===========================
+"""
+from __future__ import annotations
+
+import re
+
+MAX_CHANNEL_ID_DIGITS = 18
+CHANNEL_ID_RE = re.compile(r"[0-9]{1,%d}" % MAX_CHANNEL_ID_DIGITS)
+
+STREAM_PREFIX = "stream:"
+CHANNEL_PREFIX = "channel:"
+
+
+class InvalidChannelId(ValueError):
+    """A channel id that is not 1 to 18 ASCII digits."""
+
+
+def check_channel_id(channel_id: str | int) -> str:
+    """Return the channel id as a string, or raise InvalidChannelId."""
+    text = str(channel_id)
+    if not CHANNEL_ID_RE.fullmatch(text):
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise InvalidChannelId(f"invalid channel id {shown!r}: expected 1 to "
+                               f"{MAX_CHANNEL_ID_DIGITS} digits")
+    return text
+
+
+def pid_key(channel_id: str | int) -> str:
+    return f"{STREAM_PREFIX}{check_channel_id(channel_id)}:pid"
+
+
+def started_key(channel_id: str | int) -> str:
+    return f"{STREAM_PREFIX}{check_channel_id(channel_id)}:started"
+
+
+def last_access_key(channel_id: str | int) -> str:
+    return f"{STREAM_PREFIX}{check_channel_id(channel_id)}:last_access"
+
+
+def viewers_key(channel_id: str | int) -> str:
+    return f"{STREAM_PREFIX}{check_channel_id(channel_id)}:viewers"
+
+
+def channel_key(channel_id: str | int) -> str:
+    return f"{CHANNEL_PREFIX}{check_channel_id(channel_id)}"
+
+
+# SCAN pattern for every stream's pid key (legacy records included).
+PID_KEY_PATTERN = f"{STREAM_PREFIX}*:pid"
+
+
+def channel_id_from_pid_key(key: str | bytes) -> str | None:
+    """The channel id of a ``stream:<id>:pid`` key, or None if it is not one."""
+    if isinstance(key, bytes):
+        key = key.decode("ascii", "replace")
+    if not (key.startswith(STREAM_PREFIX) and key.endswith(":pid")):
+        return None
+    middle = key[len(STREAM_PREFIX):-len(":pid")]
+    return middle if CHANNEL_ID_RE.fullmatch(middle) else None

@@ -1,0 +1,69 @@
+"""What every long-running service shares: logging for journalctl, sd_notify, signals."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """One line per event; no timestamps of our own under systemd (journald adds them)."""
+    if os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(levelname)s %(name)s: %(message)s"
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger("streamkeeper")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def sd_notify(message: str) -> bool:
+    """Send a state line to systemd ($NOTIFY_SOCKET); False when not under systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError:
+        return False
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of WatchdogSec), or None when not set."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(int(usec) / 1e6 / 2, 0.1)
+    except ValueError:
+        return None
+
+
+class StopSignals:
+    """SIGTERM / SIGINT only set a flag and wake the main loop, which does the work."""
+
+    def __init__(self, wake: threading.Event):
+        self.stop = threading.Event()
+        self.signal_name: str | None = None
+        self._wake = wake
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.stop.set()
+        self._wake.set()

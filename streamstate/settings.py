@@ -1,0 +1,199 @@
+"""Settings: one TOML file, overridden by STREAMKEEPER_<KEY> and by flags.
+
+Every service and the CLI read the same keys through :func:`load_settings`.
+Precedence, lowest first: built-in default, the TOML file, the environment,
+command-line flags.  Where each effective value came from is kept, so
+``streamctl config`` can show it.
+
+The file is found as: ``--config PATH``, else ``$STREAMKEEPER_CONFIG``, else
+``/etc/streamkeeper/streamkeeper.toml`` if it exists, else none.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from typing import Any, Callable, Mapping
+
+DEFAULT_CONFIG_PATH = "/etc/streamkeeper/streamkeeper.toml"
+CONFIG_ENV = "STREAMKEEPER_CONFIG"
+ENV_PREFIX = "STREAMKEEPER_"
+
+
+class SettingsError(ValueError):
+    """An invalid setting; the message names the key and the problem."""
+
+
+def _parse_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _parse_nonempty_str(value: Any) -> str:
+    text = _parse_str(value).strip()
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _parse_number(value: Any, *, minimum: float, allow_zero: bool = False) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {type(value).__name__}")
+    number = float(value)
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError("must be a finite number")
+    if allow_zero and number == 0:
+        return number
+    if number < minimum:
+        raise ValueError(f"must be at least {minimum:g}" + (" (or 0 to turn it off)" if allow_zero else ""))
+    return number
+
+
+def _positive_seconds(value: Any) -> float:
+    return _parse_number(value, minimum=0.05)
+
+
+def _seconds_or_off(value: Any) -> float:
+    return _parse_number(value, minimum=1, allow_zero=True)
+
+
+def _parse_redis_url(value: Any) -> str:
+    url = _parse_nonempty_str(value)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"must start with redis://, rediss:// or unix://, got {url!r}")
+    return url
+
+
+def _parse_abs_path(value: Any) -> str:
+    path = _parse_nonempty_str(value)
+    if not os.path.isabs(path):
+        raise ValueError(f"must be an absolute path, got {path!r}")
+    return os.path.normpath(path)
+
+
+def _parse_listen_or_off(value: Any) -> str:
+    text = _parse_str(value).strip()
+    if text in ("", "off", "none"):
+        return ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ValueError(f"expected host:port (or 'off'), got {text!r}")
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingSpec:
+    key: str
+    default: Callable[[], Any]
+    parse: Callable[[Any], Any]
+    help: str
+
+
+SPECS: tuple[SettingSpec, ...] = (
+    SettingSpec("redis_url", lambda: "redis://127.0.0.1:6379/0", _parse_redis_url,
+                "shared state"),
+    SettingSpec("hls_dir", lambda: "/var/www/hls", _parse_abs_path,
+                "where playlists and segments live"),
+    SettingSpec("access_log", lambda: "/var/log/nginx/streams_access.log", _parse_abs_path,
+                "the nginx access log heartbeatd follows"),
+    SettingSpec("log_format", lambda: "streamkeeper", _parse_nonempty_str,
+                "'streamkeeper' (ours) or a full nginx log_format string"),
+    SettingSpec("state_dir", lambda: "/var/lib/streamkeeper", _parse_abs_path,
+                "checkpoints and other local state"),
+    SettingSpec("idle_timeout", lambda: 300.0, lambda v: _parse_number(v, minimum=1),
+                "seconds without a viewer before a stream is stopped"),
+    SettingSpec("flush_interval", lambda: 1.0, _positive_seconds,
+                "seconds between heartbeat writes"),
+    SettingSpec("viewer_window", lambda: 30.0, _seconds_or_off,
+                "seconds a viewer counts as watching after its last request (0: no viewer counting)"),
+    SettingSpec("host_id", socket.gethostname, _parse_nonempty_str,
+                "which streaming host this is"),
+    SettingSpec("metrics_listen", lambda: "", _parse_listen_or_off,
+                "host:port for heartbeatd's Prometheus metrics ('' or 'off': none)"),
+)
+SPEC_BY_KEY = {spec.key: spec for spec in SPECS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The effective settings, with where each value came from."""
+
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+    config_path: str | None
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+def find_config_path(explicit: str | None, environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """Return (path or None, how it was found)."""
+    if explicit:
+        return explicit, "--config"
+    if environ.get(CONFIG_ENV):
+        return environ[CONFIG_ENV], CONFIG_ENV
+    if os.path.exists(DEFAULT_CONFIG_PATH):
+        return DEFAULT_CONFIG_PATH, "default path"
+    return None, "none"
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path}: not found") from None
+    except PermissionError:
+        raise SettingsError(f"config file {path}: permission denied") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path}: invalid TOML: {exc}") from None
+    # Allow either top-level keys or a [streamkeeper] table.
+    if isinstance(data.get("streamkeeper"), dict):
+        data = {**{k: v for k, v in data.items() if k != "streamkeeper"}, **data["streamkeeper"]}
+    return data
+
+
+def load_settings(config_path: str | None = None,
+                  overrides: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the effective settings; raise SettingsError naming the bad key."""
+    environ = os.environ if environ is None else environ
+    path, _found_by = find_config_path(config_path, environ)
+    file_values = _read_toml(path) if path else {}
+    unknown = sorted(set(file_values) - set(SPEC_BY_KEY))
+    if unknown:
+        raise SettingsError(f"config file {path}: unknown key(s): {', '.join(unknown)}")
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for spec in SPECS:
+        env_name = ENV_PREFIX + spec.key.upper()
+        if overrides and overrides.get(spec.key) is not None:
+            raw, source = overrides[spec.key], "flag"
+        elif env_name in environ:
+            raw, source = environ[env_name], f"env {env_name}"
+        elif spec.key in file_values:
+            raw, source = file_values[spec.key], f"file {path}"
+        else:
+            raw, source = spec.default(), "default"
+        try:
+            values[spec.key] = spec.parse(raw)
+        except ValueError as exc:
+            raise SettingsError(f"setting {spec.key} ({source}): {exc}") from None
+        sources[spec.key] = source
+    return Settings(values=values, sources=sources, config_path=path)
