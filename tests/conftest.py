@@ -1,0 +1,130 @@
+"""Fixtures start their own servers on free loopback ports in temp dirs and stop them by pid."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import redis
+
+from tests.helpers import free_port, wait_for
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class RedisServer:
+    """A redis-server of our own: start, stop (by pid), start again on the same port."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (make test installs it)")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
+             "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+
+        def answers():
+            try:
+                return client.ping()
+            except redis.RedisError:
+                assert self.process.poll() is None, "redis-server exited"
+                return False
+        wait_for(answers, timeout=10, message="redis-server to answer PING")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, decode_responses=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    directory = tempfile.mkdtemp(prefix="sk-redis-")
+    server = RedisServer(directory)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    client = redis_server.client()
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server for one test (tests that stop and restart it)."""
+    server = RedisServer(str(tmp_path))
+    server.start()
+    yield server
+    server.stop()
+
+
+class Daemon:
+    """A service run as a real subprocess (``python -m <module>``), stopped by pid."""
+
+    def __init__(self, module: str, args: list[str], env: dict | None = None):
+        self.log_path = tempfile.mktemp(prefix=f"sk-{module}-", suffix=".log")
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
+                                        stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})})
+
+    def output(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 10) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemon] = []
+
+    def start(module: str, *args: str, env: dict | None = None) -> Daemon:
+        daemon = Daemon(module, list(args), env)
+        started.append(daemon)
+        return daemon
+    yield start
+    for daemon in started:
+        daemon.stop(signal.SIGKILL)
+        try:
+            os.unlink(daemon.log_path)
+        except OSError:
+            pass

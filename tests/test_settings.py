@@ -1,0 +1,73 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from streamstate.settings import SettingsError, load_settings
+from tests.conftest import REPO
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_without_a_file():
+    settings = load_settings(None, environ={})
+    assert settings.idle_timeout == 300
+    assert settings.flush_interval == 1.0
+    assert settings.viewer_window == 30
+    assert settings.log_format == "streamkeeper"
+    assert settings.sources["redis_url"] == "default"
+
+
+def test_precedence_file_then_env_then_flag(tmp_path):
+    config = write(tmp_path / "sk.toml", 'idle_timeout = 120\nhls_dir = "/srv/hls"\nflush_interval = 2\n')
+    env = {"STREAMKEEPER_IDLE_TIMEOUT": "90", "STREAMKEEPER_FLUSH_INTERVAL": "3"}
+    settings = load_settings(config, {"flush_interval": 0.5}, environ=env)
+    assert settings.hls_dir == "/srv/hls" and settings.sources["hls_dir"].startswith("file ")
+    assert settings.idle_timeout == 90 and settings.sources["idle_timeout"] == "env STREAMKEEPER_IDLE_TIMEOUT"
+    assert settings.flush_interval == 0.5 and settings.sources["flush_interval"] == "flag"
+
+
+def test_config_path_from_environment(tmp_path):
+    config = write(tmp_path / "sk.toml", "viewer_window = 0\n")
+    settings = load_settings(None, environ={"STREAMKEEPER_CONFIG": config})
+    assert settings.viewer_window == 0 and settings.config_path == config
+
+
+@pytest.mark.parametrize("text, key", [
+    ("idle_timeout = -5\n", "idle_timeout"),
+    ('flush_interval = "soon"\n', "flush_interval"),
+    ('hls_dir = "relative/path"\n', "hls_dir"),
+    ('redis_url = "http://x"\n', "redis_url"),
+    ("bogus_key = 1\n", "bogus_key"),
+    ("idle_timeout = \n", "invalid TOML"),
+])
+def test_invalid_values_name_the_key(tmp_path, text, key):
+    config = write(tmp_path / "sk.toml", text)
+    with pytest.raises(SettingsError, match=key):
+        load_settings(config, environ={})
+
+
+def streamctl(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "streamctl", *args], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_streamctl_config_shows_values_and_sources(tmp_path):
+    config = write(tmp_path / "sk.toml", "idle_timeout = 77\n")
+    result = streamctl("config", "--config", config, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["settings"]["idle_timeout"] == {"value": 77.0, "source": f"file {config}"}
+    assert data["settings"]["viewer_window"]["source"] == "default"
+
+
+def test_streamctl_config_bad_value_exits_2_with_one_line(tmp_path):
+    config = write(tmp_path / "sk.toml", "viewer_window = -1\n")
+    result = streamctl("config", "--config", config)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "viewer_window" in result.stderr
