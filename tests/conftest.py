@@ -128,3 +128,73 @@ def daemons():
             os.unlink(daemon.log_path)
         except OSError:
             pass
+
+
+class NginxServer:
+    """A real nginx with a config of the test's, on a free loopback port, stopped by pid."""
+
+    def __init__(self, directory: str, server_block: str):
+        self.directory = directory
+        self.port = free_port()
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not os.path.exists(binary):
+            pytest.fail("nginx is not installed (make test installs it)")
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf = os.path.join(directory, "nginx.conf")
+        with open(conf, "w") as handle:
+            handle.write(f"""
+{user}
+pid {directory}/nginx.pid;
+error_log {directory}/error.log warn;
+worker_processes 1;
+events {{ worker_connections 256; }}
+http {{
+    include {REPO}/nginx/streamkeeper-log-format.conf;
+    client_body_temp_path {directory}/client_body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+    access_log off;
+    server {{
+        listen 127.0.0.1:{self.port};
+        {server_block}
+    }}
+}}
+""")
+        self.process = subprocess.Popen([binary, "-p", directory, "-c", conf, "-g", "daemon off;"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        import socket as _socket
+
+        def listening():
+            assert self.process.poll() is None, self.process.stderr.read().decode()
+            with _socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", self.port)) == 0
+        wait_for(listening, timeout=10, message="nginx to listen")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def nginx_factory(tmp_path):
+    servers: list[NginxServer] = []
+
+    def start(server_block: str) -> NginxServer:
+        directory = tmp_path / f"nginx{len(servers)}"
+        directory.mkdir()
+        server = NginxServer(str(directory), server_block)
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        server.stop()

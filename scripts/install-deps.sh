@@ -1,0 +1,33 @@
+#!/bin/sh
+# Install what streamkeeper's tests and demo need and the machine lacks:
+# redis-server, nginx, ffmpeg and Python 3.11+ with venv, from Debian's packages.
+# Run as root (or with sudo available); does nothing when all are present.
+set -eu
+
+missing=""
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx"
+command -v ffmpeg >/dev/null 2>&1 || missing="$missing ffmpeg"
+if ! command -v python3 >/dev/null 2>&1; then
+    missing="$missing python3 python3-venv"
+elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    missing="$missing python3-venv"
+fi
+
+if [ -z "$missing" ]; then
+    exit 0
+fi
+
+echo "install-deps: installing:$missing"
+if [ "$(id -u)" -eq 0 ]; then
+    SUDO=""
+elif command -v sudo >/dev/null 2>&1; then
+    SUDO="sudo"
+else
+    echo "install-deps: missing:$missing and not root; run: apt-get install$missing" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -qq --no-install-recommends $missing
