@@ -52,10 +52,13 @@ class HeartbeatMetrics:
                 f"{self.redis_errors} redis errors")
 
     def summary_line(self) -> str:
+        elapsed = time.monotonic() - self._started
         return (f"lines read {self.lines_read}, viewing {self.lines_matched}, skipped: "
                 f"other {self.skipped_other}, malformed {self.skipped_malformed}, "
                 f"too long {self.too_long}, bad channel id {self.skipped_bad_channel}; "
-                f"flushes {self.flushes}, redis errors {self.redis_errors}")
+                f"flushes {self.flushes}, channels written {self.channels_written}, "
+                f"not running {self.channels_not_running}, redis errors {self.redis_errors}; "
+                f"{elapsed:.3f} s, {self.lines_read / elapsed if elapsed > 0 else 0:.0f} lines/s")
 
     def as_dict(self) -> dict:
         return {

@@ -34,7 +34,7 @@ class HeartbeatService:
         self.from_start = from_start
         self.window = float(settings.viewer_window)
         self.parser = LogLineParser(settings.log_format, count_viewers=self.window > 0)
-        self.pending = PendingHeartbeats(self.parser)
+        self.pending = PendingHeartbeats()
         self.tailer = LogTailer(self.log_path)
         self.checkpoint_file = checkpoint_path(settings.state_dir, self.log_path)
         self.metrics = HeartbeatMetrics()
