@@ -24,6 +24,7 @@ import gc
 import hashlib
 import re
 import shlex
+import time
 from datetime import datetime
 from operator import itemgetter
 from typing import Callable
@@ -139,7 +140,8 @@ def _field_pattern(tokens: list[tuple[str, str]], index: int) -> bytes:
 class LogLineParser:
     """Parses chunks of complete lines written with one nginx log_format."""
 
-    def __init__(self, log_format: str, *, count_viewers: bool = True):
+    def __init__(self, log_format: str, *, count_viewers: bool = True,
+                 viewer_window: float = float("inf")):
         fmt = normalise_format(STREAMKEEPER_LOG_FORMAT if log_format == "streamkeeper" else log_format)
         self.format = fmt
         tokens = tokenize_format(fmt)
@@ -159,6 +161,7 @@ class LogLineParser:
         self.time_variable = time_vars[0]
         self.request_variable = request_vars[0]
         self.count_viewers = count_viewers
+        self.viewer_window = viewer_window
         self._convert_time = _TIME_PARSERS[self.time_variable]
         self._member_cache: dict[tuple, str] = {}
         self._build(tokens)
@@ -337,7 +340,11 @@ class LogLineParser:
         result.channel_times = channel_times
         result.newest_time = float(times[-1])
         if self._get_viewer_key is not None:
-            raw_viewers = dict(zip(map(self._get_viewer_key, rows), times))
+            # Only requests inside the viewer window can count (time moves one
+            # way): a backlog's older rows are not looked at.
+            cutoff = time.time() - self.viewer_window
+            first = bisect.bisect_left(times, cutoff, key=float)
+            raw_viewers = dict(zip(map(self._get_viewer_key, rows[first:]), times[first:]))
             result.viewer_times = self._resolve_viewers(raw_viewers, channel_times)
         return result
 

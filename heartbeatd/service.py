@@ -15,6 +15,7 @@ from streamstate.service import StopSignals, sd_notify, watchdog_interval
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .logformat import LogLineParser
 from .metrics import HeartbeatMetrics
+from .parse_pool import POOL_MIN_BLOCK, ParsePool, worker_count
 from .pending import PendingHeartbeats
 from .tailer import LogTailer, Position
 
@@ -33,7 +34,8 @@ class HeartbeatService:
         self.once = once
         self.from_start = from_start
         self.window = float(settings.viewer_window)
-        self.parser = LogLineParser(settings.log_format, count_viewers=self.window > 0)
+        self.parser = LogLineParser(settings.log_format, count_viewers=self.window > 0,
+                                    viewer_window=self.window)
         self.pending = PendingHeartbeats()
         self.tailer = LogTailer(self.log_path)
         self.checkpoint_file = checkpoint_path(settings.state_dir, self.log_path)
@@ -48,6 +50,10 @@ class HeartbeatService:
         self.backoff = 1.0
         self.last_trim: dict[str, float] = {}
         self._observer = None
+        self.pool = None
+        workers = worker_count(int(settings.parse_workers))
+        if workers > 1:   # forks: before any thread is started
+            self.pool = ParsePool(settings.log_format, self.window, workers)
 
     # -- life cycle ---------------------------------------------------------------
     def run(self) -> int:
@@ -75,7 +81,7 @@ class HeartbeatService:
                 self._flush()
                 next_flush = time.monotonic() + interval
         ok = self._flush()
-        self.tailer.close()
+        self._close()
         self._log_summary()
         if not ok:
             log.error("redis is unreachable at %s: heartbeats not written, checkpoint not "
@@ -113,21 +119,48 @@ class HeartbeatService:
         self.redis.connection_pool.connection_kwargs["socket_timeout"] = STOP_FLUSH_TIMEOUT
         self.retry_at = 0.0
         self._flush()
-        self.tailer.close()
+        self._close()
         self._log_summary()
         return 0
 
+    def _close(self) -> None:
+        self.tailer.close()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
     # -- reading ------------------------------------------------------------------
     def _read_available(self):
-        """Read every complete line there is now; yields after each block."""
-        for block, position in self.tailer.read_blocks():
-            chunk = self.parser.parse_chunk(block)
-            self.pending.add(chunk)
-            self.metrics.count_chunk(chunk)
-            if position is not None:
-                self.position = position
-            yield
-        self.metrics.too_long = self.tailer.stats.too_long
+        """Read every complete line there is now; yields after each block taken in.
+
+        Large blocks (a backlog) go to the parse pool, in order; the live
+        trickle is parsed here.  A block's position is taken only once its
+        heartbeats are in ``pending``, so a checkpoint never runs ahead.
+        """
+        pool = self.pool
+        try:
+            for block, position in self.tailer.read_blocks():
+                if pool is not None and (pool.pending() or len(block) >= POOL_MIN_BLOCK):
+                    pool.submit(block, position)
+                    while pool.full():
+                        self._take_in(*pool.next_result())
+                        yield
+                else:
+                    self._take_in(self.parser.parse_chunk(block), position)
+                    yield
+            while pool is not None and pool.pending():
+                self._take_in(*pool.next_result())
+                yield
+        finally:
+            if pool is not None:
+                pool.discard()   # stopping mid-backlog: those blocks are read again next time
+            self.metrics.too_long = self.tailer.stats.too_long
+
+    def _take_in(self, chunk, position: Position | None) -> None:
+        self.pending.add(chunk)
+        self.metrics.count_chunk(chunk)
+        if position is not None:
+            self.position = position
 
     # -- writing ------------------------------------------------------------------
     def _flush(self) -> bool:
@@ -171,7 +204,13 @@ class HeartbeatService:
     def _channels_to_trim(self, channel_times, now: float) -> list[str]:
         if self.window <= 0:
             return []
-        return [ch for ch in channel_times if now - self.last_trim.get(ch, 0.0) >= self.window]
+        due = []
+        for channel in channel_times:
+            # First trim one window after the channel is first seen, then once a window.
+            last = self.last_trim.setdefault(channel, now)
+            if now - last >= self.window:
+                due.append(channel)
+        return due
 
     def _save_position(self) -> None:
         if self.position is None or self.position == self.saved_position:

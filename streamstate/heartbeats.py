@@ -6,7 +6,9 @@ One Lua script call per batch of channels.  Inside it, per channel:
 of the viewers seen, and every ``viewer_window`` seconds a trim of the
 viewers set.  That is 2 commands per channel without viewer counting and 3
 with it (plus the trim once a window), however many requests were read.
-Nothing is created for a channel that is not running.
+Nothing is created for a channel that is not running.  The viewers set has no
+expiry: it goes with the stream's other keys when the stream is stopped or
+cleared as stale.
 """
 from __future__ import annotations
 
@@ -16,12 +18,10 @@ from . import keys
 
 # KEYS: per channel, 3 keys: pid, last_access, viewers.
 # ARGV[1]: trim cutoff (epoch s; viewers with an older score are removed)
-# ARGV[2]: viewers key lifetime in seconds (set when trimming)
 # then per channel: time, trim flag ("1"/"0"), n, then n pairs (score, member)
 _HEARTBEAT_LUA = """
 local cutoff = ARGV[1]
-local lifetime = ARGV[2]
-local a = 3
+local a = 2
 local running = 0
 for k = 1, #KEYS, 3 do
   local t = ARGV[a]
@@ -47,7 +47,6 @@ for k = 1, #KEYS, 3 do
     end
     if trim == '1' then
       redis.call('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', '(' .. cutoff)
-      redis.call('EXPIRE', KEYS[k + 2], lifetime)
     end
   end
   a = a + 2 * n
@@ -94,7 +93,7 @@ def write_heartbeats(client, channel_times: Mapping[str, float],
     calls = 0
     for start in range(0, len(items), CHANNELS_PER_CALL):
         key_list: list[str] = []
-        args: list[str] = [format_time(now - viewer_window), str(int(viewer_window * 2) + 60)]
+        args: list[str] = [format_time(now - viewer_window)]
         for channel, when in items[start:start + CHANNELS_PER_CALL]:
             key_list += [keys.pid_key(channel), keys.last_access_key(channel),
                          keys.viewers_key(channel)]

@@ -66,6 +66,13 @@ def _seconds_or_off(value: Any) -> float:
     return _parse_number(value, minimum=1, allow_zero=True)
 
 
+def _parse_count(value: Any) -> int:
+    number = _parse_number(value, minimum=0)
+    if number != int(number):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    return int(number)
+
+
 def _parse_redis_url(value: Any) -> str:
     url = _parse_nonempty_str(value)
     if not url.startswith(("redis://", "rediss://", "unix://")):
@@ -117,6 +124,9 @@ SPECS: tuple[SettingSpec, ...] = (
                 "seconds a viewer counts as watching after its last request (0: no viewer counting)"),
     SettingSpec("host_id", socket.gethostname, _parse_nonempty_str,
                 "which streaming host this is"),
+    SettingSpec("parse_workers", lambda: 0, _parse_count,
+                "processes that parse a backlog of the access log in parallel (0: one per core, "
+                "at most 4; 1: parse in heartbeatd itself)"),
     SettingSpec("metrics_listen", lambda: "", _parse_listen_or_off,
                 "host:port for heartbeatd's Prometheus metrics ('' or 'off': none)"),
 )

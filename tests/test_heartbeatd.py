@@ -111,7 +111,6 @@ def test_viewers_are_counted_and_tokens_never_stored(setup):
     assert r.zcount(keys.viewers_key(5), now - 30, "+inf") == 3
     dump = repr(members) + result.stderr
     assert "secret-token" not in dump and "10.1.1." not in dump
-    assert r.ttl(keys.viewers_key(5)) > 0
 
 
 def test_old_host_log_format(setup):
@@ -246,4 +245,25 @@ def test_real_nginx_requests_become_heartbeats(setup, daemons, redis_server, ngi
     wait_for(lambda: r.zcard(keys.viewers_key(41)) == 2, message="two viewers (token, address+agent)")
     assert r.exists(keys.last_access_key(99)) == 0
     assert "sekrit" not in repr(r.zrange(keys.viewers_key(41), 0, -1))
+    assert daemon.stop() == 0
+
+
+def test_viewers_outside_the_window_are_trimmed(setup, daemons, redis_server):
+    r = setup["redis"]
+    start_stream(r, 23, last_access=time.time() - 100)
+    config = live_config(setup, redis_server.url)
+    with open(config, "a") as handle:
+        handle.write("viewer_window = 1\n")
+    daemon = daemons("heartbeatd", "--config", config)
+    wait_for(lambda: "starting at offset" in daemon.output(), message="heartbeatd to start")
+    append(setup["log"], sk_line(time.time(), "/live/stream_23.m3u8", token="first"))
+    wait_for(lambda: r.zcard(keys.viewers_key(23)) == 1, message="the first viewer")
+    first = r.zrange(keys.viewers_key(23), 0, -1)
+
+    def only_the_second_viewer_left():
+        append(setup["log"], sk_line(time.time(), "/live/stream_23_1.ts", token="second"))
+        members = r.zrange(keys.viewers_key(23), 0, -1)
+        return len(members) == 1 and members != first
+    wait_for(only_the_second_viewer_left, timeout=15, interval=0.3,
+             message="the first viewer to be trimmed once outside the window")
     assert daemon.stop() == 0
