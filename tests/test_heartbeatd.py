@@ -267,3 +267,37 @@ def test_viewers_outside_the_window_are_trimmed(setup, daemons, redis_server):
     wait_for(only_the_second_viewer_left, timeout=15, interval=0.3,
              message="the first viewer to be trimmed once outside the window")
     assert daemon.stop() == 0
+
+
+def test_sd_notify_ready_status_and_prometheus_metrics(setup, daemons, redis_server):
+    import socket
+    import urllib.request
+
+    from tests.helpers import free_port
+    notify_path = str(setup["tmp"] / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(notify_path)
+    listener.settimeout(10)
+    port = free_port()
+    config = live_config(setup, redis_server.url)
+    with open(config, "a") as handle:
+        handle.write(f'metrics_listen = "127.0.0.1:{port}"\n')
+    start_stream(setup["redis"], 24, last_access=time.time() - 100)
+    daemon = daemons("heartbeatd", "--config", config,
+                     env={"NOTIFY_SOCKET": notify_path, "JOURNAL_STREAM": "8:1234"})
+    messages = []
+    wait_for(lambda: messages.append(listener.recv(4096).decode()) or
+             any("READY=1" in m for m in messages), message="READY=1")
+    append(setup["log"], sk_line(time.time(), "/live/stream_24.m3u8") + "garbage\n")
+    wait_for(lambda: messages.append(listener.recv(4096).decode()) or
+             any(m.startswith("STATUS=") and "lines/s" in m for m in messages), message="STATUS=")
+
+    def scraped():
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return ('streamkeeper_heartbeat_lines_skipped_total{reason="malformed"} 1.0' in body
+                and "streamkeeper_heartbeat_lines_matched_total 1.0" in body)
+    wait_for(scraped, message="the metrics to count the lines")
+    assert daemon.stop() == 0
+    listener.close()
+    # Under systemd (JOURNAL_STREAM set) log lines carry no timestamp of our own.
+    assert daemon.output().startswith("INFO streamkeeper.heartbeatd:")
