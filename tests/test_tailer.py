@@ -122,36 +122,54 @@ def test_long_line_inside_one_large_read(tmp_path):
     assert tailer.stats.too_long == 1
 
 
+def write_numbered(path, first: int, last: int) -> None:
+    append(path, b"".join(numbered(n) for n in range(first, last)))
+
+
+def read_and_stop(path) -> Position:
+    """Read a log to its end as a stopped heartbeatd would have; its last position."""
+    tailer = LogTailer(str(path))
+    tailer.start(None, from_start=True)
+    position = collect(tailer, [])
+    tailer.close()
+    return position
+
+
+def resume(path, position, expect: str) -> list[bytes]:
+    tailer = LogTailer(str(path))
+    assert expect in tailer.start(position)
+    lines: list[bytes] = []
+    collect(tailer, lines)
+    return lines
+
+
 def test_resume_from_a_position_reads_only_what_is_new(tmp_path):
     path = tmp_path / "access.log"
-    append(path, b"".join(numbered(n) for n in range(100)))
-    first = LogTailer(str(path))
-    first.start(None, from_start=True)
-    position = collect(first, [])
-    first.close()
-    append(path, b"".join(numbered(n) for n in range(100, 150)))
-    second = LogTailer(str(path))
-    assert "resuming" in second.start(position)
-    lines: list[bytes] = []
-    collect(second, lines)
-    assert lines == [numbered(n) for n in range(100, 150)]
+    write_numbered(path, 0, 100)
+    position = read_and_stop(path)
+    write_numbered(path, 100, 150)
+    assert resume(path, position, "resuming") == [numbered(n) for n in range(100, 150)]
 
 
 def test_rotated_while_stopped_finishes_the_old_file_first(tmp_path):
     path = tmp_path / "access.log"
-    append(path, b"".join(numbered(n) for n in range(100)))
-    first = LogTailer(str(path))
-    first.start(None, from_start=True)
-    position = collect(first, [])
-    first.close()
-    append(path, b"".join(numbered(n) for n in range(100, 120)))   # written after the checkpoint
+    write_numbered(path, 0, 100)
+    position = read_and_stop(path)
+    write_numbered(path, 100, 120)              # written after the checkpoint
     os.rename(path, tmp_path / "access.log.1")
-    append(path, b"".join(numbered(n) for n in range(120, 130)))
-    second = LogTailer(str(path))
-    assert "rotated while stopped" in second.start(position)
-    lines: list[bytes] = []
-    collect(second, lines)
-    assert lines == [numbered(n) for n in range(100, 130)]
+    write_numbered(path, 120, 130)
+    assert resume(path, position, "rotated while stopped") == [numbered(n) for n in range(100, 130)]
+
+
+def test_truncated_while_stopped_finishes_the_copy_first(tmp_path):
+    path = tmp_path / "access.log"
+    write_numbered(path, 0, 100)
+    position = read_and_stop(path)
+    write_numbered(path, 100, 120)
+    shutil.copyfile(path, tmp_path / "access.log.1")     # copytruncate while stopped
+    os.truncate(path, 0)
+    write_numbered(path, 120, 125)
+    assert resume(path, position, "rotated while stopped") == [numbered(n) for n in range(100, 125)]
 
 
 def test_first_start_begins_at_the_end_unless_from_start(tmp_path):
