@@ -22,6 +22,13 @@ New keys beside them:
 ``stream:<id>:viewers``        zset    heartbeatd: member = hash   streamctl status, launcher
                                        of the viewer, score = the  /streams (ZCOUNT over the
                                        time of its last request    viewer window)
+``stream:<id>:run``            hash    launcher: run_id, host,     launcher, reaper, streamctl
+                                       pid, pid_start, started,
+                                       state, last_error, restarts
+``stream:<id>:lock``           string  launcher: the start lock    launcher (SET NX PX)
+                                       (token, with an expiry)
+``streams:active``             set     launcher: ids with a run    reaper, streamctl, /streams
+                                       record (no KEYS needed)
 =============================  ======  ==========================  ===========================
 """
 from __future__ import annotations
@@ -65,12 +72,37 @@ def viewers_key(channel_id: str | int) -> str:
     return f"{STREAM_PREFIX}{check_channel_id(channel_id)}:viewers"
 
 
+def run_key(channel_id: str | int) -> str:
+    return f"{STREAM_PREFIX}{check_channel_id(channel_id)}:run"
+
+
+def lock_key(channel_id: str | int) -> str:
+    return f"{STREAM_PREFIX}{check_channel_id(channel_id)}:lock"
+
+
+ACTIVE_STREAMS_KEY = "streams:active"
+
+
+def stream_keys(channel_id: str | int) -> list[str]:
+    """Every key of a running stream, in the order the stop script takes them."""
+    return [run_key(channel_id), pid_key(channel_id), started_key(channel_id),
+            last_access_key(channel_id), viewers_key(channel_id)]
+
+
 def channel_key(channel_id: str | int) -> str:
     return f"{CHANNEL_PREFIX}{check_channel_id(channel_id)}"
 
 
-# SCAN pattern for every stream's pid key (legacy records included).
+# SCAN patterns: every stream's pid key (legacy records included), every channel.
+CHANNEL_KEY_PATTERN = f"{CHANNEL_PREFIX}*"
 PID_KEY_PATTERN = f"{STREAM_PREFIX}*:pid"
+
+
+def channel_id_from_channel_key(key: str | bytes) -> str | None:
+    if isinstance(key, bytes):
+        key = key.decode("ascii", "replace")
+    middle = key[len(CHANNEL_PREFIX):] if key.startswith(CHANNEL_PREFIX) else ""
+    return middle if CHANNEL_ID_RE.fullmatch(middle) else None
 
 
 def channel_id_from_pid_key(key: str | bytes) -> str | None:

@@ -11,6 +11,7 @@ The file is found as: ``--config PATH``, else ``$STREAMKEEPER_CONFIG``, else
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import tomllib
@@ -73,6 +74,94 @@ def _parse_count(value: Any) -> int:
     return int(number)
 
 
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _parse_host_port(value: Any) -> str:
+    text = _parse_nonempty_str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, got {text!r}")
+    return text
+
+
+def _parse_nginx_listen(value: Any) -> str:
+    text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    if not text or any(c in text for c in ";{}\n\"'"):
+        raise ValueError(f"expected what nginx's listen takes (80, 127.0.0.1:8080), got {value!r}")
+    return text
+
+
+def _parse_proxy(value: Any) -> str:
+    text = _parse_str(value).strip()
+    if text in ("", "none", "off"):
+        return ""
+    if not text.startswith(("http://", "socks4://", "socks4a://", "socks5://", "socks5h://")):
+        raise ValueError(f"expected an http:// (or socks) proxy URL, got {text!r}")
+    return text
+
+
+PROFILE_KEYS = {"video", "audio", "analyzeduration", "probesize"}
+
+
+def _parse_profiles(value: Any) -> dict:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"expected a table (or JSON object): {exc}") from None
+    if not isinstance(value, dict) or not value:
+        raise ValueError("expected a table of profiles: name = {video = [...], audio = [...]}")
+    profiles = {}
+    for name, profile in value.items():
+        if not isinstance(profile, dict) or not set(profile) <= PROFILE_KEYS:
+            raise ValueError(f"profile {name!r}: expected keys among {sorted(PROFILE_KEYS)}")
+        clean = dict(DEFAULT_PROFILE_PROBE)
+        for key in ("video", "audio"):
+            args = profile.get(key, [])
+            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+                raise ValueError(f"profile {name!r}: {key} must be a list of ffmpeg arguments")
+            clean[key] = list(args)
+        for key in ("analyzeduration", "probesize"):
+            if key in profile:
+                clean[key] = int(_parse_number(profile[key], minimum=32))
+        profiles[str(name)] = clean
+    return profiles
+
+
+# Probing: FFmpeg's default (analyzeduration 5 s) holds the first segment back
+# about 4 s on a live source; 1 s / 1 MB still finds audio and video.
+DEFAULT_PROFILE_PROBE = {"analyzeduration": 1_000_000, "probesize": 1_000_000}
+
+
+def _x264(height: int, bitrate_k: int, audio_k: int) -> dict:
+    return {
+        "video": ["-c:v", "libx264", "-preset", "veryfast", "-profile:v", "main",
+                  "-vf", f"scale=-2:{height}", "-b:v", f"{bitrate_k}k",
+                  "-maxrate", f"{bitrate_k * 11 // 10}k", "-bufsize", f"{bitrate_k * 2}k",
+                  "-pix_fmt", "yuv420p"],
+        "audio": ["-c:a", "aac", "-b:a", f"{audio_k}k", "-ac", "2"],
+    }
+
+
+DEFAULT_QUALITY_PROFILES = {
+    "copy": {"video": ["-c:v", "copy"], "audio": ["-c:a", "copy"]},
+    "low": _x264(480, 800, 96),
+    "medium": _x264(720, 2000, 128),
+    "high": _x264(1080, 4500, 160),
+}
+
+DEFAULT_USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+                      "(KHTML, like Gecko) Chrome/124.0 Safari/537.36 VLC/3.0.20")
+
+
 def _parse_redis_url(value: Any) -> str:
     url = _parse_nonempty_str(value)
     if not url.startswith(("redis://", "rediss://", "unix://")):
@@ -127,6 +216,29 @@ SPECS: tuple[SettingSpec, ...] = (
     SettingSpec("parse_workers", lambda: 0, _parse_count,
                 "processes that parse a backlog of the access log in parallel (0: one per core, "
                 "at most 4; 1: parse in heartbeatd itself)"),
+    SettingSpec("launcher_listen", lambda: "127.0.0.1:5000", _parse_host_port,
+                "host:port the launcher listens on (nginx's fallback calls it)"),
+    SettingSpec("launcher_allow_remote", lambda: False, _parse_bool,
+                "allow a non-loopback launcher_listen"),
+    SettingSpec("nginx_listen", lambda: "80", _parse_nginx_listen,
+                "what the rendered nginx server block listens on"),
+    SettingSpec("ffmpeg", lambda: "ffmpeg", _parse_nonempty_str, "the ffmpeg binary"),
+    SettingSpec("hls_time", lambda: 4.0, lambda v: _parse_number(v, minimum=0.5),
+                "target segment length, seconds"),
+    SettingSpec("hls_init_time", lambda: 1.0, lambda v: _parse_number(v, minimum=0.5),
+                "length of the first segments, seconds (a faster first picture)"),
+    SettingSpec("hls_list_size", lambda: 6, lambda v: int(_parse_number(v, minimum=2)),
+                "segments listed in the playlist"),
+    SettingSpec("start_timeout", lambda: 20.0, lambda v: _parse_number(v, minimum=1),
+                "seconds a start may take before the player gets a 503"),
+    SettingSpec("min_segments", lambda: 1, lambda v: int(_parse_number(v, minimum=1)),
+                "segments the playlist must list before the first player is sent to it"),
+    SettingSpec("quality_profiles", lambda: DEFAULT_QUALITY_PROFILES, _parse_profiles,
+                "FFmpeg video/audio options and probe settings per quality"),
+    SettingSpec("upstream_proxy", lambda: "", _parse_proxy,
+                "proxy for upstream requests ('' for none); a channel's proxy wins"),
+    SettingSpec("user_agent", lambda: DEFAULT_USER_AGENT, _parse_nonempty_str,
+                "User-Agent sent upstream unless the channel sets one"),
     SettingSpec("metrics_listen", lambda: "", _parse_listen_or_off,
                 "host:port for heartbeatd's Prometheus metrics ('' or 'off': none)"),
 )
@@ -206,4 +318,16 @@ def load_settings(config_path: str | None = None,
         except ValueError as exc:
             raise SettingsError(f"setting {spec.key} ({source}): {exc}") from None
         sources[spec.key] = source
+    _check_launcher_listen(values)
     return Settings(values=values, sources=sources, config_path=path)
+
+
+LOOPBACK_HOSTS = {"127.0.0.1", "::1", "[::1]", "localhost"}
+
+
+def _check_launcher_listen(values: dict) -> None:
+    host = values["launcher_listen"].rpartition(":")[0]
+    if host not in LOOPBACK_HOSTS and not host.startswith("127.") and not values["launcher_allow_remote"]:
+        raise SettingsError(f"setting launcher_listen: {values['launcher_listen']!r} is not a loopback "
+                            "address; the launcher starts processes on request, so set "
+                            "launcher_allow_remote = true if you really mean it")

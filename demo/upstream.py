@@ -1,0 +1,149 @@
+"""A live upstream of our own: MPEG-TS made by ffmpeg, served over HTTP at real-time pace.
+
+One ffmpeg encodes a test pattern and a tone (keyframe every second) to a pipe;
+every client of ``/live/<anything>.ts`` gets the same live broadcast from the
+moment it joins, like a real restream source.  ``/forbidden/...`` answers 403
+and ``/missing/...`` 404, for the failure paths.  Loopback only.
+
+Run alone: ``python -m demo.upstream --port 8090`` (Ctrl-C stops it and ffmpeg).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+
+from aiohttp import web
+
+log = logging.getLogger("streamkeeper.demo.upstream")
+
+TS_PACKET = 188
+READ_PACKETS = 64            # 12 KiB per read from ffmpeg
+CLIENT_QUEUE = 256           # chunks a slow client may lag before it is dropped
+
+
+def encoder_argv(ffmpeg: str = "ffmpeg", size: str = "320x180", rate: int = 25) -> list[str]:
+    return [
+        ffmpeg, "-hide_banner", "-loglevel", "error", "-nostdin",
+        "-re", "-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}",
+        "-re", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
+        "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-pix_fmt", "yuv420p",
+        "-g", str(rate), "-keyint_min", str(rate), "-sc_threshold", "0",
+        "-c:a", "aac", "-b:a", "64k",
+        "-f", "mpegts", "-pat_period", "0.1", "pipe:1",
+    ]
+
+
+class Broadcaster:
+    """One ffmpeg, many listeners; started on the first listener."""
+
+    def __init__(self, ffmpeg: str = "ffmpeg"):
+        self.ffmpeg = shutil.which(ffmpeg) or ffmpeg
+        self.listeners: set[asyncio.Queue] = set()
+        self.process: asyncio.subprocess.Process | None = None
+        self._pump: asyncio.Task | None = None
+
+    async def ensure_running(self) -> None:
+        if self.process is None or self.process.returncode is not None:
+            self.process = await asyncio.create_subprocess_exec(
+                *encoder_argv(self.ffmpeg), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True)
+            self._pump = asyncio.create_task(self._pump_output(self.process))
+
+    async def _pump_output(self, process) -> None:
+        try:
+            while True:
+                chunk = await process.stdout.readexactly(TS_PACKET * READ_PACKETS)
+                for queue in list(self.listeners):
+                    if queue.qsize() >= CLIENT_QUEUE:
+                        self.listeners.discard(queue)
+                        queue.put_nowait(None)
+                    else:
+                        queue.put_nowait(chunk)
+        except (asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+
+    async def stop(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.terminate()
+            await self.process.wait()
+
+
+async def live(request: web.Request) -> web.StreamResponse:
+    broadcaster: Broadcaster = request.app["broadcaster"]
+    request.app["requests"].append((request.path, dict(request.headers)))
+    await broadcaster.ensure_running()
+    queue: asyncio.Queue = asyncio.Queue()
+    broadcaster.listeners.add(queue)
+    response = web.StreamResponse(headers={"Content-Type": "video/mp2t"})
+    await response.prepare(request)
+    try:
+        while True:
+            chunk = await queue.get()
+            if chunk is None:
+                break
+            await response.write(chunk)
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        broadcaster.listeners.discard(queue)
+    return response
+
+
+async def forbidden(request: web.Request) -> web.Response:
+    request.app["requests"].append((request.path, dict(request.headers)))
+    return web.Response(status=403, text="forbidden\n")
+
+
+async def missing(request: web.Request) -> web.Response:
+    return web.Response(status=404, text="no such stream\n")
+
+
+def make_app(ffmpeg: str = "ffmpeg") -> web.Application:
+    app = web.Application()
+    app["broadcaster"] = Broadcaster(ffmpeg)
+    app["requests"] = []          # (path, headers) of every request, for tests
+    app.router.add_get("/live/{name}", live)
+    app.router.add_get("/forbidden/{name}", forbidden)
+    app.router.add_get("/missing/{name}", missing)
+
+    async def on_cleanup(app):
+        await app["broadcaster"].stop()
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+async def serve(host: str, port: int, stop: asyncio.Event, ffmpeg: str = "ffmpeg") -> None:
+    runner = web.AppRunner(make_app(ffmpeg), handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("upstream on http://%s:%d/live/<name>.ts", host, port)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8090)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    async def run():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(args.host, args.port, stop)
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

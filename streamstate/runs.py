@@ -1,0 +1,139 @@
+"""The stream record: one run of one channel's FFmpeg, and the stop routine's key cleanup.
+
+Every run has an identity: run id, host, pid, the process's start time.  The
+legacy keys (pid, started, last_access) are written beside the run hash, so
+runbooks and heartbeatd see a running stream as before.  Keys are deleted only
+while they still belong to the run being stopped (compare-and-delete in one
+script), so a stream started again in between keeps its keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+from . import keys
+
+STATES = ("starting", "running", "failed", "stopping")
+
+# KEYS: run, pid, started, last_access, viewers, active set; ARGV: run id, channel id
+_DELETE_IF_RUN_LUA = """
+if redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('SREM', KEYS[6], ARGV[2])
+return 1
+"""
+
+# KEYS: run; ARGV: run id, then field, value pairs
+_UPDATE_IF_RUN_LUA = """
+if redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] then
+  return 0
+end
+for i = 2, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return 1
+"""
+
+# KEYS: lock; ARGV: token
+_RELEASE_LOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclasses.dataclass
+class RunRecord:
+    channel: str
+    run_id: str
+    host: str
+    pid: int
+    pid_start: int | None
+    started: float
+    state: str = "starting"
+    last_error: str = ""
+    restarts: int = 0
+
+    @classmethod
+    def from_hash(cls, channel: str, data: dict) -> "RunRecord | None":
+        try:
+            return cls(channel=channel, run_id=data["run_id"], host=data.get("host", ""),
+                       pid=int(data.get("pid") or 0),
+                       pid_start=int(data["pid_start"]) if data.get("pid_start") else None,
+                       started=float(data.get("started") or 0), state=data.get("state", ""),
+                       last_error=data.get("last_error", ""),
+                       restarts=int(data.get("restarts") or 0))
+        except (KeyError, ValueError):
+            return None
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _script(client, name: str, source: str):
+    cache = client.__dict__.setdefault("_streamkeeper_scripts", {})
+    if name not in cache:
+        cache[name] = client.register_script(source)
+    return cache[name]
+
+
+def record_run(client, record: RunRecord, *, now: float | None = None) -> None:
+    """Write the run hash and the legacy keys, and index the stream, in one transaction."""
+    now = time.time() if now is None else now
+    channel = record.channel
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(keys.run_key(channel))
+    pipe.hset(keys.run_key(channel), mapping={
+        "run_id": record.run_id, "host": record.host, "pid": record.pid,
+        "pid_start": record.pid_start if record.pid_start is not None else "",
+        "started": f"{record.started:.3f}", "state": record.state,
+        "last_error": record.last_error, "restarts": record.restarts})
+    pipe.set(keys.pid_key(channel), record.pid)
+    pipe.set(keys.started_key(channel), f"{record.started:.3f}")
+    pipe.set(keys.last_access_key(channel), f"{now:.3f}")
+    pipe.sadd(keys.ACTIVE_STREAMS_KEY, channel)
+    pipe.execute()
+
+
+def update_run(client, channel: str, run_id: str, **fields) -> bool:
+    """Set fields of the run hash if it is still this run; legacy pid follows a restart."""
+    args = [run_id]
+    for name, value in fields.items():
+        args += [name, "" if value is None else value]
+    done = bool(_script(client, "update", _UPDATE_IF_RUN_LUA)(keys=[keys.run_key(channel)], args=args))
+    if done and "pid" in fields:
+        client.set(keys.pid_key(channel), fields["pid"])
+    return done
+
+
+def get_run(client, channel: str) -> RunRecord | None:
+    data = client.hgetall(keys.run_key(channel))
+    if not data:
+        return None
+    data = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in data.items()}
+    return RunRecord.from_hash(channel, data)
+
+
+def delete_run_if(client, channel: str, run_id: str) -> bool:
+    """Delete the stream's keys only if they still belong to ``run_id``."""
+    return bool(_script(client, "delete", _DELETE_IF_RUN_LUA)(
+        keys=[*keys.stream_keys(channel), keys.ACTIVE_STREAMS_KEY], args=[run_id, channel]))
+
+
+def active_channels(client) -> list[str]:
+    members = client.smembers(keys.ACTIVE_STREAMS_KEY)
+    return sorted((m.decode() if isinstance(m, bytes) else m for m in members), key=int)
+
+
+def acquire_start_lock(client, channel: str, token: str, ttl_seconds: float) -> bool:
+    return bool(client.set(keys.lock_key(channel), token, nx=True, px=int(ttl_seconds * 1000)))
+
+
+def release_start_lock(client, channel: str, token: str) -> None:
+    _script(client, "release", _RELEASE_LOCK_LUA)(keys=[keys.lock_key(channel)], args=[token])
