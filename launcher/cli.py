@@ -1,7 +1,66 @@
-"""``stream-launcher``: arrives with the launcher issue."""
-import sys
+"""``stream-launcher``: the HTTP endpoint nginx calls when a playlist is missing."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import click
+
+from streamstate.cli_options import settings_options
+from streamstate.service import configure_logging, sd_notify
+
+log = logging.getLogger("streamkeeper.launcher")
 
 
-def main():
-    sys.stderr.write("stream-launcher: not yet implemented (the launcher arrives with its own issue)\n")
-    raise SystemExit(1)
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@settings_options
+@click.option("--listen", metavar="HOST:PORT", help="Address to listen on (overrides launcher_listen).")
+@click.option("--hls-dir", metavar="DIR", help="Where playlists and segments go (overrides hls_dir).")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def main(settings_loader, listen, hls_dir, log_level):
+    """Start FFmpeg on demand for nginx and hand the first player a playable playlist.
+
+    GET|POST /channel/<id>/start starts the channel (or joins the start under
+    way), waits until its playlist lists min_segments segments, then sends a
+    player back to its original URI (307) or answers JSON. Also: POST
+    /channel/<id>/stop, GET /streams, /healthz, /metrics, and the old host's
+    /api/stream/start, /api/stream/stop, /api/streams/active.
+
+    SIGTERM/SIGINT stop every FFmpeg it runs (their files and keys go too) and exit 0.
+    Exit codes: 0 stopped, 1 cannot listen, 2 bad settings.
+    """
+    settings = settings_loader(launcher_listen=listen, hls_dir=hls_dir)
+    configure_logging(log_level.upper())
+    raise SystemExit(asyncio.run(serve(settings)))
+
+
+async def serve(settings) -> int:
+    import os
+
+    from aiohttp import web
+
+    from .app import make_app
+
+    os.makedirs(settings.hls_dir, exist_ok=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)       # only a flag; the work is below
+    runner = web.AppRunner(make_app(settings), handle_signals=False, access_log=None)
+    await runner.setup()
+    host, _, port = settings.launcher_listen.rpartition(":")
+    try:
+        await web.TCPSite(runner, host.strip("[]"), int(port), backlog=1024).start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", settings.launcher_listen, exc)
+        await runner.cleanup()
+        return 1
+    log.info("listening on http://%s (hls_dir %s)", settings.launcher_listen, settings.hls_dir)
+    sd_notify("READY=1\nSTATUS=listening on " + settings.launcher_listen)
+    await stop.wait()
+    log.info("stopping: stopping every stream this launcher runs")
+    sd_notify("STOPPING=1")
+    await runner.cleanup()
+    return 0

@@ -38,3 +38,28 @@ def config_command(settings_loader, as_json):
     for key, value in settings.values.items():
         click.echo(f"{key:<{width}} = {json.dumps(value):<40} # {settings.sources[key]}"
                    f" - {SPEC_BY_KEY[key].help}")
+
+
+@main.command("nginx-config")
+@settings_options
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
+              help="Write to this file (atomically) instead of standard output.")
+def nginx_config_command(settings_loader, output):
+    """Print the nginx conf.d snippet rendered from the settings.
+
+    It holds the log_format heartbeatd parses and a server block on
+    nginx_listen whose /live/ location logs to access_log and falls back to
+    the launcher at launcher_listen. Include it in nginx's http {} block, then
+    `nginx -t && nginx -s reload`.
+    """
+    from launcher.nginx_config import render_nginx_config
+    text = render_nginx_config(settings_loader())
+    if not output:
+        click.echo(text, nl=False)
+        return
+    import os
+    temp = f"{output}.tmp.{os.getpid()}"
+    with open(temp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temp, output)
+    click.echo(f"wrote {output}", err=True)

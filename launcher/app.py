@@ -1,0 +1,189 @@
+"""The launcher's HTTP API (aiohttp: one event loop holds hundreds of waiting starts)."""
+from __future__ import annotations
+
+import json
+import logging
+
+import redis
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from streamstate import keys
+from streamstate.channels import Channel, ChannelError, channel_from_dict, put_channel
+
+from .service import ChannelNotFound, Launcher
+from .supervisor import StartFailed
+
+log = logging.getLogger("streamkeeper.launcher")
+
+RETRY_AFTER = "5"
+
+
+def _json(data, status: int = 200, **headers) -> web.Response:
+    return web.Response(text=json.dumps(data) + "\n", status=status,
+                        content_type="application/json", headers=headers)
+
+
+def _wants_json(request: web.Request) -> bool:
+    return ("application/json" in request.headers.get("Accept", "")
+            or "X-Original-URI" not in request.headers)
+
+
+def _error(request: web.Request, status: int, message: str, **headers) -> web.Response:
+    if _wants_json(request):
+        return _json({"status": "error", "error": message}, status, **headers)
+    return web.Response(text=message + "\n", status=status, headers=headers)
+
+
+async def _start_response(request: web.Request, channel_id: str, channel: Channel | None = None):
+    launcher: Launcher = request.app["launcher"]
+    try:
+        channel_id = keys.check_channel_id(channel_id)
+    except keys.InvalidChannelId as exc:
+        return _error(request, 400, str(exc))
+    try:
+        status = await launcher.start(channel_id, channel)
+    except ChannelNotFound as exc:
+        return _error(request, 404, str(exc))
+    except ChannelError as exc:
+        log.error("%s", exc)
+        return _error(request, 422, str(exc))
+    except redis.RedisError as exc:
+        log.error("channel %s: redis unavailable: %s", channel_id, exc)
+        return _error(request, 503, f"channel {channel_id}: redis unavailable ({exc})",
+                      **{"Retry-After": RETRY_AFTER})
+    except StartFailed as exc:
+        launcher.counters["start_failures"] += 1
+        log.warning("channel %s: start failed: %s", channel_id, exc)
+        return _error(request, 503, f"channel {channel_id}: {exc}", **{"Retry-After": RETRY_AFTER})
+    original = request.headers.get("X-Original-URI")
+    if original and not _wants_json(request):
+        # Send the player back to exactly what it asked for; nginx now has the file.
+        return web.Response(status=307, headers={"Location": original, "Cache-Control": "no-store"})
+    supervisor = launcher.supervisors.get(channel_id)
+    return _json({"status": status, "channel_id": channel_id,
+                  "playlist": f"/live/stream_{channel_id}.m3u8",
+                  "pid": supervisor.process.pid if supervisor and supervisor.process else None})
+
+
+async def start_channel(request: web.Request) -> web.Response:
+    return await _start_response(request, request.match_info["channel_id"])
+
+
+async def stop_channel(request: web.Request) -> web.Response:
+    launcher: Launcher = request.app["launcher"]
+    try:
+        stopped = await launcher.stop(request.match_info["channel_id"], "stop requested over HTTP")
+    except keys.InvalidChannelId as exc:
+        return _json({"status": "error", "error": str(exc)}, 400)
+    return _json({"status": "stopped" if stopped else "not_running",
+                  "channel_id": request.match_info["channel_id"]})
+
+
+async def streams(request: web.Request) -> web.Response:
+    return _json({"streams": await request.app["launcher"].streams()})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    launcher: Launcher = request.app["launcher"]
+    try:
+        await launcher.redis_call(lambda client: client.ping())
+    except Exception as exc:  # noqa: BLE001 - any Redis failure makes us unhealthy
+        return _json({"status": "unhealthy", "redis": str(exc)}, 503)
+    running = sum(1 for s in launcher.supervisors.values() if not s.finished)
+    return _json({"status": "ok", "redis": "ok", "streams": running, "host": launcher.settings.host_id})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app["registry"])
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+# -- the old host's routes, same bodies ---------------------------------------------
+async def _json_body(request: web.Request) -> dict:
+    try:
+        data = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(text=json.dumps({"status": "error", "error": "body is not JSON"}),
+                                 content_type="application/json") from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(text=json.dumps({"status": "error", "error": "body is not an object"}),
+                                 content_type="application/json")
+    return data
+
+
+async def legacy_start(request: web.Request) -> web.Response:
+    """POST /api/stream/start {"channel_id", "source_url", "quality"}."""
+    data = await _json_body(request)
+    channel_id = str(data.get("channel_id", ""))
+    channel = None
+    if data.get("source_url"):
+        try:
+            keys.check_channel_id(channel_id)
+            channel = channel_from_dict(channel_id, {k: v for k, v in data.items() if k != "channel_id"})
+        except (keys.InvalidChannelId, ChannelError) as exc:
+            return _json({"status": "error", "error": str(exc)}, 400)
+        await request.app["launcher"].redis_call(put_channel, channel)
+    return await _start_response(request, channel_id, channel)
+
+
+async def legacy_stop(request: web.Request) -> web.Response:
+    """POST /api/stream/stop {"channel_id"}."""
+    data = await _json_body(request)
+    launcher: Launcher = request.app["launcher"]
+    try:
+        stopped = await launcher.stop(str(data.get("channel_id", "")), "stop requested (legacy API)")
+    except keys.InvalidChannelId as exc:
+        return _json({"status": "error", "error": str(exc)}, 400)
+    return _json({"status": "stopped" if stopped else "not_running", "channel_id": str(data.get("channel_id"))})
+
+
+async def legacy_active(request: web.Request) -> web.Response:
+    """GET /api/streams/active: the old shape, a list of running channel ids and a count."""
+    entries = await request.app["launcher"].streams()
+    active = [e for e in entries if e["state"] in ("running", "starting")]
+    return _json({"active_streams": [e["id"] for e in active], "count": len(active), "streams": active})
+
+
+def _registry(launcher: Launcher) -> CollectorRegistry:
+    class Collector:
+        def collect(self):
+            for name, value in launcher.counters.items():
+                yield CounterMetricFamily(f"streamkeeper_launcher_{name}", f"Launcher {name}", value=value)
+            live = [s for s in launcher.supervisors.values() if not s.finished]
+            yield GaugeMetricFamily("streamkeeper_launcher_streams", "Streams this launcher runs",
+                                    value=len(live))
+            yield CounterMetricFamily("streamkeeper_launcher_restarts", "FFmpeg restarts",
+                                      value=sum(s.restarts for s in launcher.supervisors.values()))
+    registry = CollectorRegistry()
+    registry.register(Collector())
+    return registry
+
+
+def make_app(settings) -> web.Application:
+    app = web.Application()
+    launcher = Launcher(settings)
+    app["launcher"] = launcher
+    app["registry"] = _registry(launcher)
+    app.router.add_route("GET", "/channel/{channel_id}/start", start_channel)
+    app.router.add_route("POST", "/channel/{channel_id}/start", start_channel)
+    app.router.add_post("/channel/{channel_id}/stop", stop_channel)
+    app.router.add_get("/streams", streams)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/api/stream/start", legacy_start)
+    app.router.add_post("/api/stream/stop", legacy_stop)
+    app.router.add_get("/api/streams/active", legacy_active)
+
+    async def on_startup(app):
+        try:
+            await launcher.clear_stale_records()
+        except Exception as exc:  # noqa: BLE001 - Redis may be down; starts will say so
+            log.error("cannot check for stale records at start-up: %s", exc)
+
+    async def on_shutdown(app):
+        await launcher.stop_all("launcher shutting down")
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    return app

@@ -1,0 +1,233 @@
+"""One channel's FFmpeg on this host: start it, wait until playable, watch it, restart it, stop it.
+
+States: ``starting`` (FFmpeg runs, no playable playlist yet), ``running``
+(the playlist lists at least ``min_segments`` segments), ``failed`` (it did
+not become playable, or kept dying), ``stopping``/``stopped``.
+
+While the stream is wanted (its run record in Redis is still this run and not
+``stopping``), a dead or stalled FFmpeg is restarted with back-off; its
+playlist and segments are deleted first, so nginx never serves a dead stream's
+playlist and the next request comes to the launcher again.  Idle stops are the
+reaper's job: it marks the record ``stopping`` before it signals.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import time
+
+from streamstate import files, runs
+from streamstate.channels import Channel
+from streamstate.process import process_start_time, signal_process_group
+
+from .ffmpeg import build_argv, meaningful_error, redact_urls
+
+log = logging.getLogger("streamkeeper.launcher")
+
+POLL_READY = 0.05            # seconds between playlist checks while starting
+WATCH_INTERVAL = 0.5         # seconds between health checks while running
+STOP_GRACE = 10.0            # SIGTERM, then SIGKILL after this long
+MAX_QUICK_FAILURES = 5       # restarts in a row that never became playable
+STDERR_LINES = 40
+
+
+class StartFailed(Exception):
+    """The stream did not become playable; the message says why (for the 503)."""
+
+
+class StreamSupervisor:
+    def __init__(self, launcher, channel: Channel, argv: list[str]):
+        self.launcher = launcher
+        self.settings = launcher.settings
+        self.channel = channel
+        self.id = channel.id
+        self.argv = argv
+        self.state = "starting"
+        self.run_id = runs.new_run_id()
+        self.process: asyncio.subprocess.Process | None = None
+        self.pid_start: int | None = None
+        self.started = time.time()
+        self.restarts = 0
+        self.last_error = ""
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task | None = None
+        self._stop_requested = False
+
+    # -- what the HTTP handlers call ------------------------------------------------
+    def begin(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"stream-{self.id}")
+
+    @property
+    def finished(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    async def wait_playable(self, timeout: float) -> None:
+        """Return once running; raise StartFailed (with the reason) or on timeout."""
+        try:
+            async with self._changed:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.state in ("running", "failed", "stopped")),
+                    timeout)
+        except asyncio.TimeoutError:
+            raise StartFailed(f"no playable playlist after {timeout:g} s") from None
+        if self.state != "running":
+            raise StartFailed(self.last_error or f"stream {self.state}")
+
+    async def stop(self, reason: str) -> None:
+        """Stop FFmpeg (SIGTERM to its group, SIGKILL after the grace), delete files and keys."""
+        self._stop_requested = True
+        if self.state not in ("stopped", "failed"):
+            log.info("channel %s: stopping (%s)", self.id, reason)
+            await self.launcher.redis_call(runs.update_run, self.id, self.run_id, state="stopping")
+        await self._terminate()
+        if self._task is not None and not self._task.done():
+            await asyncio.wait({self._task}, timeout=STOP_GRACE + 5)
+        await self._clear("stopped")
+
+    def describe(self) -> dict:
+        return {"id": self.id, "state": self.state, "run_id": self.run_id,
+                "pid": self.process.pid if self.process else None, "started": self.started,
+                "restarts": self.restarts, "last_error": self.last_error}
+
+    # -- the run ----------------------------------------------------------------
+    async def _run(self) -> None:
+        quick_failures = 0
+        first = True
+        while not self._stop_requested:
+            await self._spawn(first)
+            became_playable = await self._wait_until_playable(first)
+            if became_playable:
+                quick_failures = 0
+                if first:
+                    log.info("channel %s: playable after %.2f s (pid %s)", self.id,
+                             time.time() - self.started, self.process.pid)
+                first = False
+                await self._set_state("running")
+                await self.launcher.redis_call(runs.update_run, self.id, self.run_id, state="running")
+                why = await self._watch()
+            else:
+                why = self.last_error
+                quick_failures += 1
+            await self._terminate()
+            files.delete_stream_files(self.settings.hls_dir, self.id)
+            if self._stop_requested:
+                break
+            if first or quick_failures >= MAX_QUICK_FAILURES:
+                # Never became playable (first start), or keeps failing: give up.
+                log.error("channel %s: failed: %s", self.id, why or "unknown error")
+                self.last_error = why or "FFmpeg did not produce a playable stream"
+                await self._clear("failed")
+                return
+            if not await self._still_wanted():
+                log.info("channel %s: FFmpeg ended and the stream is no longer wanted", self.id)
+                await self._clear("stopped")
+                return
+            self.restarts += 1
+            delay = min(2 ** quick_failures, 30)
+            log.warning("channel %s: restarting FFmpeg in %d s (%s; restart %d)", self.id, delay,
+                        why, self.restarts)
+            await self._set_state("starting")
+            await asyncio.sleep(delay)
+
+    async def _spawn(self, first: bool) -> None:
+        self.stderr_tail.clear()
+        files.delete_stream_files(self.settings.hls_dir, self.id)   # never serve a stale playlist
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True)  # its own process group
+        self.pid_start = process_start_time(self.process.pid)
+        asyncio.create_task(self._read_stderr(self.process))
+        if first:
+            record = runs.RunRecord(channel=self.id, run_id=self.run_id,
+                                    host=self.settings.host_id, pid=self.process.pid,
+                                    pid_start=self.pid_start, started=self.started)
+            await self.launcher.redis_call(runs.record_run, record)
+        else:
+            await self.launcher.redis_call(runs.update_run, self.id, self.run_id, pid=self.process.pid,
+                                           pid_start=self.pid_start or "", state="starting",
+                                           restarts=self.restarts, last_error=self.last_error)
+        log.info("channel %s: FFmpeg started (pid %s, quality %s, source %s)", self.id,
+                 self.process.pid, self.channel.quality, redact_urls(self.channel.source_url))
+
+    async def _read_stderr(self, process) -> None:
+        while True:
+            line = await process.stderr.readline()
+            if not line:
+                return
+            self.stderr_tail.append(line.decode("utf-8", "replace").rstrip())
+
+    async def _wait_until_playable(self, first: bool) -> bool:
+        playlist = files.playlist_path(self.settings.hls_dir, self.id)
+        minimum = int(self.settings.min_segments)
+        deadline = time.monotonic() + float(self.settings.start_timeout)
+        while time.monotonic() < deadline and not self._stop_requested:
+            if files.count_listed_segments(playlist) >= minimum:
+                return True
+            if self.process.returncode is not None:
+                await asyncio.sleep(0.05)   # let the stderr reader take the last lines
+                self.last_error = (meaningful_error(list(self.stderr_tail))
+                                   or f"FFmpeg exited with status {self.process.returncode}")
+                return False
+            await asyncio.sleep(POLL_READY)
+        self.last_error = (meaningful_error(list(self.stderr_tail)) or
+                           f"no playable playlist after {float(self.settings.start_timeout):g} s")
+        return False
+
+    async def _watch(self) -> str:
+        """Until FFmpeg dies, stalls, or the stream is no longer wanted; returns why."""
+        playlist = files.playlist_path(self.settings.hls_dir, self.id)
+        stall_after = max(3 * float(self.settings.hls_time), 6.0)
+        checks = 0
+        while not self._stop_requested:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.process.wait()), WATCH_INTERVAL)
+            except asyncio.TimeoutError:
+                pass
+            if self.process.returncode is not None:
+                await asyncio.sleep(0.05)
+                self.last_error = (meaningful_error(list(self.stderr_tail))
+                                   or f"FFmpeg exited with status {self.process.returncode}")
+                return f"FFmpeg exited: {self.last_error}"
+            try:
+                age = time.time() - os.stat(playlist).st_mtime
+            except FileNotFoundError:
+                age = stall_after + 1
+            if age > stall_after:
+                self.last_error = f"playlist not updated for {age:.0f} s (stalled)"
+                return self.last_error
+            checks += 1
+            if checks % 4 == 0 and not await self._still_wanted():
+                return "no longer wanted (its record was stopped or replaced)"
+        return "stop requested"
+
+    async def _still_wanted(self) -> bool:
+        record = await self.launcher.redis_call(runs.get_run, self.id)
+        return record is not None and record.run_id == self.run_id and record.state != "stopping"
+
+    async def _terminate(self) -> None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        # Our own unreaped child: its pid cannot have been reused; still, prove it.
+        if signal_process_group(process.pid, self.pid_start, signal.SIGTERM):
+            try:
+                await asyncio.wait_for(process.wait(), STOP_GRACE)
+                return
+            except asyncio.TimeoutError:
+                log.warning("channel %s: FFmpeg ignored SIGTERM for %.0f s; SIGKILL", self.id, STOP_GRACE)
+                signal_process_group(process.pid, self.pid_start, signal.SIGKILL)
+        await process.wait()
+
+    async def _clear(self, state: str) -> None:
+        files.delete_stream_files(self.settings.hls_dir, self.id)
+        await self.launcher.redis_call(runs.delete_run_if, self.id, self.run_id)
+        await self._set_state(state)
+
+    async def _set_state(self, state: str) -> None:
+        async with self._changed:
+            self.state = state
+            self._changed.notify_all()
