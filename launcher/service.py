@@ -90,13 +90,23 @@ class Launcher:
             self.supervisors[channel_id] = supervisor
             self.counters["starts"] += 1
             supervisor.begin()
-        finally:
-            asyncio.get_running_loop().call_later(
-                float(self.settings.start_timeout), self._release_lock, channel_id, token)
+        except BaseException:
+            await self.redis_call(runs.release_start_lock, channel_id, token)
+            raise
+        asyncio.create_task(self._release_when_settled(supervisor, token))
         return supervisor
 
-    def _release_lock(self, channel_id: str, token: str) -> None:
-        asyncio.ensure_future(self.redis_call(runs.release_start_lock, channel_id, token))
+    async def _release_when_settled(self, supervisor: StreamSupervisor, token: str) -> None:
+        """The start lock guards the first start only: once it is playable or has failed,
+        the run record (or its absence) tells other launchers what they need."""
+        try:
+            await supervisor.wait_playable(float(self.settings.start_timeout) + 1)
+        except StartFailed:
+            pass
+        try:
+            await self.redis_call(runs.release_start_lock, supervisor.id, token)
+        except Exception as exc:  # noqa: BLE001 - it expires by itself
+            log.warning("channel %s: could not release the start lock (%s); it expires", supervisor.id, exc)
 
     def _runs_elsewhere(self, record: runs.RunRecord) -> bool:
         """A live run of another launcher process (this host: the process is alive and

@@ -8,6 +8,8 @@ import click
 from streamstate.cli_options import settings_options
 from streamstate.settings import SPEC_BY_KEY
 
+from .channels import channels_group
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
@@ -17,6 +19,9 @@ def main():
     $STREAMKEEPER_CONFIG, else /etc/streamkeeper/streamkeeper.toml), then
     STREAMKEEPER_<KEY> environment variables, then flags.
     """
+
+
+main.add_command(channels_group)
 
 
 @main.command("config")

@@ -1,0 +1,211 @@
+"""The whole stack on loopback, for ``make demo``, the end-to-end tests and the benchmarks.
+
+Everything runs from a work directory of its own (no root-owned paths) on free
+loopback ports: a redis-server, the live upstream (demo.upstream), the
+launcher, nginx with the config ``streamctl nginx-config`` renders, and
+optionally heartbeatd.  Each is started as a child process and stopped by pid.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port(preferred: int | None = None) -> int:
+    if preferred:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                pass
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition, timeout: float, what: str, process: subprocess.Popen | None = None,
+               log_path: str | None = None):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except OSError:
+            value = None
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            tail = open(log_path, errors="replace").read()[-2000:] if log_path else ""
+            raise RuntimeError(f"{what}: the process exited ({process.returncode})\n{tail}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)
+
+
+class LocalStack:
+    def __init__(self, work_dir: str, settings: dict | None = None, *, heartbeatd: bool = False,
+                 nginx_port: int | None = None):
+        self.work = os.path.abspath(work_dir)
+        os.makedirs(self.work, exist_ok=True)
+        self.hls_dir = os.path.join(self.work, "hls")
+        os.makedirs(self.hls_dir, exist_ok=True)
+        self.redis_port = free_port()
+        self.upstream_port = free_port()
+        self.launcher_port = free_port()
+        self.nginx_port = free_port(nginx_port)
+        self.with_heartbeatd = heartbeatd
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.settings = {
+            "redis_url": f"redis://127.0.0.1:{self.redis_port}/0",
+            "hls_dir": self.hls_dir,
+            "access_log": os.path.join(self.work, "logs", "streams_access.log"),
+            "state_dir": os.path.join(self.work, "state"),
+            "launcher_listen": f"127.0.0.1:{self.launcher_port}",
+            "nginx_listen": f"127.0.0.1:{self.nginx_port}",
+            "hls_time": 1, "hls_init_time": 1, "hls_list_size": 4, "start_timeout": 15,
+            "flush_interval": 0.5,
+            **(settings or {}),
+        }
+        os.makedirs(os.path.dirname(self.settings["access_log"]), exist_ok=True)
+        self.config_path = os.path.join(self.work, "streamkeeper.toml")
+        with open(self.config_path, "w") as handle:
+            for key, value in self.settings.items():
+                handle.write(f"{key} = {toml_value(value)}\n")
+
+    # -- urls ------------------------------------------------------------------------
+    def upstream_url(self, name: str = "demo") -> str:
+        return f"http://127.0.0.1:{self.upstream_port}/live/{name}.ts"
+
+    def nginx_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.nginx_port}{path}"
+
+    def launcher_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.launcher_port}{path}"
+
+    def playlist_url(self, channel_id, query: str = "") -> str:
+        return self.nginx_url(f"/live/stream_{channel_id}.m3u8{query}")
+
+    # -- life cycle --------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log_path = os.path.join(self.work, f"{name}.log")
+        log = open(log_path, "ab")
+        process = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL,
+                                   env={**os.environ, "STREAMKEEPER_CONFIG": self.config_path})
+        log.close()
+        self.processes[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        with open(os.path.join(self.work, f"{name}.log"), errors="replace") as handle:
+            return handle.read()
+
+    def start(self) -> "LocalStack":
+        try:
+            self._start_redis()
+            upstream = self._spawn("upstream", [sys.executable, "-m", "demo.upstream",
+                                                "--port", str(self.upstream_port)])
+            launcher = self._spawn("launcher", [sys.executable, "-m", "launcher",
+                                                "--config", self.config_path])
+            self._start_nginx()
+            wait_until(lambda: port_open(self.upstream_port), 20, "the upstream", upstream,
+                       os.path.join(self.work, "upstream.log"))
+            wait_until(lambda: port_open(self.launcher_port), 20, "the launcher", launcher,
+                       os.path.join(self.work, "launcher.log"))
+            if self.with_heartbeatd:
+                open(self.settings["access_log"], "a").close()
+                self._spawn("heartbeatd", [sys.executable, "-m", "heartbeatd",
+                                           "--config", self.config_path])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_redis(self) -> None:
+        directory = os.path.join(self.work, "redis")
+        os.makedirs(directory, exist_ok=True)
+        process = self._spawn("redis", [shutil.which("redis-server") or "redis-server",
+                                        "--port", str(self.redis_port), "--bind", "127.0.0.1",
+                                        "--dir", directory, "--save", "", "--appendonly", "no"])
+        wait_until(lambda: port_open(self.redis_port), 20, "redis-server", process,
+                   os.path.join(self.work, "redis.log"))
+
+    def _start_nginx(self) -> None:
+        directory = os.path.join(self.work, "nginx")
+        os.makedirs(directory, exist_ok=True)
+        snippet = os.path.join(directory, "streamkeeper.conf")
+        subprocess.run([sys.executable, "-m", "streamctl", "nginx-config", "--config",
+                        self.config_path, "--output", snippet], cwd=REPO, check=True,
+                       capture_output=True, env={**os.environ, "STREAMKEEPER_CONFIG": self.config_path})
+        conf = os.path.join(directory, "nginx.conf")
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        with open(conf, "w") as handle:
+            handle.write(f"""{user}pid {directory}/nginx.pid;
+error_log {directory}/error.log warn;
+worker_processes 1;
+events {{ worker_connections 2048; }}
+http {{
+    client_body_temp_path {directory}/client_body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+    access_log off;
+    include {snippet};
+}}
+""")
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        process = self._spawn("nginx", [nginx, "-p", directory, "-c", conf, "-g", "daemon off;"])
+        wait_until(lambda: port_open(self.nginx_port), 20, "nginx", process,
+                   os.path.join(self.work, "nginx.log"))
+
+    def stop(self) -> None:
+        order = ["heartbeatd", "nginx", "launcher", "upstream", "redis"]
+        for name in order:
+            process = self.processes.get(name)
+            if process is None or process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGQUIT if name == "nginx" else signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def launcher_json(self, path: str, method: str = "GET", body: dict | None = None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.launcher_url(path), data=data, method=method,
+                                         headers={"Accept": "application/json",
+                                                  "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            payload = exc.read()
+            try:
+                return exc.code, json.loads(payload)
+            except ValueError:
+                return exc.code, payload.decode(errors="replace")

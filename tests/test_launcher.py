@@ -1,0 +1,234 @@
+"""The launcher end to end: real nginx (rendered config), launcher, FFmpeg, a live upstream,
+and FFmpeg/ffprobe as the HLS client through nginx."""
+import json
+import os
+import subprocess
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import redis
+
+from demo.stack import LocalStack
+from streamstate import files, keys
+from tests.helpers import wait_for
+
+
+@pytest.fixture(scope="module")
+def stack():
+    work = tempfile.mkdtemp(prefix="sk-stack-")
+    stack = LocalStack(work).start()
+    stack.redis = redis.Redis(port=stack.redis_port, decode_responses=True)
+    yield stack
+    stack.stop()
+    assert not [p for p in ffmpeg_processes() if work in " ".join(p[1])], "FFmpeg left running"
+
+
+def ffmpeg_processes():
+    """(pid, argv) of every ffmpeg on the machine."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    argv = [a.decode(errors="replace") for a in handle.read().split(b"\0") if a]
+            except OSError:
+                continue
+            if argv and os.path.basename(argv[0]) == "ffmpeg":
+                found.append((int(entry), argv))
+    return found
+
+
+def ffmpegs_writing(stack, channel_id) -> list[int]:
+    playlist = files.playlist_path(stack.hls_dir, channel_id)
+    return [pid for pid, argv in ffmpeg_processes() if playlist in argv]
+
+
+def add_channel(stack, channel_id, source_url=None, quality="copy", **extra):
+    record = {"source_url": source_url or stack.upstream_url(f"ch{channel_id}"), "quality": quality, **extra}
+    stack.redis.set(keys.channel_key(channel_id), json.dumps(record))
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def first_request(url: str):
+    """(status, headers, body) of one request, redirects not followed."""
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(url, timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_cold_channel_plays_through_nginx(stack):
+    add_channel(stack, 101)
+    status, headers, _ = first_request(stack.playlist_url(101, "?token=abc"))
+    assert status == 307 and headers["Location"] == "/live/stream_101.m3u8?token=abc"
+    # A real HLS client through nginx: decodes at least 5 s of it.
+    result = subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-i", stack.playlist_url(101, "?token=abc"),
+                             "-t", "5", "-f", "null", "-"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "time=00:00:05" in result.stderr or "time=00:00:04.9" in result.stderr
+    probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_type", "-of", "csv=p=0",
+                            stack.playlist_url(101)], capture_output=True, text=True, timeout=60)
+    assert sorted(set(probe.stdout.split())) == ["audio", "video"]
+    assert len(ffmpegs_writing(stack, 101)) == 1
+
+
+def test_transcoding_profile_keeps_audio_and_video(stack):
+    add_channel(stack, 102, quality="low")
+    status, _, _ = first_request(stack.playlist_url(102))
+    assert status == 307
+    probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_type,height",
+                            "-of", "json", stack.playlist_url(102)], capture_output=True, text=True, timeout=60)
+    streams = json.loads(probe.stdout)["streams"]
+    assert {s["codec_type"] for s in streams} == {"audio", "video"}
+    assert [s["height"] for s in streams if s["codec_type"] == "video"] == [480]
+
+
+def test_a_hundred_simultaneous_first_requests_make_one_ffmpeg(stack):
+    add_channel(stack, 103)
+    statuses = []
+    barrier = threading.Barrier(100)
+
+    def player():
+        barrier.wait()
+        statuses.append(first_request(stack.playlist_url(103))[0])
+    threads = [threading.Thread(target=player) for _ in range(100)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=90)
+    assert len(statuses) == 100 and set(statuses) <= {200, 307}
+    assert len(ffmpegs_writing(stack, 103)) == 1
+    _, body = stack.launcher_json("/streams")
+    assert [s["state"] for s in body["streams"] if s["id"] == "103"] == ["running"]
+
+
+def test_twenty_channels_started_at_once_all_play(stack):
+    ids = list(range(120, 140))
+    for channel_id in ids:
+        add_channel(stack, channel_id)
+    results = {}
+
+    def player(channel_id):
+        results[channel_id] = first_request(stack.playlist_url(channel_id))[0]
+    threads = [threading.Thread(target=player, args=(c,)) for c in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=90)
+    assert results == {c: 307 for c in ids}
+    for channel_id in ids:
+        status, _, body = first_request(stack.playlist_url(channel_id))
+        assert status == 200 and b"#EXTINF" in body
+        assert len(ffmpegs_writing(stack, channel_id)) == 1
+    for channel_id in ids:
+        assert stack.launcher_json(f"/channel/{channel_id}/stop", "POST")[1]["status"] == "stopped"
+
+
+def test_upstream_403_is_a_503_with_the_reason_and_no_playlist(stack):
+    add_channel(stack, 104, source_url=f"http://127.0.0.1:{stack.upstream_port}/forbidden/x.ts?token=secret")
+    status, headers, body = first_request(stack.playlist_url(104))
+    assert status == 503
+    assert headers.get("Retry-After")
+    assert b"403 Forbidden" in body
+    assert not os.path.exists(files.playlist_path(stack.hls_dir, 104))
+    assert files.stream_files(stack.hls_dir, 104) == []
+    assert stack.redis.exists(keys.pid_key(104), keys.run_key(104)) == 0
+    assert "secret" not in stack.log("launcher")
+
+
+@pytest.mark.parametrize("source", [
+    "file:///etc/passwd", "concat:/etc/passwd|/etc/hosts", "/etc/passwd",
+    "data:video/mp2t;base64,AAAA", "ftp://127.0.0.1/x.ts", "rtmp://127.0.0.1/live/x",
+])
+def test_non_http_sources_never_reach_ffmpeg(stack, source):
+    add_channel(stack, 105, source_url=source)
+    before = len(ffmpeg_processes())
+    status, _, body = first_request(stack.playlist_url(105))
+    assert status == 422
+    assert b"only http:// and https://" in body
+    assert len(ffmpeg_processes()) <= before
+    assert not os.path.exists(files.playlist_path(stack.hls_dir, 105))
+
+
+def test_bad_channel_records_are_clear_errors(stack):
+    stack.redis.set(keys.channel_key(106), "{not json")
+    status, body = stack.launcher_json("/channel/106/start", "POST")
+    assert status == 422 and "channel 106" in body["error"] and "JSON" in body["error"]
+    stack.redis.set(keys.channel_key(107), json.dumps({"quality": "copy"}))
+    status, body = stack.launcher_json("/channel/107/start", "POST")
+    assert status == 422 and "source_url" in body["error"]
+    stack.redis.set(keys.channel_key(108), json.dumps({"source_url": stack.upstream_url(), "proxy": "socks5://127.0.0.1:1080"}))
+    status, body = stack.launcher_json("/channel/108/start", "POST")
+    assert status == 422 and "SOCKS" in body["error"]
+    assert stack.launcher_json("/healthz")[0] == 200
+
+
+@pytest.mark.parametrize("odd_id", ["abc", "-1", "1234567890123456789", "1.5", "%20", "0x10"])
+def test_odd_ids_get_400(stack, odd_id):
+    status, body = stack.launcher_json(f"/channel/{odd_id}/start", "POST")
+    assert status == 400 and "invalid channel id" in body["error"]
+
+
+def test_unknown_channel_is_404(stack):
+    status, body = stack.launcher_json("/channel/999999/start", "POST")
+    assert status == 404 and "no such channel" in body["error"]
+    assert first_request(stack.playlist_url(999998))[0] == 404
+
+
+def test_json_callers_get_started_then_already_running(stack):
+    add_channel(stack, 109)
+    status, body = stack.launcher_json("/channel/109/start", "POST")
+    assert (status, body["status"]) == (200, "started")
+    status, body = stack.launcher_json("/channel/109/start", "POST")
+    assert (status, body["status"]) == (200, "already_running")
+    _, streams = stack.launcher_json("/streams")
+    entry = next(s for s in streams["streams"] if s["id"] == "109")
+    assert entry["state"] == "running" and entry["pid"] in ffmpegs_writing(stack, 109)
+    assert stack.redis.get(keys.pid_key(109)) == str(entry["pid"])
+    assert float(stack.redis.get(keys.last_access_key(109))) > 0
+    assert stack.launcher_json("/channel/109/stop", "POST")[1]["status"] == "stopped"
+    assert files.stream_files(stack.hls_dir, 109) == []
+    assert stack.redis.exists(keys.pid_key(109), keys.run_key(109)) == 0
+
+
+def test_legacy_routes_keep_working(stack):
+    status, body = stack.launcher_json("/api/stream/start", "POST", {
+        "channel_id": "110", "source_url": stack.upstream_url("legacy"), "quality": "copy"})
+    assert status == 200 and body["status"] == "started"
+    assert json.loads(stack.redis.get(keys.channel_key(110)))["source_url"] == stack.upstream_url("legacy")
+    status, body = stack.launcher_json("/api/streams/active")
+    assert status == 200 and "110" in body["active_streams"]
+    status, body = stack.launcher_json("/api/stream/stop", "POST", {"channel_id": "110"})
+    assert status == 200 and body["status"] == "stopped"
+    assert not ffmpegs_writing(stack, 110)
+    status, body = stack.launcher_json("/api/stream/start", "POST", {"channel_id": "110", "source_url": "file:///etc/passwd"})
+    assert status == 400
+
+
+def test_a_killed_ffmpeg_is_restarted_while_wanted(stack):
+    add_channel(stack, 111)
+    assert stack.launcher_json("/channel/111/start", "POST")[0] == 200
+    [pid] = ffmpegs_writing(stack, 111)
+    os.kill(pid, 9)
+    wait_for(lambda: ffmpegs_writing(stack, 111) not in ([], [pid]), timeout=30, message="a new FFmpeg")
+    wait_for(lambda: first_request(stack.playlist_url(111))[0] == 200, timeout=30, message="playable again")
+    _, streams = stack.launcher_json("/streams")
+    assert next(s for s in streams["streams"] if s["id"] == "111")["restarts"] == 1
+    stack.launcher_json("/channel/111/stop", "POST")
+
+
+def test_metrics_and_healthz(stack):
+    status, body = stack.launcher_json("/healthz")
+    assert status == 200 and body["redis"] == "ok"
+    with urllib.request.urlopen(stack.launcher_url("/metrics"), timeout=10) as response:
+        text = response.read().decode()
+    assert "streamkeeper_launcher_starts_total" in text
