@@ -106,7 +106,8 @@ def rm_command(settings_loader, channel_id):
 
 
 _ATTR_RE = re.compile(r'([A-Za-z0-9_-]+)="([^"]*)"')
-_TRAILING_NUMBER_RE = re.compile(r"(\d{1,18})(?:\.[A-Za-z0-9]+)?$")
+# The path's last segment is the number, with or without an extension: .../71386.ts
+_TRAILING_NUMBER_RE = re.compile(r"(?:^|/)(\d{1,18})(?:\.[A-Za-z0-9]+)?$")
 
 
 def parse_m3u(text: str) -> list[dict]:
