@@ -8,7 +8,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench deps venv clean
+.PHONY: test demo bench bench-cold-start deps venv clean
 
 deps:
 	@sh scripts/install-deps.sh
@@ -26,10 +26,13 @@ test: venv
 
 bench: venv
 	$(VPY) bench/heartbeat.py
+	$(VPY) bench/cold_start.py
 
 demo: venv
-	@echo "make demo: the whole-stack demo arrives with the launcher (stream-launcher is not built yet)."
-	@echo "Until then: $(VENV)/bin/heartbeatd --help, $(VENV)/bin/streamctl config"
+	$(VPY) -m demo.run
+
+bench-cold-start: venv
+	$(VPY) bench/cold_start.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -26,6 +26,7 @@ import re
 import shlex
 import time
 from datetime import datetime
+from itertools import compress
 from operator import itemgetter
 from typing import Callable
 
@@ -41,7 +42,10 @@ VIEWER_VARIABLES = ("arg_token", "remote_addr", "http_user_agent")
 MAX_CHANNEL_ID_DIGITS = 18
 
 # A viewing path: /live/stream_<id>.m3u8 or /live/stream_<id>_<seq>.<ts|m4s|mp4|aac>
-_VIEW_PATH = rb"/live/stream_([0-9]++)(?:\.m3u8|_[0-9]++\.(?:ts|m4s|mp4|aac))"
+# The second group is b"8" for a playlist, b"" for a segment: viewers are counted
+# from playlist requests only (a player fetches its playlist with the token and
+# its segments without; counting both would count every player twice).
+_VIEW_PATH = rb"/live/stream_([0-9]++)(?:\.m3u(8)|_[0-9]++\.(?:ts|m4s|mp4|aac))"
 
 _TIME_PATTERNS = {
     "msec": rb"[0-9]++\.[0-9]++",
@@ -227,6 +231,7 @@ class LogLineParser:
         index_of = {name: i for i, name in enumerate(group_names)}
         self._get_channel = itemgetter(index_of["channel"])
         self._get_time = itemgetter(index_of["time"])
+        self._get_playlist = itemgetter(index_of["playlist"])
         self._viewer_fields = [n for n in group_names
                                if n in VIEWER_VARIABLES or n in ("query", "tail")]
         if self._viewer_fields:
@@ -245,7 +250,7 @@ class LogLineParser:
         ``last``: nothing after it is matched (a viewer tail may follow), so the
         pattern stops right after the path.
         """
-        group_names.append("channel")
+        group_names += ["channel", "playlist"]
         variable = tokens[index][1]
         following = tokens[index + 1] if index + 1 < len(tokens) else None
         delimiter = following[1].encode()[:1] if following and following[0] == "lit" else b""
@@ -344,7 +349,10 @@ class LogLineParser:
             # way): a backlog's older rows are not looked at.
             cutoff = time.time() - self.viewer_window
             first = bisect.bisect_left(times, cutoff, key=float)
-            raw_viewers = dict(zip(map(self._get_viewer_key, rows[first:]), times[first:]))
+            is_playlist = map(self._get_playlist, rows[first:])
+            viewer_rows = compress(rows[first:], is_playlist)
+            viewer_times = compress(times[first:], map(self._get_playlist, rows[first:]))
+            raw_viewers = dict(zip(map(self._get_viewer_key, viewer_rows), viewer_times))
             result.viewer_times = self._resolve_viewers(raw_viewers, channel_times)
         return result
 

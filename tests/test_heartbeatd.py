@@ -100,8 +100,9 @@ def test_viewers_are_counted_and_tokens_never_stored(setup):
         sk_line(now - 3, "/live/stream_5.m3u8", token="secret-token-A", addr="10.1.1.1"),
         sk_line(now - 2, "/live/stream_5_1.ts", token="secret-token-A", addr="10.1.1.9"),
         sk_line(now - 2, "/live/stream_5.m3u8", token="secret-token-B", addr="10.1.1.2"),
-        sk_line(now - 1, "/live/stream_5_1.ts", addr="10.1.1.3", agent="VLC"),
+        sk_line(now - 1, "/live/stream_5.m3u8", addr="10.1.1.3", agent="VLC"),
         sk_line(now - 1, "/live/stream_5_2.ts", addr="10.1.1.3", agent="VLC"),
+        sk_line(now - 1, "/live/stream_5_2.ts", addr="10.1.1.4", agent="VLC"),  # segment only: no viewer
         sk_line(now - 300, "/live/stream_5_0.ts", token="long-gone"),   # outside the window
     ]))
     result = run_once(setup, "--from-start")
@@ -242,6 +243,7 @@ def test_real_nginx_requests_become_heartbeats(setup, daemons, redis_server, ngi
             assert exc.code == 404 and "99" in path
     wait_for(lambda: float(r.get(keys.last_access_key(41))) >= before - 0.01, timeout=15,
              message="nginx's log line to reach redis")
+    urllib.request.urlopen(nginx.url("/live/stream_41.m3u8"), timeout=5).read()   # a token-less player
     wait_for(lambda: r.zcard(keys.viewers_key(41)) == 2, message="two viewers (token, address+agent)")
     assert r.exists(keys.last_access_key(99)) == 0
     assert "sekrit" not in repr(r.zrange(keys.viewers_key(41), 0, -1))
@@ -261,7 +263,7 @@ def test_viewers_outside_the_window_are_trimmed(setup, daemons, redis_server):
     first = r.zrange(keys.viewers_key(23), 0, -1)
 
     def only_the_second_viewer_left():
-        append(setup["log"], sk_line(time.time(), "/live/stream_23_1.ts", token="second"))
+        append(setup["log"], sk_line(time.time(), "/live/stream_23.m3u8", token="second"))
         members = r.zrange(keys.viewers_key(23), 0, -1)
         return len(members) == 1 and members != first
     wait_for(only_the_second_viewer_left, timeout=15, interval=0.3,

@@ -108,7 +108,8 @@ def test_unusable_formats_are_refused(fmt, problem):
 def test_viewer_identity_is_token_else_address_and_agent():
     parser, result = parse([
         sk_line(T, "/live/stream_1.m3u8", token="tokA", addr="10.0.0.1"),
-        sk_line(T + 1, "/live/stream_1_1.ts", token="tokA", addr="10.0.0.2"),
+        sk_line(T + 1, "/live/stream_1.m3u8", token="tokA", addr="10.0.0.2"),
+        sk_line(T + 2, "/live/stream_1_1.ts", addr="10.0.0.2"),   # segments: no token, not a viewer
         sk_line(T + 2, "/live/stream_1.m3u8", addr="10.0.0.3", agent="VLC"),
         sk_line(T + 3, "/live/stream_1.m3u8", addr="10.0.0.3", agent="ffmpeg"),
     ])
