@@ -30,6 +30,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 from bench.loggen import write_log  # noqa: E402
+from bench.results import write_section  # noqa: E402
 from bench.servers import BenchRedis  # noqa: E402
 from streamstate import keys  # noqa: E402
 
@@ -195,7 +196,7 @@ def write_results(args, results, old, pyg, latency) -> None:
     def mark(ok: bool) -> str:
         return "met" if ok else "**not met**"
 
-    text = f"""# heartbeatd benchmark
+    text = f"""## heartbeatd (bench/heartbeat.py)
 
 `make bench` (bench/heartbeat.py), {time.strftime('%Y-%m-%d')}, on this machine: {os.cpu_count()} cores,
 Python {sys.version.split()[0]}, a local redis-server. Log: {args.lines:,} lines, {args.channels:,}
@@ -222,8 +223,7 @@ marked running, so every flush writes every channel seen. heartbeatd runs with i
 final flush acknowledged, lines read ÷ seconds. Redis commands are counted with INFO
 commandstats (including the commands inside the Lua script and the EVALSHA itself).
 """
-    with open(args.results, "w") as handle:
-        handle.write(text)
+    write_section("heartbeat", text, args.results)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """A live upstream of our own: MPEG-TS made by ffmpeg, served over HTTP at real-time pace.
 
 One ffmpeg encodes a test pattern and a tone (keyframe every second) to a pipe;
-every client of ``/live/<anything>.ts`` gets the same live broadcast from the
-moment it joins, like a real restream source.  ``/forbidden/...`` answers 403
+every client of ``/live/<anything>.ts`` gets the same live broadcast.  Like the
+restream servers hosts pull from, a joining client first gets a burst of the
+last couple of seconds, starting at a keyframe, then the live edge.  ``/forbidden/...`` answers 403
 and ``/missing/...`` 404, for the failure paths.  Loopback only.
 
 Run alone: ``python -m demo.upstream --port 8090`` (Ctrl-C stops it and ffmpeg).
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import logging
 import shutil
 import signal
+import time
 
 from aiohttp import web
 
@@ -23,6 +26,20 @@ log = logging.getLogger("streamkeeper.demo.upstream")
 TS_PACKET = 188
 READ_PACKETS = 64            # 12 KiB per read from ffmpeg
 CLIENT_QUEUE = 256           # chunks a slow client may lag before it is dropped
+BURST_SECONDS = 2.0          # what a joining client gets at once
+VIDEO_PID = 0x100            # ffmpeg's mpegts muxer: the first stream (video)
+
+
+def random_access_offset(chunk: bytes) -> int | None:
+    """Offset of the first TS packet flagged random-access (a keyframe starts), if any."""
+    for offset in range(0, len(chunk) - TS_PACKET + 1, TS_PACKET):
+        pid = ((chunk[offset + 1] & 0x1F) << 8) | chunk[offset + 2]
+        starts_unit = chunk[offset + 1] & 0x40
+        has_adaptation = (chunk[offset + 3] >> 4) & 2
+        if (pid == VIDEO_PID and starts_unit and has_adaptation and chunk[offset + 4] > 0
+                and chunk[offset + 5] & 0x40):
+            return offset
+    return None
 
 
 def encoder_argv(ffmpeg: str = "ffmpeg", size: str = "320x180", rate: int = 25) -> list[str]:
@@ -43,6 +60,8 @@ class Broadcaster:
     def __init__(self, ffmpeg: str = "ffmpeg"):
         self.ffmpeg = shutil.which(ffmpeg) or ffmpeg
         self.listeners: set[asyncio.Queue] = set()
+        # (monotonic time, chunk, offset of a keyframe start in it or None)
+        self.backlog: collections.deque = collections.deque()
         self.process: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task | None = None
 
@@ -58,6 +77,10 @@ class Broadcaster:
         try:
             while True:
                 chunk = await process.stdout.readexactly(TS_PACKET * READ_PACKETS)
+                now = time.monotonic()
+                self.backlog.append((now, chunk, random_access_offset(chunk)))
+                while self.backlog and now - self.backlog[0][0] > BURST_SECONDS:
+                    self.backlog.popleft()
                 for queue in list(self.listeners):
                     if queue.qsize() >= CLIENT_QUEUE:
                         self.listeners.discard(queue)
@@ -66,6 +89,14 @@ class Broadcaster:
                         queue.put_nowait(chunk)
         except (asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
+
+    def burst(self) -> list[bytes]:
+        """The backlog from its first keyframe on (empty if none yet)."""
+        chunks = list(self.backlog)
+        for index, (_, chunk, rap) in enumerate(chunks):
+            if rap is not None:
+                return [chunk[rap:]] + [c for _, c, _ in chunks[index + 1:]]
+        return []
 
     async def stop(self) -> None:
         if self._pump is not None:
@@ -81,6 +112,8 @@ async def live(request: web.Request) -> web.StreamResponse:
     request.app["requests"].append((request.path, dict(request.headers)))
     await broadcaster.ensure_running()
     queue: asyncio.Queue = asyncio.Queue()
+    for chunk in broadcaster.burst():
+        queue.put_nowait(chunk)
     broadcaster.listeners.add(queue)
     response = web.StreamResponse(headers={"Content-Type": "video/mp2t"})
     await response.prepare(request)

@@ -1,0 +1,179 @@
+"""Benchmark cold starts: a player's first request to a playable playlist, through nginx.
+
+On the local live upstream (keyframe every second, a burst of the last two
+seconds on connect, like the restream servers hosts pull from) and with
+``hls_time = hls_init_time = 1``:
+
+* bare FFmpeg with exactly the launcher's options: time to its first segment;
+* the whole path, one cold channel at a time: player request -> nginx miss ->
+  launcher -> FFmpeg -> 307 -> playlist with a segment;
+* the same for 20 cold channels at once.
+
+Prints p50/p95 and the launcher's overhead over bare FFmpeg; writes its section
+of bench/RESULTS.md.  Loopback only; every loop is bounded in count and time.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from bench.results import percentile, write_section  # noqa: E402
+from demo.stack import LocalStack  # noqa: E402
+from launcher.ffmpeg import build_argv  # noqa: E402
+from streamstate import files, keys  # noqa: E402
+from streamstate.channels import Channel  # noqa: E402
+from streamstate.settings import Settings, load_settings  # noqa: E402
+
+SAMPLE_TIMEOUT = 20.0
+
+
+def keep_upstream_warm(url: str, stop: threading.Event) -> None:
+    """One listener for the whole run: the encoder keeps running and its burst stays full."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        while not stop.is_set() and response.read(65536):
+            pass
+
+
+def bare_ffmpeg_first_segment(settings: Settings, source: str, work: str) -> float:
+    hls = tempfile.mkdtemp(dir=work)
+    values = dict(settings.values, hls_dir=hls)
+    bare = dataclasses.replace(settings, values=values)
+    argv = build_argv(Channel(id="1", source_url=source, quality="copy"), bare)
+    playlist = files.playlist_path(hls, "1")
+    started = time.monotonic()
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        while files.count_listed_segments(playlist) < 1:
+            if time.monotonic() - started > SAMPLE_TIMEOUT or process.poll() is not None:
+                raise RuntimeError("bare ffmpeg wrote no segment")
+            time.sleep(0.005)
+        return time.monotonic() - started
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(hls, ignore_errors=True)
+
+
+def player_first_playlist(url: str) -> float:
+    """Seconds from the player's first request until it holds a playlist listing a segment."""
+    started = time.monotonic()
+    with urllib.request.urlopen(url, timeout=SAMPLE_TIMEOUT + 10) as response:   # follows the 307
+        body = response.read()
+    if response.status != 200 or b"#EXTINF" not in body:
+        raise RuntimeError(f"{url}: {response.status}, no segment listed")
+    return time.monotonic() - started
+
+
+def add_channels(stack: LocalStack, client, ids, source: str) -> None:
+    for channel_id in ids:
+        client.set(keys.channel_key(channel_id), json.dumps({"source_url": source, "quality": "copy"}))
+
+
+def stop_channels(stack: LocalStack, ids) -> None:
+    for channel_id in ids:
+        stack.launcher_json(f"/channel/{channel_id}/stop", "POST")
+
+
+def concurrent_round(stack: LocalStack, ids) -> list[float]:
+    times: dict[int, float] = {}
+    errors: list[str] = []
+    barrier = threading.Barrier(len(ids))
+
+    def player(channel_id):
+        barrier.wait()
+        try:
+            times[channel_id] = player_first_playlist(stack.playlist_url(channel_id, "?token=bench"))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(f"{channel_id}: {exc}")
+    threads = [threading.Thread(target=player, args=(c,)) for c in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=SAMPLE_TIMEOUT + 20)
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return list(times.values())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=15, help="single cold starts (and bare runs)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of 20 channels at once")
+    args = parser.parse_args()
+
+    import redis
+    work = tempfile.mkdtemp(prefix="sk-bench-cold-")
+    stack = LocalStack(work, {"hls_time": 1, "hls_init_time": 1, "start_timeout": 15})
+    stop = threading.Event()
+    try:
+        stack.start()
+        client = redis.Redis(port=stack.redis_port)
+        source = stack.upstream_url("bench")
+        threading.Thread(target=keep_upstream_warm, args=(source, stop), daemon=True).start()
+        time.sleep(2.5)   # the upstream's burst buffer fills
+        settings = load_settings(stack.config_path)
+
+        bare = [bare_ffmpeg_first_segment(settings, source, work) for _ in range(args.trials)]
+        single = []
+        for trial in range(args.trials):
+            channel_id = 1000 + trial
+            add_channels(stack, client, [channel_id], source)
+            single.append(player_first_playlist(stack.playlist_url(channel_id, "?token=bench")))
+            stop_channels(stack, [channel_id])
+        many = []
+        for round_number in range(args.rounds):
+            ids = list(range(2000 + 100 * round_number, 2020 + 100 * round_number))
+            add_channels(stack, client, ids, source)
+            many += concurrent_round(stack, ids)
+            stop_channels(stack, ids)
+    finally:
+        stop.set()
+        stack.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    figures = {
+        "bare": (percentile(bare, 0.5), percentile(bare, 0.95)),
+        "single": (percentile(single, 0.5), percentile(single, 0.95)),
+        "many": (percentile(many, 0.5), percentile(many, 0.95)),
+    }
+    overhead = (figures["single"][0] - figures["bare"][0], figures["single"][1] - figures["bare"][1])
+    for name, label in (("bare", "bare FFmpeg, first segment"), ("single", "1 cold channel via nginx"),
+                        ("many", "20 cold channels at once")):
+        print(f"{label}: p50 {figures[name][0]:.3f} s, p95 {figures[name][1]:.3f} s")
+    print(f"launcher overhead over bare FFmpeg: p50 {overhead[0]:.3f} s, p95 {overhead[1]:.3f} s")
+
+    def mark(ok):
+        return "met" if ok else "**not met**"
+    write_section("cold-start", f"""## cold start (bench/cold_start.py)
+
+{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores. Source: the local live upstream (demo/upstream.py:
+320x180 H.264 + AAC, keyframe every second, a 2 s burst from a keyframe on connect), quality
+`copy`, `hls_time = hls_init_time = 1`, probe 1 s / 1 MB. Times from the player's first request
+to holding a playlist that lists a segment (through nginx: miss, launcher, FFmpeg, 307, file).
+
+| figure | p50 | p95 | target (p95) | |
+| --- | --- | --- | --- | --- |
+| bare FFmpeg with the launcher's options: first segment ({len(bare)} runs) | {figures['bare'][0]:.3f} s | {figures['bare'][1]:.3f} s | | |
+| 1 cold channel through nginx ({len(single)} runs) | {figures['single'][0]:.3f} s | {figures['single'][1]:.3f} s | ≤ 1.0 s | {mark(figures['single'][1] <= 1.0)} |
+| launcher overhead over bare FFmpeg (difference) | {overhead[0]:.3f} s | {overhead[1]:.3f} s | ≤ 0.3 s | {mark(overhead[1] <= 0.3)} |
+| 20 cold channels at once, each ({len(many)} samples) | {figures['many'][0]:.3f} s | {figures['many'][1]:.3f} s | ≤ 2.5 s | {mark(figures['many'][1] <= 2.5)} |
+""")
+    print("wrote bench/RESULTS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
