@@ -1,7 +1,83 @@
-"""``stream-reaper``: arrives with the reaper issue."""
-import sys
+"""``stream-reaper``: stop idle streams, clear stale keys, files and processes."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import click
+
+from streamstate.cli_options import settings_options
+from streamstate.service import StopSignals, configure_logging, sd_notify, watchdog_interval
+
+from .reaper import Reaper, RedisUnavailable, summary_json
+
+log = logging.getLogger("streamkeeper.reaper")
+
+EXIT_REDIS = 1
 
 
-def main():
-    sys.stderr.write("stream-reaper: not yet implemented (the reaper arrives with its own issue)\n")
-    raise SystemExit(1)
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@settings_options
+@click.option("--once", is_flag=True, help="Run one pass and exit (what a systemd timer or cron calls).")
+@click.option("--dry-run", is_flag=True, help="Print what a pass would do; change nothing (implies --once).")
+@click.option("--json", "as_json", is_flag=True, help="Print each pass's summary as JSON on standard output.")
+@click.option("--interval", type=float, metavar="SECONDS", help="Seconds between passes (overrides reaper_interval).")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def main(settings_loader, once, dry_run, as_json, interval, log_level):
+    """Every reaper_interval seconds, stop streams idle past idle_timeout and clear stale
+    records, orphan files and orphan FFmpeg processes of this host.
+
+    Nothing is signalled without proof that the pid is still that stream's FFmpeg, and
+    keys are deleted only while they still belong to the run stopped. If Redis cannot be
+    read, nothing is stopped.
+
+    Exit codes: 0 done, 1 Redis unreachable (--once), 2 bad settings.
+    """
+    settings = settings_loader(reaper_interval=interval)
+    configure_logging(log_level.upper())
+    reaper = Reaper(settings, dry_run=dry_run)
+    if once or dry_run:
+        raise SystemExit(run_one(reaper, as_json))
+    raise SystemExit(run_forever(reaper, float(settings.reaper_interval), as_json))
+
+
+def run_one(reaper: Reaper, as_json: bool) -> int:
+    try:
+        summary = reaper.run_pass()
+    except RedisUnavailable as exc:
+        log.error("%s", exc)
+        return EXIT_REDIS
+    if reaper.dry_run:
+        for action in summary.actions:
+            log.info("dry run: channel %s: would %s pid %s: %s", action.channel,
+                     "stop" if action.kind == "stop" else "clear" if action.kind == "stale" else "leave",
+                     action.pid, action.why)
+    log.info("%s", summary.line())
+    if as_json:
+        click.echo(summary_json(summary))
+    return 0
+
+
+def run_forever(reaper: Reaper, interval: float, as_json: bool) -> int:
+    """Passes on a fixed cadence of the monotonic clock; signals only set a flag."""
+    wake = threading.Event()
+    signals = StopSignals(wake)
+    signals.install()
+    sd_notify("READY=1\nSTATUS=first pass")
+    ping_every = watchdog_interval()
+    next_pass = time.monotonic()
+    log.info("reaping every %g s", interval)
+    while not signals.stop.is_set():
+        if time.monotonic() >= next_pass:
+            status = run_one(reaper, as_json)
+            sd_notify("STATUS=" + ("redis unavailable; nothing stopped" if status else "last pass ok"))
+            next_pass += interval
+            if next_pass <= time.monotonic():      # a pass longer than the interval: skip ticks
+                next_pass = time.monotonic() + interval - ((time.monotonic() - next_pass) % interval)
+        if ping_every is not None:
+            sd_notify("WATCHDOG=1")
+        wake.wait(max(0.0, min(next_pass - time.monotonic(), ping_every or interval)))
+    log.info("%s received: exiting", signals.signal_name)
+    return 0

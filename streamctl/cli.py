@@ -68,3 +68,19 @@ def nginx_config_command(settings_loader, output):
         handle.write(text)
     os.replace(temp, output)
     click.echo(f"wrote {output}", err=True)
+
+
+@main.command("reap")
+@settings_options
+@click.option("--dry-run", is_flag=True, help="Print what the pass would do; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the pass summary as JSON.")
+def reap_command(settings_loader, dry_run, as_json):
+    """Run one reaper pass now (the same pass stream-reaper runs every reaper_interval).
+
+    Exit codes: 0 done, 1 Redis unreachable (nothing stopped), 2 bad settings.
+    """
+    from reaper.cli import run_one
+    from reaper.reaper import Reaper
+    from streamstate.service import configure_logging
+    configure_logging("INFO")
+    raise SystemExit(run_one(Reaper(settings_loader(), dry_run=dry_run), as_json))

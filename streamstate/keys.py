@@ -29,6 +29,11 @@ New keys beside them:
                                        (token, with an expiry)
 ``streams:active``             set     launcher: ids with a run    reaper, streamctl, /streams
                                        record (no KEYS needed)
+``host:<host_id>``             string  launcher, reaper: epoch s,  reaper of other hosts (is
+                                       expires after host_timeout  that host still there?)
+``reaper:<host_id>:lock``      string  reaper: one pass at a time  reaper (SET NX PX)
+``reaper:<host_id>:last_pass`` hash    reaper: time, duration and  streamctl, diagnosis
+                                       counts of its last pass
 =============================  ======  ==========================  ===========================
 """
 from __future__ import annotations
@@ -81,6 +86,18 @@ def lock_key(channel_id: str | int) -> str:
 
 
 ACTIVE_STREAMS_KEY = "streams:active"
+
+
+def host_key(host_id: str) -> str:
+    return f"host:{host_id}"
+
+
+def reaper_lock_key(host_id: str) -> str:
+    return f"reaper:{host_id}:lock"
+
+
+def reaper_last_pass_key(host_id: str) -> str:
+    return f"reaper:{host_id}:last_pass"
 
 
 def stream_keys(channel_id: str | int) -> list[str]:

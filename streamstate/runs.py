@@ -26,6 +26,17 @@ redis.call('SREM', KEYS[6], ARGV[2])
 return 1
 """
 
+# A legacy record (no run hash): delete only if the pid key still holds the pid decided on.
+# KEYS: run, pid, started, last_access, viewers, active set; ARGV: pid, channel id
+_DELETE_IF_LEGACY_PID_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('SREM', KEYS[6], ARGV[2])
+return 1
+"""
+
 # KEYS: run; ARGV: run id, then field, value pairs
 _UPDATE_IF_RUN_LUA = """
 if redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] then
@@ -124,6 +135,27 @@ def delete_run_if(client, channel: str, run_id: str) -> bool:
     """Delete the stream's keys only if they still belong to ``run_id``."""
     return bool(_script(client, "delete", _DELETE_IF_RUN_LUA)(
         keys=[*keys.stream_keys(channel), keys.ACTIVE_STREAMS_KEY], args=[run_id, channel]))
+
+
+def delete_legacy_if_pid(client, channel: str, pid: str, pipeline=None) -> bool:
+    """Delete a legacy record's keys only if ``stream:<id>:pid`` still holds ``pid``."""
+    script = _script(client, "delete_legacy", _DELETE_IF_LEGACY_PID_LUA)
+    result = script(keys=[*keys.stream_keys(channel), keys.ACTIVE_STREAMS_KEY], args=[pid, channel],
+                    client=pipeline or client)
+    return bool(result) if pipeline is None else result
+
+
+def delete_run_if_in(pipeline, client, channel: str, run_id: str):
+    """Queue delete_run_if on a pipeline (the reaper's batched stale clean-up)."""
+    return _script(client, "delete", _DELETE_IF_RUN_LUA)(
+        keys=[*keys.stream_keys(channel), keys.ACTIVE_STREAMS_KEY], args=[run_id, channel],
+        client=pipeline)
+
+
+def refresh_host(client, host_id: str, ttl_seconds: float, *, now: float | None = None) -> None:
+    """This host is alive: other hosts' reapers leave its records alone."""
+    client.set(keys.host_key(host_id), f"{time.time() if now is None else now:.3f}",
+               px=int(ttl_seconds * 1000))
 
 
 def active_channels(client) -> list[str]:

@@ -239,6 +239,14 @@ SPECS: tuple[SettingSpec, ...] = (
                 "proxy for upstream requests ('' for none); a channel's proxy wins"),
     SettingSpec("user_agent", lambda: DEFAULT_USER_AGENT, _parse_nonempty_str,
                 "User-Agent sent upstream unless the channel sets one"),
+    SettingSpec("reaper_interval", lambda: 60.0, lambda v: _parse_number(v, minimum=0.1),
+                "seconds between reaper passes"),
+    SettingSpec("stop_grace", lambda: 10.0, lambda v: _parse_number(v, minimum=0.1),
+                "seconds between SIGTERM and SIGKILL when a stream is stopped"),
+    SettingSpec("orphan_age", lambda: 0.0, lambda v: _parse_number(v, minimum=1, allow_zero=True),
+                "seconds before files of no running stream are deleted (0: 2 x idle_timeout)"),
+    SettingSpec("host_timeout", lambda: 0.0, lambda v: _parse_number(v, minimum=1, allow_zero=True),
+                "seconds before another host's records count as stale (0: 5 x reaper_interval)"),
     SettingSpec("metrics_listen", lambda: "", _parse_listen_or_off,
                 "host:port for heartbeatd's Prometheus metrics ('' or 'off': none)"),
 )
@@ -319,7 +327,18 @@ def load_settings(config_path: str | None = None,
             raise SettingsError(f"setting {spec.key} ({source}): {exc}") from None
         sources[spec.key] = source
     _check_launcher_listen(values)
+    _derive_defaults(values, sources)
     return Settings(values=values, sources=sources, config_path=path)
+
+
+def _derive_defaults(values: dict, sources: dict) -> None:
+    """Settings whose default is a multiple of another (0 means 'derive it')."""
+    if not values["orphan_age"]:
+        values["orphan_age"] = 2 * values["idle_timeout"]
+        sources["orphan_age"] += " (2 x idle_timeout)"
+    if not values["host_timeout"]:
+        values["host_timeout"] = 5 * values["reaper_interval"]
+        sources["host_timeout"] += " (5 x reaper_interval)"
 
 
 LOOPBACK_HOSTS = {"127.0.0.1", "::1", "[::1]", "localhost"}

@@ -1,0 +1,405 @@
+"""One reaper pass: stop streams idle past idle_timeout, clear stale records, files and processes.
+
+Rules, in the order a pass applies them:
+
+* Redis cannot be read -> stop nothing (fail safe); the caller exits non-zero.
+* Only one pass per host at a time: ``reaper:<host>:lock`` (SET NX with an expiry).
+* A record of another host: left alone while that host's ``host:<id>`` key lives;
+  cleared as stale (never signalled) once the host has not been seen for host_timeout.
+* A record of this host whose pid is not proven to be its FFmpeg (start time matches
+  the record; for a legacy record without one, its command line writes this channel's
+  playlist in hls_dir) -> stale: keys and files cleared, nothing signalled.
+* Idle (now - last_access, else started) past idle_timeout -> stop: the record is
+  marked ``stopping`` (so the launcher does not restart it), SIGTERM to its process
+  group, SIGKILL after stop_grace, files deleted, keys deleted only if they still
+  belong to that run (compare-and-delete), so a stream started again meanwhile keeps
+  its keys.
+* Files in hls_dir of no running stream, older than orphan_age -> deleted.
+* FFmpeg processes writing into hls_dir that no record knows -> stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+import uuid
+
+import redis
+
+from streamstate import files, keys, runs
+from streamstate.process import (ffmpeg_processes_under, ffmpeg_writing, is_same_process,
+                                 process_start_time, signal_process_group)
+
+log = logging.getLogger("streamkeeper.reaper")
+
+BATCH = 500
+SCAN_COUNT = 1000
+
+
+class RedisUnavailable(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class StreamView:
+    """What a pass knows of one stream."""
+
+    channel: str
+    run: runs.RunRecord | None
+    pid_raw: str | None
+    started: float | None
+    last_access: float | None
+
+    @property
+    def legacy(self) -> bool:
+        return self.run is None
+
+    @property
+    def pid(self) -> int:
+        if self.run is not None:
+            return self.run.pid
+        try:
+            return int(self.pid_raw or 0)
+        except ValueError:
+            return 0
+
+    def idle(self, now: float) -> float | None:
+        reference = self.last_access if self.last_access is not None else self.started
+        return None if reference is None else now - reference
+
+
+@dataclasses.dataclass
+class Action:
+    kind: str            # stop, stale, keep, foreign
+    channel: str
+    pid: int
+    why: str
+    idle: float | None = None
+    run_id: str | None = None
+    pid_start: int | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass
+class PassSummary:
+    host: str
+    dry_run: bool
+    started: float
+    duration: float = 0.0
+    skipped: str = ""                 # why the pass did nothing (another reaper holds the lock)
+    streams: int = 0
+    stopped: int = 0
+    stale: int = 0
+    kept: int = 0
+    foreign: int = 0
+    orphan_files: int = 0
+    orphan_processes: int = 0
+    actions: list = dataclasses.field(default_factory=list)
+
+    def line(self) -> str:
+        if self.skipped:
+            return f"pass skipped: {self.skipped}"
+        prefix = "dry run: would have " if self.dry_run else "pass: "
+        return (f"{prefix}stopped {self.stopped}, cleared {self.stale} stale, kept {self.kept}, "
+                f"left {self.foreign} of other hosts, removed {self.orphan_files} orphan file(s) and "
+                f"{self.orphan_processes} orphan process(es); {self.streams} stream(s) in "
+                f"{self.duration:.3f} s")
+
+    def as_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["actions"] = [a.as_dict() for a in self.actions]
+        return data
+
+
+class Reaper:
+    def __init__(self, settings, client: redis.Redis | None = None, *, dry_run: bool = False):
+        from streamstate.redis_client import redis_from_url
+        self.settings = settings
+        self.host = settings.host_id
+        self.redis = client or redis_from_url(settings.redis_url)
+        self.dry_run = dry_run
+        self.hls_dir = settings.hls_dir
+
+    # -- the pass -------------------------------------------------------------------
+    def run_pass(self) -> PassSummary:
+        summary = PassSummary(host=self.host, dry_run=self.dry_run, started=time.time())
+        began = time.monotonic()
+        token = uuid.uuid4().hex
+        try:
+            if not self.dry_run and not self._lock(token):
+                summary.skipped = "another reaper of this host is running a pass"
+                return summary
+            try:
+                views = self._collect()
+                now = time.time()
+                live_hosts = self._live_hosts(views)
+                actions = [self._decide(view, now, live_hosts) for view in views]
+                summary.streams = len(views)
+                summary.actions = [a for a in actions if a.kind != "keep"]
+                summary.kept = sum(a.kind == "keep" for a in actions)
+                summary.foreign = sum(a.kind == "foreign" for a in actions)
+                if not self.dry_run:
+                    self._clear_stale([a for a in actions if a.kind == "stale"])
+                    self._stop([a for a in actions if a.kind == "stop"])
+                summary.stopped = sum(a.kind == "stop" for a in actions)
+                summary.stale = sum(a.kind == "stale" for a in actions)
+                known = {a.pid for a in actions if a.pid}
+                running = {a.channel for a in actions if a.kind in ("keep", "foreign")}
+                summary.orphan_files = self._orphan_files(running, now)
+                summary.orphan_processes = self._orphan_processes(known)
+            finally:
+                if not self.dry_run:
+                    self._unlock(token)
+            summary.duration = time.monotonic() - began
+            if not self.dry_run:
+                self._record_pass(summary)
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"redis unavailable ({exc}); nothing was stopped") from None
+        summary.duration = time.monotonic() - began
+        return summary
+
+    def _lock(self, token: str) -> bool:
+        ttl = max(float(self.settings.reaper_interval) * 2, float(self.settings.stop_grace) * 3 + 30)
+        return bool(self.redis.set(keys.reaper_lock_key(self.host), token, nx=True, px=int(ttl * 1000)))
+
+    def _unlock(self, token: str) -> None:
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.get(keys.reaper_lock_key(self.host))
+            current = pipe.execute()[0]
+            if current in (token, token.encode()):
+                self.redis.delete(keys.reaper_lock_key(self.host))
+        except redis.RedisError:
+            pass   # it expires
+
+    # -- reading ------------------------------------------------------------------
+    def _collect(self) -> list[StreamView]:
+        """Every stream Redis knows: the active set and every stream:<id>:pid (SCAN)."""
+        ids = {m.decode() if isinstance(m, bytes) else m
+               for m in self.redis.smembers(keys.ACTIVE_STREAMS_KEY)}
+        for key in self.redis.scan_iter(match=keys.PID_KEY_PATTERN, count=SCAN_COUNT):
+            channel = keys.channel_id_from_pid_key(key)
+            if channel:
+                ids.add(channel)
+        ordered = sorted((i for i in ids if keys.CHANNEL_ID_RE.fullmatch(i)), key=int)
+        views = []
+        for start in range(0, len(ordered), BATCH):
+            batch = ordered[start:start + BATCH]
+            pipe = self.redis.pipeline(transaction=False)
+            for channel in batch:
+                pipe.hgetall(keys.run_key(channel))
+                pipe.get(keys.pid_key(channel))
+                pipe.get(keys.started_key(channel))
+                pipe.get(keys.last_access_key(channel))
+            replies = pipe.execute()
+            for index, channel in enumerate(batch):
+                raw_run, pid, started, last_access = replies[4 * index:4 * index + 4]
+                run = runs.RunRecord.from_hash(channel, _decode_hash(raw_run)) if raw_run else None
+                views.append(StreamView(channel=channel, run=run, pid_raw=_text(pid),
+                                        started=_number(started), last_access=_number(last_access)))
+        return views
+
+    def _live_hosts(self, views: list[StreamView]) -> set[str]:
+        others = sorted({v.run.host for v in views if v.run and v.run.host and v.run.host != self.host})
+        if not others:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for host in others:
+            pipe.exists(keys.host_key(host))
+        return {host for host, alive in zip(others, pipe.execute()) if alive}
+
+    # -- deciding -------------------------------------------------------------------
+    def _decide(self, view: StreamView, now: float, live_hosts: set[str]) -> Action:
+        channel, pid = view.channel, view.pid
+        idle = view.idle(now)
+        base = dict(channel=channel, pid=pid, idle=None if idle is None else round(idle, 1),
+                    run_id=view.run.run_id if view.run else None,
+                    pid_start=view.run.pid_start if view.run else None)
+        if view.run is not None and view.run.host and view.run.host != self.host:
+            if view.run.host in live_hosts:
+                return Action(kind="foreign", why=f"runs on host {view.run.host}", **base)
+            return Action(kind="stale", why=f"host {view.run.host} not seen for "
+                          f"{float(self.settings.host_timeout):g} s", **base)
+        if not self._proven(view):
+            why = "no pid" if not pid else f"pid {pid} is not this stream's FFmpeg (gone or reused)"
+            return Action(kind="stale", why=why, **base)
+        if idle is None or idle > float(self.settings.idle_timeout):
+            shown = "never watched" if idle is None else f"idle {idle:.0f} s"
+            return Action(kind="stop", why=f"{shown} > idle_timeout "
+                          f"{float(self.settings.idle_timeout):g} s", **base)
+        return Action(kind="keep", why="watched", **base)
+
+    def _proven(self, view: StreamView) -> bool:
+        if not view.pid:
+            return False
+        if view.run is not None and view.run.pid_start is not None:
+            return is_same_process(view.run.pid, view.run.pid_start)
+        return ffmpeg_writing(view.pid, files.playlist_path(self.hls_dir, view.channel))
+
+    # -- acting -------------------------------------------------------------------
+    def _clear_stale(self, actions: list[Action]) -> None:
+        for start in range(0, len(actions), BATCH):
+            batch = actions[start:start + BATCH]
+            pipe = self.redis.pipeline(transaction=False)
+            for action in batch:
+                if action.run_id:
+                    runs.delete_run_if_in(pipe, self.redis, action.channel, action.run_id)
+                else:
+                    runs.delete_legacy_if_pid(self.redis, action.channel, str(action.pid), pipeline=pipe)
+            pipe.execute()
+            for action in batch:
+                if "host " not in action.why:       # another host's files are not here
+                    files.delete_stream_files(self.hls_dir, action.channel)
+                log.info("channel %s: cleared stale record (pid %s): %s", action.channel, action.pid,
+                         action.why)
+
+    def _stop(self, actions: list[Action]) -> None:
+        if not actions:
+            return
+        # 1. Mark them stopping, so a launcher watching them does not restart them.
+        pipe = self.redis.pipeline(transaction=False)
+        marked = [a for a in actions if a.run_id]
+        for action in marked:
+            pipe.hset(keys.run_key(action.channel), "state", "stopping")
+        if marked:
+            pipe.execute()
+        # 2. SIGTERM every group, proving each process first.
+        identities = {}
+        for action in actions:
+            start_time = action.pid_start if action.pid_start is not None else process_start_time(action.pid)
+            identities[action.channel] = start_time
+            if signal_process_group(action.pid, start_time, signal.SIGTERM):
+                log.info("channel %s: stopping pid %s (%s)", action.channel, action.pid, action.why)
+        # 3. Wait up to stop_grace for all of them; SIGKILL what is left.
+        deadline = time.monotonic() + float(self.settings.stop_grace)
+        alive = [a for a in actions if is_same_process(a.pid, identities[a.channel])]
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = [a for a in alive if is_same_process(a.pid, identities[a.channel])]
+        for action in alive:
+            log.warning("channel %s: pid %s ignored SIGTERM for %g s; SIGKILL", action.channel,
+                        action.pid, float(self.settings.stop_grace))
+            signal_process_group(action.pid, identities[action.channel], signal.SIGKILL)
+        # 4. Files, then the keys, only where they still belong to the run stopped.
+        for action in actions:
+            files.delete_stream_files(self.hls_dir, action.channel)
+        pipe = self.redis.pipeline(transaction=False)
+        for action in actions:
+            if action.run_id:
+                runs.delete_run_if_in(pipe, self.redis, action.channel, action.run_id)
+            else:
+                runs.delete_legacy_if_pid(self.redis, action.channel, str(action.pid), pipeline=pipe)
+        for action, deleted in zip(actions, pipe.execute()):
+            if deleted:
+                log.info("channel %s: stopped (pid %s, %s)", action.channel, action.pid, action.why)
+            else:
+                log.info("channel %s: stopped pid %s; its keys now belong to a newer run and stay",
+                         action.channel, action.pid)
+
+    def _orphan_files(self, running: set[str], now: float) -> int:
+        """Playlists and segments of no running stream, older than orphan_age."""
+        try:
+            names = os.listdir(self.hls_dir)
+        except FileNotFoundError:
+            return 0
+        removed = 0
+        age_limit = float(self.settings.orphan_age)
+        for name in names:
+            channel = _channel_of_file(name)
+            if channel is None or channel in running:
+                continue
+            path = os.path.join(self.hls_dir, name)
+            try:
+                age = now - os.stat(path).st_mtime
+            except FileNotFoundError:
+                continue
+            if age <= age_limit:
+                continue
+            if self.dry_run:
+                removed += 1
+                continue
+            try:
+                os.unlink(path)
+                removed += 1
+                log.info("channel %s: removed orphan file %s (%.0f s old)", channel, name, age)
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def _orphan_processes(self, known_pids: set[int]) -> int:
+        """FFmpeg writing into hls_dir that no record knows: stopped, each logged."""
+        stopped = 0
+        for pid, argv in ffmpeg_processes_under(self.hls_dir):
+            if pid in known_pids:
+                continue
+            start_time = process_start_time(pid)
+            if start_time is None:
+                continue
+            stopped += 1
+            output = argv[-1] if argv else "?"
+            if self.dry_run:
+                continue
+            log.warning("orphan FFmpeg pid %s writing %s: no record knows it; stopping it", pid, output)
+            signal_process_group(pid, start_time, signal.SIGTERM)
+            deadline = time.monotonic() + float(self.settings.stop_grace)
+            while is_same_process(pid, start_time) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if is_same_process(pid, start_time):
+                signal_process_group(pid, start_time, signal.SIGKILL)
+        return stopped
+
+    def _record_pass(self, summary: PassSummary) -> None:
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(keys.reaper_last_pass_key(self.host), mapping={
+                "time": f"{summary.started:.3f}", "duration": f"{summary.duration:.3f}",
+                "streams": summary.streams, "stopped": summary.stopped, "stale": summary.stale,
+                "kept": summary.kept, "orphan_files": summary.orphan_files,
+                "orphan_processes": summary.orphan_processes})
+            pipe.hincrby(keys.reaper_last_pass_key(self.host), "passes", 1)
+            pipe.set(keys.host_key(self.host), f"{time.time():.3f}",
+                     px=int(float(self.settings.host_timeout) * 1000))
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.error("could not record the pass in redis: %s", exc)
+
+
+def _channel_of_file(name: str) -> str | None:
+    if not name.startswith("stream_"):
+        return None
+    rest = name[len("stream_"):]
+    digits = ""
+    for char in rest:
+        if not char.isdigit():
+            break
+        digits += char
+    tail = rest[len(digits):]
+    if not digits or len(digits) > keys.MAX_CHANNEL_ID_DIGITS:
+        return None
+    if tail in (".m3u8", ".m3u8.tmp") or (tail.startswith("_") and tail.split(".", 1)[0][1:].isdigit()):
+        return digits
+    return None
+
+
+def _text(value) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _number(value) -> float | None:
+    try:
+        return float(_text(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _decode_hash(data: dict) -> dict:
+    return {_text(k): _text(v) for k, v in data.items()}
+
+
+def summary_json(summary: PassSummary) -> str:
+    return json.dumps(summary.as_dict(), indent=2)
