@@ -1,6 +1,7 @@
 """The launcher's HTTP API (aiohttp: one event loop holds hundreds of waiting starts)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -181,8 +182,10 @@ def make_app(settings) -> web.Application:
             await launcher.clear_stale_records()
         except Exception as exc:  # noqa: BLE001 - Redis may be down; starts will say so
             log.error("cannot check for stale records at start-up: %s", exc)
+        app["host_refresh"] = asyncio.create_task(launcher.refresh_host_forever())
 
     async def on_shutdown(app):
+        app["host_refresh"].cancel()
         await launcher.stop_all("launcher shutting down")
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)

@@ -138,6 +138,17 @@ class Launcher:
         await asyncio.gather(*(s.stop(reason) for s in list(self.supervisors.values()) if not s.finished),
                              return_exceptions=True)
 
+    async def refresh_host_forever(self) -> None:
+        """Keep host:<host_id> alive, so other hosts' reapers leave this host's records alone."""
+        interval = max(1.0, float(self.settings.reaper_interval) / 2)
+        while True:
+            try:
+                await self.redis_call(runs.refresh_host, self.settings.host_id,
+                                      float(self.settings.host_timeout))
+            except Exception as exc:  # noqa: BLE001 - retried next time
+                log.warning("cannot refresh host key: %s", exc)
+            await asyncio.sleep(interval)
+
     async def clear_stale_records(self) -> int:
         """At start-up: records of this host whose FFmpeg is gone (a crashed launcher)."""
         cleared = 0

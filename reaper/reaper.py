@@ -150,8 +150,8 @@ class Reaper:
                 summary.stale = sum(a.kind == "stale" for a in actions)
                 known = {a.pid for a in actions if a.pid}
                 running = {a.channel for a in actions if a.kind in ("keep", "foreign")}
+                summary.orphan_processes = self._orphan_processes(known, running)
                 summary.orphan_files = self._orphan_files(running, now)
-                summary.orphan_processes = self._orphan_processes(known)
             finally:
                 if not self.dry_run:
                     self._unlock(token)
@@ -331,7 +331,7 @@ class Reaper:
                 pass
         return removed
 
-    def _orphan_processes(self, known_pids: set[int]) -> int:
+    def _orphan_processes(self, known_pids: set[int], running: set[str]) -> int:
         """FFmpeg writing into hls_dir that no record knows: stopped, each logged."""
         stopped = 0
         for pid, argv in ffmpeg_processes_under(self.hls_dir):
@@ -351,6 +351,9 @@ class Reaper:
                 time.sleep(0.05)
             if is_same_process(pid, start_time):
                 signal_process_group(pid, start_time, signal.SIGKILL)
+            channel = _channel_of_file(os.path.basename(output))
+            if channel is not None and channel not in running:
+                files.delete_stream_files(self.hls_dir, channel)
         return stopped
 
     def _record_pass(self, summary: PassSummary) -> None:
