@@ -27,6 +27,7 @@ test: venv
 bench: venv
 	$(VPY) bench/heartbeat.py
 	$(VPY) bench/cold_start.py
+	$(VPY) bench/reaper.py
 
 demo: venv
 	$(VPY) -m demo.run

@@ -169,11 +169,7 @@ class Reaper:
 
     def _unlock(self, token: str) -> None:
         try:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.get(keys.reaper_lock_key(self.host))
-            current = pipe.execute()[0]
-            if current in (token, token.encode()):
-                self.redis.delete(keys.reaper_lock_key(self.host))
+            runs.release_lock(self.redis, keys.reaper_lock_key(self.host), token)
         except redis.RedisError:
             pass   # it expires
 
@@ -188,19 +184,10 @@ class Reaper:
                 ids.add(channel)
         ordered = sorted((i for i in ids if keys.CHANNEL_ID_RE.fullmatch(i)), key=int)
         views = []
-        for start in range(0, len(ordered), BATCH):
+        for start in range(0, len(ordered), BATCH):        # one round trip per batch
             batch = ordered[start:start + BATCH]
-            pipe = self.redis.pipeline(transaction=False)
-            for channel in batch:
-                pipe.hgetall(keys.run_key(channel))
-                pipe.get(keys.pid_key(channel))
-                pipe.get(keys.started_key(channel))
-                pipe.get(keys.last_access_key(channel))
-            replies = pipe.execute()
-            for index, channel in enumerate(batch):
-                raw_run, pid, started, last_access = replies[4 * index:4 * index + 4]
-                run = runs.RunRecord.from_hash(channel, _decode_hash(raw_run)) if raw_run else None
-                views.append(StreamView(channel=channel, run=run, pid_raw=_text(pid),
+            for channel, (run, pid, started, last_access) in zip(batch, runs.read_batch(self.redis, batch)):
+                views.append(StreamView(channel=channel, run=run, pid_raw=pid,
                                         started=_number(started), last_access=_number(last_access)))
         return views
 
@@ -242,21 +229,38 @@ class Reaper:
         return ffmpeg_writing(view.pid, files.playlist_path(self.hls_dir, view.channel))
 
     # -- acting -------------------------------------------------------------------
-    def _clear_stale(self, actions: list[Action]) -> None:
+    def _delete_keys(self, actions: list[Action]) -> list[bool]:
+        """Compare-and-delete, one round trip per batch: only keys still of the run decided on."""
+        deleted = []
         for start in range(0, len(actions), BATCH):
             batch = actions[start:start + BATCH]
-            pipe = self.redis.pipeline(transaction=False)
-            for action in batch:
-                if action.run_id:
-                    runs.delete_run_if_in(pipe, self.redis, action.channel, action.run_id)
-                else:
-                    runs.delete_legacy_if_pid(self.redis, action.channel, str(action.pid), pipeline=pipe)
-            pipe.execute()
-            for action in batch:
-                if "host " not in action.why:       # another host's files are not here
-                    files.delete_stream_files(self.hls_dir, action.channel)
-                log.info("channel %s: cleared stale record (pid %s): %s", action.channel, action.pid,
-                         action.why)
+            deleted += runs.delete_many_if_ours(self.redis, [
+                (a.channel, "run", a.run_id) if a.run_id else (a.channel, "pid", str(a.pid))
+                for a in batch])
+        return deleted
+
+    def _clear_stale(self, actions: list[Action]) -> None:
+        self._delete_keys(actions)
+        stream_files = self._files_by_channel()
+        for action in actions:
+            if "host " not in action.why:       # another host's files are not here
+                for path in stream_files.get(action.channel, ()):
+                    _unlink(path)
+            log.info("channel %s: cleared stale record (pid %s): %s", action.channel, action.pid,
+                     action.why)
+
+    def _files_by_channel(self) -> dict[str, list[str]]:
+        """hls_dir listed once: channel -> its playlist, segments and temp files."""
+        grouped: dict[str, list[str]] = {}
+        try:
+            names = os.listdir(self.hls_dir)
+        except FileNotFoundError:
+            return grouped
+        for name in names:
+            channel = _channel_of_file(name)
+            if channel is not None:
+                grouped.setdefault(channel, []).append(os.path.join(self.hls_dir, name))
+        return grouped
 
     def _stop(self, actions: list[Action]) -> None:
         if not actions:
@@ -265,7 +269,7 @@ class Reaper:
         pipe = self.redis.pipeline(transaction=False)
         marked = [a for a in actions if a.run_id]
         for action in marked:
-            pipe.hset(keys.run_key(action.channel), "state", "stopping")
+            runs.mark_stopping_in(pipe, self.redis, action.channel, action.run_id)
         if marked:
             pipe.execute()
         # 2. SIGTERM every group, proving each process first.
@@ -288,13 +292,7 @@ class Reaper:
         # 4. Files, then the keys, only where they still belong to the run stopped.
         for action in actions:
             files.delete_stream_files(self.hls_dir, action.channel)
-        pipe = self.redis.pipeline(transaction=False)
-        for action in actions:
-            if action.run_id:
-                runs.delete_run_if_in(pipe, self.redis, action.channel, action.run_id)
-            else:
-                runs.delete_legacy_if_pid(self.redis, action.channel, str(action.pid), pipeline=pipe)
-        for action, deleted in zip(actions, pipe.execute()):
+        for action, deleted in zip(actions, self._delete_keys(actions)):
             if deleted:
                 log.info("channel %s: stopped (pid %s, %s)", action.channel, action.pid, action.why)
             else:
@@ -387,6 +385,13 @@ def _channel_of_file(name: str) -> str | None:
     if tail in (".m3u8", ".m3u8.tmp") or (tail.startswith("_") and tail.split(".", 1)[0][1:].isdigit()):
         return digits
     return None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _text(value) -> str | None:

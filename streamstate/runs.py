@@ -26,15 +26,48 @@ redis.call('SREM', KEYS[6], ARGV[2])
 return 1
 """
 
-# A legacy record (no run hash): delete only if the pid key still holds the pid decided on.
-# KEYS: run, pid, started, last_access, viewers, active set; ARGV: pid, channel id
-_DELETE_IF_LEGACY_PID_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('GET', KEYS[2]) ~= ARGV[1] then
-  return 0
+# Many records in one call (the reaper's batches).  KEYS: per record run, pid, started,
+# last_access (4 keys).  Returns per record 11 values: the run hash's run_id, host, pid,
+# pid_start, started, state, restarts, last_error, then pid, started, last_access.
+_READ_BATCH_LUA = """
+local out = {}
+for k = 1, #KEYS, 4 do
+  local run = redis.call('HMGET', KEYS[k], 'run_id', 'host', 'pid', 'pid_start', 'started',
+                         'state', 'restarts', 'last_error')
+  for i = 1, 8 do out[#out + 1] = run[i] end
+  out[#out + 1] = redis.call('GET', KEYS[k + 1])
+  out[#out + 1] = redis.call('GET', KEYS[k + 2])
+  out[#out + 1] = redis.call('GET', KEYS[k + 3])
 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-redis.call('SREM', KEYS[6], ARGV[2])
-return 1
+return out
+"""
+
+# Compare-and-delete many records in one call.  KEYS: per record run, pid, started,
+# last_access, viewers (5 keys), then the active set last.  ARGV: per record
+# kind ('run': compare run_id; 'pid': a legacy record, compare the pid key), the
+# expected value, the channel id.  Returns per record 1 (deleted) or 0 (kept).
+_DELETE_MANY_LUA = """
+local active = KEYS[#KEYS]
+local out = {}
+local a = 1
+for k = 1, #KEYS - 1, 5 do
+  local kind, expected, channel = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  a = a + 3
+  local ours
+  if kind == 'run' then
+    ours = redis.call('HGET', KEYS[k], 'run_id') == expected
+  else
+    ours = redis.call('EXISTS', KEYS[k]) == 0 and redis.call('GET', KEYS[k + 1]) == expected
+  end
+  if ours then
+    redis.call('DEL', KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4])
+    redis.call('SREM', active, channel)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
 """
 
 # KEYS: run; ARGV: run id, then field, value pairs
@@ -137,19 +170,41 @@ def delete_run_if(client, channel: str, run_id: str) -> bool:
         keys=[*keys.stream_keys(channel), keys.ACTIVE_STREAMS_KEY], args=[run_id, channel]))
 
 
-def delete_legacy_if_pid(client, channel: str, pid: str, pipeline=None) -> bool:
-    """Delete a legacy record's keys only if ``stream:<id>:pid`` still holds ``pid``."""
-    script = _script(client, "delete_legacy", _DELETE_IF_LEGACY_PID_LUA)
-    result = script(keys=[*keys.stream_keys(channel), keys.ACTIVE_STREAMS_KEY], args=[pid, channel],
-                    client=pipeline or client)
-    return bool(result) if pipeline is None else result
+def read_batch(client, channels: list[str]) -> list[tuple["RunRecord | None", str | None, str | None, str | None]]:
+    """(run record, pid, started, last_access) of each channel, in one call."""
+    key_list = []
+    for channel in channels:
+        key_list += [keys.run_key(channel), keys.pid_key(channel), keys.started_key(channel),
+                     keys.last_access_key(channel)]
+    flat = _script(client, "read_batch", _READ_BATCH_LUA)(keys=key_list) if channels else []
+    flat = [v.decode() if isinstance(v, bytes) else v for v in flat]
+    result = []
+    for index, channel in enumerate(channels):
+        values = flat[11 * index:11 * index + 11]
+        fields = dict(zip(("run_id", "host", "pid", "pid_start", "started", "state", "restarts",
+                           "last_error"), values[:8]))
+        record = (RunRecord.from_hash(channel, {k: v for k, v in fields.items() if v is not None})
+                  if fields["run_id"] else None)
+        result.append((record, values[8], values[9], values[10]))
+    return result
 
 
-def delete_run_if_in(pipeline, client, channel: str, run_id: str):
-    """Queue delete_run_if on a pipeline (the reaper's batched stale clean-up)."""
-    return _script(client, "delete", _DELETE_IF_RUN_LUA)(
-        keys=[*keys.stream_keys(channel), keys.ACTIVE_STREAMS_KEY], args=[run_id, channel],
-        client=pipeline)
+def delete_many_if_ours(client, items: list[tuple[str, str, str]]) -> list[bool]:
+    """Compare-and-delete many records in one call: items of (channel, 'run'|'pid', expected)."""
+    if not items:
+        return []
+    key_list, args = [], []
+    for channel, kind, expected in items:
+        key_list += keys.stream_keys(channel)
+        args += [kind, str(expected), channel]
+    key_list.append(keys.ACTIVE_STREAMS_KEY)
+    return [bool(x) for x in _script(client, "delete_many", _DELETE_MANY_LUA)(keys=key_list, args=args)]
+
+
+def mark_stopping_in(pipeline, client, channel: str, run_id: str):
+    """Queue 'state = stopping' on a pipeline, only if the record is still that run."""
+    return _script(client, "update", _UPDATE_IF_RUN_LUA)(
+        keys=[keys.run_key(channel)], args=[run_id, "state", "stopping"], client=pipeline)
 
 
 def refresh_host(client, host_id: str, ttl_seconds: float, *, now: float | None = None) -> None:
@@ -168,4 +223,9 @@ def acquire_start_lock(client, channel: str, token: str, ttl_seconds: float) -> 
 
 
 def release_start_lock(client, channel: str, token: str) -> None:
-    _script(client, "release", _RELEASE_LOCK_LUA)(keys=[keys.lock_key(channel)], args=[token])
+    release_lock(client, keys.lock_key(channel), token)
+
+
+def release_lock(client, key: str, token: str) -> None:
+    """Delete a lock only if it still holds our token (it may have expired and been retaken)."""
+    _script(client, "release", _RELEASE_LOCK_LUA)(keys=[key], args=[token])

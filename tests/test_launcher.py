@@ -3,6 +3,7 @@ and FFmpeg/ffprobe as the HLS client through nginx."""
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import urllib.error
@@ -13,6 +14,7 @@ import redis
 
 from demo.stack import LocalStack
 from streamstate import files, keys
+from tests.conftest import REPO
 from tests.helpers import wait_for
 
 
@@ -232,3 +234,23 @@ def test_metrics_and_healthz(stack):
     with urllib.request.urlopen(stack.launcher_url("/metrics"), timeout=10) as response:
         text = response.read().decode()
     assert "streamkeeper_launcher_starts_total" in text
+
+
+def test_the_reaper_stops_an_idle_launcher_stream_and_the_launcher_does_not_restart_it(stack):
+    add_channel(stack, 112)
+    assert stack.launcher_json("/channel/112/start", "POST")[0] == 200
+    [pid] = ffmpegs_writing(stack, 112)
+    stack.redis.set(keys.last_access_key(112), "1000.0")           # nobody watched for ages
+    result = subprocess.run([sys.executable, "-m", "reaper", "--once", "--config", stack.config_path],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "channel 112: stopped" in result.stderr
+    wait_for(lambda: not ffmpegs_writing(stack, 112), timeout=15, message="FFmpeg gone")
+    wait_for(lambda: all(s["id"] != "112" for s in stack.launcher_json("/streams")[1]["streams"]),
+             timeout=15, message="the launcher to let it go")
+    assert not ffmpegs_writing(stack, 112)                           # not restarted
+    assert files.stream_files(stack.hls_dir, 112) == []
+    assert stack.redis.exists(keys.pid_key(112), keys.run_key(112)) == 0
+    # The next player starts it again, as a new run.
+    assert first_request(stack.playlist_url(112))[0] == 307
+    assert ffmpegs_writing(stack, 112) not in ([], [pid])
