@@ -65,6 +65,28 @@ def toml_value(value) -> str:
     return json.dumps(value)
 
 
+def write_nginx_conf(directory: str, http_body: str) -> str:
+    """A main nginx.conf that keeps everything (pid, logs, temp files) inside ``directory``."""
+    conf = os.path.join(directory, "nginx.conf")
+    user = "user root;\n" if os.geteuid() == 0 else ""    # workers must read our temp dirs
+    with open(conf, "w") as handle:
+        handle.write(f"""{user}pid {directory}/nginx.pid;
+error_log {directory}/error.log warn;
+worker_processes 1;
+events {{ worker_connections 2048; }}
+http {{
+    client_body_temp_path {directory}/client_body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+    access_log off;
+    {http_body}
+}}
+""")
+    return conf
+
+
 class LocalStack:
     def __init__(self, work_dir: str, settings: dict | None = None, *, heartbeatd: bool = False,
                  nginx_port: int | None = None):
@@ -160,23 +182,7 @@ class LocalStack:
         subprocess.run([sys.executable, "-m", "streamctl", "nginx-config", "--config",
                         self.config_path, "--output", snippet], cwd=REPO, check=True,
                        capture_output=True, env={**os.environ, "STREAMKEEPER_CONFIG": self.config_path})
-        conf = os.path.join(directory, "nginx.conf")
-        user = "user root;\n" if os.geteuid() == 0 else ""
-        with open(conf, "w") as handle:
-            handle.write(f"""{user}pid {directory}/nginx.pid;
-error_log {directory}/error.log warn;
-worker_processes 1;
-events {{ worker_connections 2048; }}
-http {{
-    client_body_temp_path {directory}/client_body;
-    proxy_temp_path {directory}/proxy;
-    fastcgi_temp_path {directory}/fastcgi;
-    uwsgi_temp_path {directory}/uwsgi;
-    scgi_temp_path {directory}/scgi;
-    access_log off;
-    include {snippet};
-}}
-""")
+        conf = write_nginx_conf(directory, f"include {snippet};")
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         process = self._spawn("nginx", [nginx, "-p", directory, "-c", conf, "-g", "daemon off;"])
         wait_until(lambda: port_open(self.nginx_port), 20, "nginx", process,

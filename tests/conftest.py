@@ -11,6 +11,7 @@ import tempfile
 import pytest
 import redis
 
+from demo.stack import write_nginx_conf
 from tests.helpers import free_port, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,29 +140,11 @@ class NginxServer:
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         if not os.path.exists(binary):
             pytest.fail("nginx is not installed (make test installs it)")
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf = os.path.join(directory, "nginx.conf")
-        with open(conf, "w") as handle:
-            handle.write(f"""
-{user}
-pid {directory}/nginx.pid;
-error_log {directory}/error.log warn;
-worker_processes 1;
-events {{ worker_connections 256; }}
-http {{
-    include {REPO}/nginx/streamkeeper-log-format.conf;
-    client_body_temp_path {directory}/client_body;
-    proxy_temp_path {directory}/proxy;
-    fastcgi_temp_path {directory}/fastcgi;
-    uwsgi_temp_path {directory}/uwsgi;
-    scgi_temp_path {directory}/scgi;
-    access_log off;
+        conf = write_nginx_conf(directory, f"""include {REPO}/nginx/streamkeeper-log-format.conf;
     server {{
         listen 127.0.0.1:{self.port};
         {server_block}
-    }}
-}}
-""")
+    }}""")
         self.process = subprocess.Popen([binary, "-p", directory, "-c", conf, "-g", "daemon off;"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         import socket as _socket
