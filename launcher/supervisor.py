@@ -59,7 +59,27 @@ class StreamSupervisor:
 
     # -- what the HTTP handlers call ------------------------------------------------
     def begin(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"stream-{self.id}")
+        self._task = asyncio.create_task(self._run_guarded(), name=f"stream-{self.id}")
+
+    async def _run_guarded(self) -> None:
+        """Whatever goes wrong (Redis gone at the first start, say), no FFmpeg is left
+        running unsupervised and waiters get an answer."""
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            await self._terminate()
+            files.delete_stream_files(self.settings.hls_dir, self.id)
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported as the stream's error
+            log.error("channel %s: supervisor failed: %s", self.id, exc)
+            self.last_error = f"launcher error: {exc}"
+            await self._terminate()
+            files.delete_stream_files(self.settings.hls_dir, self.id)
+            try:
+                await self.launcher.redis_call(runs.delete_run_if, self.id, self.run_id)
+            except Exception:  # noqa: BLE001 - the reaper clears it as stale
+                pass
+            await self._set_state("failed")
 
     @property
     def finished(self) -> bool:
@@ -82,7 +102,7 @@ class StreamSupervisor:
         self._stop_requested = True
         if self.state not in ("stopped", "failed"):
             log.info("channel %s: stopping (%s)", self.id, reason)
-            await self.launcher.redis_call(runs.update_run, self.id, self.run_id, state="stopping")
+            await self._update_record(state="stopping")
         await self._terminate()
         if self._task is not None and not self._task.done():
             await asyncio.wait({self._task}, timeout=STOP_GRACE + 5)
@@ -107,7 +127,7 @@ class StreamSupervisor:
                              time.time() - self.started, self.process.pid)
                 first = False
                 await self._set_state("running")
-                await self.launcher.redis_call(runs.update_run, self.id, self.run_id, state="running")
+                await self._update_record(state="running")
                 why = await self._watch()
             else:
                 why = self.last_error
@@ -147,9 +167,9 @@ class StreamSupervisor:
                                     pid_start=self.pid_start, started=self.started)
             await self.launcher.redis_call(runs.record_run, record)
         else:
-            await self.launcher.redis_call(runs.update_run, self.id, self.run_id, pid=self.process.pid,
-                                           pid_start=self.pid_start or "", state="starting",
-                                           restarts=self.restarts, last_error=self.last_error)
+            await self._update_record(pid=self.process.pid, pid_start=self.pid_start or "",
+                                      state="starting", restarts=self.restarts,
+                                      last_error=self.last_error)
         log.info("channel %s: FFmpeg started (pid %s, quality %s, source %s)", self.id,
                  self.process.pid, self.channel.quality, redact_urls(self.channel.source_url))
 
@@ -204,8 +224,21 @@ class StreamSupervisor:
                 return "no longer wanted (its record was stopped or replaced)"
         return "stop requested"
 
+    async def _update_record(self, **fields) -> None:
+        """Keep the run record current; a Redis error is logged, never fatal to the stream."""
+        try:
+            await self.launcher.redis_call(runs.update_run, self.id, self.run_id, **fields)
+        except Exception as exc:  # noqa: BLE001 - redis errors of any kind
+            log.warning("channel %s: cannot update its record (%s)", self.id, exc)
+
     async def _still_wanted(self) -> bool:
-        record = await self.launcher.redis_call(runs.get_run, self.id)
+        """Its record is still this run and not being stopped.  While Redis cannot be read
+        the answer is yes: a Redis outage must not take watched streams down."""
+        try:
+            record = await self.launcher.redis_call(runs.get_run, self.id)
+        except Exception as exc:  # noqa: BLE001 - redis errors of any kind
+            log.warning("channel %s: cannot read its record (%s); keeping it running", self.id, exc)
+            return True
         return record is not None and record.run_id == self.run_id and record.state != "stopping"
 
     async def _terminate(self) -> None:
