@@ -254,3 +254,72 @@ def test_the_reaper_stops_an_idle_launcher_stream_and_the_launcher_does_not_rest
     # The next player starts it again, as a new run.
     assert first_request(stack.playlist_url(112))[0] == 307
     assert ffmpegs_writing(stack, 112) not in ([], [pid])
+
+
+def streamctl(stack, *args):
+    return subprocess.run([sys.executable, "-m", "streamctl", *args, "--config", stack.config_path],
+                          cwd=REPO, capture_output=True, text=True, timeout=90)
+
+
+def test_streamctl_start_status_stop_and_reap(stack):
+    add_channel(stack, 113)
+    started = streamctl(stack, "start", "113")
+    assert started.returncode == 0, started.stderr
+    assert "channel 113: started" in started.stdout
+    assert "already_running" in streamctl(stack, "start", "113").stdout
+    status = json.loads(streamctl(stack, "status", "--json").stdout)
+    entry = next(s for s in status["streams"] if s["id"] == "113")
+    assert entry["state"] == "running" and entry["pid"] in ffmpegs_writing(stack, 113)
+    assert streamctl(stack, "start", "777777").returncode == 3
+    assert streamctl(stack, "start", "abc").returncode == 2
+    dry = streamctl(stack, "reap", "--dry-run", "--json")
+    assert dry.returncode == 0 and json.loads(dry.stdout)["dry_run"] is True
+    stopped = streamctl(stack, "stop", "113")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not ffmpegs_writing(stack, 113)
+
+
+def test_temp_files_are_never_served(stack):
+    add_channel(stack, 114)
+    assert first_request(stack.playlist_url(114))[0] == 307
+    tmp = files.playlist_path(stack.hls_dir, 114) + ".tmp"
+    with open(tmp, "w") as handle:
+        handle.write("#EXTM3U\n")
+    for path in ("/live/stream_114.m3u8.tmp", "/live/stream_114_1.ts.tmp", "/live/other.txt"):
+        assert first_request(stack.nginx_url(path))[0] == 404
+    stack.launcher_json("/channel/114/stop", "POST")
+
+
+def test_two_launcher_processes_start_one_ffmpeg(stack, tmp_path):
+    """A second launcher on the same Redis and hls_dir: concurrent starts on both, one FFmpeg."""
+    from tests.helpers import free_port
+    port = free_port()
+    config = tmp_path / "second.toml"
+    text = open(stack.config_path).read().replace(f"127.0.0.1:{stack.launcher_port}", f"127.0.0.1:{port}")
+    config.write_text(text)
+    second = subprocess.Popen([sys.executable, "-m", "launcher", "--config", str(config)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import socket
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, timeout=20,
+                 message="the second launcher")
+        add_channel(stack, 115)
+        answers = []
+
+        def start(base):
+            request = urllib.request.Request(f"{base}/channel/115/start", data=b"", method="POST",
+                                             headers={"Accept": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                answers.append(json.loads(response.read())["status"])
+        bases = [stack.launcher_url(""), f"http://127.0.0.1:{port}"] * 10
+        threads = [threading.Thread(target=start, args=(b,)) for b in bases]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len(answers) == 20 and set(answers) <= {"started", "already_running"}
+        assert len(ffmpegs_writing(stack, 115)) == 1
+    finally:
+        second.terminate()
+        second.wait(timeout=30)
+    stack.launcher_json("/channel/115/stop", "POST")

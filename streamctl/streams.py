@@ -1,0 +1,108 @@
+"""``streamctl start|stop|status``: ask the launcher, read Redis."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import click
+
+from launcher.service import collect_streams
+from streamstate import keys
+from streamstate.cli_options import settings_options
+from streamstate.redis_client import redis_from_url
+
+EXIT_FAILED = 1        # the launcher could not start it (503), or is unreachable
+EXIT_INVALID = 2
+EXIT_NOT_FOUND = 3
+
+
+def _launcher_request(settings, path: str, timeout: float) -> tuple[int, dict]:
+    url = f"http://{settings.launcher_listen}{path}"
+    request = urllib.request.Request(url, data=b"", method="POST", headers={"Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read())
+        except ValueError:
+            return exc.code, {"error": f"HTTP {exc.code}"}
+    except (urllib.error.URLError, OSError) as exc:
+        raise click.ClickException(f"launcher at {settings.launcher_listen} is unreachable: {exc}") from None
+
+
+@click.command("start")
+@settings_options
+@click.argument("channel_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the launcher's JSON answer.")
+def start_command(settings_loader, channel_id, as_json):
+    """Start CHANNEL_ID now (as the first player would) and wait until it is playable.
+
+    Exit codes: 0 started or already running, 1 it failed (the reason is printed) or the
+    launcher is unreachable, 2 invalid id or unusable channel record, 3 no such channel.
+    """
+    settings = settings_loader()
+    status, body = _launcher_request(settings, f"/channel/{channel_id}/start",
+                                     float(settings.start_timeout) + 10)
+    if as_json:
+        click.echo(json.dumps(body))
+    if status == 200:
+        if not as_json:
+            click.echo(f"channel {channel_id}: {body['status']} (pid {body.get('pid')}, {body['playlist']})")
+        return
+    if not as_json:
+        click.echo(f"error: {body.get('error', status)}", err=True)
+    raise SystemExit({400: EXIT_INVALID, 422: EXIT_INVALID, 404: EXIT_NOT_FOUND}.get(status, EXIT_FAILED))
+
+
+@click.command("stop")
+@settings_options
+@click.argument("channel_id")
+def stop_command(settings_loader, channel_id):
+    """Stop CHANNEL_ID now: FFmpeg, its files and its keys (the launcher does it).
+
+    Exit codes: 0 stopped or not running, 1 launcher unreachable, 2 invalid id.
+    """
+    settings = settings_loader()
+    status, body = _launcher_request(settings, f"/channel/{channel_id}/stop", float(settings.stop_grace) + 20)
+    if status != 200:
+        click.echo(f"error: {body.get('error', status)}", err=True)
+        raise SystemExit(EXIT_INVALID if status == 400 else EXIT_FAILED)
+    click.echo(f"channel {channel_id}: {body['status']}")
+
+
+@click.command("status")
+@settings_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object: streams and the last reaper pass.")
+def status_command(settings_loader, as_json):
+    """Streams Redis knows (state, pid, idle seconds, viewers, restarts, last error) and the
+    last reaper pass of this host. Reads Redis directly: works with the launcher down.
+
+    Exit codes: 0 done, 1 Redis unreachable.
+    """
+    settings = settings_loader()
+    client = redis_from_url(settings.redis_url)
+    try:
+        streams = collect_streams(client, settings, {})
+        last_pass = {k.decode(): v.decode() for k, v in
+                     client.hgetall(keys.reaper_last_pass_key(settings.host_id)).items()}
+    except Exception as exc:  # noqa: BLE001 - any redis failure
+        click.echo(f"error: redis at {settings.redis_url} unreachable: {exc}", err=True)
+        raise SystemExit(EXIT_FAILED) from None
+    if as_json:
+        click.echo(json.dumps({"streams": streams, "reaper_last_pass": last_pass}, indent=2))
+        return
+    for s in streams:
+        idle = "-" if s["idle_seconds"] is None else f"{s['idle_seconds']:.0f}s"
+        click.echo(f"{s['id']:>8}  {s['state']:<9} pid {s['pid'] or '-':<8} idle {idle:<6} "
+                   f"viewers {s['viewers']:<4} restarts {s['restarts']}"
+                   + (f"  last error: {s['last_error']}" if s["last_error"] else ""))
+    if last_pass:
+        age = time.time() - float(last_pass.get("time", 0))
+        click.echo(f"reaper ({settings.host_id}): last pass {age:.0f} s ago, stopped {last_pass.get('stopped')}, "
+                   f"stale {last_pass.get('stale')}, {last_pass.get('passes')} passes", err=True)
+    else:
+        click.echo(f"reaper ({settings.host_id}): no pass recorded", err=True)
+    click.echo(f"{len(streams)} stream(s)", err=True)
