@@ -24,6 +24,7 @@ log = logging.getLogger("streamkeeper.heartbeatd")
 POLL_INTERVAL = 0.5          # fallback wake-up when inotify says nothing
 MAX_BACKOFF = 30.0           # seconds between Redis retries, at most
 STOP_FLUSH_TIMEOUT = 1.5     # seconds the final flush may take after SIGTERM
+EXIT_SETUP = 2               # a setting points somewhere unusable
 
 
 class HeartbeatService:
@@ -58,9 +59,21 @@ class HeartbeatService:
     # -- life cycle ---------------------------------------------------------------
     def run(self) -> int:
         self.signals.install()
-        os.makedirs(self.settings.state_dir, exist_ok=True)
+        try:
+            os.makedirs(self.settings.state_dir, exist_ok=True)
+            if not os.access(self.settings.state_dir, os.W_OK):
+                raise PermissionError(f"{self.settings.state_dir} is not writable")
+        except OSError as exc:
+            log.error("setting state_dir: cannot keep the checkpoint there: %s", exc)
+            self._close()
+            return EXIT_SETUP
         checkpoint = load_checkpoint(self.checkpoint_file, self.log_path)
-        log.info("%s", self.tailer.start(checkpoint, from_start=self.from_start))
+        try:
+            log.info("%s", self.tailer.start(checkpoint, from_start=self.from_start))
+        except OSError as exc:
+            log.error("setting access_log: cannot read %s: %s", self.log_path, exc)
+            self._close()
+            return EXIT_SETUP
         self.position = self.saved_position = checkpoint
         if self.once:
             return self._run_once()

@@ -143,6 +143,12 @@ class LogTailer:
             return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        except PermissionError:
+            if self._current is not None or self._draining:
+                # After a rotation created it with the wrong owner: keep trying, loudly.
+                log.error("%s: permission denied; retrying", self.path)
+                return None
+            raise
 
     def _find_rotated(self, ident: FileIdentity, exclude_inode=None) -> _OpenFile | None:
         """A rotated sibling (``access.log.1``, ``access.log-2026...``) that is our file."""
