@@ -323,3 +323,27 @@ def test_two_launcher_processes_start_one_ffmpeg(stack, tmp_path):
         second.terminate()
         second.wait(timeout=30)
     stack.launcher_json("/channel/115/stop", "POST")
+
+
+def test_launcher_with_redis_unreachable_answers_503(tmp_path):
+    from tests.helpers import free_port
+    port = free_port()
+    config = tmp_path / "noredis.toml"
+    config.write_text(f'redis_url = "redis://127.0.0.1:1/0"\nlauncher_listen = "127.0.0.1:{port}"\n'
+                      f'hls_dir = "{tmp_path / "hls"}"\n')
+    process = subprocess.Popen([sys.executable, "-m", "launcher", "--config", str(config)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        import socket
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, timeout=20,
+                 message="the launcher")
+        fake = LocalStack.__new__(LocalStack)
+        fake.launcher_port = port
+        status, body = LocalStack.launcher_json(fake, "/channel/5/start", "POST")
+        assert status == 503 and "redis unavailable" in body["error"]
+        assert LocalStack.launcher_json(fake, "/healthz")[0] == 503
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0
+    assert "Traceback" not in output
