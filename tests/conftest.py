@@ -92,8 +92,8 @@ class Daemon:
     """A service run as a real subprocess (``python -m <module>``), stopped by pid."""
 
     def __init__(self, module: str, args: list[str], env: dict | None = None):
-        self.log_path = tempfile.mktemp(prefix=f"sk-{module}-", suffix=".log")
-        self._log = open(self.log_path, "wb")
+        self._log = tempfile.NamedTemporaryFile(prefix=f"sk-{module}-", suffix=".log", delete=False)
+        self.log_path = self._log.name
         self.process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
                                         stdout=self._log, stderr=subprocess.STDOUT,
                                         env={**os.environ, **(env or {})})

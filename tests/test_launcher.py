@@ -2,6 +2,7 @@
 and FFmpeg/ffprobe as the HLS client through nginx."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ def stack():
     yield stack
     stack.stop()
     assert not [p for p in ffmpeg_processes() if work in " ".join(p[1])], "FFmpeg left running"
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def ffmpeg_processes():
