@@ -80,13 +80,17 @@ class ParsePool:
                                        viewer_window=viewer_window)
         self._broken: set[int] = set()
         self._inflight: collections.deque = collections.deque()   # (worker, block, tag)
+        self._busy: set[int] = set()     # one block at a time per worker: no pipe deadlock
         self._next = 0
 
     def submit(self, block: bytes, tag) -> None:
+        """Hand ``block`` to an idle worker (in-process if none is left); call only when
+        not ``full()``."""
         worker = self._pick_worker()
         if worker is not None:
             try:
                 self._connections[worker].send_bytes(block)
+                self._busy.add(worker)
             except OSError:
                 self._mark_broken(worker)
                 worker = None
@@ -96,12 +100,17 @@ class ParsePool:
         for _ in range(self.workers):
             worker = self._next
             self._next = (self._next + 1) % self.workers
-            if worker not in self._broken:
+            if worker not in self._broken and worker not in self._busy:
                 return worker
         return None
 
     def full(self) -> bool:
-        return len(self._inflight) >= 2 * self.workers
+        """Every live worker has a block (a worker never gets a second one before its
+        answer is read: its answer could fill the pipe while we write to it)."""
+        live = self.workers - len(self._broken)
+        if live == 0:                     # all gone: parsed in-process, one at a time
+            return len(self._inflight) >= 1
+        return len(self._busy) >= live or len(self._inflight) >= 2 * self.workers
 
     def pending(self) -> int:
         return len(self._inflight)
@@ -109,6 +118,7 @@ class ParsePool:
     def next_result(self) -> tuple[ChunkResult, object]:
         """The oldest submitted block's result (waits for it) and its tag."""
         worker, block, tag = self._inflight.popleft()
+        self._busy.discard(worker)
         if worker is not None and worker not in self._broken:
             try:
                 return self._connections[worker].recv(), tag

@@ -20,15 +20,18 @@ def blocks(count=12, lines=2000):
 
 def test_results_come_back_in_order_and_survive_a_killed_worker():
     pool = ParsePool("streamkeeper", 0, 2)
+    results = []
     try:
         data = blocks()
-        for index, block in enumerate(data[:4]):
+        for index, block in enumerate(data):
+            while pool.full():
+                results.append(pool.next_result())
             pool.submit(block, index)
-        os.kill(pool._processes[1].pid, signal.SIGKILL)
-        wait_for(lambda: not pool._processes[1].is_alive(), message="the worker to die")
-        for index, block in enumerate(data[4:], start=4):
-            pool.submit(block, index)
-        results = [pool.next_result() for _ in data]
+            if index == 3:
+                os.kill(pool._processes[1].pid, signal.SIGKILL)
+        while pool.pending():
+            results.append(pool.next_result())
+        assert not pool._processes[1].is_alive() and 1 in pool._broken
     finally:
         pool.close()
     reference = LogLineParser("streamkeeper", count_viewers=False)
