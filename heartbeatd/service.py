@@ -8,7 +8,7 @@ import time
 
 import redis
 
-from streamstate import heartbeats
+from streamstate import heartbeats, runs
 from streamstate.redis_client import redis_from_url
 from streamstate.service import StopSignals, sd_notify, watchdog_interval
 
@@ -50,6 +50,7 @@ class HeartbeatService:
         self.retry_at = 0.0
         self.backoff = 1.0
         self.last_trim: dict[str, float] = {}
+        self.next_host_refresh = 0.0
         self._observer = None
         self.pool = None
         workers = worker_count(int(settings.parse_workers))
@@ -212,7 +213,19 @@ class HeartbeatService:
         self.backoff = 1.0
         self.pending.clear()
         self._save_position()
+        self._refresh_host(now_mono)
         return True
+
+    def _refresh_host(self, now_mono: float) -> None:
+        """host:<host_id> says this host is alive (other hosts' reapers leave its records).
+        A --once batch run says nothing about the host."""
+        if self.once or now_mono < self.next_host_refresh:
+            return
+        try:
+            runs.refresh_host(self.redis, self.settings.host_id, float(self.settings.host_timeout))
+            self.next_host_refresh = now_mono + float(self.settings.reaper_interval) / 2
+        except redis.RedisError as exc:
+            log.warning("cannot refresh host key: %s", exc)
 
     def _channels_to_trim(self, channel_times, now: float) -> list[str]:
         if self.window <= 0:
