@@ -227,7 +227,6 @@ class LogLineParser:
         pattern = (rb"\n(?:" + b"".join(view_parts) + b"|"
                    + b"".join(other_parts[:core_end]) + b")")
         self._regex = re.compile(pattern)
-        self._group_names = group_names
         index_of = {name: i for i, name in enumerate(group_names)}
         self._get_channel = itemgetter(index_of["channel"])
         self._get_time = itemgetter(index_of["time"])

@@ -11,7 +11,7 @@ import time
 import uuid
 
 from streamstate import files, keys, runs
-from streamstate.channels import Channel, ChannelError, get_channel
+from streamstate.channels import Channel, get_channel
 from streamstate.process import is_same_process
 from streamstate.redis_client import redis_from_url
 

@@ -23,7 +23,7 @@ from streamstate import files, runs
 from streamstate.channels import Channel
 from streamstate.process import process_start_time, signal_process_group
 
-from .ffmpeg import build_argv, meaningful_error, redact_urls
+from .ffmpeg import meaningful_error, redact_urls
 
 log = logging.getLogger("streamkeeper.launcher")
 

@@ -257,7 +257,7 @@ class Reaper:
         except FileNotFoundError:
             return grouped
         for name in names:
-            channel = _channel_of_file(name)
+            channel = files.channel_of_file(name)
             if channel is not None:
                 grouped.setdefault(channel, []).append(os.path.join(self.hls_dir, name))
         return grouped
@@ -308,7 +308,7 @@ class Reaper:
         removed = 0
         age_limit = float(self.settings.orphan_age)
         for name in names:
-            channel = _channel_of_file(name)
+            channel = files.channel_of_file(name)
             if channel is None or channel in running:
                 continue
             path = os.path.join(self.hls_dir, name)
@@ -349,7 +349,7 @@ class Reaper:
                 time.sleep(0.05)
             if is_same_process(pid, start_time):
                 signal_process_group(pid, start_time, signal.SIGKILL)
-            channel = _channel_of_file(os.path.basename(output))
+            channel = files.channel_of_file(os.path.basename(output))
             if channel is not None and channel not in running:
                 files.delete_stream_files(self.hls_dir, channel)
         return stopped
@@ -368,23 +368,6 @@ class Reaper:
             pipe.execute()
         except redis.RedisError as exc:
             log.error("could not record the pass in redis: %s", exc)
-
-
-def _channel_of_file(name: str) -> str | None:
-    if not name.startswith("stream_"):
-        return None
-    rest = name[len("stream_"):]
-    digits = ""
-    for char in rest:
-        if not char.isdigit():
-            break
-        digits += char
-    tail = rest[len(digits):]
-    if not digits or len(digits) > keys.MAX_CHANNEL_ID_DIGITS:
-        return None
-    if tail in (".m3u8", ".m3u8.tmp") or (tail.startswith("_") and tail.split(".", 1)[0][1:].isdigit()):
-        return digits
-    return None
 
 
 def _unlink(path: str) -> None:

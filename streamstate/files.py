@@ -2,8 +2,19 @@
 from __future__ import annotations
 
 import os
+import re
 
 from . import keys
+
+# stream_<id>.m3u8 and stream_<id>_<n>.<ts|m4s|mp4|aac>, each also as FFmpeg's .tmp
+_STREAM_FILE_RE = re.compile(r"stream_([0-9]{1,%d})(?:\.m3u8|_[0-9]+\.(?:ts|m4s|mp4|aac))(?:\.tmp)?"
+                             % keys.MAX_CHANNEL_ID_DIGITS)
+
+
+def channel_of_file(name: str) -> str | None:
+    """The channel a file name in hls_dir belongs to, or None if it is no stream's file."""
+    match = _STREAM_FILE_RE.fullmatch(name)
+    return match.group(1) if match else None
 
 
 def playlist_path(hls_dir: str, channel_id: str) -> str:
@@ -18,22 +29,11 @@ def segment_pattern(hls_dir: str, channel_id: str) -> str:
 def stream_files(hls_dir: str, channel_id: str) -> list[str]:
     """stream_<id>.m3u8[.tmp] and stream_<id>_<n>.ts[.tmp]; never another channel's."""
     channel_id = keys.check_channel_id(channel_id)
-    playlist = f"stream_{channel_id}.m3u8"
-    prefix = f"stream_{channel_id}_"
-    found = []
     try:
         names = os.listdir(hls_dir)
     except FileNotFoundError:
         return []
-    for name in names:
-        if name in (playlist, playlist + ".tmp"):
-            found.append(name)
-        elif name.startswith(prefix):
-            rest = name[len(prefix):]
-            number, _, suffix = rest.partition(".")
-            if number.isdigit() and suffix in ("ts", "ts.tmp", "m4s", "m4s.tmp"):
-                found.append(name)
-    return [os.path.join(hls_dir, name) for name in sorted(found)]
+    return [os.path.join(hls_dir, name) for name in sorted(names) if channel_of_file(name) == channel_id]
 
 
 def delete_stream_files(hls_dir: str, channel_id: str) -> int:

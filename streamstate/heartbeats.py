@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 from . import keys
+from .redis_client import registered_script
 
 # KEYS: per channel, 3 keys: pid, last_access, viewers.
 # ARGV[1]: trim cutoff (epoch s; viewers with an older score are removed)
@@ -60,14 +61,6 @@ CHANNELS_PER_CALL = 500
 MAX_VIEWERS_PER_CALL = 3000
 
 
-def _script(client):
-    script = getattr(client, "_streamkeeper_heartbeat_script", None)
-    if script is None:
-        script = client.register_script(_HEARTBEAT_LUA)
-        client._streamkeeper_heartbeat_script = script
-    return script
-
-
 def format_time(epoch: float) -> str:
     """last_access as the legacy keys hold it: epoch seconds, a float string."""
     return f"{epoch:.3f}"
@@ -86,7 +79,7 @@ def write_heartbeats(client, channel_times: Mapping[str, float],
     """
     viewers = viewers or {}
     trim = set(trim_channels)
-    script = _script(client)
+    script = registered_script(client, "heartbeat", _HEARTBEAT_LUA)
     items = sorted(channel_times.items())
     running = 0
     pipe = client.pipeline(transaction=False)
@@ -109,7 +102,3 @@ def write_heartbeats(client, channel_times: Mapping[str, float],
         running = sum(int(value) for value in pipe.execute())
     return running
 
-
-def count_viewers(client, channel_id: str, *, window: float, now: float) -> int:
-    """Distinct viewers of a channel within the last ``window`` seconds."""
-    return int(client.zcount(keys.viewers_key(channel_id), now - window, "+inf"))

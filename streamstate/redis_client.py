@@ -7,6 +7,14 @@ CONNECT_TIMEOUT = 2.0
 SOCKET_TIMEOUT = 5.0
 
 
+def registered_script(client, name: str, source: str):
+    """A Lua script registered once per client (redis-py reloads it after NOSCRIPT)."""
+    cache = client.__dict__.setdefault("_streamkeeper_scripts", {})
+    if name not in cache:
+        cache[name] = client.register_script(source)
+    return cache[name]
+
+
 def redis_from_url(url: str) -> redis.Redis:
     """A client for ``url``; no connection is made until the first command."""
     return redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT,

@@ -13,18 +13,9 @@ import time
 import uuid
 
 from . import keys
+from .redis_client import registered_script
 
 STATES = ("starting", "running", "failed", "stopping")
-
-# KEYS: run, pid, started, last_access, viewers, active set; ARGV: run id, channel id
-_DELETE_IF_RUN_LUA = """
-if redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] then
-  return 0
-end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-redis.call('SREM', KEYS[6], ARGV[2])
-return 1
-"""
 
 # Many records in one call (the reaper's batches).  KEYS: per record run, pid, started,
 # last_access (4 keys).  Returns per record 11 values: the run hash's run_id, host, pid,
@@ -119,13 +110,6 @@ def new_run_id() -> str:
     return uuid.uuid4().hex
 
 
-def _script(client, name: str, source: str):
-    cache = client.__dict__.setdefault("_streamkeeper_scripts", {})
-    if name not in cache:
-        cache[name] = client.register_script(source)
-    return cache[name]
-
-
 def record_run(client, record: RunRecord, *, now: float | None = None) -> None:
     """Write the run hash and the legacy keys, and index the stream, in one transaction."""
     now = time.time() if now is None else now
@@ -149,7 +133,7 @@ def update_run(client, channel: str, run_id: str, **fields) -> bool:
     args = [run_id]
     for name, value in fields.items():
         args += [name, "" if value is None else value]
-    done = bool(_script(client, "update", _UPDATE_IF_RUN_LUA)(keys=[keys.run_key(channel)], args=args))
+    done = bool(registered_script(client, "update", _UPDATE_IF_RUN_LUA)(keys=[keys.run_key(channel)], args=args))
     if done and "pid" in fields:
         client.set(keys.pid_key(channel), fields["pid"])
     return done
@@ -166,8 +150,7 @@ def get_run(client, channel: str) -> RunRecord | None:
 
 def delete_run_if(client, channel: str, run_id: str) -> bool:
     """Delete the stream's keys only if they still belong to ``run_id``."""
-    return bool(_script(client, "delete", _DELETE_IF_RUN_LUA)(
-        keys=[*keys.stream_keys(channel), keys.ACTIVE_STREAMS_KEY], args=[run_id, channel]))
+    return delete_many_if_ours(client, [(channel, "run", run_id)])[0]
 
 
 def read_batch(client, channels: list[str]) -> list[tuple["RunRecord | None", str | None, str | None, str | None]]:
@@ -176,7 +159,7 @@ def read_batch(client, channels: list[str]) -> list[tuple["RunRecord | None", st
     for channel in channels:
         key_list += [keys.run_key(channel), keys.pid_key(channel), keys.started_key(channel),
                      keys.last_access_key(channel)]
-    flat = _script(client, "read_batch", _READ_BATCH_LUA)(keys=key_list) if channels else []
+    flat = registered_script(client, "read_batch", _READ_BATCH_LUA)(keys=key_list) if channels else []
     flat = [v.decode() if isinstance(v, bytes) else v for v in flat]
     result = []
     for index, channel in enumerate(channels):
@@ -198,12 +181,12 @@ def delete_many_if_ours(client, items: list[tuple[str, str, str]]) -> list[bool]
         key_list += keys.stream_keys(channel)
         args += [kind, str(expected), channel]
     key_list.append(keys.ACTIVE_STREAMS_KEY)
-    return [bool(x) for x in _script(client, "delete_many", _DELETE_MANY_LUA)(keys=key_list, args=args)]
+    return [bool(x) for x in registered_script(client, "delete_many", _DELETE_MANY_LUA)(keys=key_list, args=args)]
 
 
 def mark_stopping_in(pipeline, client, channel: str, run_id: str):
     """Queue 'state = stopping' on a pipeline, only if the record is still that run."""
-    return _script(client, "update", _UPDATE_IF_RUN_LUA)(
+    return registered_script(client, "update", _UPDATE_IF_RUN_LUA)(
         keys=[keys.run_key(channel)], args=[run_id, "state", "stopping"], client=pipeline)
 
 
@@ -228,4 +211,4 @@ def release_start_lock(client, channel: str, token: str) -> None:
 
 def release_lock(client, key: str, token: str) -> None:
     """Delete a lock only if it still holds our token (it may have expired and been retaken)."""
-    _script(client, "release", _RELEASE_LOCK_LUA)(keys=[key], args=[token])
+    registered_script(client, "release", _RELEASE_LOCK_LUA)(keys=[key], args=[token])

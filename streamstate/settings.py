@@ -180,10 +180,7 @@ def _parse_listen_or_off(value: Any) -> str:
     text = _parse_str(value).strip()
     if text in ("", "off", "none"):
         return ""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-        raise ValueError(f"expected host:port (or 'off'), got {text!r}")
-    return text
+    return _parse_host_port(text)
 
 
 @dataclasses.dataclass(frozen=True)

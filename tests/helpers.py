@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
+
+from demo.stack import free_port  # noqa: F401 - one definition, used by the tests
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.05, message: str = ""):
@@ -16,12 +17,6 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.05, message: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {message or condition}")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def sk_line(ts: float, uri: str, status: int = 200, addr: str = "127.0.0.1",

@@ -11,7 +11,7 @@ import pytest
 
 from reaper.reaper import Reaper
 from streamstate import files, keys, runs
-from streamstate.process import is_same_process, process_start_time
+from streamstate.process import process_start_time
 from streamstate.settings import load_settings
 from tests.conftest import REPO
 from tests.helpers import wait_for
