@@ -7,8 +7,11 @@ PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The web player the tests run (hls.js, driven in Debian's Chromium by playwright-core).
+PLAYERS       := tests/players
+PLAYERS_STAMP := $(PLAYERS)/node_modules/.installed
 
-.PHONY: test demo bench bench-cold-start deps venv clean
+.PHONY: test demo bench bench-cold-start deps venv players clean
 
 deps:
 	@sh scripts/install-deps.sh
@@ -21,10 +24,16 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: deps $(STAMP)
 
-test: venv
+$(PLAYERS_STAMP): $(PLAYERS)/package.json $(PLAYERS)/package-lock.json
+	cd $(PLAYERS) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $(PLAYERS_STAMP)
+
+players: deps $(PLAYERS_STAMP)
+
+test: venv players
 	$(VPY) -m pytest
 
-bench: venv
+bench: venv players
 	$(VPY) bench/heartbeat.py
 	$(VPY) bench/cold_start.py
 	$(VPY) bench/reaper.py
@@ -32,8 +41,8 @@ bench: venv
 demo: venv
 	$(VPY) -m demo.run
 
-bench-cold-start: venv
+bench-cold-start: venv players
 	$(VPY) bench/cold_start.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(PLAYERS)/node_modules test-artifacts

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 
 import redis
 from aiohttp import web
@@ -13,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from streamstate import keys
 from streamstate.channels import Channel, ChannelError, channel_from_dict, put_channel
 
+from .nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER
 from .service import ChannelNotFound, Launcher
 from .supervisor import StartFailed
 
@@ -26,15 +28,42 @@ def _json(data, status: int = 200, **headers) -> web.Response:
                         content_type="application/json", headers=headers)
 
 
-def _wants_json(request: web.Request) -> bool:
-    return ("application/json" in request.headers.get("Accept", "")
-            or "X-Original-URI" not in request.headers)
+def _for_player(request: web.Request) -> bool:
+    """nginx's @start_stream asks on a player's behalf: answer with X-Accel-Redirect."""
+    return request.headers.get(ACCEL_REQUEST_HEADER) == "1"
 
 
 def _error(request: web.Request, status: int, message: str, **headers) -> web.Response:
-    if _wants_json(request):
-        return _json({"status": "error", "error": message}, status, **headers)
-    return web.Response(text=message + "\n", status=status, headers=headers)
+    """A player gets the one-line reason as text (nginx adds the CORS headers); a script, JSON."""
+    if _for_player(request):
+        return web.Response(text=message + "\n", status=status, headers=headers)
+    return _json({"status": "error", "error": message}, status, **headers)
+
+
+# The player's query string (?token=...) rides on the internal redirect, so nginx logs
+# $arg_token for the first request too.  Only URI query characters, and not too long;
+# anything else is dropped, never passed on.
+_SAFE_QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]{1,2048}")
+
+
+def accel_target(channel_id: str, query_string: str) -> str:
+    """Where nginx serves a cold start's playlist from: built from the validated channel id
+    and the player's query string only; nothing else the client sent."""
+    target = f"{ACCEL_PREFIX}stream_{keys.check_channel_id(channel_id)}.m3u8"
+    if _SAFE_QUERY.fullmatch(query_string):
+        target += "?" + query_string
+    return target
+
+
+def _warn_if_old_nginx_config(request: web.Request) -> None:
+    """A snippet rendered before X-Accel-Redirect sends X-Original-URI and expects a 307:
+    its players would get JSON.  Say so once; the fix is to render the snippet again."""
+    launcher: Launcher = request.app["launcher"]
+    if "X-Original-URI" in request.headers and "old nginx config" not in launcher.warned:
+        launcher.warned.add("old nginx config")
+        log.warning("nginx calls /channel/<id>/start with an old snippet (X-Original-URI, no %s): "
+                    "render it again with `streamctl nginx-config` and reload nginx",
+                    ACCEL_REQUEST_HEADER)
 
 
 async def _start_response(request: web.Request, channel_id: str, channel: Channel | None = None):
@@ -52,16 +81,17 @@ async def _start_response(request: web.Request, channel_id: str, channel: Channe
         return _error(request, 422, str(exc))
     except redis.RedisError as exc:
         log.error("channel %s: redis unavailable: %s", channel_id, exc)
-        return _error(request, 503, f"channel {channel_id}: redis unavailable ({exc})",
+        return _error(request, 503, f"channel {channel_id}: temporarily unavailable (redis unreachable)",
                       **{"Retry-After": RETRY_AFTER})
     except StartFailed as exc:
         launcher.counters["start_failures"] += 1
         log.warning("channel %s: start failed: %s", channel_id, exc)
         return _error(request, 503, f"channel {channel_id}: {exc}", **{"Retry-After": RETRY_AFTER})
-    original = request.headers.get("X-Original-URI")
-    if original and not _wants_json(request):
-        # Send the player back to exactly what it asked for; nginx now has the file.
-        return web.Response(status=307, headers={"Location": original, "Cache-Control": "no-store"})
+    if _for_player(request):
+        # nginx serves the file as the answer to the player's own request: no redirect it sees.
+        return web.Response(status=200, headers={
+            "X-Accel-Redirect": accel_target(channel_id, request.query_string)})
+    _warn_if_old_nginx_config(request)
     supervisor = launcher.supervisors.get(channel_id)
     return _json({"status": status, "channel_id": channel_id,
                   "playlist": f"/live/stream_{channel_id}.m3u8",

@@ -1,24 +1,48 @@
-"""Render the nginx snippet from the settings (template: nginx/streamkeeper.conf.template)."""
+"""Render the nginx snippet from the settings.
+
+The template and the log format ship inside the package (``streamstate/nginx/``,
+package data), so an installed wheel renders exactly what a checkout does.
+"""
 from __future__ import annotations
 
 import math
-import os
 import re
+from importlib import resources
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEMPLATE = os.path.join(REPO_ROOT, "nginx", "streamkeeper.conf.template")
-LOG_FORMAT_FILE = os.path.join(REPO_ROOT, "nginx", "streamkeeper-log-format.conf")
+# Where the launcher's X-Accel-Redirect sends nginx for a cold start's answer: an
+# `internal` location of the rendered snippet that serves the playlist file.
+ACCEL_PREFIX = "/_streamkeeper/playlist/"
+# The request header nginx's @start_stream sets: "answer a player, with X-Accel-Redirect".
+ACCEL_REQUEST_HEADER = "X-Streamkeeper-Accel"
+
+# On every answer under /live/, errors included (`always`), for web players on other origins.
+CORS_HEADERS = (
+    'add_header Access-Control-Allow-Origin "*" always;',
+    'add_header Access-Control-Allow-Methods "GET, HEAD, OPTIONS" always;',
+    'add_header Access-Control-Allow-Headers "Range, Origin, Accept" always;',
+    'add_header Access-Control-Expose-Headers "Content-Length, Content-Range, Retry-After" always;',
+    'add_header Access-Control-Max-Age 86400 always;',
+)
+# A playlist, whether a plain file hit or the answer to a cold start.
+PLAYLIST_HEADERS = (
+    "types { application/vnd.apple.mpegurl m3u8; }",
+    'add_header Cache-Control "no-cache, no-store, must-revalidate" always;',
+    *CORS_HEADERS,
+)
+
+
+def shipped_file(name: str) -> str:
+    """The text of a file shipped in streamstate/nginx/."""
+    return resources.files("streamstate").joinpath("nginx", name).read_text(encoding="utf-8")
 
 
 def log_format_directive() -> str:
-    with open(LOG_FORMAT_FILE, encoding="utf-8") as handle:
-        return next(line.rstrip("\n") for line in handle if line.startswith("log_format"))
+    text = shipped_file("streamkeeper-log-format.conf")
+    return next(line for line in text.splitlines() if line.startswith("log_format"))
 
 
 def render_nginx_config(settings) -> str:
-    with open(TEMPLATE, encoding="utf-8") as handle:
-        template = handle.read()
-    return fill(template, dict(
+    return fill(shipped_file("streamkeeper.conf.template"), dict(
         config_source=settings.config_path or "built-in defaults",
         log_format_directive=log_format_directive(),
         launcher_listen=settings.launcher_listen,
@@ -28,14 +52,24 @@ def render_nginx_config(settings) -> str:
         segment_max_age=int(max(60, float(settings.hls_time) * int(settings.hls_list_size) * 2)),
         start_timeout=f"{float(settings.start_timeout):g}",
         proxy_read_timeout=int(math.ceil(float(settings.start_timeout))) + 10,
+        accel_prefix=ACCEL_PREFIX,
+        cors_headers=CORS_HEADERS,
+        playlist_headers=PLAYLIST_HEADERS,
     ))
 
 
 def fill(template: str, values: dict) -> str:
-    """Replace {{name}} placeholders (nginx's own $variables are left alone)."""
+    """Replace {{name}} placeholders (nginx's own $variables are left alone).
+
+    A tuple value is a block of directives: one per line, each at the
+    placeholder's indentation.
+    """
     def value(match: re.Match) -> str:
-        name = match.group(1)
+        indent, name = match.group(1), match.group(2)
         if name not in values:
             raise KeyError(f"nginx template: no value for {{{{{name}}}}}")
-        return str(values[name])
-    return re.sub(r"\{\{([a-z_]+)\}\}", value, template)
+        found = values[name]
+        if isinstance(found, tuple):
+            return "\n".join(indent + line for line in found)
+        return indent + str(found)
+    return re.sub(r"([ \t]*)\{\{([a-z_]+)\}\}", value, template)

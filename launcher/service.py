@@ -32,6 +32,7 @@ class Launcher:
         self.supervisors: dict[str, StreamSupervisor] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.counters = {"starts": 0, "start_failures": 0, "joined": 0}
+        self.warned: set[str] = set()      # warnings given once per process
 
     async def redis_call(self, function, *args, **kwargs):
         """streamstate's functions are plain and synchronous: run them off the event loop."""

@@ -1,6 +1,8 @@
 #!/bin/sh
-# Install what streamkeeper's tests and demo need and the machine lacks:
-# redis-server, nginx, ffmpeg and Python 3.11+ with venv, from Debian's packages.
+# Install what streamkeeper's tests and demo need and the machine lacks, from Debian's
+# packages: redis-server, nginx, ffmpeg, Python 3.11+ with venv, and the real players the
+# tests open cold channels with: VLC (headless cvlc), Chromium (for hls.js) and Node.js
+# with npm (which installs hls.js and playwright-core from tests/players/package-lock.json).
 # Run as root (or with sudo available); does nothing when all are present.
 set -eu
 
@@ -8,6 +10,10 @@ missing=""
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx"
 command -v ffmpeg >/dev/null 2>&1 || missing="$missing ffmpeg"
+command -v cvlc >/dev/null 2>&1 || missing="$missing vlc-bin vlc-plugin-base"
+[ -x /usr/bin/chromium ] || missing="$missing chromium"
+command -v node >/dev/null 2>&1 || missing="$missing nodejs"
+command -v npm >/dev/null 2>&1 || missing="$missing npm"
 if ! command -v python3 >/dev/null 2>&1; then
     missing="$missing python3 python3-venv"
 elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then

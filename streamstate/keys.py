@@ -51,12 +51,17 @@ class InvalidChannelId(ValueError):
     """A channel id that is not 1 to 18 ASCII digits."""
 
 
+_ECHOABLE_ID_RE = re.compile(r"[A-Za-z0-9._+-]{1,40}")
+
+
 def check_channel_id(channel_id: str | int) -> str:
     """Return the channel id as a string, or raise InvalidChannelId."""
     text = str(channel_id)
     if not CHANNEL_ID_RE.fullmatch(text):
-        shown = text if len(text) <= 40 else text[:40] + "..."
-        raise InvalidChannelId(f"invalid channel id {shown!r}: expected 1 to "
+        # Echoed only when it is plainly a mistyped id: the message may reach an anonymous
+        # client, and nothing it sent (a URL, markup, control characters) comes back.
+        shown = f" {text!r}" if _ECHOABLE_ID_RE.fullmatch(text) else ""
+        raise InvalidChannelId(f"invalid channel id{shown}: expected 1 to "
                                f"{MAX_CHANNEL_ID_DIGITS} digits")
     return text
 

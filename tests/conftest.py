@@ -11,8 +11,8 @@ import tempfile
 import pytest
 import redis
 
-from demo.stack import write_nginx_conf
-from tests.helpers import free_port, wait_for
+from demo.stack import LocalStack, port_open, toml_value, write_nginx_conf
+from tests.helpers import ffmpeg_processes, free_port, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,6 +176,71 @@ def nginx_factory(tmp_path):
         directory = tmp_path / f"nginx{len(servers)}"
         directory.mkdir()
         server = NginxServer(str(directory), server_block)
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack():
+    """The whole stack (redis-server, live upstream, launcher, nginx with the rendered
+    snippet), shared by the end-to-end tests; each test uses channel ids of its own."""
+    work = tempfile.mkdtemp(prefix="sk-stack-")
+    stack = LocalStack(work).start()
+    stack.redis = redis.Redis(port=stack.redis_port, decode_responses=True)
+    yield stack
+    stack.stop()
+    assert not [p for p in ffmpeg_processes() if work in " ".join(p[1])], "FFmpeg left running"
+    shutil.rmtree(work, ignore_errors=True)
+
+
+class RenderedNginx:
+    """nginx running exactly what `streamctl nginx-config` renders for ``settings``."""
+
+    def __init__(self, directory: str, settings: dict):
+        self.directory = directory
+        self.port = free_port()
+        values = {"hls_dir": os.path.join(directory, "hls"),
+                  "access_log": os.path.join(directory, "logs", "streams_access.log"),
+                  "nginx_listen": f"127.0.0.1:{self.port}", **settings}
+        os.makedirs(values["hls_dir"], exist_ok=True)
+        os.makedirs(os.path.dirname(values["access_log"]), exist_ok=True)
+        config = os.path.join(directory, "streamkeeper.toml")
+        with open(config, "w") as handle:
+            handle.writelines(f"{key} = {toml_value(value)}\n" for key, value in values.items())
+        snippet = os.path.join(directory, "streamkeeper.conf")
+        subprocess.run([sys.executable, "-m", "streamctl", "nginx-config", "--config", config,
+                        "--output", snippet], cwd=REPO, check=True, capture_output=True)
+        conf = write_nginx_conf(directory, f"include {snippet};")
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.process = subprocess.Popen([binary, "-p", directory, "-c", conf, "-g", "daemon off;"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.process.poll() is None and port_open(self.port), timeout=10,
+                 message="nginx to listen")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def rendered_nginx(tmp_path):
+    servers: list[RenderedNginx] = []
+
+    def start(settings: dict) -> RenderedNginx:
+        directory = tmp_path / f"rendered{len(servers)}"
+        directory.mkdir()
+        server = RenderedNginx(str(directory), settings)
         servers.append(server)
         return server
     yield start

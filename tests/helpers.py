@@ -1,10 +1,14 @@
 """Small helpers shared by the tests: polling with a deadline, log lines, free ports."""
 from __future__ import annotations
 
+import json
 import os
 import time
+import urllib.error
+import urllib.request
 
 from demo.stack import free_port  # noqa: F401 - one definition, used by the tests
+from streamstate import files, keys
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.05, message: str = ""):
@@ -42,3 +46,45 @@ def append(path, text: str | bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+# -- the launcher's end-to-end tests (the `stack` fixture) ------------------------------
+def ffmpeg_processes() -> list[tuple[int, list[str]]]:
+    """(pid, argv) of every ffmpeg on the machine."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    argv = [a.decode(errors="replace") for a in handle.read().split(b"\0") if a]
+            except OSError:
+                continue
+            if argv and os.path.basename(argv[0]) == "ffmpeg":
+                found.append((int(entry), argv))
+    return found
+
+
+def ffmpegs_writing(stack, channel_id) -> list[int]:
+    playlist = files.playlist_path(stack.hls_dir, channel_id)
+    return [pid for pid, argv in ffmpeg_processes() if playlist in argv]
+
+
+def add_channel(stack, channel_id, source_url=None, quality="copy", **extra) -> None:
+    record = {"source_url": source_url or stack.upstream_url(f"ch{channel_id}"), "quality": quality, **extra}
+    stack.redis.set(keys.channel_key(channel_id), json.dumps(record))
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def first_request(url: str, headers: dict | None = None, method: str = "GET"):
+    """(status, headers, body) of one request, redirects not followed."""
+    opener = urllib.request.build_opener(NoRedirect)
+    request = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with opener.open(request, timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()

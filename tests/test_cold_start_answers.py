@@ -1,0 +1,169 @@
+"""What nginx (with the rendered snippet) and the launcher answer on a cold start: the
+playlist itself, CORS on every answer under /live/, preflights, and nothing the client
+sent coming back as a Location or a URL."""
+import http.client
+import os
+
+import pytest
+
+from launcher.app import accel_target
+from launcher.nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, render_nginx_config
+from streamstate import files, keys
+from streamstate.settings import load_settings
+from tests.helpers import add_channel, ffmpegs_writing, first_request, free_port, wait_for
+
+ORIGIN = {"Origin": "http://player.example"}
+# Headers that differ between two answers of the same file for reasons of their own.
+VOLATILE = {"Date", "Last-Modified", "ETag", "Content-Length", "Connection", "Accept-Ranges"}
+
+
+def raw_request(port: int, target: str, headers: dict | None = None, method: str = "GET"):
+    """A request whose target goes on the wire exactly as given (no client-side normalising)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.putrequest(method, target, skip_accept_encoding=True)
+        for name, value in (headers or {}).items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def assert_cors(headers: dict):
+    assert headers.get("Access-Control-Allow-Origin") == "*", headers
+    assert "GET" in headers.get("Access-Control-Allow-Methods", ""), headers
+
+
+def test_the_first_viewer_gets_the_playlist_with_a_normal_hits_headers(stack):
+    add_channel(stack, 601)
+    status, cold, body = first_request(stack.playlist_url(601, "?token=t601"), ORIGIN)
+    assert status == 200 and "Location" not in cold
+    assert cold["Content-Type"] == "application/vnd.apple.mpegurl"
+    assert body.startswith(b"#EXTM3U") and b"#EXTINF" in body
+    status, warm, _ = first_request(stack.playlist_url(601, "?token=t601"), ORIGIN)
+    assert status == 200
+    assert {k: v for k, v in cold.items() if k not in VOLATILE} == \
+        {k: v for k, v in warm.items() if k not in VOLATILE}
+    assert_cors(cold)
+    assert "no-cache" in cold["Cache-Control"]
+
+
+def test_the_first_request_is_logged_with_its_token_for_heartbeatd(stack):
+    add_channel(stack, 602)
+    assert first_request(stack.playlist_url(602, "?token=first602"))[0] == 200
+    wanted = '200 "GET /live/stream_602.m3u8?token=first602 HTTP/1.1" 127.0.0.1 "first602"'
+    wait_for(lambda: wanted in open(stack.settings["access_log"]).read(), timeout=10,
+             message="the cold start's log line with its request line and $arg_token")
+
+
+def test_cors_on_every_answer_under_live(stack):
+    add_channel(stack, 603)
+    add_channel(stack, 604, source_url=f"http://127.0.0.1:{stack.upstream_port}/forbidden/x.ts")
+    assert first_request(stack.playlist_url(603), ORIGIN)[0] == 200
+    segment = files.stream_files(stack.hls_dir, 603)
+    segment = next(os.path.basename(p) for p in segment if p.endswith(".ts"))
+    answers = {
+        "segment": first_request(stack.nginx_url(f"/live/{segment}"), ORIGIN),
+        "missing segment": first_request(stack.nginx_url("/live/stream_603_999999.ts"), ORIGIN),
+        "unknown channel": first_request(stack.playlist_url(698765), ORIGIN),
+        "upstream refused": first_request(stack.playlist_url(604), ORIGIN),
+        "temp file": first_request(stack.nginx_url("/live/stream_603.m3u8.tmp"), ORIGIN),
+        "other path": first_request(stack.nginx_url("/live/whatever.txt"), ORIGIN),
+    }
+    expected = {"segment": 200, "missing segment": 404, "unknown channel": 404,
+                "upstream refused": 503, "temp file": 404, "other path": 404}
+    assert {name: a[0] for name, a in answers.items()} == expected
+    for name, (_, headers, _) in answers.items():
+        assert_cors(headers)
+    assert b"channel 698765: no such channel" in answers["unknown channel"][2]
+    assert answers["upstream refused"][1].get("Retry-After")
+    assert "Retry-After" in answers["upstream refused"][1]["Access-Control-Expose-Headers"]
+
+
+def test_a_preflight_is_answered_and_starts_nothing(stack):
+    add_channel(stack, 605)
+    for path in ("/live/stream_605.m3u8", "/live/stream_605_3.ts"):
+        status, headers, _ = first_request(stack.nginx_url(path), {
+            **ORIGIN, "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "range"}, method="OPTIONS")
+        assert status == 204
+        assert_cors(headers)
+        assert "Range" in headers["Access-Control-Allow-Headers"]
+    assert not ffmpegs_writing(stack, 605)
+    assert not stack.redis.exists(keys.run_key(605))
+
+
+def test_a_launcher_that_is_down_still_answers_with_cors(tmp_path, rendered_nginx):
+    """nginx's own 502 (nothing listens at launcher_listen) reaches a web player too."""
+    nginx = rendered_nginx({"launcher_listen": f"127.0.0.1:{free_port()}"})
+    status, headers, _ = first_request(nginx.url("/live/stream_5.m3u8"), ORIGIN)
+    assert status == 502
+    assert_cors(headers)
+
+
+@pytest.mark.parametrize("target", [
+    "//evil.example/../live/stream_606.m3u8",
+    "/live/../live/stream_606.m3u8?x=%0d%0aLocation:%20http://evil.example/",
+    "//evil.example/%2e%2e/live/stream_606.m3u8",
+    "/live/stream_606.m3u8?next=https://evil.example/",
+])
+def test_hostile_paths_get_no_location(stack, target):
+    add_channel(stack, 606)
+    status, headers, body = raw_request(stack.nginx_port, target)
+    assert "Location" not in headers, headers
+    assert b"evil.example" not in body
+    assert status in (200, 400, 404)
+
+
+def test_the_launcher_never_reflects_what_the_client_sent(stack):
+    add_channel(stack, 607)
+    status, headers, body = raw_request(stack.launcher_port, "/channel/607/start", {
+        "X-Original-URI": "https://evil.example/", "Accept": "text/html"})
+    assert status == 200 and "Location" not in headers and b"evil.example" not in body
+    status, headers, body = raw_request(stack.launcher_port, "/channel/607/start?x=1%0d%0aSet-Cookie:a", {
+        ACCEL_REQUEST_HEADER: "1"})
+    assert status == 200 and "Location" not in headers and "Set-Cookie" not in headers
+    assert headers["X-Accel-Redirect"].startswith(f"{ACCEL_PREFIX}stream_607.m3u8")
+    status, _, body = raw_request(stack.launcher_port, "/channel/https:%2F%2Fevil.example/start")
+    assert status in (400, 404) and b"evil.example" not in body
+
+
+def test_the_internal_location_is_not_reachable_from_outside(stack):
+    add_channel(stack, 608)
+    assert first_request(stack.playlist_url(608))[0] == 200
+    assert first_request(stack.nginx_url(f"{ACCEL_PREFIX}stream_608.m3u8"))[0] == 404
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("token=abc", "?token=abc"),
+    ("token=a%20b&x=1", "?token=a%20b&x=1"),
+    ("", ""),
+    ("a=b\r\nLocation: http://evil", ""),
+    ("a=<script>", ""),
+    ("t=" + "x" * 3000, ""),
+    ("a=b c", ""),
+])
+def test_accel_target_is_the_channel_and_a_clean_query_only(query, expected):
+    assert accel_target("42", query) == f"{ACCEL_PREFIX}stream_42.m3u8{expected}"
+
+
+def test_accel_target_refuses_a_bad_channel_id():
+    with pytest.raises(keys.InvalidChannelId):
+        accel_target("../etc/passwd", "")
+
+
+def test_an_old_nginx_snippet_gets_json_and_one_warning(stack):
+    add_channel(stack, 609)
+    for _ in range(2):
+        status, headers, body = raw_request(stack.launcher_port, "/channel/609/start", {
+            "X-Original-URI": "/live/stream_609.m3u8"})
+        assert status == 200 and "Location" not in headers and b'"channel_id": "609"' in body
+    wait_for(lambda: "old snippet" in stack.log("launcher"), timeout=5, message="the warning")
+    assert stack.log("launcher").count("old snippet") == 1
+
+
+def test_rendered_snippet_has_no_placeholders_left():
+    text = render_nginx_config(load_settings(environ={}))
+    assert "{{" not in text and "X-Accel-Redirect" in text and "internal;" in text
