@@ -42,9 +42,10 @@ def main() -> int:
             client.set(keys.channel_key(channel_id),
                        json.dumps({"source_url": stack.upstream_url(name), "quality": quality,
                                    "name": f"Demo {channel_id} ({quality})"}))
-        print("\nstreamkeeper demo is up. Open a channel in VLC or ffplay:\n")
+        print("\nstreamkeeper demo is up. Open a channel in VLC, ffplay or a web player (hls.js;\n"
+              "every answer carries CORS headers), e.g. `vlc URL` or `ffplay URL`:\n")
         for channel_id in DEMO_CHANNELS:
-            print(f"    ffplay {stack.playlist_url(channel_id, '?token=demo')}")
+            print(f"    {stack.playlist_url(channel_id, '?token=demo')}")
         print(f"\nlauncher: {stack.launcher_url('/streams')}    settings: {stack.config_path}")
         print("the first request starts the channel; the status below follows the viewers. Ctrl-C stops.\n")
         deadline = time.monotonic() + args.seconds if args.seconds else None

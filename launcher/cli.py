@@ -23,8 +23,9 @@ def main(settings_loader, listen, hls_dir, log_level):
     """Start FFmpeg on demand for nginx and hand the first player a playable playlist.
 
     GET|POST /channel/<id>/start starts the channel (or joins the start under
-    way), waits until its playlist lists min_segments segments, then sends a
-    player back to its original URI (307) or answers JSON. Also: POST
+    way), waits until its playlist lists min_segments segments, then answers
+    nginx with X-Accel-Redirect (nginx serves the playlist to the player as the
+    answer to its own request) or a script with JSON. Also: POST
     /channel/<id>/stop, GET /streams, /healthz, /metrics, and the old host's
     /api/stream/start, /api/stream/stop, /api/streams/active.
 

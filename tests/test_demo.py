@@ -19,7 +19,7 @@ def test_demo_serves_a_channel_and_stops_cleanly():
         if not line:
             break
         lines.append(line)
-        match = re.search(r"ffplay (http://127\.0\.0\.1:\d+/live/stream_1\.m3u8\S*)", line)
+        match = re.search(r"^\s+(http://127\.0\.0\.1:\d+/live/stream_1\.m3u8\S*)", line)
         if match:
             url = match.group(1)
             break
