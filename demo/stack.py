@@ -109,6 +109,9 @@ class LocalStack:
             "nginx_listen": f"127.0.0.1:{self.nginx_port}",
             "hls_time": 1, "hls_init_time": 1, "hls_list_size": 4, "start_timeout": 15,
             "flush_interval": 0.5,
+            # The tests and benchmarks start dozens of `copy` streams of a 320x180 source
+            # (about 1 % of a core each), far under what max_streams' default is sized for.
+            "max_streams": 64,
             **(settings or {}),
         }
         os.makedirs(os.path.dirname(self.settings["access_log"]), exist_ok=True)

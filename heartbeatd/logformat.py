@@ -337,7 +337,8 @@ class LogLineParser:
         newest = dict(zip(map(self._get_channel, rows), times))
         channel_times = {}
         for channel, when in newest.items():
-            if len(channel) <= MAX_CHANNEL_ID_DIGITS:
+            # The canonical spelling only (keys.CHANNEL_ID_PATTERN): nginx serves no other.
+            if len(channel) <= MAX_CHANNEL_ID_DIGITS and (channel[0] != 48 or channel == b"0"):
                 channel_times[channel.decode()] = float(when)
             else:
                 result.bad_channel += 1

@@ -11,7 +11,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from streamstate import keys
+from streamstate import files, keys
 from streamstate.channels import Channel, ChannelError, channel_from_dict, put_channel
 
 from .nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER
@@ -113,7 +113,7 @@ async def stop_channel(request: web.Request) -> web.Response:
 
 
 async def streams(request: web.Request) -> web.Response:
-    return _json({"streams": await request.app["launcher"].streams()})
+    return _json(await request.app["launcher"].streams())
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -172,8 +172,8 @@ async def legacy_stop(request: web.Request) -> web.Response:
 
 async def legacy_active(request: web.Request) -> web.Response:
     """GET /api/streams/active: the old shape, a list of running channel ids and a count."""
-    entries = await request.app["launcher"].streams()
-    active = [e for e in entries if e["state"] in ("running", "starting")]
+    listing = await request.app["launcher"].streams()
+    active = [e for e in listing["streams"] if e["state"] in ("running", "starting")]
     return _json({"active_streams": [e["id"] for e in active], "count": len(active), "streams": active})
 
 
@@ -187,6 +187,13 @@ def _registry(launcher: Launcher) -> CollectorRegistry:
                                     value=len(live))
             yield CounterMetricFamily("streamkeeper_launcher_restarts", "FFmpeg restarts",
                                       value=sum(s.restarts for s in launcher.supervisors.values()))
+            yield GaugeMetricFamily("streamkeeper_launcher_slow_streams",
+                                    "Streams producing slower than real time now",
+                                    value=sum(1 for s in live if s.slow))
+            free = files.free_mb(launcher.settings.hls_dir)
+            if free is not None:
+                yield GaugeMetricFamily("streamkeeper_launcher_hls_dir_free_bytes",
+                                        "Free space in hls_dir", value=free * 1024 * 1024)
     registry = CollectorRegistry()
     registry.register(Collector())
     return registry

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from streamstate import files
-from streamstate.channels import Channel, ChannelError, check_proxy, check_source_url
+from streamstate.channels import Channel, ChannelError, check_proxy, recheck
+from streamstate.redact import redact_text, url_secrets
 
 # Read/write timeout: a dead upstream ends in an error, not a hang.
 RW_TIMEOUT_US = 10_000_000
@@ -21,10 +22,12 @@ def keyframe_interval(settings) -> float:
 
 def build_argv(channel: Channel, settings) -> list[str]:
     """The complete FFmpeg command for ``channel``; ChannelError if it cannot be run."""
-    source = check_source_url(channel.id, channel.source_url)
+    channel = recheck(channel)                   # nothing unchecked reaches the argv
+    source = channel.source_url
     profiles = settings.quality_profiles
     if channel.quality not in profiles:
-        raise ChannelError(f"channel {channel.id}: unknown quality {channel.quality!r} "
+        shown = channel.quality if re.fullmatch(r"[A-Za-z0-9_-]{1,32}", channel.quality) else "?"
+        raise ChannelError(f"channel {channel.id}: unknown quality {shown!r} "
                            f"(profiles: {', '.join(sorted(profiles))})")
     profile = profiles[channel.quality]
     proxy = check_proxy(channel.id, channel.proxy or settings.upstream_proxy or None)
@@ -39,6 +42,12 @@ def build_argv(channel: Channel, settings) -> list[str]:
         argv += ["-headers", "".join(f"{k}: {v}\r\n" for k, v in channel.headers.items())]
     if proxy:
         argv += ["-http_proxy", proxy]
+    if scheme == "https":
+        # Verify the upstream's certificate (FFmpeg does not by default); a channel may opt
+        # out with tls_verify = false (a provider with a self-signed certificate).
+        argv += ["-tls_verify", "1" if channel.tls_verify else "0"]
+        if channel.tls_verify:
+            argv += ["-ca_file", settings.tls_ca_file]
     argv += ["-rw_timeout", str(RW_TIMEOUT_US),
              "-reconnect", "1", "-reconnect_streamed", "1",
              "-reconnect_delay_max", str(RECONNECT_DELAY_MAX),
@@ -63,36 +72,38 @@ def build_argv(channel: Channel, settings) -> list[str]:
     return argv
 
 
-_ERROR_PATTERNS = [
-    re.compile(r"HTTP error \d{3}[^\r\n]*"),
-    re.compile(r"Server returned \d{3}[^\r\n(]*"),
-    re.compile(r"Connection refused|Connection timed out|Network is unreachable|"
-               r"No route to host|Name or service not known|Temporary failure in name resolution|"
-               r"Protocol not on whitelist[^\r\n]*|Invalid data found when processing input|"
-               r"End of file|Operation timed out|I/O error", re.IGNORECASE),
+# Why an FFmpeg failed, as a class a player may see (never a URL: providers put accounts
+# in their URLs) and the line of its output that says so, redacted, for the log.
+_FAILURE_CLASSES = [
+    (re.compile(r"No space left on device", re.I), "disk full"),
+    (re.compile(r"(?:HTTP error|Server returned) (\d{3})"), "upstream refused: HTTP {0}"),
+    (re.compile(r"certificate|gnutls|TLS|SSL", re.I), "upstream TLS failed (certificate not trusted?)"),
+    (re.compile(r"Connection refused|Connection timed out|Network is unreachable|No route to host|"
+                r"Name or service not known|Temporary failure in name resolution|"
+                r"Connection reset by peer|Operation timed out|Failed to resolve", re.I),
+     "upstream unreachable"),
+    (re.compile(r"Protocol not on whitelist", re.I), "upstream redirected to a refused protocol"),
+    (re.compile(r"Invalid data found when processing input|End of file|could not find codec|"
+                r"I/O error|Input/output error|Invalid argument", re.I),
+     "upstream sent no playable stream"),
 ]
-_URL_RE = re.compile(r"\b(https?://[^\s'\"]+)")
 
 
-def redact_urls(text: str) -> str:
-    """Drop credentials and query strings (tokens) from URLs in a line."""
-    def clean(match: re.Match) -> str:
-        parts = urlsplit(match.group(1))
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, "", ""))
-    return _URL_RE.sub(clean, text)
-
-
-def meaningful_error(stderr_lines: list[str]) -> str:
-    """The line of FFmpeg's output that says why it failed, e.g. 'HTTP error 403 Forbidden'."""
-    for pattern in _ERROR_PATTERNS:
+def classify_failure(stderr_lines: list[str], source_url: str = "") -> tuple[str, str]:
+    """(class for players, redacted detail for logs) of a failed FFmpeg; ("", "") if its
+    output says nothing useful."""
+    secrets = url_secrets(source_url) if source_url else ()
+    for pattern, label in _FAILURE_CLASSES:
         for line in reversed(stderr_lines):
             match = pattern.search(line)
             if match:
-                return match.group(0).strip()
+                return label.format(*match.groups()), _detail(line, secrets)
     for line in reversed(stderr_lines):
         if line.strip():
-            return redact_urls(re.sub(r"^\[[^\]]+\]\s*", "", line.strip()))[:300]
-    return ""
+            return "", _detail(line, secrets)
+    return "", ""
+
+
+def _detail(line: str, secrets: tuple[str, ...]) -> str:
+    """An FFmpeg output line for the log: its [module @ 0x..] prefix off, URLs redacted."""
+    return redact_text(re.sub(r"^\[[^\]]+\]\s*", "", line.strip()), secrets)[:300]

@@ -2,17 +2,27 @@
 
 Exclusivity: an asyncio lock per channel inside this process, and a Redis lock
 with an expiry (``stream:<id>:lock``) across launcher processes and hosts.
+
+Capacity: at most ``max_streams`` FFmpegs on this host.  A start beyond it
+preempts the stream that has gone longest without any request, if that is at
+least ``preempt_idle``; otherwise it is refused (503, Retry-After).  A start
+also needs ``min_free_mb`` free in hls_dir.
+
+Nothing is kept for a channel id before its record is found, so a scan of
+made-up ids leaves the launcher's memory as it was.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 
 from streamstate import files, keys, runs
 from streamstate.channels import Channel, get_channel
-from streamstate.process import is_same_process
+from streamstate.process import StreamProcess, resolve_executable
+from streamstate.redact import redact_text
 from streamstate.redis_client import redis_from_url
 
 from .ffmpeg import build_argv
@@ -25,21 +35,46 @@ class ChannelNotFound(LookupError):
     pass
 
 
+class HostBusy(StartFailed):
+    """max_streams reached and no stream idle long enough to give its place up (503)."""
+
+
 class Launcher:
     def __init__(self, settings):
         self.settings = settings
         self.redis = redis_from_url(settings.redis_url)
+        self.ffmpeg_executable = resolve_executable(settings.ffmpeg)
         self.supervisors: dict[str, StreamSupervisor] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self.counters = {"starts": 0, "start_failures": 0, "joined": 0}
+        # channel id -> [lock, holders and waiters]; an entry lives only while in use
+        self._locks: dict[str, list] = {}
+        self._capacity = asyncio.Lock()          # one start at a time decides on a free place
+        self.counters = {"starts": 0, "start_failures": 0, "joined": 0, "busy": 0,
+                         "preempted": 0, "disk_full": 0, "slow": 0}
         self.warned: set[str] = set()      # warnings given once per process
 
     async def redis_call(self, function, *args, **kwargs):
         """streamstate's functions are plain and synchronous: run them off the event loop."""
         return await asyncio.to_thread(function, self.redis, *args, **kwargs)
 
-    def _lock(self, channel_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(channel_id, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _channel_lock(self, channel_id: str):
+        """The channel's start lock in this process, forgotten once nobody holds or awaits it."""
+        entry = self._locks.get(channel_id)
+        if entry is None:
+            entry = self._locks[channel_id] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[channel_id]
+
+    def identity(self, channel_id: str, start_time: int | None) -> StreamProcess:
+        """What proves a pid is this channel's FFmpeg (streamstate.process)."""
+        return StreamProcess(self.ffmpeg_executable, files.playlist_path(self.settings.hls_dir, channel_id),
+                             start_time)
 
     def active_supervisor(self, channel_id: str) -> StreamSupervisor | None:
         supervisor = self.supervisors.get(channel_id)
@@ -55,26 +90,32 @@ class Launcher:
         """
         channel_id = keys.check_channel_id(channel_id)
         timeout = float(self.settings.start_timeout)
-        async with self._lock(channel_id):
-            supervisor = self.active_supervisor(channel_id)
-            if supervisor is not None:
-                status = "already_running" if supervisor.state == "running" else "started"
-                self.counters["joined"] += 1
-            else:
-                supervisor = await self._new_start(channel_id, channel)
+        supervisor = self.active_supervisor(channel_id)
+        created = False
+        if supervisor is None:
+            if channel is None:
+                channel = await self.redis_call(get_channel, channel_id)
+            if channel is None:
+                raise ChannelNotFound(f"channel {channel_id}: no such channel")
+            argv = build_argv(channel, self.settings)          # refuses before anything runs
+            async with self._channel_lock(channel_id):
+                supervisor = self.active_supervisor(channel_id)
                 if supervisor is None:
-                    return await self._wait_for_other_launcher(channel_id, timeout)
-                status = "started"
+                    supervisor = await self._new_start(channel, argv)
+                    if supervisor is None:
+                        return await self._wait_for_other_launcher(channel_id, timeout)
+                    created = True
+        if not created:
+            self.counters["joined"] += 1
+        status = "started" if created or supervisor.state != "running" else "already_running"
         await supervisor.wait_playable(timeout)
         return status
 
-    async def _new_start(self, channel_id: str, channel: Channel | None) -> StreamSupervisor | None:
-        if channel is None:
-            channel = await self.redis_call(get_channel, channel_id)
-        if channel is None:
-            raise ChannelNotFound(f"channel {channel_id}: no such channel ({keys.channel_key(channel_id)} "
-                                  "does not exist)")
-        argv = build_argv(channel, self.settings)          # refuses before anything runs
+    async def _new_start(self, channel: Channel, argv: list[str]) -> StreamSupervisor | None:
+        """A supervisor for the channel, once this host has room and the start lock;
+        None when another launcher runs or starts it."""
+        channel_id = channel.id
+        self._check_free_space(channel_id)
         token = uuid.uuid4().hex
         if not await self.redis_call(runs.acquire_start_lock, channel_id, token,
                                      float(self.settings.start_timeout) + 5):
@@ -82,15 +123,18 @@ class Launcher:
         try:
             record = await self.redis_call(runs.get_run, channel_id)
             if record is not None and self._runs_elsewhere(record):
+                await self.redis_call(runs.release_start_lock, channel_id, token)
                 return None
             if record is not None:
                 log.info("channel %s: clearing a stale record (run %s, pid %s gone)", channel_id,
                          record.run_id[:8], record.pid)
                 await self.redis_call(runs.delete_run_if, channel_id, record.run_id)
-            supervisor = StreamSupervisor(self, channel, argv)
-            self.supervisors[channel_id] = supervisor
-            self.counters["starts"] += 1
-            supervisor.begin()
+            async with self._capacity:
+                await self._make_room(channel_id)
+                supervisor = StreamSupervisor(self, channel, argv)
+                self.supervisors[channel_id] = supervisor
+                self.counters["starts"] += 1
+                supervisor.begin()
         except BaseException:
             await self.redis_call(runs.release_start_lock, channel_id, token)
             raise
@@ -109,12 +153,50 @@ class Launcher:
         except Exception as exc:  # noqa: BLE001 - it expires by itself
             log.warning("channel %s: could not release the start lock (%s); it expires", supervisor.id, exc)
 
+    def _check_free_space(self, channel_id: str) -> None:
+        """min_free_mb in hls_dir, or the start is refused (a full disk served players
+        truncated segments while FFmpeg kept running)."""
+        minimum = int(self.settings.min_free_mb)
+        free = files.free_mb(self.settings.hls_dir)
+        if minimum and free is not None and free < minimum:
+            self.counters["disk_full"] += 1
+            log.error("channel %s: not started: %d MB free in %s, min_free_mb is %d", channel_id,
+                      free, self.settings.hls_dir, minimum)
+            raise StartFailed("disk full")
+
+    def live_supervisors(self) -> list[StreamSupervisor]:
+        return [s for s in self.supervisors.values() if not s.finished]
+
+    async def _make_room(self, channel_id: str) -> None:
+        """At most max_streams FFmpegs: when full, stop the stream longest without any
+        request if that is at least preempt_idle (its FFmpeg has exited when this returns),
+        else HostBusy."""
+        live = self.live_supervisors()
+        limit = int(self.settings.max_streams)
+        if len(live) < limit:
+            return
+        last = await self.redis_call(runs.last_access_times, [s.id for s in live])
+        now = time.time()
+        idle = sorted(((now - (seen or s.started), s) for s, seen in zip(live, last)
+                       if s.state == "running"), key=lambda pair: pair[0], reverse=True)
+        preempt_idle = float(self.settings.preempt_idle)
+        if not idle or idle[0][0] < preempt_idle:
+            self.counters["busy"] += 1
+            log.warning("channel %s: not started: host at max_streams (%d) and no stream idle "
+                        "for %g s", channel_id, limit, preempt_idle)
+            raise HostBusy(f"host busy: {limit} streams running, none idle for {preempt_idle:g} s")
+        seconds, victim = idle[0]
+        self.counters["preempted"] += 1
+        log.info("channel %s: preempted (no request for %.0f s) to start channel %s", victim.id,
+                 seconds, channel_id)
+        await victim.stop(f"preempted by a start of channel {channel_id}")
+
     def _runs_elsewhere(self, record: runs.RunRecord) -> bool:
-        """A live run of another launcher process (this host: the process is alive and
-        is the one recorded) or of another host."""
+        """A live run of another launcher process (this host: the process is proven to be
+        the channel's FFmpeg, started when recorded) or of another host."""
         if record.host != self.settings.host_id:
             return True
-        return is_same_process(record.pid, record.pid_start)
+        return self.identity(record.channel, record.pid_start).proven_by(record.pid)
 
     async def _wait_for_other_launcher(self, channel_id: str, timeout: float) -> str:
         """Another launcher holds the start: wait for its playlist instead of starting twice."""
@@ -157,20 +239,22 @@ class Launcher:
             record = await self.redis_call(runs.get_run, channel_id)
             if record is None or record.host != self.settings.host_id:
                 continue
-            if not is_same_process(record.pid, record.pid_start):
+            if not self.identity(channel_id, record.pid_start).proven_by(record.pid):
                 await self.redis_call(runs.delete_run_if, channel_id, record.run_id)
                 files.delete_stream_files(self.settings.hls_dir, channel_id)
                 log.info("channel %s: cleared stale record of pid %s at start-up", channel_id, record.pid)
                 cleared += 1
         return cleared
 
-    async def streams(self) -> list[dict]:
+    async def streams(self) -> dict:
         return await self.redis_call(collect_streams, self.settings, self.supervisors)
 
 
-def collect_streams(client, settings, supervisors: dict) -> list[dict]:
-    """GET /streams: every stream Redis lists as active, plus this process's supervisors."""
-    ids = set(runs.active_channels(client)) | {cid for cid, s in supervisors.items() if not s.finished}
+def collect_streams(client, settings, supervisors: dict) -> dict:
+    """GET /streams and `streamctl status`: every stream Redis lists as active, plus this
+    process's supervisors; members of the active set that are no channel id, apart."""
+    active = runs.read_active(client)
+    ids = set(active.channels) | {cid for cid, s in supervisors.items() if not s.finished}
     ordered = sorted(ids, key=int)
     now = time.time()
     pipe = client.pipeline(transaction=False)
@@ -186,7 +270,7 @@ def collect_streams(client, settings, supervisors: dict) -> list[dict]:
             (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in (raw or {}).items()}) if raw else None
         supervisor = supervisors.get(channel_id)
-        last = float(last_access) if last_access else None
+        last = float_or_none(last_access)
         entry = {
             "id": channel_id,
             "state": supervisor.state if supervisor and not supervisor.finished else
@@ -198,7 +282,17 @@ def collect_streams(client, settings, supervisors: dict) -> list[dict]:
             "idle_seconds": round(now - last, 1) if last else None,
             "viewers": int(viewers or 0),
             "restarts": record.restarts if record else 0,
-            "last_error": (supervisor.last_error if supervisor else record.last_error if record else ""),
+            # Redis contents are hostile too: a record's error is shown redacted.
+            "last_error": (supervisor.last_error if supervisor else
+                           redact_text(record.last_error) if record else ""),
         }
         result.append(entry)
-    return result
+    return {"streams": result,
+            "invalid_members": [runs.shown_member(m) for m in active.invalid]}
+
+
+def float_or_none(value) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None

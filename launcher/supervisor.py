@@ -16,14 +16,15 @@ import asyncio
 import collections
 import logging
 import os
-import signal
 import time
 
 from streamstate import files, runs
 from streamstate.channels import Channel
-from streamstate.process import process_start_time, signal_process_group
+from streamstate.process import ProcessHandle, process_start_time, stop_processes
 
-from .ffmpeg import meaningful_error, redact_urls
+from streamstate.redact import redact_url
+
+from .ffmpeg import classify_failure
 
 log = logging.getLogger("streamkeeper.launcher")
 
@@ -32,10 +33,46 @@ WATCH_INTERVAL = 0.5         # seconds between health checks while running
 STOP_GRACE = 10.0            # SIGTERM, then SIGKILL after this long
 MAX_QUICK_FAILURES = 5       # restarts in a row that never became playable
 STDERR_LINES = 40
+SLOW_WINDOW = 30.0           # seconds over which a stream's pace is judged
+SLOW_RATIO = 0.9             # media seconds per wall second below this: slower than real time
+DISK_FULL = "No space left on device"
 
 
 class StartFailed(Exception):
-    """The stream did not become playable; the message says why (for the 503)."""
+    """The stream did not become playable; the message is the class of failure a player
+    may see (``upstream refused: HTTP 403``), never a URL."""
+
+
+class PaceMeter:
+    """Media produced against wall time, sampled when segments appear: a stream writing
+    slower than real time (an overloaded host) cannot keep its viewers playing."""
+
+    def __init__(self):
+        self.last_sequence = -1
+        self.media = 0.0
+        self.samples: collections.deque[tuple[float, float]] = collections.deque()
+
+    def update(self, media: tuple[int, list[float]] | None, now: float) -> float | None:
+        """Take the playlist's (media sequence, durations); the pace (media seconds per wall
+        second) over the last SLOW_WINDOW seconds once that much has been seen, else None."""
+        if media is not None:
+            sequence, durations = media
+            grew = False
+            for offset, duration in enumerate(durations):
+                if sequence + offset > self.last_sequence:
+                    self.last_sequence = sequence + offset
+                    self.media += duration
+                    grew = True
+            if grew:
+                self.samples.append((now, self.media))
+        while len(self.samples) > 2 and self.samples[1][0] <= now - SLOW_WINDOW:
+            self.samples.popleft()
+        if len(self.samples) < 2:
+            return None
+        (first_time, first_media), (last_time, last_media) = self.samples[0], self.samples[-1]
+        if last_time - first_time < SLOW_WINDOW:
+            return None
+        return (last_media - first_media) / (last_time - first_time)
 
 
 class StreamSupervisor:
@@ -51,8 +88,11 @@ class StreamSupervisor:
         self.pid_start: int | None = None
         self.started = time.time()
         self.restarts = 0
-        self.last_error = ""
+        self.failure = ""           # the class of the last failure, what a player may see
+        self.last_error = ""        # the class and FFmpeg's own line (redacted), for operators
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        self.disk_full = False      # FFmpeg said "No space left on device": it writes broken files
+        self.slow = False           # producing slower than real time (logged once per episode)
         self._changed = asyncio.Condition()
         self._task: asyncio.Task | None = None
         self._stop_requested = False
@@ -72,6 +112,7 @@ class StreamSupervisor:
             raise
         except Exception as exc:  # noqa: BLE001 - reported as the stream's error
             log.error("channel %s: supervisor failed: %s", self.id, exc)
+            self.failure = "launcher error"
             self.last_error = f"launcher error: {exc}"
             await self._terminate()
             files.delete_stream_files(self.settings.hls_dir, self.id)
@@ -93,9 +134,9 @@ class StreamSupervisor:
                     self._changed.wait_for(lambda: self.state in ("running", "failed", "stopped")),
                     timeout)
         except asyncio.TimeoutError:
-            raise StartFailed(f"no playable playlist after {timeout:g} s") from None
+            raise StartFailed(f"no playable stream after {timeout:g} s") from None
         if self.state != "running":
-            raise StartFailed(self.last_error or f"stream {self.state}")
+            raise StartFailed(self.failure or f"stream {self.state}")
 
     async def stop(self, reason: str) -> None:
         """Stop FFmpeg (SIGTERM to its group, SIGKILL after the grace), delete files and keys."""
@@ -136,10 +177,16 @@ class StreamSupervisor:
             files.delete_stream_files(self.settings.hls_dir, self.id)
             if self._stop_requested:
                 break
+            if self.failure == "disk full":
+                self.launcher.counters["disk_full"] += 1
+                log.error("channel %s: failed: disk full (%s); files deleted", self.id, why)
+                await self._clear("failed")
+                return
             if first or quick_failures >= MAX_QUICK_FAILURES:
                 # Never became playable (first start), or keeps failing: give up.
                 log.error("channel %s: failed: %s", self.id, why or "unknown error")
-                self.last_error = why or "FFmpeg did not produce a playable stream"
+                if not self.failure:
+                    self._note_failure("FFmpeg did not produce a playable stream")
                 await self._clear("failed")
                 return
             if not await self._still_wanted():
@@ -155,6 +202,7 @@ class StreamSupervisor:
 
     async def _spawn(self, first: bool) -> None:
         self.stderr_tail.clear()
+        self.disk_full = False
         files.delete_stream_files(self.settings.hls_dir, self.id)   # never serve a stale playlist
         self.process = await asyncio.create_subprocess_exec(
             *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
@@ -171,14 +219,17 @@ class StreamSupervisor:
                                       state="starting", restarts=self.restarts,
                                       last_error=self.last_error)
         log.info("channel %s: FFmpeg started (pid %s, quality %s, source %s)", self.id,
-                 self.process.pid, self.channel.quality, redact_urls(self.channel.source_url))
+                 self.process.pid, self.channel.quality, redact_url(self.channel.source_url))
 
     async def _read_stderr(self, process) -> None:
         while True:
             line = await process.stderr.readline()
             if not line:
                 return
-            self.stderr_tail.append(line.decode("utf-8", "replace").rstrip())
+            text = line.decode("utf-8", "replace").rstrip()
+            self.stderr_tail.append(text)
+            if DISK_FULL in text:
+                self.disk_full = True
 
     async def _wait_until_playable(self, first: bool) -> bool:
         playlist = files.playlist_path(self.settings.hls_dir, self.id)
@@ -189,18 +240,17 @@ class StreamSupervisor:
                 return True
             if self.process.returncode is not None:
                 await asyncio.sleep(0.05)   # let the stderr reader take the last lines
-                self.last_error = (meaningful_error(list(self.stderr_tail))
-                                   or f"FFmpeg exited with status {self.process.returncode}")
+                self._note_failure(f"FFmpeg exited with status {self.process.returncode}")
                 return False
             await asyncio.sleep(POLL_READY)
-        self.last_error = (meaningful_error(list(self.stderr_tail)) or
-                           f"no playable playlist after {float(self.settings.start_timeout):g} s")
+        self._note_failure(f"no playable stream after {float(self.settings.start_timeout):g} s")
         return False
 
     async def _watch(self) -> str:
         """Until FFmpeg dies, stalls, or the stream is no longer wanted; returns why."""
         playlist = files.playlist_path(self.settings.hls_dir, self.id)
         stall_after = max(3 * float(self.settings.hls_time), 6.0)
+        pace = PaceMeter()
         checks = 0
         while not self._stop_requested:
             try:
@@ -209,20 +259,42 @@ class StreamSupervisor:
                 pass
             if self.process.returncode is not None:
                 await asyncio.sleep(0.05)
-                self.last_error = (meaningful_error(list(self.stderr_tail))
-                                   or f"FFmpeg exited with status {self.process.returncode}")
+                self._note_failure(f"FFmpeg exited with status {self.process.returncode}")
                 return f"FFmpeg exited: {self.last_error}"
             try:
                 age = time.time() - os.stat(playlist).st_mtime
             except FileNotFoundError:
                 age = stall_after + 1
             if age > stall_after:
-                self.last_error = f"playlist not updated for {age:.0f} s (stalled)"
+                self.failure = "stalled"
+                self.last_error = f"stalled: playlist not updated for {age:.0f} s"
                 return self.last_error
+            if self.disk_full:
+                self._note_failure("disk full")
+                return self.last_error
+            self._judge_pace(pace.update(files.playlist_media(playlist), time.monotonic()))
             checks += 1
             if checks % 4 == 0 and not await self._still_wanted():
                 return "no longer wanted (its record was stopped or replaced)"
         return "stop requested"
+
+    def _judge_pace(self, ratio: float | None) -> None:
+        if ratio is None:
+            return
+        if ratio < SLOW_RATIO and not self.slow:
+            self.slow = True
+            self.launcher.counters["slow"] += 1
+            log.warning("channel %s: slower than real time: %.2fx over the last %.0f s (host "
+                        "overloaded? lower max_streams or the quality)", self.id, ratio, SLOW_WINDOW)
+        elif ratio >= 0.97 and self.slow:
+            self.slow = False
+            log.info("channel %s: back to real time (%.2fx)", self.id, ratio)
+
+    def _note_failure(self, otherwise: str) -> None:
+        """Why FFmpeg failed, from its output: the class, and its own line (redacted)."""
+        label, detail = classify_failure(list(self.stderr_tail), self.channel.source_url)
+        self.failure = label or otherwise
+        self.last_error = f"{self.failure}: {detail}" if detail else self.failure
 
     async def _update_record(self, **fields) -> None:
         """Keep the run record current; a Redis error is logged, never fatal to the stream."""
@@ -242,17 +314,17 @@ class StreamSupervisor:
         return record is not None and record.run_id == self.run_id and record.state != "stopping"
 
     async def _terminate(self) -> None:
+        """The stop routine (streamstate.process): SIGTERM through a pidfd held on the proven
+        process, SIGKILL after the grace; then the child is reaped."""
         process = self.process
         if process is None or process.returncode is not None:
             return
-        # Our own unreaped child: its pid cannot have been reused; still, prove it.
-        if signal_process_group(process.pid, self.pid_start, signal.SIGTERM):
-            try:
-                await asyncio.wait_for(process.wait(), STOP_GRACE)
-                return
-            except asyncio.TimeoutError:
-                log.warning("channel %s: FFmpeg ignored SIGTERM for %.0f s; SIGKILL", self.id, STOP_GRACE)
-                signal_process_group(process.pid, self.pid_start, signal.SIGKILL)
+        handle = ProcessHandle.open_proven(process.pid, self.launcher.identity(self.id, self.pid_start))
+        if handle is not None:
+            with handle:
+                if await asyncio.to_thread(stop_processes, [handle], STOP_GRACE):
+                    log.warning("channel %s: FFmpeg ignored SIGTERM for %.0f s; SIGKILL", self.id,
+                                STOP_GRACE)
         await process.wait()
 
     async def _clear(self, state: str) -> None:

@@ -6,9 +6,10 @@ Rules, in the order a pass applies them:
 * Only one pass per host at a time: ``reaper:<host>:lock`` (SET NX with an expiry).
 * A record of another host: left alone while that host's ``host:<id>`` key lives;
   cleared as stale (never signalled) once the host has not been seen for host_timeout.
-* A record of this host whose pid is not proven to be its FFmpeg (start time matches
-  the record; for a legacy record without one, its command line writes this channel's
-  playlist in hls_dir) -> stale: keys and files cleared, nothing signalled.
+* A record of this host whose pid is not proven to be its FFmpeg (streamstate.process:
+  the configured FFmpeg executable, writing exactly this channel's playlist, with the
+  recorded start time where there is one) -> stale: keys and files cleared, nothing
+  signalled.  Signals go through a pidfd opened before the proof.
 * Idle (now - last_access, else started) past idle_timeout -> stop: the record is
   marked ``stopping`` (so the launcher does not restart it), SIGTERM to its process
   group, SIGKILL after stop_grace, files deleted, keys deleted only if they still
@@ -23,15 +24,14 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import time
 import uuid
 
 import redis
 
 from streamstate import files, keys, runs
-from streamstate.process import (ffmpeg_processes_under, ffmpeg_writing, is_same_process,
-                                 process_start_time, signal_process_group)
+from streamstate.process import (ProcessHandle, StreamProcess, process_start_time,
+                                 resolve_executable, stop_processes, stream_ffmpegs_under)
 
 log = logging.getLogger("streamkeeper.reaper")
 
@@ -99,6 +99,7 @@ class PassSummary:
     foreign: int = 0
     orphan_files: int = 0
     orphan_processes: int = 0
+    invalid_members: int = 0          # junk in streams:active (not a channel id): removed
     actions: list = dataclasses.field(default_factory=list)
 
     def line(self) -> str:
@@ -124,6 +125,8 @@ class Reaper:
         self.redis = client or redis_from_url(settings.redis_url)
         self.dry_run = dry_run
         self.hls_dir = settings.hls_dir
+        self.ffmpeg = resolve_executable(settings.ffmpeg)
+        self._invalid_members: list = []
 
     # -- the pass -------------------------------------------------------------------
     def run_pass(self) -> PassSummary:
@@ -152,6 +155,7 @@ class Reaper:
                 running = {a.channel for a in actions if a.kind in ("keep", "foreign")}
                 summary.orphan_processes = self._orphan_processes(known, running)
                 summary.orphan_files = self._orphan_files(running, now)
+                summary.invalid_members = self._remove_invalid_members()
             finally:
                 if not self.dry_run:
                     self._unlock(token)
@@ -176,13 +180,14 @@ class Reaper:
     # -- reading ------------------------------------------------------------------
     def _collect(self) -> list[StreamView]:
         """Every stream Redis knows: the active set and every stream:<id>:pid (SCAN)."""
-        ids = {m.decode() if isinstance(m, bytes) else m
-               for m in self.redis.smembers(keys.ACTIVE_STREAMS_KEY)}
+        active = runs.read_active(self.redis)
+        self._invalid_members = active.invalid
+        ids = set(active.channels)
         for key in self.redis.scan_iter(match=keys.PID_KEY_PATTERN, count=SCAN_COUNT):
             channel = keys.channel_id_from_pid_key(key)
             if channel:
                 ids.add(channel)
-        ordered = sorted((i for i in ids if keys.CHANNEL_ID_RE.fullmatch(i)), key=int)
+        ordered = sorted(ids, key=int)
         views = []
         for start in range(0, len(ordered), BATCH):        # one round trip per batch
             batch = ordered[start:start + BATCH]
@@ -221,12 +226,12 @@ class Reaper:
                           f"{float(self.settings.idle_timeout):g} s", **base)
         return Action(kind="keep", why="watched", **base)
 
+    def _identity(self, channel: str, start_time: int | None) -> StreamProcess:
+        return StreamProcess(self.ffmpeg, files.playlist_path(self.hls_dir, channel), start_time)
+
     def _proven(self, view: StreamView) -> bool:
-        if not view.pid:
-            return False
-        if view.run is not None and view.run.pid_start is not None:
-            return is_same_process(view.run.pid, view.run.pid_start)
-        return ffmpeg_writing(view.pid, files.playlist_path(self.hls_dir, view.channel))
+        start_time = view.run.pid_start if view.run is not None else None
+        return self._identity(view.channel, start_time).proven_by(view.pid)
 
     # -- acting -------------------------------------------------------------------
     def _delete_keys(self, actions: list[Action]) -> list[bool]:
@@ -272,23 +277,23 @@ class Reaper:
             runs.mark_stopping_in(pipe, self.redis, action.channel, action.run_id)
         if marked:
             pipe.execute()
-        # 2. SIGTERM every group, proving each process first.
-        identities = {}
+        # 2. Hold each process by a pidfd and prove it again; SIGTERM, SIGKILL after the grace.
+        handles = {}
         for action in actions:
-            start_time = action.pid_start if action.pid_start is not None else process_start_time(action.pid)
-            identities[action.channel] = start_time
-            if signal_process_group(action.pid, start_time, signal.SIGTERM):
-                log.info("channel %s: stopping pid %s (%s)", action.channel, action.pid, action.why)
-        # 3. Wait up to stop_grace for all of them; SIGKILL what is left.
-        deadline = time.monotonic() + float(self.settings.stop_grace)
-        alive = [a for a in actions if is_same_process(a.pid, identities[a.channel])]
-        while alive and time.monotonic() < deadline:
-            time.sleep(0.05)
-            alive = [a for a in alive if is_same_process(a.pid, identities[a.channel])]
-        for action in alive:
-            log.warning("channel %s: pid %s ignored SIGTERM for %g s; SIGKILL", action.channel,
-                        action.pid, float(self.settings.stop_grace))
-            signal_process_group(action.pid, identities[action.channel], signal.SIGKILL)
+            handle = ProcessHandle.open_proven(action.pid, self._identity(action.channel, action.pid_start))
+            if handle is None:
+                log.info("channel %s: pid %s is gone or no longer its FFmpeg; nothing to signal",
+                         action.channel, action.pid)
+                continue
+            handles[handle] = action
+            log.info("channel %s: stopping pid %s (%s)", action.channel, action.pid, action.why)
+        try:
+            for handle in stop_processes(list(handles), float(self.settings.stop_grace)):
+                log.warning("channel %s: pid %s ignored SIGTERM for %g s; SIGKILL",
+                            handles[handle].channel, handle.pid, float(self.settings.stop_grace))
+        finally:
+            for handle in handles:
+                handle.close()
         # 4. Files, then the keys, only where they still belong to the run stopped.
         for action in actions:
             files.delete_stream_files(self.hls_dir, action.channel)
@@ -298,6 +303,16 @@ class Reaper:
             else:
                 log.info("channel %s: stopped pid %s; its keys now belong to a newer run and stay",
                          action.channel, action.pid)
+
+    def _remove_invalid_members(self) -> int:
+        """Members of streams:active that are no channel id: skipped by every reader,
+        removed here (no stream can be one of them)."""
+        junk = self._invalid_members
+        if junk and not self.dry_run:
+            self.redis.srem(keys.ACTIVE_STREAMS_KEY, *junk)
+            log.warning("removed %d invalid member(s) of %s: %s", len(junk), keys.ACTIVE_STREAMS_KEY,
+                        ", ".join(runs.shown_member(m) for m in junk[:5]))
+        return len(junk)
 
     def _orphan_files(self, running: set[str], now: float) -> int:
         """Playlists and segments of no running stream, older than orphan_age."""
@@ -330,26 +345,23 @@ class Reaper:
         return removed
 
     def _orphan_processes(self, known_pids: set[int], running: set[str]) -> int:
-        """FFmpeg writing into hls_dir that no record knows: stopped, each logged."""
+        """The configured FFmpeg writing a playlist in hls_dir that no record knows: stopped,
+        each logged, its files removed."""
         stopped = 0
-        for pid, argv in ffmpeg_processes_under(self.hls_dir):
+        for pid, playlist in stream_ffmpegs_under(self.hls_dir, self.ffmpeg):
             if pid in known_pids:
                 continue
-            start_time = process_start_time(pid)
-            if start_time is None:
+            handle = ProcessHandle.open_proven(pid, StreamProcess(self.ffmpeg, playlist, process_start_time(pid)))
+            if handle is None:
                 continue
-            stopped += 1
-            output = argv[-1] if argv else "?"
-            if self.dry_run:
-                continue
-            log.warning("orphan FFmpeg pid %s writing %s: no record knows it; stopping it", pid, output)
-            signal_process_group(pid, start_time, signal.SIGTERM)
-            deadline = time.monotonic() + float(self.settings.stop_grace)
-            while is_same_process(pid, start_time) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if is_same_process(pid, start_time):
-                signal_process_group(pid, start_time, signal.SIGKILL)
-            channel = files.channel_of_file(os.path.basename(output))
+            with handle:
+                stopped += 1
+                if self.dry_run:
+                    continue
+                log.warning("orphan FFmpeg pid %s writing %s: no record knows it; stopping it", pid,
+                            os.path.basename(playlist))
+                stop_processes([handle], float(self.settings.stop_grace))
+            channel = files.channel_of_file(os.path.basename(playlist))
             if channel is not None and channel not in running:
                 files.delete_stream_files(self.hls_dir, channel)
         return stopped

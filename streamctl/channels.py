@@ -11,6 +11,7 @@ from streamstate import keys
 from streamstate.channels import (Channel, ChannelError, channel_from_dict, delete_channel,
                                   iter_channels, put_channel)
 from streamstate.cli_options import settings_options
+from streamstate.redact import redact_url
 from streamstate.redis_client import redis_from_url
 
 EXIT_NOT_FOUND = 1
@@ -35,7 +36,10 @@ def _client(settings_loader):
 @click.option("--referer", help="Referer sent upstream.")
 @click.option("--header", "headers", multiple=True, metavar="K:V", help="An extra upstream header; repeatable.")
 @click.option("--proxy", help="An http:// proxy for this channel (else upstream_proxy).")
-def add_command(settings_loader, channel_id, source_url, quality, user_agent, referer, headers, proxy):
+@click.option("--no-tls-verify", "no_tls_verify", is_flag=True,
+              help="Do not verify an https source's certificate (a provider's self-signed one).")
+def add_command(settings_loader, channel_id, source_url, quality, user_agent, referer, headers, proxy,
+                no_tls_verify):
     """Add or replace channel CHANNEL_ID with its SOURCE_URL (http or https only).
 
     Exit codes: 0 added, 2 invalid (the message says what).
@@ -45,13 +49,14 @@ def add_command(settings_loader, channel_id, source_url, quality, user_agent, re
     for header in headers:
         name, sep, value = header.partition(":")
         if not sep or not name.strip():
-            raise click.UsageError(f"--header {header!r}: expected K:V")
+            click.echo(f"error: channel {channel_id}: --header expects NAME:VALUE", err=True)
+            raise SystemExit(EXIT_INVALID)
         parsed_headers[name.strip()] = value.strip()
     try:
-        keys.check_channel_id(channel_id)
         channel = channel_from_dict(channel_id, {
             "source_url": source_url, "quality": quality, "user_agent": user_agent,
-            "referer": referer, "headers": parsed_headers, "proxy": proxy})
+            "referer": referer, "headers": parsed_headers, "proxy": proxy,
+            "tls_verify": not no_tls_verify})
     except (keys.InvalidChannelId, ChannelError) as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_INVALID) from None
@@ -60,20 +65,31 @@ def add_command(settings_loader, channel_id, source_url, quality, user_agent, re
                    f"(profiles: {', '.join(sorted(settings.quality_profiles))})", err=True)
         raise SystemExit(EXIT_INVALID)
     put_channel(redis_from_url(settings.redis_url), channel)
-    click.echo(f"channel {channel_id}: added ({channel.quality}, {urlsplit(channel.source_url).netloc})")
+    click.echo(f"channel {channel_id}: added ({channel.quality}, {redact_url(channel.source_url)})")
 
 
 @channels_group.command("list")
 @settings_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of channel records.")
-def list_command(settings_loader, as_json):
-    """List every channel record (SCAN, never KEYS); unusable records are shown with why."""
+@click.option("--show-secrets", is_flag=True,
+              help="Show source URLs whole (else user info, query and all but the path's last "
+                   "segment are shown as …, since providers put accounts there).")
+def list_command(settings_loader, as_json, show_secrets):
+    """List every channel record (SCAN, never KEYS); unusable records are shown with why.
+
+    Exit codes: 0 listed (invalid records included), 1 Redis unreachable.
+    """
     rows = []
     for channel_id, item in iter_channels(_client(settings_loader)):
         if isinstance(item, ChannelError):
             rows.append({"id": channel_id, "error": str(item)})
         else:
-            rows.append({"id": channel_id, **json.loads(item.as_json())})
+            row = {"id": channel_id, **json.loads(item.as_json())}
+            if not show_secrets:
+                row["source_url"] = redact_url(row["source_url"])
+                if row.get("proxy"):
+                    row["proxy"] = redact_url(row["proxy"])
+            rows.append(row)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -107,7 +123,7 @@ def rm_command(settings_loader, channel_id):
 
 _ATTR_RE = re.compile(r'([A-Za-z0-9_-]+)="([^"]*)"')
 # The path's last segment is the number, with or without an extension: .../71386.ts
-_TRAILING_NUMBER_RE = re.compile(r"(?:^|/)(\d{1,18})(?:\.[A-Za-z0-9]+)?$")
+_TRAILING_NUMBER_RE = re.compile(r"(?:^|/)(%s)(?:\.[A-Za-z0-9]+)?$" % keys.CHANNEL_ID_PATTERN, re.ASCII)
 
 
 def parse_m3u(text: str) -> list[dict]:
@@ -132,7 +148,11 @@ def parse_m3u(text: str) -> list[dict]:
 
 def channel_id_for(entry: dict) -> str | None:
     """The old host's rule: the number that ends the URL's path, else a numeric tvg-id."""
-    match = _TRAILING_NUMBER_RE.search(urlsplit(entry["url"]).path)
+    try:
+        path = urlsplit(entry["url"]).path
+    except ValueError:                  # not a URL at all: the record check says why
+        path = ""
+    match = _TRAILING_NUMBER_RE.search(path)
     if match:
         return match.group(1)
     tvg_id = entry["attrs"].get("tvg-id", "")
@@ -143,7 +163,7 @@ def channel_id_for(entry: dict) -> str | None:
 @settings_options
 @click.argument("m3u_file", type=click.File("r", encoding="utf-8", errors="replace"))
 @click.option("--quality", default="medium", show_default=True, help="Quality for every imported channel.")
-@click.option("--start-id", type=int, default=None,
+@click.option("--start-id", type=click.IntRange(0, 10 ** keys.MAX_CHANNEL_ID_DIGITS - 1), default=None,
               help="Number entries without an id from here (else they are skipped).")
 @click.option("--replace/--keep", default=False, show_default=True,
               help="Replace channels that exist already, or keep them.")
@@ -158,7 +178,7 @@ def import_command(settings_loader, m3u_file, quality, start_id, replace, as_jso
     """
     settings = settings_loader()
     client = redis_from_url(settings.redis_url)
-    entries = parse_m3u(m3u_file.read())
+    entries = parse_m3u(m3u_file.read())   # undecodable bytes arrive as U+FFFD
     added, skipped, seen = [], [], set()
     next_id = start_id
     candidates: list[Channel] = []
@@ -169,19 +189,19 @@ def import_command(settings_loader, m3u_file, quality, start_id, replace, as_jso
                 next_id += 1
             channel_id, next_id = str(next_id), next_id + 1
         if channel_id is None:
-            skipped.append({"line": entry["line"], "url": entry["url"], "why": "no id (use --start-id)"})
+            skipped.append({"line": entry["line"], "why": "no id (use --start-id)"})
             continue
         if channel_id in seen:
             skipped.append({"line": entry["line"], "id": channel_id, "why": "duplicate id in the file"})
             continue
         attrs = entry["attrs"]
-        try:
+        try:   # each entry on its own: a bad one is skipped with why, the rest imported
             channel = channel_from_dict(channel_id, {
                 "source_url": entry["url"], "quality": quality,
                 "name": attrs.get("tvg-name") or entry["title"] or None,
                 "group": attrs.get("group-title") or None})
-        except ChannelError as exc:
-            skipped.append({"line": entry["line"], "id": channel_id, "why": str(exc)})
+        except (ChannelError, keys.InvalidChannelId) as exc:
+            skipped.append({"line": entry["line"], "why": str(exc)})
             continue
         seen.add(channel_id)
         candidates.append(channel)

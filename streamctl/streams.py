@@ -7,10 +7,12 @@ import urllib.error
 import urllib.request
 
 import click
+import redis
 
-from launcher.service import collect_streams
+from launcher.service import float_or_none, collect_streams
 from streamstate import keys
 from streamstate.cli_options import settings_options
+from streamstate.redact import redact_url
 from streamstate.redis_client import redis_from_url
 
 EXIT_FAILED = 1        # the launcher could not start it (503), or is unreachable
@@ -85,24 +87,29 @@ def status_command(settings_loader, as_json):
     settings = settings_loader()
     client = redis_from_url(settings.redis_url)
     try:
-        streams = collect_streams(client, settings, {})
-        last_pass = {k.decode(): v.decode() for k, v in
+        listing = collect_streams(client, settings, {})
+        last_pass = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in
                      client.hgetall(keys.reaper_last_pass_key(settings.host_id)).items()}
-    except Exception as exc:  # noqa: BLE001 - any redis failure
-        click.echo(f"error: redis at {settings.redis_url} unreachable: {exc}", err=True)
+    except redis.RedisError as exc:
+        click.echo(f"error: redis at {redact_url(settings.redis_url)} unreachable: {exc}", err=True)
         raise SystemExit(EXIT_FAILED) from None
     if as_json:
-        click.echo(json.dumps({"streams": streams, "reaper_last_pass": last_pass}, indent=2))
+        click.echo(json.dumps({**listing, "reaper_last_pass": last_pass}, indent=2))
         return
+    streams = listing["streams"]
     for s in streams:
         idle = "-" if s["idle_seconds"] is None else f"{s['idle_seconds']:.0f}s"
         click.echo(f"{s['id']:>8}  {s['state']:<9} pid {s['pid'] or '-':<8} idle {idle:<6} "
                    f"viewers {s['viewers']:<4} restarts {s['restarts']}"
                    + (f"  last error: {s['last_error']}" if s["last_error"] else ""))
     if last_pass:
-        age = time.time() - float(last_pass.get("time", 0))
+        age = time.time() - (float_or_none(last_pass.get("time")) or 0)
         click.echo(f"reaper ({settings.host_id}): last pass {age:.0f} s ago, stopped {last_pass.get('stopped')}, "
                    f"stale {last_pass.get('stale')}, {last_pass.get('passes')} passes", err=True)
     else:
         click.echo(f"reaper ({settings.host_id}): no pass recorded", err=True)
-    click.echo(f"{len(streams)} stream(s)", err=True)
+    for member in listing["invalid_members"]:
+        click.echo(f"invalid member {member} in {keys.ACTIVE_STREAMS_KEY}: not a channel id (skipped)")
+    click.echo(f"{len(streams)} stream(s)" + (f", {len(listing['invalid_members'])} invalid "
+                                              f"member(s) of {keys.ACTIVE_STREAMS_KEY}"
+                                              if listing["invalid_members"] else ""), err=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Iterator
 from urllib.parse import urlsplit
 
@@ -12,9 +13,29 @@ DEFAULT_QUALITY = "medium"
 ALLOWED_SOURCE_SCHEMES = ("http", "https")
 PROXY_SCHEMES = ("http",)   # what FFmpeg's http protocol can use (SOCKS: a later issue)
 
+# Channel records come from providers' M3U files and an unauthenticated legacy route:
+# every field is bounded, and nothing that reaches FFmpeg's argv may hold a control
+# character (CR/LF would become extra request lines: header injection).
+MAX_RECORD_BYTES = 16 * 1024
+MAX_FIELD_CHARS = {"source_url": 4096, "proxy": 2048, "user_agent": 512, "referer": 2048,
+                   "quality": 64, "name": 256, "group": 256}
+MAX_HEADERS = 32
+MAX_HEADER_NAME_CHARS = 64
+MAX_HEADER_VALUE_CHARS = 2048
+UPSTREAM_FIELDS = ("source_url", "proxy", "user_agent", "referer")   # sent by FFmpeg
+DISPLAY_FIELDS = ("name", "group")                                   # shown, never sent
+# C0 controls (NUL, TAB, CR, LF, ...) and DEL.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 7230 token: what a header name may be.
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Headers that frame or route the request: FFmpeg sets them itself.
+_RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "upgrade",
+                     "te", "trailer", "expect", "proxy-connection"}
+
 
 class ChannelError(ValueError):
-    """A channel record that cannot be used; the message names the channel."""
+    """A channel record that cannot be used; the message names the channel and the field,
+    never a URL or a credential (it may reach an anonymous player)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,72 +49,135 @@ class Channel:
     proxy: str | None = None
     name: str | None = None
     group: str | None = None
+    tls_verify: bool = True
 
     def as_json(self) -> str:
         data = {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, {}, "")}
         data.pop("id")
+        if data.get("tls_verify") is True:
+            data.pop("tls_verify")            # the default is not written
         return json.dumps(data, sort_keys=True)
 
 
-def check_source_url(channel_id: str, url: str) -> str:
+def _check_text(channel_id: str, field: str, value, limit: int) -> str:
+    if not isinstance(value, str):
+        raise ChannelError(f"channel {channel_id}: {field} must be a string")
+    if len(value) > limit:
+        raise ChannelError(f"channel {channel_id}: {field} is too long ({len(value)} characters, "
+                           f"at most {limit})")
+    if _CONTROL_RE.search(value):
+        raise ChannelError(f"channel {channel_id}: {field} contains a control character "
+                           "(CR, LF, NUL, TAB or another); refused")
+    return value
+
+
+def _check_url(channel_id: str, field: str, value, schemes: tuple[str, ...]) -> str:
+    url = _check_text(channel_id, field, value, MAX_FIELD_CHARS[field]).strip()
+    if not url:
+        raise ChannelError(f"channel {channel_id}: {field} is missing or empty")
+    if any(ch.isspace() for ch in url):
+        raise ChannelError(f"channel {channel_id}: {field} contains whitespace (encode it as %20)")
+    try:
+        parts = urlsplit(url)
+        parts.port                              # raises on a bad port
+    except ValueError:
+        raise ChannelError(f"channel {channel_id}: {field} is not a valid URL") from None
+    scheme = parts.scheme.lower()
+    if scheme not in schemes or not parts.hostname:
+        shown = re.sub(r"[^a-z0-9+.-]", "", scheme)[:16] or "none"
+        raise ChannelError(f"channel {channel_id}: {field} refused: only "
+                           f"{' and '.join(s + '://' for s in schemes)} URLs are allowed "
+                           f"(scheme: {shown})")
+    return url
+
+
+def check_source_url(channel_id: str, url) -> str:
     """Only http(s) sources reach FFmpeg: no file:, concat:, data:, bare paths."""
-    if not isinstance(url, str) or not url.strip():
-        raise ChannelError(f"channel {channel_id}: source_url is missing or empty")
-    parts = urlsplit(url.strip())
-    if parts.scheme.lower() not in ALLOWED_SOURCE_SCHEMES or not parts.netloc:
-        shown = url if len(url) <= 80 else url[:80] + "..."
-        raise ChannelError(f"channel {channel_id}: source_url {shown!r} refused: only http:// "
-                           "and https:// sources are allowed")
-    if any(ch in url for ch in "\r\n\0"):
-        raise ChannelError(f"channel {channel_id}: source_url contains control characters")
-    return url.strip()
+    return _check_url(channel_id, "source_url", url, ALLOWED_SOURCE_SCHEMES)
 
 
-def check_proxy(channel_id: str, proxy: str | None) -> str | None:
+def check_proxy(channel_id: str, proxy) -> str | None:
     if not proxy:
         return None
-    scheme = urlsplit(proxy).scheme.lower()
-    if scheme.startswith("socks"):
-        raise ChannelError(f"channel {channel_id}: proxy {proxy!r} is a SOCKS proxy, which FFmpeg's "
+    if isinstance(proxy, str) and urlsplit(proxy.strip()).scheme.lower().startswith("socks"):
+        raise ChannelError(f"channel {channel_id}: proxy is a SOCKS proxy, which FFmpeg's "
                            "http protocol cannot use; SOCKS support is not built yet - use an "
                            "http:// proxy")
-    if scheme not in PROXY_SCHEMES:
-        raise ChannelError(f"channel {channel_id}: proxy {proxy!r} refused: expected http://")
-    return proxy
+    return _check_url(channel_id, "proxy", proxy, PROXY_SCHEMES)
+
+
+def check_headers(channel_id: str, headers) -> dict[str, str]:
+    if headers in (None, ""):
+        return {}
+    if not isinstance(headers, dict):
+        raise ChannelError(f"channel {channel_id}: headers must be an object of strings")
+    if len(headers) > MAX_HEADERS:
+        raise ChannelError(f"channel {channel_id}: too many headers ({len(headers)}, at most {MAX_HEADERS})")
+    checked = {}
+    for name, value in headers.items():
+        if (not isinstance(name, str) or len(name) > MAX_HEADER_NAME_CHARS
+                or not _HEADER_NAME_RE.fullmatch(name)):
+            raise ChannelError(f"channel {channel_id}: a header name is not a valid HTTP token "
+                               "(letters, digits and !#$%&'*+-.^_`|~ only)")
+        if name.lower() in _RESERVED_HEADERS:
+            raise ChannelError(f"channel {channel_id}: header {name} is set by FFmpeg itself")
+        checked[name] = _check_text(channel_id, f"header {name}", value, MAX_HEADER_VALUE_CHARS)
+    return checked
+
+
+def _display_text(channel_id: str, field: str, value) -> str | None:
+    """name and group: shown, never sent upstream; control characters become spaces."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ChannelError(f"channel {channel_id}: {field} must be a string")
+    return _CONTROL_RE.sub(" ", value[:MAX_FIELD_CHARS[field]]).strip() or None
 
 
 def channel_from_dict(channel_id: str, data) -> Channel:
+    """A Channel from a record's fields, every one checked; ChannelError names the field."""
+    channel_id = keys.check_channel_id(channel_id)
     if not isinstance(data, dict):
         raise ChannelError(f"channel {channel_id}: record is not a JSON object")
-    headers = data.get("headers") or {}
-    if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                for k, v in headers.items()):
-        raise ChannelError(f"channel {channel_id}: headers must be an object of strings")
-    for name, value in headers.items():
-        if any(ch in name + value for ch in "\r\n\0") or ":" in name:
-            raise ChannelError(f"channel {channel_id}: header {name!r} is not a valid header")
-    for field in ("quality", "user_agent", "referer", "proxy", "name", "group"):
-        if data.get(field) is not None and not isinstance(data[field], str):
-            raise ChannelError(f"channel {channel_id}: {field} must be a string")
+    optional = {}
+    for field in ("user_agent", "referer"):
+        if data.get(field) not in (None, ""):
+            optional[field] = _check_text(channel_id, field, data[field], MAX_FIELD_CHARS[field])
+    quality = data.get("quality") or DEFAULT_QUALITY
+    _check_text(channel_id, "quality", quality, MAX_FIELD_CHARS["quality"])
+    tls_verify = data.get("tls_verify", True)
+    if not isinstance(tls_verify, bool):
+        raise ChannelError(f"channel {channel_id}: tls_verify must be true or false")
     return Channel(
-        id=keys.check_channel_id(channel_id),
+        id=channel_id,
         source_url=check_source_url(channel_id, data.get("source_url")),
-        quality=data.get("quality") or DEFAULT_QUALITY,
-        user_agent=data.get("user_agent"),
-        referer=data.get("referer"),
-        headers=dict(headers),
+        quality=quality,
+        headers=check_headers(channel_id, data.get("headers")),
         proxy=check_proxy(channel_id, data.get("proxy")),
-        name=data.get("name"),
-        group=data.get("group"),
+        name=_display_text(channel_id, "name", data.get("name")),
+        group=_display_text(channel_id, "group", data.get("group")),
+        tls_verify=tls_verify,
+        **optional,
     )
 
 
+def recheck(channel: Channel) -> Channel:
+    """Every check again, on a Channel however it was made (right before FFmpeg runs)."""
+    fields = dataclasses.asdict(channel)
+    return channel_from_dict(fields.pop("id"), fields)
+
+
 def parse_channel(channel_id: str, raw: str | bytes) -> Channel:
+    if len(raw) > MAX_RECORD_BYTES:
+        raise ChannelError(f"channel {channel_id}: record is too large ({len(raw)} bytes, at most "
+                           f"{MAX_RECORD_BYTES})")
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ChannelError(f"channel {channel_id}: {keys.channel_key(channel_id)} is not valid "
-                           f"JSON ({exc})") from None
+                           f"JSON ({str(exc)[:80]})") from None
+    except RecursionError:
+        raise ChannelError(f"channel {channel_id}: record is nested too deeply") from None
     return channel_from_dict(channel_id, data)
 
 

@@ -7,8 +7,8 @@ import re
 from . import keys
 
 # stream_<id>.m3u8 and stream_<id>_<n>.<ts|m4s|mp4|aac>, each also as FFmpeg's .tmp
-_STREAM_FILE_RE = re.compile(r"stream_([0-9]{1,%d})(?:\.m3u8|_[0-9]+\.(?:ts|m4s|mp4|aac))(?:\.tmp)?"
-                             % keys.MAX_CHANNEL_ID_DIGITS)
+_STREAM_FILE_RE = re.compile(r"stream_(%s)(?:\.m3u8|_[0-9]+\.(?:ts|m4s|mp4|aac))(?:\.tmp)?"
+                             % keys.CHANNEL_ID_PATTERN, re.ASCII)
 
 
 def channel_of_file(name: str) -> str | None:
@@ -54,3 +54,34 @@ def count_listed_segments(playlist: str) -> int:
             return handle.read().count(b"#EXTINF")
     except OSError:
         return 0
+
+
+def free_mb(directory: str) -> int | None:
+    """Megabytes free for an unprivileged writer in ``directory`` (None if unknown)."""
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize // (1024 * 1024)
+
+
+def playlist_media(playlist: str) -> tuple[int, list[float]] | None:
+    """(#EXT-X-MEDIA-SEQUENCE, the #EXTINF durations) of a playlist; None if unreadable."""
+    try:
+        with open(playlist, "rb") as handle:
+            text = handle.read(1 << 20).decode("ascii", "replace")
+    except OSError:
+        return None
+    sequence, durations = 0, []
+    for line in text.splitlines():
+        if line.startswith("#EXT-X-MEDIA-SEQUENCE:"):
+            try:
+                sequence = int(line.split(":", 1)[1])
+            except ValueError:
+                return None
+        elif line.startswith("#EXTINF:"):
+            try:
+                durations.append(float(line[8:].split(",", 1)[0]))
+            except ValueError:
+                return None
+    return sequence, durations

@@ -41,14 +41,18 @@ from __future__ import annotations
 import re
 
 MAX_CHANNEL_ID_DIGITS = 18
-CHANNEL_ID_RE = re.compile(r"[0-9]{1,%d}" % MAX_CHANNEL_ID_DIGITS)
+# The one spelling of a channel id: 0, or up to 18 ASCII digits without a leading zero, so
+# "7" and "007" can never be two channels (two FFmpegs on one upstream).  The same pattern
+# is rendered into nginx's locations and heartbeatd's parser.
+CHANNEL_ID_PATTERN = "0|[1-9][0-9]{0,%d}" % (MAX_CHANNEL_ID_DIGITS - 1)
+CHANNEL_ID_RE = re.compile(CHANNEL_ID_PATTERN, re.ASCII)
 
 STREAM_PREFIX = "stream:"
 CHANNEL_PREFIX = "channel:"
 
 
 class InvalidChannelId(ValueError):
-    """A channel id that is not 1 to 18 ASCII digits."""
+    """A channel id that is not canonical: 0, or 1 to 18 ASCII digits with no leading zero."""
 
 
 _ECHOABLE_ID_RE = re.compile(r"[A-Za-z0-9._+-]{1,40}")
@@ -56,13 +60,13 @@ _ECHOABLE_ID_RE = re.compile(r"[A-Za-z0-9._+-]{1,40}")
 
 def check_channel_id(channel_id: str | int) -> str:
     """Return the channel id as a string, or raise InvalidChannelId."""
-    text = str(channel_id)
+    text = str(channel_id) if isinstance(channel_id, (str, int)) and not isinstance(channel_id, bool) else ""
     if not CHANNEL_ID_RE.fullmatch(text):
         # Echoed only when it is plainly a mistyped id: the message may reach an anonymous
         # client, and nothing it sent (a URL, markup, control characters) comes back.
         shown = f" {text!r}" if _ECHOABLE_ID_RE.fullmatch(text) else ""
-        raise InvalidChannelId(f"invalid channel id{shown}: expected 1 to "
-                               f"{MAX_CHANNEL_ID_DIGITS} digits")
+        raise InvalidChannelId(f"invalid channel id{shown}: expected 0 or 1 to "
+                               f"{MAX_CHANNEL_ID_DIGITS} digits without a leading zero")
     return text
 
 

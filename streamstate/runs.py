@@ -196,9 +196,47 @@ def refresh_host(client, host_id: str, ttl_seconds: float, *, now: float | None 
                px=int(ttl_seconds * 1000))
 
 
+def last_access_times(client, channels: list[str]) -> list[float | None]:
+    """stream:<id>:last_access of each channel, in one round trip (None: missing or junk)."""
+    if not channels:
+        return []
+    result = []
+    for raw in client.mget([keys.last_access_key(c) for c in channels]):
+        try:
+            result.append(float(raw) if raw is not None else None)
+        except ValueError:
+            result.append(None)
+    return result
+
+
+@dataclasses.dataclass
+class ActiveSet:
+    """``streams:active`` as read: channel ids, and members that are not one (junk)."""
+
+    channels: list[str]
+    invalid: list[str | bytes]  # as stored (so they can be removed); show with shown_member
+
+
+def read_active(client) -> ActiveSet:
+    """Every member of the active set; junk is set apart, never trusted nor fatal."""
+    valid, invalid = [], []
+    for member in client.smembers(keys.ACTIVE_STREAMS_KEY):
+        text = member.decode("utf-8", "replace") if isinstance(member, bytes) else str(member)
+        if keys.CHANNEL_ID_RE.fullmatch(text):
+            valid.append(text)
+        else:
+            invalid.append(member)
+    return ActiveSet(channels=sorted(valid, key=int), invalid=sorted(invalid, key=repr))
+
+
 def active_channels(client) -> list[str]:
-    members = client.smembers(keys.ACTIVE_STREAMS_KEY)
-    return sorted((m.decode() if isinstance(m, bytes) else m for m in members), key=int)
+    return read_active(client).channels
+
+
+def shown_member(member: str | bytes) -> str:
+    """A junk member as a log or status line may show it: quoted, escaped, cut."""
+    text = member.decode("utf-8", "replace") if isinstance(member, bytes) else str(member)
+    return repr(text[:40] + ("…" if len(text) > 40 else ""))
 
 
 def acquire_start_lock(client, channel: str, token: str, ttl_seconds: float) -> bool:

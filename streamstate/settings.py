@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import socket
 import tomllib
 from typing import Any, Callable, Mapping
@@ -109,9 +110,14 @@ def _parse_proxy(value: Any) -> str:
 
 
 PROFILE_KEYS = {"video", "audio", "analyzeduration", "probesize"}
+_PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _parse_profiles(value: Any) -> dict:
+    """The built-in profiles, each replaced by the file's profile of the same name (a file
+    defining only [quality_profiles.low] keeps copy, medium and high).  Every value is
+    checked here, at load, not at the first start."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -119,20 +125,27 @@ def _parse_profiles(value: Any) -> dict:
             raise ValueError(f"expected a table (or JSON object): {exc}") from None
     if not isinstance(value, dict) or not value:
         raise ValueError("expected a table of profiles: name = {video = [...], audio = [...]}")
-    profiles = {}
+    profiles = {name: dict(profile, **{k: v for k, v in DEFAULT_PROFILE_PROBE.items()
+                                       if k not in profile})
+                for name, profile in DEFAULT_QUALITY_PROFILES.items()}
     for name, profile in value.items():
+        if not isinstance(name, str) or not _PROFILE_NAME_RE.fullmatch(name):
+            raise ValueError(f"profile name {str(name)[:40]!r}: letters, digits, _ and - only")
         if not isinstance(profile, dict) or not set(profile) <= PROFILE_KEYS:
             raise ValueError(f"profile {name!r}: expected keys among {sorted(PROFILE_KEYS)}")
         clean = dict(DEFAULT_PROFILE_PROBE)
         for key in ("video", "audio"):
             args = profile.get(key, [])
             if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-                raise ValueError(f"profile {name!r}: {key} must be a list of ffmpeg arguments")
+                raise ValueError(f"profile {name!r}: {key} must be a list of ffmpeg arguments (strings)")
+            if any(_CONTROL_RE.search(a) or len(a) > 1024 for a in args):
+                raise ValueError(f"profile {name!r}: {key} has an argument with a control "
+                                 "character or over 1024 characters")
             clean[key] = list(args)
         for key in ("analyzeduration", "probesize"):
             if key in profile:
                 clean[key] = int(_parse_number(profile[key], minimum=32))
-        profiles[str(name)] = clean
+        profiles[name] = clean
     return profiles
 
 
@@ -160,6 +173,21 @@ DEFAULT_QUALITY_PROFILES = {
 
 DEFAULT_USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
                       "(KHTML, like Gecko) Chrome/124.0 Safari/537.36 VLC/3.0.20")
+
+
+def _parse_header_text(value: Any) -> str:
+    """A value FFmpeg sends in a request header: no control characters (CR/LF injection)."""
+    text = _parse_nonempty_str(value)
+    if _CONTROL_RE.search(text) or len(text) > 512:
+        raise ValueError("must be at most 512 characters, without control characters")
+    return text
+
+
+def _parse_command(value: Any) -> str:
+    text = _parse_nonempty_str(value)
+    if _CONTROL_RE.search(text):
+        raise ValueError("must not contain control characters")
+    return text
 
 
 def _parse_redis_url(value: Any) -> str:
@@ -219,7 +247,7 @@ SPECS: tuple[SettingSpec, ...] = (
                 "allow a non-loopback launcher_listen"),
     SettingSpec("nginx_listen", lambda: "80", _parse_nginx_listen,
                 "what the rendered nginx server block listens on"),
-    SettingSpec("ffmpeg", lambda: "ffmpeg", _parse_nonempty_str, "the ffmpeg binary"),
+    SettingSpec("ffmpeg", lambda: "ffmpeg", _parse_command, "the ffmpeg binary"),
     SettingSpec("hls_time", lambda: 4.0, lambda v: _parse_number(v, minimum=0.5),
                 "target segment length, seconds"),
     SettingSpec("hls_init_time", lambda: 1.0, lambda v: _parse_number(v, minimum=0.5),
@@ -234,8 +262,19 @@ SPECS: tuple[SettingSpec, ...] = (
                 "FFmpeg video/audio options and probe settings per quality"),
     SettingSpec("upstream_proxy", lambda: "", _parse_proxy,
                 "proxy for upstream requests ('' for none); a channel's proxy wins"),
-    SettingSpec("user_agent", lambda: DEFAULT_USER_AGENT, _parse_nonempty_str,
+    SettingSpec("user_agent", lambda: DEFAULT_USER_AGENT, _parse_header_text,
                 "User-Agent sent upstream unless the channel sets one"),
+    SettingSpec("tls_ca_file", lambda: "/etc/ssl/certs/ca-certificates.crt", _parse_abs_path,
+                "CA certificates an https source's certificate is verified against"),
+    SettingSpec("max_streams", lambda: 0, _parse_count,
+                "FFmpegs this host runs at most (0: 3 per CPU core); a start beyond it preempts "
+                "the stream longest without a request, else gets 503"),
+    SettingSpec("preempt_idle", lambda: 15.0, lambda v: _parse_number(v, minimum=1),
+                "seconds without any request before a stream may be preempted by a new start"),
+    SettingSpec("start_rate_limit", lambda: 30, _parse_count,
+                "cold starts per minute per client address, in nginx (burst 10; 0: no limit)"),
+    SettingSpec("min_free_mb", lambda: 256, _parse_count,
+                "MB that must be free in hls_dir for a start (0: no check)"),
     SettingSpec("reaper_interval", lambda: 60.0, lambda v: _parse_number(v, minimum=0.1),
                 "seconds between reaper passes"),
     SettingSpec("stop_grace", lambda: 10.0, lambda v: _parse_number(v, minimum=0.1),
@@ -336,7 +375,14 @@ def _derive_defaults(values: dict, sources: dict) -> None:
     if not values["host_timeout"]:
         values["host_timeout"] = 5 * values["reaper_interval"]
         sources["host_timeout"] += " (5 x reaper_interval)"
+    if not values["max_streams"]:
+        values["max_streams"] = STREAMS_PER_CORE * (os.cpu_count() or 1)
+        sources["max_streams"] += f" ({STREAMS_PER_CORE} per CPU core)"
 
+
+# max_streams' default: what a core sustains of the default quality (medium, 720p x264
+# veryfast) at real time, with headroom (bench/capacity.py measures it).
+STREAMS_PER_CORE = 3
 
 LOOPBACK_HOSTS = {"127.0.0.1", "::1", "[::1]", "localhost"}
 

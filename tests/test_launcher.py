@@ -89,7 +89,7 @@ def test_upstream_403_is_a_503_with_the_reason_and_no_playlist(stack):
     status, headers, body = first_request(stack.playlist_url(104))
     assert status == 503
     assert headers.get("Retry-After")
-    assert b"403 Forbidden" in body
+    assert body == b"channel 104: upstream refused: HTTP 403\n"
     assert not os.path.exists(files.playlist_path(stack.hls_dir, 104))
     assert files.stream_files(stack.hls_dir, 104) == []
     assert stack.redis.exists(keys.pid_key(104), keys.run_key(104)) == 0

@@ -110,7 +110,7 @@ def test_a_web_player_reads_why_a_channel_failed(stack):
     seen = {r["url"]: r for r in results}
     missing, refused, unusable = (seen[stack.playlist_url(c)] for c in (799999, 703, 704))
     assert missing["ok"] and missing["status"] == 404 and "channel 799999: no such channel" in missing["body"]
-    assert refused["ok"] and refused["status"] == 503 and "403" in refused["body"]
+    assert refused["ok"] and refused["status"] == 503 and "upstream refused: HTTP 403" in refused["body"]
     assert refused["retry_after"]
     assert unusable["ok"] and unusable["status"] == 422 and "channel 704" in unusable["body"]
 

@@ -17,6 +17,9 @@ from tests.conftest import REPO
 from tests.helpers import wait_for
 
 IGNORE_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"
+# A stream's FFmpeg that ignores SIGTERM: this Python, configured as `ffmpeg`, whose last
+# argument is the channel's playlist (what the identity proof looks at).
+AS_FFMPEG = {"ffmpeg": sys.executable}
 
 
 @pytest.fixture
@@ -46,10 +49,17 @@ def env(tmp_path, redis_server, redis_client):
                  timeout=20, message="FFmpeg's first segment")
         return process
 
+    def stubborn(channel):
+        process = spawn([sys.executable, "-c", IGNORE_TERM, files.playlist_path(str(hls), channel)])
+        wait_for(lambda: process_start_time(process.pid) is not None)
+        time.sleep(0.3)   # let it install its SIGTERM handler
+        return process
+
     class Env:
         pass
     e = Env()
     e.hls, e.redis, e.settings, e.spawn, e.ffmpeg = str(hls), redis_client, settings, spawn, ffmpeg
+    e.stubborn = stubborn
     e.url = redis_server.url
     yield e
     for process in processes:
@@ -109,12 +119,10 @@ def test_a_pid_that_belongs_to_an_unrelated_process_is_never_signalled(env):
 
 
 def test_a_start_between_the_decision_and_the_delete_keeps_its_keys(env):
-    old = env.spawn([sys.executable, "-c", IGNORE_TERM])
-    wait_for(lambda: process_start_time(old.pid) is not None)
-    time.sleep(0.3)   # let it install its SIGTERM handler
+    old = env.stubborn(5)
     record(env, 5, old, last_access=time.time() - 100)
     result = {}
-    worker = threading.Thread(target=lambda: result.update(s=Reaper(env.settings(stop_grace=2)).run_pass()))
+    worker = threading.Thread(target=lambda: result.update(s=Reaper(env.settings(stop_grace=2, **AS_FFMPEG)).run_pass()))
     worker.start()
     wait_for(lambda: env.redis.hget(keys.run_key(5), "state") == "stopping", message="the stop decision")
     new_process = env.spawn(["sleep", "300"])
@@ -207,14 +215,12 @@ def test_orphan_files_and_processes_are_removed(env):
 
 
 def test_two_reapers_at_once_do_not_double_stop(env):
-    stubborn = env.spawn([sys.executable, "-c", IGNORE_TERM])
-    wait_for(lambda: process_start_time(stubborn.pid) is not None)
-    time.sleep(0.3)
+    stubborn = env.stubborn(13)
     record(env, 13, stubborn, last_access=time.time() - 100)
     results = []
 
     def one_pass():
-        results.append(Reaper(env.settings(stop_grace=1.5)).run_pass())
+        results.append(Reaper(env.settings(stop_grace=1.5, **AS_FFMPEG)).run_pass())
     first = threading.Thread(target=one_pass)
     first.start()
     wait_for(lambda: env.redis.hget(keys.run_key(13), "state") == "stopping")
