@@ -35,7 +35,7 @@ from bench.servers import BenchRedis  # noqa: E402
 from streamstate import keys  # noqa: E402
 
 SUMMARY_RE = re.compile(r"lines read (\d+).*flushes (\d+), channels written (\d+).*; ([0-9.]+) s, (\d+) lines/s")
-OLD_DESIGN_RE = re.compile(rb'"GET /live/stream_(\d+)(?:\.m3u8|_\d+\.ts)')
+OLD_DESIGN_RE = re.compile(rb'GET "/live/stream_(\d+)(?:\.m3u8|_\d+\.ts)')
 
 
 def run_heartbeatd(redis_url: str, log_path: str, state_dir: str, viewer_window: float) -> dict:

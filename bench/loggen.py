@@ -29,8 +29,7 @@ AGENTS = (
 
 
 def streamkeeper_line(msec: float, status: int, uri: str, addr: str, token: str, agent: str) -> str:
-    query = f"?token={token}" if token != "-" else ""
-    return f'{msec:.3f} {status} "GET {uri}{query} HTTP/1.1" {addr} "{token}" "{agent}"\n'
+    return f'{msec:.3f} {status} GET "{uri}" {addr} "{token}" "{agent}"\n'
 
 
 def legacy_line(msec: float, status: int, uri: str, addr: str, token: str, agent: str) -> str:

@@ -112,6 +112,8 @@ class LocalStack:
             # The tests and benchmarks start dozens of `copy` streams of a 320x180 source
             # (about 1 % of a core each), far under what max_streams' default is sized for.
             "max_streams": 64,
+            # ... and fire a hundred first requests at once from one address.
+            "start_rate_limit": 0,
             **(settings or {}),
         }
         os.makedirs(os.path.dirname(self.settings["access_log"]), exist_ok=True)

@@ -30,22 +30,28 @@ from itertools import compress
 from operator import itemgetter
 from typing import Callable
 
+from streamstate.urls import ACCEL_PREFIX
+
 # Our own format, shipped in nginx/ and rendered into the nginx snippet.  The
 # fields heartbeatd reads come first and the viewer's fields last, so a line
 # is parsed no further than needed.  $msec is the request's own time;
 # $arg_token is hashed before it is kept anywhere.
-STREAMKEEPER_LOG_FORMAT = '$msec $status "$request" $remote_addr "$arg_token" "$http_user_agent"'
+STREAMKEEPER_LOG_FORMAT = ('$msec $status $request_method "$uri" $remote_addr "$arg_token" '
+                           '"$http_user_agent"')
 
 TIME_VARIABLES = ("msec", "time_iso8601", "time_local")
 REQUEST_VARIABLES = ("request", "request_uri", "uri")
 VIEWER_VARIABLES = ("arg_token", "remote_addr", "http_user_agent")
 MAX_CHANNEL_ID_DIGITS = 18
 
-# A viewing path: /live/stream_<id>.m3u8 or /live/stream_<id>_<seq>.<ts|m4s|mp4|aac>
+# A viewing path: /live/stream_<id>.m3u8 or /live/stream_<id>_<seq>.<ts|m4s|mp4|aac>,
+# or the internal path nginx serves a cold start's playlist from (urls.ACCEL_PREFIX:
+# clients cannot get a 2xx there, so such a line is a first viewer's playlist).
 # The second group is b"8" for a playlist, b"" for a segment: viewers are counted
 # from playlist requests only (a player fetches its playlist with the token and
 # its segments without; counting both would count every player twice).
-_VIEW_PATH = rb"/live/stream_([0-9]++)(?:\.m3u(8)|_[0-9]++\.(?:ts|m4s|mp4|aac))"
+_VIEW_PATH = (rb"(?:/live/|" + re.escape(ACCEL_PREFIX.encode()) +
+              rb")stream_([0-9]++)(?:\.m3u(8)|_[0-9]++\.(?:ts|m4s|mp4|aac))")
 
 _TIME_PATTERNS = {
     "msec": rb"[0-9]++\.[0-9]++",
@@ -54,6 +60,8 @@ _TIME_PATTERNS = {
 }
 
 MAX_MEMBER_CACHE = 100_000
+# With $request_method in the format, only these count (an OPTIONS preflight is not watching).
+VIEWING_METHODS = rb"(?:GET|HEAD)"
 
 _VARIABLE_RE = re.compile(r"\$\{([A-Za-z0-9_]+)\}|\$([A-Za-z0-9_]+)")
 
@@ -70,7 +78,7 @@ class ChunkResult:
     matched: int = 0          # viewing requests (channel, 2xx/304)
     other: int = 0            # well-formed lines that are not viewing requests
     malformed: int = 0
-    bad_channel: int = 0      # viewing path with a channel id over 18 digits
+    bad_channel: int = 0      # viewing path with a channel id that is not canonical
     newest_time: float = 0.0  # newest request time among matched lines
     # channel id (str) -> newest request time (epoch seconds)
     channel_times: dict = dataclasses.field(default_factory=dict)
@@ -202,7 +210,9 @@ class LogLineParser:
                 continue
             generic = _TIME_PATTERNS.get(value) or _field_pattern(tokens, index)
             other_parts.append(rb"[0-9]{3}" if value == "status" else generic)
-            if value not in needed or first_index[value] != index:
+            if value == "request_method":
+                view_parts.append(VIEWING_METHODS)     # a preflight is not watching
+            elif value not in needed or first_index[value] != index:
                 view_parts.append(generic)
             elif value == self.time_variable:
                 group_names.append("time")

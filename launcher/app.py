@@ -14,13 +14,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from streamstate import files, keys
 from streamstate.channels import Channel, ChannelError, channel_from_dict, put_channel
 
-from .nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER
-from .service import ChannelNotFound, Launcher
+from .nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, QUERY_HEADER
+from .service import FAILED_START_COOLDOWN, ChannelNotFound, Launcher
 from .supervisor import StartFailed
 
 log = logging.getLogger("streamkeeper.launcher")
 
-RETRY_AFTER = "5"
+RETRY_AFTER = str(int(FAILED_START_COOLDOWN))     # a failed channel is not retried sooner
 
 
 def _json(data, status: int = 200, **headers) -> web.Response:
@@ -40,10 +40,11 @@ def _error(request: web.Request, status: int, message: str, **headers) -> web.Re
     return _json({"status": "error", "error": message}, status, **headers)
 
 
-# The player's query string (?token=...) rides on the internal redirect, so nginx logs
-# $arg_token for the first request too.  Only URI query characters, and not too long;
-# anything else is dropped, never passed on.
-_SAFE_QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]{1,2048}")
+# The player's query string (?token=...), as nginx received it (X-Streamkeeper-Query: $args,
+# undecoded), rides on the internal redirect, so nginx logs the same $arg_token for the first
+# request as for the later ones.  Only URI query characters, at most what fits in nginx's
+# request line; anything else is dropped, never passed on.
+_SAFE_QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]{1,8192}")
 
 
 def accel_target(channel_id: str, query_string: str) -> str:
@@ -90,7 +91,7 @@ async def _start_response(request: web.Request, channel_id: str, channel: Channe
     if _for_player(request):
         # nginx serves the file as the answer to the player's own request: no redirect it sees.
         return web.Response(status=200, headers={
-            "X-Accel-Redirect": accel_target(channel_id, request.query_string)})
+            "X-Accel-Redirect": accel_target(channel_id, request.headers.get(QUERY_HEADER, ""))})
     _warn_if_old_nginx_config(request)
     supervisor = launcher.supervisors.get(channel_id)
     return _json({"status": status, "channel_id": channel_id,
@@ -204,8 +205,8 @@ def make_app(settings) -> web.Application:
     launcher = Launcher(settings)
     app["launcher"] = launcher
     app["registry"] = _registry(launcher)
-    app.router.add_route("GET", "/channel/{channel_id}/start", start_channel)
-    app.router.add_route("POST", "/channel/{channel_id}/start", start_channel)
+    app.router.add_get("/channel/{channel_id}/start", start_channel)     # HEAD too
+    app.router.add_post("/channel/{channel_id}/start", start_channel)
     app.router.add_post("/channel/{channel_id}/stop", stop_channel)
     app.router.add_get("/streams", streams)
     app.router.add_get("/healthz", healthz)

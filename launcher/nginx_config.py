@@ -9,25 +9,30 @@ import math
 import re
 from importlib import resources
 
-# Where the launcher's X-Accel-Redirect sends nginx for a cold start's answer: an
-# `internal` location of the rendered snippet that serves the playlist file.
-ACCEL_PREFIX = "/_streamkeeper/playlist/"
-# The request header nginx's @start_stream sets: "answer a player, with X-Accel-Redirect".
-ACCEL_REQUEST_HEADER = "X-Streamkeeper-Accel"
+from heartbeatd.logformat import LogLineParser
+from streamstate.keys import CHANNEL_ID_PATTERN
+from streamstate.urls import ACCEL_PREFIX
 
-# On every answer under /live/, errors included (`always`), for web players on other origins.
-CORS_HEADERS = (
+# Request headers nginx's @start_stream sets: "answer a player, with X-Accel-Redirect", and
+# the player's query string as nginx received it ($args).
+ACCEL_REQUEST_HEADER = "X-Streamkeeper-Accel"
+QUERY_HEADER = "X-Streamkeeper-Query"
+
+# On every answer under /live/, errors included (`always`): CORS for web players on other
+# origins, and nosniff (a body is only ever what its Content-Type says).
+ANSWER_HEADERS = (
     'add_header Access-Control-Allow-Origin "*" always;',
     'add_header Access-Control-Allow-Methods "GET, HEAD, OPTIONS" always;',
     'add_header Access-Control-Allow-Headers "Range, Origin, Accept" always;',
     'add_header Access-Control-Expose-Headers "Content-Length, Content-Range, Retry-After" always;',
     'add_header Access-Control-Max-Age 86400 always;',
+    'add_header X-Content-Type-Options nosniff always;',
 )
 # A playlist, whether a plain file hit or the answer to a cold start.
 PLAYLIST_HEADERS = (
     "types { application/vnd.apple.mpegurl m3u8; }",
     'add_header Cache-Control "no-cache, no-store, must-revalidate" always;',
-    *CORS_HEADERS,
+    *ANSWER_HEADERS,
 )
 
 
@@ -36,15 +41,21 @@ def shipped_file(name: str) -> str:
     return resources.files("streamstate").joinpath("nginx", name).read_text(encoding="utf-8")
 
 
-def log_format_directive() -> str:
-    text = shipped_file("streamkeeper-log-format.conf")
-    return next(line for line in text.splitlines() if line.startswith("log_format"))
+def log_format_directive(log_format: str = "streamkeeper") -> str:
+    """The log_format heartbeatd parses, named streamkeeper: ours, or the setting's format."""
+    if log_format == "streamkeeper":
+        text = shipped_file("streamkeeper-log-format.conf")
+        return next(line for line in text.splitlines() if line.startswith("log_format"))
+    fmt = LogLineParser(log_format).format        # refuses what heartbeatd cannot parse
+    if "'" in fmt or "\n" in fmt:
+        raise ValueError("log_format: a format with a single quote or a newline cannot be rendered")
+    return f"log_format streamkeeper '{fmt}';"
 
 
 def render_nginx_config(settings) -> str:
     return fill(shipped_file("streamkeeper.conf.template"), dict(
         config_source=settings.config_path or "built-in defaults",
-        log_format_directive=log_format_directive(),
+        log_format_directive=log_format_directive(settings.log_format),
         launcher_listen=settings.launcher_listen,
         nginx_listen=settings.nginx_listen,
         access_log=settings.access_log,
@@ -53,9 +64,31 @@ def render_nginx_config(settings) -> str:
         start_timeout=f"{float(settings.start_timeout):g}",
         proxy_read_timeout=int(math.ceil(float(settings.start_timeout))) + 10,
         accel_prefix=ACCEL_PREFIX,
-        cors_headers=CORS_HEADERS,
+        accel_request_header=ACCEL_REQUEST_HEADER,
+        query_header=QUERY_HEADER,
+        channel_id=CHANNEL_ID_PATTERN,
+        answer_headers=ANSWER_HEADERS,
         playlist_headers=PLAYLIST_HEADERS,
+        start_rate_burst=START_RATE_BURST,
+        **start_rate_limit(int(settings.start_rate_limit)),
     ))
+
+
+START_RATE_BURST = 10     # cold starts an address may make at once (a household zapping)
+
+
+def start_rate_limit(per_minute: int) -> dict:
+    """nginx's limit_req on cold starts, per client address; nothing at 0."""
+    if not per_minute:
+        return {"start_rate_zone": (), "start_rate_limit": ()}
+    return {
+        "start_rate_zone": (
+            f"limit_req_zone $binary_remote_addr zone=streamkeeper_starts:10m rate={per_minute}r/m;",),
+        "start_rate_limit": (
+            f"limit_req zone=streamkeeper_starts burst={START_RATE_BURST} nodelay;",
+            "limit_req_status 429;",
+            "error_page 429 = @streamkeeper_too_many_starts;"),
+    }
 
 
 def fill(template: str, values: dict) -> str:
@@ -70,6 +103,6 @@ def fill(template: str, values: dict) -> str:
             raise KeyError(f"nginx template: no value for {{{{{name}}}}}")
         found = values[name]
         if isinstance(found, tuple):
-            return "\n".join(indent + line for line in found)
+            return "\n".join(indent + line for line in found) if found else indent + "# (none)"
         return indent + str(found)
     return re.sub(r"([ \t]*)\{\{([a-z_]+)\}\}", value, template)

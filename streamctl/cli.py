@@ -56,13 +56,19 @@ def config_command(settings_loader, as_json):
 def nginx_config_command(settings_loader, output):
     """Print the nginx conf.d snippet rendered from the settings.
 
+    Exit codes: 0 rendered, 2 a setting cannot be rendered (the line says which).
+
     It holds the log_format heartbeatd parses and a server block on
     nginx_listen whose /live/ location logs to access_log and falls back to
     the launcher at launcher_listen. Include it in nginx's http {} block, then
     `nginx -t && nginx -s reload`.
     """
     from launcher.nginx_config import render_nginx_config
-    text = render_nginx_config(settings_loader())
+    try:
+        text = render_nginx_config(settings_loader())
+    except ValueError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
     if not output:
         click.echo(text, nl=False)
         return

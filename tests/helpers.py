@@ -25,9 +25,8 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.05, message: 
 
 def sk_line(ts: float, uri: str, status: int = 200, addr: str = "127.0.0.1",
             token: str = "-", agent: str = "VLC/3.0.20", method: str = "GET") -> str:
-    """A line in the streamkeeper log_format."""
-    query = f"?token={token}" if token != "-" else ""
-    return f'{ts:.3f} {status} "{method} {uri}{query} HTTP/1.1" {addr} "{token}" "{agent}"\n'
+    """A line in the streamkeeper log_format ($uri: the path only, no query)."""
+    return f'{ts:.3f} {status} {method} "{uri}" {addr} "{token}" "{agent}"\n'
 
 
 LEGACY_FORMAT = ('$remote_addr - [$time_local] "$request" $status $body_bytes_sent '

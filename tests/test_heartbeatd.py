@@ -174,7 +174,8 @@ def test_live_request_reaches_redis_and_sigterm_exits_cleanly(setup, daemons, re
     append(setup["log"], sk_line(stamp, "/live/stream_21.m3u8", token="t1"))
     wait_for(lambda: float(r.get(keys.last_access_key(21))) == pytest.approx(stamp, abs=0.001),
              message="last_access to follow the request")
-    assert r.exists(keys.host_key(socket.gethostname())) == 1     # this host is alive
+    wait_for(lambda: r.exists(keys.host_key(socket.gethostname())) == 1,   # this host is alive
+             message="heartbeatd to refresh its host key after the flush")
     assert daemon.stop(signal.SIGTERM) == 0
     assert "SIGTERM received" in daemon.output()
     assert os.path.exists(checkpoint_path(str(setup["state"]), str(setup["log"])))

@@ -89,7 +89,7 @@ def test_rendered_nginx_config_passes_nginx_t(redis_server, tmp_path):
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "listen 127.0.0.1:18123;" in text and "server 127.0.0.1:15123;" in text
-    assert "proxy_read_timeout 35s;" in text and f"root {tmp_path / 'hls'};" in text
+    assert "proxy_read_timeout 35s;" in text and f"alias {tmp_path / 'hls'}/$1;" in text
     assert f"access_log {tmp_path / 'a.log'} streamkeeper buffer=32k flush=1s;" in text
     (tmp_path / "sk.conf").write_text(text)
     (tmp_path / "nginx.conf").write_text(f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
