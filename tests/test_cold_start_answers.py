@@ -21,6 +21,10 @@ VOLATILE = {"Date", "Last-Modified", "ETag", "Content-Length", "Connection", "Ac
 def raw_request(port: int, target: str, headers: dict | None = None, method: str = "GET"):
     """A request whose target goes on the wire exactly as given (no client-side normalising)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection._validate_path = lambda url: None               # let raw bytes through
+    connection._validate_method = lambda method: None
+    connection._validate_host = lambda host: None
+    connection._encode_request = lambda request: request.encode("latin-1")   # raw bytes, as sent
     try:
         connection.putrequest(method, target, skip_accept_encoding=True)
         for name, value in (headers or {}).items():
@@ -103,10 +107,10 @@ def test_a_preflight_is_answered_and_starts_nothing(stack):
 
 
 def test_a_launcher_that_is_down_still_answers_with_cors(tmp_path, rendered_nginx):
-    """nginx's own 502 (nothing listens at launcher_listen) reaches a web player too."""
+    """nginx's own answer (nothing listens at launcher_listen) reaches a web player too."""
     nginx = rendered_nginx({"launcher_listen": f"127.0.0.1:{free_port()}"})
     status, headers, _ = first_request(nginx.url("/live/stream_5.m3u8"), ORIGIN)
-    assert status == 502
+    assert status == 503
     assert_cors(headers)
 
 
@@ -177,3 +181,101 @@ def test_an_old_nginx_snippet_gets_json_and_one_warning(stack):
 def test_rendered_snippet_has_no_placeholders_left():
     text = render_nginx_config(load_settings(environ={}))
     assert "{{" not in text and "X-Accel-Redirect" in text and "internal;" in text
+
+
+def test_head_on_a_cold_channel_starts_it(stack):
+    add_channel(stack, 611)
+    status, headers, body = first_request(stack.playlist_url(611), ORIGIN, method="HEAD")
+    assert status == 200 and body == b""
+    assert headers["Content-Type"] == "application/vnd.apple.mpegurl"
+    assert_cors(headers)
+    assert ffmpegs_writing(stack, 611)
+    assert first_request(stack.playlist_url(699991), method="HEAD")[0] == 404
+
+
+def test_byte_ranges_never_give_206_or_416(stack):
+    """A 416 repeated every add_header (browsers refuse '*, *'); playlists and segments are
+    always sent whole."""
+    add_channel(stack, 612)
+    status, headers, body = first_request(stack.playlist_url(612), {**ORIGIN, "Range": "bytes=0-"})
+    assert status == 200 and b"#EXTINF" in body
+    segment = next(os.path.basename(p) for p in files.stream_files(stack.hls_dir, 612) if p.endswith(".ts"))
+    for path in (f"/live/stream_612.m3u8", f"/live/{segment}"):
+        connection = http.client.HTTPConnection("127.0.0.1", stack.nginx_port, timeout=30)
+        connection.request("GET", path, headers={**ORIGIN, "Range": "bytes=99999999-"})
+        response = connection.getresponse()
+        response.read()
+        allow = response.headers.get_all("Access-Control-Allow-Origin")
+        connection.close()
+        assert response.status == 200 and allow == ["*"], (path, response.status, allow)
+
+
+@pytest.mark.parametrize("query", ["token=a+b", "token=a%20b", "token=%C3%A9t%C3%A9", "token=%2541"])
+def test_the_cold_line_and_later_lines_carry_the_same_token(stack, query):
+    """The query string reaches the internal redirect undecoded: one player, one viewer."""
+    channel = 613 + ["token=a+b", "token=a%20b", "token=%C3%A9t%C3%A9", "token=%2541"].index(query)
+    add_channel(stack, channel)
+    for _ in range(2):
+        assert first_request(stack.playlist_url(channel, "?" + query))[0] == 200
+
+    def tokens():
+        with open(stack.settings["access_log"], errors="replace") as handle:
+            return [line.rsplit('"', 4)[1] for line in handle if f'"/live/stream_{channel}.m3u8"' in line
+                    or f"stream_{channel}.m3u8\" " in line and "_streamkeeper" in line]
+    seen = wait_for(lambda: len(t := tokens()) >= 2 and t, timeout=10, message="both log lines")
+    assert len(set(seen)) == 1 and seen[0] != "-", seen
+
+
+def test_raw_utf8_in_the_query_still_starts_the_channel(stack):
+    add_channel(stack, 617)
+    status, _, body = raw_request(stack.nginx_port, "/live/stream_617.m3u8?token=\xc3\xa9")  # raw UTF-8 é
+    assert status == 200 and b"#EXTINF" in body
+
+
+def test_what_the_launcher_refuses_is_never_quoted_back(stack):
+    add_channel(stack, 618)
+    status, headers, body = raw_request(stack.nginx_port, "/live/stream_618.m3u8", {
+        "X-A": "\x01<b>hi</b>", **{f"X-Pad-{n}": "x" for n in range(150)}})
+    assert b"<b>" not in body and b"hi" not in body
+    assert status in (200, 400)
+    assert headers.get("X-Content-Type-Options") == "nosniff"
+
+
+@pytest.mark.parametrize("method, expected", [("POST", 405), ("FOO", 405), ("DELETE", 405)])
+def test_only_get_and_head_start_a_channel(stack, method, expected):
+    add_channel(stack, 619)
+    status, headers, _ = raw_request(stack.nginx_port, "/live/stream_619.m3u8", method=method)
+    assert status == expected
+    assert_cors(headers)
+    assert not ffmpegs_writing(stack, 619)
+
+
+@pytest.mark.parametrize("target", ["/live/stream_620.m3u8%0a", "/live/stream_620.m3u8%0A",
+                                    "/live/stream_0620.m3u8", "/live/stream_620_1.ts%0a"])
+def test_paths_nginx_would_alias_are_refused(stack, target):
+    add_channel(stack, 620)
+    status, headers, _ = raw_request(stack.nginx_port, target)
+    assert status == 404
+    assert_cors(headers)
+    assert not ffmpegs_writing(stack, 620)
+
+
+def test_nginx_own_errors_carry_cors_and_one_line_reasons(rendered_nginx):
+    nginx = rendered_nginx({"launcher_listen": f"127.0.0.1:{free_port()}"})
+    status, headers, body = raw_request(nginx.port, "/live/stream_5.m3u8?t=" + "x" * 9000)
+    assert status == 414
+    assert_cors(headers)
+    status, headers, body = first_request(nginx.url("/live/stream_5.m3u8"), ORIGIN)
+    assert (status, body) == (503, b"stream launcher unavailable; retry shortly\n")
+    assert headers.get("Retry-After") and headers["Content-Type"].startswith("text/plain")
+
+
+def test_cold_starts_are_rate_limited_per_address(rendered_nginx):
+    nginx = rendered_nginx({"launcher_listen": f"127.0.0.1:{free_port()}", "start_rate_limit": 6})
+    statuses = [first_request(nginx.url(f"/live/stream_{n}.m3u8"), ORIGIN) for n in range(1, 16)]
+    limited = [(s, h, b) for s, h, b in statuses if s == 429]
+    assert len(limited) >= 4                                 # burst 10, then 1 per 10 s
+    status, headers, body = limited[0]
+    assert body == b"too many channel starts from your address; retry shortly\n"
+    assert headers.get("Retry-After")
+    assert_cors(headers)
