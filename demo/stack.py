@@ -207,16 +207,21 @@ class LocalStack:
                 process.wait()
 
     def launcher_json(self, path: str, method: str = "GET", body: dict | None = None):
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.launcher_url(path), data=data, method=method,
-                                         headers={"Accept": "application/json",
-                                                  "Content-Type": "application/json"})
+        return json_request(self.launcher_url(path), method, body)
+
+
+def json_request(url: str, method: str = "GET", body: dict | None = None):
+    """(status, decoded JSON or text) of one request that asks for JSON."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Accept": "application/json",
+                                              "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        payload = exc.read()
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            payload = exc.read()
-            try:
-                return exc.code, json.loads(payload)
-            except ValueError:
-                return exc.code, payload.decode(errors="replace")
+            return exc.code, json.loads(payload)
+        except ValueError:
+            return exc.code, payload.decode(errors="replace")

@@ -152,10 +152,12 @@ async def legacy_start(request: web.Request) -> web.Response:
     channel = None
     if data.get("source_url"):
         try:
-            keys.check_channel_id(channel_id)
             channel = channel_from_dict(channel_id, {k: v for k, v in data.items() if k != "channel_id"})
-        except (keys.InvalidChannelId, ChannelError) as exc:
+        except keys.InvalidChannelId as exc:
             return _json({"status": "error", "error": str(exc)}, 400)
+        except ChannelError as exc:
+            log.error("%s (legacy route; nothing stored)", exc)
+            return _json({"status": "error", "error": str(exc)}, 422)
         await request.app["launcher"].redis_call(put_channel, channel)
     return await _start_response(request, channel_id, channel)
 

@@ -251,7 +251,7 @@ class StreamSupervisor:
         playlist = files.playlist_path(self.settings.hls_dir, self.id)
         stall_after = max(3 * float(self.settings.hls_time), 6.0)
         pace = PaceMeter()
-        checks = 0
+        checks = empty_checks = 0
         while not self._stop_requested:
             try:
                 await asyncio.wait_for(asyncio.shield(self.process.wait()), WATCH_INTERVAL)
@@ -269,9 +269,20 @@ class StreamSupervisor:
                 self.failure = "stalled"
                 self.last_error = f"stalled: playlist not updated for {age:.0f} s"
                 return self.last_error
-            if self.disk_full:
-                self._note_failure("disk full")
+            if self.disk_full or files.free_mb(self.settings.hls_dir) == 0:
+                # FFmpeg writes empty playlists and truncated segments on a full disk, and
+                # says nothing (seen with 5.1): under 1 MB free ends the stream.
+                self.failure = "disk full"
+                self.last_error = f"disk full: under 1 MB free in {self.settings.hls_dir}"
                 return self.last_error
+            if os.path.exists(playlist) and files.count_listed_segments(playlist) == 0:
+                empty_checks += 1
+                if empty_checks >= 2:             # FFmpeg replaces it whole: never empty twice
+                    self.failure = "playlist empty"
+                    self.last_error = "playlist empty: it lists no segment (write error?)"
+                    return self.last_error
+            else:
+                empty_checks = 0
             self._judge_pace(pace.update(files.playlist_media(playlist), time.monotonic()))
             checks += 1
             if checks % 4 == 0 and not await self._still_wanted():

@@ -11,7 +11,7 @@ import tempfile
 import pytest
 import redis
 
-from demo.stack import LocalStack, port_open, toml_value, write_nginx_conf
+from demo.stack import LocalStack, json_request, port_open, toml_value, write_nginx_conf
 from tests.helpers import ffmpeg_processes, free_port, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,3 +246,58 @@ def rendered_nginx(tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+class ExtraLauncher:
+    """A second stream-launcher on the stack's Redis, with settings of the test's own
+    (max_streams, profiles, hls_dir ...), reached directly on its own port."""
+
+    def __init__(self, stack, directory: str, overrides: dict):
+        self.port = free_port()
+        values = {**stack.settings, "launcher_listen": f"127.0.0.1:{self.port}", **overrides}
+        self.settings = values
+        self.hls_dir = values["hls_dir"]
+        os.makedirs(self.hls_dir, exist_ok=True)
+        config = os.path.join(directory, "launcher.toml")
+        with open(config, "w") as handle:
+            handle.writelines(f"{key} = {toml_value(value)}\n" for key, value in values.items())
+        self.log_path = os.path.join(directory, "launcher.log")
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "launcher", "--config", config],
+                                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.process.poll() is None and port_open(self.port), timeout=20,
+                 message="the extra launcher to listen")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def json(self, path: str, method: str = "GET", body: dict | None = None):
+        return json_request(self.url(path), method, body)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as handle:
+            return handle.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def extra_launcher(stack, tmp_path):
+    started: list[ExtraLauncher] = []
+
+    def start(**overrides) -> ExtraLauncher:
+        directory = tmp_path / f"launcher{len(started)}"
+        directory.mkdir()
+        launcher = ExtraLauncher(stack, str(directory), overrides)
+        started.append(launcher)
+        return launcher
+    yield start
+    for launcher in started:
+        launcher.stop()

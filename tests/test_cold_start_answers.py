@@ -200,7 +200,7 @@ def test_byte_ranges_never_give_206_or_416(stack):
     status, headers, body = first_request(stack.playlist_url(612), {**ORIGIN, "Range": "bytes=0-"})
     assert status == 200 and b"#EXTINF" in body
     segment = next(os.path.basename(p) for p in files.stream_files(stack.hls_dir, 612) if p.endswith(".ts"))
-    for path in (f"/live/stream_612.m3u8", f"/live/{segment}"):
+    for path in ("/live/stream_612.m3u8", f"/live/{segment}"):
         connection = http.client.HTTPConnection("127.0.0.1", stack.nginx_port, timeout=30)
         connection.request("GET", path, headers={**ORIGIN, "Range": "bytes=99999999-"})
         response = connection.getresponse()

@@ -162,7 +162,7 @@ def test_legacy_routes_keep_working(stack):
     assert status == 200 and body["status"] == "stopped"
     assert not ffmpegs_writing(stack, 110)
     status, body = stack.launcher_json("/api/stream/start", "POST", {"channel_id": "110", "source_url": "file:///etc/passwd"})
-    assert status == 400
+    assert status == 422
 
 
 def test_a_killed_ffmpeg_is_restarted_while_wanted(stack):

@@ -255,3 +255,51 @@ def test_service_mode_runs_passes_on_a_cadence_and_exits_on_sigterm(env, daemons
     assert env.redis.exists(keys.host_key("host-a")) == 1
     assert daemon.stop() == 0
     assert "SIGTERM received" in daemon.output()
+
+
+def test_a_forged_record_with_a_real_start_time_signals_nothing(env):
+    """A run record naming an unrelated process with its true start time: not the configured
+    FFmpeg writing this channel's playlist, so stale, never signalled."""
+    sleeper = env.spawn(["sleep", "300"])
+    wait_for(lambda: process_start_time(sleeper.pid) is not None)
+    record(env, 16, sleeper, last_access=time.time() - 100)          # pid_start: the real one
+    summary = Reaper(env.settings()).run_pass()
+    assert (summary.stale, summary.stopped) == (1, 0)
+    assert alive(sleeper)
+
+
+def test_a_legacy_record_is_proven_by_the_output_argument_not_any_argument(env):
+    """Channel 53's FFmpeg mentions stream_51.m3u8 (in its metadata); a legacy record of 51
+    pointing at it must not get channel 53 killed."""
+    decoy = files.playlist_path(env.hls, 51)
+    ff = env.spawn(["ffmpeg", "-nostdin", "-re", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=10",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-g", "10", "-metadata", f"title={decoy}",
+                    "-f", "hls", "-hls_time", "1", "-hls_list_size", "3",
+                    "-hls_segment_filename", files.segment_pattern(env.hls, 53),
+                    files.playlist_path(env.hls, 53)])
+    wait_for(lambda: files.count_listed_segments(files.playlist_path(env.hls, 53)) >= 1, timeout=20)
+    record(env, 53, ff, last_access=time.time())                      # 53 is watched
+    env.redis.set(keys.pid_key(51), ff.pid)
+    env.redis.set(keys.last_access_key(51), "1000.0")
+    summary = Reaper(env.settings()).run_pass()
+    assert (summary.stale, summary.stopped, summary.kept) == (1, 0, 1)
+    assert alive(ff) and env.redis.exists(keys.pid_key(51)) == 0
+
+
+def test_a_process_is_held_by_pidfd_before_it_is_proven():
+    """The proof and the signal reach the same process: a handle opens only on proof, and
+    signals through its pidfd."""
+    from streamstate.process import ProcessHandle, StreamProcess, resolve_executable
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "/tmp/hls/stream_1.m3u8"])
+    try:
+        start = process_start_time(process.pid)
+        python = resolve_executable(sys.executable)
+        assert ProcessHandle.open_proven(process.pid, StreamProcess(python, "/tmp/hls/stream_2.m3u8", start)) is None
+        assert ProcessHandle.open_proven(process.pid, StreamProcess(python, "/tmp/hls/stream_1.m3u8", start + 1)) is None
+        assert ProcessHandle.open_proven(process.pid, StreamProcess("/usr/bin/ffmpeg", "/tmp/hls/stream_1.m3u8", start)) is None
+        with ProcessHandle.open_proven(process.pid, StreamProcess(python, "/tmp/hls/stream_1.m3u8", start)) as handle:
+            assert handle.signal(signal.SIGTERM)
+            assert handle.exited(10)
+    finally:
+        process.kill()
+        process.wait()

@@ -71,3 +71,42 @@ def test_streamctl_config_bad_value_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "viewer_window" in result.stderr
+
+
+def test_a_profile_in_the_file_replaces_only_its_namesake(tmp_path):
+    """Finding 12: [quality_profiles.low] alone keeps copy, medium (the default) and high."""
+    config = write(tmp_path / "sk.toml", '[quality_profiles.low]\nvideo = ["-c:v", "libx264"]\n'
+                                         'audio = ["-c:a", "aac"]\n')
+    settings = load_settings(config, environ={})
+    assert set(settings.quality_profiles) == {"copy", "low", "medium", "high"}
+    assert settings.quality_profiles["low"]["video"] == ["-c:v", "libx264"]
+    assert settings.quality_profiles["medium"]["video"][:2] == ["-c:v", "libx264"]
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[quality_profiles.low]\nvideo = ["-c:v", 5]\n', "quality_profiles"),
+    ('[quality_profiles.low]\nvideo = ["-vf", "scale=1\\u0000"]\n', "quality_profiles"),
+    ('[quality_profiles."bad name"]\nvideo = []\n', "quality_profiles"),
+    ('[quality_profiles.low]\nanalyzeduration = "soon"\n', "quality_profiles"),
+    ('[quality_profiles.low]\ncrf = 23\n', "quality_profiles"),
+    ('user_agent = "UA\\r\\nX-Injected: 1"\n', "user_agent"),
+    ('max_streams = -1\n', "max_streams"),
+    ('tls_ca_file = "relative.pem"\n', "tls_ca_file"),
+])
+def test_bad_values_in_lists_and_tables_stop_the_program_at_load(tmp_path, text, key):
+    config = write(tmp_path / "sk.toml", text)
+    with pytest.raises(SettingsError, match=f"setting {key}"):
+        load_settings(config, environ={})
+    result = subprocess.run([sys.executable, "-m", "streamctl", "config", "--config", config], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and key in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_channel_without_quality_starts_with_only_low_defined(stack, extra_launcher, tmp_path):
+    """Finding 12, end to end: the default quality (medium) is still there."""
+    low = {"low": {"video": ["-c:v", "copy"], "audio": ["-c:a", "copy"]}}
+    launcher = extra_launcher(hls_dir=str(tmp_path / "hls"), quality_profiles=json.dumps(low))
+    stack.redis.set("channel:830", json.dumps({"source_url": stack.upstream_url("ch830")}))
+    status, body = launcher.json("/channel/830/start", "POST")
+    assert status == 200, body
+    launcher.json("/channel/830/stop", "POST")

@@ -1,0 +1,292 @@
+"""Hostile channel records, viewers and Redis contents (issue: hardening), each against the
+real stack: redis-server, nginx with the rendered snippet, the launcher and FFmpeg.
+
+"A service an attacker targets" is a loopback TCP listener that records the raw bytes it
+receives: FFmpeg's request must be exactly what a valid record asks for, never more."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import urllib.parse
+
+import pytest
+
+from heartbeatd.logformat import LogLineParser
+from streamstate import keys, runs
+from tests.conftest import REPO
+from tests.helpers import add_channel, ffmpegs_writing, first_request, wait_for
+
+SECRET = "S3cretPass"
+
+
+class RecordingListener:
+    """Accepts connections on loopback, records every byte, answers nothing useful."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.received = bytearray()
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            connection.settimeout(2)
+            try:
+                while chunk := connection.recv(65536):
+                    self.received += chunk
+                    if b"\r\n\r\n" in self.received:
+                        connection.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                        break
+            except OSError:
+                pass
+            finally:
+                connection.close()
+
+    def url(self, path="/live/x.ts") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self):
+        self.server.close()
+
+
+@pytest.fixture
+def listener():
+    recorder = RecordingListener()
+    yield recorder
+    recorder.close()
+
+
+def streamctl(stack, *args):
+    return subprocess.run([sys.executable, "-m", "streamctl", *args, "--config", stack.config_path],
+                          cwd=REPO, capture_output=True, text=True, timeout=90)
+
+
+INJECTIONS = [
+    ("user_agent", "x\r\nSET pwned_ua 1"),
+    ("referer", "http://r.example/\nSET pwned_ref 1"),
+    ("headers", {"X-Ok": "v\r\nSET pwned_hdr 1"}),
+    ("headers", {"Bad Name": "v"}),
+    ("headers", {"X-Nul": "a\x00b"}),
+    ("headers", {"X-Tab": "a\tb"}),
+    ("headers", {"Content-Length": "0"}),
+    ("user_agent", "del\x7f"),
+    ("proxy", "http://127.0.0.1:3128/\r\nX: y"),
+]
+
+
+@pytest.mark.parametrize("field, value", INJECTIONS)
+def test_control_characters_never_reach_ffmpeg(stack, listener, field, value):
+    """Finding 1: a record with CR/LF (or any control character, or a header name that is not
+    a token) is refused by the launcher with 422 naming the field; FFmpeg never connects."""
+    stack.redis.set(keys.channel_key(501), json.dumps({"source_url": listener.url(), "quality": "copy",
+                                                       field: value}))
+    status, headers, body = first_request(stack.playlist_url(501))
+    assert status == 422, body
+    named = "header" if field == "headers" else field
+    assert body.startswith(b"channel 501: ") and named.encode() in body
+    assert listener.connections == 0 and not ffmpegs_writing(stack, 501)
+
+
+def test_the_legacy_route_refuses_injections_and_stores_nothing(stack, listener):
+    for field, value in INJECTIONS[:3]:
+        status, body = stack.launcher_json("/api/stream/start", "POST", {
+            "channel_id": "502", "source_url": listener.url(), "quality": "copy", field: value})
+        assert status == 422 and "channel 502" in body["error"]
+    assert stack.redis.exists(keys.channel_key(502)) == 0
+    assert listener.connections == 0
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--user-agent", "x\r\nSET pwned 1"], "user_agent"),
+    (["--referer", "a\nb"], "referer"),
+    (["--header", "X-A: v\rSET pwned 1"], "header X-A"),
+    (["--header", "Bad Name: v"], "header name"),
+])
+def test_streamctl_refuses_injections(stack, listener, args, field):
+    result = streamctl(stack, "channels", "add", "503", listener.url(), *args)
+    assert result.returncode == 2 and "channel 503" in result.stderr and field in result.stderr
+    assert stack.redis.exists(keys.channel_key(503)) == 0
+
+
+def test_a_valid_record_sends_exactly_its_headers(stack, listener):
+    """The positive side: what a record asks for arrives as single header lines."""
+    add_channel(stack, 504, source_url=listener.url("/live/u/p/504.ts"), user_agent="UA/1 (x)",
+                referer="http://r.example/", headers={"X-Key": "v1"})
+    assert first_request(stack.playlist_url(504))[0] == 503
+    request = bytes(listener.received).split(b"\r\n\r\n")[0].decode()
+    lines = request.split("\r\n")
+    assert lines[0] == "GET /live/u/p/504.ts HTTP/1.1"
+    assert "User-Agent: UA/1 (x)" in lines and "Referer: http://r.example/" in lines
+    assert "X-Key: v1" in lines
+    assert all(":" in line for line in lines[1:])
+
+
+def test_m3u_import_skips_hostile_entries_and_keeps_the_rest(stack, tmp_path):
+    """Findings 1 and 8: each entry decided on its own."""
+    playlist = tmp_path / "hostile.m3u"
+    playlist.write_bytes(
+        b"#EXTM3U\n"
+        b"#EXTINF:-1 tvg-name=\"Good\",Good\nhttp://up.example/live/u/p/505.ts\n"
+        b"#EXTINF:-1,Arabic digits\nhttp://up.example/live/u/p/\xd9\xa7\xd9\xa1.ts\n"
+        b"#EXTINF:-1,Binary\n\x00\x01\xfe\xff/506.ts\n"
+        b"#EXTINF:-1,Tab\nhttp://up.example/a\tb/507.ts\n"
+        b"#EXTINF:-1,Leading zero\nhttp://up.example/live/u/p/0508.ts\n"
+        b"#EXTINF:-1,Bad port\nhttp://up.example:99999/509.ts\n"
+        b"#EXTINF:-1,Bad v6\nhttp://[::1/510.ts\n"
+        b"#EXTINF:-1 tvg-name=\"Good too\",Good too\nhttps://up.example/live/u/p/511.ts\n")
+    result = streamctl(stack, "channels", "import", str(playlist), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["added"] == 2 and len(report["skipped"]) == 6
+    assert stack.redis.exists(keys.channel_key(505), keys.channel_key(511)) == 2
+    refused = streamctl(stack, "channels", "import", str(playlist), "--start-id", "-5")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+
+
+def test_oversized_and_deeply_nested_records_are_refused_and_listed_as_invalid(stack):
+    """Finding 8."""
+    stack.redis.set(keys.channel_key(512), "[" * 5000 + "]" * 5000)
+    stack.redis.set(keys.channel_key(513), json.dumps({"source_url": "http://up.example/" + "a" * 200_000}))
+    stack.redis.set(keys.channel_key(514), json.dumps({"source_url": "http://up.example/x.ts",
+                                                       "user_agent": "u" * 10_000}))
+    add_channel(stack, 515)
+    for channel, why in ((512, b"nested too deeply"), (513, b"too large"), (514, b"user_agent is too long")):
+        status, _, body = first_request(stack.playlist_url(channel))
+        assert status == 422 and why in body, (channel, body)
+    listed = streamctl(stack, "channels", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["id"]: row for row in json.loads(listed.stdout)}
+    assert all("error" in rows[str(c)] for c in (512, 513, 514))
+    assert "error" not in rows["515"]
+
+
+def test_credentials_never_reach_a_player_nor_the_logs(stack):
+    """Finding 2: Xtream-style sources carry the account in the path."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()                                   # nothing listens: connection refused
+    sources = {
+        516: f"http://user42:{SECRET}@127.0.0.1:{port}/live/user42/{SECRET}/516.ts",
+        517: f"https://127.0.0.1:{stack.upstream_port}/live/user42/{SECRET}/517.ts?token={SECRET}",
+        518: f"http://127.0.0.1:{stack.upstream_port}/forbidden/user42/{SECRET}/518.ts",
+        519: f"ftp://user42:{SECRET}@127.0.0.1/519.ts",
+    }
+    for channel, source in sources.items():
+        add_channel(stack, channel, source_url=source)
+    answers = {c: first_request(stack.playlist_url(c)) for c in sources}
+    assert answers[516][0] == 503 and answers[516][2] == b"channel 516: upstream unreachable\n"
+    assert answers[517][0] == 503 and b"upstream TLS failed" in answers[517][2]
+    assert answers[518][2].startswith(b"channel 518: upstream refused: HTTP 40")
+    assert answers[519][0] == 422
+    for status, headers, body in answers.values():
+        assert SECRET.encode() not in body and b"user42" not in body
+    launcher_log = stack.log("launcher")
+    assert "channel 516" in launcher_log and SECRET not in launcher_log and "user42" not in launcher_log
+    assert "/…/516.ts" in launcher_log
+    status = streamctl(stack, "status", "--json")
+    listed = streamctl(stack, "channels", "list")
+    assert SECRET not in status.stdout + status.stderr and SECRET not in listed.stdout
+
+
+def test_tls_is_verified_by_default(stack, extra_launcher, tmp_path):
+    """Finding 3: a self-signed https upstream is refused; tls_verify = false plays it; the
+    same certificate as tls_ca_file plays with verification on."""
+    from tests.tls_relay import TLSRelay
+    relay = TLSRelay(tmp_path, "127.0.0.1", stack.upstream_port)
+    try:
+        source = f"https://127.0.0.1:{relay.port}/live/tls.ts"
+        add_channel(stack, 520, source_url=source)
+        add_channel(stack, 521, source_url=source, tls_verify=False)
+        refused = first_request(stack.playlist_url(520))
+        assert refused[0] == 503 and b"upstream TLS failed" in refused[2]
+        assert first_request(stack.playlist_url(521))[0] == 200
+        trusting = extra_launcher(tls_ca_file=relay.certificate)
+        status, body = trusting.json("/channel/520/start", "POST")
+        assert status == 200 and body["status"] == "started", body
+        trusting.json("/channel/520/stop", "POST")
+    finally:
+        relay.close()
+        stack.launcher_json("/channel/521/stop", "POST")
+
+
+@pytest.mark.parametrize("spelling", ["007", "00", "07", "+7", " 7", "٧"])
+def test_one_spelling_per_channel(stack, spelling):
+    """Finding 6: 007 is not 7, anywhere."""
+    result = streamctl(stack, "channels", "add", spelling, "http://up.example/7.ts")
+    assert result.returncode == 2 and "invalid channel id" in result.stderr
+    route = urllib.parse.quote(spelling)
+    assert stack.launcher_json(f"/channel/{route}/start", "POST")[0] == 400
+    with pytest.raises(keys.InvalidChannelId):
+        keys.channel_key(spelling)
+
+
+def test_leading_zero_paths_start_nothing_and_count_nothing(stack):
+    add_channel(stack, 7)
+    status, _, _ = first_request(stack.nginx_url("/live/stream_007.m3u8"))
+    assert status == 404 and not ffmpegs_writing(stack, 7)
+    parser = LogLineParser("streamkeeper")
+    result = parser.parse_chunk(b'1795000000.000 200 GET "/live/stream_007.m3u8" 1.2.3.4 "-" "x"\n')
+    assert result.channel_times == {} and result.bad_channel == 1
+
+
+def test_junk_in_the_active_set_is_shown_as_invalid(stack):
+    """Finding 9."""
+    stack.redis.sadd(keys.ACTIVE_STREAMS_KEY, "abc", "007", "x" * 100)
+    try:
+        status, body = stack.launcher_json("/streams")
+        assert status == 200 and len(body["invalid_members"]) == 3
+        assert stack.launcher_json("/api/streams/active")[0] == 200
+        result = streamctl(stack, "status")
+        assert result.returncode == 0 and "invalid member 'abc'" in result.stdout
+        assert "unreachable" not in result.stderr
+        reaped = streamctl(stack, "reap", "--json")
+        assert reaped.returncode == 0 and json.loads(reaped.stdout)["invalid_members"] == 3
+        assert not {"abc", "007"} & stack.redis.smembers(keys.ACTIVE_STREAMS_KEY)
+    finally:
+        stack.redis.srem(keys.ACTIVE_STREAMS_KEY, "abc", "007", "x" * 100)
+
+
+@pytest.mark.parametrize("path", ["/live//stream_522.m3u8", "/live/./stream_522.m3u8",
+                                  "/live/stream_%35%32%32.m3u8", "/x/../live/stream_522.m3u8"])
+def test_what_nginx_serves_as_a_channel_is_counted_as_that_channel(stack, path):
+    """Finding 10: the log records $uri, nginx's normalised path."""
+    add_channel(stack, 522)
+    assert first_request(stack.playlist_url(522))[0] == 200
+    with open(stack.settings["access_log"], "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        offset = handle.tell()
+    import http.client
+    connection = http.client.HTTPConnection("127.0.0.1", stack.nginx_port, timeout=30)
+    connection.putrequest("GET", path + "?token=alias")
+    connection.endheaders()
+    assert connection.getresponse().status == 200
+    connection.close()
+
+    def counted():
+        with open(stack.settings["access_log"], "rb") as handle:
+            handle.seek(offset)
+            return LogLineParser("streamkeeper").parse_chunk(handle.read()).channel_times
+    assert wait_for(lambda: counted().get("522"), timeout=10, message="the aliased request counted")
+
+
+def test_a_record_of_an_unknown_process_is_never_trusted(stack):
+    """Finding 7 through the launcher: a run record naming a process that is not this
+    channel's FFmpeg (here: this test's own Python) is stale, never joined nor signalled."""
+    record = runs.RunRecord(channel="523", run_id="forged", host=stack.settings.get("host_id", socket.gethostname()),
+                            pid=os.getpid(), pid_start=None, started=1.0, state="running")
+    from streamstate.process import process_start_time
+    record.pid_start = process_start_time(os.getpid())
+    runs.record_run(stack.redis, record)
+    add_channel(stack, 523)
+    assert first_request(stack.playlist_url(523))[0] == 200          # started anew, we live on
+    assert stack.redis.hget(keys.run_key(523), "run_id") != "forged"

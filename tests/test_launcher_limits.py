@@ -1,0 +1,159 @@
+"""The launcher's limits (issue: hardening): max_streams with preemption, a scan of made-up
+ids, a full disk, a stream slower than real time.  Each runs a launcher of its own on the
+stack's Redis and upstream, with the settings it needs."""
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from streamstate import files, keys
+from tests.helpers import add_channel, ffmpegs_writing, wait_for
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+
+
+def metric(launcher, name: str) -> float:
+    with urllib.request.urlopen(launcher.url("/metrics"), timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def test_max_streams_preempts_the_longest_idle_stream_else_refuses(stack, extra_launcher, tmp_path):
+    """Finding 4: a host runs at most max_streams FFmpegs."""
+    launcher = extra_launcher(max_streams=2, preempt_idle=5, hls_dir=str(tmp_path / "hls"))
+    for channel in (801, 802, 803, 804):
+        add_channel(stack, channel)
+    for channel in (801, 802):
+        assert launcher.json(f"/channel/{channel}/start", "POST")[0] == 200
+    stack.redis.set(keys.last_access_key(801), f"{time.time() - 60:.3f}")   # nobody for a minute
+    stack.redis.set(keys.last_access_key(802), f"{time.time():.3f}")
+    status, body = launcher.json("/channel/803/start", "POST")
+    assert status == 200 and body["status"] == "started"
+    playlist = files.playlist_path(launcher.hls_dir, 801)
+    assert not any(playlist in argv for argv in _ffmpeg_argvs())          # 801 preempted
+    assert "channel 801: preempted" in launcher.log()
+    stack.redis.set(keys.last_access_key(803), f"{time.time():.3f}")
+    status, body = launcher.json("/channel/804/start", "POST")              # nobody idle: refused
+    assert status == 503 and "host busy" in body["error"]
+    request = urllib.request.Request(launcher.url("/channel/804/start"), method="POST",
+                                     headers={"X-Streamkeeper-Accel": "1"})
+    try:
+        urllib.request.urlopen(request, timeout=30)
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 503 and exc.headers["Retry-After"]
+    running = [a for a in _ffmpeg_argvs() if a[-1].startswith(launcher.hls_dir)]
+    assert len(running) == 2
+    assert metric(launcher, "streamkeeper_launcher_preempted_total") == 1
+    assert metric(launcher, "streamkeeper_launcher_busy_total") >= 1
+
+
+def _ffmpeg_argvs():
+    from tests.helpers import ffmpeg_processes
+    return [argv for _, argv in ffmpeg_processes()]
+
+
+def scan_ids(port: int, first: int, count: int, connections: int = 8, batch: int = 200) -> dict:
+    """GET /channel/<id>/start for ``count`` made-up ids, pipelined on a few keep-alive
+    connections (a scanner's pace, cheap for the client); status -> how many."""
+    import socket
+    statuses: dict[int, int] = {}
+
+    def one_connection(ids):
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            reader = sock.makefile("rb")
+            for start in range(0, len(ids), batch):
+                chunk = ids[start:start + batch]
+                sock.sendall(b"".join(b"GET /channel/%d/start HTTP/1.1\r\nHost: x\r\n"
+                                      b"Accept: application/json\r\n\r\n" % c for c in chunk))
+                for _ in chunk:
+                    status = int(reader.readline().split()[1])
+                    length = 0
+                    while (line := reader.readline()) not in (b"\r\n", b""):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    reader.read(length)
+                    statuses[status] = statuses.get(status, 0) + 1
+    ids = list(range(first, first + count))
+    threads = [threading.Thread(target=one_connection, args=(ids[n::connections],))
+               for n in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return statuses
+
+
+def test_a_scan_of_made_up_ids_keeps_nothing(stack, extra_launcher, tmp_path):
+    """Finding 5: 100,000 made-up ids leave the launcher's memory within 5 MB of where it was."""
+    launcher = extra_launcher(hls_dir=str(tmp_path / "hls"))
+    scan_ids(launcher.port, 10_000_000, 5_000)               # warm up: pools, caches, arenas
+    before = rss_kib(launcher.process.pid)
+    statuses = scan_ids(launcher.port, 20_000_000, 100_000)
+    after = rss_kib(launcher.process.pid)
+    assert statuses == {404: 100_000}
+    assert after - before < 5 * 1024, (before, after)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB tmpfs for hls_dir: a disk that can really fill (needs root to mount)."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mountpoint)], check=True)
+    yield str(mountpoint)
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_a_full_disk_fails_the_stream_and_refuses_starts(stack, extra_launcher, small_disk):
+    """Finding 11: FFmpeg's "No space left on device" ends the stream with that reason (its
+    broken files go), and a start with less than min_free_mb free is refused."""
+    launcher = extra_launcher(hls_dir=os.path.join(small_disk, "hls"), min_free_mb=4)
+    add_channel(stack, 805)
+    add_channel(stack, 806)
+    assert launcher.json("/channel/805/start", "POST")[0] == 200
+    filler = os.path.join(small_disk, "filler")
+    with open(filler, "wb") as handle:                     # the disk fills up under FFmpeg
+        try:
+            while True:
+                handle.write(b"\0" * (1 << 20))
+                handle.flush()
+        except OSError:
+            pass
+    wait_for(lambda: "disk full" in launcher.log(), timeout=30, message="the disk-full failure: " + launcher.log()[-3000:])
+    wait_for(lambda: not files.stream_files(launcher.hls_dir, 805), timeout=15, message="its files gone")
+    assert not any(a[-1] == files.playlist_path(launcher.hls_dir, 805) for a in _ffmpeg_argvs())
+    status, body = launcher.json("/channel/806/start", "POST")
+    assert status == 503 and body["error"] == "channel 806: disk full"
+    assert metric(launcher, "streamkeeper_launcher_disk_full_total") >= 2
+    os.unlink(filler)
+    assert launcher.json("/channel/806/start", "POST")[0] == 200
+    launcher.json("/channel/806/stop", "POST")
+
+
+def test_a_stream_slower_than_real_time_is_logged_once_and_counted(stack, extra_launcher, tmp_path):
+    """Finding 4, last part: FFmpeg producing 0.5 s of media a second, for over 30 s."""
+    profiles = {"halfspeed": {"video": ["-vf", "realtime=speed=0.5", "-c:v", "libx264",
+                                        "-preset", "ultrafast", "-g", "25"],
+                              "audio": ["-an"]}}
+    launcher = extra_launcher(hls_dir=str(tmp_path / "hls"), quality_profiles=json.dumps(profiles))
+    add_channel(stack, 807, quality="halfspeed")
+    assert launcher.json("/channel/807/start", "POST")[0] == 200
+    wait_for(lambda: "slower than real time" in launcher.log(), timeout=60, interval=0.5,
+             message="the slow stream to be noticed")
+    assert launcher.log().count("slower than real time") == 1
+    assert metric(launcher, "streamkeeper_launcher_slow_total") == 1
+    assert metric(launcher, "streamkeeper_launcher_slow_streams") == 1
+    launcher.json("/channel/807/stop", "POST")
+    assert not ffmpegs_writing(type("S", (), {"hls_dir": launcher.hls_dir})(), 807)
