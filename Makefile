@@ -37,6 +37,7 @@ bench: venv players
 	$(VPY) bench/heartbeat.py
 	$(VPY) bench/cold_start.py
 	$(VPY) bench/reaper.py
+	$(VPY) bench/capacity.py
 
 demo: venv
 	$(VPY) -m demo.run

@@ -267,7 +267,7 @@ SPECS: tuple[SettingSpec, ...] = (
     SettingSpec("tls_ca_file", lambda: "/etc/ssl/certs/ca-certificates.crt", _parse_abs_path,
                 "CA certificates an https source's certificate is verified against"),
     SettingSpec("max_streams", lambda: 0, _parse_count,
-                "FFmpegs this host runs at most (0: 3 per CPU core); a start beyond it preempts "
+                "FFmpegs this host runs at most (0: 2 per CPU core); a start beyond it preempts "
                 "the stream longest without a request, else gets 503"),
     SettingSpec("preempt_idle", lambda: 15.0, lambda v: _parse_number(v, minimum=1),
                 "seconds without any request before a stream may be preempted by a new start"),
@@ -382,7 +382,7 @@ def _derive_defaults(values: dict, sources: dict) -> None:
 
 # max_streams' default: what a core sustains of the default quality (medium, 720p x264
 # veryfast) at real time, with headroom (bench/capacity.py measures it).
-STREAMS_PER_CORE = 3
+STREAMS_PER_CORE = 2
 
 LOOPBACK_HOSTS = {"127.0.0.1", "::1", "[::1]", "localhost"}
 
