@@ -30,7 +30,6 @@ log = logging.getLogger("streamkeeper.launcher")
 
 POLL_READY = 0.05            # seconds between playlist checks while starting
 WATCH_INTERVAL = 0.5         # seconds between health checks while running
-STOP_GRACE = 10.0            # SIGTERM, then SIGKILL after this long
 MAX_QUICK_FAILURES = 5       # restarts in a row that never became playable
 STDERR_LINES = 40
 SLOW_WINDOW = 30.0           # seconds over which a stream's pace is judged
@@ -144,9 +143,10 @@ class StreamSupervisor:
         if self.state not in ("stopped", "failed"):
             log.info("channel %s: stopping (%s)", self.id, reason)
             await self._update_record(state="stopping")
+        files.delete_stream_files(self.settings.hls_dir, self.id)
         await self._terminate()
         if self._task is not None and not self._task.done():
-            await asyncio.wait({self._task}, timeout=STOP_GRACE + 5)
+            await asyncio.wait({self._task}, timeout=float(self.settings.stop_grace) + 5)
         await self._clear("stopped")
 
     def describe(self) -> dict:
@@ -173,6 +173,9 @@ class StreamSupervisor:
             else:
                 why = self.last_error
                 quick_failures += 1
+            # The files go before FFmpeg is signalled: a stalled FFmpeg may take the whole
+            # stop_grace to die, and nginx must not serve its frozen playlist meanwhile.
+            files.delete_stream_files(self.settings.hls_dir, self.id)
             await self._terminate()
             files.delete_stream_files(self.settings.hls_dir, self.id)
             if self._stop_requested:
@@ -333,9 +336,9 @@ class StreamSupervisor:
         handle = ProcessHandle.open_proven(process.pid, self.launcher.identity(self.id, self.pid_start))
         if handle is not None:
             with handle:
-                if await asyncio.to_thread(stop_processes, [handle], STOP_GRACE):
-                    log.warning("channel %s: FFmpeg ignored SIGTERM for %.0f s; SIGKILL", self.id,
-                                STOP_GRACE)
+                grace = float(self.settings.stop_grace)
+                if await asyncio.to_thread(stop_processes, [handle], grace):
+                    log.warning("channel %s: FFmpeg ignored SIGTERM for %g s; SIGKILL", self.id, grace)
         await process.wait()
 
     async def _clear(self, state: str) -> None:

@@ -30,7 +30,7 @@ import uuid
 import redis
 
 from streamstate import files, keys, runs
-from streamstate.process import (ProcessHandle, StreamProcess, process_start_time,
+from streamstate.process import (ProcessHandle, StreamProcess, process_age, process_start_time,
                                  resolve_executable, stop_processes, stream_ffmpegs_under)
 
 log = logging.getLogger("streamkeeper.reaper")
@@ -151,9 +151,8 @@ class Reaper:
                     self._stop([a for a in actions if a.kind == "stop"])
                 summary.stopped = sum(a.kind == "stop" for a in actions)
                 summary.stale = sum(a.kind == "stale" for a in actions)
-                known = {a.pid for a in actions if a.pid}
                 running = {a.channel for a in actions if a.kind in ("keep", "foreign")}
-                summary.orphan_processes = self._orphan_processes(known, running)
+                summary.orphan_processes = self._orphan_processes(running)
                 summary.orphan_files = self._orphan_files(running, now)
                 summary.invalid_members = self._remove_invalid_members()
             finally:
@@ -344,11 +343,19 @@ class Reaper:
                 pass
         return removed
 
-    def _orphan_processes(self, known_pids: set[int], running: set[str]) -> int:
+    def _orphan_processes(self, running: set[str]) -> int:
         """The configured FFmpeg writing a playlist in hls_dir that no record knows: stopped,
-        each logged, its files removed."""
+        each logged, its files removed.  "No record knows it" is decided from a fresh read
+        of the records, taken now (after the stop phase, which can last stop_grace: a stream
+        started meanwhile has a record by now), and never for a process younger than
+        start_timeout (a launcher may not have written its record yet)."""
+        candidates = [(pid, playlist) for pid, playlist in stream_ffmpegs_under(self.hls_dir, self.ffmpeg)
+                      if (process_age(pid) or 0.0) >= float(self.settings.start_timeout)]
+        if not candidates:
+            return 0
+        known_pids = {view.pid for view in self._collect() if view.pid}
         stopped = 0
-        for pid, playlist in stream_ffmpegs_under(self.hls_dir, self.ffmpeg):
+        for pid, playlist in candidates:
             if pid in known_pids:
                 continue
             handle = ProcessHandle.open_proven(pid, StreamProcess(self.ffmpeg, playlist, process_start_time(pid)))

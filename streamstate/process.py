@@ -50,6 +50,19 @@ def process_start_time(pid: int) -> int | None:
         return None
 
 
+def process_age(pid: int) -> float | None:
+    """Seconds since the process started (None if there is no such process)."""
+    start = process_start_time(pid)
+    if start is None:
+        return None
+    try:
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start / os.sysconf("SC_CLK_TCK"))
+
+
 def process_cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{int(pid)}/cmdline", "rb") as handle:

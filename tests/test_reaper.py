@@ -11,7 +11,7 @@ import pytest
 
 from reaper.reaper import Reaper
 from streamstate import files, keys, runs
-from streamstate.process import process_start_time
+from streamstate.process import process_age, process_start_time
 from streamstate.settings import load_settings
 from tests.conftest import REPO
 from tests.helpers import wait_for
@@ -206,7 +206,8 @@ def test_orphan_files_and_processes_are_removed(env):
     for path in files.stream_files(env.hls, 11):
         os.utime(path, (old, old))                                       # old, but its stream runs
     orphan = env.ffmpeg(12)                                              # no record knows it
-    summary = Reaper(env.settings(orphan_age=60)).run_pass()
+    wait_for(lambda: (process_age(orphan.pid) or 0) >= 1, message="the orphan to be a second old")
+    summary = Reaper(env.settings(orphan_age=60, start_timeout=1)).run_pass()
     assert summary.orphan_files == 3 and summary.orphan_processes == 1
     left = set(os.listdir(env.hls))
     assert {"notes.txt", "stream_901.m3u8"} <= left and files.stream_files(env.hls, 11)
@@ -292,6 +293,8 @@ def test_a_process_is_held_by_pidfd_before_it_is_proven():
     from streamstate.process import ProcessHandle, StreamProcess, resolve_executable
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "/tmp/hls/stream_1.m3u8"])
     try:
+        from streamstate.process import process_cmdline
+        wait_for(lambda: process_cmdline(process.pid)[-1:] == ["/tmp/hls/stream_1.m3u8"], message="exec")
         start = process_start_time(process.pid)
         python = resolve_executable(sys.executable)
         assert ProcessHandle.open_proven(process.pid, StreamProcess(python, "/tmp/hls/stream_2.m3u8", start)) is None
@@ -303,3 +306,31 @@ def test_a_process_is_held_by_pidfd_before_it_is_proven():
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_channel_started_during_a_pass_is_not_taken_for_an_orphan(env):
+    """The stop phase lasts stop_grace; a stream started (and recorded) meanwhile, or one
+    younger than start_timeout with no record yet, is left alone."""
+    stubborn = env.stubborn(17)
+    record(env, 17, stubborn, last_access=time.time() - 100)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(
+        s=Reaper(env.settings(stop_grace=3, start_timeout=1, **AS_FFMPEG)).run_pass()))
+    worker.start()
+    wait_for(lambda: env.redis.hget(keys.run_key(17), "state") == "stopping", message="the stop phase")
+    recorded = env.spawn([sys.executable, "-c", "import time; time.sleep(60)", files.playlist_path(env.hls, 18)])
+    unrecorded = env.spawn([sys.executable, "-c", "import time; time.sleep(60)", files.playlist_path(env.hls, 19)])
+    wait_for(lambda: process_start_time(recorded.pid) and process_start_time(unrecorded.pid))
+    record(env, 18, recorded, last_access=time.time())
+    time.sleep(1.2)       # both older than start_timeout by the end of the stop phase
+    worker.join(timeout=30)
+    assert result["s"].stopped == 1 and result["s"].orphan_processes == 1
+    assert alive(recorded)                                      # recorded meanwhile: kept
+    assert unrecorded.wait(timeout=10) is not None              # a true orphan by then
+
+
+def test_an_orphan_younger_than_start_timeout_is_left_alone(env):
+    young = env.spawn([sys.executable, "-c", "import time; time.sleep(60)", files.playlist_path(env.hls, 20)])
+    wait_for(lambda: process_start_time(young.pid) is not None)
+    summary = Reaper(env.settings(start_timeout=30, **AS_FFMPEG)).run_pass()
+    assert summary.orphan_processes == 0 and alive(young)
