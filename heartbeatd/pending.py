@@ -39,6 +39,14 @@ class PendingHeartbeats:
                 result.setdefault(channel, {})[member] = min(when, now)
         return result
 
+    def keep_only(self, channels) -> "PendingHeartbeats":
+        """A copy holding only these channels' heartbeats (to write again later)."""
+        wanted = set(channels)
+        kept = PendingHeartbeats()
+        kept.channel_times = {c: t for c, t in self.channel_times.items() if c in wanted}
+        kept.viewer_times = {k: t for k, t in self.viewer_times.items() if k[0] in wanted}
+        return kept
+
     def clear(self) -> None:
         self.channel_times = {}
         self.viewer_times = {}

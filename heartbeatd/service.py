@@ -25,6 +25,7 @@ POLL_INTERVAL = 0.5          # fallback wake-up when inotify says nothing
 MAX_BACKOFF = 30.0           # seconds between Redis retries, at most
 STOP_FLUSH_TIMEOUT = 1.5     # seconds the final flush may take after SIGTERM
 EXIT_SETUP = 2               # a setting points somewhere unusable
+HELD_AFTER_OUTAGE = 30.0     # seconds heartbeats of not-yet-running streams are retried after one
 
 
 class HeartbeatService:
@@ -47,6 +48,7 @@ class HeartbeatService:
         self.position: Position | None = None      # after the last block read
         self.saved_position: Position | None = None
         self.redis_down_since: float | None = None
+        self.recovering_until = 0.0     # after an outage: retry heartbeats of streams not (yet) running
         self.retry_at = 0.0
         self.backoff = 1.0
         self.last_trim: dict[str, float] = {}
@@ -185,15 +187,18 @@ class HeartbeatService:
         if self.redis_down_since is not None and now_mono < self.retry_at:
             return False
         now = time.time()
+        # Ending an outage, or just after one: report the channels not running, to keep them.
+        recovering = self.redis_down_since is not None or now_mono < self.recovering_until
+        skipped: list[str] = []
         try:
             if self.pending:
                 channel_times = {ch: min(t, now) for ch, t in self.pending.channel_times.items()}
                 viewers = (self.pending.viewers_by_channel(now=now, window=self.window)
                            if self.window > 0 else None)
                 trim = self._channels_to_trim(channel_times, now)
-                running = heartbeats.write_heartbeats(
+                running, skipped = heartbeats.write_heartbeats(
                     self.redis, channel_times, viewers, trim_channels=trim,
-                    viewer_window=self.window, now=now)
+                    viewer_window=self.window, now=now, report_skipped=recovering)
                 self.metrics.count_flush(len(channel_times), running)
                 for channel in trim:
                     self.last_trim[channel] = now
@@ -207,11 +212,18 @@ class HeartbeatService:
             self.backoff = min(self.backoff * 2, MAX_BACKOFF)
             return False
         if self.redis_down_since is not None:
+            # A Redis that restarted empty has no stream:<id>:pid until each launcher
+            # writes its records again (within seconds): heartbeats of streams not running
+            # yet are kept and written again for HELD_AFTER_OUTAGE seconds.
             log.info("redis is back after %.1f s; heartbeats written",
                      now_mono - self.redis_down_since)
             self.redis_down_since = None
+            self.recovering_until = now_mono + HELD_AFTER_OUTAGE
         self.backoff = 1.0
-        self.pending.clear()
+        if recovering and skipped:
+            self.pending = self.pending.keep_only(skipped)
+        else:
+            self.pending.clear()
         self._save_position()
         self._refresh_host(now_mono)
         return True

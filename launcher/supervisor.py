@@ -86,6 +86,7 @@ class StreamSupervisor:
         self.process: asyncio.subprocess.Process | None = None
         self.pid_start: int | None = None
         self.started = time.time()
+        self.written_to: str | None = None   # the Redis server (INFO run_id) the record went to
         self.restarts = 0
         self.failure = ""           # the class of the last failure, what a player may see
         self.last_error = ""        # the class and FFmpeg's own line (redacted), for operators
@@ -213,10 +214,7 @@ class StreamSupervisor:
         self.pid_start = process_start_time(self.process.pid)
         asyncio.create_task(self._read_stderr(self.process))
         if first:
-            record = runs.RunRecord(channel=self.id, run_id=self.run_id,
-                                    host=self.settings.host_id, pid=self.process.pid,
-                                    pid_start=self.pid_start, started=self.started)
-            await self.launcher.redis_call(runs.record_run, record)
+            await self._write_record()
         else:
             await self._update_record(pid=self.process.pid, pid_start=self.pid_start or "",
                                       state="starting", restarts=self.restarts,
@@ -325,7 +323,34 @@ class StreamSupervisor:
         except Exception as exc:  # noqa: BLE001 - redis errors of any kind
             log.warning("channel %s: cannot read its record (%s); keeping it running", self.id, exc)
             return True
-        return record is not None and record.run_id == self.run_id and record.state != "stopping"
+        if record is None:
+            return await self._record_lost()
+        return record.run_id == self.run_id and record.state != "stopping"
+
+    async def _write_record(self) -> None:
+        """The run record, whole, with the identity of the Redis server it went to."""
+        record = runs.RunRecord(channel=self.id, run_id=self.run_id, host=self.settings.host_id,
+                                pid=self.process.pid, pid_start=self.pid_start, started=self.started,
+                                state=self.state if self.state in runs.STATES else "starting",
+                                last_error=self.last_error, restarts=self.restarts)
+        await self.launcher.redis_call(runs.record_run, record)
+        self.written_to = await self.launcher.redis_call(runs.redis_server_id)
+
+    async def _record_lost(self) -> bool:
+        """The record is gone.  Deleted on purpose (a stop, the reaper's compare-and-delete):
+        not wanted.  Lost with a Redis that restarted empty or from an older snapshot (its
+        run_id changed since the record was written): written again, and the stream runs on."""
+        try:
+            server = await self.launcher.redis_call(runs.redis_server_id)
+            if server == self.written_to or self.process is None:
+                return False
+            await self._write_record()
+        except Exception as exc:  # noqa: BLE001 - Redis gone again: keep running, ask later
+            log.warning("channel %s: cannot write its record again (%s); keeping it running", self.id, exc)
+            return True
+        log.info("channel %s: record lost with a Redis restart; written again (pid %s)", self.id,
+                 self.process.pid)
+        return True
 
     async def _terminate(self) -> None:
         """The stop routine (streamstate.process): SIGTERM through a pidfd held on the proven

@@ -19,17 +19,25 @@ from .redis_client import registered_script
 
 # KEYS: per channel, 3 keys: pid, last_access, viewers.
 # ARGV[1]: trim cutoff (epoch s; viewers with an older score are removed)
+# ARGV[2]: "1" to return the positions of channels that were not running, else "0"
 # then per channel: time, trim flag ("1"/"0"), n, then n pairs (score, member)
+# Returns {running count, positions (1-based) of the channels not running...}.
 _HEARTBEAT_LUA = """
 local cutoff = ARGV[1]
-local a = 2
+local report = ARGV[2] == '1'
+local a = 3
 local running = 0
+local skipped = {}
+local index = 0
 for k = 1, #KEYS, 3 do
   local t = ARGV[a]
   local trim = ARGV[a + 1]
   local n = tonumber(ARGV[a + 2])
   a = a + 3
-  if redis.call('EXISTS', KEYS[k]) == 1 then
+  index = index + 1
+  if redis.call('EXISTS', KEYS[k]) == 0 then
+    if report then skipped[#skipped + 1] = index end
+  else
     running = running + 1
     local old = redis.call('SET', KEYS[k + 1], t, 'KEEPTTL', 'GET')
     if old then
@@ -52,7 +60,8 @@ for k = 1, #KEYS, 3 do
   end
   a = a + 2 * n
 end
-return running
+table.insert(skipped, 1, running)
+return skipped
 """
 
 # Channels per script call, and viewers per channel per call (Lua's unpack
@@ -69,8 +78,9 @@ def format_time(epoch: float) -> str:
 def write_heartbeats(client, channel_times: Mapping[str, float],
                      viewers: Mapping[str, Mapping[str, float]] | None = None,
                      *, trim_channels: Iterable[str] = (), viewer_window: float = 0,
-                     now: float) -> int:
-    """Write heartbeats for running channels; return how many were running.
+                     now: float, report_skipped: bool = False) -> tuple[int, list[str]]:
+    """Write heartbeats for running channels; return how many were running, and (with
+    ``report_skipped``) which channels were not.
 
     ``channel_times``: channel id -> newest request time.
     ``viewers``: channel id -> {viewer hash: time of its last request}.
@@ -82,11 +92,12 @@ def write_heartbeats(client, channel_times: Mapping[str, float],
     script = registered_script(client, "heartbeat", _HEARTBEAT_LUA)
     items = sorted(channel_times.items())
     running = 0
+    skipped: list[str] = []
     pipe = client.pipeline(transaction=False)
     calls = 0
     for start in range(0, len(items), CHANNELS_PER_CALL):
         key_list: list[str] = []
-        args: list[str] = [format_time(now - viewer_window)]
+        args: list[str] = [format_time(now - viewer_window), "1" if report_skipped else "0"]
         for channel, when in items[start:start + CHANNELS_PER_CALL]:
             key_list += [keys.pid_key(channel), keys.last_access_key(channel),
                          keys.viewers_key(channel)]
@@ -99,6 +110,9 @@ def write_heartbeats(client, channel_times: Mapping[str, float],
         script(keys=key_list, args=args, client=pipe)
         calls += 1
     if calls:
-        running = sum(int(value) for value in pipe.execute())
-    return running
+        for number, reply in enumerate(pipe.execute()):
+            batch = items[number * CHANNELS_PER_CALL:(number + 1) * CHANNELS_PER_CALL]
+            running += int(reply[0])
+            skipped += [batch[int(position) - 1][0] for position in reply[1:]]
+    return running, skipped
 

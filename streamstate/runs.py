@@ -128,6 +128,13 @@ def record_run(client, record: RunRecord, *, now: float | None = None) -> None:
     pipe.execute()
 
 
+def redis_server_id(client) -> str:
+    """The Redis server's run_id: it changes whenever the server restarts (and may have lost
+    data), so a record that vanished without a restart was deleted on purpose."""
+    value = client.info("server").get("run_id", "")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def update_run(client, channel: str, run_id: str, **fields) -> bool:
     """Set fields of the run hash if it is still this run; legacy pid follows a restart."""
     args = [run_id]
