@@ -15,12 +15,12 @@ from streamstate import files, keys
 from streamstate.channels import Channel, ChannelError, channel_from_dict, put_channel
 
 from .nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, QUERY_HEADER
-from .service import FAILED_START_COOLDOWN, ChannelNotFound, Launcher
+from .service import ChannelNotFound, Launcher
 from .supervisor import StartFailed
 
 log = logging.getLogger("streamkeeper.launcher")
 
-RETRY_AFTER = str(int(FAILED_START_COOLDOWN))     # a failed channel is not retried sooner
+RETRY_AFTER = "5"
 
 
 def _json(data, status: int = 200, **headers) -> web.Response:

@@ -35,11 +35,6 @@ class ChannelNotFound(LookupError):
     pass
 
 
-# After a failed start, the channel's next requests get the same 503 for this long instead
-# of another FFmpeg and another upstream hit (rapid retries get a host's address banned).
-FAILED_START_COOLDOWN = 5.0
-
-
 class HostBusy(StartFailed):
     """max_streams reached and no stream idle long enough to give its place up (503)."""
 
@@ -56,7 +51,6 @@ class Launcher:
         self.counters = {"starts": 0, "start_failures": 0, "joined": 0, "busy": 0,
                          "preempted": 0, "disk_full": 0, "slow": 0}
         self.warned: set[str] = set()      # warnings given once per process
-        self._failed: dict[str, tuple[float, str]] = {}   # channel -> (until, why), recent only
 
     async def redis_call(self, function, *args, **kwargs):
         """streamstate's functions are plain and synchronous: run them off the event loop."""
@@ -99,7 +93,9 @@ class Launcher:
         supervisor = self.active_supervisor(channel_id)
         created = False
         if supervisor is None:
-            self._refuse_if_failed_recently(channel_id)
+            failed = await self.redis_call(runs.get_failed, channel_id)
+            if failed is not None:           # failed_cooldown: no FFmpeg, the same reason
+                raise StartFailed(failed["reason"])
             if channel is None:
                 channel = await self.redis_call(get_channel, channel_id)
             if channel is None:
@@ -115,23 +111,8 @@ class Launcher:
         if not created:
             self.counters["joined"] += 1
         status = "started" if created or supervisor.state != "running" else "already_running"
-        try:
-            await supervisor.wait_playable(timeout)
-        except StartFailed as exc:
-            if created:
-                self._remember_failure(channel_id, str(exc))
-            raise
+        await supervisor.wait_playable(timeout)
         return status
-
-    def _refuse_if_failed_recently(self, channel_id: str) -> None:
-        now = time.monotonic()
-        for stale in [c for c, (until, _) in self._failed.items() if until <= now]:
-            del self._failed[stale]
-        if channel_id in self._failed:
-            raise StartFailed(self._failed[channel_id][1])
-
-    def _remember_failure(self, channel_id: str, why: str) -> None:
-        self._failed[channel_id] = (time.monotonic() + FAILED_START_COOLDOWN, why)
 
     async def _new_start(self, channel: Channel, argv: list[str]) -> StreamSupervisor | None:
         """A supervisor for the channel, once this host has room and the start lock;

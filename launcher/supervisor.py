@@ -30,7 +30,7 @@ log = logging.getLogger("streamkeeper.launcher")
 
 POLL_READY = 0.05            # seconds between playlist checks while starting
 WATCH_INTERVAL = 0.5         # seconds between health checks while running
-MAX_QUICK_FAILURES = 5       # restarts in a row that never became playable
+MAX_BACKOFF = 60.0           # seconds; the wait before a restart doubles from 1 s up to this
 STDERR_LINES = 40
 SLOW_WINDOW = 30.0           # seconds over which a stream's pace is judged
 SLOW_RATIO = 0.9             # media seconds per wall second below this: slower than real time
@@ -139,11 +139,12 @@ class StreamSupervisor:
             raise StartFailed(self.failure or f"stream {self.state}")
 
     async def stop(self, reason: str) -> None:
-        """Stop FFmpeg (SIGTERM to its group, SIGKILL after the grace), delete files and keys."""
+        """Stop FFmpeg (SIGTERM through its pidfd, SIGKILL after stop_grace), delete files
+        and keys."""
         self._stop_requested = True
-        if self.state not in ("stopped", "failed"):
+        if self.state not in ("stopped", "failed", "stopping"):
             log.info("channel %s: stopping (%s)", self.id, reason)
-            await self._update_record(state="stopping")
+            await self._set_state("stopping")
         files.delete_stream_files(self.settings.hls_dir, self.id)
         await self._terminate()
         if self._task is not None and not self._task.done():
@@ -157,23 +158,22 @@ class StreamSupervisor:
 
     # -- the run ----------------------------------------------------------------
     async def _run(self) -> None:
-        quick_failures = 0
+        """starting -> running -> (exit or stall) -> backoff -> starting ...; failed after
+        max_restarts within restart_window (or a first start that never plays), with the
+        reason; stopped when no longer wanted."""
+        restarts_in_window: collections.deque[float] = collections.deque()
         first = True
         while not self._stop_requested:
             await self._spawn(first)
-            became_playable = await self._wait_until_playable(first)
-            if became_playable:
-                quick_failures = 0
+            if await self._wait_until_playable(first):
                 if first:
                     log.info("channel %s: playable after %.2f s (pid %s)", self.id,
                              time.time() - self.started, self.process.pid)
                 first = False
                 await self._set_state("running")
-                await self._update_record(state="running")
                 why = await self._watch()
             else:
                 why = self.last_error
-                quick_failures += 1
             # The files go before FFmpeg is signalled: a stalled FFmpeg may take the whole
             # stop_grace to die, and nginx must not serve its frozen playlist meanwhile.
             files.delete_stream_files(self.settings.hls_dir, self.id)
@@ -183,26 +183,42 @@ class StreamSupervisor:
                 break
             if self.failure == "disk full":
                 self.launcher.counters["disk_full"] += 1
-                log.error("channel %s: failed: disk full (%s); files deleted", self.id, why)
-                await self._clear("failed")
+                await self._fail(why)
                 return
-            if first or quick_failures >= MAX_QUICK_FAILURES:
-                # Never became playable (first start), or keeps failing: give up.
-                log.error("channel %s: failed: %s", self.id, why or "unknown error")
-                if not self.failure:
-                    self._note_failure("FFmpeg did not produce a playable stream")
-                await self._clear("failed")
+            if first:                                    # never became playable
+                await self._fail(why)
                 return
             if not await self._still_wanted():
                 log.info("channel %s: FFmpeg ended and the stream is no longer wanted", self.id)
                 await self._clear("stopped")
                 return
+            now = time.monotonic()
+            while restarts_in_window and restarts_in_window[0] < now - float(self.settings.restart_window):
+                restarts_in_window.popleft()
+            if len(restarts_in_window) >= int(self.settings.max_restarts):
+                await self._fail(f"{len(restarts_in_window)} restarts in "
+                                 f"{float(self.settings.restart_window):g} s; last: {why}")
+                return
+            restarts_in_window.append(now)
             self.restarts += 1
-            delay = min(2 ** quick_failures, 30)
-            log.warning("channel %s: restarting FFmpeg in %d s (%s; restart %d)", self.id, delay,
+            delay = min(2.0 ** (len(restarts_in_window) - 1), MAX_BACKOFF)
+            log.warning("channel %s: restarting FFmpeg in %g s (%s; restart %d)", self.id, delay,
                         why, self.restarts)
-            await self._set_state("starting")
+            await self._set_state("backoff")
             await asyncio.sleep(delay)
+            await self._set_state("starting")
+
+    async def _fail(self, why: str) -> None:
+        """failed: files and keys go; starts get 503 with the reason for failed_cooldown."""
+        if not self.failure:
+            self._note_failure("FFmpeg did not produce a playable stream")
+        log.error("channel %s: failed: %s", self.id, why or self.last_error or "unknown error")
+        try:
+            await self.launcher.redis_call(runs.mark_failed, self.id, self.failure,
+                                           self.settings.host_id, float(self.settings.failed_cooldown))
+        except Exception as exc:  # noqa: BLE001 - the cooldown is a courtesy to the upstream
+            log.warning("channel %s: cannot record the failure (%s)", self.id, exc)
+        await self._clear("failed")
 
     async def _spawn(self, first: bool) -> None:
         self.stderr_tail.clear()
@@ -372,6 +388,13 @@ class StreamSupervisor:
         await self._set_state(state)
 
     async def _set_state(self, state: str) -> None:
+        """The one place the state changes: only along runs.TRANSITIONS; the run record
+        follows (states past a run's end are not kept there: its keys go)."""
+        if state != self.state and state not in runs.TRANSITIONS[self.state]:
+            log.error("channel %s: refused state change %s -> %s", self.id, self.state, state)
+            return
         async with self._changed:
             self.state = state
             self._changed.notify_all()
+        if state in ("starting", "running", "backoff", "stopping") and self.written_to is not None:
+            await self._update_record(state=state)

@@ -27,6 +27,9 @@ New keys beside them:
                                        state, last_error, restarts
 ``stream:<id>:lock``           string  launcher: the start lock    launcher (SET NX PX)
                                        (token, with an expiry)
+``stream:<id>:failed``         string  launcher: JSON {reason,     launcher (a start in the
+                               (TTL)   host, at}, expires after    cooldown gets 503 with the
+                                       failed_cooldown             reason), streamctl status
 ``streams:active``             set     launcher: ids with a run    reaper, streamctl, /streams
                                        record (no KEYS needed)
 ``host:<host_id>``             string  launcher, reaper: epoch s,  reaper of other hosts (is
@@ -92,6 +95,22 @@ def run_key(channel_id: str | int) -> str:
 
 def lock_key(channel_id: str | int) -> str:
     return f"{STREAM_PREFIX}{check_channel_id(channel_id)}:lock"
+
+
+def failed_key(channel_id: str | int) -> str:
+    return f"{STREAM_PREFIX}{check_channel_id(channel_id)}:failed"
+
+
+FAILED_KEY_PATTERN = f"{STREAM_PREFIX}*:failed"
+
+
+def channel_id_from_failed_key(key: str | bytes) -> str | None:
+    if isinstance(key, bytes):
+        key = key.decode("ascii", "replace")
+    if not (key.startswith(STREAM_PREFIX) and key.endswith(":failed")):
+        return None
+    middle = key[len(STREAM_PREFIX):-len(":failed")]
+    return middle if CHANNEL_ID_RE.fullmatch(middle) else None
 
 
 ACTIVE_STREAMS_KEY = "streams:active"

@@ -9,13 +9,23 @@ script), so a stream started again in between keeps its keys.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 
 from . import keys
 from .redis_client import registered_script
 
-STATES = ("starting", "running", "failed", "stopping")
+# A run's states, as the run record keeps them, and the moves allowed between them.
+STATES = ("starting", "running", "backoff", "failed", "stopping", "stopped")
+TRANSITIONS = {
+    "starting": {"running", "backoff", "failed", "stopping", "stopped"},
+    "running": {"backoff", "failed", "stopping", "stopped"},
+    "backoff": {"starting", "failed", "stopping", "stopped"},
+    "stopping": {"stopped"},
+    "failed": {"stopped"},
+    "stopped": set(),
+}
 
 # Many records in one call (the reaper's batches).  KEYS: per record run, pid, started,
 # last_access (4 keys).  Returns per record 11 values: the run hash's run_id, host, pid,
@@ -126,6 +136,27 @@ def record_run(client, record: RunRecord, *, now: float | None = None) -> None:
     pipe.set(keys.last_access_key(channel), f"{now:.3f}")
     pipe.sadd(keys.ACTIVE_STREAMS_KEY, channel)
     pipe.execute()
+
+
+def mark_failed(client, channel: str, reason: str, host: str, cooldown: float) -> None:
+    """The channel failed: its starts get 503 with ``reason`` for ``cooldown`` seconds, on
+    every host (a provider bans addresses that retry in a tight loop)."""
+    if cooldown > 0:
+        client.set(keys.failed_key(channel), json.dumps({"reason": reason, "host": host,
+                                                         "at": round(time.time(), 3)}),
+                   px=int(cooldown * 1000))
+
+
+def get_failed(client, channel: str) -> dict | None:
+    """The failure a channel is cooling down from, if any (junk counts as none)."""
+    raw = client.get(keys.failed_key(channel))
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("reason"), str) else None
 
 
 def redis_server_id(client) -> str:

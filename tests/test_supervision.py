@@ -1,13 +1,8 @@
 """Supervision (issue: supervision): watched streams survive Redis restarts and reaper passes,
 crash loops end with a reason.  Real redis-server, nginx, launcher, FFmpeg, and FFmpeg as
 the HLS client through nginx."""
-import json
-import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -16,8 +11,7 @@ import redis
 
 from demo.stack import LocalStack
 from heartbeatd.logformat import viewer_hash
-from streamstate import files, keys
-from tests.conftest import REPO
+from streamstate import keys
 from tests.helpers import add_channel, ffmpegs_writing, first_request, wait_for
 
 
