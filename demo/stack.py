@@ -105,6 +105,7 @@ class LocalStack:
             "hls_dir": self.hls_dir,
             "access_log": os.path.join(self.work, "logs", "streams_access.log"),
             "state_dir": os.path.join(self.work, "state"),
+            "log_dir": os.path.join(self.work, "logs", "ffmpeg"),
             "launcher_listen": f"127.0.0.1:{self.launcher_port}",
             "nginx_listen": f"127.0.0.1:{self.nginx_port}",
             "hls_time": 1, "hls_init_time": 1, "hls_list_size": 4, "start_timeout": 15,
@@ -194,6 +195,13 @@ class LocalStack:
                    os.path.join(self.work, "nginx.log"))
 
     def stop(self) -> None:
+        """Every stream first (they outlive the launcher), then each process by pid."""
+        launcher = self.processes.get("launcher")
+        if launcher is not None and launcher.poll() is None:
+            try:
+                self.launcher_json("/streams/stop", "POST")
+            except OSError:
+                pass
         order = ["heartbeatd", "nginx", "launcher", "upstream", "redis"]
         for name in order:
             process = self.processes.get(name)
@@ -205,6 +213,16 @@ class LocalStack:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+    def restart_launcher(self, signum: int = signal.SIGTERM) -> subprocess.Popen:
+        """The launcher stopped by ``signum`` and started again (its streams run on)."""
+        process = self.processes["launcher"]
+        process.send_signal(signum)
+        process.wait(timeout=30)
+        launcher = self._spawn("launcher", [sys.executable, "-m", "launcher", "--config", self.config_path])
+        wait_until(lambda: port_open(self.launcher_port), 20, "the launcher", launcher,
+                   os.path.join(self.work, "launcher.log"))
+        return launcher
 
     def launcher_json(self, path: str, method: str = "GET", body: dict | None = None):
         return json_request(self.launcher_url(path), method, body)

@@ -113,6 +113,15 @@ async def stop_channel(request: web.Request) -> web.Response:
                   "channel_id": request.match_info["channel_id"]})
 
 
+async def stop_all_streams(request: web.Request) -> web.Response:
+    """Every stream this launcher runs, stopped (FFmpeg, files, keys): an operator's explicit
+    ask (a launcher that exits leaves them running)."""
+    launcher: Launcher = request.app["launcher"]
+    running = [s.id for s in launcher.live_supervisors()]
+    await launcher.stop_all("stop of every stream requested")
+    return _json({"status": "stopped", "channels": running})
+
+
 async def streams(request: web.Request) -> web.Response:
     return _json(await request.app["launcher"].streams())
 
@@ -211,6 +220,7 @@ def make_app(settings) -> web.Application:
     app.router.add_post("/channel/{channel_id}/start", start_channel)
     app.router.add_post("/channel/{channel_id}/stop", stop_channel)
     app.router.add_get("/streams", streams)
+    app.router.add_post("/streams/stop", stop_all_streams)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/stream/start", legacy_start)
@@ -219,14 +229,18 @@ def make_app(settings) -> web.Application:
 
     async def on_startup(app):
         try:
-            await launcher.clear_stale_records()
+            counts = await launcher.adopt_streams()
+            log.info("at start-up: adopted %d running stream(s), cleared %d stale record(s)",
+                     counts["adopted"], counts["cleared"])
         except Exception as exc:  # noqa: BLE001 - Redis may be down; starts will say so
-            log.error("cannot check for stale records at start-up: %s", exc)
+            log.error("cannot look for this host's running streams at start-up: %s", exc)
         app["host_refresh"] = asyncio.create_task(launcher.refresh_host_forever())
 
     async def on_shutdown(app):
+        # Streams outlive the launcher (a restart or an upgrade stops no stream); stopping
+        # them all is asked for explicitly: POST /streams/stop, `streamctl stop --all`.
         app["host_refresh"].cancel()
-        await launcher.stop_all("launcher shutting down")
+        launcher.detach_all()
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
     return app

@@ -29,7 +29,9 @@ def main(settings_loader, listen, hls_dir, log_level):
     /channel/<id>/stop, GET /streams, /healthz, /metrics, and the old host's
     /api/stream/start, /api/stream/stop, /api/streams/active.
 
-    SIGTERM/SIGINT stop every FFmpeg it runs (their files and keys go too) and exit 0.
+    Streams outlive the launcher: SIGTERM, SIGINT and SIGHUP make it exit 0 and leave every
+    FFmpeg running (the next launcher adopts them after proving each process). To stop
+    them all: POST /streams/stop, or `streamctl stop --all`.
     Exit codes: 0 stopped, 1 cannot listen, 2 bad settings.
     """
     settings = settings_loader(launcher_listen=listen, hls_dir=hls_dir)
@@ -47,7 +49,7 @@ async def serve(settings) -> int:
     os.makedirs(settings.hls_dir, exist_ok=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)       # only a flag; the work is below
     runner = web.AppRunner(make_app(settings), handle_signals=False, access_log=None)
     await runner.setup()
@@ -61,7 +63,8 @@ async def serve(settings) -> int:
     log.info("listening on http://%s (hls_dir %s)", settings.launcher_listen, settings.hls_dir)
     sd_notify("READY=1\nSTATUS=listening on " + settings.launcher_listen)
     await stop.wait()
-    log.info("stopping: stopping every stream this launcher runs")
+    log.info("exiting: %d stream(s) keep running for the next launcher to adopt",
+             len(runner.app["launcher"].live_supervisors()))
     sd_notify("STOPPING=1")
     await runner.cleanup()
     return 0

@@ -20,13 +20,13 @@ import time
 import uuid
 
 from streamstate import files, keys, runs
-from streamstate.channels import Channel, get_channel
-from streamstate.process import StreamProcess, resolve_executable
+from streamstate.channels import Channel, ChannelError, get_channel
+from streamstate.process import ProcessHandle, StreamProcess, resolve_executable
 from streamstate.redact import redact_text
 from streamstate.redis_client import redis_from_url
 
 from .ffmpeg import build_argv
-from .supervisor import StartFailed, StreamSupervisor
+from .supervisor import AdoptedProcess, StartFailed, StreamSupervisor
 
 log = logging.getLogger("streamkeeper.launcher")
 
@@ -235,19 +235,47 @@ class Launcher:
                 log.warning("cannot refresh host key: %s", exc)
             await asyncio.sleep(interval)
 
-    async def clear_stale_records(self) -> int:
-        """At start-up: records of this host whose FFmpeg is gone (a crashed launcher)."""
-        cleared = 0
+    async def adopt_streams(self) -> dict[str, int]:
+        """At start-up: this host's streams a previous launcher ran.  A record whose process
+        is proven to be the channel's FFmpeg is adopted and watched again (stall, exit,
+        restart); one whose process is gone is cleared at once, with its files."""
+        counts = {"adopted": 0, "cleared": 0}
         for channel_id in await self.redis_call(runs.active_channels):
             record = await self.redis_call(runs.get_run, channel_id)
-            if record is None or record.host != self.settings.host_id:
+            if record is None or record.host != self.settings.host_id or channel_id in self.supervisors:
                 continue
-            if not self.identity(channel_id, record.pid_start).proven_by(record.pid):
+            handle = ProcessHandle.open_proven(record.pid, self.identity(channel_id, record.pid_start))
+            if handle is None:
                 await self.redis_call(runs.delete_run_if, channel_id, record.run_id)
                 files.delete_stream_files(self.settings.hls_dir, channel_id)
-                log.info("channel %s: cleared stale record of pid %s at start-up", channel_id, record.pid)
-                cleared += 1
-        return cleared
+                log.info("channel %s: cleared the record of pid %s at start-up (its FFmpeg is gone)",
+                         channel_id, record.pid)
+                counts["cleared"] += 1
+                continue
+            channel, argv = await self._channel_for_adoption(channel_id)
+            supervisor = StreamSupervisor(self, channel, argv, adopted=(AdoptedProcess(handle), record))
+            self.supervisors[channel_id] = supervisor
+            supervisor.begin()
+            log.info("channel %s: adopted pid %s (run %s)%s", channel_id, record.pid, record.run_id[:8],
+                     "" if argv else "; its channel record is unusable: it will not be restarted")
+            counts["adopted"] += 1
+        return counts
+
+    async def _channel_for_adoption(self, channel_id: str) -> tuple[Channel, list[str] | None]:
+        """The channel and its FFmpeg command for restarts; without a usable record the
+        stream is still watched (and cleaned when it ends), never restarted."""
+        try:
+            channel = await self.redis_call(get_channel, channel_id)
+            if channel is not None:
+                return channel, build_argv(channel, self.settings)
+        except ChannelError as exc:
+            log.warning("%s", exc)
+        return Channel(id=channel_id, source_url=""), None
+
+    def detach_all(self) -> None:
+        """The launcher exits without stopping anything: the next one adopts the streams."""
+        for supervisor in self.live_supervisors():
+            supervisor.detach()
 
     async def streams(self) -> dict:
         return await self.redis_call(collect_streams, self.settings, self.supervisors)

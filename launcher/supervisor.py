@@ -31,10 +31,10 @@ log = logging.getLogger("streamkeeper.launcher")
 POLL_READY = 0.05            # seconds between playlist checks while starting
 WATCH_INTERVAL = 0.5         # seconds between health checks while running
 MAX_BACKOFF = 60.0           # seconds; the wait before a restart doubles from 1 s up to this
-STDERR_LINES = 40
+STDERR_LINES = 40           # lines of FFmpeg's log read for the reason of a failure
+LOG_MARK = "--- streamkeeper: "   # the line the launcher writes before each FFmpeg start
 SLOW_WINDOW = 30.0           # seconds over which a stream's pace is judged
 SLOW_RATIO = 0.9             # media seconds per wall second below this: slower than real time
-DISK_FULL = "No space left on device"
 
 
 class StartFailed(Exception):
@@ -74,8 +74,36 @@ class PaceMeter:
         return (last_media - first_media) / (last_time - first_time)
 
 
+class AdoptedProcess:
+    """An FFmpeg a previous launcher started (it outlives launchers): held by a pidfd, whose
+    readiness says it exited.  Looks like an asyncio Process to the supervisor; its exit
+    status is not ours to read (-1 once it has exited)."""
+
+    def __init__(self, handle: ProcessHandle):
+        self.pid = handle.pid
+        self._handle = handle
+        loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future = loop.create_future()
+        loop.add_reader(handle.fileno(), self._on_exit)
+
+    def _on_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._handle.fileno())
+        self._handle.close()
+        if not self._exited.done():
+            self._exited.set_result(None)
+
+    @property
+    def returncode(self) -> int | None:
+        return -1 if self._exited.done() else None
+
+    async def wait(self) -> int:
+        await asyncio.shield(self._exited)
+        return -1
+
+
 class StreamSupervisor:
-    def __init__(self, launcher, channel: Channel, argv: list[str]):
+    def __init__(self, launcher, channel: Channel, argv: list[str] | None,
+                 adopted: "tuple[AdoptedProcess, runs.RunRecord] | None" = None):
         self.launcher = launcher
         self.settings = launcher.settings
         self.channel = channel
@@ -90,12 +118,17 @@ class StreamSupervisor:
         self.restarts = 0
         self.failure = ""           # the class of the last failure, what a player may see
         self.last_error = ""        # the class and FFmpeg's own line (redacted), for operators
-        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
-        self.disk_full = False      # FFmpeg said "No space left on device": it writes broken files
+        self.log_path = files.ffmpeg_log_path(self.settings.log_dir, self.id)
+        self._adopted = adopted[0] if adopted else None
+        self._detaching = False     # the launcher is exiting: leave FFmpeg running
         self.slow = False           # producing slower than real time (logged once per episode)
         self._changed = asyncio.Condition()
         self._task: asyncio.Task | None = None
         self._stop_requested = False
+        if adopted:
+            process, record = adopted
+            self.run_id, self.process, self.pid_start = record.run_id, process, record.pid_start
+            self.started, self.restarts, self.state = record.started, record.restarts, "running"
 
     # -- what the HTTP handlers call ------------------------------------------------
     def begin(self) -> None:
@@ -107,8 +140,9 @@ class StreamSupervisor:
         try:
             await self._run()
         except asyncio.CancelledError:
-            await self._terminate()
-            files.delete_stream_files(self.settings.hls_dir, self.id)
+            if not self._detaching:
+                await self._terminate()
+                files.delete_stream_files(self.settings.hls_dir, self.id)
             raise
         except Exception as exc:  # noqa: BLE001 - reported as the stream's error
             log.error("channel %s: supervisor failed: %s", self.id, exc)
@@ -162,10 +196,19 @@ class StreamSupervisor:
         max_restarts within restart_window (or a first start that never plays), with the
         reason; stopped when no longer wanted."""
         restarts_in_window: collections.deque[float] = collections.deque()
-        first = True
+        first = self._adopted is None
         while not self._stop_requested:
-            await self._spawn(first)
-            if await self._wait_until_playable(first):
+            if self._adopted is not None:                # it plays already: watch it
+                self._adopted, playable = None, True
+                self.written_to = await self.launcher.redis_call(runs.redis_server_id)
+            elif self.argv is None:
+                self.failure = "channel record missing or unusable: cannot restart"
+                await self._fail(self.failure)
+                return
+            else:
+                await self._spawn(first)
+                playable = await self._wait_until_playable(first)
+            if playable:
                 if first:
                     log.info("channel %s: playable after %.2f s (pid %s)", self.id,
                              time.time() - self.started, self.process.pid)
@@ -221,14 +264,19 @@ class StreamSupervisor:
         await self._clear("failed")
 
     async def _spawn(self, first: bool) -> None:
-        self.stderr_tail.clear()
-        self.disk_full = False
+        """FFmpeg in a session of its own, its output appended to the channel's log file (not
+        a pipe to the launcher: it outlives a launcher restart)."""
         files.delete_stream_files(self.settings.hls_dir, self.id)   # never serve a stale playlist
-        self.process = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True)  # its own process group
+        log_fd = files.open_ffmpeg_log(
+            self.settings.log_dir, self.id,
+            f"{LOG_MARK}{time.strftime('%Y-%m-%dT%H:%M:%S')} start (restart {self.restarts})")
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=log_fd, start_new_session=True)
+        finally:
+            os.close(log_fd)
         self.pid_start = process_start_time(self.process.pid)
-        asyncio.create_task(self._read_stderr(self.process))
         if first:
             await self._write_record()
         else:
@@ -238,16 +286,6 @@ class StreamSupervisor:
         log.info("channel %s: FFmpeg started (pid %s, quality %s, source %s)", self.id,
                  self.process.pid, self.channel.quality, redact_url(self.channel.source_url))
 
-    async def _read_stderr(self, process) -> None:
-        while True:
-            line = await process.stderr.readline()
-            if not line:
-                return
-            text = line.decode("utf-8", "replace").rstrip()
-            self.stderr_tail.append(text)
-            if DISK_FULL in text:
-                self.disk_full = True
-
     async def _wait_until_playable(self, first: bool) -> bool:
         playlist = files.playlist_path(self.settings.hls_dir, self.id)
         minimum = int(self.settings.min_segments)
@@ -256,7 +294,6 @@ class StreamSupervisor:
             if files.count_listed_segments(playlist) >= minimum:
                 return True
             if self.process.returncode is not None:
-                await asyncio.sleep(0.05)   # let the stderr reader take the last lines
                 self._note_failure(f"FFmpeg exited with status {self.process.returncode}")
                 return False
             await asyncio.sleep(POLL_READY)
@@ -275,7 +312,6 @@ class StreamSupervisor:
             except asyncio.TimeoutError:
                 pass
             if self.process.returncode is not None:
-                await asyncio.sleep(0.05)
                 self._note_failure(f"FFmpeg exited with status {self.process.returncode}")
                 return f"FFmpeg exited: {self.last_error}"
             try:
@@ -286,7 +322,7 @@ class StreamSupervisor:
                 self.failure = "stalled"
                 self.last_error = f"stalled: playlist not updated for {age:.0f} s"
                 return self.last_error
-            if self.disk_full or files.free_mb(self.settings.hls_dir) == 0:
+            if files.free_mb(self.settings.hls_dir) == 0:
                 # FFmpeg writes empty playlists and truncated segments on a full disk, and
                 # says nothing (seen with 5.1): under 1 MB free ends the stream.
                 self.failure = "disk full"
@@ -302,6 +338,8 @@ class StreamSupervisor:
                 empty_checks = 0
             self._judge_pace(pace.update(files.playlist_media(playlist), time.monotonic()))
             checks += 1
+            if checks % 20 == 0:
+                files.cap_ffmpeg_log(self.settings.log_dir, self.id)
             if checks % 4 == 0 and not await self._still_wanted():
                 return "no longer wanted (its record was stopped or replaced)"
         return "stop requested"
@@ -320,7 +358,8 @@ class StreamSupervisor:
 
     def _note_failure(self, otherwise: str) -> None:
         """Why FFmpeg failed, from its output: the class, and its own line (redacted)."""
-        label, detail = classify_failure(list(self.stderr_tail), self.channel.source_url)
+        tail = files.log_tail(self.log_path, STDERR_LINES, since=LOG_MARK)
+        label, detail = classify_failure(tail, self.channel.source_url)
         self.failure = label or otherwise
         self.last_error = f"{self.failure}: {detail}" if detail else self.failure
 
@@ -367,6 +406,13 @@ class StreamSupervisor:
         log.info("channel %s: record lost with a Redis restart; written again (pid %s)", self.id,
                  self.process.pid)
         return True
+
+    def detach(self) -> None:
+        """The launcher exits: stop watching, leave FFmpeg, its files and its record as they
+        are; the next launcher adopts it."""
+        self._detaching = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     async def _terminate(self) -> None:
         """The stop routine (streamstate.process): SIGTERM through a pidfd held on the proven

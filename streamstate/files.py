@@ -85,3 +85,57 @@ def playlist_media(playlist: str) -> tuple[int, list[float]] | None:
             except ValueError:
                 return None
     return sequence, durations
+
+
+# FFmpeg's own output, one file per channel under log_dir, capped: past LOG_CAP bytes the
+# last LOG_KEEP bytes move to <file>.1 and the file starts again (FFmpeg appends: O_APPEND).
+LOG_CAP = 1024 * 1024
+LOG_KEEP = 256 * 1024
+
+
+def ffmpeg_log_path(log_dir: str, channel_id: str) -> str:
+    return os.path.join(log_dir, f"stream_{keys.check_channel_id(channel_id)}.log")
+
+
+def open_ffmpeg_log(log_dir: str, channel_id: str, header: str) -> int:
+    """The channel's log, opened for FFmpeg's stderr (append), after a header line."""
+    os.makedirs(log_dir, exist_ok=True)
+    fd = os.open(ffmpeg_log_path(log_dir, channel_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                 0o640)
+    os.write(fd, (header.rstrip("\n") + "\n").encode("utf-8", "replace"))
+    return fd
+
+
+def cap_ffmpeg_log(log_dir: str, channel_id: str) -> bool:
+    """Keep the channel's log under LOG_CAP; True if it was cut."""
+    path = ffmpeg_log_path(log_dir, channel_id)
+    try:
+        if os.path.getsize(path) <= LOG_CAP:
+            return False
+        with open(path, "rb") as handle:
+            handle.seek(-LOG_KEEP, os.SEEK_END)
+            kept = handle.read()
+        with open(path + ".1", "wb") as older:
+            older.write(kept)
+        os.truncate(path, 0)
+        return True
+    except OSError:
+        return False
+
+
+def log_tail(path: str, lines: int = 40, since: str | None = None) -> list[str]:
+    """The last ``lines`` lines of a log (after the last line starting with ``since``)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 64 * 1024))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    found = text.splitlines()
+    if since is not None:
+        starts = [n for n, line in enumerate(found) if line.startswith(since)]
+        if starts:
+            found = found[starts[-1] + 1:]
+    return found[-lines:]

@@ -230,6 +230,8 @@ SPECS: tuple[SettingSpec, ...] = (
                 "'streamkeeper' (ours) or a full nginx log_format string"),
     SettingSpec("state_dir", lambda: "/var/lib/streamkeeper", _parse_abs_path,
                 "checkpoints and other local state"),
+    SettingSpec("log_dir", lambda: "/var/log/streamkeeper", _parse_abs_path,
+                "FFmpeg's own output, one capped file per channel (streamctl logs ID)"),
     SettingSpec("idle_timeout", lambda: 300.0, lambda v: _parse_number(v, minimum=1),
                 "seconds without a viewer before a stream is stopped"),
     SettingSpec("flush_interval", lambda: 1.0, _positive_seconds,

@@ -280,6 +280,10 @@ class ExtraLauncher:
 
     def stop(self) -> None:
         if self.process.poll() is None:
+            try:
+                self.json("/streams/stop", "POST")         # streams outlive the launcher
+            except OSError:
+                pass
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
