@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from streamstate import files, keys
 from streamstate.channels import Channel, ChannelError, channel_from_dict, put_channel
 
+from .ffmpeg import build_argv
 from .nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, QUERY_HEADER
 from .service import ChannelNotFound, Launcher
 from .supervisor import StartFailed
@@ -162,6 +163,7 @@ async def legacy_start(request: web.Request) -> web.Response:
     if data.get("source_url"):
         try:
             channel = channel_from_dict(channel_id, {k: v for k, v in data.items() if k != "channel_id"})
+            build_argv(channel, request.app["launcher"].settings)     # a known quality, too
         except keys.InvalidChannelId as exc:
             return _json({"status": "error", "error": str(exc)}, 400)
         except ChannelError as exc:

@@ -77,12 +77,12 @@ def build_argv(channel: Channel, settings) -> list[str]:
 _FAILURE_CLASSES = [
     (re.compile(r"No space left on device", re.I), "disk full"),
     (re.compile(r"(?:HTTP error|Server returned) (\d{3})"), "upstream refused: HTTP {0}"),
+    (re.compile(r"Protocol '?\w+'? not on whitelist", re.I), "upstream redirected to a refused protocol"),
     (re.compile(r"certificate|gnutls|TLS|SSL", re.I), "upstream TLS failed (certificate not trusted?)"),
     (re.compile(r"Connection refused|Connection timed out|Network is unreachable|No route to host|"
                 r"Name or service not known|Temporary failure in name resolution|"
                 r"Connection reset by peer|Operation timed out|Failed to resolve", re.I),
      "upstream unreachable"),
-    (re.compile(r"Protocol not on whitelist", re.I), "upstream redirected to a refused protocol"),
     (re.compile(r"Invalid data found when processing input|End of file|could not find codec|"
                 r"I/O error|Input/output error|Invalid argument", re.I),
      "upstream sent no playable stream"),

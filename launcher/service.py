@@ -293,15 +293,15 @@ def collect_streams(client, settings, supervisors: dict) -> dict:
         pipe.hgetall(keys.run_key(channel_id))
         pipe.get(keys.last_access_key(channel_id))
         pipe.zcount(keys.viewers_key(channel_id), now - float(settings.viewer_window), "+inf")
-    replies = pipe.execute() if ordered else []
+    # A key of the wrong type (junk) answers an error in its place: read as missing.
+    replies = [None if isinstance(r, Exception) else r
+               for r in (pipe.execute(raise_on_error=False) if ordered else [])]
     result = []
     for index, channel_id in enumerate(ordered):
         raw, last_access, viewers = replies[3 * index:3 * index + 3]
-        record = runs.RunRecord.from_hash(channel_id, {
-            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in (raw or {}).items()}) if raw else None
+        record = runs.RunRecord.from_hash(channel_id, raw) if raw else None
         supervisor = supervisors.get(channel_id)
-        last = float_or_none(last_access)
+        last = runs.epoch_seconds(last_access, now)
         entry = {
             "id": channel_id,
             "state": supervisor.state if supervisor and not supervisor.finished else
@@ -320,10 +320,3 @@ def collect_streams(client, settings, supervisors: dict) -> dict:
         result.append(entry)
     return {"streams": result,
             "invalid_members": [runs.shown_member(m) for m in active.invalid]}
-
-
-def float_or_none(value) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None

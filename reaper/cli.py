@@ -33,7 +33,7 @@ def main(settings_loader, once, dry_run, as_json, interval, log_level):
     keys are deleted only while they still belong to the run stopped. If Redis cannot be
     read, nothing is stopped.
 
-    Exit codes: 0 done, 1 Redis unreachable (--once), 2 bad settings.
+    Exit codes: 0 done, 1 Redis unreachable or the pass failed (--once), 2 bad settings.
     """
     settings = settings_loader(reaper_interval=interval)
     configure_logging(log_level.upper())
@@ -48,6 +48,9 @@ def run_one(reaper: Reaper, as_json: bool) -> int:
         summary = reaper.run_pass()
     except RedisUnavailable as exc:
         log.error("%s", exc)
+        return EXIT_REDIS
+    except Exception as exc:  # noqa: BLE001 - one bad pass must not end the service
+        log.error("pass failed: %s: %s", type(exc).__name__, exc)
         return EXIT_REDIS
     if reaper.dry_run:
         for action in summary.actions:

@@ -61,10 +61,8 @@ class StreamView:
     def pid(self) -> int:
         if self.run is not None:
             return self.run.pid
-        try:
-            return int(self.pid_raw or 0)
-        except ValueError:
-            return 0
+        raw = (self.pid_raw or "").strip()
+        return int(raw) if raw.isascii() and raw.isdigit() and raw == str(int(raw)) else 0
 
     def idle(self, now: float) -> float | None:
         reference = self.last_access if self.last_access is not None else self.started
@@ -80,6 +78,7 @@ class Action:
     idle: float | None = None
     run_id: str | None = None
     pid_start: int | None = None
+    pid_raw: str | None = None        # a legacy record's pid key as stored (compared on delete)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -182,7 +181,7 @@ class Reaper:
         active = runs.read_active(self.redis)
         self._invalid_members = active.invalid
         ids = set(active.channels)
-        for key in self.redis.scan_iter(match=keys.PID_KEY_PATTERN, count=SCAN_COUNT):
+        for key in self.redis.scan_iter(match=keys.PID_KEY_PATTERN, count=SCAN_COUNT):   # type-blind
             channel = keys.channel_id_from_pid_key(key)
             if channel:
                 ids.add(channel)
@@ -190,9 +189,11 @@ class Reaper:
         views = []
         for start in range(0, len(ordered), BATCH):        # one round trip per batch
             batch = ordered[start:start + BATCH]
+            now = time.time()
             for channel, (run, pid, started, last_access) in zip(batch, runs.read_batch(self.redis, batch)):
                 views.append(StreamView(channel=channel, run=run, pid_raw=pid,
-                                        started=_number(started), last_access=_number(last_access)))
+                                        started=runs.epoch_seconds(started, now),
+                                        last_access=runs.epoch_seconds(last_access, now)))
         return views
 
     def _live_hosts(self, views: list[StreamView]) -> set[str]:
@@ -209,6 +210,7 @@ class Reaper:
         channel, pid = view.channel, view.pid
         idle = view.idle(now)
         base = dict(channel=channel, pid=pid, idle=None if idle is None else round(idle, 1),
+                    pid_raw=None if view.run else view.pid_raw,
                     run_id=view.run.run_id if view.run else None,
                     pid_start=view.run.pid_start if view.run else None)
         if view.run is not None and view.run.host and view.run.host != self.host:
@@ -239,7 +241,7 @@ class Reaper:
         for start in range(0, len(actions), BATCH):
             batch = actions[start:start + BATCH]
             deleted += runs.delete_many_if_ours(self.redis, [
-                (a.channel, "run", a.run_id) if a.run_id else (a.channel, "pid", str(a.pid))
+                (a.channel, "run", a.run_id) if a.run_id else (a.channel, "pid", a.pid_raw or "")
                 for a in batch])
         return deleted
 
@@ -308,7 +310,11 @@ class Reaper:
         removed here (no stream can be one of them)."""
         junk = self._invalid_members
         if junk and not self.dry_run:
-            self.redis.srem(keys.ACTIVE_STREAMS_KEY, *junk)
+            try:
+                self.redis.srem(keys.ACTIVE_STREAMS_KEY, *junk)
+            except redis.ResponseError as exc:
+                log.error("%s is not a set (%s): fix or delete it by hand", keys.ACTIVE_STREAMS_KEY, exc)
+                return len(junk)
             log.warning("removed %d invalid member(s) of %s: %s", len(junk), keys.ACTIVE_STREAMS_KEY,
                         ", ".join(runs.shown_member(m) for m in junk[:5]))
         return len(junk)
@@ -394,21 +400,6 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _text(value) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _number(value) -> float | None:
-    try:
-        return float(_text(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _decode_hash(data: dict) -> dict:
-    return {_text(k): _text(v) for k, v in data.items()}
 
 
 def summary_json(summary: PassSummary) -> str:

@@ -9,8 +9,8 @@ import urllib.request
 import click
 import redis
 
-from launcher.service import float_or_none, collect_streams
-from streamstate import keys
+from launcher.service import collect_streams
+from streamstate import keys, runs
 from streamstate.cli_options import settings_options
 from streamstate.redact import redact_url
 from streamstate.redis_client import redis_from_url
@@ -33,6 +33,11 @@ def _launcher_request(settings, path: str, timeout: float) -> tuple[int, dict]:
             return exc.code, {"error": f"HTTP {exc.code}"}
     except (urllib.error.URLError, OSError) as exc:
         raise click.ClickException(f"launcher at {settings.launcher_listen} is unreachable: {exc}") from None
+
+
+def printable(value) -> str:
+    """Text from Redis as a terminal may show it: control characters escaped."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(value))
 
 
 @click.command("start")
@@ -99,11 +104,12 @@ def status_command(settings_loader, as_json):
     streams = listing["streams"]
     for s in streams:
         idle = "-" if s["idle_seconds"] is None else f"{s['idle_seconds']:.0f}s"
-        click.echo(f"{s['id']:>8}  {s['state']:<9} pid {s['pid'] or '-':<8} idle {idle:<6} "
+        # Redis contents are hostile: nothing reaches the terminal unescaped.
+        click.echo(f"{s['id']:>8}  {printable(s['state']):<9} pid {s['pid'] or '-':<8} idle {idle:<6} "
                    f"viewers {s['viewers']:<4} restarts {s['restarts']}"
-                   + (f"  last error: {s['last_error']}" if s["last_error"] else ""))
+                   + (f"  last error: {printable(s['last_error'])}" if s["last_error"] else ""))
     if last_pass:
-        age = time.time() - (float_or_none(last_pass.get("time")) or 0)
+        age = time.time() - (runs.epoch_seconds(last_pass.get("time")) or 0)
         click.echo(f"reaper ({settings.host_id}): last pass {age:.0f} s ago, stopped {last_pass.get('stopped')}, "
                    f"stale {last_pass.get('stale')}, {last_pass.get('passes')} passes", err=True)
     else:

@@ -24,8 +24,12 @@ MAX_HEADER_NAME_CHARS = 64
 MAX_HEADER_VALUE_CHARS = 2048
 UPSTREAM_FIELDS = ("source_url", "proxy", "user_agent", "referer")   # sent by FFmpeg
 DISPLAY_FIELDS = ("name", "group")                                   # shown, never sent
-# C0 controls (NUL, TAB, CR, LF, ...) and DEL.
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# C0 controls (NUL, TAB, CR, LF, ...), DEL, C1 controls and lone surrogates (raw bytes that
+# came through JSON escapes or a terminal): what FFmpeg would put on the wire as it is.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# What is sent upstream as text (URLs, header values): printable ASCII only; anything else is
+# percent-encoded in a URL, and has no place in a header.
+_WIRE_TEXT_RE = re.compile(r"[\x20-\x7e]*")
 # RFC 7230 token: what a header name may be.
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Headers that frame or route the request: FFmpeg sets them itself.
@@ -68,6 +72,9 @@ def _check_text(channel_id: str, field: str, value, limit: int) -> str:
     if _CONTROL_RE.search(value):
         raise ChannelError(f"channel {channel_id}: {field} contains a control character "
                            "(CR, LF, NUL, TAB or another); refused")
+    if field not in DISPLAY_FIELDS and field != "quality" and not _WIRE_TEXT_RE.fullmatch(value):
+        raise ChannelError(f"channel {channel_id}: {field} has characters outside printable ASCII "
+                           "(percent-encode them in a URL); refused")
     return value
 
 
@@ -88,7 +95,7 @@ def _check_url(channel_id: str, field: str, value, schemes: tuple[str, ...]) -> 
         raise ChannelError(f"channel {channel_id}: {field} refused: only "
                            f"{' and '.join(s + '://' for s in schemes)} URLs are allowed "
                            f"(scheme: {shown})")
-    return url
+    return scheme + url[len(parts.scheme):]          # HtTp:// is http:// (FFmpeg wants it so)
 
 
 def check_source_url(channel_id: str, url) -> str:
@@ -148,7 +155,7 @@ def channel_from_dict(channel_id: str, data) -> Channel:
     tls_verify = data.get("tls_verify", True)
     if not isinstance(tls_verify, bool):
         raise ChannelError(f"channel {channel_id}: tls_verify must be true or false")
-    return Channel(
+    channel = Channel(
         id=channel_id,
         source_url=check_source_url(channel_id, data.get("source_url")),
         quality=quality,
@@ -159,6 +166,11 @@ def channel_from_dict(channel_id: str, data) -> Channel:
         tls_verify=tls_verify,
         **optional,
     )
+    size = len(channel.as_json().encode())
+    if size > MAX_RECORD_BYTES:                    # however it came (a file, the legacy route)
+        raise ChannelError(f"channel {channel_id}: record is too large ({size} bytes, at most "
+                           f"{MAX_RECORD_BYTES})")
+    return channel
 
 
 def recheck(channel: Channel) -> Channel:

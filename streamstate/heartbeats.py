@@ -16,16 +16,19 @@ from typing import Iterable, Mapping
 
 from . import keys
 from .redis_client import registered_script
+from .runs import FUTURE_SLACK
 
 # KEYS: per channel, 3 keys: pid, last_access, viewers.
 # ARGV[1]: trim cutoff (epoch s; viewers with an older score are removed)
 # ARGV[2]: "1" to return the positions of channels that were not running, else "0"
+# ARGV[3]: the latest believable time (now + slack): a stored last_access past it is junk
 # then per channel: time, trim flag ("1"/"0"), n, then n pairs (score, member)
 # Returns {running count, positions (1-based) of the channels not running...}.
 _HEARTBEAT_LUA = """
 local cutoff = ARGV[1]
 local report = ARGV[2] == '1'
-local a = 3
+local latest = tonumber(ARGV[3])
+local a = 4
 local running = 0
 local skipped = {}
 local index = 0
@@ -39,23 +42,27 @@ for k = 1, #KEYS, 3 do
     if report then skipped[#skipped + 1] = index end
   else
     running = running + 1
-    local old = redis.call('SET', KEYS[k + 1], t, 'KEEPTTL', 'GET')
-    if old then
+    -- SET overwrites a key of any type; the old value is kept only when it is a finite
+    -- time newer than this one and not past now + slack (inf, nan, 1e999 are junk that
+    -- would keep a stream alive forever).
+    local old = redis.pcall('SET', KEYS[k + 1], t, 'KEEPTTL', 'GET')
+    if type(old) == 'string' then
       local oldnum = tonumber(old)
-      if oldnum and oldnum > tonumber(t) then
+      if oldnum and oldnum == oldnum and oldnum > tonumber(t) and oldnum <= latest then
         redis.call('SET', KEYS[k + 1], old, 'KEEPTTL')
       end
     end
+    -- A viewers key of the wrong type (junk) is skipped, never an error for the batch.
     if n > 0 then
       local args = {'GT'}
       for j = 0, n - 1 do
         args[#args + 1] = ARGV[a + 2 * j]
         args[#args + 1] = ARGV[a + 2 * j + 1]
       end
-      redis.call('ZADD', KEYS[k + 2], unpack(args))
+      redis.pcall('ZADD', KEYS[k + 2], unpack(args))
     end
     if trim == '1' then
-      redis.call('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', '(' .. cutoff)
+      redis.pcall('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', '(' .. cutoff)
     end
   end
   a = a + 2 * n
@@ -97,7 +104,8 @@ def write_heartbeats(client, channel_times: Mapping[str, float],
     calls = 0
     for start in range(0, len(items), CHANNELS_PER_CALL):
         key_list: list[str] = []
-        args: list[str] = [format_time(now - viewer_window), "1" if report_skipped else "0"]
+        args: list[str] = [format_time(now - viewer_window), "1" if report_skipped else "0",
+                           format_time(now + FUTURE_SLACK)]
         for channel, when in items[start:start + CHANNELS_PER_CALL]:
             key_list += [keys.pid_key(channel), keys.last_access_key(channel),
                          keys.viewers_key(channel)]

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 import uuid
+
+import redis
 
 from . import keys
 from .redis_client import registered_script
@@ -31,21 +34,28 @@ TRANSITIONS = {
 # last_access (4 keys).  Returns per record 11 values: the run hash's run_id, host, pid,
 # pid_start, started, state, restarts, last_error, then pid, started, last_access.
 _READ_BATCH_LUA = """
+-- A key of the wrong type (Redis contents are hostile) reads as missing, never as an error
+-- that would stop the whole pass.
+local function value(reply)
+  if type(reply) == 'table' and reply.err then return false end
+  return reply
+end
 local out = {}
 for k = 1, #KEYS, 4 do
-  local run = redis.call('HMGET', KEYS[k], 'run_id', 'host', 'pid', 'pid_start', 'started',
-                         'state', 'restarts', 'last_error')
-  for i = 1, 8 do out[#out + 1] = run[i] end
-  out[#out + 1] = redis.call('GET', KEYS[k + 1])
-  out[#out + 1] = redis.call('GET', KEYS[k + 2])
-  out[#out + 1] = redis.call('GET', KEYS[k + 3])
+  local run = redis.pcall('HMGET', KEYS[k], 'run_id', 'host', 'pid', 'pid_start', 'started',
+                          'state', 'restarts', 'last_error')
+  if type(run) == 'table' and run.err then run = {} end
+  for i = 1, 8 do out[#out + 1] = run[i] or false end
+  out[#out + 1] = value(redis.pcall('GET', KEYS[k + 1]))
+  out[#out + 1] = value(redis.pcall('GET', KEYS[k + 2]))
+  out[#out + 1] = value(redis.pcall('GET', KEYS[k + 3]))
 end
 return out
 """
 
 # Compare-and-delete many records in one call.  KEYS: per record run, pid, started,
 # last_access, viewers (5 keys), then the active set last.  ARGV: per record
-# kind ('run': compare run_id; 'pid': a legacy record, compare the pid key), the
+# kind ('run': compare run_id; 'pid': a legacy record or junk, compare the pid key), the
 # expected value, the channel id.  Returns per record 1 (deleted) or 0 (kept).
 _DELETE_MANY_LUA = """
 local active = KEYS[#KEYS]
@@ -56,13 +66,18 @@ for k = 1, #KEYS - 1, 5 do
   a = a + 3
   local ours
   if kind == 'run' then
-    ours = redis.call('HGET', KEYS[k], 'run_id') == expected
+    ours = redis.pcall('HGET', KEYS[k], 'run_id') == expected
   else
-    ours = redis.call('EXISTS', KEYS[k]) == 0 and redis.call('GET', KEYS[k + 1]) == expected
+    -- A legacy record (or junk): no run hash with a run_id, and the pid key still holds
+    -- what was read ('' for none, or a key that is not a string).
+    local has_run = redis.call('TYPE', KEYS[k]).ok == 'hash' and redis.call('HEXISTS', KEYS[k], 'run_id') == 1
+    local pid = redis.pcall('GET', KEYS[k + 1])
+    if type(pid) ~= 'string' then pid = '' end
+    ours = (not has_run) and pid == expected
   end
   if ours then
     redis.call('DEL', KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4])
-    redis.call('SREM', active, channel)
+    redis.pcall('SREM', active, channel)
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -73,7 +88,7 @@ return out
 
 # KEYS: run; ARGV: run id, then field, value pairs
 _UPDATE_IF_RUN_LUA = """
-if redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] then
+if redis.pcall('HGET', KEYS[1], 'run_id') ~= ARGV[1] then
   return 0
 end
 for i = 2, #ARGV, 2 do
@@ -105,15 +120,49 @@ class RunRecord:
 
     @classmethod
     def from_hash(cls, channel: str, data: dict) -> "RunRecord | None":
-        try:
-            return cls(channel=channel, run_id=data["run_id"], host=data.get("host", ""),
-                       pid=int(data.get("pid") or 0),
-                       pid_start=int(data["pid_start"]) if data.get("pid_start") else None,
-                       started=float(data.get("started") or 0), state=data.get("state", ""),
-                       last_error=data.get("last_error", ""),
-                       restarts=int(data.get("restarts") or 0))
-        except (KeyError, ValueError):
+        """A record from its hash (bytes or text); None without a run_id.  Fields that do
+        not parse read as nothing (pid 0 is never proven: such a record is stale), so even
+        junk can be compared-and-deleted by its run_id."""
+        data = {text(k): text(v) for k, v in data.items()}
+        if not data.get("run_id"):
             return None
+        return cls(channel=channel, run_id=data["run_id"], host=data.get("host") or "",
+                   pid=_int(data.get("pid")) or 0, pid_start=_int(data.get("pid_start")),
+                   started=epoch_seconds(data.get("started")) or 0.0,
+                   state=data.get("state") or "", last_error=data.get("last_error") or "",
+                   restarts=_int(data.get("restarts")) or 0)
+
+
+def text(value) -> str | None:
+    """A Redis value as text: undecodable bytes replaced, never an error."""
+    if value is None or value is False:
+        return None
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+# A time more than this far in the future is junk (it would keep a stream alive forever).
+FUTURE_SLACK = 60.0
+
+
+def epoch_seconds(value, now: float | None = None) -> float | None:
+    """An epoch time from Redis (last_access, started): None unless it is a finite number,
+    and, with ``now``, not in the future beyond FUTURE_SLACK (inf, nan, 1e999 are junk)."""
+    try:
+        number = float(text(value)) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+    if number is None or not math.isfinite(number) or number < 0:
+        return None
+    if now is not None and number > now + FUTURE_SLACK:
+        return None
+    return number
 
 
 def new_run_id() -> str:
@@ -178,12 +227,11 @@ def update_run(client, channel: str, run_id: str, **fields) -> bool:
 
 
 def get_run(client, channel: str) -> RunRecord | None:
-    data = client.hgetall(keys.run_key(channel))
-    if not data:
+    try:
+        data = client.hgetall(keys.run_key(channel))
+    except redis.ResponseError:              # not a hash: junk, read as no record
         return None
-    data = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in data.items()}
-    return RunRecord.from_hash(channel, data)
+    return RunRecord.from_hash(channel, data) if data else None
 
 
 def delete_run_if(client, channel: str, run_id: str) -> bool:
@@ -198,14 +246,13 @@ def read_batch(client, channels: list[str]) -> list[tuple["RunRecord | None", st
         key_list += [keys.run_key(channel), keys.pid_key(channel), keys.started_key(channel),
                      keys.last_access_key(channel)]
     flat = registered_script(client, "read_batch", _READ_BATCH_LUA)(keys=key_list) if channels else []
-    flat = [v.decode() if isinstance(v, bytes) else v for v in flat]
+    flat = [text(v) for v in flat]
     result = []
     for index, channel in enumerate(channels):
         values = flat[11 * index:11 * index + 11]
         fields = dict(zip(("run_id", "host", "pid", "pid_start", "started", "state", "restarts",
                            "last_error"), values[:8]))
-        record = (RunRecord.from_hash(channel, {k: v for k, v in fields.items() if v is not None})
-                  if fields["run_id"] else None)
+        record = RunRecord.from_hash(channel, {k: v for k, v in fields.items() if v is not None})
         result.append((record, values[8], values[9], values[10]))
     return result
 
@@ -238,13 +285,8 @@ def last_access_times(client, channels: list[str]) -> list[float | None]:
     """stream:<id>:last_access of each channel, in one round trip (None: missing or junk)."""
     if not channels:
         return []
-    result = []
-    for raw in client.mget([keys.last_access_key(c) for c in channels]):
-        try:
-            result.append(float(raw) if raw is not None else None)
-        except ValueError:
-            result.append(None)
-    return result
+    now = time.time()
+    return [epoch_seconds(raw, now) for raw in client.mget([keys.last_access_key(c) for c in channels])]
 
 
 @dataclasses.dataclass
@@ -258,7 +300,11 @@ class ActiveSet:
 def read_active(client) -> ActiveSet:
     """Every member of the active set; junk is set apart, never trusted nor fatal."""
     valid, invalid = [], []
-    for member in client.smembers(keys.ACTIVE_STREAMS_KEY):
+    try:
+        members = client.smembers(keys.ACTIVE_STREAMS_KEY)
+    except redis.ResponseError:              # not a set: junk; nothing to read from it
+        return ActiveSet(channels=[], invalid=[keys.ACTIVE_STREAMS_KEY + " is not a set"])
+    for member in members:
         text = member.decode("utf-8", "replace") if isinstance(member, bytes) else str(member)
         if keys.CHANNEL_ID_RE.fullmatch(text):
             valid.append(text)

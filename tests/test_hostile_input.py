@@ -9,9 +9,11 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 
 import pytest
+import redis
 
 from heartbeatd.logformat import LogLineParser
 from streamstate import keys, runs
@@ -291,3 +293,111 @@ def test_a_record_of_an_unknown_process_is_never_trusted(stack):
     add_channel(stack, 523)
     assert first_request(stack.playlist_url(523))[0] == 200          # started anew, we live on
     assert stack.redis.hget(keys.run_key(523), "run_id") != "forged"
+
+
+JUNK = [
+    ("hash", keys.run_key(540), {"run_id": "j", "host": socket.gethostname(), "pid": "5",
+                                 "last_error": b"x\xff\xfe"}),
+    ("string", keys.run_key(541), "not a hash"),
+    ("list", keys.last_access_key(542), ["1", "2"]),
+    ("list", keys.pid_key(543), ["1"]),
+    ("string", keys.viewers_key(544), "not a zset"),
+    ("string", keys.pid_key(545), "abc"),
+    ("string", keys.pid_key(546), " 30829"),
+    ("string", keys.last_access_key(547), "inf"),
+]
+
+
+def put_junk(client):
+    raw = redis.Redis(port=client.connection_pool.connection_kwargs["port"])
+    for kind, key, value in JUNK:
+        raw.delete(key)
+        if kind == "hash":
+            raw.hset(key, mapping=value)
+        elif kind == "list":
+            raw.rpush(key, *value)
+        else:
+            raw.set(key, value)
+    for channel in range(540, 548):
+        raw.sadd(keys.ACTIVE_STREAMS_KEY, str(channel))
+    raw.set(keys.pid_key(547), "1")
+
+
+def test_junk_of_any_type_or_encoding_in_redis_breaks_nothing(stack):
+    """Redis contents are hostile: undecodable bytes, keys of the wrong type, unparsable or
+    infinite numbers.  No 500, no traceback, the reaper's pass completes and clears them."""
+    put_junk(stack.redis)
+    status, body = stack.launcher_json("/streams")
+    assert status == 200 and isinstance(body, dict), body
+    assert stack.launcher_json("/api/streams/active")[0] == 200
+    result = streamctl(stack, "status", "--json")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    json.loads(result.stdout)                                    # valid JSON: no Infinity
+    reaped = streamctl(stack, "reap", "--json")
+    assert reaped.returncode == 0, reaped.stderr
+    summary = json.loads(reaped.stdout)
+    assert summary["stale"] >= 6
+    again = json.loads(streamctl(stack, "reap", "--json").stdout)
+    assert not {a["channel"] for a in again["actions"]} & {str(c) for c in range(540, 548)}
+    stack.redis.delete(*[key for _, key, _ in JUNK], keys.pid_key(547))
+
+
+def test_an_infinite_last_access_keeps_nothing_alive(stack):
+    """A stored last_access of inf (or far in the future) is junk: the next heartbeat
+    replaces it, and the reaper falls back to the start time."""
+    from streamstate import heartbeats
+    add_channel(stack, 548)
+    assert first_request(stack.playlist_url(548))[0] == 200
+    stack.redis.set(keys.last_access_key(548), "inf")
+    now = time.time()
+    heartbeats.write_heartbeats(stack.redis, {"548": now - 1}, now=now)
+    assert float(stack.redis.get(keys.last_access_key(548))) == pytest.approx(now - 1, abs=0.01)
+    stack.redis.set(keys.last_access_key(548), "9999999999")
+    heartbeats.write_heartbeats(stack.redis, {"548": now}, now=now)
+    assert float(stack.redis.get(keys.last_access_key(548))) == pytest.approx(now, abs=0.01)
+    stack.launcher_json("/channel/548/stop", "POST")
+
+
+def test_status_escapes_what_redis_holds(stack):
+    stack.redis.hset(keys.run_key(549), mapping={
+        "run_id": "esc", "host": "elsewhere", "pid": "1", "state": "\x1b[31mRED\x1b[0m\r\nfake line",
+        "last_error": "\x1b]0;title\x07"})
+    stack.redis.sadd(keys.ACTIVE_STREAMS_KEY, "549")
+    try:
+        result = streamctl(stack, "status")
+        assert result.returncode == 0
+        assert "\x1b" not in result.stdout and "\r" not in result.stdout and "\x07" not in result.stdout
+        assert "\\x1b[31mRED" in result.stdout
+    finally:
+        stack.redis.delete(keys.run_key(549))
+        stack.redis.srem(keys.ACTIVE_STREAMS_KEY, "549")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("user_agent", "UA\udc8d\udc8aX-Inj: 1"), ("user_agent", "UA\x85"), ("referer", "http://r/\u00e9"),
+    ("headers", {"X-A": "caf\u00e9"}), ("source_url", "http://up.example/\u00e9/1.ts"),
+])
+def test_only_printable_ascii_goes_on_the_wire(stack, listener, field, value):
+    record = {"source_url": listener.url(), "quality": "copy", field: value}
+    stack.redis.set(keys.channel_key(550), json.dumps(record))
+    status, _, body = first_request(stack.playlist_url(550))
+    assert status == 422, body
+    assert listener.connections == 0
+
+
+def test_the_legacy_route_stores_nothing_it_would_refuse(stack, listener):
+    headers = {f"X-H{n}": "v" * 2048 for n in range(32)}
+    status, body = stack.launcher_json("/api/stream/start", "POST", {
+        "channel_id": "551", "source_url": listener.url(), "headers": headers})
+    assert status == 422 and "too large" in body["error"]
+    status, body = stack.launcher_json("/api/stream/start", "POST", {
+        "channel_id": "551", "source_url": listener.url(), "quality": "ultra"})
+    assert status == 422 and "unknown quality" in body["error"]
+    assert stack.redis.exists(keys.channel_key(551)) == 0 and listener.connections == 0
+
+
+def test_a_scheme_in_capitals_is_still_http(stack):
+    stack.redis.set(keys.channel_key(552), json.dumps({"source_url": stack.upstream_url("ch552").replace("http://", "HtTp://"),
+                                                       "quality": "copy"}))
+    assert first_request(stack.playlist_url(552))[0] == 200
+    stack.launcher_json("/channel/552/stop", "POST")

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from demo.stack import LocalStack
+from demo.stack import LocalStack, json_request
 from streamstate import files, keys
 from tests.conftest import REPO
 from tests.helpers import add_channel, ffmpeg_processes, ffmpegs_writing, first_request, wait_for
@@ -269,9 +269,11 @@ def test_two_launcher_processes_start_one_ffmpeg(stack, tmp_path):
         assert len(answers) == 20 and set(answers) <= {"started", "already_running"}
         assert len(ffmpegs_writing(stack, 115)) == 1
     finally:
+        json_request(f"http://127.0.0.1:{port}/streams/stop", "POST")   # streams outlive it
         second.terminate()
         second.wait(timeout=30)
     stack.launcher_json("/channel/115/stop", "POST")
+    assert not ffmpegs_writing(stack, 115)
 
 
 def test_launcher_with_redis_unreachable_answers_503(tmp_path):
