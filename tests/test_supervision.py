@@ -1,8 +1,12 @@
 """Supervision (issue: supervision): watched streams survive Redis restarts and reaper passes,
 crash loops end with a reason.  Real redis-server, nginx, launcher, FFmpeg, and FFmpeg as
 the HLS client through nginx."""
+import json
+import os
 import shutil
 import signal
+import socket
+import threading
 import tempfile
 import time
 
@@ -11,8 +15,8 @@ import redis
 
 from demo.stack import LocalStack
 from heartbeatd.logformat import viewer_hash
-from streamstate import keys
-from tests.helpers import add_channel, ffmpegs_writing, first_request, wait_for
+from streamstate import files, keys
+from tests.helpers import add_channel, ffmpeg_processes, ffmpegs_writing, first_request, wait_for
 
 
 @pytest.fixture
@@ -70,3 +74,77 @@ def test_a_redis_restart_that_loses_everything_stops_no_watched_stream(own_stack
     wait_for(lambda: float(stack.redis.get(keys.last_access_key(41))) > before, timeout=10,
              message="heartbeats after the restart")
     assert ffmpegs_writing(stack, 41) == [pid]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_streams_outlive_a_launcher_restart_and_are_adopted(own_stack, signum):
+    stack = own_stack
+    for channel in (42, 43):
+        add_channel(stack, channel)
+        assert first_request(stack.playlist_url(channel))[0] == 200
+    pids = {c: ffmpegs_writing(stack, c) for c in (42, 43)}
+    stack.restart_launcher(signum)
+    assert {c: ffmpegs_writing(stack, c) for c in (42, 43)} == pids      # the same FFmpegs run on
+    status, body = stack.launcher_json("/streams")
+    listed = {s["id"]: s for s in body["streams"]}
+    assert [listed["42"]["pid"]] == pids[42] and listed["42"]["state"] == "running"
+    assert "adopted pid" in stack.log("launcher")
+    # An adopted stream that dies is restarted at once, and never served frozen meanwhile.
+    os.kill(pids[42][0], signal.SIGKILL)
+    wait_for(lambda: ffmpegs_writing(stack, 42) not in ([], pids[42]), timeout=20, message="a new FFmpeg")
+    wait_for(lambda: first_request(stack.playlist_url(42))[0] == 200, timeout=20, message="playable again")
+    playlist = files.playlist_path(stack.hls_dir, 42)
+    assert time.time() - os.stat(playlist).st_mtime < 5
+    assert ffmpegs_writing(stack, 43) == pids[43]
+
+
+def test_an_upstream_that_always_refuses_fails_once_then_cools_down(own_stack):
+    """403 every time: one FFmpeg, the reason, 503 with it during failed_cooldown, and a
+    bounded number of upstream requests."""
+    stack = own_stack
+    hits = []
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def refuse():
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            hits.append(1)
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            connection.close()
+    threading.Thread(target=refuse, daemon=True).start()
+    try:
+        add_channel(stack, 44, source_url=f"http://127.0.0.1:{port}/live/44.ts")
+        answers = [first_request(stack.playlist_url(44)) for _ in range(8)]
+        assert {a[0] for a in answers} == {503}
+        assert {a[2] for a in answers} == {b"channel 44: upstream refused: HTTP 403\n"}
+        assert len(hits) <= 2                      # one FFmpeg start, whatever the requests
+        assert json.loads(stack.redis.get(keys.failed_key(44)))["reason"] == "upstream refused: HTTP 403"
+        assert stack.redis.pttl(keys.failed_key(44)) > 0
+    finally:
+        server.close()
+
+
+def test_a_stream_that_keeps_dying_fails_after_max_restarts(stack, extra_launcher, tmp_path):
+    launcher = extra_launcher(hls_dir=str(tmp_path / "hls"), max_restarts=2, restart_window=120)
+    add_channel(stack, 45)
+    assert launcher.json("/channel/45/start", "POST")[0] == 200
+    playlist = files.playlist_path(launcher.hls_dir, 45)
+    killed = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "failed" not in launcher.log():
+        for pid, argv in ffmpeg_processes():
+            if argv[-1] == playlist and pid not in killed:
+                killed.add(pid)
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    wait_for(lambda: "channel 45: failed" in launcher.log(), timeout=30, message="the failure")
+    assert len(killed) == 3                          # the first run, then max_restarts restarts
+    assert "2 restarts in 120 s" in launcher.log()
+    status, body = launcher.json("/channel/45/start", "POST")
+    assert status == 503 and body["error"].startswith("channel 45: FFmpeg exited")
+    assert not [a for _, a in ffmpeg_processes() if a[-1] == playlist]
