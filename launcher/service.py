@@ -309,6 +309,7 @@ def collect_streams(client, settings, supervisors: dict) -> dict:
             "pid": record.pid if record else None,
             "host": record.host if record else None,
             "started": record.started if record else None,
+            "uptime_seconds": round(now - record.started, 1) if record and record.started else None,
             "last_access": last,
             "idle_seconds": round(now - last, 1) if last else None,
             "viewers": int(viewers or 0),
@@ -318,5 +319,5 @@ def collect_streams(client, settings, supervisors: dict) -> dict:
                            redact_text(record.last_error) if record else ""),
         }
         result.append(entry)
-    return {"streams": result,
+    return {"streams": result, "failed": runs.failed_channels(client),
             "invalid_members": [runs.shown_member(m) for m in active.invalid]}

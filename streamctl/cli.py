@@ -9,7 +9,7 @@ from streamstate.cli_options import settings_options
 from streamstate.settings import SPEC_BY_KEY
 
 from .channels import channels_group
-from .streams import start_command, status_command, stop_command
+from .streams import logs_command, start_command, status_command, stop_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,6 +26,7 @@ main.add_command(channels_group)
 main.add_command(start_command)
 main.add_command(stop_command)
 main.add_command(status_command)
+main.add_command(logs_command)
 
 
 @main.command("config")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -10,7 +11,7 @@ import click
 import redis
 
 from launcher.service import collect_streams
-from streamstate import keys, runs
+from streamstate import files, keys, runs
 from streamstate.cli_options import settings_options
 from streamstate.redact import redact_url
 from streamstate.redis_client import redis_from_url
@@ -66,24 +67,82 @@ def start_command(settings_loader, channel_id, as_json):
 
 @click.command("stop")
 @settings_options
-@click.argument("channel_id")
-def stop_command(settings_loader, channel_id):
-    """Stop CHANNEL_ID now: FFmpeg, its files and its keys (the launcher does it).
+@click.argument("channel_id", required=False)
+@click.option("--all", "stop_all", is_flag=True,
+              help="Stop every stream this host's launcher runs (a launcher that exits leaves "
+                   "them running: this is the explicit way to stop them all).")
+def stop_command(settings_loader, channel_id, stop_all):
+    """Stop CHANNEL_ID now (or every stream, with --all): FFmpeg, its files and its keys
+    (the launcher does it).
 
-    Exit codes: 0 stopped or not running, 1 launcher unreachable, 2 invalid id.
+    Exit codes: 0 stopped or not running, 1 launcher unreachable, 2 invalid id or usage.
     """
+    if bool(channel_id) == stop_all:
+        click.echo("error: give a CHANNEL_ID or --all", err=True)
+        raise SystemExit(EXIT_INVALID)
     settings = settings_loader()
-    status, body = _launcher_request(settings, f"/channel/{channel_id}/stop", float(settings.stop_grace) + 20)
+    path = "/streams/stop" if stop_all else f"/channel/{channel_id}/stop"
+    status, body = _launcher_request(settings, path, float(settings.stop_grace) + 20)
     if status != 200:
         click.echo(f"error: {body.get('error', status)}", err=True)
         raise SystemExit(EXIT_INVALID if status == 400 else EXIT_FAILED)
-    click.echo(f"channel {channel_id}: {body['status']}")
+    if stop_all:
+        click.echo(f"stopped {len(body['channels'])} stream(s)" +
+                   (f": {', '.join(body['channels'])}" if body["channels"] else ""))
+    else:
+        click.echo(f"channel {channel_id}: {body['status']}")
+
+
+@click.command("logs")
+@settings_options
+@click.argument("channel_id")
+@click.option("-n", "--lines", default=40, show_default=True, type=click.IntRange(1, 100_000),
+              help="How many of the last lines to show.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing lines as FFmpeg writes them (Ctrl-C stops).")
+def logs_command(settings_loader, channel_id, lines, follow):
+    """FFmpeg's own output for CHANNEL_ID on this host (log_dir/stream_<id>.log; the
+    launcher writes a "--- streamkeeper:" line before each start).
+
+    Exit codes: 0 shown, 1 no log for that channel, 2 invalid id.
+    """
+    try:
+        keys.check_channel_id(channel_id)
+    except keys.InvalidChannelId as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_INVALID) from None
+    settings = settings_loader()
+    path = files.ffmpeg_log_path(settings.log_dir, channel_id)
+    if not os.path.exists(path):
+        click.echo(f"channel {channel_id}: no FFmpeg log at {path}", err=True)
+        raise SystemExit(EXIT_FAILED)
+    for line in files.log_tail(path, lines):
+        click.echo(printable(line))
+    if follow:
+        _follow(path)
+
+
+def _follow(path: str) -> None:
+    """tail -f, through the log's cuts (it is truncated when it passes its cap)."""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        try:
+            while True:
+                line = handle.readline()
+                if line:
+                    click.echo(printable(line.decode("utf-8", "replace").rstrip("\n")))
+                    continue
+                if os.path.getsize(path) < handle.tell():
+                    handle.seek(0)
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            return
 
 
 @click.command("status")
 @settings_options
+@click.argument("channel_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object: streams and the last reaper pass.")
-def status_command(settings_loader, as_json):
+def status_command(settings_loader, channel_id, as_json):
     """Streams Redis knows (state, pid, idle seconds, viewers, restarts, last error) and the
     last reaper pass of this host. Reads Redis directly: works with the launcher down.
 
@@ -93,6 +152,9 @@ def status_command(settings_loader, as_json):
     client = redis_from_url(settings.redis_url)
     try:
         listing = collect_streams(client, settings, {})
+        if channel_id is not None:
+            listing["streams"] = [s for s in listing["streams"] if s["id"] == channel_id]
+            listing["failed"] = [f for f in listing["failed"] if f["id"] == channel_id]
         last_pass = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in
                      client.hgetall(keys.reaper_last_pass_key(settings.host_id)).items()}
     except redis.RedisError as exc:
@@ -105,9 +167,14 @@ def status_command(settings_loader, as_json):
     for s in streams:
         idle = "-" if s["idle_seconds"] is None else f"{s['idle_seconds']:.0f}s"
         # Redis contents are hostile: nothing reaches the terminal unescaped.
-        click.echo(f"{s['id']:>8}  {printable(s['state']):<9} pid {s['pid'] or '-':<8} idle {idle:<6} "
+        uptime = "-" if s["uptime_seconds"] is None else f"{s['uptime_seconds']:.0f}s"
+        click.echo(f"{s['id']:>8}  {printable(s['state']):<9} pid {s['pid'] or '-':<8} "
+                   f"host {printable(s['host'] or '-')} up {uptime:<7} idle {idle:<6} "
                    f"viewers {s['viewers']:<4} restarts {s['restarts']}"
                    + (f"  last error: {printable(s['last_error'])}" if s["last_error"] else ""))
+    for f in listing["failed"]:
+        click.echo(f"{f['id']:>8}  failed    {printable(f['reason'])} (starts refused for "
+                   f"{f['cooldown_seconds']:.0f} s more; host {printable(f['host'])})")
     if last_pass:
         age = time.time() - (runs.epoch_seconds(last_pass.get("time")) or 0)
         click.echo(f"reaper ({settings.host_id}): last pass {age:.0f} s ago, stopped {last_pass.get('stopped')}, "

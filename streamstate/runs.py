@@ -208,6 +208,18 @@ def get_failed(client, channel: str) -> dict | None:
     return data if isinstance(data, dict) and isinstance(data.get("reason"), str) else None
 
 
+def failed_channels(client) -> list[dict]:
+    """Channels cooling down after a failure (SCAN: an operator's view), with the reason."""
+    found = []
+    for key in client.scan_iter(match=keys.FAILED_KEY_PATTERN, count=1000):
+        channel = keys.channel_id_from_failed_key(key)
+        failed = get_failed(client, channel) if channel else None
+        if failed is not None:
+            found.append({"id": channel, "reason": failed["reason"], "host": str(failed.get("host", "")),
+                          "cooldown_seconds": round(max(0, client.pttl(keys.failed_key(channel))) / 1000, 1)})
+    return sorted(found, key=lambda entry: int(entry["id"]))
+
+
 def redis_server_id(client) -> str:
     """The Redis server's run_id: it changes whenever the server restarts (and may have lost
     data), so a record that vanished without a restart was deleted on purpose."""

@@ -258,7 +258,7 @@ class ExtraLauncher:
         self.settings = values
         self.hls_dir = values["hls_dir"]
         os.makedirs(self.hls_dir, exist_ok=True)
-        config = os.path.join(directory, "launcher.toml")
+        config = self.config_path = os.path.join(directory, "launcher.toml")
         with open(config, "w") as handle:
             handle.writelines(f"{key} = {toml_value(value)}\n" for key, value in values.items())
         self.log_path = os.path.join(directory, "launcher.log")

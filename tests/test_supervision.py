@@ -6,6 +6,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import tempfile
 import time
@@ -16,6 +18,7 @@ import redis
 from demo.stack import LocalStack
 from heartbeatd.logformat import viewer_hash
 from streamstate import files, keys
+from tests.conftest import REPO
 from tests.helpers import add_channel, ffmpeg_processes, ffmpegs_writing, first_request, wait_for
 
 
@@ -148,3 +151,23 @@ def test_a_stream_that_keeps_dying_fails_after_max_restarts(stack, extra_launche
     status, body = launcher.json("/channel/45/start", "POST")
     assert status == 503 and body["error"].startswith("channel 45: FFmpeg exited")
     assert not [a for _, a in ffmpeg_processes() if a[-1] == playlist]
+
+
+def test_streamctl_logs_status_and_stop_all(stack, extra_launcher, tmp_path):
+    launcher = extra_launcher(hls_dir=str(tmp_path / "hls"), log_dir=str(tmp_path / "ffmpeg-logs"))
+
+    def streamctl(*args):
+        return subprocess.run([sys.executable, "-m", "streamctl", *args, "--config", launcher.config_path],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+    for channel in (46, 47):
+        add_channel(stack, channel)
+        assert launcher.json(f"/channel/{channel}/start", "POST")[0] == 200
+    logs = streamctl("logs", "46", "-n", "5")
+    assert logs.returncode == 0 and "--- streamkeeper: " in logs.stdout
+    assert streamctl("logs", "999").returncode == 1
+    status = json.loads(streamctl("status", "46", "--json").stdout)
+    assert [s["id"] for s in status["streams"]] == ["46"] and status["streams"][0]["uptime_seconds"] >= 0
+    stopped = streamctl("stop", "--all")
+    assert stopped.returncode == 0 and "stopped 2 stream(s)" in stopped.stdout
+    assert not [a for _, a in ffmpeg_processes() if a[-1].startswith(launcher.hls_dir)]
+    assert streamctl("stop").returncode == 2
