@@ -28,7 +28,8 @@ def main() -> int:
     args = parser.parse_args()
 
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # Ctrl-C, a kill, or the terminal closing (SIGHUP): everything started is stopped.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
 
     work = tempfile.mkdtemp(prefix="streamkeeper-demo-")

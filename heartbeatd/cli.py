@@ -1,6 +1,8 @@
 """``heartbeatd``: follow nginx's access log, turn viewing requests into last_access."""
 from __future__ import annotations
 
+from streamstate import early_signals  # noqa: F401 - first: signals from the first instant
+
 import logging
 
 import click

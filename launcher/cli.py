@@ -1,16 +1,19 @@
 """``stream-launcher``: the HTTP endpoint nginx calls when a playlist is missing."""
 from __future__ import annotations
 
+from streamstate import early_signals  # noqa: F401 - first: signals from the first instant
+
 import asyncio
 import logging
-import signal
 
 import click
 
 from streamstate.cli_options import settings_options
-from streamstate.service import configure_logging, sd_notify
+from streamstate.service import configure_logging, sd_notify, watchdog_interval
 
 log = logging.getLogger("streamkeeper.launcher")
+
+STATUS_EVERY = 5.0          # seconds between STATUS= lines when systemd's watchdog is off
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,8 +52,11 @@ async def serve(settings) -> int:
     os.makedirs(settings.hls_dir, exist_ok=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in early_signals.STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)       # only a flag; the work is below
+    if early_signals.received():                        # it came during start-up
+        log.info("%s during start-up: exiting", early_signals.received())
+        return 0
     runner = web.AppRunner(make_app(settings), handle_signals=False, access_log=None)
     await runner.setup()
     host, _, port = settings.launcher_listen.rpartition(":")
@@ -62,9 +68,18 @@ async def serve(settings) -> int:
         return 1
     log.info("listening on http://%s (hls_dir %s)", settings.launcher_listen, settings.hls_dir)
     sd_notify("READY=1\nSTATUS=listening on " + settings.launcher_listen)
-    await stop.wait()
+    launcher = runner.app["launcher"]
+    ping_every = watchdog_interval()
+    while not stop.is_set():                             # WATCHDOG=1 and STATUS= on a cadence
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=ping_every or STATUS_EVERY)
+        except asyncio.TimeoutError:
+            pass
+        if ping_every is not None:
+            sd_notify("WATCHDOG=1")
+        sd_notify("STATUS=" + launcher.status_line())
     log.info("exiting: %d stream(s) keep running for the next launcher to adopt",
-             len(runner.app["launcher"].live_supervisors()))
+             len(launcher.live_supervisors()))
     sd_notify("STOPPING=1")
     await runner.cleanup()
     return 0

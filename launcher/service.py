@@ -14,6 +14,7 @@ made-up ids leaves the launcher's memory as it was.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -166,6 +167,14 @@ class Launcher:
             log.error("channel %s: not started: %d MB free in %s, min_free_mb is %d", channel_id,
                       free, self.settings.hls_dir, minimum)
             raise StartFailed("disk full")
+
+    def status_line(self) -> str:
+        """systemd's STATUS=: streams per state, and what was refused or failed."""
+        states = collections.Counter(s.state for s in self.live_supervisors())
+        shown = ", ".join(f"{states[name]} {name}" for name in ("running", "starting", "backoff", "stopping")
+                          if states[name]) or "no stream"
+        return (f"{shown}; starts {self.counters['starts']}, failed {self.counters['start_failures']}, "
+                f"busy {self.counters['busy']}")
 
     def live_supervisors(self) -> list[StreamSupervisor]:
         return [s for s in self.supervisors.values() if not s.finished]

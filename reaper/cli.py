@@ -1,6 +1,8 @@
 """``stream-reaper``: stop idle streams, clear stale keys, files and processes."""
 from __future__ import annotations
 
+from streamstate import early_signals  # noqa: F401 - first: signals from the first instant
+
 import logging
 import threading
 import time
@@ -38,6 +40,9 @@ def main(settings_loader, once, dry_run, as_json, interval, log_level):
     settings = settings_loader(reaper_interval=interval)
     configure_logging(log_level.upper())
     reaper = Reaper(settings, dry_run=dry_run)
+    if early_signals.received():                 # asked to stop while starting: no pass
+        log.info("%s during start-up: exiting", early_signals.received())
+        raise SystemExit(0)
     if once or dry_run:
         raise SystemExit(run_one(reaper, as_json))
     raise SystemExit(run_forever(reaper, float(settings.reaper_interval), as_json))
@@ -83,4 +88,5 @@ def run_forever(reaper: Reaper, interval: float, as_json: bool) -> int:
             sd_notify("WATCHDOG=1")
         wake.wait(max(0.0, min(next_pass - time.monotonic(), ping_every or interval)))
     log.info("%s received: exiting", signals.signal_name)
+    sd_notify("STOPPING=1")
     return 0

@@ -8,6 +8,8 @@ import socket
 import sys
 import threading
 
+from . import early_signals
+
 
 def configure_logging(level: str = "INFO") -> None:
     """One line per event; no timestamps of our own under systemd (journald adds them)."""
@@ -52,7 +54,9 @@ def watchdog_interval() -> float | None:
 
 
 class StopSignals:
-    """SIGTERM / SIGINT only set a flag and wake the main loop, which does the work."""
+    """SIGTERM, SIGINT and SIGHUP only set a flag and wake the main loop, which does the
+    work (a clean stop; SIGHUP too: reloading settings under a running service is not
+    worth its risks, and systemd restarts it with the new ones)."""
 
     def __init__(self, wake: threading.Event):
         self.stop = threading.Event()
@@ -60,8 +64,12 @@ class StopSignals:
         self._wake = wake
 
     def install(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in early_signals.STOP_SIGNALS:
             signal.signal(signum, self._handle)
+        if early_signals.received():              # it came during start-up: stop now
+            self.signal_name = early_signals.received()
+            self.stop.set()
+            self._wake.set()
 
     def _handle(self, signum, _frame) -> None:
         self.signal_name = signal.Signals(signum).name

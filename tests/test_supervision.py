@@ -19,7 +19,8 @@ from demo.stack import LocalStack
 from heartbeatd.logformat import viewer_hash
 from streamstate import files, keys
 from tests.conftest import REPO
-from tests.helpers import add_channel, ffmpeg_processes, ffmpegs_writing, first_request, wait_for
+from tests.helpers import (add_channel, ffmpeg_processes, ffmpegs_writing, first_request, free_port,
+                           wait_for)
 
 
 @pytest.fixture
@@ -171,3 +172,52 @@ def test_streamctl_logs_status_and_stop_all(stack, extra_launcher, tmp_path):
     assert stopped.returncode == 0 and "stopped 2 stream(s)" in stopped.stdout
     assert not [a for _, a in ffmpeg_processes() if a[-1].startswith(launcher.hls_dir)]
     assert streamctl("stop").returncode == 2
+
+
+@pytest.mark.parametrize("module", ["heartbeatd", "launcher", "reaper"])
+def test_sigint_at_any_moment_of_start_up_exits_promptly(tmp_path, redis_server, module):
+    """Every service honours SIGINT from its first instant: exit within 2 s, no traceback."""
+    log_file = tmp_path / "access.log"
+    log_file.write_text("")
+    config = tmp_path / "sk.toml"
+    config.write_text(f'redis_url = "{redis_server.url}"\naccess_log = "{log_file}"\n'
+                      f'state_dir = "{tmp_path}/state"\nhls_dir = "{tmp_path}/hls"\n'
+                      f'log_dir = "{tmp_path}/logs"\nlauncher_listen = "127.0.0.1:{free_port()}"\n'
+                      'reaper_interval = 1\n')
+    for delay in (0.0, 0.05, 0.15, 0.3, 0.6):
+        process = subprocess.Popen([sys.executable, "-m", module, "--config", str(config)], cwd=REPO,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        try:
+            _, stderr = process.communicate(timeout=2)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+            pytest.fail(f"{module} ignored a SIGINT {delay} s after it started:\n{stderr[-2000:]}")
+        if delay >= 0.1:     # before Python has run a line of ours, its own KeyboardInterrupt
+            assert "Traceback" not in stderr, stderr[-2000:]
+
+
+def test_make_demo_leaves_nothing_running_when_its_terminal_closes():
+    process = subprocess.Popen([sys.executable, "-m", "demo.run", "--port", str(free_port())], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "demo is up" in line:
+            break
+    work = next(line.split(" in ")[1].split(" ...")[0] for line in lines if " in /" in line)
+    process.send_signal(signal.SIGHUP)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0 and "nothing left running" in output
+    left = [p for p in os.listdir("/proc") if p.isdigit() and work in _cmdline(p)]
+    assert not left, left
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
