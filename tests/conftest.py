@@ -17,6 +17,18 @@ from tests.helpers import ffmpeg_processes, free_port, wait_for
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def stop_by_pid(process: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """The fixtures' one stop rule: ``sig``, wait ``timeout``, then SIGKILL."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class RedisServer:
     """A redis-server of our own: start, stop (by pid), start again on the same port."""
 
@@ -48,13 +60,7 @@ class RedisServer:
         wait_for(answers, timeout=10, message="redis-server to answer PING")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_by_pid(self.process)
         self.process = None
 
     def client(self) -> redis.Redis:
@@ -103,13 +109,7 @@ class Daemon:
             return handle.read()
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 10) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_by_pid(self.process, sig, timeout)
         self._log.close()
         return self.process.returncode
 
@@ -132,40 +132,38 @@ def daemons():
 
 
 class NginxServer:
-    """A real nginx with a config of the test's, on a free loopback port, stopped by pid."""
+    """A real nginx on a free loopback port, its config (pid, logs, temp files) in
+    ``directory``, stopped by pid.  ``http_body`` goes in its http {} block."""
 
-    def __init__(self, directory: str, server_block: str):
-        self.directory = directory
-        self.port = free_port()
+    def __init__(self, directory: str, http_body: str, port: int):
+        self.directory, self.port = directory, port
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         if not os.path.exists(binary):
             pytest.fail("nginx is not installed (make test installs it)")
-        conf = write_nginx_conf(directory, f"""include {REPO}/nginx/streamkeeper-log-format.conf;
-    server {{
-        listen 127.0.0.1:{self.port};
-        {server_block}
-    }}""")
+        conf = write_nginx_conf(directory, http_body)
         self.process = subprocess.Popen([binary, "-p", directory, "-c", conf, "-g", "daemon off;"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        import socket as _socket
 
         def listening():
             assert self.process.poll() is None, self.process.stderr.read().decode()
-            with _socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", self.port)) == 0
+            return port_open(self.port)
         wait_for(listening, timeout=10, message="nginx to listen")
+
+    @classmethod
+    def with_server_block(cls, directory: str, server_block: str) -> "NginxServer":
+        """Our log format and one server {} of the test's."""
+        port = free_port()
+        return cls(directory, f"""include {REPO}/nginx/streamkeeper-log-format.conf;
+    server {{
+        listen 127.0.0.1:{port};
+        {server_block}
+    }}""", port)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_by_pid(self.process, signal.SIGQUIT)         # nginx: graceful shutdown
 
 
 @pytest.fixture
@@ -175,7 +173,7 @@ def nginx_factory(tmp_path):
     def start(server_block: str) -> NginxServer:
         directory = tmp_path / f"nginx{len(servers)}"
         directory.mkdir()
-        server = NginxServer(str(directory), server_block)
+        server = NginxServer.with_server_block(str(directory), server_block)
         servers.append(server)
         return server
     yield start
@@ -196,15 +194,14 @@ def stack():
     shutil.rmtree(work, ignore_errors=True)
 
 
-class RenderedNginx:
+class RenderedNginx(NginxServer):
     """nginx running exactly what `streamctl nginx-config` renders for ``settings``."""
 
     def __init__(self, directory: str, settings: dict):
-        self.directory = directory
-        self.port = free_port()
+        port = free_port()
         values = {"hls_dir": os.path.join(directory, "hls"),
                   "access_log": os.path.join(directory, "logs", "streams_access.log"),
-                  "nginx_listen": f"127.0.0.1:{self.port}", **settings}
+                  "nginx_listen": f"127.0.0.1:{port}", **settings}
         os.makedirs(values["hls_dir"], exist_ok=True)
         os.makedirs(os.path.dirname(values["access_log"]), exist_ok=True)
         config = os.path.join(directory, "streamkeeper.toml")
@@ -213,24 +210,7 @@ class RenderedNginx:
         snippet = os.path.join(directory, "streamkeeper.conf")
         subprocess.run([sys.executable, "-m", "streamctl", "nginx-config", "--config", config,
                         "--output", snippet], cwd=REPO, check=True, capture_output=True)
-        conf = write_nginx_conf(directory, f"include {snippet};")
-        binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        self.process = subprocess.Popen([binary, "-p", directory, "-c", conf, "-g", "daemon off;"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: self.process.poll() is None and port_open(self.port), timeout=10,
-                 message="nginx to listen")
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        super().__init__(directory, f"include {snippet};", port)
 
 
 @pytest.fixture
@@ -284,12 +264,7 @@ class ExtraLauncher:
                 self.json("/streams/stop", "POST")         # streams outlive the launcher
             except OSError:
                 pass
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_by_pid(self.process, signal.SIGTERM, 30)
 
 
 @pytest.fixture
