@@ -4,7 +4,8 @@ One ffmpeg encodes a test pattern and a tone (keyframe every second) to a pipe;
 every client of ``/live/<anything>.ts`` gets the same live broadcast.  Like the
 restream servers hosts pull from, a joining client first gets a burst of the
 last couple of seconds, starting at a keyframe, then the live edge.  ``/forbidden/...`` answers 403
-and ``/missing/...`` 404, for the failure paths.  Loopback only.
+and ``/missing/...`` 404, and ``/stall/<s>/...`` goes silent after s seconds with its
+connection open, for the failure paths.  Loopback only.
 
 Run alone: ``python -m demo.upstream --port 8090`` (Ctrl-C stops it and ffmpeg).
 """
@@ -117,11 +118,15 @@ async def live(request: web.Request) -> web.StreamResponse:
     broadcaster.listeners.add(queue)
     response = web.StreamResponse(headers={"Content-Type": "video/mp2t"})
     await response.prepare(request)
+    stall_at = time.monotonic() + float(request.match_info.get("seconds", "inf"))
     try:
         while True:
             chunk = await queue.get()
             if chunk is None:
                 break
+            if time.monotonic() >= stall_at:       # /stall/<s>/...: silence, connection open
+                broadcaster.listeners.discard(queue)
+                await asyncio.sleep(3600)
             await response.write(chunk)
     except (ConnectionResetError, asyncio.CancelledError):
         pass
@@ -144,6 +149,7 @@ def make_app(ffmpeg: str = "ffmpeg") -> web.Application:
     app["broadcaster"] = Broadcaster(ffmpeg)
     app["requests"] = []          # (path, headers) of every request, for tests
     app.router.add_get("/live/{name}", live)
+    app.router.add_get("/stall/{seconds:[0-9]+}/{name}", live)
     app.router.add_get("/forbidden/{name}", forbidden)
     app.router.add_get("/missing/{name}", missing)
 

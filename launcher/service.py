@@ -79,7 +79,8 @@ class Launcher:
 
     def active_supervisor(self, channel_id: str) -> StreamSupervisor | None:
         supervisor = self.supervisors.get(channel_id)
-        if supervisor is not None and not supervisor.finished and supervisor.state in ("starting", "running"):
+        if supervisor is not None and not supervisor.finished and supervisor.state in ("starting", "running",
+                                                                                      "backoff"):
             return supervisor
         return None
 

@@ -221,3 +221,26 @@ def _cmdline(pid: str) -> str:
             return handle.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_a_stalled_upstream_is_replaced_and_no_frozen_playlist_is_served(own_stack):
+    """The upstream goes silent with its connection open: FFmpeg is replaced, and nginx never
+    serves a playlist older than the stall threshold meanwhile."""
+    stack = own_stack
+    add_channel(stack, 48, source_url=f"http://127.0.0.1:{stack.upstream_port}/stall/3/ch48.ts")
+    assert first_request(stack.playlist_url(48))[0] == 200
+    [first_pid] = ffmpegs_writing(stack, 48)
+    stall_after = 6.0                                   # max(3 x hls_time, 6 s)
+    oldest_served = 0.0
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline:
+        path = files.playlist_path(stack.hls_dir, 48)
+        status, headers, _ = first_request(stack.playlist_url(48))
+        if status == 200 and os.path.exists(path):
+            oldest_served = max(oldest_served, time.time() - os.stat(path).st_mtime)
+        if ffmpegs_writing(stack, 48) not in ([], [first_pid]) and "stalled" in stack.log("launcher"):
+            break
+        time.sleep(0.2)
+    assert "stalled" in stack.log("launcher")
+    assert ffmpegs_writing(stack, 48) not in ([], [first_pid])
+    assert oldest_served <= stall_after + 1.5, oldest_served
