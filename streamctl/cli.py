@@ -9,6 +9,7 @@ from streamstate.cli_options import settings_options
 from streamstate.settings import SPEC_BY_KEY
 
 from .channels import channels_group
+from .doctor import doctor_command
 from .streams import logs_command, start_command, status_command, stop_command
 
 
@@ -27,6 +28,7 @@ main.add_command(start_command)
 main.add_command(stop_command)
 main.add_command(status_command)
 main.add_command(logs_command)
+main.add_command(doctor_command)
 
 
 @main.command("config")

@@ -244,3 +244,23 @@ def test_a_stalled_upstream_is_replaced_and_no_frozen_playlist_is_served(own_sta
     assert "stalled" in stack.log("launcher")
     assert ffmpegs_writing(stack, 48) not in ([], [first_pid])
     assert oldest_served <= stall_after + 1.5, oldest_served
+
+
+def test_doctor_says_when_redis_does_not_persist(tmp_path):
+    """The channel catalogue lives only in Redis: doctor fails without AOF or snapshots, and
+    is content with appendonly yes."""
+    from tests.conftest import RedisServer
+    server = RedisServer(str(tmp_path))
+    server.start()                                   # --save "" --appendonly no
+    try:
+        env = {**os.environ, "STREAMKEEPER_CONFIG": os.devnull, "STREAMKEEPER_REDIS_URL": server.url}
+        result = subprocess.run([sys.executable, "-m", "streamctl", "doctor", "--json"], cwd=REPO,
+                                capture_output=True, text=True, timeout=60, env=env)
+        checks = {c["check"]: c for c in json.loads(result.stdout)}
+        assert result.returncode == 1 and checks["redis persistence"]["status"] == "FAIL"
+        server.client().config_set("appendonly", "yes")
+        result = subprocess.run([sys.executable, "-m", "streamctl", "doctor"], cwd=REPO,
+                                capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 0 and "appendonly yes (AOF)" in result.stdout
+    finally:
+        server.stop()
