@@ -160,7 +160,7 @@ def make_app(ffmpeg: str = "ffmpeg") -> web.Application:
 
 
 async def serve(host: str, port: int, stop: asyncio.Event, ffmpeg: str = "ffmpeg") -> None:
-    runner = web.AppRunner(make_app(ffmpeg), handle_signals=False)
+    runner = web.AppRunner(make_app(ffmpeg), handle_signals=False, shutdown_timeout=1.0)  # stalled clients
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("upstream on http://%s:%d/live/<name>.ts", host, port)

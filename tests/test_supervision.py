@@ -27,7 +27,7 @@ from tests.helpers import (add_channel, ffmpeg_processes, ffmpegs_writing, first
 def own_stack():
     """A stack of its own: these tests restart its Redis and its launcher."""
     work = tempfile.mkdtemp(prefix="sk-supervision-")
-    stack = LocalStack(work, {"hls_time": 1, "hls_init_time": 1}, heartbeatd=True).start()
+    stack = LocalStack(work, {"hls_time": 1, "hls_init_time": 1, "stop_grace": 3}, heartbeatd=True).start()
     stack.redis = redis.Redis(port=stack.redis_port, decode_responses=True)
     yield stack
     stack.stop()
