@@ -104,15 +104,6 @@ def failed_key(channel_id: str | int) -> str:
 FAILED_KEY_PATTERN = f"{STREAM_PREFIX}*:failed"
 
 
-def channel_id_from_failed_key(key: str | bytes) -> str | None:
-    if isinstance(key, bytes):
-        key = key.decode("ascii", "replace")
-    if not (key.startswith(STREAM_PREFIX) and key.endswith(":failed")):
-        return None
-    middle = key[len(STREAM_PREFIX):-len(":failed")]
-    return middle if CHANNEL_ID_RE.fullmatch(middle) else None
-
-
 ACTIVE_STREAMS_KEY = "streams:active"
 
 
@@ -143,18 +134,24 @@ CHANNEL_KEY_PATTERN = f"{CHANNEL_PREFIX}*"
 PID_KEY_PATTERN = f"{STREAM_PREFIX}*:pid"
 
 
-def channel_id_from_channel_key(key: str | bytes) -> str | None:
+def _channel_id_between(key: str | bytes, prefix: str, suffix: str) -> str | None:
+    """The canonical channel id between ``prefix`` and ``suffix`` of a key, or None."""
     if isinstance(key, bytes):
         key = key.decode("ascii", "replace")
-    middle = key[len(CHANNEL_PREFIX):] if key.startswith(CHANNEL_PREFIX) else ""
+    if not (key.startswith(prefix) and key.endswith(suffix)) or len(key) < len(prefix) + len(suffix):
+        return None
+    middle = key[len(prefix):len(key) - len(suffix)]
     return middle if CHANNEL_ID_RE.fullmatch(middle) else None
+
+
+def channel_id_from_channel_key(key: str | bytes) -> str | None:
+    return _channel_id_between(key, CHANNEL_PREFIX, "")
 
 
 def channel_id_from_pid_key(key: str | bytes) -> str | None:
     """The channel id of a ``stream:<id>:pid`` key, or None if it is not one."""
-    if isinstance(key, bytes):
-        key = key.decode("ascii", "replace")
-    if not (key.startswith(STREAM_PREFIX) and key.endswith(":pid")):
-        return None
-    middle = key[len(STREAM_PREFIX):-len(":pid")]
-    return middle if CHANNEL_ID_RE.fullmatch(middle) else None
+    return _channel_id_between(key, STREAM_PREFIX, ":pid")
+
+
+def channel_id_from_failed_key(key: str | bytes) -> str | None:
+    return _channel_id_between(key, STREAM_PREFIX, ":failed")
