@@ -185,11 +185,6 @@ class StreamSupervisor:
             await asyncio.wait({self._task}, timeout=float(self.settings.stop_grace) + 5)
         await self._clear("stopped")
 
-    def describe(self) -> dict:
-        return {"id": self.id, "state": self.state, "run_id": self.run_id,
-                "pid": self.process.pid if self.process else None, "started": self.started,
-                "restarts": self.restarts, "last_error": self.last_error}
-
     # -- the run ----------------------------------------------------------------
     async def _run(self) -> None:
         """starting -> running -> (exit or stall) -> backoff -> starting ...; failed after
@@ -328,7 +323,8 @@ class StreamSupervisor:
                 self.failure = "disk full"
                 self.last_error = f"disk full: under 1 MB free in {self.settings.hls_dir}"
                 return self.last_error
-            if os.path.exists(playlist) and files.count_listed_segments(playlist) == 0:
+            media = files.playlist_media(playlist)      # read once a tick: emptiness and pace
+            if media is not None and not media[1]:
                 empty_checks += 1
                 if empty_checks >= 2:             # FFmpeg replaces it whole: never empty twice
                     self.failure = "playlist empty"
@@ -336,7 +332,7 @@ class StreamSupervisor:
                     return self.last_error
             else:
                 empty_checks = 0
-            self._judge_pace(pace.update(files.playlist_media(playlist), time.monotonic()))
+            self._judge_pace(pace.update(media, time.monotonic()))
             checks += 1
             if checks % 20 == 0:
                 files.cap_ffmpeg_log(self.settings.log_dir, self.id)

@@ -87,13 +87,6 @@ def resolve_executable(command: str) -> str | None:
     return os.path.realpath(found) if found else None
 
 
-def is_same_process(pid: int, start_time: int | None) -> bool:
-    """True only if ``pid`` is alive and is the process that started at ``start_time``."""
-    if not pid or start_time is None:
-        return False
-    return process_start_time(pid) == int(start_time)
-
-
 @dataclasses.dataclass(frozen=True)
 class StreamProcess:
     """What proves that a pid is one stream's FFmpeg (see the module docstring)."""

@@ -1,8 +1,6 @@
 """The URL paths nginx, the launcher and heartbeatd agree on."""
 from __future__ import annotations
 
-# Where viewers ask for a channel: /live/stream_<id>.m3u8 and its segments.
-LIVE_PREFIX = "/live/"
 # Where the launcher's X-Accel-Redirect sends nginx for a cold start's answer: an
 # `internal` location of the rendered snippet that serves the playlist file.  A viewer
 # asking for it gets 404; a 200 logged under it is a first viewer's playlist.
