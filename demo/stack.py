@@ -1,8 +1,8 @@
 """The whole stack on loopback, for ``make demo``, the end-to-end tests and the benchmarks.
 
 Everything runs from a work directory of its own (no root-owned paths) on free
-loopback ports: a redis-server, the live upstream (demo.upstream), the
-launcher, nginx with the config ``streamctl nginx-config`` renders, and
+loopback ports: a redis-server, the live upstream (demo.upstream), the egress
+relay, the launcher, nginx with the config ``streamctl nginx-config`` renders, and
 optionally heartbeatd.  Each is started as a child process and stopped by pid.
 """
 from __future__ import annotations
@@ -97,6 +97,7 @@ class LocalStack:
         self.redis_port = free_port()
         self.upstream_port = free_port()
         self.launcher_port = free_port()
+        self.egress_port = free_port()
         self.nginx_port = free_port(nginx_port)
         self.with_heartbeatd = heartbeatd
         self.processes: dict[str, subprocess.Popen] = {}
@@ -107,6 +108,10 @@ class LocalStack:
             "state_dir": os.path.join(self.work, "state"),
             "log_dir": os.path.join(self.work, "logs", "ffmpeg"),
             "launcher_listen": f"127.0.0.1:{self.launcher_port}",
+            "egress_listen": f"127.0.0.1:{self.egress_port}",
+            # The upstreams here are on loopback, which upstream_deny refuses by default
+            # (Redis and our own services stay refused whatever this says).
+            "upstream_allow": ["127.0.0.0/8"],
             "nginx_listen": f"127.0.0.1:{self.nginx_port}",
             "hls_time": 1, "hls_init_time": 1, "hls_list_size": 4, "start_timeout": 15,
             "flush_interval": 0.5,
@@ -156,9 +161,12 @@ class LocalStack:
             self._start_redis()
             upstream = self._spawn("upstream", [sys.executable, "-m", "demo.upstream",
                                                 "--port", str(self.upstream_port)])
+            egress = self._spawn("egress", [sys.executable, "-m", "egress", "--config", self.config_path])
             launcher = self._spawn("launcher", [sys.executable, "-m", "launcher",
                                                 "--config", self.config_path])
             self._start_nginx()
+            wait_until(lambda: port_open(self.egress_port), 20, "the egress relay", egress,
+                       os.path.join(self.work, "egress.log"))
             wait_until(lambda: port_open(self.upstream_port), 20, "the upstream", upstream,
                        os.path.join(self.work, "upstream.log"))
             wait_until(lambda: port_open(self.launcher_port), 20, "the launcher", launcher,
@@ -202,7 +210,7 @@ class LocalStack:
                 self.launcher_json("/streams/stop", "POST")
             except OSError:
                 pass
-        order = ["heartbeatd", "nginx", "launcher", "upstream", "redis"]
+        order = ["heartbeatd", "nginx", "launcher", "egress", "upstream", "redis"]
         for name in order:
             process = self.processes.get(name)
             if process is None or process.poll() is not None:

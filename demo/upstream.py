@@ -5,7 +5,10 @@ every client of ``/live/<anything>.ts`` gets the same live broadcast.  Like the
 restream servers hosts pull from, a joining client first gets a burst of the
 last couple of seconds, starting at a keyframe, then the live edge.  ``/forbidden/...`` answers 403
 and ``/missing/...`` 404, and ``/stall/<s>/...`` goes silent after s seconds with its
-connection open, for the failure paths.  Loopback only.
+connection open, for the failure paths.  ``/redirect/<name>?to=URL`` answers 302 to URL
+(a hostile source), and ``/gate/<name>`` plays only for a browser-like session: a
+request with Accept-Language gets a cookie and a redirect to itself, one with the cookie
+gets the stream, anything else 403.  Loopback only.
 
 Run alone: ``python -m demo.upstream --port 8090`` (Ctrl-C stops it and ffmpeg).
 """
@@ -65,8 +68,13 @@ class Broadcaster:
         self.backlog: collections.deque = collections.deque()
         self.process: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task | None = None
+        self._starting = asyncio.Lock()
 
     async def ensure_running(self) -> None:
+        async with self._starting:               # first clients at once: still one ffmpeg
+            await self._start_if_needed()
+
+    async def _start_if_needed(self) -> None:
         if self.process is None or self.process.returncode is not None:
             self.process = await asyncio.create_subprocess_exec(
                 *encoder_argv(self.ffmpeg), stdin=asyncio.subprocess.DEVNULL,
@@ -140,6 +148,25 @@ async def forbidden(request: web.Request) -> web.Response:
     return web.Response(status=403, text="forbidden\n")
 
 
+GATE_COOKIE = "sk_gate"
+
+
+async def gate(request: web.Request) -> web.StreamResponse:
+    if request.cookies.get(GATE_COOKIE) == "open":
+        return await live(request)
+    request.app["requests"].append((request.path, dict(request.headers)))
+    if "Accept-Language" not in request.headers:
+        return web.Response(status=403, text="browsers only\n")
+    response = web.HTTPFound(request.path)
+    response.set_cookie(GATE_COOKIE, "open", path="/")
+    return response
+
+
+async def redirect(request: web.Request) -> web.Response:
+    request.app["requests"].append((request.path, dict(request.headers)))
+    raise web.HTTPFound(request.query.get("to", "/"))
+
+
 async def missing(request: web.Request) -> web.Response:
     return web.Response(status=404, text="no such stream\n")
 
@@ -152,6 +179,8 @@ def make_app(ffmpeg: str = "ffmpeg") -> web.Application:
     app.router.add_get("/stall/{seconds:[0-9]+}/{name}", live)
     app.router.add_get("/forbidden/{name}", forbidden)
     app.router.add_get("/missing/{name}", missing)
+    app.router.add_get("/gate/{name}", gate)
+    app.router.add_get("/redirect/{name}", redirect)
 
     async def on_cleanup(app):
         await app["broadcaster"].stop()

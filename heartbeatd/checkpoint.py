@@ -6,6 +6,8 @@ import json
 import logging
 import os
 
+from streamstate.files import write_atomic
+
 from .tailer import FileIdentity, Position
 
 log = logging.getLogger("streamkeeper.heartbeatd")
@@ -34,20 +36,7 @@ def load_checkpoint(path: str, log_path: str) -> Position | None:
 
 def save_checkpoint(path: str, log_path: str, position: Position) -> None:
     """Temp file, fsync, rename, fsync the directory."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     payload = json.dumps({"log": log_path, "file": position.identity.as_dict(),
                           "offset": position.offset}).encode()
-    temp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, payload)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, payload, durable=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import gc
-import hashlib
 import re
 import shlex
 import time
@@ -31,6 +30,7 @@ from operator import itemgetter
 from typing import Callable
 
 from streamstate.urls import ACCEL_PREFIX
+from streamstate.viewers import token_from_query, viewer_hash, viewer_identity  # noqa: F401 - viewer_hash re-exported
 
 # Our own format, shipped in nginx/ and rendered into the nginx snippet.  The
 # fields heartbeatd reads come first and the viewer's fields last, so a line
@@ -406,19 +406,5 @@ class LogLineParser:
             fields = dict(zip(self._viewer_fields, raw_fields))
         token = fields.get("arg_token", b"")
         if not token and fields.get("query"):
-            token = _token_from_query(fields["query"])
-        if token and token != b"-":
-            return b"t:" + token
-        return b"a:" + fields.get("remote_addr", b"") + b"\0" + fields.get("http_user_agent", b"")
-
-
-def viewer_hash(identity: bytes) -> str:
-    """What Redis keeps of a viewer: a hash, never the token or address in clear."""
-    return hashlib.blake2b(identity, digest_size=10, person=b"streamkeeper").hexdigest()
-
-
-def _token_from_query(query: bytes) -> bytes:
-    for part in query.split(b"&"):
-        if part.startswith(b"token="):
-            return part[6:]
-    return b""
+            token = token_from_query(fields["query"])
+        return viewer_identity(token, fields.get("remote_addr", b""), fields.get("http_user_agent", b""))

@@ -15,7 +15,9 @@ from streamstate import files, keys
 from streamstate.channels import Channel, ChannelError, channel_from_dict, put_channel
 
 from .ffmpeg import build_argv
-from .nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, QUERY_HEADER
+from streamstate.viewers import viewer_of_request
+
+from .nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, AGENT_HEADER, CLIENT_HEADER, QUERY_HEADER
 from .service import ChannelNotFound, Launcher
 from .supervisor import StartFailed
 
@@ -74,8 +76,10 @@ async def _start_response(request: web.Request, channel_id: str, channel: Channe
         channel_id = keys.check_channel_id(channel_id)
     except keys.InvalidChannelId as exc:
         return _error(request, 400, str(exc))
+    viewer = (viewer_of_request(request.headers.get(QUERY_HEADER, ""), request.headers.get(CLIENT_HEADER, ""),
+                                request.headers.get(AGENT_HEADER, "")) if _for_player(request) else None)
     try:
-        status = await launcher.start(channel_id, channel)
+        status = await launcher.start(channel_id, channel, viewer)
     except ChannelNotFound as exc:
         return _error(request, 404, str(exc))
     except ChannelError as exc:

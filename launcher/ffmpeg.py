@@ -5,14 +5,19 @@ import re
 from urllib.parse import urlsplit
 
 from streamstate import files
-from streamstate.channels import Channel, ChannelError, check_proxy, recheck
+from streamstate.channels import Channel, ChannelError, check_source_url, recheck
 from streamstate.redact import redact_text, url_secrets
+from streamstate.upstreams import Upstream, upstream_of
 
 # Read/write timeout: a dead upstream ends in an error, not a hang.
 RW_TIMEOUT_US = 10_000_000
 RECONNECT_DELAY_MAX = 4
 
-WHITELIST = {"http": "http,tcp", "https": "https,tls,tcp"}
+# What a source may use: http and https (an http playlist may list https segments),
+# crypto (AES-128 HLS), and httpproxy (the egress relay's CONNECT tunnels).  Never file,
+# concat, data or subfile: a playlist must not make FFmpeg read the host's own files.
+PROTOCOL_WHITELIST = "http,https,tcp,tls,crypto,httpproxy"
+_COOKIE_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,4095}")
 
 
 def keyframe_interval(settings) -> float:
@@ -20,33 +25,37 @@ def keyframe_interval(settings) -> float:
     return min(float(settings.hls_time), float(settings.hls_init_time))
 
 
-def build_argv(channel: Channel, settings) -> list[str]:
-    """The complete FFmpeg command for ``channel``; ChannelError if it cannot be run."""
+def build_argv(channel: Channel, settings, *, upstream: Upstream | None = None,
+               source: str | None = None, cookies: list[str] = ()) -> list[str]:
+    """The complete FFmpeg command for ``channel`` reading ``source`` (default: its first),
+    with its provider's defaults; ChannelError if it cannot be run.  FFmpeg's connections
+    go to the egress relay (http_proxy in its environment, streamstate.egress)."""
     channel = recheck(channel)                   # nothing unchecked reaches the argv
-    source = channel.source_url
+    upstream = upstream or upstream_of(channel, settings)
+    source = check_source_url(channel.id, source or channel.source_url)
     profiles = settings.quality_profiles
     if channel.quality not in profiles:
         shown = channel.quality if re.fullmatch(r"[A-Za-z0-9_-]{1,32}", channel.quality) else "?"
         raise ChannelError(f"channel {channel.id}: unknown quality {shown!r} "
                            f"(profiles: {', '.join(sorted(profiles))})")
     profile = profiles[channel.quality]
-    proxy = check_proxy(channel.id, channel.proxy or settings.upstream_proxy or None)
     scheme = urlsplit(source).scheme.lower()
 
     argv = [settings.ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "warning", "-nostats",
-            "-protocol_whitelist", WHITELIST[scheme],
-            "-user_agent", channel.user_agent or settings.user_agent]
-    if channel.referer:
-        argv += ["-referer", channel.referer]
-    if channel.headers:
-        argv += ["-headers", "".join(f"{k}: {v}\r\n" for k, v in channel.headers.items())]
-    if proxy:
-        argv += ["-http_proxy", proxy]
+            "-protocol_whitelist", PROTOCOL_WHITELIST,
+            "-user_agent", upstream.user_agent]
+    if upstream.referer:
+        argv += ["-referer", upstream.referer]
+    if upstream.headers:
+        argv += ["-headers", "".join(f"{k}: {v}\r\n" for k, v in upstream.headers.items())]
+    cookies = [c for c in cookies if _COOKIE_RE.fullmatch(c)]     # from a resolver: hostile
+    if cookies:
+        argv += ["-cookies", "\n".join(cookies)]
     if scheme == "https":
         # Verify the upstream's certificate (FFmpeg does not by default); a channel may opt
         # out with tls_verify = false (a provider with a self-signed certificate).
-        argv += ["-tls_verify", "1" if channel.tls_verify else "0"]
-        if channel.tls_verify:
+        argv += ["-tls_verify", "1" if upstream.tls_verify else "0"]
+        if upstream.tls_verify:
             argv += ["-ca_file", settings.tls_ca_file]
     argv += ["-rw_timeout", str(RW_TIMEOUT_US),
              "-reconnect", "1", "-reconnect_streamed", "1",
@@ -76,8 +85,8 @@ def build_argv(channel: Channel, settings) -> list[str]:
 # in their URLs) and the line of its output that says so, redacted, for the log.
 _FAILURE_CLASSES = [
     (re.compile(r"No space left on device", re.I), "disk full"),
+    (re.compile(r"Protocol '?\w+'? not on whitelist", re.I), "upstream asked for a refused protocol"),
     (re.compile(r"(?:HTTP error|Server returned) (\d{3})"), "upstream refused: HTTP {0}"),
-    (re.compile(r"Protocol '?\w+'? not on whitelist", re.I), "upstream redirected to a refused protocol"),
     (re.compile(r"certificate|gnutls|TLS|SSL", re.I), "upstream TLS failed (certificate not trusted?)"),
     (re.compile(r"Connection refused|Connection timed out|Network is unreachable|No route to host|"
                 r"Name or service not known|Temporary failure in name resolution|"

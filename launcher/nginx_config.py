@@ -17,6 +17,8 @@ from streamstate.urls import ACCEL_PREFIX
 # the player's query string as nginx received it ($args).
 ACCEL_REQUEST_HEADER = "X-Streamkeeper-Accel"
 QUERY_HEADER = "X-Streamkeeper-Query"
+AGENT_HEADER = "X-Streamkeeper-Agent"       # the player's User-Agent (viewer identity)
+CLIENT_HEADER = "X-Forwarded-For"           # the player's address, $remote_addr
 
 # On every answer under /live/, errors included (`always`): CORS for web players on other
 # origins, and nosniff (a body is only ever what its Content-Type says).
@@ -66,6 +68,7 @@ def render_nginx_config(settings) -> str:
         accel_prefix=ACCEL_PREFIX,
         accel_request_header=ACCEL_REQUEST_HEADER,
         query_header=QUERY_HEADER,
+        agent_header=AGENT_HEADER,
         channel_id=CHANNEL_ID_PATTERN,
         answer_headers=ANSWER_HEADERS,
         playlist_headers=PLAYLIST_HEADERS,

@@ -20,11 +20,12 @@ import logging
 import time
 import uuid
 
-from streamstate import files, keys, runs
+from streamstate import egress, files, keys, providers, runs
 from streamstate.channels import Channel, ChannelError, get_channel
 from streamstate.process import ProcessHandle, StreamProcess, resolve_executable
 from streamstate.redact import redact_text
 from streamstate.redis_client import redis_from_url
+from streamstate.upstreams import Upstream, upstream_of
 
 from .ffmpeg import build_argv
 from .supervisor import AdoptedProcess, StartFailed, StreamSupervisor
@@ -40,6 +41,15 @@ class HostBusy(StartFailed):
     """max_streams reached and no stream idle long enough to give its place up (503)."""
 
 
+class ProviderBusy(StartFailed):
+    """Every connection of the channel's provider account is held by a watched stream (503;
+    not a failure of the source: no failover, no cooldown)."""
+
+
+class RelayDown(StartFailed):
+    """The egress relay does not answer: no FFmpeg could reach its upstream (503)."""
+
+
 class Launcher:
     def __init__(self, settings):
         self.settings = settings
@@ -49,8 +59,10 @@ class Launcher:
         # channel id -> [lock, holders and waiters]; an entry lives only while in use
         self._locks: dict[str, list] = {}
         self._capacity = asyncio.Lock()          # one start at a time decides on a free place
+        self._provider_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.counters = {"starts": 0, "start_failures": 0, "joined": 0, "busy": 0,
-                         "preempted": 0, "disk_full": 0, "slow": 0}
+                         "preempted": 0, "disk_full": 0, "slow": 0, "failovers": 0,
+                         "provider_preempted": 0, "provider_refused": 0, "relay_down": 0}
         self.warned: set[str] = set()      # warnings given once per process
 
     async def redis_call(self, function, *args, **kwargs):
@@ -84,9 +96,11 @@ class Launcher:
             return supervisor
         return None
 
-    async def start(self, channel_id: str, channel: Channel | None = None) -> str:
+    async def start(self, channel_id: str, channel: Channel | None = None, viewer: str | None = None) -> str:
         """Start the channel or join the start under way; 'started' or 'already_running'.
 
+        ``viewer``: the hash of the viewer asking (streamstate.viewers), so a channel change
+        frees the provider connection of the channel only that viewer watched.
         Raises ChannelNotFound, ChannelError (bad record, refused source: FFmpeg
         never runs), StartFailed (with the reason).
         """
@@ -102,11 +116,12 @@ class Launcher:
                 channel = await self.redis_call(get_channel, channel_id)
             if channel is None:
                 raise ChannelNotFound(f"channel {channel_id}: no such channel")
-            argv = build_argv(channel, self.settings)          # refuses before anything runs
+            upstream = upstream_of(channel, self.settings)
+            build_argv(channel, self.settings, upstream=upstream)     # refuses before anything runs
             async with self._channel_lock(channel_id):
                 supervisor = self.active_supervisor(channel_id)
                 if supervisor is None:
-                    supervisor = await self._new_start(channel, argv)
+                    supervisor = await self._new_start(channel, upstream, viewer)
                     if supervisor is None:
                         return await self._wait_for_other_launcher(channel_id, timeout)
                     created = True
@@ -116,11 +131,12 @@ class Launcher:
         await supervisor.wait_playable(timeout)
         return status
 
-    async def _new_start(self, channel: Channel, argv: list[str]) -> StreamSupervisor | None:
-        """A supervisor for the channel, once this host has room and the start lock;
-        None when another launcher runs or starts it."""
+    async def _new_start(self, channel: Channel, upstream: Upstream, viewer: str | None) -> StreamSupervisor | None:
+        """A supervisor for the channel, once this host has room, its provider a free
+        connection, and the start lock is ours; None when another launcher runs or starts it."""
         channel_id = channel.id
         self._check_free_space(channel_id)
+        await self._check_relay(channel_id)
         token = uuid.uuid4().hex
         if not await self.redis_call(runs.acquire_start_lock, channel_id, token,
                                      float(self.settings.start_timeout) + 5):
@@ -134,12 +150,19 @@ class Launcher:
                 log.info("channel %s: clearing a stale record (run %s, pid %s gone)", channel_id,
                          record.run_id[:8], record.pid)
                 await self.redis_call(runs.delete_run_if, channel_id, record.run_id)
-            async with self._capacity:
-                await self._make_room(channel_id)
-                supervisor = StreamSupervisor(self, channel, argv)
-                self.supervisors[channel_id] = supervisor
-                self.counters["starts"] += 1
-                supervisor.begin()
+            run_id = runs.new_run_id()
+            await self._take_provider_slot(upstream, channel_id, run_id, viewer)
+            try:
+                async with self._capacity:
+                    await self._make_room(channel_id)
+                    supervisor = StreamSupervisor(self, channel, upstream, run_id=run_id)
+                    self.supervisors[channel_id] = supervisor
+                    self.counters["starts"] += 1
+                    supervisor.begin()
+            except BaseException:
+                if upstream.limited:
+                    await self.redis_call(providers.release_slot, upstream.provider.name, channel_id, run_id)
+                raise
         except BaseException:
             await self.redis_call(runs.release_start_lock, channel_id, token)
             raise
@@ -204,6 +227,81 @@ class Launcher:
                  seconds, channel_id)
         await victim.stop(f"preempted by a start of channel {channel_id}")
 
+    async def _check_relay(self, channel_id: str) -> None:
+        """Every upstream connection goes through the egress relay: without it, no start."""
+        if await egress.open_connections(self.settings.egress_listen, timeout=1.0) is None:
+            self.counters["relay_down"] += 1
+            log.error("channel %s: not started: the egress relay does not answer on %s (is "
+                      "stream-egress running?)", channel_id, self.settings.egress_listen)
+            raise RelayDown("egress relay unavailable")
+
+    async def _take_provider_slot(self, upstream: Upstream, channel_id: str, run_id: str,
+                                  viewer: str | None) -> None:
+        """One of the provider's max_streams connections for this run, across every host.
+        When all are held: the stream only this viewer watched (a channel change) is
+        preempted at once, else the one longest without a request if that is at least
+        preempt_idle; its connection is closed before the slot is taken.  Otherwise
+        ProviderBusy."""
+        if not upstream.limited:
+            return
+        provider = upstream.provider
+        grace = float(self.settings.start_timeout) + 10
+        async with self._provider_locks[provider.name]:
+            for _ in range(provider.max_streams + 2):
+                if await self.redis_call(providers.acquire_slot, provider.name, provider.max_streams,
+                                         channel_id, run_id, self.settings.host_id, grace):
+                    return
+                victim, why = await self._provider_victim(provider.name, viewer, grace)
+                if victim is None:
+                    break
+                self.counters["provider_preempted"] += 1
+                log.info("channel %s: preempted (%s) to start channel %s on provider %s's last "
+                         "connection", victim.id, why, channel_id, provider.name)
+                await victim.stop(f"preempted by a start of channel {channel_id} (provider {provider.name})")
+        self.counters["provider_refused"] += 1
+        log.warning("channel %s: not started: provider %s has all %d connections in use by "
+                    "watched channels", channel_id, provider.name, provider.max_streams)
+        raise ProviderBusy(f"provider {provider.name}: all {provider.max_streams} connections are "
+                           "in use by watched channels")
+
+    async def _provider_victim(self, provider: str, viewer: str | None, grace: float):
+        """(supervisor, why) of this host's stream of the provider to give its connection
+        up, or (None, '')."""
+        holders = set(await self.redis_call(providers.slot_channels, provider, grace))
+        mine = [s for s in self.live_supervisors() if s.id in holders and s.state in ("running", "backoff")]
+        if not mine:
+            return None, ""
+        now = time.time()
+        ids = [s.id for s in mine]
+        last = await self.redis_call(runs.last_access_times, ids)
+        window = float(self.settings.viewer_window)
+        watchers = (await self.redis_call(runs.recent_viewers, ids, now - window)
+                    if viewer and window > 0 else [set() for _ in ids])
+        idle = [(now - (seen or s.started), s, seen_by) for s, seen, seen_by in zip(mine, last, watchers)]
+        zapped = [entry for entry in idle if viewer and entry[2] == {viewer}]
+        if zapped:
+            seconds, supervisor, _ = max(zapped, key=lambda entry: entry[0])
+            return supervisor, "its only viewer changed channel"
+        seconds, supervisor, _ = max(idle, key=lambda entry: entry[0])
+        if seconds >= float(self.settings.preempt_idle):
+            return supervisor, f"no request for {seconds:.0f} s"
+        return None, ""
+
+    async def release_slot(self, supervisor: StreamSupervisor) -> None:
+        """A run's provider slot, freed once the relay holds none of its connections (the
+        provider must never see one more than its limit, not even during a switch)."""
+        provider = supervisor.provider_name
+        if not provider:
+            return
+        if not await egress.wait_closed(self.settings.egress_listen, supervisor.id, timeout=5.0):
+            log.warning("channel %s: the relay still holds its upstream connection after 5 s; its "
+                        "slot of provider %s is freed anyway", supervisor.id, provider)
+        try:
+            await self.redis_call(providers.release_slot, provider, supervisor.id, supervisor.run_id)
+        except Exception as exc:  # noqa: BLE001 - reclaimed once its record is gone
+            log.warning("channel %s: cannot free its slot of provider %s (%s); it is reclaimed at "
+                        "the next start", supervisor.id, provider, exc)
+
     def _runs_elsewhere(self, record: runs.RunRecord) -> bool:
         """A live run of another launcher process (this host: the process is proven to be
         the channel's FFmpeg, started when recorded) or of another host."""
@@ -262,22 +360,24 @@ class Launcher:
                          channel_id, record.pid)
                 counts["cleared"] += 1
                 continue
-            channel, argv = await self._channel_for_adoption(channel_id)
-            supervisor = StreamSupervisor(self, channel, argv, adopted=(AdoptedProcess(handle), record))
+            channel, upstream = await self._channel_for_adoption(channel_id)
+            supervisor = StreamSupervisor(self, channel, upstream, adopted=(AdoptedProcess(handle), record))
             self.supervisors[channel_id] = supervisor
             supervisor.begin()
             log.info("channel %s: adopted pid %s (run %s)%s", channel_id, record.pid, record.run_id[:8],
-                     "" if argv else "; its channel record is unusable: it will not be restarted")
+                     "" if upstream else "; its channel record is unusable: it will not be restarted")
             counts["adopted"] += 1
         return counts
 
-    async def _channel_for_adoption(self, channel_id: str) -> tuple[Channel, list[str] | None]:
-        """The channel and its FFmpeg command for restarts; without a usable record the
-        stream is still watched (and cleaned when it ends), never restarted."""
+    async def _channel_for_adoption(self, channel_id: str) -> tuple[Channel, Upstream | None]:
+        """The channel and its upstream for restarts; without a usable record the stream is
+        still watched (and cleaned when it ends), never restarted."""
         try:
             channel = await self.redis_call(get_channel, channel_id)
             if channel is not None:
-                return channel, build_argv(channel, self.settings)
+                upstream = upstream_of(channel, self.settings)
+                build_argv(channel, self.settings, upstream=upstream)
+                return channel, upstream
         except ChannelError as exc:
             log.warning("%s", exc)
         return Channel(id=channel_id, source_url=""), None
@@ -327,7 +427,11 @@ def collect_streams(client, settings, supervisors: dict) -> dict:
             # Redis contents are hostile too: a record's error is shown redacted.
             "last_error": (supervisor.last_error if supervisor else
                            redact_text(record.last_error) if record else ""),
+            "source": redact_text(record.source) if record else "",
+            "provider": redact_text(record.provider) if record else "",
         }
         result.append(entry)
+    grace = float(settings.start_timeout) + 10
     return {"streams": result, "failed": runs.failed_channels(client),
+            "providers": providers.usage(client, settings.providers, grace),
             "invalid_members": [runs.shown_member(m) for m in active.invalid]}

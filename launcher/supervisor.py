@@ -18,13 +18,14 @@ import logging
 import os
 import time
 
-from streamstate import files, runs
-from streamstate.channels import Channel
+from streamstate import egress, files, providers, runs
+from streamstate.channels import Channel, ChannelError
 from streamstate.process import ProcessHandle, process_start_time, stop_processes
-
 from streamstate.redact import redact_url
+from streamstate.upstreams import Upstream
 
-from .ffmpeg import classify_failure
+from .ffmpeg import build_argv, classify_failure
+from .resolvers import ResolveFailed, resolve
 
 log = logging.getLogger("streamkeeper.launcher")
 
@@ -101,16 +102,26 @@ class AdoptedProcess:
         return -1
 
 
+# The egress relay's notes (streamstate.egress) as the class of failure a player sees.
+REFUSAL_CLASSES = {"address": "upstream address not allowed", "proxy": "upstream proxy unusable",
+                   "unreachable": "upstream unreachable"}
+# Failures that say nothing about the source: another source would not do better.
+NOT_SOURCE_FAILURES = ("disk full", "upstream proxy unusable", "launcher error")
+
+
 class StreamSupervisor:
-    def __init__(self, launcher, channel: Channel, argv: list[str] | None,
-                 adopted: "tuple[AdoptedProcess, runs.RunRecord] | None" = None):
+    def __init__(self, launcher, channel: Channel, upstream: Upstream | None,
+                 adopted: "tuple[AdoptedProcess, runs.RunRecord] | None" = None,
+                 run_id: str | None = None):
         self.launcher = launcher
         self.settings = launcher.settings
         self.channel = channel
         self.id = channel.id
-        self.argv = argv
+        self.upstream = upstream           # None: the record is unusable, never (re)started
+        self.source = channel.source_url   # the source in use (channel.sources: the order)
+        self._spawned_at = 0.0
         self.state = "starting"
-        self.run_id = runs.new_run_id()
+        self.run_id = run_id or runs.new_run_id()
         self.process: asyncio.subprocess.Process | None = None
         self.pid_start: int | None = None
         self.started = time.time()
@@ -120,6 +131,10 @@ class StreamSupervisor:
         self.last_error = ""        # the class and FFmpeg's own line (redacted), for operators
         self.log_path = files.ffmpeg_log_path(self.settings.log_dir, self.id)
         self._adopted = adopted[0] if adopted else None
+        # The provider account whose connection slot this run holds (taken before the start;
+        # an adopted run's is in its record).
+        self.slot_provider = ((adopted[1].provider or None) if adopted else
+                              upstream.provider.name if upstream is not None and upstream.limited else None)
         self._detaching = False     # the launcher is exiting: leave FFmpeg running
         self.slow = False           # producing slower than real time (logged once per episode)
         self._changed = asyncio.Condition()
@@ -155,6 +170,11 @@ class StreamSupervisor:
             except Exception:  # noqa: BLE001 - the reaper clears it as stale
                 pass
             await self._set_state("failed")
+
+    @property
+    def provider_name(self) -> str | None:
+        """The provider whose connection slot this stream holds (limited providers only)."""
+        return self.slot_provider
 
     @property
     def finished(self) -> bool:
@@ -196,13 +216,12 @@ class StreamSupervisor:
             if self._adopted is not None:                # it plays already: watch it
                 self._adopted, playable = None, True
                 self.written_to = await self.launcher.redis_call(runs.redis_server_id)
-            elif self.argv is None:
+            elif self.upstream is None:
                 self.failure = "channel record missing or unusable: cannot restart"
                 await self._fail(self.failure)
                 return
             else:
-                await self._spawn(first)
-                playable = await self._wait_until_playable(first)
+                playable = await self._start_from_sources(first)
             if playable:
                 if first:
                     log.info("channel %s: playable after %.2f s (pid %s)", self.id,
@@ -258,33 +277,113 @@ class StreamSupervisor:
             log.warning("channel %s: cannot record the failure (%s)", self.id, exc)
         await self._clear("failed")
 
-    async def _spawn(self, first: bool) -> None:
+    async def _start_from_sources(self, first: bool) -> bool:
+        """Start FFmpeg on the current source, else on the next ones: a source that fails
+        (refused, unreachable, nothing playable) is skipped for source_cooldown and the next
+        is tried at once, all within one start_timeout."""
+        deadline = time.monotonic() + float(self.settings.start_timeout)
+        tried: list[str] = []
+        while not self._stop_requested:
+            source = await self._next_source(tried)
+            if source is None:
+                return False
+            tried.append(source)
+            self.source = source
+            if not await self._spawn(first, source):
+                playable = False
+            else:
+                playable = await self._wait_until_playable(deadline)
+            if playable:
+                return True
+            if (self.failure in NOT_SOURCE_FAILURES or len(self.channel.sources) == 1
+                    or self._stop_requested):
+                return False
+            await self._source_failed(source)
+            files.delete_stream_files(self.settings.hls_dir, self.id)
+            await self._terminate()
+            if time.monotonic() >= deadline:
+                return False
+        return False
+
+    async def _next_source(self, tried: list[str]) -> str | None:
+        """The current source unless it failed recently, else the next one in order; None when
+        every source was tried in this start or is cooling down (the failure says so)."""
+        sources = list(self.channel.sources)
+        if len(sources) == 1:
+            return None if tried else sources[0]
+        start = sources.index(self.source) if self.source in sources else 0
+        ordered = [s for s in sources[start:] + sources[:start] if s not in tried]
+        try:
+            cooling = await self.launcher.redis_call(providers.cooling_sources, ordered)
+        except Exception:  # noqa: BLE001 - without Redis, no cooldown is known
+            cooling = set()
+        for source in ordered:
+            if source not in cooling:
+                return source
+        if not tried:
+            self.failure = f"all {len(sources)} sources failed within source_cooldown"
+            self.last_error = self.failure
+        return None
+
+    async def _source_failed(self, source: str) -> None:
+        sources = self.channel.sources
+        log.warning("channel %s: source %d/%d (%s) failed: %s; trying the next", self.id,
+                    sources.index(source) + 1, len(sources), redact_url(source), self.last_error)
+        self.launcher.counters["failovers"] += 1
+        try:
+            await self.launcher.redis_call(providers.mark_source_failed, source, self.failure,
+                                           float(self.settings.source_cooldown))
+        except Exception as exc:  # noqa: BLE001 - the cooldown is a courtesy to the upstream
+            log.warning("channel %s: cannot record the source's failure (%s)", self.id, exc)
+
+    async def _prepare(self, source: str) -> tuple[list[str], dict[str, str]]:
+        """FFmpeg's argv and environment for one source: a fresh egress ticket, and the
+        resolver's URL and cookies.  ResolveFailed or ChannelError say why not."""
+        token = egress.write_ticket(self.settings.state_dir, self.id, self.upstream.proxy)
+        relay = egress.relay_url(self.settings.egress_listen, self.id, token)
+        url, cookies = source, []
+        if self.upstream.resolver != "none":
+            url, cookies = await asyncio.to_thread(resolve, self.upstream, source, relay,
+                                                   self.settings.tls_ca_file)
+        argv = build_argv(self.channel, self.settings, upstream=self.upstream, source=url, cookies=cookies)
+        return argv, egress.ffmpeg_environment(self.settings.egress_listen, self.id, token)
+
+    async def _spawn(self, first: bool, source: str) -> bool:
         """FFmpeg in a session of its own, its output appended to the channel's log file (not
-        a pipe to the launcher: it outlives a launcher restart)."""
+        a pipe to the launcher: it outlives a launcher restart); False if it could not be
+        prepared (the resolver failed: the failure says why)."""
         files.delete_stream_files(self.settings.hls_dir, self.id)   # never serve a stale playlist
+        self._spawned_at = time.time()
+        try:
+            argv, environment = await self._prepare(source)
+        except (ResolveFailed, ChannelError) as exc:
+            self._note_failure(str(exc), from_ffmpeg=False)
+            log.warning("channel %s: cannot start on %s: %s", self.id, redact_url(source), self.last_error)
+            return False
         log_fd = files.open_ffmpeg_log(
             self.settings.log_dir, self.id,
             f"{LOG_MARK}{time.strftime('%Y-%m-%dT%H:%M:%S')} start (restart {self.restarts})")
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=log_fd, start_new_session=True)
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=log_fd, start_new_session=True, env=environment)
         finally:
             os.close(log_fd)
         self.pid_start = process_start_time(self.process.pid)
-        if first:
+        if first and self.written_to is None:
             await self._write_record()
         else:
             await self._update_record(pid=self.process.pid, pid_start=self.pid_start or "",
                                       state="starting", restarts=self.restarts,
-                                      last_error=self.last_error)
-        log.info("channel %s: FFmpeg started (pid %s, quality %s, source %s)", self.id,
-                 self.process.pid, self.channel.quality, redact_url(self.channel.source_url))
+                                      last_error=self.last_error, source=redact_url(source))
+        log.info("channel %s: FFmpeg started (pid %s, quality %s, source %s%s)", self.id,
+                 self.process.pid, self.channel.quality, redact_url(source),
+                 f", proxy {redact_url(self.upstream.proxy)}" if self.upstream.proxy else "")
+        return True
 
-    async def _wait_until_playable(self, first: bool) -> bool:
+    async def _wait_until_playable(self, deadline: float) -> bool:
         playlist = files.playlist_path(self.settings.hls_dir, self.id)
         minimum = int(self.settings.min_segments)
-        deadline = time.monotonic() + float(self.settings.start_timeout)
         while time.monotonic() < deadline and not self._stop_requested:
             if files.count_listed_segments(playlist) >= minimum:
                 return True
@@ -352,10 +451,20 @@ class StreamSupervisor:
             self.slow = False
             log.info("channel %s: back to real time (%.2fx)", self.id, ratio)
 
-    def _note_failure(self, otherwise: str) -> None:
-        """Why FFmpeg failed, from its output: the class, and its own line (redacted)."""
+    def _note_failure(self, otherwise: str, *, from_ffmpeg: bool = True) -> None:
+        """Why FFmpeg failed: the egress relay's refusal if it refused one of its connections
+        (an address not allowed, a proxy that cannot be used), else FFmpeg's own output; the
+        class, and the line that says so (redacted)."""
+        refusal = egress.read_refusal(self.settings.state_dir, self.id, self._spawned_at)
+        if refusal is not None:
+            self.failure = REFUSAL_CLASSES.get(refusal.get("kind"), "upstream proxy unusable")
+            self.last_error = f"{self.failure}: {str(refusal.get('reason', ''))[:300]}"
+            return
+        if not from_ffmpeg:
+            self.failure = self.last_error = otherwise
+            return
         tail = files.log_tail(self.log_path, STDERR_LINES, since=LOG_MARK)
-        label, detail = classify_failure(tail, self.channel.source_url)
+        label, detail = classify_failure(tail, self.source)
         self.failure = label or otherwise
         self.last_error = f"{self.failure}: {detail}" if detail else self.failure
 
@@ -383,7 +492,9 @@ class StreamSupervisor:
         record = runs.RunRecord(channel=self.id, run_id=self.run_id, host=self.settings.host_id,
                                 pid=self.process.pid, pid_start=self.pid_start, started=self.started,
                                 state=self.state if self.state in runs.STATES else "starting",
-                                last_error=self.last_error, restarts=self.restarts)
+                                last_error=self.last_error, restarts=self.restarts,
+                                source=redact_url(self.source),
+                                provider=self.provider_name or "")
         await self.launcher.redis_call(runs.record_run, record)
         self.written_to = await self.launcher.redis_call(runs.redis_server_id)
 
@@ -396,6 +507,9 @@ class StreamSupervisor:
             if server == self.written_to or self.process is None:
                 return False
             await self._write_record()
+            if self.provider_name:            # its connection is open: its slot is held
+                await self.launcher.redis_call(providers.hold_slot, self.provider_name, self.id,
+                                               self.run_id, self.settings.host_id)
         except Exception as exc:  # noqa: BLE001 - Redis gone again: keep running, ask later
             log.warning("channel %s: cannot write its record again (%s); keeping it running", self.id, exc)
             return True
@@ -425,8 +539,14 @@ class StreamSupervisor:
         await process.wait()
 
     async def _clear(self, state: str) -> None:
+        """The run is over: files, keys, its egress ticket, then its provider slot (once the
+        relay holds none of its connections)."""
         files.delete_stream_files(self.settings.hls_dir, self.id)
-        await self.launcher.redis_call(runs.delete_run_if, self.id, self.run_id)
+        egress.delete_ticket(self.settings.state_dir, self.id)
+        try:
+            await self.launcher.redis_call(runs.delete_run_if, self.id, self.run_id)
+        finally:
+            await self.launcher.release_slot(self)
         await self._set_state(state)
 
     async def _set_state(self, state: str) -> None:

@@ -13,6 +13,7 @@ from streamstate.channels import (Channel, ChannelError, channel_from_dict, dele
 from streamstate.cli_options import settings_options
 from streamstate.redact import redact_url
 from streamstate.redis_client import redis_from_url
+from streamstate.upstreams import upstream_of
 
 EXIT_NOT_FOUND = 1
 EXIT_INVALID = 2
@@ -35,11 +36,19 @@ def _client(settings_loader):
 @click.option("--user-agent", help="User-Agent sent upstream (else the user_agent setting).")
 @click.option("--referer", help="Referer sent upstream.")
 @click.option("--header", "headers", multiple=True, metavar="K:V", help="An extra upstream header; repeatable.")
-@click.option("--proxy", help="An http:// proxy for this channel (else upstream_proxy).")
+@click.option("--proxy", help="Proxy for this channel: http://, socks5:// or socks5h:// (the proxy "
+                                "resolves names), user:pass@ allowed (else its provider's, else upstream_proxy).")
+@click.option("--fallback", "fallbacks", multiple=True, metavar="URL",
+              help="A source tried when the ones before it fail; repeatable, in order.")
+@click.option("--provider", help="The [providers.<name>] account it belongs to (else the first whose "
+                                 "match prefixes SOURCE_URL).")
+@click.option("--resolver", type=click.Choice(["none", "plain", "cloudscraper"]),
+              help="How the source URL is found: none (FFmpeg connects itself), plain (follow "
+                   "redirects, keep cookies), cloudscraper (a browser-like session).")
 @click.option("--no-tls-verify", "no_tls_verify", is_flag=True,
               help="Do not verify an https source's certificate (a provider's self-signed one).")
 def add_command(settings_loader, channel_id, source_url, quality, user_agent, referer, headers, proxy,
-                no_tls_verify):
+                fallbacks, provider, resolver, no_tls_verify):
     """Add or replace channel CHANNEL_ID with its SOURCE_URL (http or https only).
 
     Exit codes: 0 added, 2 invalid (the message says what).
@@ -56,7 +65,9 @@ def add_command(settings_loader, channel_id, source_url, quality, user_agent, re
         channel = channel_from_dict(channel_id, {
             "source_url": source_url, "quality": quality, "user_agent": user_agent,
             "referer": referer, "headers": parsed_headers, "proxy": proxy,
-            "tls_verify": not no_tls_verify})
+            "fallback_urls": list(fallbacks), "provider": provider, "resolver": resolver,
+            "tls_verify": False if no_tls_verify else None})
+        upstream_of(channel, settings)               # a provider that is configured
     except (keys.InvalidChannelId, ChannelError) as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_INVALID) from None
@@ -89,6 +100,8 @@ def list_command(settings_loader, as_json, show_secrets):
                 row["source_url"] = redact_url(row["source_url"])
                 if row.get("proxy"):
                     row["proxy"] = redact_url(row["proxy"])
+                if row.get("fallback_urls"):
+                    row["fallback_urls"] = [redact_url(url) for url in row["fallback_urls"]]
             rows.append(row)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -167,8 +180,9 @@ def channel_id_for(entry: dict) -> str | None:
               help="Number entries without an id from here (else they are skipped).")
 @click.option("--replace/--keep", default=False, show_default=True,
               help="Replace channels that exist already, or keep them.")
+@click.option("--provider", help="The [providers.<name>] account every imported channel belongs to.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def import_command(settings_loader, m3u_file, quality, start_id, replace, as_json):
+def import_command(settings_loader, m3u_file, quality, start_id, replace, provider, as_json):
     """Import an M3U playlist (#EXTINF with tvg-id, tvg-name, group-title).
 
     A channel's id is the number that ends its URL's path (.../71386.ts is 71386),
@@ -177,6 +191,10 @@ def import_command(settings_loader, m3u_file, quality, start_id, replace, as_jso
     Exit codes: 0 done (even with skips), 2 unreadable input or settings.
     """
     settings = settings_loader()
+    if provider is not None and provider not in settings.providers:
+        click.echo(f"error: provider {provider[:64]!r} is not configured (no [providers.<name>] of "
+                   "that name)", err=True)
+        raise SystemExit(EXIT_INVALID)
     client = redis_from_url(settings.redis_url)
     entries = parse_m3u(m3u_file.read())   # undecodable bytes arrive as U+FFFD
     added, skipped, seen = [], [], set()
@@ -197,7 +215,7 @@ def import_command(settings_loader, m3u_file, quality, start_id, replace, as_jso
         attrs = entry["attrs"]
         try:   # each entry on its own: a bad one is skipped with why, the rest imported
             channel = channel_from_dict(channel_id, {
-                "source_url": entry["url"], "quality": quality,
+                "source_url": entry["url"], "quality": quality, "provider": provider,
                 "name": attrs.get("tvg-name") or entry["title"] or None,
                 "group": attrs.get("group-title") or None})
         except (ChannelError, keys.InvalidChannelId) as exc:

@@ -41,14 +41,14 @@ def config_command(settings_loader, as_json):
     """
     settings = settings_loader()
     if as_json:
-        payload = {key: {"value": settings.values[key], "source": settings.sources[key]}
+        payload = {key: {"value": settings.shown(key), "source": settings.sources[key]}
                    for key in settings.values}
         click.echo(json.dumps({"config_file": settings.config_path, "settings": payload}, indent=2))
         return
     click.echo(f"# config file: {settings.config_path or '(none: built-in defaults)'}")
     width = max(len(key) for key in settings.values)
-    for key, value in settings.values.items():
-        click.echo(f"{key:<{width}} = {json.dumps(value):<40} # {settings.sources[key]}"
+    for key in settings.values:
+        click.echo(f"{key:<{width}} = {json.dumps(settings.shown(key)):<40} # {settings.sources[key]}"
                    f" - {SPEC_BY_KEY[key].help}")
 
 
@@ -75,11 +75,8 @@ def nginx_config_command(settings_loader, output):
     if not output:
         click.echo(text, nl=False)
         return
-    import os
-    temp = f"{output}.tmp.{os.getpid()}"
-    with open(temp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temp, output)
+    from streamstate.files import write_atomic
+    write_atomic(output, text.encode())
     click.echo(f"wrote {output}", err=True)
 
 

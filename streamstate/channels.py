@@ -11,18 +11,22 @@ from . import keys
 
 DEFAULT_QUALITY = "medium"
 ALLOWED_SOURCE_SCHEMES = ("http", "https")
-PROXY_SCHEMES = ("http",)   # what FFmpeg's http protocol can use (SOCKS: a later issue)
+# Proxies the egress relay can use (FFmpeg itself only ever talks to the relay).
+PROXY_SCHEMES = ("http", "socks5", "socks5h")
+RESOLVERS = ("none", "plain", "cloudscraper")
+MAX_FALLBACK_URLS = 8
+_PROVIDER_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Channel records come from providers' M3U files and an unauthenticated legacy route:
 # every field is bounded, and nothing that reaches FFmpeg's argv may hold a control
 # character (CR/LF would become extra request lines: header injection).
 MAX_RECORD_BYTES = 16 * 1024
-MAX_FIELD_CHARS = {"source_url": 4096, "proxy": 2048, "user_agent": 512, "referer": 2048,
+MAX_FIELD_CHARS = {"source_url": 4096, "fallback_urls": 4096, "proxy": 2048, "user_agent": 512, "referer": 2048,
                    "quality": 64, "name": 256, "group": 256}
 MAX_HEADERS = 32
 MAX_HEADER_NAME_CHARS = 64
 MAX_HEADER_VALUE_CHARS = 2048
-UPSTREAM_FIELDS = ("source_url", "proxy", "user_agent", "referer")   # sent by FFmpeg
+UPSTREAM_FIELDS = ("source_url", "proxy", "user_agent", "referer")   # sent upstream
 DISPLAY_FIELDS = ("name", "group")                                   # shown, never sent
 # C0 controls (NUL, TAB, CR, LF, ...), DEL, C1 controls and lone surrogates (raw bytes that
 # came through JSON escapes or a terminal): what FFmpeg would put on the wire as it is.
@@ -53,13 +57,22 @@ class Channel:
     proxy: str | None = None
     name: str | None = None
     group: str | None = None
-    tls_verify: bool = True
+    # None: not set here (the provider's, else true).
+    tls_verify: bool | None = None
+    provider: str | None = None
+    fallback_urls: tuple[str, ...] = ()
+    resolver: str | None = None
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The source, then the fallbacks, in the order they are tried."""
+        return (self.source_url, *self.fallback_urls)
 
     def as_json(self) -> str:
-        data = {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, {}, "")}
+        data = {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, {}, "", ())}
         data.pop("id")
-        if data.get("tls_verify") is True:
-            data.pop("tls_verify")            # the default is not written
+        if "fallback_urls" in data:
+            data["fallback_urls"] = list(data["fallback_urls"])
         return json.dumps(data, sort_keys=True)
 
 
@@ -104,13 +117,48 @@ def check_source_url(channel_id: str, url) -> str:
 
 
 def check_proxy(channel_id: str, proxy) -> str | None:
+    """http://, socks5:// or socks5h:// (the proxy resolves names), user:pass allowed."""
     if not proxy:
         return None
-    if isinstance(proxy, str) and urlsplit(proxy.strip()).scheme.lower().startswith("socks"):
-        raise ChannelError(f"channel {channel_id}: proxy is a SOCKS proxy, which FFmpeg's "
-                           "http protocol cannot use; SOCKS support is not built yet - use an "
-                           "http:// proxy")
-    return _check_url(channel_id, "proxy", proxy, PROXY_SCHEMES)
+    url = _check_url(channel_id, "proxy", proxy, PROXY_SCHEMES)
+    if urlsplit(url).path not in ("", "/") or urlsplit(url).query:
+        raise ChannelError(f"channel {channel_id}: proxy must be scheme://[user:pass@]host:port "
+                           "with no path or query")
+    if not urlsplit(url).port:
+        raise ChannelError(f"channel {channel_id}: proxy needs a port (e.g. socks5h://127.0.0.1:40000)")
+    return url
+
+
+def check_fallback_urls(channel_id: str, urls) -> tuple[str, ...]:
+    if urls in (None, "", []):
+        return ()
+    if not isinstance(urls, (list, tuple)) or len(urls) > MAX_FALLBACK_URLS:
+        raise ChannelError(f"channel {channel_id}: fallback_urls must be a list of at most "
+                           f"{MAX_FALLBACK_URLS} source URLs")
+    return tuple(_check_url(channel_id, "fallback_urls", url, ALLOWED_SOURCE_SCHEMES) for url in urls)
+
+
+def check_provider_name(channel_id: str, name) -> str | None:
+    if name in (None, ""):
+        return None
+    if not isinstance(name, str) or not _PROVIDER_NAME_RE.fullmatch(name):
+        raise ChannelError(f"channel {channel_id}: provider must be a name of letters, digits, "
+                           "_ and - (at most 64)")
+    return name
+
+
+def check_resolver(channel_id: str, resolver) -> str | None:
+    if resolver in (None, ""):
+        return None
+    if resolver not in RESOLVERS:
+        raise ChannelError(f"channel {channel_id}: resolver must be one of {', '.join(RESOLVERS)}")
+    return resolver
+
+
+def check_tls_verify(channel_id: str, value) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise ChannelError(f"channel {channel_id}: tls_verify must be true or false")
+    return value
 
 
 def check_headers(channel_id: str, headers) -> dict[str, str]:
@@ -152,9 +200,6 @@ def channel_from_dict(channel_id: str, data) -> Channel:
             optional[field] = _check_text(channel_id, field, data[field], MAX_FIELD_CHARS[field])
     quality = data.get("quality") or DEFAULT_QUALITY
     _check_text(channel_id, "quality", quality, MAX_FIELD_CHARS["quality"])
-    tls_verify = data.get("tls_verify", True)
-    if not isinstance(tls_verify, bool):
-        raise ChannelError(f"channel {channel_id}: tls_verify must be true or false")
     channel = Channel(
         id=channel_id,
         source_url=check_source_url(channel_id, data.get("source_url")),
@@ -163,7 +208,10 @@ def channel_from_dict(channel_id: str, data) -> Channel:
         proxy=check_proxy(channel_id, data.get("proxy")),
         name=_display_text(channel_id, "name", data.get("name")),
         group=_display_text(channel_id, "group", data.get("group")),
-        tls_verify=tls_verify,
+        tls_verify=check_tls_verify(channel_id, data.get("tls_verify")),
+        provider=check_provider_name(channel_id, data.get("provider")),
+        fallback_urls=check_fallback_urls(channel_id, data.get("fallback_urls")),
+        resolver=check_resolver(channel_id, data.get("resolver")),
         **optional,
     )
     size = len(channel.as_json().encode())

@@ -1,6 +1,7 @@
 """A stream's files in hls_dir: the playlist, its segments and their temp files."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -139,3 +140,29 @@ def log_tail(path: str, lines: int = 40, since: str | None = None) -> list[str]:
         if starts:
             found = found[starts[-1] + 1:]
     return found[-lines:]
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o644, *, durable: bool = False) -> None:
+    """Write a whole file or nothing: a temp file beside it, renamed over it.  ``durable``:
+    fsync the file and the directory too (a checkpoint that must survive a power cut)."""
+    directory = os.path.dirname(path) or "."
+    temp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)                  # whatever the umask
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    os.close(fd)
+    os.replace(temp, path)
+    if durable:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -37,10 +37,17 @@ New keys beside them:
 ``reaper:<host_id>:lock``      string  reaper: one pass at a time  reaper (SET NX PX)
 ``reaper:<host_id>:last_pass`` hash    reaper: time, duration and  streamctl, diagnosis
                                        counts of its last pass
+``provider:<name>:slots``      hash    launcher: channel id ->     launcher of every host (a
+                                       JSON {run_id, host, at}:    start takes a slot or
+                                       one per stream holding a    preempts), streamctl status
+                                       connection of the account
+``source:<digest>:failed``     string  launcher: the reason, with  launcher (that source is
+                               (TTL)   source_cooldown as expiry   skipped for a fallback)
 =============================  ======  ==========================  ===========================
 """
 from __future__ import annotations
 
+import hashlib
 import re
 
 MAX_CHANNEL_ID_DIGITS = 18
@@ -109,6 +116,22 @@ ACTIVE_STREAMS_KEY = "streams:active"
 
 def host_key(host_id: str) -> str:
     return f"host:{host_id}"
+
+
+_PROVIDER_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def provider_slots_key(provider: str) -> str:
+    if not _PROVIDER_NAME_RE.fullmatch(provider or ""):
+        raise ValueError(f"invalid provider name {provider[:40]!r}")
+    return f"provider:{provider}:slots"
+
+
+def source_failed_key(source_url: str) -> str:
+    """By a digest of the URL: the same source in two channels cools down once, and no
+    account in a URL becomes part of a key name."""
+    digest = hashlib.blake2b(source_url.encode(), digest_size=12, person=b"sk-source").hexdigest()
+    return f"source:{digest}:failed"
 
 
 def reaper_lock_key(host_id: str) -> str:

@@ -117,6 +117,8 @@ class RunRecord:
     state: str = "starting"
     last_error: str = ""
     restarts: int = 0
+    source: str = ""             # the source in use, redacted (a channel may have fallbacks)
+    provider: str = ""           # the provider account whose connection slot it holds
 
     @classmethod
     def from_hash(cls, channel: str, data: dict) -> "RunRecord | None":
@@ -130,7 +132,8 @@ class RunRecord:
                    pid=_int(data.get("pid")) or 0, pid_start=_int(data.get("pid_start")),
                    started=epoch_seconds(data.get("started")) or 0.0,
                    state=data.get("state") or "", last_error=data.get("last_error") or "",
-                   restarts=_int(data.get("restarts")) or 0)
+                   restarts=_int(data.get("restarts")) or 0, source=data.get("source") or "",
+                   provider=data.get("provider") or "")
 
 
 def text(value) -> str | None:
@@ -179,7 +182,8 @@ def record_run(client, record: RunRecord, *, now: float | None = None) -> None:
         "run_id": record.run_id, "host": record.host, "pid": record.pid,
         "pid_start": record.pid_start if record.pid_start is not None else "",
         "started": f"{record.started:.3f}", "state": record.state,
-        "last_error": record.last_error, "restarts": record.restarts})
+        "last_error": record.last_error, "restarts": record.restarts, "source": record.source,
+        "provider": record.provider})
     pipe.set(keys.pid_key(channel), record.pid)
     pipe.set(keys.started_key(channel), f"{record.started:.3f}")
     pipe.set(keys.last_access_key(channel), f"{now:.3f}")
@@ -299,6 +303,17 @@ def last_access_times(client, channels: list[str]) -> list[float | None]:
         return []
     now = time.time()
     return [epoch_seconds(raw, now) for raw in client.mget([keys.last_access_key(c) for c in channels])]
+
+
+def recent_viewers(client, channels: list[str], since: float) -> list[set[str]]:
+    """The viewer hashes heartbeatd saw on each channel since ``since`` (junk: none)."""
+    if not channels:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for channel in channels:
+        pipe.zrangebyscore(keys.viewers_key(channel), since, "+inf")
+    return [set() if isinstance(r, Exception) else {text(m) for m in r}
+            for r in pipe.execute(raise_on_error=False)]
 
 
 @dataclasses.dataclass

@@ -18,6 +18,9 @@ import socket
 import tomllib
 from typing import Any, Callable, Mapping
 
+from .channels import ChannelError, check_proxy
+from .upstreams import DEFAULT_UPSTREAM_DENY, parse_networks, parse_providers
+
 DEFAULT_CONFIG_PATH = "/etc/streamkeeper/streamkeeper.toml"
 CONFIG_ENV = "STREAMKEEPER_CONFIG"
 ENV_PREFIX = "STREAMKEEPER_"
@@ -104,8 +107,17 @@ def _parse_proxy(value: Any) -> str:
     text = _parse_str(value).strip()
     if text in ("", "none", "off"):
         return ""
-    if not text.startswith(("http://", "socks4://", "socks4a://", "socks5://", "socks5h://")):
-        raise ValueError(f"expected an http:// (or socks) proxy URL, got {text!r}")
+    try:
+        return check_proxy("upstream_proxy", text)
+    except ChannelError as exc:
+        raise ValueError(str(exc).replace("channel upstream_proxy: proxy", "expected a proxy URL:")) from None
+
+
+def _parse_loopback_host_port(value: Any) -> str:
+    text = _parse_host_port(value)
+    host = text.rpartition(":")[0].strip("[]")
+    if not (host.startswith("127.") or host in ("::1", "localhost")):
+        raise ValueError(f"must be a loopback address (it carries every upstream connection), got {text!r}")
     return text
 
 
@@ -263,7 +275,23 @@ SPECS: tuple[SettingSpec, ...] = (
     SettingSpec("quality_profiles", lambda: DEFAULT_QUALITY_PROFILES, _parse_profiles,
                 "FFmpeg video/audio options and probe settings per quality"),
     SettingSpec("upstream_proxy", lambda: "", _parse_proxy,
-                "proxy for upstream requests ('' for none); a channel's proxy wins"),
+                "proxy for every upstream connection: http://, socks5:// or socks5h:// (the "
+                "proxy resolves names), user:pass allowed ('' for none); a provider's or "
+                "channel's proxy wins"),
+    SettingSpec("egress_listen", lambda: "127.0.0.1:5001", _parse_loopback_host_port,
+                "loopback host:port of the egress relay every upstream connection goes through"),
+    SettingSpec("upstream_allow", lambda: (), parse_networks,
+                "networks a source may connect to even though upstream_deny lists them "
+                "(tests and the demo: their loopback upstreams)"),
+    SettingSpec("upstream_deny", lambda: DEFAULT_UPSTREAM_DENY, parse_networks,
+                "networks no upstream connection may reach (default: loopback, link-local, "
+                "unspecified, multicast); Redis and our own services are always refused"),
+    SettingSpec("providers", lambda: {}, parse_providers,
+                "[providers.<name>]: match (URL prefix), max_streams (connections the account "
+                "allows, 0: no limit), and defaults for user_agent, referer, headers, proxy, "
+                "resolver, tls_verify"),
+    SettingSpec("source_cooldown", lambda: 60.0, lambda v: _parse_number(v, minimum=0),
+                "seconds a source that failed is skipped while a channel has other sources"),
     SettingSpec("user_agent", lambda: DEFAULT_USER_AGENT, _parse_header_text,
                 "User-Agent sent upstream unless the channel sets one"),
     SettingSpec("tls_ca_file", lambda: "/etc/ssl/certs/ca-certificates.crt", _parse_abs_path,
@@ -313,6 +341,23 @@ class Settings:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.values)
+
+    def shown(self, key: str) -> Any:
+        """A value as `streamctl config` prints it: JSON types, proxies' passwords redacted."""
+        return _shown(key, self.values[key])
+
+
+def _shown(key: str, value: Any) -> Any:
+    from .redact import redact_url
+    if key == "upstream_proxy":
+        return redact_url(value) if value else ""
+    if key in ("upstream_allow", "upstream_deny"):
+        return [str(network) for network in value]
+    if key == "providers":
+        return {name: {field: (redact_url(v) if field == "proxy" and v else v)
+                       for field, v in dataclasses.asdict(provider).items() if field != "name"}
+                for name, provider in value.items()}
+    return value
 
 
 def find_config_path(explicit: str | None, environ: Mapping[str, str]) -> tuple[str | None, str]:

@@ -117,9 +117,9 @@ def test_bad_channel_records_are_clear_errors(stack):
     stack.redis.set(keys.channel_key(107), json.dumps({"quality": "copy"}))
     status, body = stack.launcher_json("/channel/107/start", "POST")
     assert status == 422 and "source_url" in body["error"]
-    stack.redis.set(keys.channel_key(108), json.dumps({"source_url": stack.upstream_url(), "proxy": "socks5://127.0.0.1:1080"}))
+    stack.redis.set(keys.channel_key(108), json.dumps({"source_url": stack.upstream_url(), "proxy": "socks4://127.0.0.1:1080"}))
     status, body = stack.launcher_json("/channel/108/start", "POST")
-    assert status == 422 and "SOCKS" in body["error"]
+    assert status == 422 and "proxy refused" in body["error"] and "socks5h://" in body["error"]
     assert stack.launcher_json("/healthz")[0] == 200
 
 

@@ -39,7 +39,8 @@ def test_channels_add_list_rm(redis_server, redis_client):
 @pytest.mark.parametrize("args, message", [
     (["abc", "http://x/1.ts"], "invalid channel id"),
     (["7", "file:///etc/passwd"], "only http:// and https://"),
-    (["7", "http://x/1.ts", "--proxy", "socks5://127.0.0.1:9050"], "SOCKS"),
+    (["7", "http://x/1.ts", "--proxy", "socks4://127.0.0.1:9050"], "proxy refused"),
+    (["7", "http://x/1.ts", "--fallback", "file:///etc/passwd"], "fallback_urls refused"),
     (["7", "http://x/1.ts", "--quality", "ultra"], "unknown quality"),
 ])
 def test_channels_add_refuses_bad_input(redis_server, redis_client, args, message):

@@ -1,0 +1,79 @@
+"""``stream-egress``: the relay every upstream connection of this host's streams goes through."""
+from __future__ import annotations
+
+from streamstate import early_signals  # noqa: F401 - first: signals from the first instant
+
+import asyncio
+import logging
+
+import click
+
+from streamstate.cli_options import settings_options
+from streamstate.service import configure_logging, sd_notify, watchdog_interval
+
+log = logging.getLogger("streamkeeper.egress")
+
+STATUS_EVERY = 5.0          # seconds between STATUS= lines when systemd's watchdog is off
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@settings_options
+@click.option("--listen", metavar="HOST:PORT", help="Loopback address to listen on (overrides egress_listen).")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def main(settings_loader, listen, log_level):
+    """Relay FFmpeg's and the resolvers' upstream connections, and police them.
+
+    FFmpeg gets this relay as its http_proxy (with a per-stream ticket the launcher
+    writes under state_dir/egress/); the relay connects directly or through the
+    channel's proxy (http://, socks5://, socks5h://), refuses addresses in
+    upstream_deny and this host's own services (403), and refuses to connect at
+    all when a configured proxy cannot be used (502, fail closed).
+
+    Run it beside the launcher, as its own service: a launcher restart leaves every
+    stream and its connections running. GET /connections shows the open upstream
+    connections per channel.
+    Exit codes: 0 stopped, 1 cannot listen, 2 bad settings.
+    """
+    settings = settings_loader(egress_listen=listen)
+    configure_logging(log_level.upper())
+    raise SystemExit(asyncio.run(serve(settings)))
+
+
+async def serve(settings) -> int:
+    from .relay import CHUNK, EgressRelay
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in early_signals.STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)       # only a flag; the work is below
+    if early_signals.received():
+        log.info("%s during start-up: exiting", early_signals.received())
+        return 0
+    relay = EgressRelay(settings)
+    host, _, port = settings.egress_listen.rpartition(":")
+    try:
+        server = await asyncio.start_server(relay.handle, host.strip("[]"), int(port),
+                                            limit=CHUNK, backlog=1024, reuse_address=True)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", settings.egress_listen, exc)
+        return 1
+    log.info("listening on %s (allow %s; deny %s)", settings.egress_listen,
+             ", ".join(map(str, settings.upstream_allow)) or "nothing extra",
+             ", ".join(map(str, settings.upstream_deny)) or "nothing")
+    sd_notify("READY=1\nSTATUS=listening on " + settings.egress_listen)
+    ping_every = watchdog_interval()
+    while not stop.is_set():                             # WATCHDOG=1 and STATUS= on a cadence
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=ping_every or STATUS_EVERY)
+        except asyncio.TimeoutError:
+            pass
+        if ping_every is not None:
+            sd_notify("WATCHDOG=1")
+        sd_notify(f"STATUS={sum(relay.open.values())} upstream connection(s) of "
+                  f"{len(relay.open)} channel(s); refused {relay.counters['refused_address']} "
+                  f"address(es), {relay.counters['refused_proxy']} for the proxy")
+    log.info("exiting: %d upstream connection(s) are cut", sum(relay.open.values()))
+    sd_notify("STOPPING=1")
+    server.close()
+    return 0

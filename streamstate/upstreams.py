@@ -1,0 +1,228 @@
+"""Where a channel's traffic goes: its provider account, its proxy, and the addresses it may reach.
+
+A channel belongs to the provider named in its ``provider`` field, else to the first
+``[providers.<name>]`` whose ``match`` prefixes its source URL.  The provider gives
+defaults (user_agent, referer, headers, proxy, resolver, tls_verify) and a connection
+limit (``max_streams``); the channel's own fields win.
+
+Every connection to an upstream, FFmpeg's or a resolver's, goes through the egress relay
+(egress/), which checks the address it actually connects to against
+:class:`AddressPolicy`: ``upstream_deny`` (default: loopback, link-local, unspecified,
+multicast), ``upstream_allow`` (wins over the deny list), and the host's own services
+(Redis, the launcher, the relay), which are always refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+from typing import Any, Iterable
+from urllib.parse import urlsplit
+
+from .channels import (MAX_FIELD_CHARS, RESOLVERS, Channel, ChannelError, _check_text, check_headers,
+                       check_provider_name, check_proxy, check_resolver, check_tls_verify)
+
+DEFAULT_UPSTREAM_DENY = ("127.0.0.0/8", "::1/128",          # loopback: this host's services
+                         "169.254.0.0/16", "fe80::/10",     # link-local: cloud metadata
+                         "0.0.0.0/8", "::/128",             # unspecified: this host again
+                         "224.0.0.0/4", "ff00::/8")         # multicast
+PROVIDER_KEYS = {"match", "max_streams", "user_agent", "referer", "headers", "proxy", "resolver",
+                 "tls_verify"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    name: str
+    match: str = ""
+    max_streams: int = 0               # 0: no limit
+    user_agent: str | None = None
+    referer: str | None = None
+    headers: dict = dataclasses.field(default_factory=dict)
+    proxy: str | None = None
+    resolver: str | None = None
+    tls_verify: bool | None = None
+
+
+def parse_providers(value: Any) -> dict[str, Provider]:
+    """``[providers.<name>]`` tables, every field checked as a channel's (ValueError)."""
+    if isinstance(value, str):
+        import json
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError as exc:
+            raise ValueError(f"expected a table (or JSON object): {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("expected tables: [providers.<name>] with match, max_streams, ...")
+    providers = {}
+    for name, table in value.items():
+        label = f"provider {str(name)[:40]!r}"
+        try:
+            check_provider_name(label, name)
+            if not isinstance(table, dict) or not set(table) <= PROVIDER_KEYS:
+                raise ChannelError(f"{label}: expected keys among {sorted(PROVIDER_KEYS)}")
+            match = table.get("match", "")
+            if match:
+                _check_text(label, "source_url", match, MAX_FIELD_CHARS["source_url"])
+                if urlsplit(match).scheme not in ("http", "https"):
+                    raise ChannelError(f"{label}: match must be an http:// or https:// URL prefix")
+            limit = table.get("max_streams", 0)
+            if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= 10000:
+                raise ChannelError(f"{label}: max_streams must be a whole number from 0 (no limit)")
+            text = {}
+            for field in ("user_agent", "referer"):
+                if table.get(field):
+                    text[field] = _check_text(label, field, table[field], MAX_FIELD_CHARS[field])
+            providers[name] = Provider(
+                name=name, match=match, max_streams=limit, headers=check_headers(label, table.get("headers")),
+                proxy=check_proxy(label, table.get("proxy")), resolver=check_resolver(label, table.get("resolver")),
+                tls_verify=check_tls_verify(label, table.get("tls_verify")), **text)
+        except ChannelError as exc:
+            raise ValueError(str(exc).replace("channel provider", "provider")) from None
+    return providers
+
+
+@dataclasses.dataclass(frozen=True)
+class Upstream:
+    """What a start of the channel uses: its fields over its provider's, over the settings'."""
+
+    channel: Channel
+    provider: Provider | None
+    proxy: str | None
+    resolver: str
+    tls_verify: bool
+    user_agent: str
+    referer: str | None
+    headers: dict
+
+    @property
+    def limited(self) -> bool:
+        return self.provider is not None and self.provider.max_streams > 0
+
+
+def provider_of(channel: Channel, providers: dict[str, Provider]) -> Provider | None:
+    if channel.provider:
+        provider = providers.get(channel.provider)
+        if provider is None:
+            raise ChannelError(f"channel {channel.id}: provider {channel.provider} is not configured "
+                               "(no [providers.<name>] of that name)")
+        return provider
+    for provider in providers.values():
+        if provider.match and channel.source_url.startswith(provider.match):
+            return provider
+    return None
+
+
+def upstream_of(channel: Channel, settings) -> Upstream:
+    provider = provider_of(channel, settings.providers)
+    base = provider or Provider(name="")
+
+    def pick(field):
+        own = getattr(channel, field)
+        return own if own not in (None, "") else getattr(base, field)
+
+    resolver = pick("resolver") or "none"
+    assert resolver in RESOLVERS
+    tls_verify = pick("tls_verify")
+    return Upstream(channel=channel, provider=provider,
+                    proxy=pick("proxy") or settings.upstream_proxy or None,
+                    resolver=resolver, tls_verify=True if tls_verify is None else tls_verify,
+                    user_agent=pick("user_agent") or settings.user_agent, referer=pick("referer"),
+                    headers={**base.headers, **channel.headers})
+
+
+# -- addresses --------------------------------------------------------------------------
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(value: Any) -> tuple[Network, ...]:
+    """A list of CIDR networks (a TOML list, or text separated by commas)."""
+    if isinstance(value, str):
+        value = [part for part in value.replace(",", " ").split() if part]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("expected a list of networks, e.g. [\"10.0.0.0/8\", \"127.0.0.2/32\"]")
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{str(item)[:60]!r} is not a network (CIDR, e.g. 10.0.0.0/8)") from None
+    return tuple(networks)
+
+
+def normal_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as connected: IPv4-mapped IPv6 as IPv4, scope ids off; None if not one."""
+    try:
+        parsed = ipaddress.ip_address(address.split("%", 1)[0].strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        return parsed.ipv4_mapped
+    return parsed
+
+
+class AddressPolicy:
+    """May a connection go to this address and port?  Decided on the address itself."""
+
+    def __init__(self, allow: Iterable[Network], deny: Iterable[Network],
+                 own_services: Iterable[tuple[str, int]] = ()):
+        self.allow = tuple(allow)
+        self.deny = tuple(deny)
+        self.own_services = {(normal_address(host), port) for host, port in own_services
+                             if normal_address(host) is not None}
+
+    @classmethod
+    def from_settings(cls, settings) -> "AddressPolicy":
+        return cls(settings.upstream_allow, settings.upstream_deny, own_service_addresses(settings))
+
+    def refusal(self, address: str, port: int) -> str | None:
+        """Why a connection to address:port is refused, or None if it is allowed."""
+        parsed = normal_address(address)
+        if parsed is None:
+            return f"{address} is not an address"
+        if (parsed, port) in self.own_services:
+            return f"{_shown(parsed, port)} is one of this host's own services (Redis, launcher, relay)"
+        if any(parsed in network for network in self.allow if network.version == parsed.version):
+            return None
+        for network in self.deny:
+            if network.version == parsed.version and parsed in network:
+                return f"{_shown(parsed, port)} is in upstream_deny ({network})"
+        return None
+
+    def refuses_service(self, address: str, port: int) -> bool:
+        """A proxy may be on loopback (WARP is), but never one of our own services."""
+        parsed = normal_address(address)
+        return parsed is None or (parsed, port) in self.own_services
+
+
+def _shown(address, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+def own_service_addresses(settings) -> list[tuple[str, int]]:
+    """(address, port) of Redis, the launcher, the relay and heartbeatd's metrics."""
+    endpoints = []
+    redis_url = urlsplit(settings.redis_url)
+    if redis_url.scheme in ("redis", "rediss") and redis_url.hostname:
+        endpoints.append((redis_url.hostname, redis_url.port or 6379))
+    for listen in (settings.launcher_listen, settings.egress_listen, settings.metrics_listen):
+        if listen:
+            host, _, port = listen.rpartition(":")
+            endpoints.append((host.strip("[]"), int(port)))
+    found = []
+    for host, port in endpoints:
+        for address in _addresses_of(host):
+            found.append((address, port))
+            if normal_address(address) in (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")):
+                found.append(("127.0.0.1", port))
+                found.append(("::1", port))
+    return found
+
+
+def _addresses_of(host: str) -> list[str]:
+    if normal_address(host) is not None:
+        return [host]
+    try:
+        return sorted({info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)})
+    except OSError:
+        return []
