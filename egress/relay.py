@@ -133,10 +133,7 @@ class EgressRelay:
         try:
             up_reader, up_writer, via = await self._connect(host, port, proxy, tunnel=forward is None)
         except Refused as refused:
-            self.counters[f"refused_{refused.kind}"] += 1
-            log.warning("channel %s: refused a connection to %s: %s", channel_id,
-                        _shown_target(host, port), refused.reason)
-            egress.record_refusal(self.state_dir, channel_id, refused.kind, refused.reason)
+            self._refused(channel_id, host, port, refused)
             return await _answer(writer, refused.status,
                                  "upstream address not allowed" if refused.kind == "address" else
                                  "proxy unusable", {"X-Streamkeeper-Refused": refused.kind})
@@ -154,12 +151,28 @@ class EgressRelay:
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             else:
                 up_writer.write(_forwarded_head(forward, proxy))
+                if proxy.lower().startswith("http://"):
+                    # Through an http proxy the first answer may be the proxy's own refusal.
+                    status_line = await asyncio.wait_for(up_reader.readuntil(b"\r\n"), 3 * CONNECT_TIMEOUT)
+                    if status_line.split(b" ")[1:2] == [b"407"]:
+                        raise Refused("proxy", f"proxy {redact_url(proxy)}: authentication failed (407)", 502)
+                    writer.write(status_line)
             await _splice(reader, writer, up_reader, up_writer, self.counters)
+        except Refused as refused:
+            self._refused(channel_id, host, port, refused)
+            await _answer(writer, refused.status, "proxy unusable", {"X-Streamkeeper-Refused": refused.kind})
         finally:
             up_writer.transport.abort()           # the provider sees the close at once
             self.open[channel_id] -= 1
             if self.open[channel_id] <= 0:
                 del self.open[channel_id]
+
+    def _refused(self, channel_id: str, host: str, port: int, refused: Refused) -> None:
+        """One log line and the note the launcher reads."""
+        self.counters[f"refused_{refused.kind}"] += 1
+        log.warning("channel %s: refused a connection to %s: %s", channel_id, _shown_target(host, port),
+                    refused.reason)
+        egress.record_refusal(self.state_dir, channel_id, refused.kind, refused.reason)
 
     # -- where a connection goes ---------------------------------------------------
     async def _connect(self, host: str, port: int, proxy: str, *, tunnel: bool):

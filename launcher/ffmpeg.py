@@ -17,7 +17,7 @@ RECONNECT_DELAY_MAX = 4
 # crypto (AES-128 HLS), and httpproxy (the egress relay's CONNECT tunnels).  Never file,
 # concat, data or subfile: a playlist must not make FFmpeg read the host's own files.
 PROTOCOL_WHITELIST = "http,https,tcp,tls,crypto,httpproxy"
-_COOKIE_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,4095}")
+_COOKIE_RE = re.compile(r"[!#-+\--:<-~]{1,256}=[!#-+\--:<-~]{0,4096}")   # name=value, no ; , " or space
 
 
 def keyframe_interval(settings) -> float:
@@ -46,11 +46,15 @@ def build_argv(channel: Channel, settings, *, upstream: Upstream | None = None,
             "-user_agent", upstream.user_agent]
     if upstream.referer:
         argv += ["-referer", upstream.referer]
-    if upstream.headers:
-        argv += ["-headers", "".join(f"{k}: {v}\r\n" for k, v in upstream.headers.items())]
+    headers = dict(upstream.headers)
     cookies = [c for c in cookies if _COOKIE_RE.fullmatch(c)]     # from a resolver: hostile
     if cookies:
-        argv += ["-cookies", "\n".join(cookies)]
+        # A Cookie header, not -cookies: behind a proxy (the relay) FFmpeg 5.1 matches a
+        # cookie's path against the absolute URL and never sends it (tested).
+        name = next((k for k in headers if k.lower() == "cookie"), "Cookie")
+        headers[name] = "; ".join(([headers[name]] if name in headers else []) + cookies)
+    if headers:
+        argv += ["-headers", "".join(f"{k}: {v}\r\n" for k, v in headers.items())]
     if scheme == "https":
         # Verify the upstream's certificate (FFmpeg does not by default); a channel may opt
         # out with tls_verify = false (a provider with a self-signed certificate).

@@ -118,8 +118,5 @@ def _unreachable(exc: Exception) -> str:
 
 
 def _set_cookie(cookie: http.cookiejar.Cookie) -> str:
-    """A cookie as FFmpeg's -cookies takes it (a Set-Cookie value)."""
-    parts = [f"{cookie.name}={cookie.value or ''}", f"path={cookie.path or '/'}"]
-    if cookie.domain:
-        parts.append(f"domain={cookie.domain}")
-    return "; ".join(parts)
+    """``name=value``, for the Cookie header FFmpeg sends on each of the stream's requests."""
+    return f"{cookie.name}={cookie.value or ''}"

@@ -390,6 +390,8 @@ class StreamSupervisor:
             if self.process.returncode is not None:
                 self._note_failure(f"FFmpeg exited with status {self.process.returncode}")
                 return False
+            if self._relay_refused():
+                return False
             await asyncio.sleep(POLL_READY)
         self._note_failure(f"no playable stream after {float(self.settings.start_timeout):g} s")
         return False
@@ -408,6 +410,8 @@ class StreamSupervisor:
             if self.process.returncode is not None:
                 self._note_failure(f"FFmpeg exited with status {self.process.returncode}")
                 return f"FFmpeg exited: {self.last_error}"
+            if self._relay_refused():
+                return self.last_error
             try:
                 age = time.time() - os.stat(playlist).st_mtime
             except FileNotFoundError:
@@ -450,6 +454,16 @@ class StreamSupervisor:
         elif ratio >= 0.97 and self.slow:
             self.slow = False
             log.info("channel %s: back to real time (%.2fx)", self.id, ratio)
+
+    def _relay_refused(self) -> bool:
+        """The relay refused one of this run's connections (an address not allowed, a proxy
+        that cannot be used): the run ends with that reason, even where FFmpeg would carry on
+        (its HLS demuxer skips a segment it cannot fetch and tries the next)."""
+        refusal = egress.read_refusal(self.settings.state_dir, self.id, self._spawned_at)
+        if refusal is None or refusal.get("kind") not in ("address", "proxy"):
+            return False
+        self._note_failure("refused by the egress relay")
+        return True
 
     def _note_failure(self, otherwise: str, *, from_ffmpeg: bool = True) -> None:
         """Why FFmpeg failed: the egress relay's refusal if it refused one of its connections

@@ -155,6 +155,7 @@ def status_command(settings_loader, channel_id, as_json):
         if channel_id is not None:
             listing["streams"] = [s for s in listing["streams"] if s["id"] == channel_id]
             listing["failed"] = [f for f in listing["failed"] if f["id"] == channel_id]
+            listing["providers"] = [p for p in listing["providers"] if channel_id in p["channels"]]
         last_pass = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in
                      client.hgetall(keys.reaper_last_pass_key(settings.host_id)).items()}
     except redis.RedisError as exc:
@@ -171,7 +172,12 @@ def status_command(settings_loader, channel_id, as_json):
         click.echo(f"{s['id']:>8}  {printable(s['state']):<9} pid {s['pid'] or '-':<8} "
                    f"host {printable(s['host'] or '-')} up {uptime:<7} idle {idle:<6} "
                    f"viewers {s['viewers']:<4} restarts {s['restarts']}"
+                   + (f"  source {printable(s['source'])}" if s.get("source") else "")
                    + (f"  last error: {printable(s['last_error'])}" if s["last_error"] else ""))
+    for p in listing["providers"]:
+        limit = p["limit"] or "no limit"
+        click.echo(f"provider {p['provider']}: {len(p['channels'])}/{limit} connections"
+                   + (f" (channels {', '.join(p['channels'])})" if p["channels"] else ""))
     for f in listing["failed"]:
         click.echo(f"{f['id']:>8}  failed    {printable(f['reason'])} (starts refused for "
                    f"{f['cooldown_seconds']:.0f} s more; host {printable(f['host'])})")

@@ -1,0 +1,148 @@
+"""Provider accounts (issue: upstreams): a provider emulator on loopback allows 2 connections
+per account and counts every violation; a stack of our own (redis-server, nginx, heartbeatd,
+the relay, the launcher) with ``[providers.acme]`` max_streams = 2 must never cause one,
+while viewers watch, change channel, and leave."""
+import json
+import os
+import threading
+import time
+
+import pytest
+import redis
+
+from demo.stack import LocalStack
+from streamstate import keys
+from tests.helpers import ffmpegs_writing, first_request, wait_for
+from tests.provider_emulator import ProviderEmulator
+
+LIMIT = 2
+PREEMPT_IDLE = 4
+
+
+class Viewer:
+    """A player's playlist requests every half second, with its token, until stopped."""
+
+    def __init__(self, stack, channel, token):
+        self.url = stack.playlist_url(channel, f"?token={token}")
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.statuses.append(first_request(self.url)[0])
+            self._stop.wait(0.5)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def provider():
+    emulator = ProviderEmulator(limit=LIMIT).start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture(scope="module")
+def acme(provider, tmp_path_factory):
+    match = f"http://127.0.0.1:{provider.port}/live/acct/"
+    stack = LocalStack(str(tmp_path_factory.mktemp("providers")), {
+        "providers": {"acme": {"match": match, "max_streams": LIMIT}},
+        "preempt_idle": PREEMPT_IDLE, "viewer_window": 30, "flush_interval": 0.2,
+    }, heartbeatd=True).start()
+    stack.redis = redis.Redis(port=stack.redis_port)
+    yield stack
+    stack.stop()
+
+
+def add(stack, provider, channel):
+    stack.redis.set(keys.channel_key(channel), json.dumps(
+        {"source_url": provider.url("acct", "pass", str(channel)), "quality": "copy"}))
+
+
+def provider_entry(stack):
+    return {p["provider"]: p for p in stack.launcher_json("/streams")[1]["providers"]}["acme"]
+
+
+def viewers_of(stack, channel) -> int:
+    return stack.redis.zcard(keys.viewers_key(channel))
+
+
+def test_the_account_never_sees_more_than_its_limit(acme, provider):
+    for channel in (801, 802, 803, 804):
+        add(acme, provider, channel)
+    alice, bob = Viewer(acme, 801, "alice"), Viewer(acme, 802, "bob")
+    try:
+        wait_for(lambda: viewers_of(acme, 801) and viewers_of(acme, 802), 30, message="two watched channels")
+        assert provider_entry(acme) == {"provider": "acme", "limit": LIMIT, "channels": ["801", "802"]}
+
+        # Both connections are watched by others: carol's start is refused, nothing stopped.
+        status, headers, body = first_request(acme.playlist_url(803, "?token=carol"))
+        assert status == 503 and "Retry-After" in headers
+        assert body == b"channel 803: provider acme: all 2 connections are in use by watched channels\n"
+        assert ffmpegs_writing(acme, 801) and ffmpegs_writing(acme, 802)
+
+        # Alice changes channel: the stream only she watched gives its connection up at once
+        # (not after preempt_idle), and she gets the new channel after one cold start.
+        alice.stop()
+        assert first_request(acme.playlist_url(803, "?token=alice"))[0] == 200
+        assert not ffmpegs_writing(acme, 801)
+        assert "channel 801: preempted (its only viewer changed channel)" in acme.log("launcher")
+        alice = Viewer(acme, 803, "alice")
+
+        # Bob leaves; once his channel has had no request for preempt_idle, dave's start
+        # takes its connection.
+        bob.stop()
+        wait_for(lambda: time.time() - float(acme.redis.get(keys.last_access_key(802))) > PREEMPT_IDLE + 0.5,
+                 30, message="channel 802 idle")
+        assert first_request(acme.playlist_url(804, "?token=dave"))[0] == 200
+        assert "channel 802: preempted (no request for" in acme.log("launcher")
+        assert sorted(provider_entry(acme)["channels"]) == ["803", "804"]
+        assert provider.violations == [] and provider.max_concurrent["acct"] <= LIMIT
+    finally:
+        alice.stop()
+        bob.stop()
+    metrics = first_request(acme.launcher_url("/metrics"))[2].decode()
+    assert "streamkeeper_launcher_provider_preempted_total 2.0" in metrics
+    assert "streamkeeper_launcher_provider_refused_total 1.0" in metrics
+
+
+def test_a_slot_of_a_stream_that_no_longer_runs_is_reclaimed(acme, provider):
+    """A stream gone without a word (its host crashed, Redis kept its slot): its slot is
+    taken back at the next start, with no violation."""
+    acme.launcher_json("/streams/stop", "POST")
+    acme.redis.hset(keys.provider_slots_key("acme"), mapping={
+        "901": json.dumps({"run_id": "gone", "host": "crashed-host", "at": time.time() - 3600}),
+        "902": "junk"})
+    add(acme, provider, 805)
+    add(acme, provider, 806)
+    assert first_request(acme.playlist_url(805))[0] == 200
+    assert first_request(acme.playlist_url(806))[0] == 200
+    assert sorted(acme.redis.hkeys(keys.provider_slots_key("acme"))) == [b"805", b"806"]
+    # Every way a stream ends frees its slot: stopped here, or reaped.
+    acme.launcher_json("/channel/805/stop", "POST")
+    assert provider_entry(acme)["channels"] == ["806"]
+    assert provider.violations == []
+    acme.launcher_json("/streams/stop", "POST")
+    assert provider_entry(acme)["channels"] == []
+
+
+def test_status_shows_the_providers_slots(acme, provider):
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    add(acme, provider, 807)
+    assert first_request(acme.playlist_url(807))[0] == 200
+    result = subprocess.run([sys.executable, "-m", "streamctl", "status", "--json", "--config", acme.config_path],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    providers = {p["provider"]: p for p in json.loads(result.stdout)["providers"]}
+    assert providers["acme"]["channels"] == ["807"] and providers["acme"]["limit"] == LIMIT
+    text = subprocess.run([sys.executable, "-m", "streamctl", "status", "--config", acme.config_path],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "provider acme: 1/2 connections" in text.stdout
+    acme.launcher_json("/streams/stop", "POST")
+    assert os.path.isdir(acme.hls_dir)

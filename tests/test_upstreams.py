@@ -1,0 +1,247 @@
+"""Upstreams (issue: upstreams): proxies that carry FFmpeg's traffic and fail closed, where a
+source may connect, fallback sources, HLS sources, resolvers - against the real stack
+(redis-server, nginx with the rendered snippet, the egress relay, the launcher, FFmpeg)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from streamstate import keys
+from tests.conftest import REPO
+from tests.helpers import add_channel, ffmpegs_writing, first_request, wait_for
+from tests.hls_origin import HLSOrigin
+from tests.socks5_server import Socks5Server
+from tests.test_hostile_input import RecordingListener
+from tests.tls_relay import TLSRelay
+
+PASSWORD = "Pr0xyPass"
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def streamctl(stack, *args):
+    return subprocess.run([sys.executable, "-m", "streamctl", *args, "--config", stack.config_path],
+                          cwd=REPO, capture_output=True, text=True, timeout=90)
+
+
+def plays(stack, channel_id, seconds: float = 3) -> bool:
+    """ffmpeg decodes ``seconds`` of the channel through nginx (a cold start included)."""
+    result = subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", stack.playlist_url(channel_id),
+                             "-t", str(seconds), "-f", "null", "-"], capture_output=True, text=True, timeout=60)
+    return result.returncode == 0
+
+
+@pytest.fixture
+def socks():
+    server = Socks5Server("streamer", PASSWORD)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("scheme, atyp", [("socks5h", "domain"), ("socks5", "ipv4")])
+def test_a_socks_proxy_carries_ffmpeg_s_traffic(stack, socks, scheme, atyp):
+    """socks5h: the proxy resolves the name (the SOCKS server sees 'localhost'); socks5:
+    the relay resolves it, checks the address and asks for that address."""
+    channel = 701 if scheme == "socks5h" else 702
+    source = f"http://localhost:{stack.upstream_port}/live/socks{channel}.ts"
+    add_channel(stack, channel, source_url=source, proxy=f"{scheme}://streamer:{PASSWORD}@127.0.0.1:{socks.port}")
+    assert first_request(stack.playlist_url(channel))[0] == 200
+    assert {"atyp": atyp, "host": "localhost" if atyp == "domain" else "127.0.0.1",
+            "port": stack.upstream_port, "user": "streamer", "ok": True} in socks.requests
+    streams = {s["id"]: s for s in stack.launcher_json("/streams")[1]["streams"]}
+    assert streams[str(channel)]["state"] == "running"
+    assert PASSWORD not in stack.log("launcher") + stack.log("egress")
+    stack.launcher_json(f"/channel/{channel}/stop", "POST")
+
+
+@pytest.mark.parametrize("case", ["dead", "bad password"])
+def test_a_proxy_that_cannot_be_used_starts_nothing_and_no_direct_connection(stack, socks, case):
+    listener = RecordingListener()
+    channel = 703 if case == "dead" else 704
+    proxy = (f"socks5h://streamer:{PASSWORD}@127.0.0.1:{closed_port()}" if case == "dead" else
+             f"socks5h://streamer:wrong{PASSWORD}@127.0.0.1:{socks.port}")
+    try:
+        add_channel(stack, channel, source_url=listener.url(f"/live/{channel}.ts"), proxy=proxy)
+        status, headers, body = first_request(stack.playlist_url(channel))
+        assert status == 503 and body == f"channel {channel}: upstream proxy unusable\n".encode()
+        assert "Retry-After" in headers
+        assert listener.connections == 0                  # never a direct connection instead
+        assert not ffmpegs_writing(stack, channel)
+        egress_log = stack.log("egress")
+        assert f"channel {channel}: refused a connection" in egress_log
+        assert "socks5h://127.0.0.1:" in egress_log and PASSWORD not in egress_log + stack.log("launcher")
+        if case == "bad password":
+            assert socks.auth_failures >= 1 and not socks.requests
+    finally:
+        listener.close()
+        stack.redis.delete(keys.failed_key(channel))
+
+
+@pytest.fixture
+def http_proxy(stack):
+    """A second egress relay, serving as an authenticating http:// proxy: its credentials
+    are a ticket of a channel of its own (7050)."""
+    from streamstate import egress
+    port = closed_port()
+    process = subprocess.Popen([sys.executable, "-m", "egress", "--config", stack.config_path,
+                                "--listen", f"127.0.0.1:{port}"], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    token = egress.write_ticket(stack.settings["state_dir"], "7050", None)
+    wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 20, message="a second relay")
+    yield f"http://7050:{token}@127.0.0.1:{port}"
+    process.terminate()
+    process.wait(timeout=20)
+    egress.delete_ticket(stack.settings["state_dir"], "7050")
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_an_http_proxy_carries_http_and_https_sources(stack, tmp_path, http_proxy, scheme):
+    """http: an absolute-form request with the proxy's credentials; https: CONNECT."""
+    channel = 705 if scheme == "http" else 706
+    relay = TLSRelay(str(tmp_path), "127.0.0.1", stack.upstream_port)
+    source = (stack.upstream_url(f"proxied{channel}") if scheme == "http" else
+              f"https://127.0.0.1:{relay.port}/live/proxied{channel}.ts")
+    try:
+        add_channel(stack, channel, source_url=source, proxy=http_proxy, tls_verify=False)
+        assert first_request(stack.playlist_url(channel))[0] == 200, stack.log("launcher")[-1500:]
+        stack.launcher_json(f"/channel/{channel}/stop", "POST")
+        # The same proxy with a wrong password: refused by the proxy, reported as such.
+        add_channel(stack, channel, source_url=source, proxy=http_proxy.replace("7050:", "7050:x"),
+                    tls_verify=False)
+        status, _, body = first_request(stack.playlist_url(channel))
+        assert status == 503 and body == f"channel {channel}: upstream proxy unusable\n".encode()
+    finally:
+        relay.close()
+        stack.redis.delete(keys.failed_key(channel))
+
+
+# -- where a source may connect ----------------------------------------------------------
+
+def test_a_source_on_redis_s_port_is_refused_even_when_loopback_is_allowed(stack):
+    add_channel(stack, 710, source_url=f"http://127.0.0.1:{stack.redis_port}/")
+    status, _, body = first_request(stack.playlist_url(710))
+    assert status == 503 and body == b"channel 710: upstream address not allowed\n"
+    assert f"127.0.0.1:{stack.redis_port} is one of this host's own services" in stack.log("egress")
+    assert "SECURITY ATTACK" not in stack.log("redis")
+    stack.redis.delete(keys.failed_key(710))
+
+
+@pytest.mark.parametrize("channel, target, address", [
+    (711, "http://169.254.169.254/latest/meta-data/", "169.254.169.254:80"),
+    (712, "http://[::1]:{port}/live/x.ts", "[::1]:{port}"),
+    (713, "http://0.0.0.0:{port}/live/x.ts", "0.0.0.0:{port}"),
+])
+def test_a_redirect_to_a_denied_address_is_refused(stack, channel, target, address):
+    target, address = (t.format(port=stack.upstream_port) for t in (target, address))
+    add_channel(stack, channel, source_url=f"http://127.0.0.1:{stack.upstream_port}/redirect/x?to={target}")
+    status, _, body = first_request(stack.playlist_url(channel))
+    assert status == 503 and body == f"channel {channel}: upstream address not allowed\n".encode()
+    assert f"channel {channel}: refused a connection to {address}" in stack.log("egress")
+    stack.redis.delete(keys.failed_key(channel))
+
+
+def test_hls_segments_on_a_denied_address_are_refused(stack, tmp_path):
+    origin = HLSOrigin(str(tmp_path / "hls"), segment_base=f"http://[::1]:{closed_port()}/")
+    try:
+        add_channel(stack, 714, source_url=origin.url)
+        status, _, body = first_request(stack.playlist_url(714))
+        assert status == 503 and body == b"channel 714: upstream address not allowed\n"
+        assert "/index.m3u8" in origin.paths                    # the playlist itself was fetched
+    finally:
+        origin.close()
+        stack.redis.delete(keys.failed_key(714))
+
+
+def test_the_relay_refuses_strangers(stack):
+    """Without a ticket's token the relay is no open proxy: 407."""
+    with socket.create_connection(("127.0.0.1", stack.egress_port), timeout=10) as sock:
+        sock.sendall(f"GET {stack.upstream_url('x')} HTTP/1.1\r\nHost: x\r\n"
+                     "Proxy-Authorization: Basic NzE1Om5vcGU=\r\n\r\n".encode())
+        assert sock.recv(100).startswith(b"HTTP/1.1 407 ")
+
+
+# -- sources -------------------------------------------------------------------------------
+
+def test_failover_from_a_403_source_to_a_live_one(stack):
+    forbidden = f"http://127.0.0.1:{stack.upstream_port}/forbidden/720.ts?password={PASSWORD}"
+    result = streamctl(stack, "channels", "add", "720", forbidden, "--quality", "copy",
+                       "--fallback", stack.upstream_url("fallback720"))
+    assert result.returncode == 0, result.stderr
+    assert first_request(stack.playlist_url(720))[0] == 200
+    entry = {s["id"]: s for s in stack.launcher_json("/streams")[1]["streams"]}["720"]
+    assert entry["source"].endswith("/…/fallback720.ts") and PASSWORD not in json.dumps(entry)
+    log = stack.log("launcher")
+    assert "channel 720: source 1/2 (http://127.0.0.1:" in log and "upstream refused: HTTP 403" in log
+    # Started again within source_cooldown: the 403 source is skipped, not asked again.
+    stack.launcher_json("/channel/720/stop", "POST")
+    assert first_request(stack.playlist_url(720))[0] == 200
+    assert stack.log("launcher").count("channel 720: source 1/2") == 1
+    stack.launcher_json("/channel/720/stop", "POST")
+
+
+def test_every_source_failing_is_one_503(stack):
+    add_channel(stack, 721, source_url=f"http://127.0.0.1:{stack.upstream_port}/forbidden/721.ts",
+                fallback_urls=[f"http://127.0.0.1:{stack.upstream_port}/missing/721.ts"])
+    status, _, body = first_request(stack.playlist_url(721))
+    assert status == 503 and body == b"channel 721: upstream refused: HTTP 404\n"
+    assert not ffmpegs_writing(stack, 721)
+    stack.redis.delete(keys.failed_key(721))
+
+
+@pytest.mark.parametrize("kind", ["plain", "aes-128", "https segments"])
+def test_hls_sources_play_through_nginx(stack, tmp_path, kind):
+    """An HLS source, AES-128 encrypted (its key fetched through the relay too), and an
+    http playlist whose segments are https (a self-signed TLS relay in front of the origin)."""
+    channel = {"plain": 730, "aes-128": 731, "https segments": 732}[kind]
+    relay = TLSRelay(str(tmp_path), "127.0.0.1", 9) if kind == "https segments" else None
+    origin = HLSOrigin(str(tmp_path / "hls"), encrypt=kind == "aes-128",
+                       segment_base=f"https://127.0.0.1:{relay.port}/" if relay else None)
+    if relay is not None:
+        relay.upstream = ("127.0.0.1", origin.port)
+    try:
+        add_channel(stack, channel, source_url=origin.url)
+        assert plays(stack, channel), stack.log("launcher")[-2000:]
+        if kind == "aes-128":
+            assert "/key.bin" in origin.paths
+        if kind == "https segments":
+            assert any(p.endswith(".ts") for p in origin.paths)     # through the TLS relay
+    finally:
+        stack.launcher_json(f"/channel/{channel}/stop", "POST")
+        origin.close()
+        if relay is not None:
+            relay.close()
+
+
+# -- resolvers -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("resolver, plays_it", [("none", False), ("plain", False), ("cloudscraper", True)])
+def test_the_cloudscraper_resolver_carries_the_cookie_the_upstream_requires(stack, resolver, plays_it):
+    """/gate/ hands its cookie only to a browser-like session (Accept-Language) and plays only
+    with it: FFmpeg alone and the plain resolver are refused; cloudscraper's session gets the
+    cookie, and FFmpeg reads the stream with it."""
+    channel = {"none": 740, "plain": 741, "cloudscraper": 742}[resolver]
+    add_channel(stack, channel, source_url=f"http://127.0.0.1:{stack.upstream_port}/gate/{channel}",
+                resolver=resolver)
+    status, _, body = first_request(stack.playlist_url(channel))
+    if plays_it:
+        assert status == 200, body
+        assert plays(stack, channel)
+        stack.launcher_json(f"/channel/{channel}/stop", "POST")
+    else:
+        assert status == 503 and body == f"channel {channel}: upstream refused: HTTP 403\n".encode()
+        stack.redis.delete(keys.failed_key(channel))
+
+
+def test_a_resolver_s_redirect_to_a_denied_address_is_refused(stack):
+    add_channel(stack, 743, source_url=f"http://127.0.0.1:{stack.upstream_port}/redirect/x"
+                                       "?to=http://169.254.169.254/latest/meta-data/", resolver="plain")
+    status, _, body = first_request(stack.playlist_url(743))
+    assert status == 503 and body == b"channel 743: upstream address not allowed\n"
+    stack.redis.delete(keys.failed_key(743))
