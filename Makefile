@@ -38,6 +38,7 @@ bench: venv players
 	$(VPY) bench/cold_start.py
 	$(VPY) bench/reaper.py
 	$(VPY) bench/capacity.py
+	$(VPY) bench/relay.py
 
 demo: venv
 	$(VPY) -m demo.run
