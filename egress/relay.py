@@ -45,8 +45,8 @@ MAX_HEAD_BYTES = 32 * 1024      # a request head larger than this is refused
 HEAD_TIMEOUT = 15.0             # seconds a client has to send its request head
 CONNECT_TIMEOUT = 10.0          # seconds to reach an upstream or a proxy
 CHUNK = 64 * 1024
-SMALL_READ = 32 * 1024          # a read below this waits COALESCE before the next one
-COALESCE = 0.05                 # seconds
+SMALL_READ = 16 * 1024          # a read below this waits COALESCE before the next one
+COALESCE = 0.01                 # seconds
 _HOP_HEADERS = {"proxy-authorization", "proxy-connection", "connection", "keep-alive"}
 
 
@@ -370,7 +370,7 @@ def _forwarded_head(forward, proxy: str) -> bytes:
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counters, name: str) -> None:
     """Copy until EOF.  After a small read, wait COALESCE before the next: a live source
     sends 1316-byte packets, and one wake-up per packet costs ten times the CPU per byte
-    of a bulk copy (bench/relay.py); 50 ms of delay is nothing to a live stream (a
+    of a bulk copy (bench/relay.py); 10 ms of delay is nothing to a live stream (a
     fast source fills the buffer meanwhile: its next read is large, and not delayed)."""
     with contextlib.suppress(ConnectionError, OSError):
         while True:
