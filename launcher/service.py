@@ -356,6 +356,7 @@ class Launcher:
             if handle is None:
                 await self.redis_call(runs.delete_run_if, channel_id, record.run_id)
                 files.delete_stream_files(self.settings.hls_dir, channel_id)
+                egress.delete_ticket(self.settings.state_dir, channel_id)
                 log.info("channel %s: cleared the record of pid %s at start-up (its FFmpeg is gone)",
                          channel_id, record.pid)
                 counts["cleared"] += 1

@@ -29,7 +29,7 @@ import uuid
 
 import redis
 
-from streamstate import files, keys, runs
+from streamstate import egress, files, keys, runs
 from streamstate.process import (ProcessHandle, StreamProcess, process_age, process_start_time,
                                  resolve_executable, stop_processes, stream_ffmpegs_under)
 
@@ -252,6 +252,7 @@ class Reaper:
             if "host " not in action.why:       # another host's files are not here
                 for path in stream_files.get(action.channel, ()):
                     _unlink(path)
+                egress.delete_ticket(self.settings.state_dir, action.channel)
             log.info("channel %s: cleared stale record (pid %s): %s", action.channel, action.pid,
                      action.why)
 
@@ -295,9 +296,11 @@ class Reaper:
         finally:
             for handle in handles:
                 handle.close()
-        # 4. Files, then the keys, only where they still belong to the run stopped.
+        # 4. Files (and the egress ticket), then the keys, only where they still belong to
+        # the run stopped.  Its provider slot is reclaimed once its record is gone.
         for action in actions:
             files.delete_stream_files(self.hls_dir, action.channel)
+            egress.delete_ticket(self.settings.state_dir, action.channel)
         for action, deleted in zip(actions, self._delete_keys(actions)):
             if deleted:
                 log.info("channel %s: stopped (pid %s, %s)", action.channel, action.pid, action.why)

@@ -245,3 +245,18 @@ def test_a_resolver_s_redirect_to_a_denied_address_is_refused(stack):
     status, _, body = first_request(stack.playlist_url(743))
     assert status == 503 and body == b"channel 743: upstream address not allowed\n"
     stack.redis.delete(keys.failed_key(743))
+
+
+def test_a_launcher_restart_leaves_a_proxied_stream_and_its_connection(stack, socks):
+    """The relay is its own service: the launcher's restart cuts no connection."""
+    add_channel(stack, 750, source_url=stack.upstream_url("restart750"),
+                proxy=f"socks5h://streamer:{PASSWORD}@127.0.0.1:{socks.port}")
+    assert first_request(stack.playlist_url(750))[0] == 200
+    pids, connections = ffmpegs_writing(stack, 750), len(socks.requests)
+    stack.restart_launcher()
+    wait_for(lambda: "channel 750: adopted pid" in stack.log("launcher"), 20, message="adoption")
+    playlist = os.path.join(stack.hls_dir, "stream_750.m3u8")
+    written = os.stat(playlist).st_mtime
+    wait_for(lambda: os.stat(playlist).st_mtime > written, 10, message="the playlist to move on")
+    assert ffmpegs_writing(stack, 750) == pids and len(socks.requests) == connections
+    stack.launcher_json("/channel/750/stop", "POST")
