@@ -1,14 +1,20 @@
 """``streamctl doctor``: checks of this host, each one line: ok, warn or FAIL, and why.
 
 So far: Redis answers, and Redis persists (AOF), since the channel catalogue lives only
-there.  (The shipping issue adds the rest of the old host's failures.)
+there; the egress relay answers; every configured proxy accepts connections.  (The
+shipping issue adds the rest of the old host's failures.)
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+from urllib.parse import urlsplit
 
 import click
 import redis
+
+from streamstate import egress
 
 from streamstate.cli_options import settings_options
 from streamstate.redact import redact_url
@@ -43,6 +49,36 @@ def check_redis(settings) -> list[tuple[str, str, str]]:
     return found
 
 
+PROXY_TIMEOUT = 3.0
+
+
+def check_upstreams(settings) -> list[tuple[str, str, str]]:
+    """The egress relay answers (no FFmpeg reaches anything without it), and each proxy
+    configured (upstream_proxy, each provider's) accepts a connection."""
+    found = []
+    counts = asyncio.run(egress.open_connections(settings.egress_listen, timeout=PROXY_TIMEOUT))
+    if counts is None:
+        found.append((FAIL, "egress relay", f"nothing answers on {settings.egress_listen}: every start "
+                      "fails with 'egress relay unavailable'; start stream-egress"))
+    else:
+        found.append((OK, "egress relay", f"answers on {settings.egress_listen} "
+                      f"({sum(counts.values())} upstream connection(s) open)"))
+    proxies = [("upstream_proxy", settings.upstream_proxy)] + [
+        (f"provider {name} proxy", provider.proxy) for name, provider in settings.providers.items()]
+    for label, proxy in proxies:
+        if not proxy:
+            continue
+        parts = urlsplit(proxy)
+        try:
+            socket.create_connection((parts.hostname, parts.port), timeout=PROXY_TIMEOUT).close()
+        except OSError as exc:
+            found.append((FAIL, label, f"{redact_url(proxy)} does not accept connections ({exc}): "
+                          "its channels answer 503 'upstream proxy unusable'"))
+        else:
+            found.append((OK, label, f"{redact_url(proxy)} accepts connections"))
+    return found
+
+
 @click.command("doctor")
 @settings_options
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as a JSON list.")
@@ -51,7 +87,8 @@ def doctor_command(settings_loader, as_json):
 
     Exit codes: 0 no check failed, 1 a check failed, 2 bad settings.
     """
-    checks = check_redis(settings_loader())
+    settings = settings_loader()
+    checks = check_redis(settings) + check_upstreams(settings)
     if as_json:
         click.echo(json.dumps([{"status": s, "check": c, "detail": d} for s, c, d in checks], indent=2))
     else:

@@ -260,3 +260,18 @@ def test_a_launcher_restart_leaves_a_proxied_stream_and_its_connection(stack, so
     wait_for(lambda: os.stat(playlist).st_mtime > written, 10, message="the playlist to move on")
     assert ffmpegs_writing(stack, 750) == pids and len(socks.requests) == connections
     stack.launcher_json("/channel/750/stop", "POST")
+
+
+def test_doctor_checks_the_relay_and_every_proxy(stack, tmp_path, socks):
+    config = tmp_path / "doctor.toml"
+    config.write_text(open(stack.config_path).read() + "\n[providers.acme]\n"
+                      f'proxy = "socks5h://streamer:{PASSWORD}@127.0.0.1:{closed_port()}"\n'
+                      "[providers.warp]\n"
+                      f'proxy = "socks5h://127.0.0.1:{socks.port}"\n')
+    result = subprocess.run([sys.executable, "-m", "streamctl", "doctor", "--config", str(config)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and PASSWORD not in result.stdout
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("ok") and "egress relay: answers on" in line for line in lines)
+    assert any(line.startswith("FAIL") and "provider acme proxy: socks5h://127.0.0.1:" in line for line in lines)
+    assert any(line.startswith("ok") and "provider warp proxy" in line for line in lines)
