@@ -116,31 +116,40 @@ class Broadcaster:
             await self.process.wait()
 
 
-async def live(request: web.Request) -> web.StreamResponse:
-    broadcaster: Broadcaster = request.app["broadcaster"]
-    request.app["requests"].append((request.path, dict(request.headers)))
+async def stream_broadcast(request: web.Request, broadcaster: Broadcaster,
+                           stall_after: float = float("inf")) -> web.StreamResponse:
+    """The live broadcast to one client: a burst from the last keyframe, then the live edge,
+    until it leaves (or, after ``stall_after`` seconds, silence with the connection open).
+    The connection closes when the stream ends."""
     await broadcaster.ensure_running()
     queue: asyncio.Queue = asyncio.Queue()
     for chunk in broadcaster.burst():
         queue.put_nowait(chunk)
     broadcaster.listeners.add(queue)
     response = web.StreamResponse(headers={"Content-Type": "video/mp2t"})
-    await response.prepare(request)
-    stall_at = time.monotonic() + float(request.match_info.get("seconds", "inf"))
+    response.force_close()
+    stall_at = time.monotonic() + stall_after
     try:
+        await response.prepare(request)
         while True:
             chunk = await queue.get()
-            if chunk is None:
+            if chunk is None:                      # stopped, or too slow a reader
                 break
             if time.monotonic() >= stall_at:       # /stall/<s>/...: silence, connection open
                 broadcaster.listeners.discard(queue)
                 await asyncio.sleep(3600)
             await response.write(chunk)
-    except (ConnectionResetError, asyncio.CancelledError):
+    except (OSError, asyncio.CancelledError):      # the client is gone
         pass
     finally:
         broadcaster.listeners.discard(queue)
     return response
+
+
+async def live(request: web.Request) -> web.StreamResponse:
+    request.app["requests"].append((request.path, dict(request.headers)))
+    return await stream_broadcast(request, request.app["broadcaster"],
+                                  float(request.match_info.get("seconds", "inf")))
 
 
 async def forbidden(request: web.Request) -> web.Response:

@@ -9,11 +9,9 @@ import logging
 import click
 
 from streamstate.cli_options import settings_options
-from streamstate.service import configure_logging, sd_notify, watchdog_interval
+from streamstate.service import configure_logging, notify_until_stopped, sd_notify
 
 log = logging.getLogger("streamkeeper.egress")
-
-STATUS_EVERY = 5.0          # seconds between STATUS= lines when systemd's watchdog is off
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,17 +60,9 @@ async def serve(settings) -> int:
              ", ".join(map(str, settings.upstream_allow)) or "nothing extra",
              ", ".join(map(str, settings.upstream_deny)) or "nothing")
     sd_notify("READY=1\nSTATUS=listening on " + settings.egress_listen)
-    ping_every = watchdog_interval()
-    while not stop.is_set():                             # WATCHDOG=1 and STATUS= on a cadence
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=ping_every or STATUS_EVERY)
-        except asyncio.TimeoutError:
-            pass
-        if ping_every is not None:
-            sd_notify("WATCHDOG=1")
-        sd_notify(f"STATUS={sum(relay.open.values())} upstream connection(s) of "
-                  f"{len(relay.open)} channel(s); refused {relay.counters['refused_address']} "
-                  f"address(es), {relay.counters['refused_proxy']} for the proxy")
+    await notify_until_stopped(stop, lambda: (
+        f"{sum(relay.open.values())} upstream connection(s) of {len(relay.open)} channel(s); refused "
+        f"{relay.counters['refused_address']} address(es), {relay.counters['refused_proxy']} for the proxy"))
     log.info("exiting: %d upstream connection(s) are cut", sum(relay.open.values()))
     sd_notify("STOPPING=1")
     server.close()

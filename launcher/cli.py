@@ -9,11 +9,9 @@ import logging
 import click
 
 from streamstate.cli_options import settings_options
-from streamstate.service import configure_logging, sd_notify, watchdog_interval
+from streamstate.service import configure_logging, notify_until_stopped, sd_notify
 
 log = logging.getLogger("streamkeeper.launcher")
-
-STATUS_EVERY = 5.0          # seconds between STATUS= lines when systemd's watchdog is off
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,15 +67,7 @@ async def serve(settings) -> int:
     log.info("listening on http://%s (hls_dir %s)", settings.launcher_listen, settings.hls_dir)
     sd_notify("READY=1\nSTATUS=listening on " + settings.launcher_listen)
     launcher = runner.app["launcher"]
-    ping_every = watchdog_interval()
-    while not stop.is_set():                             # WATCHDOG=1 and STATUS= on a cadence
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=ping_every or STATUS_EVERY)
-        except asyncio.TimeoutError:
-            pass
-        if ping_every is not None:
-            sd_notify("WATCHDOG=1")
-        sd_notify("STATUS=" + launcher.status_line())
+    await notify_until_stopped(stop, launcher.status_line)
     log.info("exiting: %d stream(s) keep running for the next launcher to adopt",
              len(launcher.live_supervisors()))
     sd_notify("STOPPING=1")

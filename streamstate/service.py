@@ -53,6 +53,24 @@ def watchdog_interval() -> float | None:
         return None
 
 
+STATUS_EVERY = 5.0          # seconds between STATUS= lines when systemd's watchdog is off
+
+
+async def notify_until_stopped(stop, status) -> None:
+    """An asyncio service's main loop after READY=1: WATCHDOG=1 (when systemd asks for it)
+    and STATUS=<status()> on a cadence, until ``stop`` (an asyncio.Event) is set."""
+    import asyncio
+    ping_every = watchdog_interval()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=ping_every or STATUS_EVERY)
+        except asyncio.TimeoutError:
+            pass
+        if ping_every is not None:
+            sd_notify("WATCHDOG=1")
+        sd_notify("STATUS=" + status())
+
+
 class StopSignals:
     """SIGTERM, SIGINT and SIGHUP only set a flag and wake the main loop, which does the
     work (a clean stop; SIGHUP too: reloading settings under a running service is not

@@ -51,7 +51,7 @@ from typing import Self
 
 from aiohttp import web
 
-from demo.upstream import Broadcaster
+from demo.upstream import Broadcaster, stream_broadcast
 
 PASSWORD = "pass"
 
@@ -114,7 +114,6 @@ class ProviderEmulator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop_event: asyncio.Event | None = None
-        self._encoder_lock: asyncio.Lock | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
@@ -212,7 +211,6 @@ class ProviderEmulator:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
-        self._encoder_lock = asyncio.Lock()      # Broadcaster.ensure_running awaits between check and spawn
         app = web.Application(middlewares=[self._record])
         app.router.add_get("/live/{user}/{password}/{name}.ts", self._live)
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
@@ -309,24 +307,4 @@ class ProviderEmulator:
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         """demo.upstream's live stream: a burst from the last keyframe, then the live edge."""
-        broadcaster = self._broadcaster
-        async with self._encoder_lock:            # two first clients at once: still one ffmpeg
-            await broadcaster.ensure_running()
-        queue: asyncio.Queue = asyncio.Queue()
-        for chunk in broadcaster.burst():
-            queue.put_nowait(chunk)
-        broadcaster.listeners.add(queue)
-        response = web.StreamResponse(headers={"Content-Type": "video/mp2t"})
-        response.force_close()                    # a stream's end closes its connection
-        try:
-            await response.prepare(request)
-            while True:
-                chunk = await queue.get()
-                if chunk is None:                 # stop(), or too slow a reader
-                    break
-                await response.write(chunk)
-        except OSError:
-            pass                                  # the client is gone (aiohttp's write errors are ConnectionResetError)
-        finally:
-            broadcaster.listeners.discard(queue)
-        return response
+        return await stream_broadcast(request, self._broadcaster)
