@@ -165,12 +165,10 @@ class LocalStack:
             self._start_redis()
             upstream = self._spawn("upstream", [sys.executable, "-m", "demo.upstream",
                                                 "--port", str(self.upstream_port)])
-            egress = self._spawn("egress", [sys.executable, "-m", "egress", "--config", self.config_path])
+            self.start_egress()
             launcher = self._spawn("launcher", [sys.executable, "-m", "launcher",
                                                 "--config", self.config_path])
             self._start_nginx()
-            wait_until(lambda: port_open(self.egress_port), 20, "the egress relay", egress,
-                       os.path.join(self.work, "egress.log"))
             wait_until(lambda: port_open(self.upstream_port), 20, "the upstream", upstream,
                        os.path.join(self.work, "upstream.log"))
             wait_until(lambda: port_open(self.launcher_port), 20, "the launcher", launcher,
@@ -214,11 +212,20 @@ class LocalStack:
                 self.launcher_json("/streams/stop", "POST")
             except OSError:
                 pass
-        order = ["heartbeatd", "nginx", "launcher", "egress", "upstream", "redis"]
-        for name in order:
-            process = self.processes.get(name)
-            if process is None or process.poll() is not None:
-                continue
+        for name in ["heartbeatd", "nginx", "launcher", "egress", "upstream", "redis"]:
+            if name in self.processes:
+                self.stop_process(name)
+
+    def start_egress(self) -> subprocess.Popen:
+        egress = self._spawn("egress", [sys.executable, "-m", "egress", "--config", self.config_path])
+        wait_until(lambda: port_open(self.egress_port), 20, "the egress relay", egress,
+                   os.path.join(self.work, "egress.log"))
+        return egress
+
+    def stop_process(self, name: str) -> None:
+        """One of the stack's processes, stopped by its pid (SIGTERM, then SIGKILL)."""
+        process = self.processes[name]
+        if process.poll() is None:
             process.send_signal(signal.SIGQUIT if name == "nginx" else signal.SIGTERM)
             try:
                 process.wait(timeout=20)

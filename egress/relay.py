@@ -78,6 +78,8 @@ class EgressRelay:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 asyncio.TimeoutError, OSError):
             pass
+        except asyncio.CancelledError:
+            pass        # the relay is exiting: the connection is cut below, quietly
         except Exception:  # noqa: BLE001 - one connection's bug never stops the relay
             log.exception("unexpected error on a relayed connection")
         finally:
@@ -96,7 +98,9 @@ class EgressRelay:
             return await self._status_route(writer, method, target)
         channel_id = self._authorised_channel(headers)
         if channel_id is None:
-            self.counters["unauthorised"] += 1
+            # FFmpeg's first request on each connection carries no credentials: it sends them
+            # after this challenge, so one per connection is normal.
+            self.counters["auth_challenges"] += 1
             return await _answer(writer, 407, "proxy authentication required",
                                  {"Proxy-Authenticate": 'Basic realm="streamkeeper-egress"'})
         if method == "CONNECT":

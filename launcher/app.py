@@ -217,6 +217,17 @@ def _registry(launcher: Launcher) -> CollectorRegistry:
     return registry
 
 
+async def adopt_at_start_up(launcher: Launcher) -> None:
+    """This host's running streams, watched again; called once the launcher listens (a
+    launcher that cannot listen exits without touching them)."""
+    try:
+        counts = await launcher.adopt_streams()
+        log.info("at start-up: adopted %d running stream(s), cleared %d stale record(s)",
+                 counts["adopted"], counts["cleared"])
+    except Exception as exc:  # noqa: BLE001 - Redis may be down; starts will say so
+        log.error("cannot look for this host's running streams at start-up: %s", exc)
+
+
 def make_app(settings) -> web.Application:
     app = web.Application()
     launcher = Launcher(settings)
@@ -234,12 +245,6 @@ def make_app(settings) -> web.Application:
     app.router.add_get("/api/streams/active", legacy_active)
 
     async def on_startup(app):
-        try:
-            counts = await launcher.adopt_streams()
-            log.info("at start-up: adopted %d running stream(s), cleared %d stale record(s)",
-                     counts["adopted"], counts["cleared"])
-        except Exception as exc:  # noqa: BLE001 - Redis may be down; starts will say so
-            log.error("cannot look for this host's running streams at start-up: %s", exc)
         app["host_refresh"] = asyncio.create_task(launcher.refresh_host_forever())
 
     async def on_shutdown(app):

@@ -45,7 +45,7 @@ async def serve(settings) -> int:
 
     from aiohttp import web
 
-    from .app import make_app
+    from .app import adopt_at_start_up, make_app
 
     os.makedirs(settings.hls_dir, exist_ok=True)
     stop = asyncio.Event()
@@ -65,8 +65,9 @@ async def serve(settings) -> int:
         await runner.cleanup()
         return 1
     log.info("listening on http://%s (hls_dir %s)", settings.launcher_listen, settings.hls_dir)
-    sd_notify("READY=1\nSTATUS=listening on " + settings.launcher_listen)
     launcher = runner.app["launcher"]
+    await adopt_at_start_up(launcher)            # listening first: a launcher that cannot, adopts nothing
+    sd_notify("READY=1\nSTATUS=listening on " + settings.launcher_listen)
     await notify_until_stopped(stop, launcher.status_line)
     log.info("exiting: %d stream(s) keep running for the next launcher to adopt",
              len(launcher.live_supervisors()))

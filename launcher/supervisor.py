@@ -31,6 +31,7 @@ log = logging.getLogger("streamkeeper.launcher")
 
 POLL_READY = 0.05            # seconds between playlist checks while starting
 WATCH_INTERVAL = 0.5         # seconds between health checks while running
+RELAY_WAIT = 1.0             # seconds between looks at a relay that is down, while a stream waits
 MAX_BACKOFF = 60.0           # seconds; the wait before a restart doubles from 1 s up to this
 STDERR_LINES = 40           # lines of FFmpeg's log read for the reason of a failure
 LOG_MARK = "--- streamkeeper: "   # the line the launcher writes before each FFmpeg start
@@ -105,8 +106,9 @@ class AdoptedProcess:
 # The egress relay's notes (streamstate.egress) as the class of failure a player sees.
 REFUSAL_CLASSES = {"address": "upstream address not allowed", "proxy": "upstream proxy unusable",
                    "unreachable": "upstream unreachable"}
+RELAY_DOWN = "egress relay unavailable"
 # Failures that say nothing about the source: another source would not do better.
-NOT_SOURCE_FAILURES = ("disk full", "upstream proxy unusable", "launcher error")
+NOT_SOURCE_FAILURES = ("disk full", "upstream proxy unusable", "launcher error", RELAY_DOWN)
 
 
 class StreamSupervisor:
@@ -249,6 +251,13 @@ class StreamSupervisor:
                 log.info("channel %s: FFmpeg ended and the stream is no longer wanted", self.id)
                 await self._clear("stopped")
                 return
+            if self.failure == RELAY_DOWN:
+                # A host problem, not the stream's: wait for the relay, spend no restart.
+                log.warning("channel %s: %s; starting FFmpeg again once it answers", self.id, self.last_error)
+                await self._set_state("backoff")
+                await asyncio.sleep(RELAY_WAIT)
+                await self._set_state("starting")
+                continue
             now = time.monotonic()
             while restarts_in_window and restarts_in_window[0] < now - float(self.settings.restart_window):
                 restarts_in_window.popleft()
@@ -270,6 +279,9 @@ class StreamSupervisor:
         if not self.failure:
             self._note_failure("FFmpeg did not produce a playable stream")
         log.error("channel %s: failed: %s", self.id, why or self.last_error or "unknown error")
+        if self.failure == RELAY_DOWN:           # the host's problem: the channel is not cooled down
+            await self._clear("failed")
+            return
         try:
             await self.launcher.redis_call(runs.mark_failed, self.id, self.failure,
                                            self.settings.host_id, float(self.settings.failed_cooldown))
@@ -284,6 +296,8 @@ class StreamSupervisor:
         deadline = time.monotonic() + float(self.settings.start_timeout)
         tried: list[str] = []
         while not self._stop_requested:
+            if not await self._relay_answers():
+                return False
             source = await self._next_source(tried)
             if source is None:
                 return False
@@ -296,13 +310,22 @@ class StreamSupervisor:
             if playable:
                 return True
             if (self.failure in NOT_SOURCE_FAILURES or len(self.channel.sources) == 1
-                    or self._stop_requested):
+                    or self._stop_requested or not await self._relay_answers()):
                 return False
             await self._source_failed(source)
             files.delete_stream_files(self.settings.hls_dir, self.id)
             await self._terminate()
             if time.monotonic() >= deadline:
                 return False
+        return False
+
+    async def _relay_answers(self) -> bool:
+        """Every connection goes through the egress relay: while it is down, nothing is the
+        source's fault (no failover, no cooldown) and a restart waits for it."""
+        if await egress.open_connections(self.settings.egress_listen, timeout=1.0) is not None:
+            return True
+        self.failure = RELAY_DOWN
+        self.last_error = f"{RELAY_DOWN}: nothing answers on {self.settings.egress_listen}"
         return False
 
     async def _next_source(self, tried: list[str]) -> str | None:

@@ -347,15 +347,30 @@ class Settings:
         return _shown(key, self.values[key])
 
 
+def _shown_provider_field(field: str, value: Any) -> Any:
+    from urllib.parse import urlsplit
+
+    from .redact import ELLIPSIS, redact_url
+    if field == "proxy":
+        return redact_url(value)
+    if field == "match":
+        parts = urlsplit(value)
+        return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}/{ELLIPSIS}"
+    if field == "headers":
+        return {name: ELLIPSIS for name in value}
+    return value
+
+
 def _shown(key: str, value: Any) -> Any:
     from .redact import redact_url
     if key == "upstream_proxy":
         return redact_url(value) if value else ""
     if key in ("upstream_allow", "upstream_deny"):
         return [str(network) for network in value]
-    if key == "providers":
-        return {name: {field: (redact_url(v) if field == "proxy" and v else v)
-                       for field, v in dataclasses.asdict(provider).items() if field != "name"}
+    if key == "providers":        # an account is in match's path, a token may be in a header
+        return {name: {field: _shown_provider_field(field, v)
+                       for field, v in dataclasses.asdict(provider).items()
+                       if field != "name" and v not in (None, {}, "")}
                 for name, provider in value.items()}
     return value
 

@@ -298,3 +298,14 @@ def test_launcher_with_redis_unreachable_answers_503(tmp_path):
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0
     assert "Traceback" not in output
+
+
+def test_a_launcher_that_cannot_listen_adopts_nothing(stack):
+    """A second launcher on a port in use exits 1 before it looks at the running streams."""
+    add_channel(stack, 116)
+    assert first_request(stack.playlist_url(116))[0] == 200
+    result = subprocess.run([sys.executable, "-m", "launcher", "--config", stack.config_path], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "cannot listen" in result.stderr
+    assert "adopted" not in result.stderr
+    stack.launcher_json("/channel/116/stop", "POST")

@@ -275,3 +275,31 @@ def test_doctor_checks_the_relay_and_every_proxy(stack, tmp_path, socks):
     assert any(line.startswith("ok") and "egress relay: answers on" in line for line in lines)
     assert any(line.startswith("FAIL") and "provider acme proxy: socks5h://127.0.0.1:" in line for line in lines)
     assert any(line.startswith("ok") and "provider warp proxy" in line for line in lines)
+
+
+def test_a_relay_outage_is_not_the_sources_fault(stack):
+    """The relay stopped under a running stream with fallbacks, and started again: no source
+    cools down, no restart is spent waiting, the channel is not failed; a start meanwhile
+    gets 503 'egress relay unavailable' and no cooldown; the relay exits quietly."""
+    sources = [stack.upstream_url("outage760"), stack.upstream_url("fallback760")]
+    add_channel(stack, 760, source_url=sources[0], fallback_urls=sources[1:])
+    add_channel(stack, 761)
+    assert first_request(stack.playlist_url(760))[0] == 200
+    stack.stop_process("egress")
+    try:
+        status, _, body = first_request(stack.playlist_url(761))
+        assert status == 503 and body == b"channel 761: egress relay unavailable\n"
+        assert not stack.redis.exists(keys.failed_key(761))
+        wait_for(lambda: "channel 760: egress relay unavailable" in stack.log("launcher"), 30,
+                 message="the launcher to wait for the relay")
+    finally:
+        stack.start_egress()
+    wait_for(lambda: ffmpegs_writing(stack, 760) and os.path.exists(os.path.join(stack.hls_dir, "stream_760.m3u8")),
+             30, message="channel 760 to play again")
+    assert first_request(stack.playlist_url(761))[0] == 200
+    assert not any(stack.redis.exists(keys.source_failed_key(url)) for url in sources)
+    assert not stack.redis.exists(keys.failed_key(760))
+    assert int(stack.redis.hget(keys.run_key(760), "restarts")) <= 1
+    assert "Traceback" not in stack.log("egress") and "Exception in callback" not in stack.log("egress")
+    stack.launcher_json("/channel/760/stop", "POST")
+    stack.launcher_json("/channel/761/stop", "POST")
