@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 
 import click
+import redis
 
-from streamstate.cli_options import settings_options
+from streamstate.cli_options import group_settings_options, settings_options
 from streamstate.settings import SPEC_BY_KEY
 
 from .channels import channels_group
@@ -13,7 +14,19 @@ from .doctor import doctor_command
 from .streams import logs_command, start_command, status_command, stop_command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class StreamctlGroup(click.Group):
+    """Expected failures are one line, never a traceback: Redis unreachable (exit 1)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except redis.RedisError as exc:
+            click.echo(f"error: redis unreachable: {exc}", err=True)
+            raise SystemExit(1) from None
+
+
+@click.group(cls=StreamctlGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@group_settings_options
 def main():
     """Operate streamkeeper: settings, channels, streams, diagnosis.
 

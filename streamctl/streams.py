@@ -184,11 +184,11 @@ def status_command(settings_loader, channel_id, as_json):
     if last_pass:
         age = time.time() - (runs.epoch_seconds(last_pass.get("time")) or 0)
         click.echo(f"reaper ({settings.host_id}): last pass {age:.0f} s ago, stopped {last_pass.get('stopped')}, "
-                   f"stale {last_pass.get('stale')}, {last_pass.get('passes')} passes", err=True)
+                   f"stale {last_pass.get('stale')}, {last_pass.get('passes')} passes")
     else:
-        click.echo(f"reaper ({settings.host_id}): no pass recorded", err=True)
+        click.echo(f"reaper ({settings.host_id}): no pass recorded")
     for member in listing["invalid_members"]:
         click.echo(f"invalid member {member} in {keys.ACTIVE_STREAMS_KEY}: not a channel id (skipped)")
     click.echo(f"{len(streams)} stream(s)" + (f", {len(listing['invalid_members'])} invalid "
                                               f"member(s) of {keys.ACTIVE_STREAMS_KEY}"
-                                              if listing["invalid_members"] else ""), err=True)
+                                              if listing["invalid_members"] else ""))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 
 import click
+from click.core import ParameterSource
 
 from .settings import Settings, SettingsError, load_settings
 
@@ -23,6 +24,15 @@ def settings_options(func):
                   help="Redis URL (overrides redis_url and $STREAMKEEPER_REDIS_URL).")
     @functools.wraps(func)
     def wrapper(*args, config_path=None, redis_url=None, **kwargs):
+        # Given on the group (`streamctl --config X status`): the same options, lower
+        # precedence than the subcommand's own.
+        context = click.get_current_context()
+        shared = context.find_root().obj or {}
+        if shared.get("config_path") and context.get_parameter_source("config_path") in (
+                ParameterSource.ENVIRONMENT, ParameterSource.DEFAULT, None):
+            config_path = shared["config_path"]        # a flag beats $STREAMKEEPER_CONFIG
+        redis_url = redis_url or shared.get("redis_url")
+
         def settings_loader(**overrides) -> Settings:
             overrides = {k: v for k, v in overrides.items() if v is not None}
             if redis_url:
@@ -33,4 +43,16 @@ def settings_options(func):
                 click.echo(f"error: {exc}", err=True)
                 raise SystemExit(EXIT_BAD_SETTINGS) from None
         return func(*args, settings_loader=settings_loader, **kwargs)
+    return wrapper
+
+
+def group_settings_options(group):
+    """The same --config and --redis-url on a click group, kept for its subcommands."""
+    @click.option("--config", "config_path", metavar="PATH",
+                  help="Settings file (TOML), for every subcommand (which may give its own).")
+    @click.option("--redis-url", metavar="URL", help="Redis URL, for every subcommand.")
+    @functools.wraps(group)
+    def wrapper(*args, config_path=None, redis_url=None, **kwargs):
+        click.get_current_context().obj = {"config_path": config_path, "redis_url": redis_url}
+        return group(*args, **kwargs)
     return wrapper

@@ -107,3 +107,30 @@ def test_a_non_loopback_launcher_listen_is_refused(redis_server):
     allowed = streamctl(redis_server, "config", env={"STREAMKEEPER_LAUNCHER_LISTEN": "0.0.0.0:5000",
                                                      "STREAMKEEPER_LAUNCHER_ALLOW_REMOTE": "true"})
     assert allowed.returncode == 0
+
+
+@pytest.mark.parametrize("args", [["channels", "list"], ["channels", "add", "5", "http://up.example/5.ts"],
+                                  ["channels", "rm", "5"], ["status"]])
+def test_redis_down_is_one_line_and_exit_1(args):
+    result = subprocess.run([sys.executable, "-m", "streamctl", "--redis-url", "redis://127.0.0.1:1/0", *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "STREAMKEEPER_CONFIG": os.devnull})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "unreachable" in result.stderr
+
+
+def test_shared_options_are_accepted_on_the_group_too(redis_server, redis_client, tmp_path):
+    """`streamctl --config X status`: the group's flag, for every subcommand; it beats the
+    environment, and a subcommand's own flag beats it."""
+    config = tmp_path / "sk.toml"
+    config.write_text(f'redis_url = "{redis_server.url}"\nhost_id = "from-file"\n')
+    run = lambda *args: subprocess.run([sys.executable, "-m", "streamctl", *args], cwd=REPO,  # noqa: E731
+                                       capture_output=True, text=True, timeout=60,
+                                       env={**os.environ, "STREAMKEEPER_CONFIG": "/nonexistent"})
+    shown = run("--config", str(config), "config", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["settings"]["host_id"]["value"] == "from-file"
+    status = run("--config", str(config), "status")
+    assert status.returncode == 0 and "0 stream(s)" in status.stdout     # the summary on stdout
+    own = run("--config", "/nonexistent", "config", "--config", str(config))
+    assert own.returncode == 0
