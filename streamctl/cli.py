@@ -11,6 +11,7 @@ from streamstate.settings import SPEC_BY_KEY
 
 from .channels import channels_group
 from .doctor import doctor_command
+from .install import install_command
 from .streams import logs_command, start_command, status_command, stop_command
 
 
@@ -42,6 +43,7 @@ main.add_command(stop_command)
 main.add_command(status_command)
 main.add_command(logs_command)
 main.add_command(doctor_command)
+main.add_command(install_command)
 
 
 @main.command("config")

@@ -77,3 +77,71 @@ def test_an_installed_wheel_renders_the_nginx_snippet(tmp_path):
     check = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", conf], capture_output=True,
                            text=True, timeout=30)
     assert check.returncode == 0, check.stderr
+
+
+MAX_EXPOSURE = 2.5
+
+
+@pytest.fixture(scope="module")
+def installed_venv(tmp_path_factory):
+    """The wheel installed into a fresh venv outside the checkout, as a host gets it (its
+    dependencies come from the test venv through a .pth file: no network needed)."""
+    base = tmp_path_factory.mktemp("wheel")
+    wheels, venv = base / "wheels", base / "venv"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            "--wheel-dir", str(wheels), REPO], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    [site] = list(venv.glob("lib/python3*/site-packages"))
+    import sysconfig
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    [wheel] = list(wheels.glob("streamkeeper-*.whl"))
+    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps",
+                              "--no-index", str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+    return venv
+
+
+@pytest.mark.parametrize("command", ["stream-launcher", "stream-egress", "stream-reaper", "heartbeatd",
+                                     "streamctl", "streamctl doctor", "streamctl install"])
+def test_every_command_of_the_installed_package_answers_help(installed_venv, command, tmp_path):
+    program, *sub = command.split()
+    result = subprocess.run([str(installed_venv / "bin" / program), *sub, "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "Usage:" in result.stdout, result.stderr
+
+
+def test_install_puts_everything_under_the_prefix_and_the_units_pass_systemd(installed_venv, tmp_path):
+    """`streamctl install --prefix`: units rendered with the settings' paths, each verified by
+    systemd-analyze and at most 2.5 in `systemd-analyze security`; an example settings file
+    with every key; the nginx conf.d file nginx accepts; the logrotate file."""
+    prefix, config = tmp_path / "root", tmp_path / "streamkeeper.toml"
+    config.write_text('hls_dir = "/srv/hls"\nstate_dir = "/var/lib/sk"\nlog_dir = "/var/log/sk"\n')
+    result = subprocess.run([str(installed_venv / "bin" / "streamctl"), "install", "--prefix", str(prefix),
+                             "--config", str(config)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    written = [line.split(" ", 2)[2] for line in result.stdout.splitlines() if line.startswith("did ")]
+    assert written and all(path.startswith(str(prefix)) for path in written)
+    assert "systemctl enable --now streamkeeper.target" in result.stdout
+    units = prefix / "etc" / "systemd" / "system"
+    launcher = (units / "streamkeeper-launcher.service").read_text()
+    assert "ReadWritePaths=/srv/hls /var/lib/sk /var/log/sk" in launcher and "KillMode=process" in launcher
+    assert f"ExecStart={installed_venv}/bin/stream-launcher --config {config}" in launcher
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is not installed (make test installs systemd)"
+    names = sorted(p.name for p in units.iterdir())
+    verify = subprocess.run([analyze, "verify", *names], cwd=units, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"})
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    for name in names:
+        if not name.endswith(".service"):
+            continue
+        security = subprocess.run([analyze, "security", "--offline=yes", name], cwd=units,
+                                  capture_output=True, text=True, timeout=120)
+        print(security.stdout.splitlines()[-1])               # shown in the CI log
+        exposure = float(security.stdout.split("Overall exposure level for")[1].split(":")[1].split()[0])
+        assert exposure <= MAX_EXPOSURE, (name, security.stdout[-3000:])
+    example = (prefix / str(config).lstrip("/")).read_text()
+    from streamstate.settings import SPECS
+    assert all(f"# {spec.key} = " in example for spec in SPECS if spec.key not in ("providers", "quality_profiles"))
+    assert "create" in (prefix / "etc" / "logrotate.d" / "streamkeeper").read_text()
