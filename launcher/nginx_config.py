@@ -74,10 +74,48 @@ def render_nginx_config(settings) -> str:
         playlist_headers=PLAYLIST_HEADERS,
         start_rate_burst=START_RATE_BURST,
         **start_rate_limit(int(settings.start_rate_limit)),
+        **viewer_auth(settings),
     ))
 
 
 START_RATE_BURST = 10     # cold starts an address may make at once (a household zapping)
+
+
+AUTH_LOCATION = "/_streamkeeper/auth"
+TOKEN_HEADER = "X-Streamkeeper-Token"
+CHANNEL_HEADER = "X-Streamkeeper-Channel"
+
+
+def viewer_auth(settings) -> dict:
+    """auth_request on playlists (and so on cold starts) when auth_url is set; nothing else."""
+    if not settings.auth_url:
+        return {"auth_zone": (), "auth_check": (), "auth_location": ()}
+    seconds = int(settings.auth_cache_seconds)
+    cache = (f"proxy_cache streamkeeper_auth;",
+             'proxy_cache_key "$streamkeeper_token $streamkeeper_channel";',
+             f"proxy_cache_valid 200 401 403 {seconds}s;",
+             "proxy_ignore_headers Cache-Control Expires Set-Cookie Vary;") if seconds else ()
+    return {
+        "auth_zone": (f"proxy_cache_path {settings.auth_cache_dir} levels=1 keys_zone=streamkeeper_auth:1m "
+                      "max_size=16m inactive=60s use_temp_path=off;",) if seconds else (),
+        "auth_check": ("set $streamkeeper_token $arg_token;",     # the subrequest sees it
+                       f"auth_request {AUTH_LOCATION};"),
+        "auth_location": (
+            f"location = {AUTH_LOCATION} {{",
+            "    internal;",
+            f"    proxy_pass {settings.auth_url};",
+            "    proxy_pass_request_body off;",
+            "    proxy_pass_request_headers off;",
+            '    proxy_set_header Content-Length "";',
+            f"    proxy_set_header {TOKEN_HEADER} $streamkeeper_token;",
+            f"    proxy_set_header {CHANNEL_HEADER} $streamkeeper_channel;",
+            "    proxy_set_header X-Forwarded-For $remote_addr;",
+            "    proxy_set_header X-Original-URI $request_uri;",
+            "    proxy_connect_timeout 3s;",
+            "    proxy_read_timeout 5s;",
+            *("    " + line for line in cache),
+            "}"),
+    }
 
 
 def start_rate_limit(per_minute: int) -> dict:

@@ -113,6 +113,16 @@ def _parse_proxy(value: Any) -> str:
         raise ValueError(str(exc).replace("channel upstream_proxy: proxy", "expected a proxy URL:")) from None
 
 
+def _parse_auth_url(value: Any) -> str:
+    """The operator's token validator nginx asks (auth_request): an http(s) URL, '' for none."""
+    text = _parse_str(value).strip()
+    if text in ("", "none", "off"):
+        return ""
+    if (not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~!$&'()*+,;=:@%/\-]*)?", text)):
+        raise ValueError(f"expected an http:// or https:// URL (no query, no spaces), got {text[:80]!r}")
+    return text
+
+
 def _parse_loopback_host_port(value: Any) -> str:
     text = _parse_host_port(value)
     host = text.rpartition(":")[0].strip("[]")
@@ -290,6 +300,13 @@ SPECS: tuple[SettingSpec, ...] = (
                 "[providers.<name>]: match (URL prefix), max_streams (connections the account "
                 "allows, 0: no limit), and defaults for user_agent, referer, headers, proxy, "
                 "resolver, tls_verify"),
+    SettingSpec("auth_url", lambda: "", _parse_auth_url,
+                "the operator's viewer validator: nginx asks it (auth_request, with the token and the "
+                "channel) before a playlist or a cold start; '' lets everyone in"),
+    SettingSpec("auth_cache_seconds", lambda: 10, _parse_count,
+                "seconds nginx keeps the validator's answer per token and channel (0: ask every time)"),
+    SettingSpec("auth_cache_dir", lambda: "/var/cache/nginx/streamkeeper-auth", _parse_abs_path,
+                "where nginx keeps those answers (it creates the directory)"),
     SettingSpec("source_cooldown", lambda: 60.0, lambda v: _parse_number(v, minimum=0),
                 "seconds a source that failed is skipped while a channel has other sources"),
     SettingSpec("user_agent", lambda: DEFAULT_USER_AGENT, _parse_header_text,

@@ -92,13 +92,19 @@ def installed_venv(tmp_path_factory):
                             "--wheel-dir", str(wheels), REPO], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    [site] = list(venv.glob("lib/python3*/site-packages"))
-    import sysconfig
-    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     [wheel] = list(wheels.glob("streamkeeper-*.whl"))
     install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps",
                               "--no-index", str(wheel)], capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr[-3000:]
+    # Only now (pip must not see, nor uninstall, the checkout's editable install): the
+    # dependencies' directory, as a plain path (its .pth files, the editable one among
+    # them, are not run), after the venv's own site-packages.
+    import sysconfig
+    [site] = list(venv.glob("lib/python3*/site-packages"))
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import streamctl; print(streamctl.__file__)"],
+                           cwd=base, capture_output=True, text=True, timeout=60)
+    assert where.stdout.startswith(str(venv)), where.stdout + where.stderr
     return venv
 
 
