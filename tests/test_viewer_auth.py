@@ -1,0 +1,81 @@
+"""Viewers who are not allowed (issue: shipping): with auth_url set, nginx asks the operator's
+validator (auth_request) about every playlist request before serving the file or starting
+the channel; an unauthorised viewer gets 401/403 and starts nothing; answers are cached."""
+import http.server
+import threading
+
+import pytest
+
+from streamstate import keys
+from tests.helpers import add_channel, ffmpegs_writing, first_request
+
+GOOD = "t0k3n-good"
+
+
+class Validator:
+    """The operator's validator on loopback: token GOOD may watch the channels in
+    ``allowed``; no token 401, any other 403.  Every call is recorded."""
+
+    def __init__(self, allowed: set[str]):
+        calls = self.calls = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                token = self.headers.get("X-Streamkeeper-Token", "")
+                channel = self.headers.get("X-Streamkeeper-Channel", "")
+                calls.append((token, channel, self.headers.get("X-Original-URI", "")))
+                status = 401 if not token else 200 if token == GOOD and channel in allowed else 403
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/validate"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def guarded(stack, rendered_nginx, tmp_path):
+    validator = Validator({"770", "771"})
+    nginx = rendered_nginx({"launcher_listen": stack.settings["launcher_listen"], "hls_dir": stack.hls_dir,
+                            "start_rate_limit": 0, "auth_url": validator.url,
+                            "auth_cache_dir": str(tmp_path / "auth-cache")})
+    yield nginx, validator
+    validator.close()
+
+
+def playlist(nginx, channel, query=""):
+    return f"http://127.0.0.1:{nginx.port}/live/stream_{channel}.m3u8{query}"
+
+
+def test_a_viewer_without_a_valid_token_gets_401_or_403_and_starts_nothing(stack, guarded):
+    nginx, validator = guarded
+    for channel in (770, 772):
+        add_channel(stack, channel)
+    status, headers, _ = first_request(playlist(nginx, 770))
+    assert status == 401 and headers.get("Access-Control-Allow-Origin") == "*"
+    assert first_request(playlist(nginx, 770, "?token=stolen"))[0] == 403
+    assert first_request(playlist(nginx, 772, f"?token={GOOD}"))[0] == 403     # not this channel
+    assert not ffmpegs_writing(stack, 770) and not ffmpegs_writing(stack, 772)
+    assert not stack.redis.exists(keys.run_key(770)) and not stack.redis.exists(keys.run_key(772))
+    assert ("stolen", "770", "/live/stream_770.m3u8?token=stolen") in validator.calls
+
+
+def test_a_valid_viewer_cold_starts_the_channel_and_the_answer_is_cached(stack, guarded):
+    nginx, validator = guarded
+    add_channel(stack, 771)
+    status, headers, body = first_request(playlist(nginx, 771, f"?token={GOOD}"))
+    assert status == 200 and body.startswith(b"#EXTM3U")
+    asked = len(validator.calls)
+    for _ in range(5):                                 # the player's next playlist requests
+        assert first_request(playlist(nginx, 771, f"?token={GOOD}"))[0] == 200
+    assert len(validator.calls) == asked                # within auth_cache_seconds: not asked again
+    assert first_request(playlist(nginx, 771, "?token=other"))[0] == 403    # cached per token
+    stack.launcher_json("/channel/771/stop", "POST")
