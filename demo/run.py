@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sys
@@ -33,9 +34,12 @@ def main() -> int:
         signal.signal(signum, lambda *_: stop.set())
 
     work = tempfile.mkdtemp(prefix="streamkeeper-demo-")
-    stack = LocalStack(work, {"hls_time": 2, "hls_init_time": 1, "idle_timeout": 60,
-                              "viewer_window": 15}, heartbeatd=True, nginx_port=args.port)
-    print(f"starting redis-server, the live upstream, stream-launcher, nginx and heartbeatd in {work} ...")
+    # The product's promise, visible: a channel nobody watches stops 60 s after its last
+    # request (the reaper looks every 10 s).
+    stack = LocalStack(work, {"hls_time": 2, "hls_init_time": 1, "idle_timeout": 60, "reaper_interval": 10,
+                              "viewer_window": 15}, heartbeatd=True, reaper=True, nginx_port=args.port)
+    print(f"starting redis-server, the live upstream, stream-egress, stream-launcher, nginx, heartbeatd "
+          f"and stream-reaper in {work} ...")
     try:
         stack.start()
         client = redis.Redis(port=stack.redis_port, decode_responses=True)
@@ -48,6 +52,8 @@ def main() -> int:
         for channel_id in DEMO_CHANNELS:
             print(f"    {stack.playlist_url(channel_id, '?token=demo')}")
         print(f"\nlauncher: {stack.launcher_url('/streams')}    settings: {stack.config_path}")
+        streamctl = os.path.join(os.path.dirname(sys.executable), "streamctl")
+        print(f"point streamctl at this demo:  {streamctl} --config {stack.config_path} status")
         print("the first request starts the channel; the status below follows the viewers. Ctrl-C stops.\n")
         deadline = time.monotonic() + args.seconds if args.seconds else None
         while not stop.wait(2.0):

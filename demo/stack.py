@@ -93,7 +93,7 @@ http {{
 
 class LocalStack:
     def __init__(self, work_dir: str, settings: dict | None = None, *, heartbeatd: bool = False,
-                 nginx_port: int | None = None):
+                 reaper: bool = False, nginx_port: int | None = None):
         self.work = os.path.abspath(work_dir)
         os.makedirs(self.work, exist_ok=True)
         self.hls_dir = os.path.join(self.work, "hls")
@@ -104,6 +104,7 @@ class LocalStack:
         self.egress_port = free_port()
         self.nginx_port = free_port(nginx_port)
         self.with_heartbeatd = heartbeatd
+        self.with_reaper = reaper
         self.processes: dict[str, subprocess.Popen] = {}
         self.settings = {
             "redis_url": f"redis://127.0.0.1:{self.redis_port}/0",
@@ -177,6 +178,8 @@ class LocalStack:
                 open(self.settings["access_log"], "a").close()
                 self._spawn("heartbeatd", [sys.executable, "-m", "heartbeatd",
                                            "--config", self.config_path])
+            if self.with_reaper:
+                self._spawn("reaper", [sys.executable, "-m", "reaper", "--config", self.config_path])
         except BaseException:
             self.stop()
             raise
@@ -212,7 +215,7 @@ class LocalStack:
                 self.launcher_json("/streams/stop", "POST")
             except OSError:
                 pass
-        for name in ["heartbeatd", "nginx", "launcher", "egress", "upstream", "redis"]:
+        for name in ["reaper", "heartbeatd", "nginx", "launcher", "egress", "upstream", "redis"]:
             if name in self.processes:
                 self.stop_process(name)
 

@@ -30,5 +30,7 @@ def test_demo_serves_a_channel_and_stops_cleanly():
     output, _ = process.communicate(timeout=90)
     assert process.returncode == 0
     assert "ch 1: running" in output and "nothing left running" in output
+    assert re.search(r"point streamctl at this demo:  \S+streamctl --config \S+ status", output)
+    assert "stream-reaper" in "".join(lines)              # the demo shows idle channels being stopped
     workdir = re.search(r"in (/\S+streamkeeper-demo-\S+) \.\.\.", "".join(lines)).group(1)
     assert not os.path.exists(workdir)
