@@ -27,7 +27,8 @@ def test_demo_serves_a_channel_and_stops_cleanly():
     probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_type", "-of", "csv=p=0", url],
                            capture_output=True, text=True, timeout=60)
     assert sorted(set(probe.stdout.split())) == ["audio", "video"], probe.stderr
-    output, _ = process.communicate(timeout=90)
+    output = process.stdout.read()          # what readline buffered too (communicate would skip it)
+    process.wait(timeout=90)
     assert process.returncode == 0
     assert "ch 1: running" in output and "nothing left running" in output
     assert re.search(r"point streamctl at this demo:  \S+streamctl --config \S+ status", output)
