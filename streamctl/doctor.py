@@ -1,97 +1,459 @@
-"""``streamctl doctor``: checks of this host, each one line: ok, warn or FAIL, and why.
-
-So far: Redis answers, and Redis persists (AOF), since the channel catalogue lives only
-there; the egress relay answers; every configured proxy accepts connections.  (The
-shipping issue adds the rest of the old host's failures.)
+"""``streamctl doctor``: checks of this host, each one line: ok, warn or FAIL, the problem and
+the fix.  It finds by itself every failure the old host was diagnosed with by hand: the
+wrong port in nginx's fallback, a start endpoint that did not exist, ``access_log off``
+where streams are served, no scheduler for the cleanup, last_access never bumped, stale
+Redis keys, an empty playlist served, an upstream refusing direct connections, a SOCKS
+proxy FFmpeg ignored.  Every check has a deadline: doctor never hangs.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import os
+import re
 import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from urllib.parse import urlsplit
 
 import click
 import redis
 
-from streamstate import egress
-
+from streamstate import egress, files, keys, runs
+from streamstate.channels import ChannelError, get_channel
 from streamstate.cli_options import settings_options
+from streamstate.process import StreamProcess, resolve_executable
 from streamstate.redact import redact_url
 from streamstate.redis_client import redis_from_url
 
+from . import nginx_conf
+
 OK, WARN, FAIL = "ok", "warn", "FAIL"
+TIMEOUT = 3.0                    # seconds any one probe may take
+REDIS_SLOW_MS = 50               # a PING slower than this is worth a warning
+NEEDED_PROTOCOLS = ("http", "https", "tcp", "tls", "crypto", "httpproxy")
 
 
-def check_redis(settings) -> list[tuple[str, str, str]]:
-    """(status, check, detail) for Redis: reachable, and persisting the catalogue."""
-    client = redis_from_url(settings.redis_url)
+@dataclasses.dataclass
+class Check:
+    status: str
+    check: str
+    detail: str
+
+
+# -- Redis -------------------------------------------------------------------------------
+
+def check_redis(settings) -> list[Check]:
+    """Reachable and fast, within seconds; persisting the catalogue (AOF or snapshots)."""
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=TIMEOUT, socket_timeout=TIMEOUT)
     where = redact_url(settings.redis_url)
+    started = time.monotonic()
     try:
         client.ping()
     except redis.RedisError as exc:
-        return [(FAIL, "redis", f"{where} does not answer: {exc}")]
-    found = [(OK, "redis", f"{where} answers")]
+        return [Check(FAIL, "redis", f"{where} does not answer ({exc}); start redis-server or fix redis_url")]
+    took = (time.monotonic() - started) * 1000
+    found = [Check(OK if took < REDIS_SLOW_MS else WARN, "redis", f"{where} answers in {took:.1f} ms")]
     try:
         appendonly = client.config_get("appendonly").get("appendonly")
         save = client.config_get("save").get("save")
     except redis.RedisError as exc:                  # CONFIG renamed or refused: cannot tell
-        return found + [(WARN, "redis persistence", f"cannot read Redis's config ({exc}); make sure "
-                         "appendonly is yes: the channel catalogue lives only in Redis")]
+        return found + [Check(WARN, "redis persistence", f"cannot read Redis's config ({exc}); make sure "
+                              "appendonly is yes: the channel catalogue lives only in Redis")]
     if appendonly == "yes":
-        found.append((OK, "redis persistence", "appendonly yes (AOF)"))
+        found.append(Check(OK, "redis persistence", "appendonly yes (AOF)"))
     elif save:
-        found.append((WARN, "redis persistence", f"snapshots only (save {save!r}): channels added "
-                      "since the last snapshot are lost with a restart; set appendonly yes"))
+        found.append(Check(WARN, "redis persistence", f"snapshots only (save {save!r}): channels added "
+                           "since the last snapshot are lost with a restart; set appendonly yes"))
     else:
-        found.append((FAIL, "redis persistence", "no AOF and no snapshots: a Redis restart loses "
-                      "every channel record (running streams survive it); set appendonly yes"))
+        found.append(Check(FAIL, "redis persistence", "no AOF and no snapshots: a Redis restart loses "
+                           "every channel record (running streams survive it); set appendonly yes"))
     return found
 
 
-PROXY_TIMEOUT = 3.0
+# -- nginx -------------------------------------------------------------------------------
 
-
-def check_upstreams(settings) -> list[tuple[str, str, str]]:
-    """The egress relay answers (no FFmpeg reaches anything without it), and each proxy
-    configured (upstream_proxy, each provider's) accepts a connection."""
+def check_nginx(settings, conf_file: str | None) -> list[Check]:
+    """The /live/ location logs to the file heartbeatd follows, in a format it parses; a
+    missing playlist falls back to the address the launcher listens on."""
+    from heartbeatd.logformat import LogFormatError, LogLineParser, normalise_format
+    try:
+        text, source = nginx_conf.effective_config(conf_file)
+        root = nginx_conf.parse(text)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        return [Check(FAIL, "nginx config", f"cannot read it ({exc}); give --nginx-conf FILE")]
+    live = nginx_conf.live_locations(root)
+    if not live:
+        return [Check(FAIL, "nginx config", f"no location serves /live/ in {source}: include the snippet "
+                      "`streamctl nginx-config` renders")]
     found = []
-    counts = asyncio.run(egress.open_connections(settings.egress_listen, timeout=PROXY_TIMEOUT))
-    if counts is None:
-        found.append((FAIL, "egress relay", f"nothing answers on {settings.egress_listen}: every start "
-                      "fails with 'egress relay unavailable'; start stream-egress"))
+    formats = nginx_conf.log_formats(root)
+    expected = LogLineParser(settings.log_format).format
+    logs = list({tuple(d.args): d for location in live for d in location.inherited("access_log")}.values())
+    if not logs or any(d.args and d.args[0] == "off" for d in logs):
+        found.append(Check(FAIL, "nginx access log", "access_log off (or none) where /live/ is served: "
+                           "heartbeatd sees no viewer and the reaper stops watched streams; render the "
+                           "snippet again (`streamctl nginx-config`)"))
     else:
-        found.append((OK, "egress relay", f"answers on {settings.egress_listen} "
-                      f"({sum(counts.values())} upstream connection(s) open)"))
+        for directive in logs:
+            path, name = directive.args[0], (directive.args[1] if len(directive.args) > 1 else "combined")
+            if path != settings.access_log:
+                found.append(Check(FAIL, "nginx access log", f"/live/ logs to {path}, heartbeatd follows "
+                                   f"{settings.access_log}: set access_log (the setting) or the snippet to one file"))
+                continue
+            fmt = formats.get(name)
+            try:
+                parses = fmt is not None and normalise_format(fmt) == expected and LogLineParser(fmt)
+            except LogFormatError:
+                parses = False
+            if not parses:
+                found.append(Check(FAIL, "nginx access log", f"/live/ logs in format {name!r}, not the one "
+                                   f"heartbeatd parses (log_format setting {settings.log_format!r}): render "
+                                   "the snippet again"))
+            else:
+                found.append(Check(OK, "nginx access log", f"/live/ logs to {path} in format {name!r}, "
+                                   "which heartbeatd parses"))
+    targets = nginx_conf.fallback_targets(root)
+    listen = settings.launcher_listen
+    if not targets:
+        found.append(Check(FAIL, "nginx fallback", "no fallback for a missing playlist (error_page 404 = "
+                           "@start_stream): a cold channel is a 404; render the snippet again"))
+    for name, address in targets:
+        if _same_address(address, listen):
+            found.append(Check(OK, "nginx fallback", f"{name} proxies to {address}, where the launcher listens"))
+        else:
+            found.append(Check(FAIL, "nginx fallback", f"{name} proxies to {address} but the launcher listens "
+                               f"on {listen} (launcher_listen): render the snippet again and reload nginx"))
+    return found
+
+
+def _same_address(a: str, b: str) -> bool:
+    def split(text):
+        host, _, port = text.rpartition(":")
+        host = host.strip("[]")
+        return ("127.0.0.1" if host == "localhost" else host), port or "80"
+    return split(a) == split(b)
+
+
+# -- the services ------------------------------------------------------------------------
+
+def check_launcher(settings) -> list[Check]:
+    """It answers on launcher_listen, and its start route exists there."""
+    base = f"http://{settings.launcher_listen}"
+    try:
+        status, body = _get(f"{base}/healthz")
+    except OSError as exc:
+        return [Check(FAIL, "launcher", f"nothing answers on {settings.launcher_listen} ({exc}): start "
+                      "stream-launcher (systemctl start streamkeeper-launcher)")]
+    found = [Check(OK if status == 200 else FAIL, "launcher",
+                   f"answers on {settings.launcher_listen}" + ("" if status == 200 else
+                                                               f" but is unhealthy ({status}: {body[:120]})"))]
+    try:
+        status, body = _get(f"{base}/channel/x/start")     # an invalid id: 400 from the route itself
+    except OSError as exc:
+        status, body = 0, str(exc)
+    if status == 400 and "invalid channel id" in body:
+        found.append(Check(OK, "launcher start route", f"{base}/channel/<id>/start exists"))
+    else:
+        found.append(Check(FAIL, "launcher start route", f"{base}/channel/<id>/start answered {status}: "
+                           "whatever listens there is not this launcher"))
+    counts = asyncio.run(egress.open_connections(settings.egress_listen, timeout=TIMEOUT))
+    if counts is None:
+        found.append(Check(FAIL, "egress relay", f"nothing answers on {settings.egress_listen}: every start "
+                           "fails with 'egress relay unavailable'; start stream-egress"))
+    else:
+        found.append(Check(OK, "egress relay", f"answers on {settings.egress_listen} "
+                           f"({sum(counts.values())} upstream connection(s) open)"))
+    return found
+
+
+def check_heartbeatd(settings) -> list[Check]:
+    """Running (a process of that name), and how far behind the access log it is."""
+    from heartbeatd.checkpoint import checkpoint_path, load_checkpoint
+    running = [pid for pid, argv in _processes() if any(os.path.basename(a) == "heartbeatd" or a == "heartbeatd"
+                                                        for a in argv[:3])]
+    if not running:
+        return [Check(FAIL, "heartbeatd", "not running: last_access is never bumped and the reaper stops "
+                      "watched streams; start it (systemctl start streamkeeper-heartbeatd)")]
+    position = load_checkpoint(checkpoint_path(settings.state_dir, settings.access_log), settings.access_log)
+    try:
+        size = os.stat(settings.access_log).st_size
+    except OSError:
+        size = None
+    if position is None or size is None:
+        return [Check(OK, "heartbeatd", f"running (pid {running[0]}); no checkpoint yet")]
+    lag = max(0, size - position.offset)
+    return [Check(OK if lag < 1 << 20 else WARN, "heartbeatd",
+                  f"running (pid {running[0]}), {lag} bytes of {settings.access_log} behind")]
+
+
+def check_reaper(client, settings) -> list[Check]:
+    """It passed within 2 x reaper_interval (the cleanup has a scheduler)."""
+    data = {runs.text(k): runs.text(v) for k, v in client.hgetall(keys.reaper_last_pass_key(settings.host_id)).items()}
+    last = runs.epoch_seconds(data.get("time"))
+    interval = float(settings.reaper_interval)
+    if last is None:
+        return [Check(FAIL, "reaper", f"no pass recorded for host {settings.host_id}: idle streams are never "
+                      "stopped; start stream-reaper (systemctl start streamkeeper-reaper)")]
+    age = time.time() - last
+    if age > 2 * interval:
+        return [Check(FAIL, "reaper", f"last pass {age:.0f} s ago (reaper_interval {interval:g} s): is "
+                      "stream-reaper running?")]
+    return [Check(OK, "reaper", f"last pass {age:.0f} s ago")]
+
+
+# -- streams -------------------------------------------------------------------------------
+
+def check_streams(client, settings) -> list[Check]:
+    """Records of this host whose process is gone or not their FFmpeg; empty or stale
+    playlists in hls_dir; free space."""
+    found = []
+    ffmpeg = resolve_executable(settings.ffmpeg)
+    channels = runs.active_channels(client)
+    for channel, (record, pid, _started, _last) in zip(channels, runs.read_batch(client, channels)):
+        if record is not None and record.host and record.host != settings.host_id:
+            continue
+        pid_value = record.pid if record is not None else int(pid) if (pid or "").isdigit() else 0
+        identity = StreamProcess(ffmpeg, files.playlist_path(settings.hls_dir, channel),
+                                 record.pid_start if record else None)
+        if not pid_value or not identity.proven_by(pid_value):
+            found.append(Check(FAIL, f"channel {channel}", f"stale record: pid {pid_value or '?'} is gone or "
+                               "not this channel's FFmpeg; `streamctl reap` clears it"))
+    stale_after = max(3 * float(settings.hls_time), 6.0)
+    now = time.time()
+    try:
+        names = sorted(os.listdir(settings.hls_dir))
+    except OSError as exc:
+        return found + [Check(FAIL, "hls_dir", f"{settings.hls_dir}: {exc}")]
+    for name in names:
+        match = re.fullmatch(r"stream_(%s)\.m3u8" % keys.CHANNEL_ID_PATTERN, name)
+        if not match:
+            continue
+        path = os.path.join(settings.hls_dir, name)
+        media = files.playlist_media(path)
+        try:
+            age = now - os.stat(path).st_mtime
+        except FileNotFoundError:
+            continue
+        if media is not None and not media[1]:
+            found.append(Check(FAIL, f"channel {match.group(1)}", f"{name} lists no segment: nginx serves an "
+                               "empty playlist; stop the channel (`streamctl stop ID`)"))
+        elif age > stale_after:
+            found.append(Check(FAIL, f"channel {match.group(1)}", f"{name} not updated for {age:.0f} s: players "
+                               "see a frozen stream; `streamctl reap` or stop the channel"))
+    free = files.free_mb(settings.hls_dir)
+    if free is not None:
+        minimum = int(settings.min_free_mb)
+        found.append(Check(OK if free >= minimum else FAIL, "hls_dir space",
+                           f"{free} MB free in {settings.hls_dir}" + ("" if free >= minimum else
+                                                                      f", under min_free_mb {minimum}: starts are refused")))
+    if not [c for c in found if c.check.startswith("channel ")]:
+        found.append(Check(OK, "streams", f"{len(channels)} record(s), none stale; no empty or stale playlist"))
+    return found
+
+
+def check_ffmpeg(settings) -> list[Check]:
+    binary = resolve_executable(settings.ffmpeg)
+    if binary is None:
+        return [Check(FAIL, "ffmpeg", f"{settings.ffmpeg} not found: apt-get install ffmpeg, or set ffmpeg")]
+    try:
+        version = subprocess.run([binary, "-version"], capture_output=True, text=True, timeout=10).stdout
+        protocols = subprocess.run([binary, "-hide_banner", "-protocols"], capture_output=True, text=True,
+                                   timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [Check(FAIL, "ffmpeg", f"{binary} does not run: {exc}")]
+    inputs = protocols.split("Output:")[0].split()
+    missing = [p for p in NEEDED_PROTOCOLS if p not in inputs]
+    first = version.splitlines()[0] if version else binary
+    if missing:
+        return [Check(FAIL, "ffmpeg", f"{first}: lacks the protocols {', '.join(missing)} (https and HLS sources need them)")]
+    return [Check(OK, "ffmpeg", f"{first}; protocols {', '.join(NEEDED_PROTOCOLS)}")]
+
+
+def check_proxies(settings) -> list[Check]:
+    """upstream_proxy and each provider's proxy accept connections (socks: a handshake)."""
+    found = []
     proxies = [("upstream_proxy", settings.upstream_proxy)] + [
         (f"provider {name} proxy", provider.proxy) for name, provider in settings.providers.items()]
     for label, proxy in proxies:
         if not proxy:
             continue
-        parts = urlsplit(proxy)
+        problem = _proxy_problem(proxy)
+        found.append(Check(FAIL, label, f"{redact_url(proxy)}: {problem}; its channels answer 503 'upstream "
+                           "proxy unusable'") if problem else Check(OK, label, f"{redact_url(proxy)} usable"))
+    return found
+
+
+def _proxy_problem(proxy: str) -> str | None:
+    parts = urlsplit(proxy)
+    try:
+        sock = socket.create_connection((parts.hostname, parts.port), timeout=TIMEOUT)
+    except OSError as exc:
+        return f"does not accept connections ({exc})"
+    with sock:
+        if not parts.scheme.startswith("socks"):
+            return None
+        method = b"\x02" if parts.username else b"\x00"
         try:
-            socket.create_connection((parts.hostname, parts.port), timeout=PROXY_TIMEOUT).close()
+            sock.sendall(b"\x05\x01" + method)
+            answer = sock.recv(2)
         except OSError as exc:
-            found.append((FAIL, label, f"{redact_url(proxy)} does not accept connections ({exc}): "
-                          "its channels answer 503 'upstream proxy unusable'"))
-        else:
-            found.append((OK, label, f"{redact_url(proxy)} accepts connections"))
+            return f"no SOCKS5 answer ({exc})"
+        if answer != b"\x05" + method:
+            return "refuses our SOCKS5 login method" if answer[:1] == b"\x05" else "is not a SOCKS5 proxy"
+        if parts.username:
+            from urllib.parse import unquote
+            user, password = unquote(parts.username).encode(), unquote(parts.password or "").encode()
+            try:
+                sock.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
+                if sock.recv(2) != b"\x01\x00":
+                    return "rejects the username or password"
+            except OSError as exc:
+                return f"no answer to the login ({exc})"
+    return None
+
+
+def check_channel(client, settings, channel_id: str) -> list[Check]:
+    """The record is valid; its source answers with the channel's headers, directly and
+    through its proxy (e.g. '403 without proxy, 200 through it')."""
+    from launcher.ffmpeg import build_argv
+    from streamstate.upstreams import upstream_of
+    label = f"channel {channel_id}"
+    try:
+        channel = get_channel(client, keys.check_channel_id(channel_id))
+        if channel is None:
+            return [Check(FAIL, label, "no such channel (streamctl channels add)")]
+        upstream = upstream_of(channel, settings)
+        build_argv(channel, settings, upstream=upstream)
+    except (ChannelError, keys.InvalidChannelId) as exc:
+        return [Check(FAIL, label, f"record unusable: {exc}")]
+    found = [Check(OK, label, f"record valid (source {redact_url(channel.source_url)}"
+                   + (f", provider {upstream.provider.name}" if upstream.provider else "")
+                   + (f", resolver {upstream.resolver}" if upstream.resolver != "none" else "") + ")")]
+    headers = {"User-Agent": upstream.user_agent, **upstream.headers}
+    if upstream.referer:
+        headers["Referer"] = upstream.referer
+    for index, source in enumerate(channel.sources):
+        which = "source" if index == 0 else f"fallback {index}"
+        direct = _probe(source, headers, None)
+        via = _probe(source, headers, upstream.proxy) if upstream.proxy else None
+        answer = f"{direct} without proxy" + (f", {via} through {redact_url(upstream.proxy)}" if via else "")
+        good = (via or direct).startswith("2")
+        found.append(Check(OK if good else FAIL, f"{label} {which}", f"{redact_url(source)}: {answer}"))
+    return found
+
+
+def _probe(url: str, headers: dict, proxy: str | None) -> str:
+    """The HTTP status the source answers (headers only, then closed), or why none."""
+    handlers = []
+    if proxy and proxy.startswith("http://"):
+        handlers.append(urllib.request.ProxyHandler({"http": proxy, "https": proxy}))
+    elif not proxy:
+        handlers.append(urllib.request.ProxyHandler({}))
+    else:
+        return _probe_socks(url, headers, proxy)
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=TIMEOUT) as response:
+            return str(response.status)
+    except urllib.error.HTTPError as exc:
+        return str(exc.code)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"no answer ({getattr(exc, 'reason', exc)})"
+
+
+def _probe_socks(url: str, headers: dict, proxy: str) -> str:
+    import http.client
+    import ssl
+    from urllib.parse import unquote
+
+    import socks
+    parts, target = urlsplit(proxy), urlsplit(url)
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        sock = socks.create_connection((target.hostname, port), timeout=TIMEOUT, proxy_type=socks.SOCKS5,
+                                       proxy_addr=parts.hostname, proxy_port=parts.port,
+                                       proxy_rdns=parts.scheme == "socks5h",
+                                       proxy_username=unquote(parts.username) if parts.username else None,
+                                       proxy_password=unquote(parts.password) if parts.password else None)
+        if target.scheme == "https":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=target.hostname)
+        connection = http.client.HTTPConnection(target.hostname, port, timeout=TIMEOUT)
+        connection.sock = sock
+        connection.request("GET", (target.path or "/") + (f"?{target.query}" if target.query else ""),
+                           headers=headers)
+        status = connection.getresponse().status
+        connection.close()
+        return str(status)
+    except (OSError, socks.ProxyError, http.client.HTTPException) as exc:
+        return f"no answer ({str(exc).replace(parts.password or chr(0), '***')[:120]})"
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+def _get(url: str) -> tuple[int, str]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(urllib.request.Request(url, headers={"Accept": "application/json"}),
+                         timeout=TIMEOUT) as response:
+            return response.status, response.read(4096).decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(4096).decode("utf-8", "replace")
+    except urllib.error.URLError as exc:
+        raise OSError(str(exc.reason)) from None
+
+
+def _processes() -> list[tuple[int, list[str]]]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = [a.decode("utf-8", "replace") for a in handle.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if argv:
+            # python -m heartbeatd: the module name is what counts
+            found.append((int(entry), [os.path.basename(argv[0])] + argv[1:]
+                          if "-m" not in argv[:2] else [argv[2] if len(argv) > 2 else ""]))
     return found
 
 
 @click.command("doctor")
 @settings_options
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as a JSON list.")
-def doctor_command(settings_loader, as_json):
-    """Check this host's streamkeeper set-up; one line per check: ok, warn or FAIL, and why.
+@click.option("--channel", "channel_id", metavar="ID",
+              help="Also check this channel: its record, and what its source answers (directly and through its proxy).")
+@click.option("--nginx-conf", "nginx_conf_file", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Read nginx's configuration from FILE instead of `nginx -T`.")
+def doctor_command(settings_loader, as_json, channel_id, nginx_conf_file):
+    """Check this host's streamkeeper set-up; one line per check: ok, warn or FAIL, the
+    problem and the fix.
 
+    Redis (answers, fast, persists); nginx (the fallback reaches the launcher, /live/ logs
+    where and how heartbeatd reads); the launcher and its start route; the egress relay;
+    heartbeatd (running, its lag); the reaper's last pass; stale records, empty or stale
+    playlists; FFmpeg and its protocols; every proxy; free space. --channel ID adds the
+    channel's record and its source's answer.
     Exit codes: 0 no check failed, 1 a check failed, 2 bad settings.
     """
     settings = settings_loader()
-    checks = check_redis(settings) + check_upstreams(settings)
+    checks = check_redis(settings)
+    redis_up = checks[0].status != FAIL
+    client = redis_from_url(settings.redis_url)
+    checks += check_nginx(settings, nginx_conf_file) + check_launcher(settings) + check_heartbeatd(settings)
+    if redis_up:
+        checks += check_reaper(client, settings) + check_streams(client, settings)
+    checks += check_ffmpeg(settings) + check_proxies(settings)
+    if channel_id is not None and redis_up:
+        checks += check_channel(client, settings, channel_id)
     if as_json:
-        click.echo(json.dumps([{"status": s, "check": c, "detail": d} for s, c, d in checks], indent=2))
+        click.echo(json.dumps([dataclasses.asdict(c) for c in checks], indent=2))
     else:
-        for status, check, detail in checks:
-            click.echo(f"{status:<4}  {check}: {detail}")
-    raise SystemExit(1 if any(status == FAIL for status, _, _ in checks) else 0)
+        for c in checks:
+            click.echo(f"{c.status:<4}  {c.check}: {c.detail}")
+    raise SystemExit(1 if any(c.status == FAIL for c in checks) else 0)

@@ -1,0 +1,117 @@
+"""`streamctl doctor` finds each failure of the old host by itself (issue: shipping): every
+broken setup is built for real (the stack's redis-server, nginx config, launcher, relay,
+FFmpeg) and doctor must name it, with exit 1; the healthy stack passes those checks."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from streamstate import keys, runs
+from tests.conftest import REPO
+from tests.helpers import add_channel, first_request
+
+
+def doctor(stack, tmp_path, *args, settings: dict | None = None, nginx_text: str | None = None):
+    """doctor --json against the stack, with settings and the nginx config changed as asked."""
+    config = tmp_path / "doctor.toml"
+    text = open(stack.config_path).read()
+    for key, value in (settings or {}).items():
+        text = "\n".join(line for line in text.splitlines() if not line.startswith(f"{key} =")) + \
+               f"\n{key} = {json.dumps(value)}\n"
+    config.write_text(text)
+    conf = os.path.join(stack.work, "nginx", "nginx.conf")
+    if nginx_text is not None:
+        conf = str(tmp_path / "nginx-broken.conf")
+        with open(conf, "w") as handle:
+            handle.write(nginx_text)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "streamctl", "doctor", "--json", "--config", str(config),
+                             "--nginx-conf", conf, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in result.stderr, result.stderr
+    checks = json.loads(result.stdout)
+    return result.returncode, checks, time.monotonic() - started
+
+
+def failed(checks, name):
+    return [c["detail"] for c in checks if c["check"] == name and c["status"] == "FAIL"]
+
+
+def rendered_snippet(stack) -> str:
+    """The stack's nginx config with its include expanded (what nginx -T would show)."""
+    with open(os.path.join(stack.work, "nginx", "streamkeeper.conf")) as handle:
+        snippet = handle.read()
+    with open(os.path.join(stack.work, "nginx", "nginx.conf")) as handle:
+        main = handle.read()
+    return main.replace(f"include {os.path.join(stack.work, 'nginx', 'streamkeeper.conf')};", snippet)
+
+
+def test_the_healthy_stack_passes_the_host_checks(stack, tmp_path):
+    _, checks, _ = doctor(stack, tmp_path)
+    by_name = {c["check"]: c for c in checks}
+    for name in ("nginx fallback", "nginx access log", "launcher", "launcher start route", "egress relay", "ffmpeg"):
+        assert by_name[name]["status"] == "ok", by_name[name]
+
+
+def test_a_wrong_port_in_nginx_s_fallback_is_named_with_both_ports(stack, tmp_path):
+    text = rendered_snippet(stack).replace(f"server {stack.settings['launcher_listen']};", "server 127.0.0.1:5999;")
+    code, checks, _ = doctor(stack, tmp_path, nginx_text=text)
+    [detail] = failed(checks, "nginx fallback")
+    assert code == 1 and "127.0.0.1:5999" in detail and stack.settings["launcher_listen"] in detail
+
+
+def test_access_log_off_where_streams_are_served(stack, tmp_path):
+    text = rendered_snippet(stack).replace(f"access_log {stack.settings['access_log']} streamkeeper buffer=32k flush=1s;",
+                                           "access_log off;")
+    code, checks, _ = doctor(stack, tmp_path, nginx_text=text)
+    assert code == 1 and any("access_log off" in d for d in failed(checks, "nginx access log"))
+
+
+def test_a_log_heartbeatd_does_not_follow_or_parse(stack, tmp_path):
+    code, checks, _ = doctor(stack, tmp_path, settings={"access_log": str(tmp_path / "other.log")})
+    assert code == 1 and any("heartbeatd follows" in d for d in failed(checks, "nginx access log"))
+    code, checks, _ = doctor(stack, tmp_path, settings={"log_format": "$remote_addr [$time_local] \"$request\" $status"})
+    assert code == 1 and any("not the one heartbeatd parses" in d for d in failed(checks, "nginx access log"))
+
+
+def test_a_dead_pid_record_and_an_empty_playlist_are_named(stack, tmp_path):
+    record = runs.RunRecord(channel="790", run_id=runs.new_run_id(), host=stack.settings.get("host_id") or
+                            __import__("socket").gethostname(), pid=os.getpid(), pid_start=None, started=time.time())
+    runs.record_run(stack.redis, record)              # pytest's own pid: alive, not that channel's FFmpeg
+    with open(os.path.join(stack.hls_dir, "stream_791.m3u8"), "w") as handle:
+        handle.write("#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:0\n")
+    try:
+        code, checks, _ = doctor(stack, tmp_path)
+        assert code == 1
+        assert any("stale record" in d for d in failed(checks, "channel 790"))
+        assert any("lists no segment" in d for d in failed(checks, "channel 791"))
+    finally:
+        runs.delete_run_if(stack.redis, "790", record.run_id)
+        os.unlink(os.path.join(stack.hls_dir, "stream_791.m3u8"))
+
+
+def test_the_launcher_stopped_and_redis_stopped(stack, tmp_path):
+    from tests.helpers import free_port
+    code, checks, _ = doctor(stack, tmp_path, settings={"launcher_listen": f"127.0.0.1:{free_port()}"})
+    assert code == 1 and any("nothing answers" in d for d in failed(checks, "launcher"))
+    code, checks, took = doctor(stack, tmp_path, settings={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    assert code == 1 and any("does not answer" in d for d in failed(checks, "redis"))
+
+
+def test_channel_shows_what_its_source_answers_with_and_without_its_proxy(stack, tmp_path):
+    from tests.socks5_server import Socks5Server
+    socks = Socks5Server()
+    try:
+        add_channel(stack, 792, source_url=f"http://127.0.0.1:{stack.upstream_port}/forbidden/792.ts",
+                    proxy=f"socks5h://127.0.0.1:{socks.port}")
+        add_channel(stack, 793)
+        code, checks, _ = doctor(stack, tmp_path, "--channel", "793")
+        assert [c["detail"] for c in checks if c["check"] == "channel 793 source"][0].endswith("200 without proxy")
+        code, checks, _ = doctor(stack, tmp_path, "--channel", "792")
+        [detail] = failed(checks, "channel 792 source")
+        assert "403 without proxy, 403 through socks5h://127.0.0.1:" in detail
+        assert any(r["port"] == stack.upstream_port for r in socks.requests)
+    finally:
+        socks.close()
