@@ -267,7 +267,9 @@ def test_doctor_checks_the_relay_and_every_proxy(stack, tmp_path, socks):
     config.write_text(open(stack.config_path).read() + "\n[providers.acme]\n"
                       f'proxy = "socks5h://streamer:{PASSWORD}@127.0.0.1:{closed_port()}"\n'
                       "[providers.warp]\n"
-                      f'proxy = "socks5h://127.0.0.1:{socks.port}"\n')
+                      f'proxy = "socks5h://streamer:{PASSWORD}@127.0.0.1:{socks.port}"\n'
+                      "[providers.badlogin]\n"
+                      f'proxy = "socks5h://streamer:wrong@127.0.0.1:{socks.port}"\n')
     result = subprocess.run([sys.executable, "-m", "streamctl", "doctor", "--config", str(config)],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and PASSWORD not in result.stdout
@@ -275,6 +277,8 @@ def test_doctor_checks_the_relay_and_every_proxy(stack, tmp_path, socks):
     assert any(line.startswith("ok") and "egress relay: answers on" in line for line in lines)
     assert any(line.startswith("FAIL") and "provider acme proxy: socks5h://127.0.0.1:" in line for line in lines)
     assert any(line.startswith("ok") and "provider warp proxy" in line for line in lines)
+    assert any(line.startswith("FAIL") and "provider badlogin proxy" in line and "rejects the username" in line
+               for line in lines)
 
 
 def test_a_relay_outage_is_not_the_sources_fault(stack):
