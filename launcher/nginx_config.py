@@ -118,6 +118,11 @@ def viewer_auth(settings) -> dict:
     }
 
 
+def render_logrotate(settings, nginx_pid: str = "/run/nginx.pid") -> str:
+    """logrotate's file for the access log: rename, create, nginx reopens on USR1."""
+    return fill(shipped_file("logrotate.streamkeeper"), {"access_log": settings.access_log, "nginx_pid": nginx_pid})
+
+
 def start_rate_limit(per_minute: int) -> dict:
     """nginx's limit_req on cold starts, per client address; nothing at 0."""
     if not per_minute:

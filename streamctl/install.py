@@ -83,7 +83,7 @@ class Plan:
 
 
 def build_plan(settings, prefix: str, bin_dir: str, user: str, config_path: str) -> Plan:
-    from launcher.nginx_config import render_nginx_config, shipped_file
+    from launcher.nginx_config import render_logrotate, render_nginx_config
 
     def under(path: str) -> str:
         return os.path.join(prefix, path.lstrip("/")) if prefix else path
@@ -99,7 +99,7 @@ def build_plan(settings, prefix: str, bin_dir: str, user: str, config_path: str)
     else:
         plan.files.append((settings_file, example_settings(), 0o640))
     plan.files.append((under("/etc/nginx/conf.d/streamkeeper.conf"), render_nginx_config(settings), 0o644))
-    plan.files.append((under("/etc/logrotate.d/streamkeeper"), shipped_file("logrotate.streamkeeper"), 0o644))
+    plan.files.append((under("/etc/logrotate.d/streamkeeper"), render_logrotate(settings), 0o644))
     plan.directories = [under(d) for d in (settings.hls_dir, settings.state_dir, settings.log_dir)]
     return plan
 

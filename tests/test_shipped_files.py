@@ -151,3 +151,74 @@ def test_install_puts_everything_under_the_prefix_and_the_units_pass_systemd(ins
     from streamstate.settings import SPECS
     assert all(f"# {spec.key} = " in example for spec in SPECS if spec.key not in ("providers", "quality_profiles"))
     assert "create" in (prefix / "etc" / "logrotate.d" / "streamkeeper").read_text()
+
+
+def test_logrotate_rotates_the_access_log_under_nginx_and_heartbeatd_loses_no_line(stack, rendered_nginx, tmp_path):
+    """Debian's real logrotate with the rendered file (rename, create, nginx's USR1) while
+    nginx writes and heartbeatd follows: every request is in a log, and heartbeatd reads
+    every line."""
+    import threading
+    import urllib.request
+
+    from launcher.nginx_config import render_logrotate
+    from streamstate.settings import load_settings
+    from tests.helpers import add_channel, first_request, free_port, wait_for
+    logrotate = shutil.which("logrotate") or "/usr/sbin/logrotate"
+    assert os.path.exists(logrotate), "logrotate is not installed (make test installs it)"
+    nginx = rendered_nginx({"launcher_listen": stack.settings["launcher_listen"], "hls_dir": stack.hls_dir,
+                            "start_rate_limit": 0})
+    access_log = os.path.join(nginx.directory, "logs", "streams_access.log")
+    metrics = free_port()
+    config = tmp_path / "heartbeatd.toml"
+    config.write_text(f'redis_url = "{stack.settings["redis_url"]}"\naccess_log = "{access_log}"\n'
+                      f'state_dir = "{tmp_path / "state"}"\nmetrics_listen = "127.0.0.1:{metrics}"\n'
+                      'flush_interval = 0.2\n')
+    follower = subprocess.Popen([sys.executable, "-m", "heartbeatd", "--config", str(config)], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rotate_conf = tmp_path / "logrotate.conf"
+    rotate_conf.write_text(render_logrotate(load_settings(str(config)), os.path.join(nginx.directory, "nginx.pid")))
+    rotate_conf.chmod(0o644)
+
+    def lines_read() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return -1                                      # not listening yet
+        for line in text.splitlines():
+            if line.startswith("streamkeeper_heartbeat_lines_read_total "):
+                return int(float(line.split()[1]))
+        return -1
+    try:
+        add_channel(stack, 796)
+        url = f"http://127.0.0.1:{nginx.port}/live/stream_796.m3u8?token=rotate"
+        wait_for(lambda: follower.poll() is None and lines_read() >= 0, 20, message="heartbeatd's metrics")
+        requests = []
+
+        def watch(count):
+            for _ in range(count):
+                requests.append(first_request(url)[0])
+        watcher = threading.Thread(target=watch, args=(300,))
+        watcher.start()
+        wait_for(lambda: len(requests) >= 100 and os.path.getsize(access_log) > 0, 60,
+                 message="100 requests, some of them logged (nginx flushes its buffer each second)")
+        rotated = subprocess.run([logrotate, "-v", "-f", "-s", str(tmp_path / "logrotate.state"), str(rotate_conf)],
+                                 capture_output=True, text=True, timeout=60)
+        assert rotated.returncode == 0, rotated.stderr + rotated.stdout
+        watcher.join(timeout=120)
+        assert len(requests) == 300 and set(requests) == {200}
+        assert os.path.exists(access_log + ".1"), rotated.stderr + rotated.stdout   # renamed, uncompressed (delaycompress)
+
+        def logged() -> int:
+            total = 0
+            for path in (access_log + ".1", access_log):
+                with open(path, "rb") as handle:
+                    total += handle.read().count(b"stream_796")
+            return total
+        wait_for(lambda: logged() == 300, 20, message="nginx to write every request (buffer flushes each second)")
+        wait_for(lambda: lines_read() >= 300, 20, message="heartbeatd to read every line, across the rotation")
+        assert lines_read() == 300
+    finally:
+        follower.terminate()
+        follower.wait(timeout=30)
+        stack.launcher_json("/channel/796/stop", "POST")
