@@ -37,7 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 from streamstate import egress, keys
 from streamstate.redact import redact_url
-from streamstate.upstreams import AddressPolicy, normal_address
+from streamstate.upstreams import AddressPolicy, normal_address, provider_servers
 
 log = logging.getLogger("streamkeeper.egress")
 
@@ -68,6 +68,7 @@ class EgressRelay:
         self.settings = settings
         self.state_dir = settings.state_dir
         self.policy = policy or AddressPolicy.from_settings(settings)
+        self.provider_servers = provider_servers(settings.providers)
         self.open: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
 
@@ -90,13 +91,15 @@ class EgressRelay:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
         except asyncio.LimitOverrunError:
             return await _answer(writer, 431, "request head too large")
+        if len(head) > MAX_HEAD_BYTES:
+            return await _answer(writer, 431, "request head too large")
         try:
             method, target, headers = _parse_head(head)
         except ValueError:
             return await _answer(writer, 400, "bad request")
         if target.startswith("/"):
             return await self._status_route(writer, method, target)
-        channel_id = self._authorised_channel(headers)
+        channel_id, ticket = self._authorised(headers)
         if channel_id is None:
             # FFmpeg's first request on each connection carries no credentials: it sends them
             # after this challenge, so one per connection is normal.
@@ -114,29 +117,31 @@ class EgressRelay:
             forward = (method, target, parts, headers)
         if host is None or port is None:
             return await _answer(writer, 400, "bad target")
-        await self._relay(channel_id, reader, writer, host, port, forward)
+        await self._relay(channel_id, ticket, reader, writer, host, port, forward)
 
-    def _authorised_channel(self, headers: list[tuple[str, str]]) -> str | None:
-        """The channel whose ticket the Proxy-Authorization matches, else None."""
+    def _authorised(self, headers: list[tuple[str, str]]) -> tuple[str | None, dict]:
+        """(channel, its ticket) that the Proxy-Authorization matches, else (None, {}).  The
+        ticket is read once: what was authorised is what is used (a ticket rewritten or
+        deleted meanwhile can never turn into 'no proxy')."""
         value = next((v for k, v in headers if k.lower() == "proxy-authorization"), "")
         scheme, _, encoded = value.partition(" ")
         if scheme.lower() != "basic":
-            return None
+            return None, {}
         try:
             user, _, token = base64.b64decode(encoded.strip(), validate=True).decode("ascii").partition(":")
         except (binascii.Error, UnicodeDecodeError):
-            return None
+            return None, {}
         if not keys.CHANNEL_ID_RE.fullmatch(user):
-            return None
+            return None, {}
         ticket = egress.read_ticket(self.state_dir, user)
         if ticket is None or not hmac.compare_digest(ticket["token"].encode(), unquote(token).encode()):
-            return None
-        return user
+            return None, {}
+        return user, ticket
 
-    async def _relay(self, channel_id: str, reader, writer, host: str, port: int, forward) -> None:
-        ticket = egress.read_ticket(self.state_dir, channel_id) or {}
+    async def _relay(self, channel_id: str, ticket: dict, reader, writer, host: str, port: int, forward) -> None:
         proxy = ticket.get("proxy") or ""
         try:
+            self._check_provider(ticket, host, port)
             up_reader, up_writer, via = await self._connect(host, port, proxy, tunnel=forward is None)
         except Refused as refused:
             self._refused(channel_id, host, port, refused)
@@ -173,6 +178,13 @@ class EgressRelay:
             if self.open[channel_id] <= 0:
                 del self.open[channel_id]
 
+    def _check_provider(self, ticket: dict, host: str, port: int) -> None:
+        """A provider's server is reached only by a stream holding one of its slots."""
+        owners = self.provider_servers.get((host.lower().rstrip("."), port))
+        if owners and ticket.get("provider") not in owners:
+            raise Refused("address", f"{_shown_target(host, port)} is the server of provider "
+                          f"{' or '.join(sorted(owners))}, and this stream holds none of its connections", 403)
+
     def _refused(self, channel_id: str, host: str, port: int, refused: Refused) -> None:
         """One log line and the note the launcher reads."""
         self.counters[f"refused_{refused.kind}"] += 1
@@ -195,7 +207,7 @@ class EgressRelay:
             if self.policy.refuses_service(address, proxy_port):
                 raise Refused("proxy", f"proxy {shown} is one of this host's own services", 502)
         target_host = host
-        if scheme == "socks5" or normal_address(host) is not None:
+        if scheme == "socks5" or literal_address(host) is not None:
             # socks5: names are resolved here and the address checked; socks5h and http
             # proxies resolve names on their own network (an address literal is checked).
             target_host = self._check_addresses(await _resolve(host, port), port)[0]
@@ -263,8 +275,8 @@ def _parse_head(head: bytes) -> tuple[str, str, list[tuple[str, str]]]:
         if not line:
             continue
         name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise ValueError("bad header")
+        if not sep or not name or name != name.strip() or "\n" in line or "\r" in line:
+            raise ValueError("bad header")           # a bare CR or LF could smuggle a request
         headers.append((name, value.strip()))
     return method, target, headers
 
@@ -287,11 +299,27 @@ def _error_text(exc: Exception | None) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
+def literal_address(host: str) -> str | None:
+    """The address a host names without DNS: an IP in any spelling the C library accepts
+    (2130706433, 0x7f.1, 127.1, 0177.0.0.1 are all 127.0.0.1), or localhost and its
+    subdomains (RFC 6761: always this host); None for a real name."""
+    bare = host.strip("[]").rstrip(".").lower()
+    if normal_address(bare) is not None:
+        return bare
+    try:
+        return socket.inet_ntoa(socket.inet_aton(bare))
+    except OSError:
+        pass
+    if bare == "localhost" or bare.endswith(".localhost"):
+        return "127.0.0.1"
+    return None
+
+
 async def _resolve(host: str, port: int, *, refuse_as: str = "", shown: str = "") -> list[str]:
     """Every address of host (an address stays itself); Unreachable (or Refused for a
     proxy) when the name does not resolve."""
-    if normal_address(host) is not None:
-        return [host.strip("[]")]
+    if literal_address(host) is not None:
+        return [literal_address(host)]
     try:
         infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
             host, port, type=socket.SOCK_STREAM), CONNECT_TIMEOUT)
@@ -347,9 +375,12 @@ async def _http_proxy_connect(reader, writer, parts, host: str, port: int, shown
     if status == 407:
         writer.transport.abort()
         raise Refused("proxy", f"proxy {shown}: authentication failed (407)", 502)
-    if status != 200:
+    if status in (502, 503, 504):                # the proxy could not reach the target
         writer.transport.abort()
         raise Unreachable(f"through {shown}: CONNECT answered {status}")
+    if status != 200:                            # the proxy itself refuses (403 by its rules, ...)
+        writer.transport.abort()
+        raise Refused("proxy", f"proxy {shown} refused CONNECT ({status})", 502)
 
 
 def _basic(parts) -> str:

@@ -247,6 +247,12 @@ class Launcher:
         provider = upstream.provider
         grace = float(self.settings.start_timeout) + 10
         async with self._provider_locks[provider.name]:
+            # This host's running streams of the provider hold their slots first (after a
+            # Redis restart lost them, before their supervisors write them again).
+            for running in self.live_supervisors():
+                if running.provider_name == provider.name and running.id != channel_id:
+                    await self.redis_call(providers.hold_slot, provider.name, running.id, running.run_id,
+                                          self.settings.host_id)
             for _ in range(provider.max_streams + 2):
                 if await self.redis_call(providers.acquire_slot, provider.name, provider.max_streams,
                                          channel_id, run_id, self.settings.host_id, grace):

@@ -362,7 +362,7 @@ class StreamSupervisor:
     async def _prepare(self, source: str) -> tuple[list[str], dict[str, str]]:
         """FFmpeg's argv and environment for one source: a fresh egress ticket, and the
         resolver's URL and cookies.  ResolveFailed or ChannelError say why not."""
-        token = egress.write_ticket(self.settings.state_dir, self.id, self.upstream.proxy)
+        token = egress.write_ticket(self.settings.state_dir, self.id, self.upstream.proxy, self.slot_provider)
         relay = egress.relay_url(self.settings.egress_listen, self.id, token)
         url, cookies = source, []
         if self.upstream.resolver != "none":

@@ -246,13 +246,14 @@ class Reaper:
         return deleted
 
     def _clear_stale(self, actions: list[Action]) -> None:
-        self._delete_keys(actions)
+        deleted = self._delete_keys(actions)
         stream_files = self._files_by_channel()
-        for action in actions:
+        for action, gone in zip(actions, deleted):
             if "host " not in action.why:       # another host's files are not here
                 for path in stream_files.get(action.channel, ()):
                     _unlink(path)
-                egress.delete_ticket(self.settings.state_dir, action.channel)
+                if gone:                        # else a newer run owns the ticket now
+                    egress.delete_ticket(self.settings.state_dir, action.channel)
             log.info("channel %s: cleared stale record (pid %s): %s", action.channel, action.pid,
                      action.why)
 
@@ -296,13 +297,13 @@ class Reaper:
         finally:
             for handle in handles:
                 handle.close()
-        # 4. Files (and the egress ticket), then the keys, only where they still belong to
+        # 4. Files, then the keys (and the egress ticket), only where they still belong to
         # the run stopped.  Its provider slot is reclaimed once its record is gone.
         for action in actions:
             files.delete_stream_files(self.hls_dir, action.channel)
-            egress.delete_ticket(self.settings.state_dir, action.channel)
         for action, deleted in zip(actions, self._delete_keys(actions)):
             if deleted:
+                egress.delete_ticket(self.settings.state_dir, action.channel)
                 log.info("channel %s: stopped (pid %s, %s)", action.channel, action.pid, action.why)
             else:
                 log.info("channel %s: stopped pid %s; its keys now belong to a newer run and stay",

@@ -43,12 +43,14 @@ def refusal_path(state_dir: str, channel_id: str) -> str:
     return os.path.join(ticket_dir(state_dir), f"{keys.check_channel_id(channel_id)}.refused")
 
 
-def write_ticket(state_dir: str, channel_id: str, proxy: str | None) -> str:
-    """A new ticket for the channel's next FFmpeg (or resolver); returns its token."""
+def write_ticket(state_dir: str, channel_id: str, proxy: str | None, provider: str | None = None) -> str:
+    """A new ticket for the channel's next FFmpeg (or resolver): its proxy, and the provider
+    whose connection slot it holds; returns its token."""
     os.makedirs(ticket_dir(state_dir), mode=0o700, exist_ok=True)
     token = secrets.token_hex(16)
     files.write_atomic(ticket_path(state_dir, channel_id),
-                       json.dumps({"token": token, "proxy": proxy or "", "written": time.time()}).encode(),
+                       json.dumps({"token": token, "proxy": proxy or "", "provider": provider or "",
+                                   "written": time.time()}).encode(),
                        mode=0o600)
     return token
 

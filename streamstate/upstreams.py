@@ -100,16 +100,40 @@ class Upstream:
 
 
 def provider_of(channel: Channel, providers: dict[str, Provider]) -> Provider | None:
+    """The provider named in the channel, else the one whose match prefixes its sources;
+    ChannelError when sources belong to two providers (one slot cannot cover both)."""
     if channel.provider:
         provider = providers.get(channel.provider)
         if provider is None:
             raise ChannelError(f"channel {channel.id}: provider {channel.provider} is not configured "
                                "(no [providers.<name>] of that name)")
         return provider
+    matched = {name for source in channel.sources for name in [_matching(source, providers)] if name}
+    if len(matched) > 1:
+        raise ChannelError(f"channel {channel.id}: its sources belong to providers "
+                           f"{' and '.join(sorted(matched))}; give each its own channel")
+    return providers[matched.pop()] if matched else None
+
+
+def _matching(source: str, providers: dict[str, Provider]) -> str | None:
+    """The first provider whose match prefixes the source."""
     for provider in providers.values():
-        if provider.match and channel.source_url.startswith(provider.match):
-            return provider
+        if provider.match and source.startswith(provider.match):
+            return provider.name
     return None
+
+
+def provider_servers(providers: dict[str, Provider]) -> dict[tuple[str, int], set[str]]:
+    """(host, port) of each provider's match URL -> the providers there: the relay lets
+    only a stream holding one of their slots connect to it (a redirect or a fallback to a
+    provider's server takes no connection of its account unnoticed)."""
+    servers: dict[tuple[str, int], set[str]] = {}
+    for provider in providers.values():
+        if provider.match and provider.max_streams:
+            parts = urlsplit(provider.match)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            servers.setdefault(((parts.hostname or "").lower(), port), set()).add(provider.name)
+    return servers
 
 
 def upstream_of(channel: Channel, settings) -> Upstream:
@@ -168,8 +192,12 @@ class AddressPolicy:
                  own_services: Iterable[tuple[str, int]] = ()):
         self.allow = tuple(allow)
         self.deny = tuple(deny)
-        self.own_services = {(normal_address(host), port) for host, port in own_services
-                             if normal_address(host) is not None}
+        own = [(normal_address(host), port) for host, port in own_services if normal_address(host) is not None]
+        # A service on this host may answer on any of its addresses (bound to 0.0.0.0, or
+        # Redis reached as 127.0.0.1 but listening everywhere): its port is refused on every
+        # local address.  A remote one (Redis on another host): that address and port.
+        self.own_ports_everywhere = {port for address, port in own if is_local(address)}
+        self.own_services = {(address, port) for address, port in own if not is_local(address)}
 
     @classmethod
     def from_settings(cls, settings) -> "AddressPolicy":
@@ -180,8 +208,8 @@ class AddressPolicy:
         parsed = normal_address(address)
         if parsed is None:
             return f"{address} is not an address"
-        if (parsed, port) in self.own_services:
-            return f"{_shown(parsed, port)} is one of this host's own services (Redis, launcher, relay)"
+        if (parsed, port) in self.own_services or (port in self.own_ports_everywhere and is_local(parsed)):
+            return f"{_shown(parsed, port)} is one of this host's own services (Redis, launcher, relay, nginx)"
         if any(parsed in network for network in self.allow if network.version == parsed.version):
             return None
         for network in self.deny:
@@ -192,7 +220,22 @@ class AddressPolicy:
     def refuses_service(self, address: str, port: int) -> bool:
         """A proxy may be on loopback (WARP is), but never one of our own services."""
         parsed = normal_address(address)
-        return parsed is None or (parsed, port) in self.own_services
+        return parsed is None or (parsed, port) in self.own_services or (
+            port in self.own_ports_everywhere and is_local(parsed))
+
+
+def is_local(address) -> bool:
+    """Is this one of this host's own addresses (loopback, or any interface's)?  Only a
+    local address can be bound."""
+    if address.is_loopback or address.is_unspecified:
+        return True
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((str(address), 0))
+        return True
+    except OSError:
+        return False
 
 
 def _shown(address, port: int) -> str:
@@ -209,14 +252,24 @@ def own_service_addresses(settings) -> list[tuple[str, int]]:
         if listen:
             host, _, port = listen.rpartition(":")
             endpoints.append((host.strip("[]"), int(port)))
+    nginx = _nginx_listen_endpoint(settings.nginx_listen)     # a redirect back to our own /live/
+    if nginx:
+        endpoints.append(nginx)
     found = []
     for host, port in endpoints:
-        for address in _addresses_of(host):
-            found.append((address, port))
-            if normal_address(address) in (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")):
-                found.append(("127.0.0.1", port))
-                found.append(("::1", port))
+        found += [(address, port) for address in _addresses_of(host)]
     return found
+
+
+def _nginx_listen_endpoint(listen: str) -> tuple[str, int] | None:
+    """(address, port) of what nginx's listen names: "80" is every address."""
+    first = listen.split()[0] if listen.split() else ""
+    host, sep, port = first.rpartition(":")
+    if not sep:
+        host, port = "0.0.0.0", first
+    if not port.isdigit():
+        return None
+    return ("0.0.0.0" if host in ("", "*") else host.strip("[]")), int(port)
 
 
 def _addresses_of(host: str) -> list[str]:

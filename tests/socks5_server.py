@@ -21,9 +21,10 @@ _ADDRESS_TYPE_NOT_SUPPORTED = 0x08
 
 class Socks5Server:
     def __init__(self, username: str | None = None, password: str | None = None,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", names: dict[str, str] | None = None):
         if (username is None) != (password is None):
             raise ValueError("give both username and password, or neither")
+        self.names = dict(names or {})     # what this proxy's own DNS answers (name -> address)
         self.username = username
         self.password = password
         self.requests: list[dict] = []   # appended under _lock; read freely
@@ -173,7 +174,7 @@ class Socks5Server:
             _reply(client, _COMMAND_NOT_SUPPORTED)
             return None
         try:
-            upstream = socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT)
+            upstream = socket.create_connection((self.names.get(host, host), port), timeout=HANDSHAKE_TIMEOUT)
         except ConnectionRefusedError:
             self._record(atyp, host, port, user, False)
             _reply(client, _CONNECTION_REFUSED)

@@ -146,3 +146,36 @@ def test_status_shows_the_providers_slots(acme, provider):
     assert "provider acme: 1/2 connections" in text.stdout
     acme.launcher_json("/streams/stop", "POST")
     assert os.path.isdir(acme.hls_dir)
+
+
+def test_a_provider_s_server_takes_a_slot_however_it_is_reached(acme, provider):
+    """A fallback on the account belongs to the provider (its start waits for a slot like any
+    other); a source of no provider that redirects to the provider's server is refused by the
+    relay; sources of two providers in one channel are refused outright."""
+    viewers = []
+    for channel, token in ((811, "erin"), (812, "frank")):
+        add(acme, provider, channel)
+        viewers.append(Viewer(acme, channel, token))
+    try:
+        wait_for(lambda: viewers_of(acme, 811) and viewers_of(acme, 812), 30, message="two watched channels")
+        dead = f"http://127.0.0.1:{acme.upstream_port}/missing/813.ts"
+        acme.redis.set(keys.channel_key(813), json.dumps({"source_url": dead, "quality": "copy",
+                                                          "fallback_urls": [provider.url("acct", "pass", "813")]}))
+        status, _, body = first_request(acme.playlist_url(813, "?token=gina"))
+        assert status == 503 and b"provider acme: all 2 connections are in use" in body
+        redirect = (f"http://127.0.0.1:{acme.upstream_port}/redirect/x?to=" + provider.url("acct", "pass", "814"))
+        acme.redis.set(keys.channel_key(814), json.dumps({"source_url": redirect, "quality": "copy"}))
+        status, _, body = first_request(acme.playlist_url(814, "?token=gina"))
+        assert status == 503 and body == b"channel 814: upstream address not allowed\n"
+        assert "is the server of provider acme" in acme.log("egress")
+        # Slots lost from Redis (a restart that kept the records): this host's streams hold
+        # theirs again before anyone takes one.
+        acme.redis.delete(keys.provider_slots_key("acme"))
+        acme.redis.delete(keys.failed_key(813))
+        status, _, body = first_request(acme.playlist_url(813, "?token=gina"))
+        assert status == 503 and b"provider acme: all 2 connections are in use" in body
+        assert provider.violations == [] and provider.max_concurrent["acct"] <= LIMIT
+    finally:
+        for viewer in viewers:
+            viewer.stop()
+        acme.launcher_json("/streams/stop", "POST")

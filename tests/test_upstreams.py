@@ -40,21 +40,21 @@ def plays(stack, channel_id, seconds: float = 3) -> bool:
 
 @pytest.fixture
 def socks():
-    server = Socks5Server("streamer", PASSWORD)
+    server = Socks5Server("streamer", PASSWORD, names={"upstream.test": "127.0.0.1"})
     yield server
     server.close()
 
 
-@pytest.mark.parametrize("scheme, atyp", [("socks5h", "domain"), ("socks5", "ipv4")])
-def test_a_socks_proxy_carries_ffmpeg_s_traffic(stack, socks, scheme, atyp):
-    """socks5h: the proxy resolves the name (the SOCKS server sees 'localhost'); socks5:
-    the relay resolves it, checks the address and asks for that address."""
+@pytest.mark.parametrize("scheme, host, atyp", [("socks5h", "upstream.test", "domain"),
+                                                ("socks5", "127.0.0.1", "ipv4")])
+def test_a_socks_proxy_carries_ffmpeg_s_traffic(stack, socks, scheme, host, atyp):
+    """socks5h: the proxy resolves the name (only its DNS knows upstream.test); socks5: the
+    relay resolves, checks the address and asks for that address."""
     channel = 701 if scheme == "socks5h" else 702
-    source = f"http://localhost:{stack.upstream_port}/live/socks{channel}.ts"
+    source = f"http://{host}:{stack.upstream_port}/live/socks{channel}.ts"
     add_channel(stack, channel, source_url=source, proxy=f"{scheme}://streamer:{PASSWORD}@127.0.0.1:{socks.port}")
     assert first_request(stack.playlist_url(channel))[0] == 200
-    assert {"atyp": atyp, "host": "localhost" if atyp == "domain" else "127.0.0.1",
-            "port": stack.upstream_port, "user": "streamer", "ok": True} in socks.requests
+    assert {"atyp": atyp, "host": host, "port": stack.upstream_port, "user": "streamer", "ok": True} in socks.requests
     streams = {s["id"]: s for s in stack.launcher_json("/streams")[1]["streams"]}
     assert streams[str(channel)]["state"] == "running"
     assert PASSWORD not in stack.log("launcher") + stack.log("egress")
@@ -307,3 +307,52 @@ def test_a_relay_outage_is_not_the_sources_fault(stack):
     assert "Traceback" not in stack.log("egress") and "Exception in callback" not in stack.log("egress")
     stack.launcher_json("/channel/760/stop", "POST")
     stack.launcher_json("/channel/761/stop", "POST")
+
+
+@pytest.mark.parametrize("channel, spelling", [(780, "2130706433"), (781, "0x7f.1"), (782, "127.1"),
+                                               (783, "0177.0.0.1"), (784, "localhost")])
+def test_any_spelling_of_this_host_is_refused_through_a_proxy_too(stack, socks, channel, spelling):
+    """With socks5h (the proxy resolves names), an address in any spelling the C library
+    reads, and localhost, are still checked here: Redis is never reached."""
+    add_channel(stack, channel, source_url=f"http://{spelling}:{stack.redis_port}/x.ts",
+                proxy=f"socks5h://streamer:{PASSWORD}@127.0.0.1:{socks.port}")
+    status, _, body = first_request(stack.playlist_url(channel))
+    assert status == 503 and body == f"channel {channel}: upstream address not allowed\n".encode()
+    assert not [r for r in socks.requests if r["port"] == stack.redis_port]
+    stack.redis.delete(keys.failed_key(channel))
+
+
+def test_our_own_ports_are_refused_on_every_address_of_this_host(stack):
+    """Redis reached as 127.0.0.1 may listen everywhere: its port is refused on 127.0.0.2 too
+    (loopback is allowed in this stack), and so is nginx's."""
+    for channel, port in ((785, stack.redis_port), (786, stack.nginx_port)):
+        add_channel(stack, channel, source_url=f"http://127.0.0.1:{stack.upstream_port}/redirect/x"
+                                               f"?to=http://127.0.0.2:{port}/live/stream_1.m3u8")
+        status, _, body = first_request(stack.playlist_url(channel))
+        assert status == 503 and body == f"channel {channel}: upstream address not allowed\n".encode()
+        stack.redis.delete(keys.failed_key(channel))
+
+
+def test_an_http_proxy_that_refuses_connect_is_the_proxy_s_fault(stack):
+    """403 to CONNECT from the proxy: 'upstream proxy unusable', no failover, no source cooled."""
+    import socketserver
+    import threading
+
+    class Refusing(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.recv(4096)
+            self.request.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sources = [f"https://127.0.0.1:{stack.upstream_port}/live/787.ts", f"https://127.0.0.1:{stack.upstream_port}/live/787b.ts"]
+    try:
+        add_channel(stack, 787, source_url=sources[0], fallback_urls=sources[1:],
+                    proxy=f"http://127.0.0.1:{server.server_address[1]}")
+        status, _, body = first_request(stack.playlist_url(787))
+        assert status == 503 and body == b"channel 787: upstream proxy unusable\n"
+        assert not any(stack.redis.exists(keys.source_failed_key(url)) for url in sources)
+    finally:
+        server.shutdown()
+        server.server_close()
+        stack.redis.delete(keys.failed_key(787))
