@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import stat
 import subprocess
 import time
 import urllib.error
@@ -233,11 +234,15 @@ def check_streams(client, settings) -> list[Check]:
         if not match:
             continue
         path = os.path.join(settings.hls_dir, name)
-        media = files.playlist_media(path)
         try:
-            age = now - os.stat(path).st_mtime
+            info = os.lstat(path)
         except FileNotFoundError:
             continue
+        if not stat.S_ISREG(info.st_mode):             # a FIFO would block the read below
+            found.append(Check(FAIL, f"channel {match.group(1)}", f"{name} is not a regular file; remove it"))
+            continue
+        age = now - info.st_mtime
+        media = files.playlist_media(path)
         if media is not None and not media[1]:
             found.append(Check(FAIL, f"channel {match.group(1)}", f"{name} lists no segment: nginx serves an "
                                "empty playlist; stop the channel (`streamctl stop ID`)"))
