@@ -26,10 +26,13 @@ def load_checkpoint(path: str, log_path: str) -> Position | None:
         if data.get("log") != log_path:
             log.warning("checkpoint %s is for %s, not %s; ignoring it", path, data.get("log"), log_path)
             return None
-        return Position(FileIdentity.from_dict(data["file"]), int(data["offset"]))
+        offset = int(data["offset"])
+        if offset < 0:
+            raise ValueError(f"negative offset {offset}")
+        return Position(FileIdentity.from_dict(data["file"]), offset)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         log.warning("checkpoint %s is unreadable (%s); ignoring it", path, exc)
         return None
 

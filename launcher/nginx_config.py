@@ -92,7 +92,8 @@ def viewer_auth(settings) -> dict:
         return {"auth_zone": (), "auth_check": (), "auth_location": ()}
     seconds = int(settings.auth_cache_seconds)
     cache = (f"proxy_cache streamkeeper_auth;",
-             'proxy_cache_key "$streamkeeper_token $streamkeeper_channel";',
+             # The address too: a validator may decide by it (viewers without a token).
+             'proxy_cache_key "$streamkeeper_token $streamkeeper_channel $remote_addr";',
              f"proxy_cache_valid 200 401 403 {seconds}s;",
              "proxy_ignore_headers Cache-Control Expires Set-Cookie Vary;") if seconds else ()
     return {

@@ -15,6 +15,7 @@ import re
 import socket
 import stat
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +35,7 @@ from . import nginx_conf
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 TIMEOUT = 3.0                    # seconds any one probe may take
+PROBE_DEADLINE = 8.0             # seconds a source probe may take in all
 REDIS_SLOW_MS = 50               # a PING slower than this is worth a warning
 NEEDED_PROTOCOLS = ("http", "https", "tcp", "tls", "crypto", "httpproxy")
 
@@ -146,12 +148,20 @@ def check_launcher(settings) -> list[Check]:
     base = f"http://{settings.launcher_listen}"
     try:
         status, body = _get(f"{base}/healthz")
+    except TimeoutError:
+        status, body = 0, ""
+        found = [Check(FAIL, "launcher", f"no answer from {settings.launcher_listen} within {TIMEOUT:g} s "
+                       "(its /healthz asks Redis: is Redis hanging?)")]
     except OSError as exc:
-        return [Check(FAIL, "launcher", f"nothing answers on {settings.launcher_listen} ({exc}): start "
-                      "stream-launcher (systemctl start streamkeeper-launcher)")]
+        found = [Check(FAIL, "launcher", f"nothing answers on {settings.launcher_listen} ({exc}): start "
+                       "it (systemctl start streamkeeper-launcher)")]
+    else:
+        found = []
+    if found:
+        return found + check_relay(settings)
     found = [Check(OK if status == 200 else FAIL, "launcher",
                    f"answers on {settings.launcher_listen}" + ("" if status == 200 else
-                                                               f" but is unhealthy ({status}: {body[:120]})"))]
+                                                               f" but is unhealthy: {_health_reason(body)}"))]
     try:
         status, body = _get(f"{base}/channel/x/start")     # an invalid id: 400 from the route itself
     except OSError as exc:
@@ -161,21 +171,44 @@ def check_launcher(settings) -> list[Check]:
     else:
         found.append(Check(FAIL, "launcher start route", f"{base}/channel/<id>/start answered {status}: "
                            "whatever listens there is not this launcher"))
+    return found + check_relay(settings)
+
+
+def check_relay(settings) -> list[Check]:
     counts = asyncio.run(egress.open_connections(settings.egress_listen, timeout=TIMEOUT))
     if counts is None:
-        found.append(Check(FAIL, "egress relay", f"nothing answers on {settings.egress_listen}: every start "
-                           "fails with 'egress relay unavailable'; start stream-egress"))
-    else:
-        found.append(Check(OK, "egress relay", f"answers on {settings.egress_listen} "
-                           f"({sum(counts.values())} upstream connection(s) open)"))
-    return found
+        return [Check(FAIL, "egress relay", f"nothing answers on {settings.egress_listen}: every start "
+                      "fails with 'egress relay unavailable'; start it (systemctl start streamkeeper-egress)")]
+    return [Check(OK, "egress relay", f"answers on {settings.egress_listen} "
+                  f"({sum(counts.values())} upstream connection(s) open)")]
+
+
+def check_validator(settings) -> list[Check]:
+    """auth_url answers (a validator that is down makes every playlist request a 500)."""
+    if not settings.auth_url:
+        return []
+    try:
+        status, _ = _get(settings.auth_url)
+    except OSError as exc:
+        return [Check(FAIL, "viewer validator", f"{redact_url(settings.auth_url)} does not answer ({exc}): "
+                      "every playlist request gets 500 from nginx; start it or unset auth_url")]
+    return [Check(OK if status < 500 else FAIL, "viewer validator",
+                  f"{redact_url(settings.auth_url)} answers {status} to a request without a token")]
+
+
+def _health_reason(body: str) -> str:
+    try:
+        data = json.loads(body)
+        return f"Redis: {data.get('redis')}" if isinstance(data, dict) and data.get("redis") else body[:120]
+    except ValueError:
+        return " ".join(body.split())[:120]
 
 
 def check_heartbeatd(settings) -> list[Check]:
     """Running (a process of that name), and how far behind the access log it is."""
     from heartbeatd.checkpoint import checkpoint_path, load_checkpoint
-    running = [pid for pid, argv in _processes() if any(os.path.basename(a) == "heartbeatd" or a == "heartbeatd"
-                                                        for a in argv[:3])]
+    running = [pid for pid, argv in _processes() if any(os.path.basename(a) == "heartbeatd" for a in argv[:3])
+               and _same_config(argv, settings.config_path)]
     if not running:
         return [Check(FAIL, "heartbeatd", "not running: last_access is never bumped and the reaper stops "
                       "watched streams; start it (systemctl start streamkeeper-heartbeatd)")]
@@ -193,7 +226,11 @@ def check_heartbeatd(settings) -> list[Check]:
 
 def check_reaper(client, settings) -> list[Check]:
     """It passed within 2 x reaper_interval (the cleanup has a scheduler)."""
-    data = {runs.text(k): runs.text(v) for k, v in client.hgetall(keys.reaper_last_pass_key(settings.host_id)).items()}
+    try:
+        raw = client.hgetall(keys.reaper_last_pass_key(settings.host_id))
+    except redis.ResponseError:                          # junk of another type: no pass known
+        raw = {}
+    data = {runs.text(k): runs.text(v) for k, v in raw.items()}
     last = runs.epoch_seconds(data.get("time"))
     interval = float(settings.reaper_interval)
     if last is None:
@@ -201,8 +238,8 @@ def check_reaper(client, settings) -> list[Check]:
                       "stopped; start stream-reaper (systemctl start streamkeeper-reaper)")]
     age = time.time() - last
     if age > 2 * interval:
-        return [Check(FAIL, "reaper", f"last pass {age:.0f} s ago (reaper_interval {interval:g} s): is "
-                      "stream-reaper running?")]
+        return [Check(FAIL, "reaper", f"last pass {age:.0f} s ago (reaper_interval {interval:g} s): start it "
+                      "(systemctl start streamkeeper-reaper)")]
     return [Check(OK, "reaper", f"last pass {age:.0f} s ago")]
 
 
@@ -213,11 +250,15 @@ def check_streams(client, settings) -> list[Check]:
     playlists in hls_dir; free space."""
     found = []
     ffmpeg = resolve_executable(settings.ffmpeg)
-    channels = runs.active_channels(client)
+    active = runs.read_active(client)
+    channels = active.channels
+    for member in active.invalid:
+        found.append(Check(FAIL, "streams:active", f"holds {runs.shown_member(member)}, no channel id: "
+                           "`streamctl reap` removes it"))
     for channel, (record, pid, _started, _last) in zip(channels, runs.read_batch(client, channels)):
         if record is not None and record.host and record.host != settings.host_id:
             continue
-        pid_value = record.pid if record is not None else int(pid) if (pid or "").isdigit() else 0
+        pid_value = record.pid if record is not None else int(pid) if (pid or "").isascii() and (pid or "").isdigit() else 0
         identity = StreamProcess(ffmpeg, files.playlist_path(settings.hls_dir, channel),
                                  record.pid_start if record else None)
         if not pid_value or not identity.proven_by(pid_value):
@@ -243,20 +284,28 @@ def check_streams(client, settings) -> list[Check]:
             continue
         age = now - info.st_mtime
         media = files.playlist_media(path)
+        channel = match.group(1)
+        fix = (f"`streamctl stop {channel}` if it runs, else delete {path} (the reaper does after "
+               f"orphan_age, {float(settings.orphan_age):g} s)")
         if media is not None and not media[1]:
-            found.append(Check(FAIL, f"channel {match.group(1)}", f"{name} lists no segment: nginx serves an "
-                               "empty playlist; stop the channel (`streamctl stop ID`)"))
+            found.append(Check(FAIL, f"channel {channel}", f"{name} lists no segment: nginx serves an empty "
+                               f"playlist; {fix}"))
         elif age > stale_after:
-            found.append(Check(FAIL, f"channel {match.group(1)}", f"{name} not updated for {age:.0f} s: players "
-                               "see a frozen stream; `streamctl reap` or stop the channel"))
+            found.append(Check(FAIL, f"channel {channel}", f"{name} not updated for {age:.0f} s: players see "
+                               f"a frozen stream; {fix}"))
+    if not [c for c in found if c.check.startswith(("channel ", "streams:"))]:
+        found.append(Check(OK, "streams", f"{len(channels)} record(s), none stale; no empty or stale playlist"))
+    return found
+
+
+def check_space(settings) -> list[Check]:
+    found = []
     free = files.free_mb(settings.hls_dir)
     if free is not None:
         minimum = int(settings.min_free_mb)
         found.append(Check(OK if free >= minimum else FAIL, "hls_dir space",
                            f"{free} MB free in {settings.hls_dir}" + ("" if free >= minimum else
                                                                       f", under min_free_mb {minimum}: starts are refused")))
-    if not [c for c in found if c.check.startswith("channel ")]:
-        found.append(Check(OK, "streams", f"{len(channels)} record(s), none stale; no empty or stale playlist"))
     return found
 
 
@@ -343,12 +392,41 @@ def check_channel(client, settings, channel_id: str) -> list[Check]:
         headers["Referer"] = upstream.referer
     for index, source in enumerate(channel.sources):
         which = "source" if index == 0 else f"fallback {index}"
-        direct = _probe(source, headers, None)
-        via = _probe(source, headers, upstream.proxy) if upstream.proxy else None
+        direct = _probe_within(source, headers, None, settings)
+        via = _probe_within(source, headers, upstream.proxy, settings) if upstream.proxy else None
         answer = f"{direct} without proxy" + (f", {via} through {redact_url(upstream.proxy)}" if via else "")
         good = (via or direct).startswith("2")
         found.append(Check(OK if good else FAIL, f"{label} {which}", f"{redact_url(source)}: {answer}"))
     return found
+
+
+def _probe_within(url: str, headers: dict, proxy: str | None, settings) -> str:
+    """_probe with one deadline for all of it (DNS, connect, a server that trickles its
+    headers), and never to an address the relay would refuse."""
+    if proxy is None:
+        refusal = _refused_address(url, settings)
+        if refusal:
+            return f"not asked ({refusal})"
+    result: list[str] = []
+    worker = threading.Thread(target=lambda: result.append(_probe(url, headers, proxy)), daemon=True)
+    worker.start()
+    worker.join(PROBE_DEADLINE)
+    return result[0] if result else f"no answer within {PROBE_DEADLINE:g} s"
+
+
+def _refused_address(url: str, settings) -> str | None:
+    from egress.relay import literal_address
+    from streamstate.upstreams import AddressPolicy
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or ""
+    try:
+        addresses = [literal_address(host)] if literal_address(host) else sorted(
+            {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+    except OSError as exc:
+        return f"{host} does not resolve: {exc}"
+    policy = AddressPolicy.from_settings(settings)
+    return next((reason for address in addresses if (reason := policy.refusal(address, port))), None)
 
 
 def _probe(url: str, headers: dict, proxy: str | None) -> str:
@@ -408,7 +486,18 @@ def _get(url: str) -> tuple[int, str]:
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(4096).decode("utf-8", "replace")
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, TimeoutError):
+            raise TimeoutError(str(exc.reason)) from None
         raise OSError(str(exc.reason)) from None
+
+
+def _same_config(argv: list[str], config_path: str | None) -> bool:
+    """A process started with another --config is another stack's (one started without
+    one may be ours: the environment names its file)."""
+    if "--config" not in argv or not config_path:
+        return True
+    index = argv.index("--config")
+    return index + 1 < len(argv) and os.path.realpath(argv[index + 1]) == os.path.realpath(config_path)
 
 
 def _processes() -> list[tuple[int, list[str]]]:
@@ -424,7 +513,7 @@ def _processes() -> list[tuple[int, list[str]]]:
         if argv:
             # python -m heartbeatd: the module name is what counts
             found.append((int(entry), [os.path.basename(argv[0])] + argv[1:]
-                          if "-m" not in argv[:2] else [argv[2] if len(argv) > 2 else ""]))
+                          if "-m" not in argv[:2] else argv[2:]))
     return found
 
 
@@ -450,10 +539,11 @@ def doctor_command(settings_loader, as_json, channel_id, nginx_conf_file):
     checks = check_redis(settings)
     redis_up = checks[0].status != FAIL
     client = redis_from_url(settings.redis_url)
-    checks += check_nginx(settings, nginx_conf_file) + check_launcher(settings) + check_heartbeatd(settings)
+    checks += (check_nginx(settings, nginx_conf_file) + check_launcher(settings) + check_validator(settings)
+               + check_heartbeatd(settings))
     if redis_up:
         checks += check_reaper(client, settings) + check_streams(client, settings)
-    checks += check_ffmpeg(settings) + check_proxies(settings)
+    checks += check_space(settings) + check_ffmpeg(settings) + check_proxies(settings)
     if channel_id is not None and redis_up:
         checks += check_channel(client, settings, channel_id)
     if as_json:

@@ -20,6 +20,7 @@ from importlib import resources
 import json
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -78,8 +79,37 @@ class Plan:
 
     files: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)   # path, text, mode
     directories: list[str] = dataclasses.field(default_factory=list)
-    kept: list[str] = dataclasses.field(default_factory=list)
+    kept: list[tuple[str, str]] = dataclasses.field(default_factory=list)        # path, why
     user: str = DEFAULT_USER
+
+
+# What a unit file may hold as a path or a name, as it is: no space (ExecStart= splits
+# there), no % (a systemd specifier), no quote, backslash or control character.
+_UNIT_SAFE_RE = re.compile(r"[A-Za-z0-9_./+@:=,-]+")
+# Hidden from the services by their sandbox (ProtectHome=, PrivateTmp=).
+_SANDBOXED_AWAY = ("/home/", "/root/", "/run/user/", "/tmp/", "/var/tmp/")
+
+
+class InstallError(ValueError):
+    """A value that cannot go into a unit as it is; the message names it."""
+
+
+def check_unit_values(values: dict, *, sandbox: bool = True) -> None:
+    for name, value in values.items():
+        if not _UNIT_SAFE_RE.fullmatch(str(value)):
+            raise InstallError(f"{name} {str(value)[:120]!r}: a unit file takes letters, digits and "
+                               "_ . / + @ : = , - only here (no space, %, quote or control character)")
+    if not sandbox:
+        return
+    paths = {**{k: values[k] for k in ("hls_dir", "state_dir", "log_dir", "bin_dir")},
+             "python": os.path.join(values["bin_dir"], "python")}   # a venv's python links to the real one
+    for name, path in paths.items():
+        real = os.path.realpath(str(path)) + "/"
+        if real.startswith(_SANDBOXED_AWAY):
+            raise InstallError(f"{name} {path} (really {real.rstrip('/')}) is under "
+                               f"{', '.join(p.rstrip('/') for p in _SANDBOXED_AWAY)}, which the units' "
+                               "sandbox hides (ProtectHome=, PrivateTmp=): install the venv under /opt "
+                               "with a system Python, and keep the directories out of them")
 
 
 def build_plan(settings, prefix: str, bin_dir: str, user: str, config_path: str) -> Plan:
@@ -90,16 +120,23 @@ def build_plan(settings, prefix: str, bin_dir: str, user: str, config_path: str)
 
     values = {"bin_dir": bin_dir, "config_path": config_path, "user": user, "group": user,
               "hls_dir": settings.hls_dir, "state_dir": settings.state_dir, "log_dir": settings.log_dir}
+    check_unit_values(values, sandbox=not prefix)     # a packager's prefix may be anywhere
     plan = Plan(user=user)
     for name in UNITS:
         plan.files.append((under(f"/etc/systemd/system/{name}"), render_unit(name, values), 0o644))
     settings_file = under(config_path)
     if os.path.exists(settings_file):
-        plan.kept.append(settings_file)
+        plan.kept.append((settings_file, "exists; `streamctl config` shows the effective settings"))
     else:
         plan.files.append((settings_file, example_settings(), 0o640))
     plan.files.append((under("/etc/nginx/conf.d/streamkeeper.conf"), render_nginx_config(settings), 0o644))
-    plan.files.append((under("/etc/logrotate.d/streamkeeper"), render_logrotate(settings), 0o644))
+    debian_rotates = "/etc/logrotate.d/nginx"
+    if not prefix and settings.access_log.startswith("/var/log/nginx/") and os.path.exists(debian_rotates):
+        # Debian's nginx file rotates /var/log/nginx/*.log already (create, then nginx reopens
+        # on USR1): a second entry for the same file is an error to logrotate.
+        plan.kept.append((debian_rotates, f"it rotates {settings.access_log}: no logrotate file of ours"))
+    else:
+        plan.files.append((under("/etc/logrotate.d/streamkeeper"), render_logrotate(settings), 0o644))
     plan.directories = [under(d) for d in (settings.hls_dir, settings.state_dir, settings.log_dir)]
     return plan
 
@@ -122,13 +159,18 @@ def install_command(settings_loader, prefix, dry_run, user, bin_dir):
     """
     settings = settings_loader()
     config_path = settings.config_path or "/etc/streamkeeper/streamkeeper.toml"
-    plan = build_plan(settings, prefix, bin_dir, user, os.path.abspath(config_path))
+    try:
+        plan = build_plan(settings, prefix, bin_dir, user, os.path.abspath(config_path))
+    except InstallError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
     act = "would" if dry_run else "did"
     if not prefix:
         _ensure_user(user, dry_run)
     for directory in plan.directories:
         if not dry_run:
             os.makedirs(directory, mode=0o755, exist_ok=True)
+            os.chmod(directory, 0o755)           # whatever the umask: nginx reads hls_dir
             if not prefix and os.geteuid() == 0:
                 shutil.chown(directory, user, user)
         click.echo(f"{act} create {directory}" + ("" if prefix else f" (owner {user})"))
@@ -137,8 +179,11 @@ def install_command(settings_loader, prefix, dry_run, user, bin_dir):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             write_atomic(path, text.encode(), mode)
         click.echo(f"{act} write {path}")
-    for path in plan.kept:
-        click.echo(f"kept {path} (exists; see `streamctl config` for the effective settings)")
+    for path, why in plan.kept:
+        click.echo(f"kept {path} ({why})")
+    if not prefix and os.path.exists("/etc/nginx/sites-enabled/default"):
+        click.echo("note: /etc/nginx/sites-enabled/default is nginx's default_server and would answer "
+                   "/live/ itself on the same port: remove it (or set nginx_listen to another port)")
     click.echo("next:")
     if prefix:
         click.echo(f"  systemd-analyze verify {prefix}/etc/systemd/system/streamkeeper-*.service")

@@ -19,12 +19,13 @@ class Directive:
     parent: "Directive | None" = None
 
     def find(self, name: str) -> list["Directive"]:
-        """Every directive of that name below this one, depth first."""
-        found = []
-        for child in self.children or ():
+        """Every directive of that name below this one (no recursion: any depth is fine)."""
+        found, pending = [], list(reversed(self.children or ()))
+        while pending:
+            child = pending.pop()
             if child.name == name:
                 found.append(child)
-            found += child.find(name)
+            pending.extend(reversed(child.children or ()))
         return found
 
     def own(self, name: str) -> list["Directive"]:
@@ -86,21 +87,28 @@ def effective_config(conf_file: str | None, nginx: str | None = None) -> tuple[s
     return result.stdout, "nginx -T"
 
 
-_INCLUDE_RE = re.compile(r"^\s*include\s+([^;\s]+)\s*;", re.M)
+_INCLUDE_RE = re.compile(r"""^\s*include\s+("[^"]*"|'[^']*'|[^;\s]+)\s*;""", re.M)
+MAX_INCLUDED_FILES = 500
+MAX_CONFIG_BYTES = 16 << 20
 
 
-def _with_includes(path: str, base: str, depth: int) -> str:
+def _with_includes(path: str, base: str, depth: int, budget: list[int] | None = None) -> str:
     """A file's text with its include directives replaced by the files they name (as
-    `nginx -T` shows them), relative names from the main file's directory."""
-    if depth > 10:
-        raise ValueError(f"includes nested too deeply at {path}")
+    `nginx -T` shows them), relative names from the main file's directory; bounded in
+    depth, files and size, and only regular files are opened (a FIFO would block)."""
+    budget = budget if budget is not None else [MAX_INCLUDED_FILES]
+    budget[0] -= 1
+    if depth > 10 or budget[0] < 0:
+        raise ValueError(f"too many or too deeply nested includes (at {path})")
+    if not os.path.isfile(path):
+        return ""
     with open(path, encoding="utf-8", errors="replace") as handle:
-        text = handle.read()
+        text = handle.read(MAX_CONFIG_BYTES)
 
     def expand(match: re.Match) -> str:
         pattern = match.group(1).strip("\"'")
         names = sorted(glob.glob(pattern if os.path.isabs(pattern) else os.path.join(base, pattern)))
-        return "\n".join(_with_includes(name, base, depth + 1) for name in names)
+        return "\n".join(_with_includes(name, base, depth + 1, budget) for name in names)
     return _INCLUDE_RE.sub(expand, text)
 
 

@@ -221,6 +221,8 @@ def _parse_redis_url(value: Any) -> str:
 
 def _parse_abs_path(value: Any) -> str:
     path = _parse_nonempty_str(value)
+    if _CONTROL_RE.search(path):
+        raise ValueError("must not contain control characters (a newline, a tab, ...)")
     if not os.path.isabs(path):
         raise ValueError(f"must be an absolute path, got {path!r}")
     return os.path.normpath(path)
@@ -305,8 +307,9 @@ SPECS: tuple[SettingSpec, ...] = (
                 "channel) before a playlist or a cold start; '' lets everyone in"),
     SettingSpec("auth_cache_seconds", lambda: 10, _parse_count,
                 "seconds nginx keeps the validator's answer per token and channel (0: ask every time)"),
-    SettingSpec("auth_cache_dir", lambda: "/var/cache/nginx/streamkeeper-auth", _parse_abs_path,
-                "where nginx keeps those answers (it creates the directory)"),
+    SettingSpec("auth_cache_dir", lambda: "/var/lib/nginx/streamkeeper-auth", _parse_abs_path,
+                "where nginx keeps those answers (nginx creates the directory; its parent must exist: "
+                "/var/lib/nginx does on Debian)"),
     SettingSpec("source_cooldown", lambda: 60.0, lambda v: _parse_number(v, minimum=0),
                 "seconds a source that failed is skipped while a channel has other sources"),
     SettingSpec("user_agent", lambda: DEFAULT_USER_AGENT, _parse_header_text,

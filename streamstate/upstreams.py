@@ -267,7 +267,7 @@ def _nginx_listen_endpoint(listen: str) -> tuple[str, int] | None:
     host, sep, port = first.rpartition(":")
     if not sep:
         host, port = "0.0.0.0", first
-    if not port.isdigit():
+    if not (port.isascii() and port.isdigit()):
         return None
     return ("0.0.0.0" if host in ("", "*") else host.strip("[]")), int(port)
 

@@ -115,3 +115,56 @@ def test_channel_shows_what_its_source_answers_with_and_without_its_proxy(stack,
         assert any(r["port"] == stack.upstream_port for r in socks.requests)
     finally:
         socks.close()
+
+
+def test_junk_in_redis_is_named_never_a_traceback(stack, tmp_path):
+    stack.redis.set(keys.pid_key(797), "²")
+    stack.redis.sadd(keys.ACTIVE_STREAMS_KEY, "797", "not-an-id")
+    host = __import__("socket").gethostname()
+    saved = stack.redis.hgetall(keys.reaper_last_pass_key(host))
+    stack.redis.delete(keys.reaper_last_pass_key(host))
+    stack.redis.set(keys.reaper_last_pass_key(host), "junk")
+    try:
+        code, checks, _ = doctor(stack, tmp_path)
+        assert code == 1
+        assert any("stale record" in d for d in failed(checks, "channel 797"))
+        assert any("not-an-id" in d for d in failed(checks, "streams:active"))
+        assert failed(checks, "reaper")
+    finally:
+        stack.redis.delete(keys.pid_key(797), keys.reaper_last_pass_key(host))
+        stack.redis.srem(keys.ACTIVE_STREAMS_KEY, "797", "not-an-id")
+        if saved:
+            stack.redis.hset(keys.reaper_last_pass_key(host), mapping=saved)
+
+
+def test_a_source_that_never_finishes_its_headers_has_a_deadline_and_a_validator_down_is_named(stack, tmp_path):
+    import socket
+    import threading
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def trickle():
+        connection, _ = server.accept()
+        connection.sendall(b"HTTP/1.1 200 OK\r\nX-A: ")
+        for _ in range(30):
+            time.sleep(1)
+            try:
+                connection.sendall(b"a")
+            except OSError:
+                return
+    threading.Thread(target=trickle, daemon=True).start()
+    try:
+        add_channel(stack, 798, source_url=f"http://127.0.0.1:{port}/x.ts")
+        from tests.helpers import free_port
+        code, checks, _ = doctor(stack, tmp_path, "--channel", "798",
+                                 settings={"auth_url": f"http://127.0.0.1:{free_port()}/validate"})
+        assert any("no answer within" in d for d in failed(checks, "channel 798 source"))
+        assert any("every playlist request gets 500" in d for d in failed(checks, "viewer validator"))
+    finally:
+        server.close()
+
+
+def test_a_source_on_a_denied_address_is_not_asked(stack, tmp_path):
+    add_channel(stack, 799, source_url="http://169.254.169.254/latest/meta-data/")
+    code, checks, _ = doctor(stack, tmp_path, "--channel", "799")
+    assert any("not asked (169.254.169.254:80 is in upstream_deny" in d for d in failed(checks, "channel 799 source"))

@@ -222,3 +222,52 @@ def test_logrotate_rotates_the_access_log_under_nginx_and_heartbeatd_loses_no_li
         follower.terminate()
         follower.wait(timeout=30)
         stack.launcher_json("/channel/796/stop", "POST")
+
+
+def test_a_launcher_restart_does_not_reach_the_streams_unit(tmp_path):
+    """streamkeeper-streams.service stops every stream on its stop: nothing but the target may
+    stop it. Requires= or BindsTo= on the launcher would pass a launcher restart on to it."""
+    from streamctl.install import render_unit
+    values = {"bin_dir": "/opt/sk/bin", "config_path": "/etc/sk.toml", "user": "sk", "group": "sk",
+              "hls_dir": "/srv/hls", "state_dir": "/var/lib/sk", "log_dir": "/var/log/sk"}
+    streams = render_unit("streamkeeper-streams.service", values)
+    directives = [line.split("=", 1)[0] for line in streams.splitlines() if "=" in line and not line.startswith("#")]
+    assert "Requires" not in directives and "BindsTo" not in directives and "PartOf=streamkeeper.target" in streams
+    assert "ExecStop=/opt/sk/bin/streamctl stop --all --config /etc/sk.toml" in streams
+
+
+@pytest.mark.parametrize("setting, value", [("STREAMKEEPER_STATE_DIR", "/var/lib/sk\nExecStartPre=/bin/sh -c id"),
+                                            ("STREAMKEEPER_HLS_DIR", "/srv/my hls"),
+                                            ("STREAMKEEPER_LOG_DIR", "/var/log/%h")])
+def test_install_refuses_what_a_unit_file_would_read_otherwise(tmp_path, setting, value):
+    result = subprocess.run([sys.executable, "-m", "streamctl", "install", "--prefix", str(tmp_path / "root")],
+                            cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "STREAMKEEPER_CONFIG": os.devnull, setting: value})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "root").exists()
+
+
+def test_install_refuses_a_venv_the_units_sandbox_would_hide(tmp_path):
+    """Without --prefix (a host): a Python under /root, /home or /tmp cannot run under
+    ProtectHome=/PrivateTmp= (it would fail with 203/EXEC); --dry-run changes nothing."""
+    result = subprocess.run([sys.executable, "-m", "streamctl", "install", "--dry-run", "--bin-dir", "/tmp/venv/bin"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "STREAMKEEPER_CONFIG": os.devnull})
+    assert result.returncode == 2 and "sandbox hides" in result.stderr, result.stderr + result.stdout
+
+
+def test_the_auth_cache_is_keyed_by_token_channel_and_address():
+    from launcher.nginx_config import viewer_auth
+    from streamstate.settings import load_settings
+    settings = load_settings(None, {"auth_url": "http://127.0.0.1:9/validate"}, environ={})
+    rendered = "\n".join(viewer_auth(settings)["auth_location"])
+    assert 'proxy_cache_key "$streamkeeper_token $streamkeeper_channel $remote_addr";' in rendered
+
+
+@pytest.mark.parametrize("content", ['[]', '{"log": "/x.log", "file": {}, "offset": 1e400}',
+                                     '{"log": "/x.log", "file": {"dev": 1, "ino": 2}, "offset": -5}'])
+def test_a_junk_checkpoint_is_ignored_not_fatal(tmp_path, content):
+    from heartbeatd.checkpoint import load_checkpoint
+    path = tmp_path / "checkpoint.json"
+    path.write_text(content)
+    assert load_checkpoint(str(path), "/x.log") is None
