@@ -67,7 +67,9 @@ def test_a_redis_restart_that_loses_everything_stops_no_watched_stream(own_stack
     wait_for(lambda: stack.redis.get(keys.pid_key(41)) == str(pid), timeout=15,
              message="the record written again")
     assert ffmpegs_writing(stack, 41) == [pid]
-    assert "record lost with a Redis restart" in stack.log("launcher")
+    # The line comes right after the write the condition above saw.
+    wait_for(lambda: "record lost with a Redis restart" in stack.log("launcher"), timeout=10,
+             message="the launcher to say why it wrote the record again")
     outage_viewer = viewer_hash(b"t:during-outage")
     wait_for(lambda: stack.redis.zscore(keys.viewers_key(41), outage_viewer) is not None, timeout=40,
              message="the heartbeats held during the outage written once the record is back")
