@@ -119,6 +119,10 @@ def check_nginx(settings, conf_file: str | None) -> list[Check]:
             else:
                 found.append(Check(OK, "nginx access log", f"/live/ logs to {path} in format {name!r}, "
                                    "which heartbeatd parses"))
+    for port, names in nginx_conf.default_servers_in_front(root):
+        found.append(Check(FAIL, "nginx server", f"the server {names!r} is default_server on port {port}: it "
+                           "answers /live/ instead of ours (Debian's sites-enabled/default); remove it, or "
+                           "give nginx_listen another port"))
     targets = nginx_conf.fallback_targets(root)
     listen = settings.launcher_listen
     if not targets:

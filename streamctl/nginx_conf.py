@@ -118,6 +118,37 @@ def live_locations(root: Directive) -> list[Directive]:
             if location.args and any("/live/" in arg for arg in location.args)]
 
 
+def enclosing_server(directive: Directive) -> Directive | None:
+    block = directive.parent
+    while block is not None and block.name != "server":
+        block = block.parent
+    return block
+
+
+def listen_port(args: list[str]) -> str:
+    """The port of a listen directive's address ("80", "127.0.0.1:8080", "[::]:80")."""
+    address = args[0] if args else "80"
+    return address.rpartition(":")[2] if ":" in address else address if address.isdigit() else "80"
+
+
+def default_servers_in_front(root: Directive) -> list[tuple[str, str]]:
+    """(port, server names) of other servers that are default_server on a port the /live/
+    server listens on: with our server_name _, nginx sends the requests there instead."""
+    ours = {id(s): s for s in (enclosing_server(loc) for loc in live_locations(root)) if s is not None}
+    ports = {listen_port(d.args) for s in ours.values() for d in s.own("listen")}
+    ours_default = {listen_port(d.args) for s in ours.values() for d in s.own("listen") if "default_server" in d.args}
+    found = []
+    for server in root.find("server"):
+        if id(server) in ours:
+            continue
+        for listen in server.own("listen"):
+            port = listen_port(listen.args)
+            if "default_server" in listen.args and port in ports and port not in ours_default:
+                names = " ".join(a for d in server.own("server_name") for a in d.args) or "(no server_name)"
+                found.append((port, names))
+    return found
+
+
 def log_formats(root: Directive) -> dict[str, str]:
     """log_format name -> its format string (nginx's concatenation of the pieces)."""
     formats = {}
