@@ -37,7 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 from streamstate import egress, keys
 from streamstate.redact import redact_url
-from streamstate.upstreams import AddressPolicy, normal_address, provider_servers
+from streamstate.upstreams import AddressPolicy, literal_address, provider_servers
 
 log = logging.getLogger("streamkeeper.egress")
 
@@ -297,22 +297,6 @@ def _error_text(exc: Exception | None) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-
-
-def literal_address(host: str) -> str | None:
-    """The address a host names without DNS: an IP in any spelling the C library accepts
-    (2130706433, 0x7f.1, 127.1, 0177.0.0.1 are all 127.0.0.1), or localhost and its
-    subdomains (RFC 6761: always this host); None for a real name."""
-    bare = host.strip("[]").rstrip(".").lower()
-    if normal_address(bare) is not None:
-        return bare
-    try:
-        return socket.inet_ntoa(socket.inet_aton(bare))
-    except OSError:
-        pass
-    if bare == "localhost" or bare.endswith(".localhost"):
-        return "127.0.0.1"
-    return None
 
 
 async def _resolve(host: str, port: int, *, refuse_as: str = "", shown: str = "") -> list[str]:

@@ -91,7 +91,7 @@ def viewer_auth(settings) -> dict:
     if not settings.auth_url:
         return {"auth_zone": (), "auth_check": (), "auth_location": ()}
     seconds = int(settings.auth_cache_seconds)
-    cache = (f"proxy_cache streamkeeper_auth;",
+    cache = ("proxy_cache streamkeeper_auth;",
              # The address too: a validator may decide by it (viewers without a token).
              'proxy_cache_key "$streamkeeper_token $streamkeeper_channel $remote_addr";',
              f"proxy_cache_valid 200 401 403 {seconds}s;",

@@ -29,7 +29,7 @@ import click
 
 from streamstate.cli_options import settings_options
 from streamstate.files import write_atomic
-from streamstate.settings import SPECS, _shown
+from streamstate.settings import SPECS, shown_value
 
 SYSTEMD_DIR = "systemd"
 UNITS = ("streamkeeper.target", "streamkeeper-egress.service", "streamkeeper-launcher.service",
@@ -60,7 +60,7 @@ def example_settings() -> str:
     for spec in SPECS:
         if spec.key in ("providers", "quality_profiles", "host_id"):
             continue
-        default = _shown(spec.key, spec.parse(spec.default()))
+        default = shown_value(spec.key, spec.parse(spec.default()))
         lines += [f"# {spec.help}", f"# {spec.key} = {json.dumps(default)}", ""]
     lines += ["# host_id: default the hostname", "# host_id = \"stream-1\"", "",
               "# Provider accounts: defaults for their channels and a connection limit.",

@@ -364,7 +364,7 @@ class Settings:
 
     def shown(self, key: str) -> Any:
         """A value as `streamctl config` prints it: JSON types, proxies' passwords redacted."""
-        return _shown(key, self.values[key])
+        return shown_value(key, self.values[key])
 
 
 def _shown_provider_field(field: str, value: Any) -> Any:
@@ -381,7 +381,7 @@ def _shown_provider_field(field: str, value: Any) -> Any:
     return value
 
 
-def _shown(key: str, value: Any) -> Any:
+def shown_value(key: str, value: Any) -> Any:
     from .redact import redact_url
     if key == "upstream_proxy":
         return redact_url(value) if value else ""

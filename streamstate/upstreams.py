@@ -185,6 +185,22 @@ def normal_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addres
     return parsed
 
 
+def literal_address(host: str) -> str | None:
+    """The address a host names without DNS: an IP in any spelling the C library accepts
+    (2130706433, 0x7f.1, 127.1, 0177.0.0.1 are all 127.0.0.1), or localhost and its
+    subdomains (RFC 6761: always this host); None for a real name."""
+    bare = host.strip("[]").rstrip(".").lower()
+    if normal_address(bare) is not None:
+        return bare
+    try:
+        return socket.inet_ntoa(socket.inet_aton(bare))
+    except OSError:
+        pass
+    if bare == "localhost" or bare.endswith(".localhost"):
+        return "127.0.0.1"
+    return None
+
+
 class AddressPolicy:
     """May a connection go to this address and port?  Decided on the address itself."""
 

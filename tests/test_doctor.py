@@ -7,11 +7,10 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from streamstate import keys, runs
 from tests.conftest import REPO
-from tests.helpers import add_channel, first_request
+from tests.helpers import add_channel
 
 
 def doctor(stack, tmp_path, *args, settings: dict | None = None, nginx_text: str | None = None):
