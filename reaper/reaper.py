@@ -165,6 +165,19 @@ class Reaper:
         summary.duration = time.monotonic() - began
         return summary
 
+    def stop_host_streams(self, reason: str) -> list[str]:
+        """Every stream of this host, stopped now with the pass's own stop routine (proven by
+        pidfd, SIGTERM, SIGKILL after the grace; files, keys and ticket): what `streamctl
+        stop --all` falls back to when the launcher is not there to do it.  Returns the
+        channels stopped."""
+        views = [v for v in self._collect() if v.run is None or not v.run.host or v.run.host == self.host]
+        actions = [self._decide(view, time.time(), set()) for view in views]
+        # Only streams proven to be FFmpegs writing into this hls_dir; stale records are
+        # the reaper's next pass's business.
+        stops = [dataclasses.replace(a, kind="stop", why=reason) for a in actions if a.kind in ("stop", "keep")]
+        self._stop(stops)
+        return [a.channel for a in stops]
+
     def _lock(self, token: str) -> bool:
         ttl = max(float(self.settings.reaper_interval) * 2, float(self.settings.stop_grace) * 3 + 30)
         return bool(self.redis.set(keys.reaper_lock_key(self.host), token, nx=True, px=int(ttl * 1000)))

@@ -73,16 +73,29 @@ def start_command(settings_loader, channel_id, as_json):
                    "them running: this is the explicit way to stop them all).")
 def stop_command(settings_loader, channel_id, stop_all):
     """Stop CHANNEL_ID now (or every stream, with --all): FFmpeg, its files and its keys
-    (the launcher does it).
+    (the launcher does it; with --all and the launcher down, this host's streams are
+    stopped directly, proven by pidfd first, as the reaper stops them).
 
-    Exit codes: 0 stopped or not running, 1 launcher unreachable, 2 invalid id or usage.
+    Exit codes: 0 stopped or not running, 1 launcher unreachable (one channel), 2 invalid
+    id or usage.
     """
     if bool(channel_id) == stop_all:
         click.echo("error: give a CHANNEL_ID or --all", err=True)
         raise SystemExit(EXIT_INVALID)
     settings = settings_loader()
     path = "/streams/stop" if stop_all else f"/channel/{channel_id}/stop"
-    status, body = _launcher_request(settings, path, float(settings.stop_grace) + 20)
+    try:
+        status, body = _launcher_request(settings, path, float(settings.stop_grace) + 20)
+    except click.ClickException as exc:
+        if not stop_all:
+            raise
+        # The launcher is gone (stopped alone before the target): its streams run on, so
+        # they are stopped here, the way the reaper stops them.
+        from reaper.reaper import Reaper
+        click.echo(f"{exc.message}; stopping this host's streams directly", err=True)
+        stopped = Reaper(settings).stop_host_streams("stop of every stream requested (launcher down)")
+        click.echo(f"stopped {len(stopped)} stream(s)" + (f": {', '.join(stopped)}" if stopped else ""))
+        return
     if status != 200:
         click.echo(f"error: {body.get('error', status)}", err=True)
         raise SystemExit(EXIT_INVALID if status == 400 else EXIT_FAILED)

@@ -174,6 +174,19 @@ def test_streamctl_logs_status_and_stop_all(stack, extra_launcher, tmp_path):
     assert stopped.returncode == 0 and "stopped 2 stream(s)" in stopped.stdout
     assert not [a for _, a in ffmpeg_processes() if a[-1].startswith(launcher.hls_dir)]
     assert streamctl("stop").returncode == 2
+    # The launcher stopped alone first (its streams outlive it), then everything is stopped
+    # (systemctl stop streamkeeper.target): --all stops this host's streams itself.
+    for channel in (46, 47):
+        assert launcher.json(f"/channel/{channel}/start", "POST")[0] == 200
+    launcher.process.send_signal(signal.SIGTERM)
+    launcher.process.wait(timeout=30)
+    assert [a for _, a in ffmpeg_processes() if a[-1].startswith(launcher.hls_dir)]
+    stopped = streamctl("stop", "--all")
+    assert stopped.returncode == 0 and "stopping this host's streams directly" in stopped.stderr
+    assert "stopped 2 stream(s): 46, 47" in stopped.stdout
+    assert not [a for _, a in ffmpeg_processes() if a[-1].startswith(launcher.hls_dir)]
+    assert not stack.redis.exists(keys.run_key(46)) and not stack.redis.exists(keys.run_key(47))
+    assert not os.listdir(launcher.hls_dir)
 
 
 @pytest.mark.parametrize("module", ["heartbeatd", "launcher", "reaper"])
