@@ -37,7 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 from streamstate import egress, keys
 from streamstate.redact import redact_url
-from streamstate.upstreams import AddressPolicy, literal_address, provider_servers
+from streamstate.upstreams import AddressPolicy, literal_address, provider_servers, socks_connection
 
 log = logging.getLogger("streamkeeper.egress")
 
@@ -302,8 +302,9 @@ def _error_text(exc: Exception | None) -> str:
 async def _resolve(host: str, port: int, *, refuse_as: str = "", shown: str = "") -> list[str]:
     """Every address of host (an address stays itself); Unreachable (or Refused for a
     proxy) when the name does not resolve."""
-    if literal_address(host) is not None:
-        return [literal_address(host)]
+    literal = literal_address(host)
+    if literal is not None:
+        return [literal]
     try:
         infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
             host, port, type=socket.SOCK_STREAM), CONNECT_TIMEOUT)
@@ -325,11 +326,7 @@ def _socks_connect(parts, host: str, port: int, remote_dns: bool, shown: str) ->
     """A connected socket through a SOCKS5 proxy (pysocks, in a thread)."""
     import socks
     try:
-        sock = socks.create_connection(
-            (host, port), timeout=CONNECT_TIMEOUT, proxy_type=socks.SOCKS5,
-            proxy_addr=parts.hostname, proxy_port=parts.port, proxy_rdns=remote_dns,
-            proxy_username=unquote(parts.username) if parts.username else None,
-            proxy_password=unquote(parts.password) if parts.password else None)
+        sock = socks_connection(parts.geturl(), host, port, CONNECT_TIMEOUT, remote_dns=remote_dns)
     except (socks.ProxyError, OSError) as exc:
         # The proxy works but could not reach the target (SOCKS5 replies 0x03-0x06), or it
         # cannot be used: unreachable, authentication failed, refused by its rules.

@@ -27,9 +27,10 @@ import redis
 from streamstate import egress, files, keys, runs
 from streamstate.channels import ChannelError, get_channel
 from streamstate.cli_options import settings_options
-from streamstate.process import StreamProcess, resolve_executable
+from streamstate.process import StreamProcess, process_cmdline, resolve_executable
 from streamstate.redact import redact_url
 from streamstate.redis_client import redis_from_url
+from streamstate.upstreams import socks_connection
 
 from . import nginx_conf
 
@@ -454,17 +455,12 @@ def _probe(url: str, headers: dict, proxy: str | None) -> str:
 def _probe_socks(url: str, headers: dict, proxy: str) -> str:
     import http.client
     import ssl
-    from urllib.parse import unquote
 
     import socks
     parts, target = urlsplit(proxy), urlsplit(url)
     port = target.port or (443 if target.scheme == "https" else 80)
     try:
-        sock = socks.create_connection((target.hostname, port), timeout=TIMEOUT, proxy_type=socks.SOCKS5,
-                                       proxy_addr=parts.hostname, proxy_port=parts.port,
-                                       proxy_rdns=parts.scheme == "socks5h",
-                                       proxy_username=unquote(parts.username) if parts.username else None,
-                                       proxy_password=unquote(parts.password) if parts.password else None)
+        sock = socks_connection(proxy, target.hostname, port, TIMEOUT)
         if target.scheme == "https":
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=target.hostname)
         connection = http.client.HTTPConnection(target.hostname, port, timeout=TIMEOUT)
@@ -506,13 +502,7 @@ def _same_config(argv: list[str], config_path: str | None) -> bool:
 def _processes() -> list[tuple[int, list[str]]]:
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                argv = [a.decode("utf-8", "replace") for a in handle.read().split(b"\0") if a]
-        except OSError:
-            continue
+        argv = process_cmdline(int(entry)) if entry.isdigit() else []
         if argv:
             # python -m heartbeatd: the module name is what counts
             found.append((int(entry), [os.path.basename(argv[0])] + argv[1:]

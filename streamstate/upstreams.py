@@ -185,6 +185,21 @@ def normal_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addres
     return parsed
 
 
+def socks_connection(proxy: str, host: str, port: int, timeout: float, *,
+                     remote_dns: bool | None = None):
+    """A socket connected to host:port through a socks5:// or socks5h:// proxy (pysocks;
+    socks5h lets the proxy resolve the name unless ``remote_dns`` says otherwise).
+    Raises pysocks' ProxyError or OSError."""
+    import socks
+    from urllib.parse import unquote
+    parts = urlsplit(proxy)
+    return socks.create_connection(
+        (host, port), timeout=timeout, proxy_type=socks.SOCKS5, proxy_addr=parts.hostname,
+        proxy_port=parts.port, proxy_rdns=parts.scheme == "socks5h" if remote_dns is None else remote_dns,
+        proxy_username=unquote(parts.username) if parts.username else None,
+        proxy_password=unquote(parts.password) if parts.password else None)
+
+
 def literal_address(host: str) -> str | None:
     """The address a host names without DNS: an IP in any spelling the C library accepts
     (2130706433, 0x7f.1, 127.1, 0177.0.0.1 are all 127.0.0.1), or localhost and its
