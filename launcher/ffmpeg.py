@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-from streamstate import files
+from streamstate import files, hls
 from streamstate.channels import Channel, ChannelError, check_source_url, recheck
 from streamstate.redact import redact_text, url_secrets
 from streamstate.upstreams import Upstream, upstream_of
@@ -26,10 +26,13 @@ def keyframe_interval(settings) -> float:
 
 
 def build_argv(channel: Channel, settings, *, upstream: Upstream | None = None,
-               source: str | None = None, cookies: list[str] = ()) -> list[str]:
+               source: str | None = None, cookies: list[str] = (), start_number: int = 0,
+               target_duration: int | None = None) -> list[str]:
     """The complete FFmpeg command for ``channel`` reading ``source`` (default: its first),
     with its provider's defaults; ChannelError if it cannot be run.  FFmpeg's connections
-    go to the egress relay (http_proxy in its environment, streamstate.egress)."""
+    go to the egress relay (http_proxy in its environment, streamstate.egress).  It writes
+    its own playlist (files.ffmpeg_playlist_path), numbering segments from
+    ``start_number``; the launcher publishes the viewers' playlist from it."""
     channel = recheck(channel)                   # nothing unchecked reaches the argv
     upstream = upstream or upstream_of(channel, settings)
     source = check_source_url(channel.id, source or channel.source_url)
@@ -75,14 +78,29 @@ def build_argv(channel: Channel, settings, *, upstream: Upstream | None = None,
         argv += ["-force_key_frames", f"expr:gte(t,n_forced*{keyframe_interval(settings):g})",
                  "-sc_threshold", "0"]
     argv += profile["audio"]
+    # FFmpeg lists (and keeps on disk) at least what the viewers' playlist may list, and
+    # deletes its own segments only a window after that: never one still listed.
+    target = target_duration or hls.target_duration(float(settings.hls_time), profile)
+    window = hls.window_segments(int(settings.hls_list_size), target,
+                                 min(float(settings.hls_time), float(settings.hls_init_time)))
     argv += ["-f", "hls",
              "-hls_time", f"{float(settings.hls_time):g}",
              "-hls_init_time", f"{float(settings.hls_init_time):g}",
-             "-hls_list_size", str(int(settings.hls_list_size)),
+             "-hls_list_size", str(window),
              "-hls_flags", "delete_segments+temp_file",
+             "-hls_delete_threshold", str(window + hls.KEEP_AFTER_REMOVAL),
+             "-start_number", str(int(start_number)),
              "-hls_segment_filename", files.segment_pattern(settings.hls_dir, channel.id),
-             files.playlist_path(settings.hls_dir, channel.id)]
+             files.ffmpeg_playlist_path(settings.hls_dir, channel.id)]
     return argv
+
+
+def start_number_of(argv: list[str]) -> int | None:
+    """The ``-start_number`` a running FFmpeg was given (its first segment's number)."""
+    for index, arg in enumerate(argv[:-1]):
+        if arg == "-start_number" and argv[index + 1].isdigit():
+            return int(argv[index + 1])
+    return None
 
 
 # Why an FFmpeg failed, as a class a player may see (never a URL: providers put accounts

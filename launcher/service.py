@@ -20,14 +20,14 @@ import logging
 import time
 import uuid
 
-from streamstate import egress, files, keys, providers, runs
+from streamstate import egress, files, keys, providers, runs, stream_end
 from streamstate.channels import Channel, ChannelError, get_channel
-from streamstate.process import ProcessHandle, StreamProcess, resolve_executable
+from streamstate.process import ProcessHandle, StreamProcess, process_cmdline, resolve_executable
 from streamstate.redact import redact_text
 from streamstate.redis_client import redis_from_url
 from streamstate.upstreams import Upstream, upstream_of
 
-from .ffmpeg import build_argv
+from .ffmpeg import build_argv, start_number_of
 from .supervisor import AdoptedProcess, StartFailed, StreamSupervisor
 
 log = logging.getLogger("streamkeeper.launcher")
@@ -86,8 +86,7 @@ class Launcher:
 
     def identity(self, channel_id: str, start_time: int | None) -> StreamProcess:
         """What proves a pid is this channel's FFmpeg (streamstate.process)."""
-        return StreamProcess(self.ffmpeg_executable, files.playlist_path(self.settings.hls_dir, channel_id),
-                             start_time)
+        return StreamProcess.of_channel(self.ffmpeg_executable, self.settings.hls_dir, channel_id, start_time)
 
     def active_supervisor(self, channel_id: str) -> StreamSupervisor | None:
         supervisor = self.supervisors.get(channel_id)
@@ -129,7 +128,17 @@ class Launcher:
             self.counters["joined"] += 1
         status = "started" if created or supervisor.state != "running" else "already_running"
         await supervisor.wait_playable(timeout)
+        if viewer:
+            await self._record_viewer(channel_id, viewer)
         return status
+
+    async def _record_viewer(self, channel_id: str, viewer: str) -> None:
+        """The viewer this start answers watches the channel from now: a channel change a
+        moment later knows it without waiting for heartbeatd (runs.record_viewer)."""
+        try:
+            await self.redis_call(runs.record_viewer, channel_id, viewer, time.time())
+        except Exception as exc:  # noqa: BLE001 - heartbeatd records it anyway
+            log.warning("channel %s: cannot record its viewer (%s)", channel_id, exc)
 
     async def _new_start(self, channel: Channel, upstream: Upstream, viewer: str | None) -> StreamSupervisor | None:
         """A supervisor for the channel, once this host has room, its provider a free
@@ -229,7 +238,7 @@ class Launcher:
 
     async def _check_relay(self, channel_id: str) -> None:
         """Every upstream connection goes through the egress relay: without it, no start."""
-        if await egress.open_connections(self.settings.egress_listen, timeout=1.0) is None:
+        if await asyncio.to_thread(egress.open_connections, self.settings.egress_listen, 1.0) is None:
             self.counters["relay_down"] += 1
             log.error("channel %s: not started: the egress relay does not answer on %s (is "
                       "stream-egress running?)", channel_id, self.settings.egress_listen)
@@ -293,21 +302,6 @@ class Launcher:
             return supervisor, f"no request for {seconds:.0f} s"
         return None, ""
 
-    async def release_slot(self, supervisor: StreamSupervisor) -> None:
-        """A run's provider slot, freed once the relay holds none of its connections (the
-        provider must never see one more than its limit, not even during a switch)."""
-        provider = supervisor.provider_name
-        if not provider:
-            return
-        if not await egress.wait_closed(self.settings.egress_listen, supervisor.id, timeout=5.0):
-            log.warning("channel %s: the relay still holds its upstream connection after 5 s; its "
-                        "slot of provider %s is freed anyway", supervisor.id, provider)
-        try:
-            await self.redis_call(providers.release_slot, provider, supervisor.id, supervisor.run_id)
-        except Exception as exc:  # noqa: BLE001 - reclaimed once its record is gone
-            log.warning("channel %s: cannot free its slot of provider %s (%s); it is reclaimed at "
-                        "the next start", supervisor.id, provider, exc)
-
     def _runs_elsewhere(self, record: runs.RunRecord) -> bool:
         """A live run of another launcher process (this host: the process is proven to be
         the channel's FFmpeg, started when recorded) or of another host."""
@@ -360,15 +354,22 @@ class Launcher:
                 continue
             handle = ProcessHandle.open_proven(record.pid, self.identity(channel_id, record.pid_start))
             if handle is None:
-                await self.redis_call(runs.delete_run_if, channel_id, record.run_id)
-                files.delete_stream_files(self.settings.hls_dir, channel_id)
-                egress.delete_ticket(self.settings.state_dir, channel_id)
-                log.info("channel %s: cleared the record of pid %s at start-up (its FFmpeg is gone)",
-                         channel_id, record.pid)
+                # Its FFmpeg is gone: the one stop routine, with nothing to signal (files,
+                # keys, ticket, and its provider slot).
+                await asyncio.to_thread(
+                    stream_end.stop_streams, self.redis, self.settings,
+                    [stream_end.StopTarget.of_record(record, "its FFmpeg is gone")],
+                    executable=self.ffmpeg_executable, log=log, signal=False, need_mark=False)
+                log.info("channel %s: cleared the record of pid %s at start-up (its FFmpeg is gone)%s",
+                         channel_id, record.pid,
+                         f"; freed its slot of provider {record.provider}" if record.provider else "")
                 counts["cleared"] += 1
                 continue
             channel, upstream = await self._channel_for_adoption(channel_id)
             supervisor = StreamSupervisor(self, channel, upstream, adopted=(AdoptedProcess(handle), record))
+            argv = process_cmdline(record.pid)
+            supervisor.publisher.adopt_run(start_number_of(argv), writes_public=bool(argv) and argv[-1] ==
+                                           files.playlist_path(self.settings.hls_dir, channel_id))
             self.supervisors[channel_id] = supervisor
             supervisor.begin()
             log.info("channel %s: adopted pid %s (run %s)%s", channel_id, record.pid, record.run_id[:8],

@@ -1,14 +1,16 @@
 """One channel's FFmpeg on this host: start it, wait until playable, watch it, restart it, stop it.
 
-States: ``starting`` (FFmpeg runs, no playable playlist yet), ``running``
-(the playlist lists at least ``min_segments`` segments), ``failed`` (it did
-not become playable, or kept dying), ``stopping``/``stopped``.
+States (streamstate.runs.TRANSITIONS): ``starting`` (FFmpeg runs, its first segment
+not yet published), ``running``, ``backoff`` (between two FFmpegs), ``failed``,
+``stopping``/``stopped``.
 
-While the stream is wanted (its run record in Redis is still this run and not
-``stopping``), a dead or stalled FFmpeg is restarted with back-off; its
-playlist and segments are deleted first, so nginx never serves a dead stream's
-playlist and the next request comes to the launcher again.  Idle stops are the
-reaper's job: it marks the record ``stopping`` before it signals.
+The viewers' playlist is published from FFmpeg's by this stream's PlaylistPublisher
+(launcher.publisher), so it outlives any one FFmpeg: while the stream is wanted (its
+run record is still this run and not ``stopping``), a dead or stalled FFmpeg is
+replaced and the viewers' playlist continues, with a discontinuity, never served
+unchanged for longer than streamstate.hls.freeze_limit.  What follows an FFmpeg's end
+and the stop itself are streamstate.stream_end's rules.  Idle stops are the reaper's
+job: it marks the record ``stopping`` before it signals.
 """
 from __future__ import annotations
 
@@ -18,21 +20,28 @@ import logging
 import os
 import time
 
-from streamstate import egress, files, providers, runs
+from streamstate import egress, files, hls, providers, runs, stream_end
 from streamstate.channels import Channel, ChannelError
 from streamstate.process import ProcessHandle, process_start_time, stop_processes
 from streamstate.redact import redact_url
+from streamstate.stream_end import Cause, Next
 from streamstate.upstreams import Upstream
 
 from .ffmpeg import build_argv, classify_failure
+from .publisher import PlaylistPublisher
 from .resolvers import ResolveFailed, resolve
 
 log = logging.getLogger("streamkeeper.launcher")
 
 POLL_READY = 0.05            # seconds between playlist checks while starting
-WATCH_INTERVAL = 0.5         # seconds between health checks while running
-RELAY_WAIT = 1.0             # seconds between looks at a relay that is down, while a stream waits
-MAX_BACKOFF = 60.0           # seconds; the wait before a restart doubles from 1 s up to this
+# Seconds between health checks while running; each also publishes FFmpeg's new segments,
+# so it is the most a segment waits to reach the viewers' playlist.
+WATCH_INTERVAL = 0.25
+WAIT_TICK = 0.25             # seconds between looks while waiting (back-off, relay down, disk full)
+WANTED_EVERY = 2.0           # seconds between reads of the record: is the stream still wanted?
+# The launcher's promise in the record (runs.RunRecord.until): a stream starting or in
+# back-off has its next state by then, or the reaper may take it for stale.
+STATE_SLACK = 10.0
 STDERR_LINES = 40           # lines of FFmpeg's log read for the reason of a failure
 LOG_MARK = "--- streamkeeper: "   # the line the launcher writes before each FFmpeg start
 SLOW_WINDOW = 30.0           # seconds over which a stream's pace is judged
@@ -107,8 +116,7 @@ class AdoptedProcess:
 REFUSAL_CLASSES = {"address": "upstream address not allowed", "proxy": "upstream proxy unusable",
                    "unreachable": "upstream unreachable"}
 RELAY_DOWN = "egress relay unavailable"
-# Failures that say nothing about the source: another source would not do better.
-NOT_SOURCE_FAILURES = ("disk full", "upstream proxy unusable", "launcher error", RELAY_DOWN)
+DISK_FULL = "disk full"
 
 
 class StreamSupervisor:
@@ -129,9 +137,14 @@ class StreamSupervisor:
         self.started = time.time()
         self.written_to: str | None = None   # the Redis server (INFO run_id) the record went to
         self.restarts = 0
+        self.cause: Cause | None = None   # why the last FFmpeg ended, for the next step
         self.failure = ""           # the class of the last failure, what a player may see
         self.last_error = ""        # the class and FFmpeg's own line (redacted), for operators
         self.log_path = files.ffmpeg_log_path(self.settings.log_dir, self.id)
+        profile = self.settings.quality_profiles.get(channel.quality, {})
+        self.publisher = PlaylistPublisher(
+            self.settings.hls_dir, self.id, list_size=int(self.settings.hls_list_size),
+            target_duration=hls.target_duration(float(self.settings.hls_time), profile))
         self._adopted = adopted[0] if adopted else None
         # The provider account whose connection slot this run holds (taken before the start;
         # an adopted run's is in its record).
@@ -142,10 +155,12 @@ class StreamSupervisor:
         self._changed = asyncio.Condition()
         self._task: asyncio.Task | None = None
         self._stop_requested = False
+        self._wanted_checked = 0.0  # monotonic time of the last read of the record
         if adopted:
             process, record = adopted
             self.run_id, self.process, self.pid_start = record.run_id, process, record.pid_start
             self.started, self.restarts, self.state = record.started, record.restarts, "running"
+            self.source = record.source or self.source
 
     # -- what the HTTP handlers call ------------------------------------------------
     def begin(self) -> None:
@@ -158,20 +173,13 @@ class StreamSupervisor:
             await self._run()
         except asyncio.CancelledError:
             if not self._detaching:
-                await self._terminate()
-                files.delete_stream_files(self.settings.hls_dir, self.id)
+                await self._end("stopped", "supervisor cancelled", signal=True)
             raise
         except Exception as exc:  # noqa: BLE001 - reported as the stream's error
             log.error("channel %s: supervisor failed: %s", self.id, exc)
-            self.failure = "launcher error"
+            self.cause, self.failure = Cause.LAUNCHER, "launcher error"
             self.last_error = f"launcher error: {exc}"
-            await self._terminate()
-            files.delete_stream_files(self.settings.hls_dir, self.id)
-            try:
-                await self.launcher.redis_call(runs.delete_run_if, self.id, self.run_id)
-            except Exception:  # noqa: BLE001 - the reaper clears it as stale
-                pass
-            await self._set_state("failed")
+            await self._end("failed", self.last_error, signal=True)
 
     @property
     def provider_name(self) -> str | None:
@@ -195,24 +203,23 @@ class StreamSupervisor:
             raise StartFailed(self.failure or f"stream {self.state}")
 
     async def stop(self, reason: str) -> None:
-        """Stop FFmpeg (SIGTERM through its pidfd, SIGKILL after stop_grace), delete files
-        and keys."""
+        """The stream ends now, by the one stop routine (streamstate.stream_end): marked
+        stopping, FFmpeg signalled, files, keys, ticket, provider slot."""
         self._stop_requested = True
+        self.publisher.close()
         if self.state not in ("stopped", "failed", "stopping"):
             log.info("channel %s: stopping (%s)", self.id, reason)
             await self._set_state("stopping")
-        files.delete_stream_files(self.settings.hls_dir, self.id)
-        await self._terminate()
-        if self._task is not None and not self._task.done():
+        await self._end("stopped", reason, signal=True)
+        if self._task is not None and not self._task.done() and self._task is not asyncio.current_task():
             await asyncio.wait({self._task}, timeout=float(self.settings.stop_grace) + 5)
-        await self._clear("stopped")
 
     # -- the run ----------------------------------------------------------------
     async def _run(self) -> None:
-        """starting -> running -> (exit or stall) -> backoff -> starting ...; failed after
-        max_restarts within restart_window (or a first start that never plays), with the
-        reason; stopped when no longer wanted."""
-        restarts_in_window: collections.deque[float] = collections.deque()
+        """starting -> running -> (exit or stall) -> what stream_end.after_exit says: a
+        restart (backoff -> starting, the viewers' playlist continuing), a wait, a failure,
+        or the end."""
+        restart_times: collections.deque[float] = collections.deque()
         first = self._adopted is None
         while not self._stop_requested:
             if self._adopted is not None:                # it plays already: watch it
@@ -233,61 +240,102 @@ class StreamSupervisor:
                 why = await self._watch()
             else:
                 why = self.last_error
-            # The files go before FFmpeg is signalled: a stalled FFmpeg may take the whole
-            # stop_grace to die, and nginx must not serve its frozen playlist meanwhile.
-            files.delete_stream_files(self.settings.hls_dir, self.id)
             await self._terminate()
-            files.delete_stream_files(self.settings.hls_dir, self.id)
             if self._stop_requested:
-                break
-            if self.failure == "disk full":
-                self.launcher.counters["disk_full"] += 1
-                await self._fail(why)
                 return
-            if first:                                    # never became playable
-                await self._fail(why)
+            window = float(self.settings.restart_window)
+            while restart_times and restart_times[0] < time.monotonic() - window:
+                restart_times.popleft()
+            step = stream_end.after_exit(self.cause or Cause.EXITED, ever_playable=not first,
+                                         wanted=await self._still_wanted(),
+                                         restarts_in_window=len(restart_times),
+                                         max_restarts=int(self.settings.max_restarts), restart_window=window)
+            if step.next is Next.STOP:
+                log.info("channel %s: FFmpeg ended and the stream is %s", self.id, step.why)
+                await self._end("stopped", step.why, signal=False)
                 return
-            if not await self._still_wanted():
-                log.info("channel %s: FFmpeg ended and the stream is no longer wanted", self.id)
-                await self._clear("stopped")
+            if step.next is Next.FAIL:
+                await self._fail(why if first else f"{step.why}; last: {why}")
                 return
-            if self.failure == RELAY_DOWN:
-                # A host problem, not the stream's: wait for the relay, spend no restart.
-                log.warning("channel %s: %s; starting FFmpeg again once it answers", self.id, self.last_error)
-                await self._set_state("backoff")
-                await asyncio.sleep(RELAY_WAIT)
-                await self._set_state("starting")
+            if step.next is Next.WAIT:
+                if not await self._wait_for_host(why):
+                    return
                 continue
-            now = time.monotonic()
-            while restarts_in_window and restarts_in_window[0] < now - float(self.settings.restart_window):
-                restarts_in_window.popleft()
-            if len(restarts_in_window) >= int(self.settings.max_restarts):
-                await self._fail(f"{len(restarts_in_window)} restarts in "
-                                 f"{float(self.settings.restart_window):g} s; last: {why}")
-                return
-            restarts_in_window.append(now)
+            restart_times.append(time.monotonic())
             self.restarts += 1
-            delay = min(2.0 ** (len(restarts_in_window) - 1), MAX_BACKOFF)
-            log.warning("channel %s: restarting FFmpeg in %g s (%s; restart %d)", self.id, delay,
-                        why, self.restarts)
-            await self._set_state("backoff")
-            await asyncio.sleep(delay)
-            await self._set_state("starting")
+            log.warning("channel %s: restarting FFmpeg%s (%s; restart %d)", self.id,
+                        f" in {step.delay:g} s" if step.delay else "", why, self.restarts)
+            if not await self._backoff(step.delay):
+                return
+
+    async def _backoff(self, delay: float) -> bool:
+        """backoff for ``delay`` seconds, then starting; False if the stream ended meanwhile."""
+        await self._set_state("backoff", until=time.time() + delay + STATE_SLACK)
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and not self._stop_requested:
+            self._enforce_freeze_limit()
+            await asyncio.sleep(min(WAIT_TICK, max(0.0, deadline - time.monotonic())))
+        if self._stop_requested:
+            return False
+        if delay and not await self._still_wanted():
+            log.info("channel %s: no longer wanted during its back-off", self.id)
+            await self._end("stopped", "no longer wanted", signal=False)
+            return False
+        await self._set_state("starting")
+        return True
+
+    async def _wait_for_host(self, why: str) -> bool:
+        """A problem of this host, not of the stream (the egress relay down, hls_dir full):
+        wait in backoff, spending no restart, until it is gone; then starting (True).  A full
+        disk that stays full past the freeze limit fails the stream."""
+        cause = self.cause
+        log.warning("channel %s: %s; starting FFmpeg again once it is solved", self.id, why)
+        began = time.monotonic()
+        limit = hls.freeze_limit(float(self.settings.hls_time), float(self.settings.start_timeout))
+        while not self._stop_requested:
+            await self._set_state("backoff", until=time.time() + WANTED_EVERY + STATE_SLACK)
+            if cause is Cause.RELAY_DOWN and await self._relay_answers():
+                break
+            if cause is Cause.DISK_FULL and (files.free_mb(self.settings.hls_dir) or 0) >= max(
+                    1, int(self.settings.min_free_mb)):
+                break
+            if cause is Cause.DISK_FULL and time.monotonic() - began > limit:
+                self.cause, self.failure = Cause.DISK_FULL, DISK_FULL
+                self.launcher.counters["disk_full"] += 1
+                await self._fail(f"{why}; still full after {limit:g} s")
+                return False
+            self._enforce_freeze_limit()
+            if not await self._still_wanted():
+                await self._end("stopped", "no longer wanted", signal=False)
+                return False
+            await asyncio.sleep(WANTED_EVERY)
+        if self._stop_requested:
+            return False
+        await self._set_state("starting")
+        return True
+
+    def _enforce_freeze_limit(self) -> None:
+        """No viewers' playlist is served unchanged past the freeze limit: the session ends
+        and its files go (a player's next request starts the channel again)."""
+        limit = hls.freeze_limit(float(self.settings.hls_time), float(self.settings.start_timeout))
+        if self.publisher.playlist is not None and self.publisher.unchanged_for() > limit:
+            log.warning("channel %s: its playlist did not change for %.0f s (freeze limit %g s); its "
+                        "files are removed, the next request starts it again", self.id,
+                        self.publisher.unchanged_for(), limit)
+            self.publisher.end_session()
 
     async def _fail(self, why: str) -> None:
         """failed: files and keys go; starts get 503 with the reason for failed_cooldown."""
         if not self.failure:
             self._note_failure("FFmpeg did not produce a playable stream")
         log.error("channel %s: failed: %s", self.id, why or self.last_error or "unknown error")
-        if self.failure == RELAY_DOWN:           # the host's problem: the channel is not cooled down
-            await self._clear("failed")
-            return
-        try:
-            await self.launcher.redis_call(runs.mark_failed, self.id, self.failure,
-                                           self.settings.host_id, float(self.settings.failed_cooldown))
-        except Exception as exc:  # noqa: BLE001 - the cooldown is a courtesy to the upstream
-            log.warning("channel %s: cannot record the failure (%s)", self.id, exc)
-        await self._clear("failed")
+        if self.cause is not Cause.RELAY_DOWN:      # the host's problem: the channel is not cooled down
+            try:
+                await self.launcher.redis_call(runs.mark_failed, self.id, self.failure,
+                                               self.settings.host_id, float(self.settings.failed_cooldown))
+            except Exception as exc:  # noqa: BLE001 - the cooldown is a courtesy to the upstream
+                log.warning("channel %s: cannot record the failure (%s)", self.id, exc)
+        await self._end("failed", why, signal=False)
 
     async def _start_from_sources(self, first: bool) -> bool:
         """Start FFmpeg on the current source, else on the next ones: a source that fails
@@ -309,11 +357,10 @@ class StreamSupervisor:
                 playable = await self._wait_until_playable(deadline)
             if playable:
                 return True
-            if (self.failure in NOT_SOURCE_FAILURES or len(self.channel.sources) == 1
-                    or self._stop_requested or not await self._relay_answers()):
+            if (self.cause in stream_end.NOT_THE_SOURCE or self.failure == "upstream proxy unusable"
+                    or len(self.channel.sources) == 1 or self._stop_requested or not await self._relay_answers()):
                 return False
             await self._source_failed(source)
-            files.delete_stream_files(self.settings.hls_dir, self.id)
             await self._terminate()
             if time.monotonic() >= deadline:
                 return False
@@ -322,9 +369,9 @@ class StreamSupervisor:
     async def _relay_answers(self) -> bool:
         """Every connection goes through the egress relay: while it is down, nothing is the
         source's fault (no failover, no cooldown) and a restart waits for it."""
-        if await egress.open_connections(self.settings.egress_listen, timeout=1.0) is not None:
+        if await asyncio.to_thread(egress.open_connections, self.settings.egress_listen, 1.0) is not None:
             return True
-        self.failure = RELAY_DOWN
+        self.cause, self.failure = Cause.RELAY_DOWN, RELAY_DOWN
         self.last_error = f"{RELAY_DOWN}: nothing answers on {self.settings.egress_listen}"
         return False
 
@@ -344,6 +391,7 @@ class StreamSupervisor:
             if source not in cooling:
                 return source
         if not tried:
+            self.cause = Cause.SOURCE
             self.failure = f"all {len(sources)} sources failed within source_cooldown"
             self.last_error = self.failure
         return None
@@ -359,7 +407,7 @@ class StreamSupervisor:
         except Exception as exc:  # noqa: BLE001 - the cooldown is a courtesy to the upstream
             log.warning("channel %s: cannot record the source's failure (%s)", self.id, exc)
 
-    async def _prepare(self, source: str) -> tuple[list[str], dict[str, str]]:
+    async def _prepare(self, source: str, start_number: int) -> tuple[list[str], dict[str, str]]:
         """FFmpeg's argv and environment for one source: a fresh egress ticket, and the
         resolver's URL and cookies.  ResolveFailed or ChannelError say why not."""
         token = egress.write_ticket(self.settings.state_dir, self.id, self.upstream.proxy, self.slot_provider)
@@ -368,20 +416,31 @@ class StreamSupervisor:
         if self.upstream.resolver != "none":
             url, cookies = await asyncio.to_thread(resolve, self.upstream, source, relay,
                                                    self.settings.tls_ca_file)
-        argv = build_argv(self.channel, self.settings, upstream=self.upstream, source=url, cookies=cookies)
+        argv = build_argv(self.channel, self.settings, upstream=self.upstream, source=url, cookies=cookies,
+                          start_number=start_number, target_duration=self.publisher.target_duration)
         return argv, egress.ffmpeg_environment(self.settings.egress_listen, self.id, token)
 
     async def _spawn(self, first: bool, source: str) -> bool:
         """FFmpeg in a session of its own, its output appended to the channel's log file (not
-        a pipe to the launcher: it outlives a launcher restart); False if it could not be
-        prepared (the resolver failed: the failure says why)."""
-        files.delete_stream_files(self.settings.hls_dir, self.id)   # never serve a stale playlist
+        a pipe to the launcher: it outlives a launcher restart), numbering its segments on
+        from the viewers' playlist; False if it could not be prepared (the resolver failed:
+        the failure says why)."""
+        if self.slot_provider and not first:
+            # The previous FFmpeg's upstream connection is closed before the next opens one:
+            # the provider never sees one connection over its limit, not even for a moment.
+            if not await asyncio.to_thread(egress.wait_closed, self.settings.egress_listen, self.id,
+                                           stream_end.RELAY_CLOSE_WAIT):
+                log.warning("channel %s: the relay still holds the previous FFmpeg's connection after "
+                            "%g s", self.id, stream_end.RELAY_CLOSE_WAIT)
+        start_number = self.publisher.begin_run()
         self._spawned_at = time.time()
         try:
-            argv, environment = await self._prepare(source)
+            argv, environment = await self._prepare(source, start_number)
         except (ResolveFailed, ChannelError) as exc:
             self._note_failure(str(exc), from_ffmpeg=False)
             log.warning("channel %s: cannot start on %s: %s", self.id, redact_url(source), self.last_error)
+            return False
+        if self._stop_requested:
             return False
         log_fd = files.open_ffmpeg_log(
             self.settings.log_dir, self.id,
@@ -398,71 +457,65 @@ class StreamSupervisor:
         else:
             await self._update_record(pid=self.process.pid, pid_start=self.pid_start or "",
                                       state="starting", restarts=self.restarts,
-                                      last_error=self.last_error, source=redact_url(source))
-        log.info("channel %s: FFmpeg started (pid %s, quality %s, source %s%s)", self.id,
+                                      last_error=self.last_error, source=redact_url(source),
+                                      until=f"{time.time() + float(self.settings.start_timeout) + STATE_SLACK:.3f}")
+        log.info("channel %s: FFmpeg started (pid %s, quality %s, source %s%s, first segment %d)", self.id,
                  self.process.pid, self.channel.quality, redact_url(source),
-                 f", proxy {redact_url(self.upstream.proxy)}" if self.upstream.proxy else "")
+                 f", proxy {redact_url(self.upstream.proxy)}" if self.upstream.proxy else "", start_number)
         return True
 
     async def _wait_until_playable(self, deadline: float) -> bool:
-        playlist = files.playlist_path(self.settings.hls_dir, self.id)
+        """Until this FFmpeg's first min_segments segments are in the viewers' playlist."""
         minimum = int(self.settings.min_segments)
         while time.monotonic() < deadline and not self._stop_requested:
-            if files.count_listed_segments(playlist) >= minimum:
+            self.publisher.publish()
+            if self.publisher.run_published >= minimum:
                 return True
             if self.process.returncode is not None:
                 self._note_failure(f"FFmpeg exited with status {self.process.returncode}")
                 return False
             if self._relay_refused():
                 return False
+            self._enforce_freeze_limit()
             await asyncio.sleep(POLL_READY)
+        self.cause = Cause.SOURCE
         self._note_failure(f"no playable stream after {float(self.settings.start_timeout):g} s")
         return False
 
     async def _watch(self) -> str:
-        """Until FFmpeg dies, stalls, or the stream is no longer wanted; returns why."""
-        playlist = files.playlist_path(self.settings.hls_dir, self.id)
-        stall_after = max(3 * float(self.settings.hls_time), 6.0)
+        """Until FFmpeg dies, stalls, or the stream is no longer wanted; returns why.  Each
+        tick publishes FFmpeg's new segments."""
+        stall_after = hls.stall_after(float(self.settings.hls_time))
         pace = PaceMeter()
-        checks = empty_checks = 0
+        checks = 0
         while not self._stop_requested:
             try:
                 await asyncio.wait_for(asyncio.shield(self.process.wait()), WATCH_INTERVAL)
             except asyncio.TimeoutError:
                 pass
+            self.publisher.publish()
             if self.process.returncode is not None:
-                self._note_failure(f"FFmpeg exited with status {self.process.returncode}")
+                self._note_failure(f"FFmpeg exited with status {self.process.returncode}", cause=Cause.EXITED)
                 return f"FFmpeg exited: {self.last_error}"
             if self._relay_refused():
                 return self.last_error
-            try:
-                age = time.time() - os.stat(playlist).st_mtime
-            except FileNotFoundError:
-                age = stall_after + 1
-            if age > stall_after:
-                self.failure = "stalled"
-                self.last_error = f"stalled: playlist not updated for {age:.0f} s"
+            unchanged = self.publisher.unchanged_for()
+            if unchanged > stall_after:
+                self.cause, self.failure = Cause.STALLED, "stalled"
+                self.last_error = f"stalled: no new segment for {unchanged:.0f} s"
                 return self.last_error
             if files.free_mb(self.settings.hls_dir) == 0:
                 # FFmpeg writes empty playlists and truncated segments on a full disk, and
-                # says nothing (seen with 5.1): under 1 MB free ends the stream.
-                self.failure = "disk full"
+                # says nothing (seen with 5.1): under 1 MB free ends this FFmpeg.
+                self.cause, self.failure = Cause.DISK_FULL, DISK_FULL
                 self.last_error = f"disk full: under 1 MB free in {self.settings.hls_dir}"
                 return self.last_error
-            media = files.playlist_media(playlist)      # read once a tick: emptiness and pace
-            if media is not None and not media[1]:
-                empty_checks += 1
-                if empty_checks >= 2:             # FFmpeg replaces it whole: never empty twice
-                    self.failure = "playlist empty"
-                    self.last_error = "playlist empty: it lists no segment (write error?)"
-                    return self.last_error
-            else:
-                empty_checks = 0
-            self._judge_pace(pace.update(media, time.monotonic()))
+            self._judge_pace(pace.update(self.publisher.media(), time.monotonic()))
             checks += 1
-            if checks % 20 == 0:
+            if checks % 40 == 0:
                 files.cap_ffmpeg_log(self.settings.log_dir, self.id)
-            if checks % 4 == 0 and not await self._still_wanted():
+            if time.monotonic() - self._wanted_checked >= WANTED_EVERY and not await self._still_wanted():
+                self.cause = None
                 return "no longer wanted (its record was stopped or replaced)"
         return "stop requested"
 
@@ -488,20 +541,25 @@ class StreamSupervisor:
         self._note_failure("refused by the egress relay")
         return True
 
-    def _note_failure(self, otherwise: str, *, from_ffmpeg: bool = True) -> None:
+    def _note_failure(self, otherwise: str, *, from_ffmpeg: bool = True, cause: Cause = Cause.SOURCE) -> None:
         """Why FFmpeg failed: the egress relay's refusal if it refused one of its connections
         (an address not allowed, a proxy that cannot be used), else FFmpeg's own output; the
-        class, and the line that says so (redacted)."""
+        class, and the line that says so (redacted).  ``cause``: what it was, unless the
+        output says the disk is full or the relay refused."""
         refusal = egress.read_refusal(self.settings.state_dir, self.id, self._spawned_at)
         if refusal is not None:
+            self.cause = Cause.REFUSED
             self.failure = REFUSAL_CLASSES.get(refusal.get("kind"), "upstream proxy unusable")
             self.last_error = f"{self.failure}: {str(refusal.get('reason', ''))[:300]}"
             return
+        self.cause = cause
         if not from_ffmpeg:
             self.failure = self.last_error = otherwise
             return
         tail = files.log_tail(self.log_path, STDERR_LINES, since=LOG_MARK)
         label, detail = classify_failure(tail, self.source)
+        if label == DISK_FULL:
+            self.cause = Cause.DISK_FULL
         self.failure = label or otherwise
         self.last_error = f"{self.failure}: {detail}" if detail else self.failure
 
@@ -515,6 +573,7 @@ class StreamSupervisor:
     async def _still_wanted(self) -> bool:
         """Its record is still this run and not being stopped.  While Redis cannot be read
         the answer is yes: a Redis outage must not take watched streams down."""
+        self._wanted_checked = time.monotonic()
         try:
             record = await self.launcher.redis_call(runs.get_run, self.id)
         except Exception as exc:  # noqa: BLE001 - redis errors of any kind
@@ -531,7 +590,9 @@ class StreamSupervisor:
                                 state=self.state if self.state in runs.STATES else "starting",
                                 last_error=self.last_error, restarts=self.restarts,
                                 source=redact_url(self.source),
-                                provider=self.provider_name or "")
+                                provider=self.provider_name or "",
+                                until=time.time() + float(self.settings.start_timeout) + STATE_SLACK
+                                if self.state in ("starting", "backoff") else None)
         await self.launcher.redis_call(runs.record_run, record)
         self.written_to = await self.launcher.redis_call(runs.redis_server_id)
 
@@ -562,33 +623,40 @@ class StreamSupervisor:
             self._task.cancel()
 
     async def _terminate(self) -> None:
-        """The stop routine (streamstate.process): SIGTERM through a pidfd held on the proven
-        process, SIGKILL after the grace; then the child is reaped."""
+        """This run's FFmpeg, stopped (a replacement follows): SIGTERM through a pidfd held
+        on the proven process, SIGKILL after the grace; then the child is reaped and its
+        last segments published."""
         process = self.process
-        if process is None or process.returncode is not None:
+        if process is None:
             return
-        handle = ProcessHandle.open_proven(process.pid, self.launcher.identity(self.id, self.pid_start))
-        if handle is not None:
-            with handle:
-                grace = float(self.settings.stop_grace)
-                if await asyncio.to_thread(stop_processes, [handle], grace):
-                    log.warning("channel %s: FFmpeg ignored SIGTERM for %g s; SIGKILL", self.id, grace)
-        await process.wait()
+        if process.returncode is None:
+            handle = ProcessHandle.open_proven(process.pid, self.launcher.identity(self.id, self.pid_start))
+            if handle is not None:
+                with handle:
+                    grace = float(self.settings.stop_grace)
+                    if await asyncio.to_thread(stop_processes, [handle], grace):
+                        log.warning("channel %s: FFmpeg ignored SIGTERM for %g s; SIGKILL", self.id, grace)
+            await process.wait()
+        self.publisher.publish()
 
-    async def _clear(self, state: str) -> None:
-        """The run is over: files, keys, its egress ticket, then its provider slot (once the
-        relay holds none of its connections)."""
-        files.delete_stream_files(self.settings.hls_dir, self.id)
-        egress.delete_ticket(self.settings.state_dir, self.id)
-        try:
-            await self.launcher.redis_call(runs.delete_run_if, self.id, self.run_id)
-        finally:
-            await self.launcher.release_slot(self)
+    async def _end(self, state: str, why: str, *, signal: bool) -> None:
+        """The run is over: the one stop routine (streamstate.stream_end) in a thread, then
+        the child reaped and the state set."""
+        self.publisher.close()                        # its files go now: the session is over
+        process = self.process
+        alive = signal and process is not None and process.returncode is None
+        target = stream_end.StopTarget(channel=self.id, pid=process.pid if alive else 0, run_id=self.run_id,
+                                       pid_start=self.pid_start, provider=self.slot_provider or "", why=why)
+        await asyncio.to_thread(stream_end.stop_streams, self.launcher.redis, self.settings, [target],
+                                executable=self.launcher.ffmpeg_executable, log=log, need_mark=False)
+        if alive:
+            await process.wait()
         await self._set_state(state)
 
-    async def _set_state(self, state: str) -> None:
+    async def _set_state(self, state: str, *, until: float | None = None) -> None:
         """The one place the state changes: only along runs.TRANSITIONS; the run record
-        follows (states past a run's end are not kept there: its keys go)."""
+        follows (states past a run's end are not kept there: its keys go).  ``until``: the
+        launcher's promise for starting and backoff (runs.RunRecord.until)."""
         if state != self.state and state not in runs.TRANSITIONS[self.state]:
             log.error("channel %s: refused state change %s -> %s", self.id, self.state, state)
             return
@@ -596,4 +664,6 @@ class StreamSupervisor:
             self.state = state
             self._changed.notify_all()
         if state in ("starting", "running", "backoff", "stopping") and self.written_to is not None:
-            await self._update_record(state=state)
+            if state == "starting" and until is None:
+                until = time.time() + float(self.settings.start_timeout) + STATE_SLACK
+            await self._update_record(state=state, until=f"{until:.3f}" if until else "")

@@ -6,15 +6,18 @@ Rules, in the order a pass applies them:
 * Only one pass per host at a time: ``reaper:<host>:lock`` (SET NX with an expiry).
 * A record of another host: left alone while that host's ``host:<id>`` key lives;
   cleared as stale (never signalled) once the host has not been seen for host_timeout.
+* A record of this host that is between two FFmpegs (``starting`` or ``backoff``,
+  within the launcher's promise ``until``) -> kept like a running one: its pid is the
+  FFmpeg that just ended, and the launcher is about to start the next.
 * A record of this host whose pid is not proven to be its FFmpeg (streamstate.process:
   the configured FFmpeg executable, writing exactly this channel's playlist, with the
   recorded start time where there is one) -> stale: keys and files cleared, nothing
   signalled.  Signals go through a pidfd opened before the proof.
-* Idle (now - last_access, else started) past idle_timeout -> stop: the record is
-  marked ``stopping`` (so the launcher does not restart it), SIGTERM to its process
-  group, SIGKILL after stop_grace, files deleted, keys deleted only if they still
-  belong to that run (compare-and-delete), so a stream started again meanwhile keeps
-  its keys.
+* Idle (now - last_access, else started) past idle_timeout -> stop, with the one stop
+  routine (streamstate.stream_end): marked ``stopping`` (so the launcher does not
+  restart it), SIGTERM, SIGKILL after stop_grace, files, keys only if they still
+  belong to that run (compare-and-delete, so a stream started again meanwhile keeps
+  its keys), its egress ticket, its provider slot.
 * Files in hls_dir of no running stream, older than orphan_age -> deleted.
 * FFmpeg processes writing into hls_dir that no record knows -> stopped.
 """
@@ -29,7 +32,7 @@ import uuid
 
 import redis
 
-from streamstate import egress, files, keys, runs
+from streamstate import files, keys, runs, stream_end
 from streamstate.process import (ProcessHandle, StreamProcess, process_age, process_start_time,
                                  resolve_executable, stop_processes, stream_ffmpegs_under)
 
@@ -79,9 +82,17 @@ class Action:
     run_id: str | None = None
     pid_start: int | None = None
     pid_raw: str | None = None        # a legacy record's pid key as stored (compared on delete)
+    provider: str | None = None       # the provider slot its run holds
+    host: str | None = None           # another host's record (its files and ticket are not here)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def target(self) -> stream_end.StopTarget:
+        return stream_end.StopTarget(channel=self.channel, pid=self.pid, run_id=self.run_id,
+                                     pid_start=self.pid_start, pid_raw=self.pid_raw,
+                                     provider=self.provider or "", local=self.host is None,
+                                     why=self.why)
 
 
 @dataclasses.dataclass
@@ -165,12 +176,12 @@ class Reaper:
         summary.duration = time.monotonic() - began
         return summary
 
-    def stop_host_streams(self, reason: str) -> list[str]:
-        """Every stream of this host, stopped now with the pass's own stop routine (proven by
-        pidfd, SIGTERM, SIGKILL after the grace; files, keys and ticket): what `streamctl
-        stop --all` falls back to when the launcher is not there to do it.  Returns the
-        channels stopped."""
-        views = [v for v in self._collect() if v.run is None or not v.run.host or v.run.host == self.host]
+    def stop_host_streams(self, reason: str, channel: str | None = None) -> list[str]:
+        """Every stream of this host (or only ``channel``), stopped now with the one stop
+        routine (streamstate.stream_end): what `streamctl stop` falls back to when the
+        launcher is not there to do it.  Returns the channels stopped."""
+        views = [v for v in self._collect() if (v.run is None or not v.run.host or v.run.host == self.host)
+                 and channel in (None, v.channel)]
         actions = [self._decide(view, time.time(), set()) for view in views]
         # Only streams proven to be FFmpegs writing into this hls_dir; stale records are
         # the reaper's next pass's business.
@@ -222,16 +233,21 @@ class Reaper:
     def _decide(self, view: StreamView, now: float, live_hosts: set[str]) -> Action:
         channel, pid = view.channel, view.pid
         idle = view.idle(now)
+        run = view.run
         base = dict(channel=channel, pid=pid, idle=None if idle is None else round(idle, 1),
-                    pid_raw=None if view.run else view.pid_raw,
-                    run_id=view.run.run_id if view.run else None,
-                    pid_start=view.run.pid_start if view.run else None)
-        if view.run is not None and view.run.host and view.run.host != self.host:
-            if view.run.host in live_hosts:
-                return Action(kind="foreign", why=f"runs on host {view.run.host}", **base)
-            return Action(kind="stale", why=f"host {view.run.host} not seen for "
+                    pid_raw=None if run else view.pid_raw,
+                    run_id=run.run_id if run else None,
+                    pid_start=run.pid_start if run else None,
+                    provider=(run.provider or None) if run else None)
+        if run is not None and run.host and run.host != self.host:
+            if run.host in live_hosts:
+                return Action(kind="foreign", why=f"runs on host {run.host}", **base)
+            return Action(kind="stale", host=run.host, why=f"host {run.host} not seen for "
                           f"{float(self.settings.host_timeout):g} s", **base)
-        if not self._proven(view):
+        restarting = run is not None and run.restarting(now)
+        if restarting and (idle is None or idle <= float(self.settings.idle_timeout)):
+            return Action(kind="keep", why=f"restarting ({run.state})", **base)
+        if not restarting and not self._proven(view):
             why = "no pid" if not pid else f"pid {pid} is not this stream's FFmpeg (gone or reused)"
             return Action(kind="stale", why=why, **base)
         if idle is None or idle > float(self.settings.idle_timeout):
@@ -240,87 +256,31 @@ class Reaper:
                           f"{float(self.settings.idle_timeout):g} s", **base)
         return Action(kind="keep", why="watched", **base)
 
-    def _identity(self, channel: str, start_time: int | None) -> StreamProcess:
-        return StreamProcess(self.ffmpeg, files.playlist_path(self.hls_dir, channel), start_time)
-
     def _proven(self, view: StreamView) -> bool:
         start_time = view.run.pid_start if view.run is not None else None
-        return self._identity(view.channel, start_time).proven_by(view.pid)
+        return StreamProcess.of_channel(self.ffmpeg, self.hls_dir, view.channel, start_time).proven_by(view.pid)
 
     # -- acting -------------------------------------------------------------------
-    def _delete_keys(self, actions: list[Action]) -> list[bool]:
-        """Compare-and-delete, one round trip per batch: only keys still of the run decided on."""
-        deleted = []
-        for start in range(0, len(actions), BATCH):
-            batch = actions[start:start + BATCH]
-            deleted += runs.delete_many_if_ours(self.redis, [
-                (a.channel, "run", a.run_id) if a.run_id else (a.channel, "pid", a.pid_raw or "")
-                for a in batch])
-        return deleted
-
     def _clear_stale(self, actions: list[Action]) -> None:
-        deleted = self._delete_keys(actions)
-        stream_files = self._files_by_channel()
-        for action, gone in zip(actions, deleted):
-            if "host " not in action.why:       # another host's files are not here
-                for path in stream_files.get(action.channel, ()):
-                    _unlink(path)
-                if gone:                        # else a newer run owns the ticket now
-                    egress.delete_ticket(self.settings.state_dir, action.channel)
-            log.info("channel %s: cleared stale record (pid %s): %s", action.channel, action.pid,
-                     action.why)
-
-    def _files_by_channel(self) -> dict[str, list[str]]:
-        """hls_dir listed once: channel -> its playlist, segments and temp files."""
-        grouped: dict[str, list[str]] = {}
-        try:
-            names = os.listdir(self.hls_dir)
-        except FileNotFoundError:
-            return grouped
-        for name in names:
-            channel = files.channel_of_file(name)
-            if channel is not None:
-                grouped.setdefault(channel, []).append(os.path.join(self.hls_dir, name))
-        return grouped
+        """Records whose process is gone: the stop routine without a signal."""
+        self._end(actions, signal=False)
+        for action in actions:
+            log.info("channel %s: cleared stale record (pid %s): %s", action.channel, action.pid, action.why)
 
     def _stop(self, actions: list[Action]) -> None:
-        if not actions:
-            return
-        # 1. Mark them stopping, so a launcher watching them does not restart them.
-        pipe = self.redis.pipeline(transaction=False)
-        marked = [a for a in actions if a.run_id]
-        for action in marked:
-            runs.mark_stopping_in(pipe, self.redis, action.channel, action.run_id)
-        if marked:
-            pipe.execute()
-        # 2. Hold each process by a pidfd and prove it again; SIGTERM, SIGKILL after the grace.
-        handles = {}
-        for action in actions:
-            handle = ProcessHandle.open_proven(action.pid, self._identity(action.channel, action.pid_start))
-            if handle is None:
-                log.info("channel %s: pid %s is gone or no longer its FFmpeg; nothing to signal",
-                         action.channel, action.pid)
-                continue
-            handles[handle] = action
-            log.info("channel %s: stopping pid %s (%s)", action.channel, action.pid, action.why)
-        try:
-            for handle in stop_processes(list(handles), float(self.settings.stop_grace)):
-                log.warning("channel %s: pid %s ignored SIGTERM for %g s; SIGKILL",
-                            handles[handle].channel, handle.pid, float(self.settings.stop_grace))
-        finally:
-            for handle in handles:
-                handle.close()
-        # 4. Files, then the keys (and the egress ticket), only where they still belong to
-        # the run stopped.  Its provider slot is reclaimed once its record is gone.
-        for action in actions:
-            files.delete_stream_files(self.hls_dir, action.channel)
-        for action, deleted in zip(actions, self._delete_keys(actions)):
-            if deleted:
-                egress.delete_ticket(self.settings.state_dir, action.channel)
+        for result, action in zip(self._end(actions, signal=True), actions):
+            if result.keys_deleted:
                 log.info("channel %s: stopped (pid %s, %s)", action.channel, action.pid, action.why)
             else:
                 log.info("channel %s: stopped pid %s; its keys now belong to a newer run and stay",
                          action.channel, action.pid)
+
+    def _end(self, actions: list[Action], *, signal: bool) -> list[stream_end.Stopped]:
+        try:
+            return stream_end.stop_streams(self.redis, self.settings, [a.target() for a in actions],
+                                           executable=self.ffmpeg, log=log, signal=signal)
+        except stream_end.StopAborted as exc:
+            raise RedisUnavailable(str(exc)) from None
 
     def _remove_invalid_members(self) -> int:
         """Members of streams:active that are no channel id: skipped by every reader,
@@ -381,7 +341,7 @@ class Reaper:
         for pid, playlist in candidates:
             if pid in known_pids:
                 continue
-            handle = ProcessHandle.open_proven(pid, StreamProcess(self.ffmpeg, playlist, process_start_time(pid)))
+            handle = ProcessHandle.open_proven(pid, StreamProcess(self.ffmpeg, (playlist,), process_start_time(pid)))
             if handle is None:
                 continue
             with handle:

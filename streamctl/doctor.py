@@ -7,7 +7,6 @@ proxy FFmpeg ignored.  Every check has a deadline: doctor never hangs.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -180,7 +179,7 @@ def check_launcher(settings) -> list[Check]:
 
 
 def check_relay(settings) -> list[Check]:
-    counts = asyncio.run(egress.open_connections(settings.egress_listen, timeout=TIMEOUT))
+    counts = egress.open_connections(settings.egress_listen, timeout=TIMEOUT)
     if counts is None:
         return [Check(FAIL, "egress relay", f"nothing answers on {settings.egress_listen}: every start "
                       "fails with 'egress relay unavailable'; start it (systemctl start streamkeeper-egress)")]

@@ -72,29 +72,41 @@ def start_command(settings_loader, channel_id, as_json):
               help="Stop every stream this host's launcher runs (a launcher that exits leaves "
                    "them running: this is the explicit way to stop them all).")
 def stop_command(settings_loader, channel_id, stop_all):
-    """Stop CHANNEL_ID now (or every stream, with --all): FFmpeg, its files and its keys
-    (the launcher does it; with --all and the launcher down, this host's streams are
-    stopped directly, proven by pidfd first, as the reaper stops them).
+    """Stop CHANNEL_ID now (or every stream, with --all): FFmpeg, its files, its keys, its
+    provider slot (the launcher does it; with the launcher down, this host's streams are
+    stopped directly by the same stop routine, each proven by pidfd first).
 
-    Exit codes: 0 stopped or not running, 1 launcher unreachable (one channel), 2 invalid
-    id or usage.
+    Exit codes: 0 stopped or not running, 1 Redis unreachable with the launcher down, 2
+    invalid id or usage.
     """
     if bool(channel_id) == stop_all:
         click.echo("error: give a CHANNEL_ID or --all", err=True)
         raise SystemExit(EXIT_INVALID)
+    if channel_id is not None:
+        try:
+            keys.check_channel_id(channel_id)
+        except keys.InvalidChannelId as exc:
+            click.echo(f"error: {exc}", err=True)
+            raise SystemExit(EXIT_INVALID) from None
     settings = settings_loader()
     path = "/streams/stop" if stop_all else f"/channel/{channel_id}/stop"
     try:
         status, body = _launcher_request(settings, path, float(settings.stop_grace) + 20)
     except click.ClickException as exc:
-        if not stop_all:
-            raise
         # The launcher is gone (stopped alone before the target): its streams run on, so
-        # they are stopped here, the way the reaper stops them.
-        from reaper.reaper import Reaper
+        # they are stopped here, with the routine every stop uses.
+        from reaper.reaper import Reaper, RedisUnavailable
         click.echo(f"{exc.message}; stopping this host's streams directly", err=True)
-        stopped = Reaper(settings).stop_host_streams("stop of every stream requested (launcher down)")
-        click.echo(f"stopped {len(stopped)} stream(s)" + (f": {', '.join(stopped)}" if stopped else ""))
+        try:
+            stopped = Reaper(settings).stop_host_streams(
+                "stop requested (launcher down)", None if stop_all else channel_id)
+        except (RedisUnavailable, redis.RedisError) as error:
+            click.echo(f"error: {error}", err=True)
+            raise SystemExit(EXIT_FAILED) from None
+        if stop_all:
+            click.echo(f"stopped {len(stopped)} stream(s)" + (f": {', '.join(stopped)}" if stopped else ""))
+        else:
+            click.echo(f"channel {channel_id}: {'stopped' if stopped else 'not_running'}")
         return
     if status != 200:
         click.echo(f"error: {body.get('error', status)}", err=True)

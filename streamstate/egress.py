@@ -17,11 +17,11 @@ launcher, of the relay and of Redis alike.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import secrets
+import socket
 import time
 
 from . import files, keys
@@ -107,38 +107,38 @@ def read_refusal(state_dir: str, channel_id: str, since: float) -> dict | None:
     return data
 
 
-async def open_connections(egress_listen: str, timeout: float = 2.0) -> dict[str, int] | None:
-    """Upstream connections the relay holds open, per channel; None if it does not answer."""
+def open_connections(egress_listen: str, timeout: float = 2.0) -> dict[str, int] | None:
+    """Upstream connections the relay holds open, per channel; None if it does not answer.
+    (Blocking, bounded by ``timeout``: async callers run it in a thread.)"""
     host, _, port = egress_listen.rpartition(":")
+    deadline = time.monotonic() + timeout
+    received = b""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return None
-    try:
-        writer.write(f"GET {CONNECTIONS_PATH} HTTP/1.0\r\nHost: relay\r\n\r\n".encode())
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(1 << 20), timeout)
-        head, _, body = raw.partition(b"\r\n\r\n")
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            sock.sendall(f"GET {CONNECTIONS_PATH} HTTP/1.0\r\nHost: relay\r\n\r\n".encode())
+            while len(received) < 1 << 20:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n", 1)[0] + b" ":
             return None
         data = json.loads(body)
         return {str(k): int(v) for k, v in data.get("channels", {}).items()}
-    except (OSError, ValueError, asyncio.TimeoutError, AttributeError):
+    except (OSError, ValueError, AttributeError):
         return None
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
 
 
-async def wait_closed(egress_listen: str, channel_id: str, timeout: float) -> bool:
+def wait_closed(egress_listen: str, channel_id: str, timeout: float) -> bool:
     """Wait until the relay holds no upstream connection of the channel (its FFmpeg has
     exited; the relay closes the upstream side right after); False on timeout."""
     deadline = time.monotonic() + timeout
     while True:
-        counts = await open_connections(egress_listen)
+        counts = open_connections(egress_listen, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
         if counts is None or not counts.get(channel_id):     # a relay that is down holds none
             return True
         if time.monotonic() >= deadline:
             return False
-        await asyncio.sleep(0.02)
+        time.sleep(0.02)

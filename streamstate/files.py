@@ -7,8 +7,9 @@ import re
 
 from . import keys
 
-# stream_<id>.m3u8 and stream_<id>_<n>.<ts|m4s|mp4|aac>, each also as FFmpeg's .tmp
-_STREAM_FILE_RE = re.compile(r"stream_(%s)(?:\.m3u8|_[0-9]+\.(?:ts|m4s|mp4|aac))(?:\.tmp)?"
+# stream_<id>.m3u8 (the viewers' playlist), stream_<id>.ffmpeg.m3u8 (FFmpeg's own, never
+# served) and stream_<id>_<n>.<ts|m4s|mp4|aac>, each also as a .tmp being written
+_STREAM_FILE_RE = re.compile(r"stream_(%s)(?:\.m3u8|\.ffmpeg\.m3u8|_[0-9]+\.(?:ts|m4s|mp4|aac))(?:\.tmp)?"
                              % keys.CHANNEL_ID_PATTERN, re.ASCII)
 
 
@@ -20,6 +21,18 @@ def channel_of_file(name: str) -> str | None:
 
 def playlist_path(hls_dir: str, channel_id: str) -> str:
     return os.path.join(hls_dir, f"stream_{keys.check_channel_id(channel_id)}.m3u8")
+
+
+def ffmpeg_playlist_path(hls_dir: str, channel_id: str) -> str:
+    """The playlist FFmpeg writes (never served: nginx serves only stream_<id>.m3u8, which
+    the launcher publishes from this one; streamstate.hls)."""
+    return os.path.join(hls_dir, f"stream_{keys.check_channel_id(channel_id)}.ffmpeg.m3u8")
+
+
+def ffmpeg_outputs(hls_dir: str, channel_id: str) -> tuple[str, str]:
+    """What a channel's FFmpeg may name as its output: its own playlist, or (an FFmpeg the
+    old stream_api or an earlier streamkeeper started) the viewers' playlist itself."""
+    return ffmpeg_playlist_path(hls_dir, channel_id), playlist_path(hls_dir, channel_id)
 
 
 def segment_pattern(hls_dir: str, channel_id: str) -> str:

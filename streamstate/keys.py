@@ -121,8 +121,12 @@ def host_key(host_id: str) -> str:
 _PROVIDER_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
+def valid_provider_name(provider: str) -> bool:
+    return bool(_PROVIDER_NAME_RE.fullmatch(provider or ""))
+
+
 def provider_slots_key(provider: str) -> str:
-    if not _PROVIDER_NAME_RE.fullmatch(provider or ""):
+    if not valid_provider_name(provider):
         raise ValueError(f"invalid provider name {provider[:40]!r}")
     return f"provider:{provider}:slots"
 

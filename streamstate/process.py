@@ -5,7 +5,9 @@ record may name any pid, with that process's real start time).  A process is a
 stream's FFmpeg only if
 
 * its executable (``/proc/<pid>/exe``) is the configured FFmpeg,
-* its output argument (the last one) is exactly ``hls_dir/stream_<id>.m3u8``,
+* its output argument (the last one) is exactly this channel's FFmpeg playlist
+  (``hls_dir/stream_<id>.ffmpeg.m3u8``; an FFmpeg of the old host or of an earlier
+  streamkeeper: the viewers' ``hls_dir/stream_<id>.m3u8``),
 * and its start time matches, where one is recorded.
 
 The proof is made through a pidfd opened *before* it (``os.pidfd_open``), and
@@ -20,6 +22,8 @@ import select
 import shutil
 import signal
 import time
+
+from . import files
 
 DELETED_SUFFIX = " (deleted)"      # /proc/<pid>/exe of a binary replaced since (an upgrade)
 
@@ -92,8 +96,13 @@ class StreamProcess:
     """What proves that a pid is one stream's FFmpeg (see the module docstring)."""
 
     executable: str | None           # resolve_executable(settings.ffmpeg)
-    playlist: str                    # files.playlist_path(hls_dir, channel)
+    outputs: tuple[str, ...]         # the output arguments it may have (files.ffmpeg_outputs)
     start_time: int | None = None    # as recorded; None for a legacy record
+
+    @classmethod
+    def of_channel(cls, executable: str | None, hls_dir: str, channel_id: str,
+                   start_time: int | None = None) -> "StreamProcess":
+        return cls(executable, files.ffmpeg_outputs(hls_dir, channel_id), start_time)
 
     def proven_by(self, pid: int) -> bool:
         if not pid or pid <= 0 or self.executable is None:
@@ -104,7 +113,7 @@ class StreamProcess:
         if process_executable(pid) != self.executable:
             return False
         argv = process_cmdline(pid)
-        return len(argv) > 1 and argv[-1] == self.playlist
+        return len(argv) > 1 and argv[-1] in self.outputs
 
 
 class ProcessHandle:

@@ -31,8 +31,9 @@ TRANSITIONS = {
 }
 
 # Many records in one call (the reaper's batches).  KEYS: per record run, pid, started,
-# last_access (4 keys).  Returns per record 11 values: the run hash's run_id, host, pid,
-# pid_start, started, state, restarts, last_error, then pid, started, last_access.
+# last_access (4 keys).  Returns per record 13 values: the run hash's run_id, host, pid,
+# pid_start, started, state, restarts, last_error, until, provider, then pid, started,
+# last_access.
 _READ_BATCH_LUA = """
 -- A key of the wrong type (Redis contents are hostile) reads as missing, never as an error
 -- that would stop the whole pass.
@@ -43,9 +44,9 @@ end
 local out = {}
 for k = 1, #KEYS, 4 do
   local run = redis.pcall('HMGET', KEYS[k], 'run_id', 'host', 'pid', 'pid_start', 'started',
-                          'state', 'restarts', 'last_error')
+                          'state', 'restarts', 'last_error', 'until', 'provider')
   if type(run) == 'table' and run.err then run = {} end
-  for i = 1, 8 do out[#out + 1] = run[i] or false end
+  for i = 1, 10 do out[#out + 1] = run[i] or false end
   out[#out + 1] = value(redis.pcall('GET', KEYS[k + 1]))
   out[#out + 1] = value(redis.pcall('GET', KEYS[k + 2]))
   out[#out + 1] = value(redis.pcall('GET', KEYS[k + 3]))
@@ -97,6 +98,15 @@ end
 return 1
 """
 
+# KEYS: run, viewers; ARGV: time, viewer.  Only for a running stream (nothing is created
+# for a stream that has no record), never moving a viewer's time backwards.
+_RECORD_VIEWER_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('TYPE', KEYS[2]).ok ~= 'string' then
+  redis.pcall('ZADD', KEYS[2], 'GT', ARGV[1], ARGV[2])
+end
+return 0
+"""
+
 # KEYS: lock; ARGV: token
 _RELEASE_LOCK_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -119,6 +129,9 @@ class RunRecord:
     restarts: int = 0
     source: str = ""             # the source in use, redacted (a channel may have fallbacks)
     provider: str = ""           # the provider account whose connection slot it holds
+    # starting or backoff: the launcher promises a new FFmpeg (or the next state) by this
+    # epoch time; until then the reaper leaves the record alone whatever its pid says.
+    until: float | None = None
 
     @classmethod
     def from_hash(cls, channel: str, data: dict) -> "RunRecord | None":
@@ -133,7 +146,12 @@ class RunRecord:
                    started=epoch_seconds(data.get("started")) or 0.0,
                    state=data.get("state") or "", last_error=data.get("last_error") or "",
                    restarts=_int(data.get("restarts")) or 0, source=data.get("source") or "",
-                   provider=data.get("provider") or "")
+                   provider=data.get("provider") or "", until=epoch_seconds(data.get("until")))
+
+    def restarting(self, now: float) -> bool:
+        """Between two FFmpegs of this run (starting or backoff), within the launcher's
+        promise: its pid proves nothing, and it must not be taken for stale."""
+        return self.state in ("starting", "backoff") and self.until is not None and now < self.until
 
 
 def text(value) -> str | None:
@@ -183,7 +201,7 @@ def record_run(client, record: RunRecord, *, now: float | None = None) -> None:
         "pid_start": record.pid_start if record.pid_start is not None else "",
         "started": f"{record.started:.3f}", "state": record.state,
         "last_error": record.last_error, "restarts": record.restarts, "source": record.source,
-        "provider": record.provider})
+        "provider": record.provider, "until": f"{record.until:.3f}" if record.until else ""})
     pipe.set(keys.pid_key(channel), record.pid)
     pipe.set(keys.started_key(channel), f"{record.started:.3f}")
     pipe.set(keys.last_access_key(channel), f"{now:.3f}")
@@ -265,11 +283,11 @@ def read_batch(client, channels: list[str]) -> list[tuple["RunRecord | None", st
     flat = [text(v) for v in flat]
     result = []
     for index, channel in enumerate(channels):
-        values = flat[11 * index:11 * index + 11]
+        values = flat[13 * index:13 * index + 13]
         fields = dict(zip(("run_id", "host", "pid", "pid_start", "started", "state", "restarts",
-                           "last_error"), values[:8]))
+                           "last_error", "until", "provider"), values[:10]))
         record = RunRecord.from_hash(channel, {k: v for k, v in fields.items() if v is not None})
-        result.append((record, values[8], values[9], values[10]))
+        result.append((record, values[10], values[11], values[12]))
     return result
 
 
@@ -314,6 +332,14 @@ def recent_viewers(client, channels: list[str], since: float) -> list[set[str]]:
         pipe.zrangebyscore(keys.viewers_key(channel), since, "+inf")
     return [set() if isinstance(r, Exception) else {text(m) for m in r}
             for r in pipe.execute(raise_on_error=False)]
+
+
+def record_viewer(client, channel: str, viewer: str, when: float) -> None:
+    """The viewer whose request the launcher answered (a cold start or a join), in the
+    stream's viewers at once: heartbeatd sees the same request only a second or two later,
+    and a channel change on a full provider account needs to know now (launcher.service)."""
+    registered_script(client, "record_viewer", _RECORD_VIEWER_LUA)(
+        keys=[keys.run_key(channel), keys.viewers_key(channel)], args=[f"{when:.3f}", viewer])
 
 
 @dataclasses.dataclass

@@ -64,8 +64,10 @@ def ffmpeg_processes() -> list[tuple[int, list[str]]]:
 
 
 def ffmpegs_writing(stack, channel_id) -> list[int]:
-    playlist = files.playlist_path(stack.hls_dir, channel_id)
-    return [pid for pid, argv in ffmpeg_processes() if playlist in argv]
+    """FFmpegs whose output is the channel's playlist (its own, or the viewers' for an
+    FFmpeg started the old way)."""
+    outputs = files.ffmpeg_outputs(stack.hls_dir, channel_id)
+    return [pid for pid, argv in ffmpeg_processes() if argv and argv[-1] in outputs]
 
 
 def add_channel(stack, channel_id, source_url=None, quality="copy", **extra) -> None:

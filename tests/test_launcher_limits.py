@@ -39,7 +39,7 @@ def test_max_streams_preempts_the_longest_idle_stream_else_refuses(stack, extra_
     stack.redis.set(keys.last_access_key(802), f"{time.time():.3f}")
     status, body = launcher.json("/channel/803/start", "POST")
     assert status == 200 and body["status"] == "started"
-    playlist = files.playlist_path(launcher.hls_dir, 801)
+    playlist = files.ffmpeg_playlist_path(launcher.hls_dir, 801)
     assert not any(playlist in argv for argv in _ffmpeg_argvs())          # 801 preempted
     assert "channel 801: preempted" in launcher.log()
     stack.redis.set(keys.last_access_key(803), f"{time.time():.3f}")
@@ -133,7 +133,7 @@ def test_a_full_disk_fails_the_stream_and_refuses_starts(stack, extra_launcher, 
             pass
     wait_for(lambda: "disk full" in launcher.log(), timeout=30, message="the disk-full failure: " + launcher.log()[-3000:])
     wait_for(lambda: not files.stream_files(launcher.hls_dir, 805), timeout=15, message="its files gone")
-    assert not any(a[-1] == files.playlist_path(launcher.hls_dir, 805) for a in _ffmpeg_argvs())
+    assert not any(a[-1] == files.ffmpeg_playlist_path(launcher.hls_dir, 805) for a in _ffmpeg_argvs())
     status, body = launcher.json("/channel/806/start", "POST")
     assert status == 503 and body["error"] == "channel 806: disk full"
     assert metric(launcher, "streamkeeper_launcher_disk_full_total") >= 2

@@ -17,7 +17,7 @@ import redis
 
 from demo.stack import LocalStack
 from heartbeatd.logformat import viewer_hash
-from streamstate import files, keys
+from streamstate import files, hls, keys
 from tests.conftest import REPO
 from tests.helpers import (add_channel, ffmpeg_processes, ffmpegs_writing, first_request, free_port,
                            wait_for)
@@ -139,7 +139,7 @@ def test_a_stream_that_keeps_dying_fails_after_max_restarts(stack, extra_launche
     launcher = extra_launcher(hls_dir=str(tmp_path / "hls"), max_restarts=2, restart_window=120)
     add_channel(stack, 45)
     assert launcher.json("/channel/45/start", "POST")[0] == 200
-    playlist = files.playlist_path(launcher.hls_dir, 45)
+    playlist = files.ffmpeg_playlist_path(launcher.hls_dir, 45)
     killed = set()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and "failed" not in launcher.log():
@@ -239,26 +239,32 @@ def _cmdline(pid: str) -> str:
 
 
 def test_a_stalled_upstream_is_replaced_and_no_frozen_playlist_is_served(own_stack):
-    """The upstream goes silent with its connection open: FFmpeg is replaced, and nginx never
-    serves a playlist older than the stall threshold meanwhile."""
+    """The upstream goes silent with its connection open: FFmpeg is replaced while the
+    viewers' playlist stays served (never a 404), and it is never older than the freeze
+    limit; the replacement continues it."""
     stack = own_stack
     add_channel(stack, 48, source_url=f"http://127.0.0.1:{stack.upstream_port}/stall/3/ch48.ts")
     assert first_request(stack.playlist_url(48))[0] == 200
     [first_pid] = ffmpegs_writing(stack, 48)
-    stall_after = 6.0                                   # max(3 x hls_time, 6 s)
+    limit = hls.freeze_limit(1.0, 15.0)
     oldest_served = 0.0
+    statuses = set()
     deadline = time.monotonic() + 25
     while time.monotonic() < deadline:
         path = files.playlist_path(stack.hls_dir, 48)
-        status, headers, _ = first_request(stack.playlist_url(48))
+        status, headers, body = first_request(stack.playlist_url(48))
+        statuses.add(status)
         if status == 200 and os.path.exists(path):
             oldest_served = max(oldest_served, time.time() - os.stat(path).st_mtime)
-        if ffmpegs_writing(stack, 48) not in ([], [first_pid]) and "stalled" in stack.log("launcher"):
+        if (ffmpegs_writing(stack, 48) not in ([], [first_pid]) and "stalled" in stack.log("launcher")
+                and b"#EXT-X-DISCONTINUITY" in body):
             break
         time.sleep(0.2)
     assert "stalled" in stack.log("launcher")
     assert ffmpegs_writing(stack, 48) not in ([], [first_pid])
-    assert oldest_served <= stall_after + 1.5, oldest_served
+    assert statuses == {200}
+    assert b"#EXT-X-DISCONTINUITY" in body            # the replacement continues the playlist
+    assert oldest_served <= limit, oldest_served
 
 
 def test_doctor_says_when_redis_does_not_persist(tmp_path):
