@@ -10,6 +10,16 @@ connection open, for the failure paths.  ``/redirect/<name>?to=URL`` answers 302
 request with Accept-Language gets a cookie and a redirect to itself, one with the cookie
 gets the stream, anything else 403.  Loopback only.
 
+Faults on demand, to watch what a viewer sees (the continuity tests, bench/continuity.py,
+and an operator practising with ``make demo``), each a POST:
+
+* ``/control/drop``: every client connection closes at once (a provider dropping us);
+* ``/control/stall?seconds=N``: nothing is sent for N seconds, connections stay open;
+* ``/control/restart[?drop=1]``: the encoder starts again, its timestamps from zero (with
+  ``drop=1`` the connections close too: an upstream restarted);
+* ``/control/fail?name=X`` / ``/control/heal?name=X``: ``/live/X`` answers 404 and its
+  connections close (a source gone for good), until healed.
+
 Run alone: ``python -m demo.upstream --port 8090`` (Ctrl-C stops it and ffmpeg).
 """
 from __future__ import annotations
@@ -63,7 +73,8 @@ class Broadcaster:
 
     def __init__(self, ffmpeg: str = "ffmpeg"):
         self.ffmpeg = shutil.which(ffmpeg) or ffmpeg
-        self.listeners: set[asyncio.Queue] = set()
+        self.listeners: dict[asyncio.Queue, str] = {}        # queue -> the name it asked for
+        self.silent_until = 0.0                               # monotonic: a stall until then
         # (monotonic time, chunk, offset of a keyframe start in it or None)
         self.backlog: collections.deque = collections.deque()
         self.process: asyncio.subprocess.Process | None = None
@@ -87,12 +98,15 @@ class Broadcaster:
             while True:
                 chunk = await process.stdout.readexactly(TS_PACKET * READ_PACKETS)
                 now = time.monotonic()
+                if now < self.silent_until:             # stalled: nothing goes out, nothing kept
+                    self.backlog.clear()
+                    continue
                 self.backlog.append((now, chunk, random_access_offset(chunk)))
                 while self.backlog and now - self.backlog[0][0] > BURST_SECONDS:
                     self.backlog.popleft()
                 for queue in list(self.listeners):
                     if queue.qsize() >= CLIENT_QUEUE:
-                        self.listeners.discard(queue)
+                        self.listeners.pop(queue, None)
                         queue.put_nowait(None)
                     else:
                         queue.put_nowait(chunk)
@@ -107,6 +121,26 @@ class Broadcaster:
                 return [chunk[rap:]] + [c for _, c, _ in chunks[index + 1:]]
         return []
 
+    def drop(self, name: str | None = None) -> int:
+        """Close every client connection (or those of ``name``) now; how many."""
+        dropped = [q for q, asked in self.listeners.items() if name in (None, asked)]
+        for queue in dropped:
+            self.listeners.pop(queue, None)
+            queue.put_nowait(None)
+        return len(dropped)
+
+    async def restart(self) -> None:
+        """The encoder again from zero: its timestamps restart (connections stay open)."""
+        async with self._starting:
+            self.backlog.clear()
+            if self.process is not None and self.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.terminate()
+                await self.process.wait()
+            if self._pump is not None:
+                await asyncio.gather(self._pump, return_exceptions=True)
+            await self._start_if_needed()
+
     async def stop(self) -> None:
         if self._pump is not None:
             self._pump.cancel()
@@ -117,7 +151,7 @@ class Broadcaster:
 
 
 async def stream_broadcast(request: web.Request, broadcaster: Broadcaster,
-                           stall_after: float = float("inf")) -> web.StreamResponse:
+                           stall_after: float = float("inf"), name: str = "") -> web.StreamResponse:
     """The live broadcast to one client: a burst from the last keyframe, then the live edge,
     until it leaves (or, after ``stall_after`` seconds, silence with the connection open).
     The connection closes when the stream ends."""
@@ -125,7 +159,7 @@ async def stream_broadcast(request: web.Request, broadcaster: Broadcaster,
     queue: asyncio.Queue = asyncio.Queue()
     for chunk in broadcaster.burst():
         queue.put_nowait(chunk)
-    broadcaster.listeners.add(queue)
+    broadcaster.listeners[queue] = name
     response = web.StreamResponse(headers={"Content-Type": "video/mp2t"})
     response.force_close()
     stall_at = time.monotonic() + stall_after
@@ -136,20 +170,47 @@ async def stream_broadcast(request: web.Request, broadcaster: Broadcaster,
             if chunk is None:                      # stopped, or too slow a reader
                 break
             if time.monotonic() >= stall_at:       # /stall/<s>/...: silence, connection open
-                broadcaster.listeners.discard(queue)
+                broadcaster.listeners.pop(queue, None)
                 await asyncio.sleep(3600)
             await response.write(chunk)
     except (OSError, asyncio.CancelledError):      # the client is gone
         pass
     finally:
-        broadcaster.listeners.discard(queue)
+        broadcaster.listeners.pop(queue, None)
     return response
 
 
 async def live(request: web.Request) -> web.StreamResponse:
     request.app["requests"].append((request.path, dict(request.headers)))
+    name = request.match_info.get("name", "")
+    if name in request.app["failed_names"]:
+        return web.Response(status=404, text="gone\n")
     return await stream_broadcast(request, request.app["broadcaster"],
-                                  float(request.match_info.get("seconds", "inf")))
+                                  float(request.match_info.get("seconds", "inf")), name)
+
+
+async def control(request: web.Request) -> web.Response:
+    """The faults on demand (module docstring); answers what it did, as JSON."""
+    broadcaster: Broadcaster = request.app["broadcaster"]
+    action, query = request.match_info["action"], request.query
+    if action == "drop":
+        return web.json_response({"dropped": broadcaster.drop()})
+    if action == "stall":
+        seconds = float(query.get("seconds", "10"))
+        broadcaster.silent_until = time.monotonic() + seconds
+        return web.json_response({"silent_for": seconds})
+    if action == "restart":
+        dropped = broadcaster.drop() if query.get("drop") == "1" else 0
+        await broadcaster.restart()
+        return web.json_response({"restarted": True, "dropped": dropped})
+    if action in ("fail", "heal") and query.get("name"):
+        name = query["name"]
+        if action == "fail":
+            request.app["failed_names"].add(name)
+            return web.json_response({"failed": name, "dropped": broadcaster.drop(name)})
+        request.app["failed_names"].discard(name)
+        return web.json_response({"healed": name})
+    return web.json_response({"error": "unknown control"}, status=404)
 
 
 async def forbidden(request: web.Request) -> web.Response:
@@ -184,7 +245,9 @@ def make_app(ffmpeg: str = "ffmpeg") -> web.Application:
     app = web.Application()
     app["broadcaster"] = Broadcaster(ffmpeg)
     app["requests"] = []          # (path, headers) of every request, for tests
+    app["failed_names"] = set()   # /control/fail: names answering 404
     app.router.add_get("/live/{name}", live)
+    app.router.add_post("/control/{action}", control)
     app.router.add_get("/stall/{seconds:[0-9]+}/{name}", live)
     app.router.add_get("/forbidden/{name}", forbidden)
     app.router.add_get("/missing/{name}", missing)

@@ -289,6 +289,8 @@ class StreamSupervisor:
         wait in backoff, spending no restart, until it is gone; then starting (True).  A full
         disk that stays full past the freeze limit fails the stream."""
         cause = self.cause
+        if cause is Cause.DISK_FULL:
+            self.launcher.counters["disk_full"] += 1
         log.warning("channel %s: %s; starting FFmpeg again once it is solved", self.id, why)
         began = time.monotonic()
         limit = hls.freeze_limit(float(self.settings.hls_time), float(self.settings.start_timeout))
@@ -301,7 +303,6 @@ class StreamSupervisor:
                 break
             if cause is Cause.DISK_FULL and time.monotonic() - began > limit:
                 self.cause, self.failure = Cause.DISK_FULL, DISK_FULL
-                self.launcher.counters["disk_full"] += 1
                 await self._fail(f"{why}; still full after {limit:g} s")
                 return False
             self._enforce_freeze_limit()

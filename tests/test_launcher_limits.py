@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from streamstate import files, keys
+from streamstate import files, hls, keys
 from tests.helpers import add_channel, ffmpegs_writing, wait_for
 
 
@@ -116,30 +116,55 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
-def test_a_full_disk_fails_the_stream_and_refuses_starts(stack, extra_launcher, small_disk):
-    """Finding 11: FFmpeg's "No space left on device" ends the stream with that reason (its
-    broken files go), and a start with less than min_free_mb free is refused."""
+def test_a_full_disk_is_waited_out_and_never_lists_a_cut_segment(stack, extra_launcher, small_disk):
+    """Finding 11, and continuity: when the disk fills under FFmpeg, no segment it cut short is
+    ever listed, the stream waits for space without spending a restart (starts of other
+    channels get 503 "disk full" meanwhile), and once space is back its playlist goes on
+    (a discontinuity, the media sequence still rising)."""
     launcher = extra_launcher(hls_dir=os.path.join(small_disk, "hls"), min_free_mb=4)
     add_channel(stack, 805)
     add_channel(stack, 806)
     assert launcher.json("/channel/805/start", "POST")[0] == 200
+    playlist = files.playlist_path(launcher.hls_dir, 805)
+    before = hls.read(playlist).media_sequence
     filler = os.path.join(small_disk, "filler")
+    cut_listed = []
+
+    def listed_segments_are_whole():
+        listing = hls.read(playlist)
+        for segment in listing.segments if listing else []:
+            path = os.path.join(launcher.hls_dir, segment.uri)
+            try:
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                continue
+            if size % 188:
+                cut_listed.append((segment.uri, size))
+        return "disk full" in launcher.log()
     with open(filler, "wb") as handle:                     # the disk fills up under FFmpeg
         try:
             while True:
                 handle.write(b"\0" * (1 << 20))
                 handle.flush()
+                listed_segments_are_whole()
         except OSError:
             pass
-    wait_for(lambda: "disk full" in launcher.log(), timeout=30, message="the disk-full failure: " + launcher.log()[-3000:])
-    wait_for(lambda: not files.stream_files(launcher.hls_dir, 805), timeout=15, message="its files gone")
-    assert not any(a[-1] == files.ffmpeg_playlist_path(launcher.hls_dir, 805) for a in _ffmpeg_argvs())
+    wait_for(listed_segments_are_whole, timeout=30, interval=0.1,
+             message="the disk-full wait: " + launcher.log()[-3000:])
+    assert cut_listed == []
     status, body = launcher.json("/channel/806/start", "POST")
     assert status == 503 and body["error"] == "channel 806: disk full"
-    assert metric(launcher, "streamkeeper_launcher_disk_full_total") >= 2
+    assert metric(launcher, "streamkeeper_launcher_disk_full_total") >= 1
     os.unlink(filler)
+    wait_for(lambda: b"#EXT-X-DISCONTINUITY" in open(playlist, "rb").read(), timeout=30,
+             message="the stream to go on once space is back: " + launcher.log()[-2000:])
+    assert hls.read(playlist).media_sequence >= before
+    listed = {s["id"]: s for s in launcher.json("/streams")[1]["streams"]}
+    assert listed["805"]["restarts"] == 0                 # waiting for space spent no restart
     assert launcher.json("/channel/806/start", "POST")[0] == 200
-    launcher.json("/channel/806/stop", "POST")
+    for channel in (805, 806):
+        launcher.json(f"/channel/{channel}/stop", "POST")
+    assert not any(a[-1] == files.ffmpeg_playlist_path(launcher.hls_dir, 805) for a in _ffmpeg_argvs())
 
 
 def test_a_stream_slower_than_real_time_is_logged_once_and_counted(stack, extra_launcher, tmp_path):

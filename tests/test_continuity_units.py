@@ -1,0 +1,193 @@
+"""The continuity rules without processes: the publisher on files FFmpeg would write, the
+next step after an FFmpeg ends, the reaper's view of a restarting run, the strict check."""
+import os
+import time
+
+import pytest
+
+from launcher.publisher import PlaylistPublisher
+from streamstate import hls, runs, stream_end
+from streamstate.stream_end import Cause, Next
+from tests import hls_check
+
+CHANNEL = "7"
+
+
+class FakeFFmpeg:
+    """Writes what FFmpeg's hls muxer writes: segments, then its own playlist."""
+
+    def __init__(self, directory, start: int, list_size: int = 6):
+        self.directory, self.next, self.list_size = str(directory), start, list_size
+        self.listed: list[tuple[str, float]] = []
+
+    def segment(self, duration: float = 1.0, packets: int = 10, cut: int = 0) -> str:
+        name = f"stream_{CHANNEL}_{self.next}.ts"
+        data = (b"\x47" + b"\0" * 187) * packets
+        with open(os.path.join(self.directory, name), "wb") as handle:
+            handle.write(data[:len(data) - cut])
+        self.next += 1
+        self.listed = (self.listed + [(name, duration)])[-self.list_size:]
+        first = int(self.listed[0][0].rsplit("_", 1)[1][:-3])
+        text = (f"#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:{first}\n"
+                + "".join(f"#EXTINF:{d:f},\n{n}\n" for n, d in self.listed))
+        with open(os.path.join(self.directory, f"stream_{CHANNEL}.ffmpeg.m3u8"), "w") as handle:
+            handle.write(text)
+        return name
+
+
+def published(directory) -> str:
+    with open(os.path.join(str(directory), f"stream_{CHANNEL}.m3u8")) as handle:
+        return handle.read()
+
+
+def publisher(directory, **kwargs) -> PlaylistPublisher:
+    return PlaylistPublisher(str(directory), CHANNEL, target_duration=kwargs.pop("target", 2),
+                             list_size=kwargs.pop("list_size", 4))
+
+
+def test_a_replacement_continues_the_playlist_by_the_rules(tmp_path):
+    pub = publisher(tmp_path)
+    versions = []
+    first = pub.begin_run()
+    assert first == pytest.approx(hls.session_base(time.time()), abs=50)
+    ffmpeg = FakeFFmpeg(tmp_path, first)
+    for _ in range(8):
+        ffmpeg.segment()
+        assert pub.publish() == 1
+        versions.append(published(tmp_path))
+    # FFmpeg dies; the next one continues the numbering after what was listed.
+    second = pub.begin_run()
+    assert second == first + 8
+    ffmpeg = FakeFFmpeg(tmp_path, second)
+    for _ in range(10):
+        ffmpeg.segment()
+        pub.publish()
+        versions.append(published(tmp_path))
+    assert hls_check.check(versions) == []
+    tagged = [v for v in versions if "#EXT-X-DISCONTINUITY\n" in v]
+    assert tagged and f"#EXT-X-DISCONTINUITY\n#EXTINF:1.000000,\nstream_7_{second}.ts" in tagged[0]
+    assert "#EXT-X-DISCONTINUITY-SEQUENCE:1" in versions[-1]          # the tag slid out
+    assert all("#EXT-X-TARGETDURATION:2\n" in v for v in versions)
+    final = hls.parse(versions[-1])
+    assert final.media_sequence == hls.segment_number(final.segments[0].uri, CHANNEL)
+    assert final.duration >= 3 * final.target_duration and len(final.segments) >= 4
+
+
+def test_an_incomplete_segment_is_never_listed(tmp_path):
+    pub = publisher(tmp_path)
+    ffmpeg = FakeFFmpeg(tmp_path, pub.begin_run())
+    ffmpeg.segment()
+    pub.publish()
+    cut = ffmpeg.segment(cut=100)                   # a full disk cut it short
+    assert pub.publish() == 0 and pub.rejected == 1
+    after = ffmpeg.segment()
+    assert pub.publish() == 1
+    text = published(tmp_path)
+    assert cut not in text
+    assert f"#EXT-X-DISCONTINUITY\n#EXTINF:1.000000,\n{after}" in text   # the gap is marked
+    assert hls_check.check([text]) == []
+
+
+def test_the_session_resumes_from_disk_and_restarts_above_every_number(tmp_path, monkeypatch):
+    pub = publisher(tmp_path)
+    first = pub.begin_run()
+    ffmpeg = FakeFFmpeg(tmp_path, first)
+    for _ in range(3):
+        ffmpeg.segment()
+        pub.publish()
+    before = published(tmp_path)
+    # A launcher restarted: a new publisher adopts the running FFmpeg.
+    again = publisher(tmp_path, target=9)
+    again.adopt_run(first, writes_public=False)
+    assert again.target_duration == 2                         # the session's, from the file
+    ffmpeg.segment()
+    assert again.publish() == 1
+    assert hls_check.check([before, published(tmp_path)]) == []
+    assert "#EXT-X-DISCONTINUITY" not in published(tmp_path)  # the same FFmpeg: no gap
+    # The session ends (files gone); a new one numbers above every number used before: its
+    # 4 segments of 1 s took at least 4 s of the clock.
+    again.end_session()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("stream_7")]
+    later = time.time() + 4
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert again.begin_run() > ffmpeg.next
+
+
+def test_earlier_runs_segments_go_a_window_after_they_left(tmp_path):
+    pub = publisher(tmp_path, list_size=2, target=1)
+    ffmpeg = FakeFFmpeg(tmp_path, pub.begin_run())
+    old = [ffmpeg.segment() for _ in range(3)]
+    pub.publish()
+    ffmpeg = FakeFFmpeg(tmp_path, pub.begin_run())
+    for _ in range(12):
+        ffmpeg.segment()
+        pub.publish()
+        listed = hls.parse(published(tmp_path)).segments
+        for name in old:
+            if name in {s.uri for s in listed}:
+                assert os.path.exists(tmp_path / name)       # never deleted while listed
+    assert not any(os.path.exists(tmp_path / name) for name in old)
+
+
+def test_the_leftovers_of_a_dead_ffmpeg_go_before_the_next_starts(tmp_path):
+    pub = publisher(tmp_path)
+    ffmpeg = FakeFFmpeg(tmp_path, pub.begin_run())
+    ffmpeg.segment()
+    pub.publish()
+    partial = tmp_path / f"stream_7_{ffmpeg.next}.ts.tmp"
+    partial.write_bytes(b"\x47" * 10)
+    pub.begin_run()
+    assert not partial.exists() and not (tmp_path / "stream_7.ffmpeg.m3u8").exists()
+    assert (tmp_path / "stream_7.m3u8").exists()
+
+
+def test_a_cut_or_hostile_playlist_yields_only_whole_entries():
+    text = "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:1.0,\nstream_7_1.ts\n#EXTINF:1.0,\nstream_7_2"
+    assert [s.uri for s in hls.parse(text).segments] == ["stream_7_1.ts"]
+    hostile = "#EXTM3U\n#EXTINF:1.0,\n../../etc/passwd\n#EXTINF:1.0,\nstream_7_3.ts\n"
+    assert hls.parse(hostile).segments == []
+    assert hls.parse("#EXTM3U\n#EXT-X-MEDIA-SEQUENCE:-1\n") is None
+    assert hls.parse("<html>") is None
+    assert hls.segment_number("stream_8_5.ts", "7") is None
+
+
+@pytest.mark.parametrize("cause, playable, wanted, recent, expected, delay", [
+    (Cause.EXITED, True, True, 0, Next.RESTART, 0.0),        # the first restart is immediate
+    (Cause.STALLED, True, True, 1, Next.RESTART, 1.0),
+    (Cause.EXITED, True, True, 3, Next.RESTART, 4.0),
+    (Cause.EXITED, True, True, 5, Next.FAIL, 0.0),            # max_restarts reached
+    (Cause.SOURCE, False, True, 0, Next.FAIL, 0.0),           # never playable
+    (Cause.RELAY_DOWN, True, True, 4, Next.WAIT, 0.0),        # the host's problem: no restart spent
+    (Cause.DISK_FULL, True, True, 0, Next.WAIT, 0.0),
+    (Cause.EXITED, True, False, 0, Next.STOP, 0.0),           # nobody wants it
+])
+def test_what_follows_an_ffmpeg_that_ended(cause, playable, wanted, recent, expected, delay):
+    step = stream_end.after_exit(cause, ever_playable=playable, wanted=wanted, restarts_in_window=recent,
+                                 max_restarts=5, restart_window=300)
+    assert (step.next, step.delay) == (expected, delay)
+
+
+def test_a_run_between_two_ffmpegs_is_restarting_only_within_its_promise():
+    now = time.time()
+    record = runs.RunRecord(channel="7", run_id="r", host="h", pid=1, pid_start=1, started=now,
+                            state="backoff", until=now + 5)
+    assert record.restarting(now)
+    assert not record.restarting(now + 6)
+    assert not runs.RunRecord(**{**record.__dict__, "state": "running"}).restarting(now)
+    assert not runs.RunRecord(**{**record.__dict__, "until": None}).restarting(now)
+
+
+def test_the_strict_check_catches_what_ffmpeg_append_list_writes():
+    """What FFmpeg 5.1 wrote with -hls_flags append_list after a replacement (README,
+    Continuity): the discontinuity tag slid out and EXT-X-DISCONTINUITY-SEQUENCE never came;
+    the target duration went from 1 to 2."""
+    before = ("#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:3\n"
+              "#EXTINF:1.0,\ns3.ts\n#EXTINF:1.0,\ns4.ts\n#EXT-X-DISCONTINUITY\n#EXTINF:1.0,\ns5.ts\n")
+    after = ("#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:5\n"
+             "#EXTINF:2.0,\ns5.ts\n#EXTINF:2.0,\ns6.ts\n")
+    problems = hls_check.check([before, after])
+    assert any("TARGETDURATION changed" in p for p in problems)
+    assert any("media sequence 5 was s5.ts (discontinuity sequence 1), now s5.ts (0)" in p for p in problems)
+    reused = ("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:0\n#EXTINF:1.0,\ns3.ts\n")
+    assert any("reused" in p for p in hls_check.check([before, reused]))
+    assert any("went down" in p for p in hls_check.check([before, reused]))
