@@ -23,7 +23,7 @@ import uuid
 from streamstate import egress, files, keys, providers, runs, stream_end
 from streamstate.channels import Channel, ChannelError, get_channel
 from streamstate.process import ProcessHandle, StreamProcess, process_cmdline, resolve_executable
-from streamstate.redact import redact_text
+from streamstate.redact import redact_text, redact_url
 from streamstate.redis_client import redis_from_url
 from streamstate.upstreams import Upstream, upstream_of
 
@@ -367,6 +367,8 @@ class Launcher:
                 continue
             channel, upstream = await self._channel_for_adoption(channel_id)
             supervisor = StreamSupervisor(self, channel, upstream, adopted=(AdoptedProcess(handle), record))
+            supervisor.source = next((s for s in channel.sources if redact_url(s) == record.source),
+                                     channel.source_url)
             argv = process_cmdline(record.pid)
             supervisor.publisher.adopt_run(start_number_of(argv), writes_public=bool(argv) and argv[-1] ==
                                            files.playlist_path(self.settings.hls_dir, channel_id))

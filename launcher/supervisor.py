@@ -160,7 +160,6 @@ class StreamSupervisor:
             process, record = adopted
             self.run_id, self.process, self.pid_start = record.run_id, process, record.pid_start
             self.started, self.restarts, self.state = record.started, record.restarts, "running"
-            self.source = record.source or self.source
 
     # -- what the HTTP handlers call ------------------------------------------------
     def begin(self) -> None:

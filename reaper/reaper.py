@@ -40,6 +40,9 @@ log = logging.getLogger("streamkeeper.reaper")
 
 BATCH = 500
 SCAN_COUNT = 1000
+# A Redis younger than this may have lost records the launchers have not written again yet
+# (they do within seconds): no FFmpeg is taken for an orphan meanwhile.
+ORPHAN_GRACE_AFTER_REDIS_START = 10.0
 
 
 class RedisUnavailable(RuntimeError):
@@ -335,6 +338,11 @@ class Reaper:
         candidates = [(pid, playlist) for pid, playlist in stream_ffmpegs_under(self.hls_dir, self.ffmpeg)
                       if (process_age(pid) or 0.0) >= float(self.settings.start_timeout)]
         if not candidates:
+            return 0
+        uptime = int(self.redis.info("server").get("uptime_in_seconds", 0) or 0)
+        if uptime < ORPHAN_GRACE_AFTER_REDIS_START:
+            log.info("redis started %d s ago: no FFmpeg is taken for an orphan before its launcher "
+                     "has written its record again", uptime)
             return 0
         known_pids = {view.pid for view in self._collect() if view.pid}
         stopped = 0

@@ -21,8 +21,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 class RecordingProxy:
     def __init__(self, upstream_port: int):
         self.upstream = f"http://127.0.0.1:{upstream_port}"
-        self.fetched: list[tuple[float, str, int, str]] = []    # (time, path, status, body)
-        self.statuses: list[tuple[float, str, int]] = []        # every answer
+        self.fetched: list[tuple[float, str, int, str]] = []    # (time, path?query, status, body)
+        self.statuses: list[tuple[float, str, int]] = []        # every answer: (time, path?query, status)
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -37,9 +37,9 @@ class RecordingProxy:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def playlists(self, path: str) -> list[str]:
-        """Every body of ``path`` (query ignored) answered 200, in fetch order."""
-        return [body for _, fetched, status, body in list(self.fetched) if fetched == path and status == 200]
+    def playlists(self, path_qs: str) -> list[str]:
+        """Every body of ``path_qs`` (one player's playlist URL) answered 200, in fetch order."""
+        return [body for _, fetched, status, body in list(self.fetched) if fetched == path_qs and status == 200]
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -70,8 +70,8 @@ class RecordingProxy:
                                          headers=headers, allow_redirects=False) as answer:
             body = await answer.read()
         now = time.time()
-        self.statuses.append((now, request.path, answer.status))
+        self.statuses.append((now, request.path_qs, answer.status))
         if request.path.endswith(".m3u8"):
-            self.fetched.append((now, request.path, answer.status, body.decode("ascii", "replace")))
+            self.fetched.append((now, request.path_qs, answer.status, body.decode("ascii", "replace")))
         out = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
         return web.Response(status=answer.status, headers=out, body=body)

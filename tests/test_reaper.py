@@ -23,7 +23,9 @@ AS_FFMPEG = {"ffmpeg": sys.executable}
 
 
 @pytest.fixture
-def env(tmp_path, redis_server, redis_client):
+def env(tmp_path, redis_server, redis_client, monkeypatch):
+    # The session's redis-server may be seconds old: orphans are judged at once here.
+    monkeypatch.setattr("reaper.reaper.ORPHAN_GRACE_AFTER_REDIS_START", 0)
     hls = tmp_path / "hls"
     hls.mkdir()
     processes = []
