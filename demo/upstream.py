@@ -132,13 +132,13 @@ class Broadcaster:
     async def restart(self) -> None:
         """The encoder again from zero: its timestamps restart (connections stay open)."""
         async with self._starting:
-            self.backlog.clear()
             if self.process is not None and self.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     self.process.terminate()
                 await self.process.wait()
             if self._pump is not None:
                 await asyncio.gather(self._pump, return_exceptions=True)
+            self.backlog.clear()                 # a joining client gets none of the old encoder
             await self._start_if_needed()
 
     async def stop(self) -> None:

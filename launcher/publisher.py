@@ -23,6 +23,10 @@ from streamstate import files, hls
 
 log = logging.getLogger("streamkeeper.launcher")
 
+# Seconds a segment may be listed before the clock reaches the end its date gives (about a
+# publish tick: a segment waits at most that long).
+PACE_SLACK = 0.3
+
 
 class PlaylistPublisher:
     def __init__(self, hls_dir: str, channel_id: str, *, target_duration: int, list_size: int):
@@ -143,30 +147,62 @@ class PlaylistPublisher:
         source = hls.read(self.ffmpeg_path)
         if source is None:
             return 0
-        fresh = []
-        for segment in source.segments:
+        # The segment FFmpeg closed because it was exiting (EXT-X-ENDLIST follows it) is cut
+        # short, its audio often shorter than its video: never listed, so the next run's
+        # first segment meets whole ones at the discontinuity.
+        segments = source.segments[:-1] if source.ended else source.segments
+        fresh: list[hls.Segment] = []
+        previous = self.playlist.segments[-1] if self.playlist and self.playlist.segments else None
+        now = time.time()
+        for segment in segments:
             number = hls.segment_number(segment.uri, self.id)
             if number is None or number < self.run_first or number <= self._considered:
                 continue
-            self._considered = number
-            if not hls.complete_ts(os.path.join(self.hls_dir, segment.uri)):
+            path = os.path.join(self.hls_dir, segment.uri)
+            if not hls.complete_ts(path):
+                self._considered = number
                 self.rejected += 1
                 self._pending_discontinuity = True          # a gap in the media: say so
                 log.warning("channel %s: segment %s is incomplete on disk (a full disk?); not listed",
                             self.id, segment.uri)
                 continue
-            fresh.append(hls.Segment(segment.uri, segment.duration))
+            listed = hls.Segment(segment.uri, segment.duration,
+                                 discontinuity=self._pending_discontinuity and previous is not None)
+            listed.program_date_time = self._date(listed, previous, path)
+            if listed.program_date_time + listed.duration > now + PACE_SLACK:
+                self._seen = None                          # not due yet: look again next time
+                break
+            self._considered = number
+            self._pending_discontinuity = False
+            fresh.append(listed)
+            previous = listed
         if fresh:
             self._append(fresh)
         return len(fresh)
+
+    @staticmethod
+    def _date(segment: hls.Segment, previous: hls.Segment | None, path: str) -> float:
+        """EXT-X-PROGRAM-DATE-TIME of a segment about to be listed: right after the one
+        before it; the first of a run (or of a session) by the clock: when FFmpeg finished
+        it (its file's mtime) less its duration.  A player that places live segments on the
+        clock (Shaka) then sees where a replacement's gap was, instead of waiting for media
+        at a time that never comes.  A segment is listed only once the clock has passed the
+        end its date gives (PACE_SLACK): a new FFmpeg writes the source's burst (what a
+        restream server or an HLS source sends at once) as several segments in a moment,
+        and the playlist must not date media ahead of the clock (a player that places live
+        segments on the clock would wait for them)."""
+        if previous is not None and not segment.discontinuity and previous.program_date_time is not None:
+            return previous.program_date_time + previous.duration
+        try:
+            finished = os.stat(path).st_mtime
+        except OSError:
+            finished = time.time()
+        return finished - segment.duration
 
     def _append(self, fresh: list[hls.Segment]) -> None:
         if self.playlist is None:
             self.playlist = hls.MediaPlaylist(target_duration=self.target_duration,
                                               media_sequence=hls.segment_number(fresh[0].uri, self.id) or 0)
-        elif self._pending_discontinuity:
-            fresh[0].discontinuity = True
-        self._pending_discontinuity = False
         for segment in fresh:
             if round(segment.duration) > self.target_duration and not self._warned_long:
                 self._warned_long = True

@@ -13,6 +13,10 @@ between a cold start and the stream's end; across every FFmpeg replaced within i
 * puts ``EXT-X-DISCONTINUITY`` before a replacement's first segment and raises
   ``EXT-X-DISCONTINUITY-SEQUENCE`` when such a segment leaves the window;
 * lists a segment only once it is complete (:func:`complete_ts`);
+* dates every segment (``EXT-X-PROGRAM-DATE-TIME``): a run's segments follow each other
+  exactly, a replacement's first one carries the wall-clock time it was made, so a
+  player that places live segments on the clock (Shaka) sees where the gap was instead
+  of waiting forever for media at a time that never comes;
 * never lists less than three target durations once it has that much
   (RFC 8216 6.2.2), nor fewer than ``hls_list_size`` segments;
 * is never served unchanged for longer than :func:`freeze_limit`.
@@ -23,6 +27,7 @@ settings, so every service (and doctor) applies the same ones.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import re
@@ -46,6 +51,7 @@ class Segment:
     uri: str
     duration: float
     discontinuity: bool = False      # EXT-X-DISCONTINUITY before it
+    program_date_time: float | None = None     # epoch seconds of its first frame
 
 
 @dataclasses.dataclass
@@ -69,6 +75,8 @@ class MediaPlaylist:
         for segment in self.segments:
             if segment.discontinuity:
                 lines.append("#EXT-X-DISCONTINUITY")
+            if segment.program_date_time is not None:
+                lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{format_date_time(segment.program_date_time)}")
             lines += [f"#EXTINF:{segment.duration:.6f},", segment.uri]
         if self.ended:
             lines.append("#EXT-X-ENDLIST")
@@ -92,6 +100,7 @@ def parse(text: str) -> MediaPlaylist | None:
     playlist = MediaPlaylist(target_duration=0)
     duration: float | None = None
     discontinuity = False
+    dated: float | None = None
     body = text if text.endswith("\n") else text[:text.rfind("\n") + 1]   # a last line cut short
     for line in body.splitlines():
         line = line.strip()
@@ -111,14 +120,33 @@ def parse(text: str) -> MediaPlaylist | None:
                 return None
         elif line == "#EXT-X-DISCONTINUITY":
             discontinuity = True
+        elif tag == "#EXT-X-PROGRAM-DATE-TIME":
+            dated = parse_date_time(value)
         elif line == "#EXT-X-ENDLIST":
             playlist.ended = True
         elif not line.startswith("#"):
             if duration is None or not _URI_RE.fullmatch(line):
                 break
-            playlist.segments.append(Segment(line, duration, discontinuity))
-            duration, discontinuity = None, False
+            playlist.segments.append(Segment(line, duration, discontinuity, dated))
+            duration, discontinuity, dated = None, False, None
     return playlist
+
+
+def format_date_time(epoch: float) -> str:
+    """EXT-X-PROGRAM-DATE-TIME's value: ISO 8601, milliseconds, UTC."""
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_date_time(value: str) -> float | None:
+    try:
+        moment = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    epoch = moment.timestamp()
+    return epoch if math.isfinite(epoch) else None
 
 
 def read(path: str) -> MediaPlaylist | None:

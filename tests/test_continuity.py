@@ -9,15 +9,15 @@ import shutil
 import signal
 import tempfile
 import time
-import urllib.request
 
 import pytest
 import redis
 
 from demo.stack import LocalStack
-from streamstate import files, hls, keys
+from streamstate import keys
 from streamstate.urls import ACCEL_PREFIX
 from tests import hls_check
+from tests.faults import FAULTS, add_watched_channel
 from tests.helpers import ffmpegs_writing, first_request, wait_for
 from tests.provider_emulator import ProviderEmulator
 from tests.recording_proxy import RecordingProxy
@@ -34,37 +34,6 @@ SETTINGS = {
 }
 
 
-def upstream_control(stack, action: str, query: str = "") -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{stack.upstream_port}/control/{action}{query}",
-                                     data=b"", method="POST")
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        return json.load(answer)
-
-
-def restart_redis_empty(stack) -> None:
-    process = stack.processes["redis"]
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=10)
-    stack._start_redis()                                 # same port, no data
-    stack.redis = redis.Redis(port=stack.redis_port, decode_responses=True)
-
-
-def kill_ffmpeg(stack) -> None:
-    [pid] = ffmpegs_writing(stack, CHANNEL)
-    os.kill(pid, signal.SIGKILL)
-
-
-FAULTS = {
-    "kill -9 of FFmpeg": kill_ffmpeg,
-    "a stall (upstream silent 8 s, connections open)": lambda s: upstream_control(s, "stall", "?seconds=8"),
-    "the upstream closing every connection": lambda s: upstream_control(s, "drop"),
-    "the upstream back with its timestamps restarted": lambda s: upstream_control(s, "restart", "?drop=1"),
-    "failover to the fallback source": lambda s: upstream_control(s, "fail", "?name=primary.ts"),
-    "a launcher SIGKILL": lambda s: s.restart_launcher(signal.SIGKILL),
-    "a Redis restart that loses its data": restart_redis_empty,
-}
-
-
 @pytest.fixture(scope="module")
 def watched():
     """A stack of its own (reaper every second, heartbeatd) and one channel with a fallback,
@@ -72,9 +41,7 @@ def watched():
     work = tempfile.mkdtemp(prefix="sk-continuity-")
     stack = LocalStack(work, SETTINGS, heartbeatd=True, reaper=True).start()
     stack.redis = redis.Redis(port=stack.redis_port, decode_responses=True)
-    stack.redis.set(keys.channel_key(CHANNEL), json.dumps({
-        "source_url": stack.upstream_url("primary"), "fallback_urls": [stack.upstream_url("fallback")],
-        "quality": "copy"}))
+    add_watched_channel(stack, CHANNEL)
     proxy = RecordingProxy(stack.nginx_port).start()
     path = f"/live/stream_{CHANNEL}.m3u8"
     watchers = Watchers(proxy.url(path + "?token=viewers")).start()
@@ -93,16 +60,20 @@ def watched():
 def test_every_player_keeps_playing_through_every_fault(watched):
     stack, proxy, watchers, url = watched
     warm = time.time()
-    for name, inject in FAULTS.items():
+    for name, (inject, _) in FAULTS.items():
         before = {p: watchers.frames(p) for p in watchers.players}
-        inject(stack)
+        inject(stack, CHANNEL)
+        played = {}
 
         def played_on():
             assert watchers.fatal() == {}, f"after {name}: {watchers.fatal()}"
-            return all(watchers.frames(p) - before[p] >= PLAYED_AFTER_FAULT * FPS for p in watchers.players)
-        wait_for(played_on, timeout=FAULT_DEADLINE, interval=0.25,
-                 message=f"every player to play {PLAYED_AFTER_FAULT:g} s after {name}: "
-                         f"{ {p: watchers.frames(p) - before[p] for p in watchers.players} }")
+            played.update({p: watchers.frames(p) - before[p] for p in watchers.players})
+            return all(frames >= PLAYED_AFTER_FAULT * FPS for frames in played.values())
+        try:
+            wait_for(played_on, timeout=FAULT_DEADLINE, interval=0.25)
+        except AssertionError:
+            raise AssertionError(f"after {name}, frames shown in {FAULT_DEADLINE:g} s: {played}; "
+                                 f"events: {watchers.events[-10:]}\n{stack.log('launcher')[-3000:]}") from None
     # Each fault was what it says: the replacements and the failover happened.
     log = stack.log("launcher")
     assert "source 1/2" in log and "failed" in log and "trying the next" in log
@@ -179,6 +150,7 @@ def test_adoption_frees_the_slots_of_the_streams_it_clears(one_connection):
     """The launcher and its FFmpegs killed -9: the next launcher clears their records and
     frees their provider slots, so the next start is not refused for a connection nobody holds."""
     stack, emulator = one_connection
+    stack.launcher_json("/streams/stop", "POST")                  # the zapper's last channel
     assert first_request(stack.playlist_url(1601, "?token=a"))[0] == 200
     [pid] = ffmpegs_writing(stack, 1601)
     stack.processes["launcher"].send_signal(signal.SIGKILL)

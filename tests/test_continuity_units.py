@@ -13,18 +13,45 @@ from tests import hls_check
 CHANNEL = "7"
 
 
-class FakeFFmpeg:
-    """Writes what FFmpeg's hls muxer writes: segments, then its own playlist."""
+class Clock:
+    """The publisher's clock, moved by the test (FFmpeg makes a segment in its duration)."""
 
-    def __init__(self, directory, start: int, list_size: int = 6):
+    def __init__(self):
+        self.now = time.time()
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture(autouse=True)
+def clock(monkeypatch):
+    fake = Clock()
+    monkeypatch.setattr("launcher.publisher.time", fake)
+    return fake
+
+
+class FakeFFmpeg:
+    """Writes what FFmpeg's hls muxer writes: segments, then its own playlist, one segment per
+    its duration of the clock."""
+
+    def __init__(self, directory, start: int, list_size: int = 6, clock: Clock | None = None):
         self.directory, self.next, self.list_size = str(directory), start, list_size
         self.listed: list[tuple[str, float]] = []
+        self.clock = clock
 
-    def segment(self, duration: float = 1.0, packets: int = 10, cut: int = 0) -> str:
+    def segment(self, duration: float = 1.0, packets: int = 10, cut: int = 0, advance: bool = True) -> str:
         name = f"stream_{CHANNEL}_{self.next}.ts"
         data = (b"\x47" + b"\0" * 187) * packets
-        with open(os.path.join(self.directory, name), "wb") as handle:
+        if self.clock is not None and advance:
+            self.clock.now += duration
+        path = os.path.join(self.directory, name)
+        with open(path, "wb") as handle:
             handle.write(data[:len(data) - cut])
+        if self.clock is not None:
+            os.utime(path, (self.clock.now, self.clock.now))
         self.next += 1
         self.listed = (self.listed + [(name, duration)])[-self.list_size:]
         first = int(self.listed[0][0].rsplit("_", 1)[1][:-3])
@@ -45,12 +72,12 @@ def publisher(directory, **kwargs) -> PlaylistPublisher:
                              list_size=kwargs.pop("list_size", 4))
 
 
-def test_a_replacement_continues_the_playlist_by_the_rules(tmp_path):
+def test_a_replacement_continues_the_playlist_by_the_rules(tmp_path, clock):
     pub = publisher(tmp_path)
     versions = []
     first = pub.begin_run()
-    assert first == pytest.approx(hls.session_base(time.time()), abs=50)
-    ffmpeg = FakeFFmpeg(tmp_path, first)
+    assert first == hls.session_base(clock.now)
+    ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=first)
     for _ in range(8):
         ffmpeg.segment()
         assert pub.publish() == 1
@@ -58,24 +85,30 @@ def test_a_replacement_continues_the_playlist_by_the_rules(tmp_path):
     # FFmpeg dies; the next one continues the numbering after what was listed.
     second = pub.begin_run()
     assert second == first + 8
-    ffmpeg = FakeFFmpeg(tmp_path, second)
+    ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=second)
     for _ in range(10):
         ffmpeg.segment()
         pub.publish()
         versions.append(published(tmp_path))
     assert hls_check.check(versions) == []
     tagged = [v for v in versions if "#EXT-X-DISCONTINUITY\n" in v]
-    assert tagged and f"#EXT-X-DISCONTINUITY\n#EXTINF:1.000000,\nstream_7_{second}.ts" in tagged[0]
+    assert tagged and [s.uri for s in hls.parse(tagged[0]).segments if s.discontinuity] == [f"stream_7_{second}.ts"]
     assert "#EXT-X-DISCONTINUITY-SEQUENCE:1" in versions[-1]          # the tag slid out
     assert all("#EXT-X-TARGETDURATION:2\n" in v for v in versions)
     final = hls.parse(versions[-1])
     assert final.media_sequence == hls.segment_number(final.segments[0].uri, CHANNEL)
     assert final.duration >= 3 * final.target_duration and len(final.segments) >= 4
+    # Dated: within a run each segment follows the one before it exactly; the replacement's
+    # first is dated by the clock.
+    dates = [(s.discontinuity, s.program_date_time, s.duration) for s in final.segments]
+    for (_, before, length), (gap, after, _) in zip(dates, dates[1:]):
+        assert gap or after == pytest.approx(before + length, abs=0.002)
+    assert all(abs(date - clock.now) < 60 for _, date, _ in dates)
 
 
-def test_an_incomplete_segment_is_never_listed(tmp_path):
+def test_an_incomplete_segment_is_never_listed(tmp_path, clock):
     pub = publisher(tmp_path)
-    ffmpeg = FakeFFmpeg(tmp_path, pub.begin_run())
+    ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=pub.begin_run())
     ffmpeg.segment()
     pub.publish()
     cut = ffmpeg.segment(cut=100)                   # a full disk cut it short
@@ -84,14 +117,14 @@ def test_an_incomplete_segment_is_never_listed(tmp_path):
     assert pub.publish() == 1
     text = published(tmp_path)
     assert cut not in text
-    assert f"#EXT-X-DISCONTINUITY\n#EXTINF:1.000000,\n{after}" in text   # the gap is marked
+    assert [s.uri for s in hls.parse(text).segments if s.discontinuity] == [after]   # the gap is marked
     assert hls_check.check([text]) == []
 
 
-def test_the_session_resumes_from_disk_and_restarts_above_every_number(tmp_path, monkeypatch):
+def test_the_session_resumes_from_disk_and_restarts_above_every_number(tmp_path, clock):
     pub = publisher(tmp_path)
     first = pub.begin_run()
-    ffmpeg = FakeFFmpeg(tmp_path, first)
+    ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=first)
     for _ in range(3):
         ffmpeg.segment()
         pub.publish()
@@ -104,21 +137,18 @@ def test_the_session_resumes_from_disk_and_restarts_above_every_number(tmp_path,
     assert again.publish() == 1
     assert hls_check.check([before, published(tmp_path)]) == []
     assert "#EXT-X-DISCONTINUITY" not in published(tmp_path)  # the same FFmpeg: no gap
-    # The session ends (files gone); a new one numbers above every number used before: its
-    # 4 segments of 1 s took at least 4 s of the clock.
+    # The session ends (files gone); a new one numbers above every number used before.
     again.end_session()
     assert not [n for n in os.listdir(tmp_path) if n.startswith("stream_7")]
-    later = time.time() + 4
-    monkeypatch.setattr(time, "time", lambda: later)
     assert again.begin_run() > ffmpeg.next
 
 
-def test_earlier_runs_segments_go_a_window_after_they_left(tmp_path):
+def test_earlier_runs_segments_go_a_window_after_they_left(tmp_path, clock):
     pub = publisher(tmp_path, list_size=2, target=1)
-    ffmpeg = FakeFFmpeg(tmp_path, pub.begin_run())
+    ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=pub.begin_run())
     old = [ffmpeg.segment() for _ in range(3)]
     pub.publish()
-    ffmpeg = FakeFFmpeg(tmp_path, pub.begin_run())
+    ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=pub.begin_run())
     for _ in range(12):
         ffmpeg.segment()
         pub.publish()
@@ -129,9 +159,26 @@ def test_earlier_runs_segments_go_a_window_after_they_left(tmp_path):
     assert not any(os.path.exists(tmp_path / name) for name in old)
 
 
-def test_the_leftovers_of_a_dead_ffmpeg_go_before_the_next_starts(tmp_path):
+def test_a_burst_is_listed_no_faster_than_real_time(tmp_path, clock):
+    """A new FFmpeg writes the source's burst as three segments at once: they are listed one
+    duration apart, so no date in the playlist is ahead of the clock."""
     pub = publisher(tmp_path)
-    ffmpeg = FakeFFmpeg(tmp_path, pub.begin_run())
+    ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=pub.begin_run())
+    for _ in range(3):
+        ffmpeg.segment(advance=False)
+    assert pub.publish() == 1
+    assert pub.publish() == 0
+    clock.now += 1.0
+    assert pub.publish() == 1
+    clock.now += 1.0
+    assert pub.publish() == 1
+    for segment in hls.parse(published(tmp_path)).segments:
+        assert segment.program_date_time + segment.duration <= clock.now + 0.3
+
+
+def test_the_leftovers_of_a_dead_ffmpeg_go_before_the_next_starts(tmp_path, clock):
+    pub = publisher(tmp_path)
+    ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=pub.begin_run())
     ffmpeg.segment()
     pub.publish()
     partial = tmp_path / f"stream_7_{ffmpeg.next}.ts.tmp"
