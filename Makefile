@@ -39,6 +39,7 @@ bench: venv players
 	$(VPY) bench/reaper.py
 	$(VPY) bench/capacity.py
 	$(VPY) bench/relay.py
+	$(VPY) bench/continuity.py
 
 demo: venv
 	$(VPY) -m demo.run

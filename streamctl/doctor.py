@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import click
 import redis
 
-from streamstate import egress, files, keys, runs
+from streamstate import egress, files, hls, keys, runs
 from streamstate.channels import ChannelError, get_channel
 from streamstate.cli_options import settings_options
 from streamstate.process import StreamProcess, process_cmdline, resolve_executable
@@ -263,12 +263,14 @@ def check_streams(client, settings) -> list[Check]:
         if record is not None and record.host and record.host != settings.host_id:
             continue
         pid_value = record.pid if record is not None else int(pid) if (pid or "").isascii() and (pid or "").isdigit() else 0
-        identity = StreamProcess(ffmpeg, files.playlist_path(settings.hls_dir, channel),
-                                 record.pid_start if record else None)
+        identity = StreamProcess.of_channel(ffmpeg, settings.hls_dir, channel,
+                                            record.pid_start if record else None)
+        if record is not None and record.restarting(time.time()):
+            continue                                   # between two FFmpegs: its pid proves nothing
         if not pid_value or not identity.proven_by(pid_value):
             found.append(Check(FAIL, f"channel {channel}", f"stale record: pid {pid_value or '?'} is gone or "
                                "not this channel's FFmpeg; `streamctl reap` clears it"))
-    stale_after = max(3 * float(settings.hls_time), 6.0)
+    stale_after = hls.freeze_limit(float(settings.hls_time), float(settings.start_timeout))
     now = time.time()
     try:
         names = sorted(os.listdir(settings.hls_dir))

@@ -11,23 +11,15 @@
 // origin from nginx's, so every answer must carry CORS headers for the page to see it.
 // Prints one JSON object per URL on stdout; exit 0 when every URL did what was asked, 1 if
 // not, 2 on bad usage or a browser that cannot start.
-import { createServer } from "node:http";
-import { readFileSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { dirname } from "node:path";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { launchChromium, servePages } from "./browser.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
-const PAGE = readFileSync(join(here, "player.html"));
-const HLS_JS = readFileSync(join(here, "node_modules", "hls.js", "dist", "hls.min.js"));
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
-// Headless and quiet: no GPU, no background calls to the outside (this host has no network),
-// autoplay without a click.  --no-sandbox because tests may run as root.
-const CHROMIUM_ARGS = [
-  "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  "--disable-dev-shm-usage", "--autoplay-policy=no-user-gesture-required", "--mute-audio",
-];
+const PAGES = {
+  "/": ["player.html", "text/html; charset=utf-8"],
+  "/hls.js": ["node_modules/hls.js/dist/hls.min.js", "text/javascript"],
+};
 
 function parseArgs(argv) {
   const [mode, ...rest] = argv;
@@ -45,23 +37,6 @@ function parseArgs(argv) {
     process.exit(2);
   }
   return options;
-}
-
-function servePage() {
-  const server = createServer((request, response) => {
-    const path = new URL(request.url, "http://localhost").pathname;
-    if (path === "/") {
-      response.writeHead(200, { "Content-Type": "text/html; charset=utf-8" });
-      response.end(PAGE);
-    } else if (path === "/hls.js") {
-      response.writeHead(200, { "Content-Type": "text/javascript" });
-      response.end(HLS_JS);
-    } else {
-      response.writeHead(404);
-      response.end();
-    }
-  });
-  return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(server)));
 }
 
 async function play(page, origin, url, options) {
@@ -102,16 +77,8 @@ async function fetchFromPage(page, origin, url) {
 
 async function main() {
   const options = parseArgs(process.argv.slice(2));
-  const server = await servePage();
-  const origin = `http://localhost:${server.address().port}`;
-  let browser;
-  try {
-    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
-  } catch (error) {
-    process.stderr.write(`cannot start ${CHROMIUM}: ${error.message}\n`);
-    server.close();
-    process.exit(2);
-  }
+  const { server, origin } = await servePages(here, PAGES);
+  const browser = await launchChromium(server);
   let allOk = true;
   try {
     for (const url of options.urls) {

@@ -11,20 +11,12 @@
 // and lines for what the page saw in between: {"t", "player", "event": "error" | "log" | "ended", ...}.
 // `frames` is the progress to trust: Shaka moves currentTime forward while it is stuck buffering.
 // Runs until SIGTERM or --seconds; exit 0, or 2 on bad usage or a browser that cannot start.
-import { createServer } from "node:http";
-import { readFileSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { dirname } from "node:path";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { launchChromium, servePages } from "./browser.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
-const CHROMIUM_ARGS = [
-  "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  "--disable-dev-shm-usage", "--autoplay-policy=no-user-gesture-required", "--mute-audio",
-];
-const FILES = {
+const PAGES = {
   "/watch-common.js": ["watch-common.js", "text/javascript"],
   "/hls.js": ["node_modules/hls.js/dist/hls.min.js", "text/javascript"],
   "/shaka-player.js": ["node_modules/shaka-player/dist/shaka-player.compiled.js", "text/javascript"],
@@ -51,20 +43,6 @@ function parseArgs(argv) {
   return options;
 }
 
-function servePages() {
-  const server = createServer((request, response) => {
-    const file = FILES[new URL(request.url, "http://localhost").pathname];
-    if (!file) {
-      response.writeHead(404);
-      response.end();
-      return;
-    }
-    response.writeHead(200, { "Content-Type": file[1], "Cache-Control": "no-store" });
-    response.end(readFileSync(join(here, file[0])));
-  });
-  return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(server)));
-}
-
 const print = (line) => process.stdout.write(JSON.stringify(line) + "\n");
 const epoch = () => Date.now() / 1000;
 
@@ -88,16 +66,8 @@ async function sample(watched) {
 
 async function main() {
   const options = parseArgs(process.argv.slice(2));
-  const server = await servePages();
-  const origin = `http://localhost:${server.address().port}`;
-  let browser;
-  try {
-    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
-  } catch (error) {
-    process.stderr.write(`cannot start ${CHROMIUM}: ${error.message}\n`);
-    server.close();
-    process.exit(2);
-  }
+  const { server, origin } = await servePages(here, PAGES);
+  const browser = await launchChromium(server);
   let stopping = false;
   const stop = async () => {
     if (stopping) return;
