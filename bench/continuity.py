@@ -37,6 +37,7 @@ from tests.viewing import Watchers  # noqa: E402
 
 CHANNEL = 1
 PLAYERS = ("hlsjs", "shaka", "vlc")
+WARMUP = 10.0              # seconds after the first pictures before anything is measured
 BASELINE = 20.0            # seconds watched with no fault, for each player's own cadence
 
 
@@ -55,6 +56,7 @@ def watch_faults(hls_time: float, observe: float) -> tuple[dict, dict[str, dict]
         add_watched_channel(stack, CHANNEL)
         watchers = Watchers(stack.playlist_url(CHANNEL, "?token=bench"), PLAYERS).start()
         wait_for(lambda: watchers.playing(75), timeout=90, interval=0.25, message="every player to play")
+        time.sleep(WARMUP)
         began = time.time()
         time.sleep(BASELINE)
         baseline = watchers.freezes(began, time.time())

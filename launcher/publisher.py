@@ -40,6 +40,7 @@ class PlaylistPublisher:
         self.run_first: int | None = None      # the current FFmpeg's first segment number
         self.run_published = 0                 # its segments published so far
         self.passive = False                   # an FFmpeg that writes the viewers' playlist itself
+        self.paced = False                     # a replacement: its burst is listed at real-time pace
         self.last_growth = time.monotonic()    # when the viewers' playlist last gained a segment
         self.published = 0                     # segments published by this publisher
         self.rejected = 0                      # incomplete segments never listed
@@ -85,10 +86,12 @@ class PlaylistPublisher:
         if self.playlist is None or self.last_number is None:
             self.end_session()
             start = hls.session_base(time.time())
+            self.paced = False
         else:
             start = max(self.last_number, self._considered) + 1
             self._pending_discontinuity = True
             self._sweep(start, ffmpeg_running=False)
+            self.paced = True
         self._start_run(start)
         return start
 
@@ -97,6 +100,7 @@ class PlaylistPublisher:
         ``first_number``; ``writes_public``: it writes the viewers' playlist itself (an
         earlier version started it), and this publisher only watches."""
         self.passive = writes_public
+        self.paced = False
         if writes_public:
             return
         resumed = self.resume()
@@ -169,7 +173,7 @@ class PlaylistPublisher:
             listed = hls.Segment(segment.uri, segment.duration,
                                  discontinuity=self._pending_discontinuity and previous is not None)
             listed.program_date_time = self._date(listed, previous, path)
-            if listed.program_date_time + listed.duration > now + PACE_SLACK:
+            if self.paced and listed.program_date_time + listed.duration > now + PACE_SLACK:
                 self._seen = None                          # not due yet: look again next time
                 break
             self._considered = number
@@ -187,10 +191,11 @@ class PlaylistPublisher:
         it (its file's mtime) less its duration.  A player that places live segments on the
         clock (Shaka) then sees where a replacement's gap was, instead of waiting for media
         at a time that never comes.  A segment is listed only once the clock has passed the
-        end its date gives (PACE_SLACK): a new FFmpeg writes the source's burst (what a
-        restream server or an HLS source sends at once) as several segments in a moment,
-        and the playlist must not date media ahead of the clock (a player that places live
-        segments on the clock would wait for them)."""
+        end its date gives (PACE_SLACK) when it comes from a replacement: a new FFmpeg writes
+        the source's burst (what a restream server or an HLS source sends at once) as
+        several segments in a moment, and players already watching must not meet media
+        dated ahead of the clock (Shaka waits for it, rebuffering seconds).  A cold start
+        lists its burst at once: its first viewer has nothing buffered yet."""
         if previous is not None and not segment.discontinuity and previous.program_date_time is not None:
             return previous.program_date_time + previous.duration
         try:

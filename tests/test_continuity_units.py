@@ -159,10 +159,16 @@ def test_earlier_runs_segments_go_a_window_after_they_left(tmp_path, clock):
     assert not any(os.path.exists(tmp_path / name) for name in old)
 
 
-def test_a_burst_is_listed_no_faster_than_real_time(tmp_path, clock):
-    """A new FFmpeg writes the source's burst as three segments at once: they are listed one
-    duration apart, so no date in the playlist is ahead of the clock."""
+def test_a_replacement_s_burst_is_listed_no_faster_than_real_time(tmp_path, clock):
+    """A replacement FFmpeg writes the source's burst as three segments at once: they are
+    listed one duration apart, so no date in the playlist is ahead of the clock.  A cold
+    start lists its burst at once (its first viewer has nothing buffered)."""
     pub = publisher(tmp_path)
+    ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=pub.begin_run())
+    for _ in range(3):
+        ffmpeg.segment(advance=False)
+    assert pub.publish() == 3                          # the cold start's burst, at once
+    clock.now += 3.0
     ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=pub.begin_run())
     for _ in range(3):
         ffmpeg.segment(advance=False)
@@ -172,7 +178,10 @@ def test_a_burst_is_listed_no_faster_than_real_time(tmp_path, clock):
     assert pub.publish() == 1
     clock.now += 1.0
     assert pub.publish() == 1
-    for segment in hls.parse(published(tmp_path)).segments:
+    replacement = [s for s in hls.parse(published(tmp_path)).segments
+                   if hls.segment_number(s.uri, CHANNEL) >= pub.run_first]
+    assert len(replacement) == 3
+    for segment in replacement:
         assert segment.program_date_time + segment.duration <= clock.now + 0.3
 
 
