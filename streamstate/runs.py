@@ -150,8 +150,10 @@ class RunRecord:
 
     def restarting(self, now: float) -> bool:
         """Between two FFmpegs of this run (starting or backoff), within the launcher's
-        promise: its pid proves nothing, and it must not be taken for stale."""
-        return self.state in ("starting", "backoff") and self.until is not None and now < self.until
+        promise: its pid proves nothing, and it must not be taken for stale.  A promise
+        further ahead than MAX_PROMISE is junk (Redis contents are hostile): not restarting."""
+        return (self.state in ("starting", "backoff") and self.until is not None
+                and now < self.until <= now + MAX_PROMISE)
 
 
 def text(value) -> str | None:
@@ -170,6 +172,9 @@ def _int(value) -> int | None:
 
 # A time more than this far in the future is junk (it would keep a stream alive forever).
 FUTURE_SLACK = 60.0
+# The furthest a launcher ever promises a restarting run's next state (the longest back-off,
+# a start_timeout, slack): beyond it a record's `until` is junk.
+MAX_PROMISE = 600.0
 
 
 def epoch_seconds(value, now: float | None = None) -> float | None:

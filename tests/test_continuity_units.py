@@ -231,6 +231,7 @@ def test_a_run_between_two_ffmpegs_is_restarting_only_within_its_promise():
     assert not record.restarting(now + 6)
     assert not runs.RunRecord(**{**record.__dict__, "state": "running"}).restarting(now)
     assert not runs.RunRecord(**{**record.__dict__, "until": None}).restarting(now)
+    assert not runs.RunRecord(**{**record.__dict__, "until": now + 1e6}).restarting(now)   # junk
 
 
 def test_the_strict_check_catches_what_ffmpeg_append_list_writes():

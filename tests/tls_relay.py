@@ -48,8 +48,19 @@ class TLSRelay:
         except OSError:
             secure.close()
             return
-        threading.Thread(target=_pipe, args=(upstream, secure), daemon=True).start()
+        back = threading.Thread(target=_pipe, args=(upstream, secure), daemon=True)
+        back.start()
         _pipe(secure, upstream)
+        back.join(30)
+        # Closed once both directions are done, never while the other thread may still read:
+        # an fd closed under an SSL read is reused by the next socket the process opens, and
+        # the SSL object then reads that socket's bytes (seen: a test's HTTP answer lost its
+        # first 19 bytes).
+        for sock in (secure, upstream):
+            try:
+                sock.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
         self._closed.set()
@@ -57,14 +68,16 @@ class TLSRelay:
 
 
 def _pipe(source: socket.socket, target: socket.socket) -> None:
+    """One direction, until the source ends; then a plain target hears the end (its write
+    side shut down, so the other direction ends too; a TLS one learns it when its client
+    closes)."""
     try:
         while chunk := source.recv(65536):
             target.sendall(chunk)
     except OSError:
         pass
-    finally:
-        for sock in (source, target):
-            try:
-                sock.close()
-            except OSError:
-                pass
+    if not isinstance(target, ssl.SSLSocket):
+        try:
+            target.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
