@@ -54,6 +54,12 @@ def main() -> int:
         print(f"\nlauncher: {stack.launcher_url('/streams')}    settings: {stack.config_path}")
         streamctl = os.path.join(os.path.dirname(sys.executable), "streamctl")
         print(f"point streamctl at this demo:  {streamctl} --config {stack.config_path} status")
+        control = f"http://127.0.0.1:{stack.upstream_port}/control"
+        print(f"practise an upstream's faults while you watch (the player should play on):\n"
+              f"    curl -X POST {control}/drop              every upstream connection closes\n"
+              f"    curl -X POST '{control}/stall?seconds=8' the upstream goes silent\n"
+              f"    curl -X POST '{control}/restart?drop=1'  the upstream restarts, timestamps from zero\n"
+              f"    curl -X POST '{control}/fail?name=demo1.ts' / heal?name=demo1.ts  a source gone\n")
         print("the first request starts the channel; the status below follows the viewers. Ctrl-C stops.\n")
         deadline = time.monotonic() + args.seconds if args.seconds else None
         while not stop.wait(2.0):
