@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from streamstate import files, keys
-from streamstate.channels import Channel, ChannelError, channel_from_dict, put_channel
+from streamstate.channels import (Channel, ChannelError, channel_from_dict, put_channel_undoably,
+                                  undo_put_channel)
 
 from .ffmpeg import build_argv
 from streamstate.viewers import viewer_of_request
@@ -153,6 +154,9 @@ async def _json_body(request: web.Request) -> dict:
     except (ValueError, UnicodeDecodeError):
         raise web.HTTPBadRequest(text=json.dumps({"status": "error", "error": "body is not JSON"}),
                                  content_type="application/json") from None
+    except RecursionError:                 # [[[[...]]]]: json.loads gives up, nothing breaks
+        raise web.HTTPBadRequest(text=json.dumps({"status": "error", "error": "body is nested too deep"}),
+                                 content_type="application/json") from None
     if not isinstance(data, dict):
         raise web.HTTPBadRequest(text=json.dumps({"status": "error", "error": "body is not an object"}),
                                  content_type="application/json")
@@ -160,21 +164,44 @@ async def _json_body(request: web.Request) -> dict:
 
 
 async def legacy_start(request: web.Request) -> web.Response:
-    """POST /api/stream/start {"channel_id", "source_url", "quality"}."""
+    """POST /api/stream/start {"channel_id", "source_url", "quality"}.  With a source_url,
+    the record is stored for the start (a restart or the next launcher reads it) and kept
+    only if the start succeeds: a failed one puts the record back as it was.  The answer
+    says so (`stored`)."""
     data = await _json_body(request)
     channel_id = str(data.get("channel_id", ""))
     channel = None
+    launcher: Launcher = request.app["launcher"]
     if data.get("source_url"):
         try:
             channel = channel_from_dict(channel_id, {k: v for k, v in data.items() if k != "channel_id"})
-            build_argv(channel, request.app["launcher"].settings)     # a known quality, too
+            build_argv(channel, launcher.settings)     # a known quality, too
         except keys.InvalidChannelId as exc:
-            return _json({"status": "error", "error": str(exc)}, 400)
+            return _json({"status": "error", "error": str(exc), "stored": False}, 400)
         except ChannelError as exc:
             log.error("%s (legacy route; nothing stored)", exc)
-            return _json({"status": "error", "error": str(exc)}, 422)
-        await request.app["launcher"].redis_call(put_channel, channel)
-    return await _start_response(request, channel_id, channel)
+            return _json({"status": "error", "error": str(exc), "stored": False}, 422)
+        try:
+            written, previous = await launcher.redis_call(put_channel_undoably, channel)
+        except redis.RedisError as exc:
+            log.error("channel %s: redis unavailable: %s", channel_id, exc)
+            return _json({"status": "error", "stored": False,
+                          "error": f"channel {channel_id}: temporarily unavailable (redis unreachable)"},
+                         503, **{"Retry-After": RETRY_AFTER})
+    response = await _start_response(request, channel_id, channel)
+    if channel is None:
+        return response
+    stored = response.status == 200
+    if not stored:
+        try:
+            await launcher.redis_call(undo_put_channel, channel_id, written, previous)
+        except redis.RedisError as exc:
+            log.warning("channel %s: cannot take back the record of a failed start (%s)", channel_id, exc)
+        log.info("channel %s: its start failed; the record it came with was not kept (legacy route)",
+                 channel_id)
+    body = json.loads(response.text)
+    return _json({**body, "stored": stored}, response.status, **{k: v for k, v in response.headers.items()
+                                                                if k == "Retry-After"})
 
 
 async def legacy_stop(request: web.Request) -> web.Response:

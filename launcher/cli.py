@@ -45,6 +45,7 @@ async def serve(settings) -> int:
 
     from aiohttp import web
 
+    from . import http_guard
     from .app import adopt_at_start_up, make_app
 
     os.makedirs(settings.hls_dir, exist_ok=True)
@@ -55,11 +56,12 @@ async def serve(settings) -> int:
     if early_signals.received():                        # it came during start-up
         log.info("%s during start-up: exiting", early_signals.received())
         return 0
-    runner = web.AppRunner(make_app(settings), handle_signals=False, access_log=None)
+    runner = web.AppRunner(make_app(settings), handle_signals=False, access_log=None,
+                           keepalive_timeout=http_guard.KEEPALIVE_TIMEOUT)
     await runner.setup()
     host, _, port = settings.launcher_listen.rpartition(":")
     try:
-        await web.TCPSite(runner, host.strip("[]"), int(port), backlog=1024).start()
+        listener = await http_guard.listen(runner.server, host.strip("[]"), int(port), backlog=1024)
     except OSError as exc:
         log.error("cannot listen on %s: %s", settings.launcher_listen, exc)
         await runner.cleanup()
@@ -72,5 +74,6 @@ async def serve(settings) -> int:
     log.info("exiting: %d stream(s) keep running for the next launcher to adopt",
              len(launcher.live_supervisors()))
     sd_notify("STOPPING=1")
+    listener.close()
     await runner.cleanup()
     return 0

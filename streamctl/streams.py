@@ -208,8 +208,9 @@ def status_command(settings_loader, channel_id, as_json):
                    f"{f['cooldown_seconds']:.0f} s more; host {printable(f['host'])})")
     if last_pass:
         age = time.time() - (runs.epoch_seconds(last_pass.get("time")) or 0)
-        click.echo(f"reaper ({settings.host_id}): last pass {age:.0f} s ago, stopped {last_pass.get('stopped')}, "
-                   f"stale {last_pass.get('stale')}, {last_pass.get('passes')} passes")
+        click.echo(f"reaper ({printable(settings.host_id)}): last pass {age:.0f} s ago, "
+                   f"stopped {printable(last_pass.get('stopped'))}, stale {printable(last_pass.get('stale'))}, "
+                   f"{printable(last_pass.get('passes'))} passes")
     else:
         click.echo(f"reaper ({settings.host_id}): no pass recorded")
     for member in listing["invalid_members"]:

@@ -253,6 +253,36 @@ def put_channel(client, channel: Channel, pipeline=None) -> None:
     (pipeline or client).set(keys.channel_key(channel.id), channel.as_json())
 
 
+# KEYS: channel; ARGV: the value we wrote, then the value before it ('' for none).
+_UNDO_PUT_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+
+def put_channel_undoably(client, channel: Channel) -> tuple[str, bytes | str | None]:
+    """Store the record and return what undo_put_channel needs to take it back."""
+    key = keys.channel_key(channel.id)
+    written = channel.as_json()
+    previous = client.set(key, written, get=True)
+    return written, previous
+
+
+def undo_put_channel(client, channel_id: str, written: str, previous) -> bool:
+    """The record as it was before put_channel_undoably, unless someone changed it since."""
+    from .redis_client import registered_script
+    before = previous.decode() if isinstance(previous, bytes) else (previous or "")
+    return bool(registered_script(client, "undo_put_channel", _UNDO_PUT_LUA)(
+        keys=[keys.channel_key(channel_id)], args=[written, before]))
+
+
 def delete_channel(client, channel_id: str, pipeline=None) -> int:
     return (pipeline or client).delete(keys.channel_key(channel_id))
 

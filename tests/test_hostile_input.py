@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 
 import pytest
 import redis
@@ -401,3 +403,53 @@ def test_a_scheme_in_capitals_is_still_http(stack):
                                                        "quality": "copy"}))
     assert first_request(stack.playlist_url(552))[0] == 200
     stack.launcher_json("/channel/552/stop", "POST")
+
+
+def test_a_body_nested_too_deep_is_a_400_with_its_reason(stack):
+    """100,000 nested arrays to the legacy start: one line and a 400, never a traceback."""
+    body = b"[" * 100_000 + b"]" * 100_000
+    request = urllib.request.Request(stack.launcher_url("/api/stream/start"), data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=30)
+        raise AssertionError("a 400 was expected")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 400
+        assert json.loads(exc.read())["error"] == "body is nested too deep"
+    assert "Traceback" not in stack.log("launcher") and "RecursionError" not in stack.log("launcher")
+
+
+def test_the_legacy_start_keeps_the_record_only_when_the_start_succeeds(stack):
+    """A failed start puts the record back as it was (none here, a previous one below), and
+    the answer says whether it stored it."""
+    forbidden = f"http://127.0.0.1:{stack.upstream_port}/forbidden/x.ts"
+    status, body = stack.launcher_json("/api/stream/start", "POST", {
+        "channel_id": "553", "source_url": forbidden, "quality": "copy"})
+    assert status == 503 and body["stored"] is False
+    assert stack.redis.exists(keys.channel_key(553)) == 0
+    previous = json.dumps({"source_url": stack.upstream_url("ch554"), "quality": "copy"})
+    stack.redis.set(keys.channel_key(554), previous)
+    status, body = stack.launcher_json("/api/stream/start", "POST", {
+        "channel_id": "554", "source_url": forbidden, "quality": "copy"})
+    assert status == 503 and body["stored"] is False
+    assert stack.redis.get(keys.channel_key(554)) == previous
+    stack.redis.delete(keys.failed_key(554))
+    status, body = stack.launcher_json("/api/stream/start", "POST", {
+        "channel_id": "554", "source_url": stack.upstream_url("ch554b"), "quality": "copy"})
+    assert status == 200 and body["stored"] is True and body["status"] == "started"
+    assert "ch554b" in stack.redis.get(keys.channel_key(554))
+    stack.launcher_json("/channel/554/stop", "POST")
+
+
+def test_status_escapes_what_redis_holds_about_the_reaper(stack):
+    """A hostile reaper:<host>:last_pass puts no escape sequence on the operator's terminal."""
+    host = "status-host"
+    stack.redis.hset(keys.reaper_last_pass_key(host), mapping={
+        "time": f"{time.time():.3f}", "stopped": "\x1b]0;owned\x07", "stale": "\x1b[2J", "passes": "1\x07"})
+    result = subprocess.run([sys.executable, "-m", "streamctl", "status", "--config", stack.config_path],
+                            cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "STREAMKEEPER_HOST_ID": host})
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert "stopped \\x1b]0;owned\\x07" in result.stdout
+    stack.redis.delete(keys.reaper_last_pass_key(host))

@@ -182,3 +182,31 @@ def test_a_stream_slower_than_real_time_is_logged_once_and_counted(stack, extra_
     assert metric(launcher, "streamkeeper_launcher_slow_streams") == 1
     launcher.json("/channel/807/stop", "POST")
     assert not ffmpegs_writing(type("S", (), {"hls_dir": launcher.hls_dir})(), 807)
+
+
+def test_a_request_head_sent_slowly_is_cut_off(stack):
+    """Finding: 1,000 local clients sending one byte every 2 s held their connections. Now a
+    request head must arrive within a few seconds (launcher/http_guard.py); nginx's requests,
+    sent whole, are served as before."""
+    import socket
+    from launcher.http_guard import HEAD_TIMEOUT
+    slow = [socket.create_connection(("127.0.0.1", stack.launcher_port)) for _ in range(300)]
+    for sock in slow:
+        sock.sendall(b"G")
+        sock.settimeout(0.01)
+
+    def all_cut_off():
+        for sock in list(slow):
+            try:
+                sock.sendall(b"E")
+                if sock.recv(1) == b"":
+                    raise OSError("closed")
+            except socket.timeout:
+                continue                                # still open: nothing to read yet
+            except OSError:
+                slow.remove(sock)
+                sock.close()
+        return not slow
+    wait_for(all_cut_off, timeout=HEAD_TIMEOUT + 20, interval=0.5,
+             message=f"every slow client cut off ({len(slow)} left)")
+    assert stack.launcher_json("/healthz")[0] == 200
