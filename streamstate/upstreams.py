@@ -23,9 +23,20 @@ from .channels import (MAX_FIELD_CHARS, RESOLVERS, Channel, ChannelError, _check
                        check_provider_name, check_proxy, check_resolver, check_tls_verify)
 
 DEFAULT_UPSTREAM_DENY = ("127.0.0.0/8", "::1/128",          # loopback: this host's services
-                         "169.254.0.0/16", "fe80::/10",     # link-local: cloud metadata
+                         "169.254.0.0/16", "fe80::/10",     # link-local: cloud metadata (AWS,
+                                                            # GCP, Azure, Oracle, DigitalOcean)
+                         "100.64.0.0/10",                   # shared address space (CGNAT): a
+                                                            # provider's internal network, and
+                                                            # Alibaba's metadata (100.100.100.200)
+                         "fd00:ec2::/32",                   # AWS's IPv6 metadata (fd00:ec2::254)
+                         "fd20:ce::254/128",                # GCP's IPv6 metadata
                          "0.0.0.0/8", "::/128",             # unspecified: this host again
                          "224.0.0.0/4", "ff00::/8")         # multicast
+# IPv6 ranges that carry an IPv4 address in their last 32 bits: such an address is judged by
+# the IPv4 it carries (a NAT64 gateway or a translator would take it there).
+_EMBEDDED_IPV4_NETWORKS = (ipaddress.ip_network("::ffff:0:0:0/96"),    # IPv4-translated (SIIT)
+                           ipaddress.ip_network("64:ff9b::/96"),       # NAT64, well-known prefix
+                           ipaddress.ip_network("::/96"))              # IPv4-compatible (deprecated)
 PROVIDER_KEYS = {"match", "max_streams", "user_agent", "referer", "headers", "proxy", "resolver",
                  "tls_verify"}
 
@@ -175,13 +186,23 @@ def parse_networks(value: Any) -> tuple[Network, ...]:
 
 
 def normal_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """An address as connected: IPv4-mapped IPv6 as IPv4, scope ids off; None if not one."""
+    """An address as the policy judges it, scope ids off; None if not one.  An IPv6 address
+    that carries an IPv4 one is that IPv4 address: mapped (::ffff:a.b.c.d), translated
+    (::ffff:0:a.b.c.d), NAT64 (64:ff9b::a.b.c.d), IPv4-compatible (::a.b.c.d, but :: and
+    ::1 themselves) and 6to4 (2002:aabb:ccdd::/48)."""
     try:
         parsed = ipaddress.ip_address(address.split("%", 1)[0].strip("[]"))
     except ValueError:
         return None
-    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+    if not isinstance(parsed, ipaddress.IPv6Address):
+        return parsed
+    if parsed.ipv4_mapped is not None:
         return parsed.ipv4_mapped
+    if parsed.sixtofour is not None:
+        return parsed.sixtofour
+    if parsed not in (ipaddress.IPv6Address("::"), ipaddress.IPv6Address("::1")) and any(
+            parsed in network for network in _EMBEDDED_IPV4_NETWORKS):
+        return ipaddress.IPv4Address(int(parsed) & 0xFFFFFFFF)
     return parsed
 
 
