@@ -23,10 +23,10 @@ from urllib.parse import urlsplit
 import click
 import redis
 
-from streamstate import egress, files, hls, keys, runs
+from streamstate import egress, files, hls, keys, providers, runs
 from streamstate.channels import ChannelError, get_channel
 from streamstate.cli_options import settings_options
-from streamstate.process import StreamProcess, process_cmdline, resolve_executable
+from streamstate.process import process_cmdline, resolve_executable
 from streamstate.redact import redact_url
 from streamstate.redis_client import redis_from_url
 from streamstate.upstreams import socks_connection
@@ -250,26 +250,36 @@ def check_reaper(client, settings) -> list[Check]:
 # -- streams -------------------------------------------------------------------------------
 
 def check_streams(client, settings) -> list[Check]:
-    """Records of this host whose process is gone or not their FFmpeg; empty or stale
+    """Every stale record, as the reaper's next pass would judge it (its run record, or the
+    old host's keys alone: stream:<id>:pid, :started, :last_access), junk in streams:active,
+    provider slots no running stream holds, FFmpegs no record knows; empty or stale
     playlists in hls_dir; free space."""
+    from reaper.reaper import Reaper, RedisUnavailable
     found = []
-    ffmpeg = resolve_executable(settings.ffmpeg)
-    active = runs.read_active(client)
-    channels = active.channels
-    for member in active.invalid:
+    try:
+        summary = Reaper(settings, client, dry_run=True).run_pass()
+    except RedisUnavailable as exc:
+        return [Check(FAIL, "streams", str(exc))]
+    channels = summary.streams
+    for action in summary.actions:
+        if action.kind == "stale" and action.host is None:          # another host's: its own doctor
+            kind = "its run record" if action.run_id else "the old host's keys (no run record)"
+            found.append(Check(FAIL, f"channel {action.channel}",
+                               f"stale record ({kind}): {action.why}; `streamctl reap` clears it "
+                               "(the reaper does at its next pass)"))
+    for member in runs.read_active(client).invalid:
         found.append(Check(FAIL, "streams:active", f"holds {runs.shown_member(member)}, no channel id: "
                            "`streamctl reap` removes it"))
-    for channel, (record, pid, _started, _last) in zip(channels, runs.read_batch(client, channels)):
-        if record is not None and record.host and record.host != settings.host_id:
-            continue
-        pid_value = record.pid if record is not None else int(pid) if (pid or "").isascii() and (pid or "").isdigit() else 0
-        identity = StreamProcess.of_channel(ffmpeg, settings.hls_dir, channel,
-                                            record.pid_start if record else None)
-        if record is not None and record.restarting(time.time()):
-            continue                                   # between two FFmpegs: its pid proves nothing
-        if not pid_value or not identity.proven_by(pid_value):
-            found.append(Check(FAIL, f"channel {channel}", f"stale record: pid {pid_value or '?'} is gone or "
-                               "not this channel's FFmpeg; `streamctl reap` clears it"))
+    if summary.orphan_processes:
+        found.append(Check(FAIL, "streams", f"{summary.orphan_processes} FFmpeg(s) writing into "
+                           f"{settings.hls_dir} that no record knows: `streamctl reap` stops them"))
+    grace = float(settings.start_timeout) + 10
+    for name in sorted(settings.providers):
+        stale = providers.stale_slots(client, name, grace)
+        if stale:
+            shown = ", ".join(runs.shown_member(c) if not keys.CHANNEL_ID_RE.fullmatch(c) else c for c in stale)
+            found.append(Check(WARN, f"provider {name}", f"slot(s) held by no running stream: {shown}; "
+                               "the next start on the account reclaims them"))
     stale_after = hls.freeze_limit(float(settings.hls_time), float(settings.start_timeout))
     now = time.time()
     try:
@@ -299,8 +309,8 @@ def check_streams(client, settings) -> list[Check]:
         elif age > stale_after:
             found.append(Check(FAIL, f"channel {channel}", f"{name} not updated for {age:.0f} s: players see "
                                f"a frozen stream; {fix}"))
-    if not [c for c in found if c.check.startswith(("channel ", "streams:"))]:
-        found.append(Check(OK, "streams", f"{len(channels)} record(s), none stale; no empty or stale playlist"))
+    if not [c for c in found if c.check.startswith(("channel ", "streams"))]:
+        found.append(Check(OK, "streams", f"{channels} record(s), none stale; no empty or stale playlist"))
     return found
 
 

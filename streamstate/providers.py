@@ -104,6 +104,13 @@ def release_slot(client, provider: str, channel: str, run_id: str) -> bool:
     return bool(script(keys=[keys.provider_slots_key(provider)], args=[channel, run_id]))
 
 
+def stale_slots(client, provider: str, start_grace: float) -> list[str]:
+    """Channels (or junk fields) holding a slot of the provider that no running stream holds:
+    reclaimed at the provider's next start, named by doctor."""
+    holders = _holders(client, provider)
+    return sorted(channel for channel, _ in _stale(client, holders, start_grace, time.time()))
+
+
 def slot_channels(client, provider: str, start_grace: float) -> list[str]:
     """The channels holding a slot of the provider now (stale slots left out)."""
     holders = _holders(client, provider)

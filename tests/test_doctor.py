@@ -8,6 +8,7 @@ import sys
 import time
 
 
+from demo.stack import toml_value
 from streamstate import keys, runs
 from tests.conftest import REPO
 from tests.helpers import add_channel
@@ -19,7 +20,7 @@ def doctor(stack, tmp_path, *args, settings: dict | None = None, nginx_text: str
     text = open(stack.config_path).read()
     for key, value in (settings or {}).items():
         text = "\n".join(line for line in text.splitlines() if not line.startswith(f"{key} =")) + \
-               f"\n{key} = {json.dumps(value)}\n"
+               f"\n{key} = {toml_value(value)}\n"
     config.write_text(text)
     conf = os.path.join(stack.work, "nginx", "nginx.conf")
     if nginx_text is not None:
@@ -176,3 +177,44 @@ def test_a_default_server_in_front_of_ours_is_named(stack, tmp_path):
                                            "server_name _; root /var/www/html; }" % port, 1)
     code, checks, _ = doctor(stack, tmp_path, nginx_text=text)
     assert code == 1 and any(f"default_server on port {port}" in d for d in failed(checks, "nginx server"))
+
+
+def test_the_old_host_s_stale_keys_are_named_each_with_its_channel(stack, tmp_path):
+    """The seed report's state: five streams in Redis as the old launcher left them (pid,
+    started and last_access keys, no run record), one FFmpeg running.  doctor names the four
+    whose pid is no FFmpeg of theirs, by channel, and leaves the live one alone; and a provider
+    slot that no running stream holds."""
+    import shutil
+    now = time.time()
+    live = subprocess.Popen([shutil.which("ffmpeg"), "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi",
+                             "-i", "testsrc2=size=64x64:rate=5", "-f", "hls", "-hls_time", "1",
+                             os.path.join(stack.hls_dir, "stream_781.m3u8")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dead = subprocess.Popen(["sleep", "0"])
+    dead.wait()
+    legacy = {"781": live.pid, "782": dead.pid, "783": os.getpid(), "784": 1, "785": 999_999_999}
+    try:
+        for channel, pid in legacy.items():
+            stack.redis.set(keys.pid_key(channel), pid)
+            stack.redis.set(keys.started_key(channel), f"{now - 3600:.3f}")
+            stack.redis.set(keys.last_access_key(channel), f"{now:.3f}")
+        stack.redis.hset(keys.provider_slots_key("oldacct"), "782",
+                         json.dumps({"run_id": "gone", "host": "old-host", "at": now - 3600}))
+        code, checks, _ = doctor(stack, tmp_path, settings={
+            "providers": {"oldacct": {"match": "http://127.0.0.1:9/", "max_streams": 1}}})
+        assert code == 1
+        for channel in ("782", "783", "784", "785"):
+            [detail] = failed(checks, f"channel {channel}")
+            assert "stale record (the old host's keys (no run record))" in detail and "streamctl reap" in detail
+        assert not [c for c in checks if c["check"] == "channel 781"]
+        [slots] = [c for c in checks if c["check"] == "provider oldacct"]
+        assert slots["status"] == "warn" and "782" in slots["detail"]
+    finally:
+        live.terminate()
+        live.wait(10)
+        for channel in legacy:
+            stack.redis.delete(keys.pid_key(channel), keys.started_key(channel), keys.last_access_key(channel))
+        stack.redis.delete(keys.provider_slots_key("oldacct"))
+        for name in os.listdir(stack.hls_dir):
+            if name.startswith("stream_781"):
+                os.unlink(os.path.join(stack.hls_dir, name))
