@@ -129,13 +129,25 @@ def stop_streams(client, settings, targets: list[StopTarget], *, executable: str
         _signal(settings, results, executable, log)
     for result in results:
         if result.target.local:
-            files.delete_stream_files(settings.hls_dir, result.target.channel)
+            _on_disk(log, result.target.channel, "its files", files.delete_stream_files, settings.hls_dir,
+                     result.target.channel)
     _delete_keys(client, results, log)
     for result in results:
         if result.target.local and result.keys_deleted:
-            egress.delete_ticket(settings.state_dir, result.target.channel)
+            _on_disk(log, result.target.channel, "its egress ticket", egress.delete_ticket, settings.state_dir,
+                     result.target.channel)
     _release_slots(client, settings, results, log, relay_wait)
     return results
+
+
+def _on_disk(log: logging.Logger, channel: str, what: str, delete, *args) -> None:
+    """A file step that cannot be done (a read-only or foreign directory) is said, and the
+    stop goes on: its keys and slot must not stay behind for want of a file."""
+    try:
+        delete(*args)
+    except OSError as exc:
+        log.warning("channel %s: cannot delete %s (%s); the reaper removes them as orphans", channel,
+                    what, exc)
 
 
 def _mark(client, targets: list[StopTarget], need_mark: bool, log: logging.Logger) -> None:

@@ -285,3 +285,37 @@ def test_doctor_says_when_redis_does_not_persist(tmp_path):
         assert "ok    redis persistence: appendonly yes (AOF)" in result.stdout
     finally:
         server.stop()
+
+
+def test_stop_without_the_launcher_works_inside_the_streams_unit_sandbox(stack, extra_launcher, tmp_path):
+    """The streams unit's ExecStop (`streamctl stop --all`), and `streamctl stop ID`, with the
+    launcher down, run under the unit's own sandbox (ProtectSystem=strict but its
+    ReadWritePaths): each proven stream is stopped, its files and keys go, exit 0."""
+    if os.geteuid() != 0:
+        pytest.skip("a mount namespace needs root")
+    from streamctl.install import render_unit
+    from tests.unit_sandbox import run_sandboxed
+    launcher = extra_launcher(hls_dir=str(tmp_path / "hls"))
+    state_dir = launcher.settings["state_dir"]                  # the stack's relay reads its tickets there
+    unit = render_unit("streamkeeper-streams.service", {
+        "bin_dir": "/unused", "config_path": launcher.config_path, "user": "root", "group": "root",
+        "hls_dir": launcher.hls_dir, "state_dir": state_dir, "log_dir": str(tmp_path / "logs")})
+    for channel in (57, 58):
+        add_channel(stack, channel)
+        assert launcher.json(f"/channel/{channel}/start", "POST")[0] == 200
+    launcher.process.send_signal(signal.SIGTERM)               # the launcher alone: streams run on
+    launcher.process.wait(timeout=30)
+
+    def streamctl(*args):
+        return run_sandboxed(unit, [sys.executable, "-m", "streamctl", *args, "--config", launcher.config_path],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    one = streamctl("stop", "57")
+    assert one.returncode == 0 and "channel 57: stopped" in one.stdout, one.stderr
+    rest = streamctl("stop", "--all")
+    assert rest.returncode == 0 and "stopped 1 stream(s): 58" in rest.stdout, rest.stderr
+    assert "Traceback" not in one.stderr + rest.stderr
+    assert not ffmpegs_writing(launcher, 57) and not ffmpegs_writing(launcher, 58)
+    assert not os.listdir(launcher.hls_dir)
+    for channel in (57, 58):
+        assert not [k for k in keys.stream_keys(channel) if stack.redis.exists(k)]
+    assert not [n for n in os.listdir(os.path.join(state_dir, "egress")) if n.startswith(("57.", "58."))]
