@@ -1,6 +1,10 @@
-"""``make demo``: the whole stack on loopback, three live demo channels, a status line as people watch.
+"""``make demo``: the whole stack on loopback, three live demo channels: a place to practise.
 
-Ctrl-C (or SIGTERM) stops everything it started, leaving nothing running.
+Every part runs in a session of its own, so Ctrl-C reaches only this program, which stops
+every stream, then every part, and says "nothing left running" only once it is true.  Stop
+any one part (its pid is printed) and watch `streamctl doctor` name it: the demo starts it
+again after --restart-after seconds.  If a part cannot be brought back, the demo stops and
+keeps its work directory (the logs) and says where.
 """
 from __future__ import annotations
 
@@ -18,76 +22,182 @@ import redis
 
 from demo.stack import LocalStack
 from streamstate import keys
+from streamstate.process import (ProcessHandle, StreamProcess, resolve_executable, stop_processes,
+                                 stream_ffmpegs_under)
 
 DEMO_CHANNELS = {1: ("demo1", "copy"), 2: ("demo2", "low"), 3: ("demo3", "copy")}
+STATUS_EVERY = 2.0            # seconds between status lines
+RESTART_AFTER = 20.0          # seconds a stopped part stays down: time to run doctor and see it
+RESTART_TRIES = 3             # a part that will not come back after this many tries stops the demo
+
+
+class Demo:
+    def __init__(self, port: int, restart_after: float):
+        self.work = tempfile.mkdtemp(prefix="streamkeeper-demo-")
+        self.restart_after = restart_after
+        # The product's promise, visible: a channel nobody watches stops 60 s after its last
+        # request (the reaper looks every 10 s).
+        self.stack = LocalStack(self.work, {"hls_time": 2, "hls_init_time": 1, "idle_timeout": 60,
+                                            "reaper_interval": 10, "viewer_window": 15},
+                                heartbeatd=True, reaper=True, nginx_port=port, own_sessions=True,
+                                persistent_redis=True)
+        self.down_since: dict[str, float] = {}
+        self.tries: dict[str, int] = {}
+        self.failed = ""             # why the demo stopped on its own (its logs are kept)
+        self.streamctl = os.path.join(os.path.dirname(sys.executable), "streamctl")
+
+    # -- up -------------------------------------------------------------------------------
+    def start(self) -> None:
+        print(f"starting redis-server, the live upstream, stream-egress, stream-launcher, nginx, heartbeatd "
+              f"and stream-reaper in {self.work} ...", flush=True)
+        self.stack.start()
+        client = redis.Redis(port=self.stack.redis_port, decode_responses=True)
+        for channel_id, (name, quality) in DEMO_CHANNELS.items():
+            client.set(keys.channel_key(channel_id),
+                       json.dumps({"source_url": self.stack.upstream_url(name), "quality": quality,
+                                   "name": f"Demo {channel_id} ({quality})"}))
+        client.close()
+        self.print_guide()
+
+    def print_guide(self) -> None:
+        stack, sk = self.stack, f"{self.streamctl} --config {self.stack.config_path}"
+        control = f"http://127.0.0.1:{stack.upstream_port}/control"
+        print("\nstreamkeeper demo is up. Open a channel in VLC, ffplay or a web player (hls.js; every\n"
+              "answer carries CORS headers), e.g. `vlc URL` or `ffplay URL`.\n"
+              "(VLC refuses to run as root: run it as your own user.)\n")
+        for channel_id in DEMO_CHANNELS:
+            print(f"    {stack.playlist_url(channel_id, '?token=demo')}")
+        print(f"\nlauncher: {stack.launcher_url('/streams')}    settings: {stack.config_path}")
+        print(f"point streamctl at this demo:  {sk} status")
+        print(f"check this host:               {sk} doctor --nginx-conf {stack.nginx_conf}")
+        print("\nthe parts, each a process of its own: stop one (kill PID) and watch doctor name it;\n"
+              f"the demo starts it again {self.restart_after:g} s later:")
+        for name in stack.parts():
+            print(f"    {name:<11} pid {stack.processes[name].pid:<8} log {self.work}/{name}.log")
+        print(f"\npractise an upstream's faults while you watch (the player should play on):\n"
+              f"    curl -X POST {control}/drop              every upstream connection closes\n"
+              f"    curl -X POST '{control}/stall?seconds=8' the upstream goes silent\n"
+              f"    curl -X POST '{control}/restart?drop=1'  the upstream restarts, timestamps from zero\n"
+              f"    curl -X POST '{control}/fail?name=demo1.ts' / heal?name=demo1.ts  a source gone\n")
+        print("the first request starts the channel; the status below follows the viewers. Ctrl-C stops.\n",
+              flush=True)
+
+    # -- watching ---------------------------------------------------------------------------
+    def tend_parts(self) -> None:
+        """A part that exited is said once, and started again after restart_after."""
+        now = time.monotonic()
+        for name in self.stack.parts():
+            process = self.stack.processes[name]
+            if process.poll() is None:
+                continue
+            if name not in self.down_since:
+                self.down_since[name] = now
+                print(f"{time.strftime('%H:%M:%S')} {name} exited ({process.returncode}); `streamctl doctor` "
+                      f"names it now; the demo starts it again in {self.restart_after:g} s. Its log: "
+                      f"{self.work}/{name}.log", flush=True)
+            elif now - self.down_since[name] >= self.restart_after:
+                self.bring_back(name)
+
+    def bring_back(self, name: str) -> None:
+        self.tries[name] = self.tries.get(name, 0) + 1
+        try:
+            process = self.stack.start_part(name)
+        except (RuntimeError, OSError) as exc:
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if self.tries[name] >= RESTART_TRIES:
+                self.failed = f"{name} did not come back after {RESTART_TRIES} tries ({first_line})"
+            else:
+                print(f"{time.strftime('%H:%M:%S')} {name} did not start ({first_line}); trying again "
+                      f"in {self.restart_after:g} s", flush=True)
+                self.down_since[name] = time.monotonic()
+            return
+        del self.down_since[name]
+        self.tries[name] = 0
+        print(f"{time.strftime('%H:%M:%S')} {name} is back (pid {process.pid})", flush=True)
+
+    def status_line(self) -> str:
+        stamp = time.strftime("%H:%M:%S ")
+        try:
+            status, body = self.stack.launcher_json("/streams")
+        except OSError:
+            return stamp + "the launcher does not answer (streams run on; new viewers wait)"
+        if status != 200:
+            return stamp + f"the launcher answered {status}: {str(body)[:120]}"
+        parts = []
+        for entry in body["streams"]:
+            idle = entry["idle_seconds"]
+            parts.append(f"ch {entry['id']}: {entry['state']}, {entry['viewers']} viewer(s), "
+                         f"idle {idle:.0f} s" if idle is not None else f"ch {entry['id']}: {entry['state']}")
+        return stamp + ("; ".join(parts) if parts else "no stream running (open a URL above)")
+
+    # -- down -------------------------------------------------------------------------------
+    def stop(self) -> bool:
+        """Every stream, then every part; True once nothing of the demo runs."""
+        self.stop_streams()
+        self.stack.stop()
+        left = [pid for pid, _ in stream_ffmpegs_under(self.stack.hls_dir, resolve_executable("ffmpeg"))]
+        left += [p.pid for p in self.stack.processes.values() if p.poll() is None]
+        if left:
+            print(f"still running: pid(s) {', '.join(map(str, left))}", flush=True)
+        return not left
+
+    def stop_streams(self) -> None:
+        """By the launcher if it answers, else directly, as `streamctl stop --all` does."""
+        try:
+            status, _ = self.stack.launcher_json("/streams/stop", "POST")
+            if status == 200:
+                return
+        except OSError:
+            pass
+        try:
+            from reaper.reaper import Reaper
+            from streamstate.settings import load_settings
+            Reaper(load_settings(self.stack.config_path)).stop_host_streams("the demo stops")
+        except Exception as exc:  # noqa: BLE001 - Redis down too: stop the FFmpegs by proof below
+            print(f"could not stop the streams through Redis ({exc}); stopping their FFmpegs", flush=True)
+        ffmpeg = resolve_executable("ffmpeg")
+        handles = [handle for pid, playlist in stream_ffmpegs_under(self.stack.hls_dir, ffmpeg)
+                   if (handle := ProcessHandle.open_proven(pid, StreamProcess(ffmpeg, (playlist,))))]
+        stop_processes(handles, 5.0)
+        for handle in handles:
+            handle.close()
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8080, help="nginx port (8080 if free, else any)")
     parser.add_argument("--seconds", type=float, default=0, help="stop after this long (0: until Ctrl-C)")
+    parser.add_argument("--restart-after", type=float, default=RESTART_AFTER,
+                        help="seconds a stopped part stays down before the demo starts it again")
     args = parser.parse_args()
 
     stop = threading.Event()
     # Ctrl-C, a kill, or the terminal closing (SIGHUP): everything started is stopped.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
-
-    work = tempfile.mkdtemp(prefix="streamkeeper-demo-")
-    # The product's promise, visible: a channel nobody watches stops 60 s after its last
-    # request (the reaper looks every 10 s).
-    stack = LocalStack(work, {"hls_time": 2, "hls_init_time": 1, "idle_timeout": 60, "reaper_interval": 10,
-                              "viewer_window": 15}, heartbeatd=True, reaper=True, nginx_port=args.port)
-    print(f"starting redis-server, the live upstream, stream-egress, stream-launcher, nginx, heartbeatd "
-          f"and stream-reaper in {work} ...")
+    demo = Demo(args.port, args.restart_after)
     try:
-        stack.start()
-        client = redis.Redis(port=stack.redis_port, decode_responses=True)
-        for channel_id, (name, quality) in DEMO_CHANNELS.items():
-            client.set(keys.channel_key(channel_id),
-                       json.dumps({"source_url": stack.upstream_url(name), "quality": quality,
-                                   "name": f"Demo {channel_id} ({quality})"}))
-        print("\nstreamkeeper demo is up. Open a channel in VLC, ffplay or a web player (hls.js;\n"
-              "every answer carries CORS headers), e.g. `vlc URL` or `ffplay URL`:\n")
-        for channel_id in DEMO_CHANNELS:
-            print(f"    {stack.playlist_url(channel_id, '?token=demo')}")
-        print(f"\nlauncher: {stack.launcher_url('/streams')}    settings: {stack.config_path}")
-        streamctl = os.path.join(os.path.dirname(sys.executable), "streamctl")
-        print(f"point streamctl at this demo:  {streamctl} --config {stack.config_path} status")
-        control = f"http://127.0.0.1:{stack.upstream_port}/control"
-        print(f"practise an upstream's faults while you watch (the player should play on):\n"
-              f"    curl -X POST {control}/drop              every upstream connection closes\n"
-              f"    curl -X POST '{control}/stall?seconds=8' the upstream goes silent\n"
-              f"    curl -X POST '{control}/restart?drop=1'  the upstream restarts, timestamps from zero\n"
-              f"    curl -X POST '{control}/fail?name=demo1.ts' / heal?name=demo1.ts  a source gone\n")
-        print("the first request starts the channel; the status below follows the viewers. Ctrl-C stops.\n")
+        demo.start()
         deadline = time.monotonic() + args.seconds if args.seconds else None
-        while not stop.wait(2.0):
-            print(status_line(stack), flush=True)
+        while not stop.wait(STATUS_EVERY) and not demo.failed:
+            print(demo.status_line(), flush=True)
+            demo.tend_parts()
             if deadline and time.monotonic() > deadline:
                 break
-            for name, process in stack.processes.items():
-                if process.poll() is not None:
-                    print(f"{name} exited ({process.returncode}); stopping. Its log: {work}/{name}.log")
-                    stop.set()
+    except RuntimeError as exc:                      # a part did not start at all
+        demo.failed = str(exc).splitlines()[0]
     finally:
-        print("\nstopping everything ...", flush=True)
-        stack.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        print("\nstopping every stream, then every part ...", flush=True)
+        clean = demo.stop()
+    if demo.failed:
+        print(f"the demo stopped: {demo.failed}. Its logs stay in {demo.work}")
+        return 1
+    if not clean:
+        print(f"stopped, but something still runs (above); its logs stay in {demo.work}")
+        return 1
+    shutil.rmtree(demo.work, ignore_errors=True)
     print("stopped; nothing left running.")
     return 0
-
-
-def status_line(stack: LocalStack) -> str:
-    status, body = stack.launcher_json("/streams")
-    if status != 200:
-        return time.strftime("%H:%M:%S") + f" launcher answered {status}"
-    parts = []
-    for entry in body["streams"]:
-        idle = entry["idle_seconds"]
-        parts.append(f"ch {entry['id']}: {entry['state']}, {entry['viewers']} viewer(s), "
-                     f"idle {idle:.0f} s" if idle is not None else f"ch {entry['id']}: {entry['state']}")
-    return time.strftime("%H:%M:%S ") + ("; ".join(parts) if parts else "no stream running (open a URL above)")
 
 
 if __name__ == "__main__":

@@ -92,8 +92,16 @@ http {{
 
 
 class LocalStack:
+    """``own_sessions``: each part in a session of its own, so a terminal's Ctrl-C (SIGINT to
+    the whole foreground process group) reaches only whoever runs the stack, which then
+    stops every stream and every part in order (the demo).  ``persistent_redis``: Redis
+    keeps an append-only file in the work directory (as a host's must)."""
+
+    PARTS = ("redis", "upstream", "egress", "launcher", "nginx", "heartbeatd", "reaper")
+
     def __init__(self, work_dir: str, settings: dict | None = None, *, heartbeatd: bool = False,
-                 reaper: bool = False, nginx_port: int | None = None):
+                 reaper: bool = False, nginx_port: int | None = None, own_sessions: bool = False,
+                 persistent_redis: bool = False):
         self.work = os.path.abspath(work_dir)
         os.makedirs(self.work, exist_ok=True)
         self.hls_dir = os.path.join(self.work, "hls")
@@ -105,6 +113,8 @@ class LocalStack:
         self.nginx_port = free_port(nginx_port)
         self.with_heartbeatd = heartbeatd
         self.with_reaper = reaper
+        self.own_sessions = own_sessions
+        self.persistent_redis = persistent_redis
         self.processes: dict[str, subprocess.Popen] = {}
         self.settings = {
             "redis_url": f"redis://127.0.0.1:{self.redis_port}/0",
@@ -151,7 +161,7 @@ class LocalStack:
         log_path = os.path.join(self.work, f"{name}.log")
         log = open(log_path, "ab")
         process = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL,
+                                   stdin=subprocess.DEVNULL, start_new_session=self.own_sessions,
                                    env={**os.environ, "STREAMKEEPER_CONFIG": self.config_path})
         log.close()
         self.processes[name] = process
@@ -162,39 +172,56 @@ class LocalStack:
             return handle.read()
 
     def start(self) -> "LocalStack":
+        """Every part, each started once the one it needs listens (Redis, then the relay the
+        launcher checks, then nginx in front of the launcher)."""
         try:
-            self._start_redis()
-            upstream = self._spawn("upstream", [sys.executable, "-m", "demo.upstream",
-                                                "--port", str(self.upstream_port)])
-            self.start_egress()
-            launcher = self._spawn("launcher", [sys.executable, "-m", "launcher",
-                                                "--config", self.config_path])
-            self._start_nginx()
-            wait_until(lambda: port_open(self.upstream_port), 20, "the upstream", upstream,
-                       os.path.join(self.work, "upstream.log"))
-            wait_until(lambda: port_open(self.launcher_port), 20, "the launcher", launcher,
-                       os.path.join(self.work, "launcher.log"))
-            if self.with_heartbeatd:
-                open(self.settings["access_log"], "a").close()
-                self._spawn("heartbeatd", [sys.executable, "-m", "heartbeatd",
-                                           "--config", self.config_path])
-            if self.with_reaper:
-                self._spawn("reaper", [sys.executable, "-m", "reaper", "--config", self.config_path])
+            for name in self.parts():
+                self.start_part(name)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start_redis(self) -> None:
+    def parts(self) -> list[str]:
+        """The parts this stack runs, in the order they start."""
+        return [name for name in self.PARTS if (name != "heartbeatd" or self.with_heartbeatd)
+                and (name != "reaper" or self.with_reaper)]
+
+    def start_part(self, name: str) -> subprocess.Popen:
+        """One part (again): returns once it listens (those that listen)."""
+        modules = {"upstream": ["demo.upstream", "--port", str(self.upstream_port)],
+                   "egress": ["egress", "--config", self.config_path],
+                   "launcher": ["launcher", "--config", self.config_path],
+                   "heartbeatd": ["heartbeatd", "--config", self.config_path],
+                   "reaper": ["reaper", "--config", self.config_path]}
+        ports = {"upstream": self.upstream_port, "egress": self.egress_port, "launcher": self.launcher_port}
+        if name == "redis":
+            return self._start_redis()
+        if name == "nginx":
+            return self._start_nginx()
+        if name not in modules:
+            raise ValueError(f"no part {name!r}")
+        if name == "heartbeatd":
+            open(self.settings["access_log"], "a").close()
+        process = self._spawn(name, [sys.executable, "-m", *modules[name]])
+        if name in ports:
+            wait_until(lambda: port_open(ports[name]), 20, f"the {name}", process,
+                       os.path.join(self.work, f"{name}.log"))
+        return process
+
+    def _start_redis(self) -> subprocess.Popen:
         directory = os.path.join(self.work, "redis")
         os.makedirs(directory, exist_ok=True)
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persistent_redis else \
+            ["--save", "", "--appendonly", "no"]
         process = self._spawn("redis", [shutil.which("redis-server") or "redis-server",
                                         "--port", str(self.redis_port), "--bind", "127.0.0.1",
-                                        "--dir", directory, "--save", "", "--appendonly", "no"])
+                                        "--dir", directory, *persistence])
         wait_until(lambda: port_open(self.redis_port), 20, "redis-server", process,
                    os.path.join(self.work, "redis.log"))
+        return process
 
-    def _start_nginx(self) -> None:
+    def _start_nginx(self) -> subprocess.Popen:
         directory = os.path.join(self.work, "nginx")
         os.makedirs(directory, exist_ok=True)
         snippet = os.path.join(directory, "streamkeeper.conf")
@@ -206,6 +233,7 @@ class LocalStack:
         process = self._spawn("nginx", [nginx, "-p", directory, "-c", conf, "-g", "daemon off;"])
         wait_until(lambda: port_open(self.nginx_port), 20, "nginx", process,
                    os.path.join(self.work, "nginx.log"))
+        return process
 
     def stop(self) -> None:
         """Every stream first (they outlive the launcher), then each process by pid."""
@@ -220,10 +248,7 @@ class LocalStack:
                 self.stop_process(name)
 
     def start_egress(self) -> subprocess.Popen:
-        egress = self._spawn("egress", [sys.executable, "-m", "egress", "--config", self.config_path])
-        wait_until(lambda: port_open(self.egress_port), 20, "the egress relay", egress,
-                   os.path.join(self.work, "egress.log"))
-        return egress
+        return self.start_part("egress")
 
     def stop_process(self, name: str) -> None:
         """One of the stack's processes, stopped by its pid (SIGTERM, then SIGKILL)."""
@@ -241,10 +266,12 @@ class LocalStack:
         process = self.processes["launcher"]
         process.send_signal(signum)
         process.wait(timeout=30)
-        launcher = self._spawn("launcher", [sys.executable, "-m", "launcher", "--config", self.config_path])
-        wait_until(lambda: port_open(self.launcher_port), 20, "the launcher", launcher,
-                   os.path.join(self.work, "launcher.log"))
-        return launcher
+        return self.start_part("launcher")
+
+    @property
+    def nginx_conf(self) -> str:
+        """The main nginx.conf of the stack's nginx (`streamctl doctor --nginx-conf` reads it)."""
+        return os.path.join(self.work, "nginx", "nginx.conf")
 
     def launcher_json(self, path: str, method: str = "GET", body: dict | None = None):
         return json_request(self.launcher_url(path), method, body)
