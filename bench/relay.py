@@ -80,7 +80,7 @@ async def client(relay_port: int, source_port: int, channel: str, token: str) ->
     reader, writer = await asyncio.open_connection("127.0.0.1", relay_port)
     auth = base64.b64encode(f"{channel}:{token}".encode()).decode()
     writer.write(f"GET http://127.0.0.1:{source_port}/live/{channel}.ts HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                 f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+                 f"Proxy-Authorization: Basic {auth}\r\nConnection: close\r\n\r\n".encode())
     total = 0
     while chunk := await reader.read(1 << 20):
         total += len(chunk)

@@ -1,8 +1,10 @@
 """The egress relay: the one way out for every upstream connection of this host's streams.
 
 FFmpeg (``http_proxy`` in its environment) and the resolvers speak HTTP proxy to it:
-``CONNECT host:port`` for https, absolute-form requests for http.  For each
-connection the relay
+``CONNECT host:port`` for https, absolute-form requests for http.  HTTP is parsed with
+h11 (never by hand): on a persistent connection each absolute-form request is parsed,
+checked and forwarded on its own, over an upstream connection of its own that closes
+when its answer is complete.  For each request the relay
 
 1. knows the channel: Proxy-Authorization carries the channel id and the token of its
    ticket (streamstate.egress); anything else gets 407;
@@ -12,8 +14,9 @@ connection the relay
 3. checks the address it actually connects to (after DNS, on every redirect, every
    HLS segment) against upstream_allow / upstream_deny and this host's own services;
    a refused address gets 403 and a note the launcher reads;
-4. copies bytes both ways until either side closes, then closes the other at once
-   (a provider counts our open connections).
+4. copies the request and its answer (a CONNECT tunnel: bytes both ways) until either
+   side ends, then closes the upstream connection at once (a provider counts our open
+   connections); Proxy-Authorization never goes upstream.
 
 ``GET /connections`` (origin-form, no auth) answers the open upstream connections per
 channel: the launcher waits on it before a preempted slot is given to another stream.
@@ -35,14 +38,18 @@ import re
 import socket
 from urllib.parse import unquote, urlsplit
 
+import h11
+
 from streamstate import egress, keys
 from streamstate.redact import redact_url
-from streamstate.upstreams import AddressPolicy, literal_address, provider_servers, socks_connection
+from streamstate.upstreams import (AddressPolicy, literal_address, provider_servers, server_key,
+                                   socks_connection)
 
 log = logging.getLogger("streamkeeper.egress")
 
 MAX_HEAD_BYTES = 32 * 1024      # a request head larger than this is refused
 HEAD_TIMEOUT = 15.0             # seconds a client has to send its request head
+IDLE_TIMEOUT = 30.0             # seconds a persistent client connection may wait for its next request
 CONNECT_TIMEOUT = 10.0          # seconds to reach an upstream or a proxy
 CHUNK = 64 * 1024
 SMALL_READ = 16 * 1024          # a read below this waits COALESCE before the next one
@@ -68,7 +75,9 @@ class EgressRelay:
         self.settings = settings
         self.state_dir = settings.state_dir
         self.policy = policy or AddressPolicy.from_settings(settings)
-        self.provider_servers = provider_servers(settings.providers)
+        # Every provider's server, by name and by address (its name resolved once here: a
+        # source that reaches the server by another name or address is caught by address).
+        self.provider_servers = provider_servers(settings.providers, resolve=_addresses_now)
         self.open: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
 
@@ -87,16 +96,14 @@ class EgressRelay:
             writer.transport.abort()
 
     async def _handle(self, reader, writer) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
-        except asyncio.LimitOverrunError:
+        client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        request = await _next_event(client, reader, HEAD_TIMEOUT)
+        if request is _TOO_LARGE:
             return await _answer(writer, 431, "request head too large")
-        if len(head) > MAX_HEAD_BYTES:
-            return await _answer(writer, 431, "request head too large")
-        try:
-            method, target, headers = _parse_head(head)
-        except ValueError:
+        if not isinstance(request, h11.Request):
             return await _answer(writer, 400, "bad request")
+        method, target = request.method.decode("ascii", "replace"), request.target.decode("ascii", "replace")
+        headers = _decoded(request.headers)
         if target.startswith("/"):
             return await self._status_route(writer, method, target)
         channel_id, ticket = self._authorised(headers)
@@ -108,16 +115,41 @@ class EgressRelay:
                                  {"Proxy-Authenticate": 'Basic realm="streamkeeper-egress"'})
         if method == "CONNECT":
             host, port = _split_host_port(target, None)
-            forward = None
-        else:
+            if host is None or port is None:
+                return await _answer(writer, 400, "bad target")
+            return await self._tunnel(channel_id, ticket, reader, writer, host, port)
+        await self._forward_requests(channel_id, ticket, client, request, reader, writer)
+
+    async def _forward_requests(self, channel_id: str, ticket: dict, client: h11.Connection,
+                                request: h11.Request, reader, writer) -> None:
+        """Absolute-form requests on one client connection, each on its own: checked
+        (credentials, address policy, provider), forwarded over an upstream connection of its
+        own, its answer copied back; then the next request, while both sides keep the
+        connection."""
+        while True:
+            target = request.target.decode("ascii", "replace")
             parts = urlsplit(target)
             if parts.scheme.lower() != "http" or not parts.hostname:
                 return await _answer(writer, 400, "only CONNECT and absolute http:// requests")
-            host, port = parts.hostname, parts.port or 80
-            forward = (method, target, parts, headers)
-        if host is None or port is None:
-            return await _answer(writer, 400, "bad target")
-        await self._relay(channel_id, ticket, reader, writer, host, port, forward)
+            try:
+                port = parts.port or 80
+            except ValueError:
+                return await _answer(writer, 400, "bad target")
+            if not await self._forward_one(channel_id, ticket, client, request, parts, port, reader, writer):
+                return
+            if client.our_state is not h11.DONE or client.their_state is not h11.DONE:
+                return
+            try:
+                client.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+            request = await _next_event(client, reader, IDLE_TIMEOUT)
+            if not isinstance(request, h11.Request):
+                return
+            again, _ = self._authorised(_decoded(request.headers))
+            if again != channel_id:
+                return await _answer(writer, 407, "proxy authentication required",
+                                     {"Proxy-Authenticate": 'Basic realm="streamkeeper-egress"'})
 
     def _authorised(self, headers: list[tuple[str, str]]) -> tuple[str | None, dict]:
         """(channel, its ticket) that the Proxy-Authorization matches, else (None, {}).  The
@@ -138,49 +170,91 @@ class EgressRelay:
             return None, {}
         return user, ticket
 
-    async def _relay(self, channel_id: str, ticket: dict, reader, writer, host: str, port: int, forward) -> None:
+    async def _upstream(self, channel_id: str, ticket: dict, writer, host: str, port: int, *, tunnel: bool):
+        """(reader, writer, via) of an upstream connection for the channel, counted open; None
+        when it was refused or unreachable (the client has been answered, the note written)."""
         proxy = ticket.get("proxy") or ""
         try:
             self._check_provider(ticket, host, port)
-            up_reader, up_writer, via = await self._connect(host, port, proxy, tunnel=forward is None)
+            up_reader, up_writer, via = await self._connect(host, port, proxy, tunnel=tunnel, ticket=ticket)
         except Refused as refused:
             self._refused(channel_id, host, port, refused)
-            return await _answer(writer, refused.status,
-                                 "upstream address not allowed" if refused.kind == "address" else
-                                 "proxy unusable", {"X-Streamkeeper-Refused": refused.kind})
+            await _answer(writer, refused.status,
+                          "upstream address not allowed" if refused.kind == "address" else
+                          "proxy unusable", {"X-Streamkeeper-Refused": refused.kind})
+            return None
         except Unreachable as exc:
             self.counters["unreachable"] += 1
             log.info("channel %s: %s unreachable: %s", channel_id, _shown_target(host, port), exc)
             egress.record_refusal(self.state_dir, channel_id, "unreachable",
                                   f"{_shown_target(host, port)}: {exc}")
-            return await _answer(writer, 502, "upstream unreachable")
+            await _answer(writer, 502, "upstream unreachable")
+            return None
         self.open[channel_id] += 1
         self.counters["connections"] += 1
         log.debug("channel %s: connected to %s%s", channel_id, _shown_target(host, port), via)
-        try:
-            if forward is None:
-                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            else:
-                up_writer.write(_forwarded_head(forward, proxy))
-                if proxy.lower().startswith("http://"):
-                    # Through an http proxy the first answer may be the proxy's own refusal.
-                    status_line = await asyncio.wait_for(up_reader.readuntil(b"\r\n"), 3 * CONNECT_TIMEOUT)
-                    if status_line.split(b" ")[1:2] == [b"407"]:
-                        raise Refused("proxy", f"proxy {redact_url(proxy)}: authentication failed (407)", 502)
-                    writer.write(status_line)
-            await _splice(reader, writer, up_reader, up_writer, self.counters)
-        except Refused as refused:
-            self._refused(channel_id, host, port, refused)
-            await _answer(writer, refused.status, "proxy unusable", {"X-Streamkeeper-Refused": refused.kind})
-        finally:
-            up_writer.transport.abort()           # the provider sees the close at once
-            self.open[channel_id] -= 1
-            if self.open[channel_id] <= 0:
-                del self.open[channel_id]
+        return up_reader, up_writer, via
 
-    def _check_provider(self, ticket: dict, host: str, port: int) -> None:
-        """A provider's server is reached only by a stream holding one of its slots."""
-        owners = self.provider_servers.get((host.lower().rstrip("."), port))
+    def _closed(self, channel_id: str, up_writer) -> None:
+        up_writer.transport.abort()               # the provider sees the close at once
+        self.open[channel_id] -= 1
+        if self.open[channel_id] <= 0:
+            del self.open[channel_id]
+
+    async def _tunnel(self, channel_id: str, ticket: dict, reader, writer, host: str, port: int) -> None:
+        """CONNECT: an upstream connection, then bytes both ways until either side ends."""
+        upstream = await self._upstream(channel_id, ticket, writer, host, port, tunnel=True)
+        if upstream is None:
+            return
+        up_reader, up_writer, _ = upstream
+        try:
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await _splice(reader, writer, up_reader, up_writer, self.counters)
+        finally:
+            self._closed(channel_id, up_writer)
+
+    async def _forward_one(self, channel_id: str, ticket: dict, client: h11.Connection, request: h11.Request,
+                           parts, port: int, reader, writer) -> bool:
+        """One request and its answer; False when the client connection cannot go on."""
+        proxy = ticket.get("proxy") or ""
+        upstream = await self._upstream(channel_id, ticket, writer, parts.hostname, port, tunnel=False)
+        if upstream is None:
+            return False
+        up_reader, up_writer, _ = upstream
+        server = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        try:
+            up_writer.write(server.send(_upstream_request(request, parts, proxy)))
+            while True:                                       # the request's body, if any
+                event = await _next_event(client, reader, HEAD_TIMEOUT)
+                if not isinstance(event, (h11.Data, h11.EndOfMessage)):
+                    return False
+                up_writer.write(server.send(event))
+                if isinstance(event, h11.EndOfMessage):
+                    break
+            answer = await _next_event(server, up_reader, 3 * CONNECT_TIMEOUT, skip_informational=True)
+            if not isinstance(answer, h11.Response):
+                await _answer(writer, 502, "upstream sent no answer")
+                return False
+            if answer.status_code == 407 and proxy.lower().startswith("http://"):
+                raise Refused("proxy", f"proxy {redact_url(proxy)}: authentication failed (407)", 502)
+            writer.write(client.send(_client_response(answer)))
+            await _copy_body(server, up_reader, client, writer, self.counters)
+            return True
+        except Refused as refused:
+            self._refused(channel_id, parts.hostname, port, refused)
+            await _answer(writer, refused.status, "proxy unusable", {"X-Streamkeeper-Refused": refused.kind})
+            return False
+        except h11.ProtocolError:
+            return False
+        finally:
+            self._closed(channel_id, up_writer)
+
+    def _check_provider(self, ticket: dict, host: str, port: int, addresses: list[str] = ()) -> None:
+        """A provider's server is reached only by a stream holding one of its slots: known by
+        its name, or by any address the request names or resolves to."""
+        owners: set[str] = set()
+        for key in [server_key(host), *(server_key(a) for a in addresses)]:
+            owners |= self.provider_servers.get((key, port), set())
         if owners and ticket.get("provider") not in owners:
             raise Refused("address", f"{_shown_target(host, port)} is the server of provider "
                           f"{' or '.join(sorted(owners))}, and this stream holds none of its connections", 403)
@@ -193,11 +267,11 @@ class EgressRelay:
         egress.record_refusal(self.state_dir, channel_id, refused.kind, refused.reason)
 
     # -- where a connection goes ---------------------------------------------------
-    async def _connect(self, host: str, port: int, proxy: str, *, tunnel: bool):
+    async def _connect(self, host: str, port: int, proxy: str, *, tunnel: bool, ticket: dict):
         """(reader, writer, description) of a connection to host:port, directly or through
         the proxy; Refused or Unreachable."""
         if not proxy:
-            reader, writer, address = await self._connect_direct(host, port)
+            reader, writer, address = await self._connect_direct(host, port, ticket)
             return reader, writer, ""
         parts = urlsplit(proxy)
         scheme = parts.scheme.lower()
@@ -210,7 +284,9 @@ class EgressRelay:
         if scheme == "socks5" or literal_address(host) is not None:
             # socks5: names are resolved here and the address checked; socks5h and http
             # proxies resolve names on their own network (an address literal is checked).
-            target_host = self._check_addresses(await _resolve(host, port), port)[0]
+            addresses = await _resolve(host, port)
+            self._check_provider(ticket, host, port, addresses)
+            target_host = self._check_addresses(addresses, port)[0]
         if scheme in ("socks5", "socks5h"):
             sock = await asyncio.to_thread(_socks_connect, parts, target_host, port, scheme == "socks5h", shown)
             reader, writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
@@ -220,8 +296,10 @@ class EgressRelay:
             await _http_proxy_connect(reader, writer, parts, target_host, port, shown)
         return reader, writer, f" through {shown}"
 
-    async def _connect_direct(self, host: str, port: int):
-        addresses = self._check_addresses(await _resolve(host, port), port)
+    async def _connect_direct(self, host: str, port: int, ticket: dict):
+        resolved = await _resolve(host, port)
+        self._check_provider(ticket, host, port, resolved)
+        addresses = self._check_addresses(resolved, port)
         last_error: Exception | None = None
         for address in addresses:
             try:
@@ -265,20 +343,84 @@ class EgressRelay:
 
 # -- helpers -----------------------------------------------------------------------------
 
-def _parse_head(head: bytes) -> tuple[str, str, list[tuple[str, str]]]:
-    lines = head.decode("latin-1").split("\r\n")
-    method, target, version = lines[0].split(" ")
-    if not version.startswith("HTTP/1.") or not method.isalpha() or not target:
-        raise ValueError("bad request line")
-    headers = []
-    for line in lines[1:]:
-        if not line:
+_TOO_LARGE = object()
+
+
+def _addresses_now(host: str) -> list[str]:
+    """A provider server's addresses, resolved once at start (blocking; a name that does not
+    resolve yet is known by its name only)."""
+    try:
+        return sorted({info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)})
+    except OSError:
+        return []
+
+
+async def _next_event(connection: h11.Connection, reader, timeout: float, *, skip_informational: bool = False):
+    """The next h11 event of a connection, reading as it needs; None when the peer closed
+    or broke the protocol, _TOO_LARGE for a head over MAX_HEAD_BYTES.  Raises TimeoutError."""
+    while True:
+        try:
+            event = connection.next_event()
+        except h11.RemoteProtocolError as exc:
+            return _TOO_LARGE if exc.error_status_hint == 431 else None
+        if event is h11.NEED_DATA:
+            data = await asyncio.wait_for(reader.read(CHUNK), timeout)
+            connection.receive_data(data)
             continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or "\n" in line or "\r" in line:
-            raise ValueError("bad header")           # a bare CR or LF could smuggle a request
-        headers.append((name, value.strip()))
-    return method, target, headers
+        if skip_informational and isinstance(event, h11.InformationalResponse):
+            continue
+        if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
+            return None
+        return event
+
+
+def _decoded(headers) -> list[tuple[str, str]]:
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers.raw_items()]
+
+
+def _upstream_request(request: h11.Request, parts, proxy: str) -> h11.Request:
+    """The request as the upstream gets it: origin-form (absolute-form to an http proxy,
+    with its credentials), without our proxy headers, on a connection of its own."""
+    via_http_proxy = proxy.lower().startswith("http://")
+    target = request.target if via_http_proxy else \
+        ((parts.path or "/") + (f"?{parts.query}" if parts.query else "")).encode("latin-1")
+    headers = [(name, value) for name, value in request.headers.raw_items()
+               if name.lower().decode("latin-1") not in _HOP_HEADERS]
+    if via_http_proxy and urlsplit(proxy).username:
+        headers.append((b"Proxy-Authorization", _basic(urlsplit(proxy)).encode("latin-1")))
+    headers.append((b"Connection", b"close"))
+    return h11.Request(method=request.method, target=target, headers=headers)
+
+
+def _client_response(answer: h11.Response) -> h11.Response:
+    """The upstream's answer as the client gets it: its hop-by-hop headers off (h11 frames
+    the body for the client connection)."""
+    headers = [(name, value) for name, value in answer.headers.raw_items()
+               if name.lower().decode("latin-1") not in _HOP_HEADERS | {"transfer-encoding"}]
+    return h11.Response(status_code=answer.status_code, reason=answer.reason, headers=headers)
+
+
+async def _copy_body(server: h11.Connection, up_reader, client: h11.Connection, writer, counters) -> None:
+    """The answer's body, upstream to client, until its end (or the upstream's close, for a
+    body that has no length).  After a small read, COALESCE before the next (see _pipe)."""
+    while True:
+        event = server.next_event()
+        if event is h11.NEED_DATA:
+            data = await up_reader.read(CHUNK)
+            server.receive_data(data)
+            if data and len(data) < SMALL_READ:
+                await asyncio.sleep(COALESCE)
+            continue
+        if isinstance(event, h11.Data):
+            counters["bytes_down"] += len(event.data)
+            writer.writelines(client.send_with_data_passthrough(event))     # no copy of the data
+            await writer.drain()
+        elif isinstance(event, h11.EndOfMessage):
+            writer.write(client.send(h11.EndOfMessage()))
+            await writer.drain()
+            return
+        else:
+            raise h11.RemoteProtocolError("the upstream's answer ended early")
 
 
 def _split_host_port(target: str, default_port: int | None) -> tuple[str | None, int | None]:
@@ -367,20 +509,6 @@ async def _http_proxy_connect(reader, writer, parts, host: str, port: int, shown
 def _basic(parts) -> str:
     credentials = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
     return "Basic " + base64.b64encode(credentials.encode()).decode()
-
-
-def _forwarded_head(forward, proxy: str) -> bytes:
-    """The request as the upstream gets it: origin-form (absolute-form to an http proxy,
-    with its credentials), without our proxy headers, one request per connection."""
-    method, target, parts, headers = forward
-    via_http_proxy = proxy.lower().startswith("http://")
-    path = target if via_http_proxy else (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    lines = [f"{method} {path} HTTP/1.1"]
-    lines += [f"{name}: {value}" for name, value in headers if name.lower() not in _HOP_HEADERS]
-    if via_http_proxy and urlsplit(proxy).username:
-        lines.append(f"Proxy-Authorization: {_basic(urlsplit(proxy))}")
-    lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counters, name: str) -> None:

@@ -127,24 +127,60 @@ def provider_of(channel: Channel, providers: dict[str, Provider]) -> Provider | 
 
 
 def _matching(source: str, providers: dict[str, Provider]) -> str | None:
-    """The first provider whose match prefixes the source."""
+    """The first provider whose match prefixes the source, its host compared by address
+    when it names one in any spelling (http://127.1:8080/acct/ is http://127.0.0.1:8080/acct/,
+    and so is http://localhost:8080/acct/)."""
+    canonical = _canonical_url(source)
     for provider in providers.values():
-        if provider.match and source.startswith(provider.match):
+        if provider.match and (source.startswith(provider.match)
+                               or canonical.startswith(_canonical_url(provider.match))):
             return provider.name
     return None
 
 
-def provider_servers(providers: dict[str, Provider]) -> dict[tuple[str, int], set[str]]:
+def _canonical_url(url: str) -> str:
+    """scheme://host:port/path?query with the host as the address it spells (if it spells
+    one: no DNS here), the default port written out; the URL itself if it cannot be read."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:
+        return url
+    host = (parts.hostname or "").lower()
+    literal = literal_address(host)
+    if literal is not None:
+        host = str(normal_address(literal))
+    rest = parts.path + (f"?{parts.query}" if parts.query else "")
+    return f"{parts.scheme.lower()}://{host}:{port}{rest}"
+
+
+def provider_servers(providers: dict[str, Provider], resolve=None) -> dict[tuple[str, int], set[str]]:
     """(host, port) of each provider's match URL -> the providers there: the relay lets
     only a stream holding one of their slots connect to it (a redirect or a fallback to a
-    provider's server takes no connection of its account unnoticed)."""
+    provider's server takes no connection of its account unnoticed).  Each server is keyed
+    by its name and by every address it has: the address in any spelling, and, with
+    ``resolve`` (host -> addresses), what its name resolves to."""
     servers: dict[tuple[str, int], set[str]] = {}
     for provider in providers.values():
         if provider.match and provider.max_streams:
             parts = urlsplit(provider.match)
             port = parts.port or (443 if parts.scheme == "https" else 80)
-            servers.setdefault(((parts.hostname or "").lower(), port), set()).add(provider.name)
+            host = (parts.hostname or "").lower()
+            names = {host}
+            literal = literal_address(host)
+            addresses = [literal] if literal is not None else (resolve(host) if resolve else [])
+            names |= {str(normal_address(a)) for a in addresses if normal_address(a) is not None}
+            for name in names:
+                servers.setdefault((name, port), set()).add(provider.name)
     return servers
+
+
+def server_key(host: str) -> str:
+    """How provider_servers keys a host: the address it spells, else its name."""
+    literal = literal_address(host)
+    if literal is not None and normal_address(literal) is not None:
+        return str(normal_address(literal))
+    return host.lower().rstrip(".")
 
 
 def upstream_of(channel: Channel, settings) -> Upstream:

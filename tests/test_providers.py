@@ -179,3 +179,33 @@ def test_a_provider_s_server_takes_a_slot_however_it_is_reached(acme, provider):
         for viewer in viewers:
             viewer.stop()
         acme.launcher_json("/streams/stop", "POST")
+
+
+@pytest.mark.parametrize("spelling", ["localhost", "127.1", "[::ffff:127.0.0.1]", "2130706433"])
+def test_a_provider_s_server_is_known_by_its_address_in_any_spelling(acme, provider, spelling):
+    """Finding: a channel naming the provider's server as localhost, 127.1 or
+    [::ffff:127.0.0.1] matched no provider, took no slot, and the relay let it through: the
+    provider saw 3 connections on a 2-connection account.  Now it is the provider's (its
+    start takes a slot, here refused: both are in use) and the provider never sees a third."""
+    for channel in (821, 822):
+        add(acme, provider, channel)
+    viewers = [Viewer(acme, 821, "hana"), Viewer(acme, 822, "ivan")]
+    try:
+        wait_for(lambda: viewers_of(acme, 821) and viewers_of(acme, 822), 30, message="two watched channels")
+        source = provider.url("acct", "pass", "823").replace("127.0.0.1", spelling, 1)
+        acme.redis.set(keys.channel_key(823), json.dumps({"source_url": source, "quality": "copy"}))
+        status, _, body = first_request(acme.playlist_url(823, "?token=jack"))
+        assert status == 503 and b"provider acme: all 2 connections are in use" in body, body
+        assert not ffmpegs_writing(acme, 823)
+        # Reached by a redirect from a source of no provider: the relay knows the server by
+        # the address it connects to, and refuses.
+        redirect = f"http://127.0.0.1:{acme.upstream_port}/redirect/x?to=" + source
+        acme.redis.set(keys.channel_key(824), json.dumps({"source_url": redirect, "quality": "copy"}))
+        status, _, body = first_request(acme.playlist_url(824, "?token=jack"))
+        assert status == 503 and body == b"channel 824: upstream address not allowed\n", body
+        assert provider.violations == [] and provider.max_concurrent["acct"] <= LIMIT
+    finally:
+        for viewer in viewers:
+            viewer.stop()
+        acme.launcher_json("/streams/stop", "POST")
+        acme.redis.delete(keys.failed_key(823), keys.failed_key(824))

@@ -356,3 +356,66 @@ def test_an_http_proxy_that_refuses_connect_is_the_proxy_s_fault(stack):
         server.shutdown()
         server.server_close()
         stack.redis.delete(keys.failed_key(787))
+
+
+class KeepAliveOrigin:
+    """An HTTP/1.1 origin on loopback answering keep-alive requests with a small body, and
+    keeping every request head it received, as received."""
+
+    def __init__(self, body: bytes):
+        import http.server
+        import threading
+        heads = self.heads = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                heads.append(self.requestline + "\r\n" + str(self.headers))
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_each_request_on_a_persistent_proxy_connection_is_its_own(stack):
+    """Finding: the relay spliced every request after the first raw to the first upstream,
+    Proxy-Authorization included.  Now each absolute-form request on one connection is
+    parsed (h11), checked against the address policy, forwarded to its own upstream without
+    our credentials, and answered in turn."""
+    import base64
+    import http.client
+    from streamstate import egress
+    first, second = KeepAliveOrigin(b"first\n"), KeepAliveOrigin(b"second\n")
+    token = egress.write_ticket(stack.settings["state_dir"], "7060", None)
+    auth = "Basic " + base64.b64encode(f"7060:{token}".encode()).decode()
+    relay = http.client.HTTPConnection("127.0.0.1", stack.egress_port, timeout=20)
+    try:
+        answers = []
+        for origin in (first, second, first):
+            relay.request("GET", f"http://127.0.0.1:{origin.port}/x.ts", headers={"Proxy-Authorization": auth})
+            answer = relay.getresponse()
+            answers.append((answer.status, answer.read()))
+        # An address the policy refuses, asked on the same connection: refused on its own.
+        relay.request("GET", f"http://127.0.0.1:{stack.redis_port}/", headers={"Proxy-Authorization": auth})
+        refused = relay.getresponse()
+        assert refused.status == 403 and refused.getheader("X-Streamkeeper-Refused") == "address"
+    finally:
+        relay.close()
+        first.close()
+        second.close()
+        egress.delete_ticket(stack.settings["state_dir"], "7060")
+    assert answers == [(200, b"first\n"), (200, b"second\n"), (200, b"first\n")]
+    assert len(first.heads) == 2 and len(second.heads) == 1
+    for head in first.heads + second.heads:
+        assert head.startswith("GET /x.ts HTTP/1.1") and "proxy-authorization" not in head.lower()
