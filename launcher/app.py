@@ -19,6 +19,7 @@ from .ffmpeg import build_argv
 from streamstate.viewers import viewer_of_request
 
 from .nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, AGENT_HEADER, CLIENT_HEADER, QUERY_HEADER
+from . import status_page
 from .service import ChannelNotFound, Launcher
 from .supervisor import StartFailed
 
@@ -270,14 +271,20 @@ def make_app(settings) -> web.Application:
     app.router.add_post("/api/stream/start", legacy_start)
     app.router.add_post("/api/stream/stop", legacy_stop)
     app.router.add_get("/api/streams/active", legacy_active)
+    app.router.add_get("/status", status_page.status_page)
+    app.router.add_get("/status.js", status_page.status_script)
+    app.router.add_get("/status.json", status_page.status_json)
+    app.router.add_get("/favicon.ico", status_page.no_icon)
 
     async def on_startup(app):
         app["host_refresh"] = asyncio.create_task(launcher.refresh_host_forever())
+        app["status_history"] = asyncio.create_task(status_page.record_history_forever(launcher))
 
     async def on_shutdown(app):
         # Streams outlive the launcher (a restart or an upgrade stops no stream); stopping
         # them all is asked for explicitly: POST /streams/stop, `streamctl stop --all`.
         app["host_refresh"].cancel()
+        app["status_history"].cancel()
         launcher.detach_all()
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)

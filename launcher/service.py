@@ -439,6 +439,8 @@ def collect_streams(client, settings, supervisors: dict) -> dict:
                            redact_text(record.last_error) if record else ""),
             "source": redact_text(record.source) if record else "",
             "provider": redact_text(record.provider) if record else "",
+            # Media seconds made per wall second over the last 30 s (this launcher's streams).
+            "speed": round(supervisor.speed, 3) if supervisor and supervisor.speed is not None else None,
         }
         result.append(entry)
     grace = float(settings.start_timeout) + 10

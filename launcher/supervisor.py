@@ -152,6 +152,7 @@ class StreamSupervisor:
                               upstream.provider.name if upstream is not None and upstream.limited else None)
         self._detaching = False     # the launcher is exiting: leave FFmpeg running
         self.slow = False           # producing slower than real time (logged once per episode)
+        self.speed: float | None = None   # media seconds per wall second over SLOW_WINDOW
         self._changed = asyncio.Condition()
         self._task: asyncio.Task | None = None
         self._stop_requested = False
@@ -522,6 +523,7 @@ class StreamSupervisor:
     def _judge_pace(self, ratio: float | None) -> None:
         if ratio is None:
             return
+        self.speed = ratio
         if ratio < SLOW_RATIO and not self.slow:
             self.slow = True
             self.launcher.counters["slow"] += 1

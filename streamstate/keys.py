@@ -43,6 +43,9 @@ New keys beside them:
                                        connection of the account
 ``source:<digest>:failed``     string  launcher: the reason, with  launcher (that source is
                                (TTL)   source_cooldown as expiry   skipped for a fallback)
+``status:<host_id>:history``   list    launcher: JSON {t, streams, the status page's chart
+                                       viewers} every 30 s, an
+                                       hour kept
 =============================  ======  ==========================  ===========================
 """
 from __future__ import annotations
@@ -144,6 +147,11 @@ def reaper_lock_key(host_id: str) -> str:
 
 def reaper_last_pass_key(host_id: str) -> str:
     return f"reaper:{host_id}:last_pass"
+
+
+def status_history_key(host_id: str) -> str:
+    """A list of JSON samples {t, streams, viewers}, newest first, an hour of them."""
+    return f"status:{host_id}:history"
 
 
 def stream_keys(channel_id: str | int) -> list[str]:
