@@ -37,8 +37,10 @@ class Demo:
         self.restart_after = restart_after
         # The product's promise, visible: a channel nobody watches stops 60 s after its last
         # request (the reaper looks every 10 s).
+        # Faults to practise on cost restarts: the demo allows more of them than a host.
         self.stack = LocalStack(self.work, {"hls_time": 2, "hls_init_time": 1, "idle_timeout": 60,
-                                            "reaper_interval": 10, "viewer_window": 15},
+                                            "reaper_interval": 10, "viewer_window": 15,
+                                            "max_restarts": 20, "restart_window": 120},
                                 heartbeatd=True, reaper=True, nginx_port=port, own_sessions=True,
                                 persistent_redis=True)
         self.down_since: dict[str, float] = {}
@@ -53,8 +55,11 @@ class Demo:
         self.stack.start()
         client = redis.Redis(port=self.stack.redis_port, decode_responses=True)
         for channel_id, (name, quality) in DEMO_CHANNELS.items():
+            # Each with a fallback source (the same broadcast under another name), so failing
+            # the first (`/control/fail?name=demo1.ts`) shows a failover.
             client.set(keys.channel_key(channel_id),
                        json.dumps({"source_url": self.stack.upstream_url(name), "quality": quality,
+                                   "fallback_urls": [self.stack.upstream_url(f"{name}-fallback")],
                                    "name": f"Demo {channel_id} ({quality})"}))
         client.close()
         self.print_guide()
@@ -78,7 +83,8 @@ class Demo:
               f"    curl -X POST {control}/drop              every upstream connection closes\n"
               f"    curl -X POST '{control}/stall?seconds=8' the upstream goes silent\n"
               f"    curl -X POST '{control}/restart?drop=1'  the upstream restarts, timestamps from zero\n"
-              f"    curl -X POST '{control}/fail?name=demo1.ts' / heal?name=demo1.ts  a source gone\n")
+              f"    curl -X POST '{control}/fail?name=demo1.ts' / heal?name=demo1.ts  a source gone (the\n"
+              f"        channel fails over to its fallback source)\n")
         print("the first request starts the channel; the status below follows the viewers. Ctrl-C stops.\n",
               flush=True)
 

@@ -5,6 +5,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 
 import redis
 from aiohttp import web
@@ -20,7 +21,7 @@ from streamstate.viewers import viewer_of_request
 
 from .nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, AGENT_HEADER, CLIENT_HEADER, QUERY_HEADER
 from . import status_page
-from .service import ChannelNotFound, Launcher
+from .service import ChannelNotFound, CoolingDown, Launcher
 from .supervisor import StartFailed
 
 log = logging.getLogger("streamkeeper.launcher")
@@ -93,7 +94,10 @@ async def _start_response(request: web.Request, channel_id: str, channel: Channe
                       **{"Retry-After": RETRY_AFTER})
     except StartFailed as exc:
         launcher.counters["start_failures"] += 1
-        log.warning("channel %s: start failed: %s", channel_id, exc)
+        if not isinstance(exc, CoolingDown) or _first_refusal(launcher, channel_id):
+            log.warning("channel %s: start %s: %s", channel_id,
+                        "refused during failed_cooldown (said once per cooldown)" if isinstance(exc, CoolingDown)
+                        else "failed", exc)
         return _error(request, 503, f"channel {channel_id}: {exc}", **{"Retry-After": RETRY_AFTER})
     if _for_player(request):
         # nginx serves the file as the answer to the player's own request: no redirect it sees.
@@ -104,6 +108,19 @@ async def _start_response(request: web.Request, channel_id: str, channel: Channe
     return _json({"status": status, "channel_id": channel_id,
                   "playlist": f"/live/stream_{channel_id}.m3u8",
                   "pid": supervisor.process.pid if supervisor and supervisor.process else None})
+
+
+def _first_refusal(launcher: Launcher, channel_id: str) -> bool:
+    """A channel's first start refused in its cooldown is logged; the next ones (every viewer
+    retrying) are not, until failed_cooldown has passed."""
+    now = time.monotonic()
+    said = launcher.warned_cooldowns
+    for channel in [c for c, until in said.items() if until <= now]:
+        del said[channel]
+    if channel_id in said:
+        return False
+    said[channel_id] = now + float(launcher.settings.failed_cooldown)
+    return True
 
 
 async def start_channel(request: web.Request) -> web.Response:
@@ -131,6 +148,17 @@ async def stop_all_streams(request: web.Request) -> web.Response:
 
 async def streams(request: web.Request) -> web.Response:
     return _json(await request.app["launcher"].streams())
+
+
+@web.middleware
+async def redis_unavailable(request: web.Request, handler):
+    """Redis down is an expected failure: every route answers 503 with one line, and the
+    log gets one line, never a traceback."""
+    try:
+        return await handler(request)
+    except redis.RedisError as exc:
+        log.error("%s %s: redis unavailable: %s", request.method, request.path, exc)
+        return _error(request, 503, "temporarily unavailable (redis unreachable)", **{"Retry-After": RETRY_AFTER})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -257,7 +285,7 @@ async def adopt_at_start_up(launcher: Launcher) -> None:
 
 
 def make_app(settings) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[redis_unavailable])
     launcher = Launcher(settings)
     app["launcher"] = launcher
     app["registry"] = _registry(launcher)

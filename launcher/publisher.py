@@ -170,8 +170,17 @@ class PlaylistPublisher:
                 log.warning("channel %s: segment %s is incomplete on disk (a full disk?); not listed",
                             self.id, segment.uri)
                 continue
+            # A number skipped since the last segment listed: FFmpeg deleted segments before
+            # they could be listed (no launcher published them for longer than FFmpeg keeps
+            # them): a gap in the media, marked, and dated anew by the clock.
+            skipped = (previous is not None and number > self.run_first
+                       and number != (hls.segment_number(previous.uri, self.id) or -2) + 1)
+            if skipped:
+                log.warning("channel %s: segments before %s were gone before they could be listed (the "
+                            "launcher was away too long); the playlist goes on after a discontinuity",
+                            self.id, segment.uri)
             listed = hls.Segment(segment.uri, segment.duration,
-                                 discontinuity=self._pending_discontinuity and previous is not None)
+                                 discontinuity=(self._pending_discontinuity or skipped) and previous is not None)
             listed.program_date_time = self._date(listed, previous, path)
             if self.paced and listed.program_date_time + listed.duration > now + PACE_SLACK:
                 self._seen = None                          # not due yet: look again next time

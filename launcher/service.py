@@ -50,6 +50,11 @@ class RelayDown(StartFailed):
     """The egress relay does not answer: no FFmpeg could reach its upstream (503)."""
 
 
+class CoolingDown(StartFailed):
+    """The channel failed within failed_cooldown: its starts get the same reason (503),
+    and no FFmpeg runs."""
+
+
 class Launcher:
     def __init__(self, settings):
         self.settings = settings
@@ -64,6 +69,8 @@ class Launcher:
                          "preempted": 0, "disk_full": 0, "slow": 0, "failovers": 0,
                          "provider_preempted": 0, "provider_refused": 0, "relay_down": 0}
         self.warned: set[str] = set()      # warnings given once per process
+        # channel -> until when (monotonic) its refusals in failed_cooldown go unlogged
+        self.warned_cooldowns: dict[str, float] = {}
 
     async def redis_call(self, function, *args, **kwargs):
         """streamstate's functions are plain and synchronous: run them off the event loop."""
@@ -110,7 +117,7 @@ class Launcher:
         if supervisor is None:
             failed = await self.redis_call(runs.get_failed, channel_id)
             if failed is not None:           # failed_cooldown: no FFmpeg, the same reason
-                raise StartFailed(failed["reason"])
+                raise CoolingDown(failed["reason"])
             if channel is None:
                 channel = await self.redis_call(get_channel, channel_id)
             if channel is None:

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import logging
 import os
+import signal
 import time
 
 from streamstate import egress, files, hls, providers, runs, stream_end
@@ -83,6 +84,22 @@ class PaceMeter:
         if last_time - first_time < SLOW_WINDOW:
             return None
         return (last_media - first_media) / (last_time - first_time)
+
+
+def exit_text(process) -> str:
+    """How an FFmpeg ended, in words: its status, the signal that killed it, or (one a
+    previous launcher started) that its status is not ours to read."""
+    code = process.returncode
+    if isinstance(process, AdoptedProcess):
+        return "FFmpeg ended (started by a previous launcher: its exit status is unknown)"
+    if code == 0:
+        return "FFmpeg ended on its own (exit status 0: its input ended)"
+    if code is not None and code < 0:
+        try:
+            return f"FFmpeg was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"FFmpeg was killed by signal {-code}"
+    return f"FFmpeg exited with status {code}"
 
 
 class AdoptedProcess:
@@ -473,7 +490,7 @@ class StreamSupervisor:
             if self.publisher.run_published >= minimum:
                 return True
             if self.process.returncode is not None:
-                self._note_failure(f"FFmpeg exited with status {self.process.returncode}")
+                self._note_failure(exit_text(self.process))
                 return False
             if self._relay_refused():
                 return False
@@ -496,8 +513,8 @@ class StreamSupervisor:
                 pass
             self.publisher.publish()
             if self.process.returncode is not None:
-                self._note_failure(f"FFmpeg exited with status {self.process.returncode}", cause=Cause.EXITED)
-                return f"FFmpeg exited: {self.last_error}"
+                self._note_failure(exit_text(self.process), cause=Cause.EXITED)
+                return self.last_error
             if self._relay_refused():
                 return self.last_error
             unchanged = self.publisher.unchanged_for()

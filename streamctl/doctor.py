@@ -249,6 +249,22 @@ def check_reaper(client, settings) -> list[Check]:
 
 # -- streams -------------------------------------------------------------------------------
 
+def _records_without_channels(client, settings) -> list[Check]:
+    """This host's running streams whose channel record is gone (a Redis that lost its data
+    keeps the streams, not the catalogue): they play on, but are never restarted."""
+    active = runs.active_channels(client)
+    if not active:
+        return []
+    present = client.mget([keys.channel_key(c) for c in active])
+    found = []
+    for channel, (record, *_rest), raw in zip(active, runs.read_batch(client, active), present):
+        if raw is None and record is not None and record.host in ("", settings.host_id):
+            found.append(Check(WARN, f"channel {channel}", f"runs, but its channel record (channel:{channel}) "
+                               "is gone (a Redis restarted without its data?): it will not be restarted if "
+                               "its FFmpeg ends; add it again (`streamctl channels add` or `import`)"))
+    return found
+
+
 def check_streams(client, settings) -> list[Check]:
     """Every stale record, as the reaper's next pass would judge it (its run record, or the
     old host's keys alone: stream:<id>:pid, :started, :last_access), junk in streams:active,
@@ -273,6 +289,7 @@ def check_streams(client, settings) -> list[Check]:
     if summary.orphan_processes:
         found.append(Check(FAIL, "streams", f"{summary.orphan_processes} FFmpeg(s) writing into "
                            f"{settings.hls_dir} that no record knows: `streamctl reap` stops them"))
+    found += _records_without_channels(client, settings)
     grace = float(settings.start_timeout) + 10
     for name in sorted(settings.providers):
         stale = providers.stale_slots(client, name, grace)
@@ -308,7 +325,8 @@ def check_streams(client, settings) -> list[Check]:
                                f"playlist; {fix}"))
         elif age > stale_after:
             found.append(Check(FAIL, f"channel {channel}", f"{name} not updated for {age:.0f} s: players see "
-                               f"a frozen stream; {fix}"))
+                               f"a frozen stream; the launcher publishes it: if the launcher is down (its "
+                               f"check above), start it; else {fix}"))
     if not [c for c in found if c.check.startswith(("channel ", "streams"))]:
         found.append(Check(OK, "streams", f"{channels} record(s), none stale; no empty or stale playlist"))
     return found

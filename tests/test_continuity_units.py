@@ -248,3 +248,29 @@ def test_the_strict_check_catches_what_ffmpeg_append_list_writes():
     reused = ("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:0\n#EXTINF:1.0,\ns3.ts\n")
     assert any("reused" in p for p in hls_check.check([before, reused]))
     assert any("went down" in p for p in hls_check.check([before, reused]))
+
+
+def test_segments_gone_before_they_were_listed_leave_a_marked_gap(tmp_path, clock):
+    """The launcher away longer than FFmpeg keeps its segments (seen: a 41 s outage): the
+    numbers it never listed are gone.  The next listed segment carries a discontinuity and
+    is dated by the clock, so neither the media nor the dates run on as if nothing was lost."""
+    pub = publisher(tmp_path)
+    ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=pub.begin_run(), list_size=3)
+    for _ in range(3):
+        ffmpeg.segment()
+        pub.publish()
+    before = published(tmp_path)
+    again = publisher(tmp_path)                          # a new launcher, 10 segments later
+    again.adopt_run(pub.run_first, writes_public=False)
+    for _ in range(10):
+        ffmpeg.segment()
+    for name in os.listdir(tmp_path):                    # FFmpeg deleted what left its list
+        number = hls.segment_number(name, CHANNEL)
+        if number is not None and name not in {n for n, _ in ffmpeg.listed} and name not in before:
+            os.unlink(tmp_path / name)
+    assert again.publish() == 3
+    after = hls.parse(published(tmp_path))
+    resumed = [s for s in after.segments if s.uri not in before]
+    assert resumed[0].discontinuity and not resumed[1].discontinuity
+    assert resumed[0].program_date_time == pytest.approx(clock.now - 2 - 1.0, abs=0.01)
+    assert hls_check.check([before, published(tmp_path)]) == []

@@ -218,3 +218,18 @@ def test_the_old_host_s_stale_keys_are_named_each_with_its_channel(stack, tmp_pa
         for name in os.listdir(stack.hls_dir):
             if name.startswith("stream_781"):
                 os.unlink(os.path.join(stack.hls_dir, name))
+
+
+def test_a_running_stream_whose_channel_record_is_gone_is_named(stack, tmp_path):
+    """A Redis restarted without its data keeps the streams (their records are written again)
+    but not the catalogue: doctor says such a stream will not be restarted."""
+    add_channel(stack, 798)
+    from tests.helpers import first_request
+    assert first_request(stack.playlist_url(798))[0] == 200
+    stack.redis.delete(keys.channel_key(798))
+    try:
+        _, checks, _ = doctor(stack, tmp_path)
+        [warning] = [c for c in checks if c["check"] == "channel 798"]
+        assert warning["status"] == "warn" and "channel record (channel:798) is gone" in warning["detail"]
+    finally:
+        stack.launcher_json("/channel/798/stop", "POST")

@@ -152,7 +152,7 @@ def test_a_stream_that_keeps_dying_fails_after_max_restarts(stack, extra_launche
     assert len(killed) == 3                          # the first run, then max_restarts restarts
     assert "2 restarts in 120 s" in launcher.log()
     status, body = launcher.json("/channel/45/start", "POST")
-    assert status == 503 and body["error"].startswith("channel 45: FFmpeg exited")
+    assert status == 503 and body["error"] == "channel 45: FFmpeg was killed by SIGKILL"
     assert not [a for _, a in ffmpeg_processes() if a[-1] == playlist]
 
 
