@@ -278,8 +278,8 @@ async def adopt_at_start_up(launcher: Launcher) -> None:
     launcher that cannot listen exits without touching them)."""
     try:
         counts = await launcher.adopt_streams()
-        log.info("at start-up: adopted %d running stream(s), cleared %d stale record(s)",
-                 counts["adopted"], counts["cleared"])
+        log.info("at start-up: adopted %d running stream(s), resumed %d between two FFmpegs, "
+                 "cleared %d stale record(s)", counts["adopted"], counts["resumed"], counts["cleared"])
     except Exception as exc:  # noqa: BLE001 - Redis may be down; starts will say so
         log.error("cannot look for this host's running streams at start-up: %s", exc)
 

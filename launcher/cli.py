@@ -40,6 +40,24 @@ def main(settings_loader, listen, hls_dir, log_level):
     raise SystemExit(asyncio.run(serve(settings)))
 
 
+def _lock_hls_dir(hls_dir: str) -> int | None:
+    """One launcher per hls_dir: it adopts and publishes every stream whose files are there,
+    and a second would adopt the first one's streams (two FFmpegs on one channel).  The lock
+    (flock on the directory, held until the process ends, never inherited by FFmpeg) says
+    so; None, after one log line, when another launcher holds it."""
+    import fcntl
+    import os
+    fd = os.open(hls_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        log.error("another stream-launcher already runs on hls_dir %s: one launcher per hls_dir "
+                  "(it adopts and publishes that directory's streams); exiting", hls_dir)
+        return None
+    return fd
+
+
 async def serve(settings) -> int:
     import os
 
@@ -49,6 +67,9 @@ async def serve(settings) -> int:
     from .app import adopt_at_start_up, make_app
 
     os.makedirs(settings.hls_dir, exist_ok=True)
+    hls_dir_lock = _lock_hls_dir(settings.hls_dir)
+    if hls_dir_lock is None:
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in early_signals.STOP_SIGNALS:

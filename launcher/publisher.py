@@ -15,6 +15,7 @@ left the playlist and a window more has passed (RFC 8216 6.2.2).
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import os
 import time
@@ -23,9 +24,9 @@ from streamstate import files, hls
 
 log = logging.getLogger("streamkeeper.launcher")
 
-# Seconds a segment may be listed before the clock reaches the end its date gives (about a
-# publish tick: a segment waits at most that long).
-PACE_SLACK = 0.3
+# A new FFmpeg's first segments are listed once its playlist has been still this long: the
+# source's burst, written in a moment, is listed (and dated) whole.
+BURST_SETTLE = 0.1
 
 
 class PlaylistPublisher:
@@ -40,7 +41,7 @@ class PlaylistPublisher:
         self.run_first: int | None = None      # the current FFmpeg's first segment number
         self.run_published = 0                 # its segments published so far
         self.passive = False                   # an FFmpeg that writes the viewers' playlist itself
-        self.paced = False                     # a replacement: its burst is listed at real-time pace
+        self.write_error: OSError | None = None   # the last write of the playlist that failed
         self.last_growth = time.monotonic()    # when the viewers' playlist last gained a segment
         self.published = 0                     # segments published by this publisher
         self.rejected = 0                      # incomplete segments never listed
@@ -86,12 +87,10 @@ class PlaylistPublisher:
         if self.playlist is None or self.last_number is None:
             self.end_session()
             start = hls.session_base(time.time())
-            self.paced = False
         else:
             start = max(self.last_number, self._considered) + 1
             self._pending_discontinuity = True
             self._sweep(start, ffmpeg_running=False)
-            self.paced = True
         self._start_run(start)
         return start
 
@@ -100,7 +99,6 @@ class PlaylistPublisher:
         ``first_number``; ``writes_public``: it writes the viewers' playlist itself (an
         earlier version started it), and this publisher only watches."""
         self.passive = writes_public
-        self.paced = False
         if writes_public:
             return
         resumed = self.resume()
@@ -147,6 +145,8 @@ class PlaylistPublisher:
         stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
         if stamp == self._seen:
             return 0
+        if self.run_published == 0 and time.time() - info.st_mtime < BURST_SETTLE:
+            return 0                   # a new FFmpeg is writing its burst: list it whole, a moment later
         self._seen = stamp
         source = hls.read(self.ffmpeg_path)
         if source is None:
@@ -155,68 +155,90 @@ class PlaylistPublisher:
         # short, its audio often shorter than its video: never listed, so the next run's
         # first segment meets whole ones at the discontinuity.
         segments = source.segments[:-1] if source.ended else source.segments
+        considered, pending = self._considered, self._pending_discontinuity
         fresh: list[hls.Segment] = []
+        made: list[float] = []                     # when FFmpeg finished each (its mtime)
         previous = self.playlist.segments[-1] if self.playlist and self.playlist.segments else None
-        now = time.time()
         for segment in segments:
             number = hls.segment_number(segment.uri, self.id)
-            if number is None or number < self.run_first or number <= self._considered:
+            if number is None or number < self.run_first or number <= considered:
                 continue
             path = os.path.join(self.hls_dir, segment.uri)
-            if not hls.complete_ts(path):
-                self._considered = number
+            considered = number
+            finished = _mtime(path)
+            if finished is None or not hls.complete_ts(path):
                 self.rejected += 1
-                self._pending_discontinuity = True          # a gap in the media: say so
+                pending = True                               # a gap in the media: say so
                 log.warning("channel %s: segment %s is incomplete on disk (a full disk?); not listed",
                             self.id, segment.uri)
                 continue
+            last = fresh[-1] if fresh else previous
             # A number skipped since the last segment listed: FFmpeg deleted segments before
             # they could be listed (no launcher published them for longer than FFmpeg keeps
-            # them): a gap in the media, marked, and dated anew by the clock.
-            skipped = (previous is not None and number > self.run_first
-                       and number != (hls.segment_number(previous.uri, self.id) or -2) + 1)
+            # them): a gap in the media, marked, and dated anew.
+            skipped = (last is not None and number > self.run_first
+                       and number != (hls.segment_number(last.uri, self.id) or -2) + 1)
             if skipped:
                 log.warning("channel %s: segments before %s were gone before they could be listed (the "
                             "launcher was away too long); the playlist goes on after a discontinuity",
                             self.id, segment.uri)
-            listed = hls.Segment(segment.uri, segment.duration,
-                                 discontinuity=(self._pending_discontinuity or skipped) and previous is not None)
-            listed.program_date_time = self._date(listed, previous, path)
-            if self.paced and listed.program_date_time + listed.duration > now + PACE_SLACK:
-                self._seen = None                          # not due yet: look again next time
-                break
-            self._considered = number
-            self._pending_discontinuity = False
-            fresh.append(listed)
-            previous = listed
+            fresh.append(hls.Segment(segment.uri, segment.duration,
+                                     discontinuity=(pending or skipped) and last is not None))
+            made.append(finished)
+            pending = False
         if fresh:
-            self._append(fresh)
+            self._date(fresh, made, previous)
+            try:
+                self._append(fresh)
+            except OSError as exc:     # a full disk: nothing is taken as listed, FFmpeg's end is near
+                self.write_error = exc
+                self._seen = None
+                log.warning("channel %s: cannot write its playlist (%s)", self.id, exc)
+                return 0
+        self.write_error = None
+        self._considered, self._pending_discontinuity = considered, pending
         return len(fresh)
 
     @staticmethod
-    def _date(segment: hls.Segment, previous: hls.Segment | None, path: str) -> float:
-        """EXT-X-PROGRAM-DATE-TIME of a segment about to be listed: right after the one
-        before it; the first of a run (or of a session) by the clock: when FFmpeg finished
-        it (its file's mtime) less its duration.  A player that places live segments on the
-        clock (Shaka) then sees where a replacement's gap was, instead of waiting for media
-        at a time that never comes.  A segment is listed only once the clock has passed the
-        end its date gives (PACE_SLACK) when it comes from a replacement: a new FFmpeg writes
-        the source's burst (what a restream server or an HLS source sends at once) as
-        several segments in a moment, and players already watching must not meet media
-        dated ahead of the clock (Shaka waits for it, rebuffering seconds).  A cold start
-        lists its burst at once: its first viewer has nothing buffered yet."""
-        if previous is not None and not segment.discontinuity and previous.program_date_time is not None:
-            return previous.program_date_time + previous.duration
-        try:
-            finished = os.stat(path).st_mtime
-        except OSError:
-            finished = time.time()
-        return finished - segment.duration
+    def _date(fresh: list[hls.Segment], made: list[float], previous: hls.Segment | None) -> None:
+        """EXT-X-PROGRAM-DATE-TIME of the segments about to be listed.  A segment follows the
+        one before it; a run (or a gap) begins a new stretch of dates, reckoned back from
+        its newest segment, which ends when FFmpeg finished it: a new FFmpeg writes the
+        source's burst (a restream server's last seconds, an HLS source's last segments) as
+        several segments in a moment, and they are dated as the past they are.  So no date
+        runs ahead of the clock (a player that places live segments on the clock, Shaka,
+        would wait for them) and a replacement's gap shows where it was."""
+        start = 0
+        while start < len(fresh):
+            chained = previous if start == 0 else fresh[start - 1]
+            if start == 0 and chained is not None and not fresh[0].discontinuity \
+                    and chained.program_date_time is not None:
+                fresh[0].program_date_time = chained.program_date_time + chained.duration
+                end = start + 1
+            else:                                # a stretch of its own: back from its newest
+                end = next((k for k in range(start + 1, len(fresh)) if fresh[k].discontinuity), len(fresh))
+                moment = made[end - 1]
+                for k in range(end - 1, start - 1, -1):
+                    moment -= fresh[k].duration
+                    fresh[k].program_date_time = moment
+                start = end
+                continue
+            while end < len(fresh) and not fresh[end].discontinuity:
+                fresh[end].program_date_time = fresh[end - 1].program_date_time + fresh[end - 1].duration
+                end += 1
+            start = end
 
     def _append(self, fresh: list[hls.Segment]) -> None:
-        if self.playlist is None:
-            self.playlist = hls.MediaPlaylist(target_duration=self.target_duration,
-                                              media_sequence=hls.segment_number(fresh[0].uri, self.id) or 0)
+        """The segments listed, the playlist written; nothing changes if the write fails."""
+        playlist = (copy.deepcopy(self.playlist) if self.playlist is not None else
+                    hls.MediaPlaylist(target_duration=self.target_duration,
+                                      media_sequence=hls.segment_number(fresh[0].uri, self.id) or 0))
+        playlist.segments += fresh
+        retired = self._trim(playlist)
+        # The temp name is one the channel's cleanup knows (one publisher per hls_dir).
+        files.write_atomic(self.public_path, playlist.render().encode("ascii"), 0o644,
+                           temp=self.public_path + ".tmp")
+        self.playlist = playlist
         for segment in fresh:
             if round(segment.duration) > self.target_duration and not self._warned_long:
                 self._warned_long = True
@@ -224,17 +246,16 @@ class PlaylistPublisher:
                             "source's keyframes are further apart than hls_time allows; raise hls_time "
                             "or use a quality that encodes video)", self.id, segment.duration,
                             self.target_duration)
-        self.playlist.segments += fresh
+        self._retired.extend((self.published, path) for path in retired)
         self.published += len(fresh)
         self.run_published += len(fresh)
-        self._trim()
-        files.write_atomic(self.public_path, self.playlist.render().encode("ascii"), 0o644)
         self.last_growth = time.monotonic()
         self._delete_retired()
 
-    def _trim(self) -> None:
-        """Drop the oldest segments beyond hls_list_size, keeping three target durations."""
-        playlist = self.playlist
+    def _trim(self, playlist: hls.MediaPlaylist) -> list[str]:
+        """Drop the oldest segments beyond hls_list_size, keeping three target durations;
+        the paths of earlier runs' segments dropped (retired: deleted a window later)."""
+        retired = []
         while (len(playlist.segments) > self.list_size
                and playlist.duration - playlist.segments[0].duration >= 3 * playlist.target_duration):
             removed = playlist.segments.pop(0)
@@ -243,7 +264,8 @@ class PlaylistPublisher:
                 playlist.discontinuity_sequence += 1
             number = hls.segment_number(removed.uri, self.id)
             if number is not None and self.run_first is not None and number < self.run_first:
-                self._retired.append((self.published, os.path.join(self.hls_dir, removed.uri)))
+                retired.append(os.path.join(self.hls_dir, removed.uri))
+        return retired
 
     def _delete_retired(self) -> None:
         keep = len(self.playlist.segments) + hls.KEEP_AFTER_REMOVAL if self.playlist else 0
@@ -296,8 +318,12 @@ class PlaylistPublisher:
         return self.playlist.media_sequence, [s.duration for s in self.playlist.segments]
 
 
-def _unlink(path: str) -> None:
+def _mtime(path: str) -> float | None:
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
+
+
+def _unlink(path: str) -> None:
+    files.remove_entry(path)

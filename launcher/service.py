@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
+import functools
 import logging
+import os
 import time
 import uuid
 
 from streamstate import egress, files, keys, providers, runs, stream_end
 from streamstate.channels import Channel, ChannelError, get_channel
-from streamstate.process import ProcessHandle, StreamProcess, process_cmdline, resolve_executable
+from streamstate.process import (ProcessHandle, StreamProcess, process_cmdline, process_start_time,
+                                 resolve_executable, stream_ffmpegs_under)
 from streamstate.redact import redact_text, redact_url
 from streamstate.redis_client import redis_from_url
 from streamstate.upstreams import Upstream, upstream_of
@@ -31,6 +35,9 @@ from .ffmpeg import build_argv, start_number_of
 from .supervisor import AdoptedProcess, StartFailed, StreamSupervisor
 
 log = logging.getLogger("streamkeeper.launcher")
+
+# Threads for Redis calls (redis-py's pool is thread-safe): each call takes a round trip.
+REDIS_THREADS = 8
 
 
 class ChannelNotFound(LookupError):
@@ -61,6 +68,7 @@ class Launcher:
         self.redis = redis_from_url(settings.redis_url)
         self.ffmpeg_executable = resolve_executable(settings.ffmpeg)
         self.supervisors: dict[str, StreamSupervisor] = {}
+        self._redis_pool = concurrent.futures.ThreadPoolExecutor(REDIS_THREADS, thread_name_prefix="redis")
         # channel id -> [lock, holders and waiters]; an entry lives only while in use
         self._locks: dict[str, list] = {}
         self._capacity = asyncio.Lock()          # one start at a time decides on a free place
@@ -73,8 +81,11 @@ class Launcher:
         self.warned_cooldowns: dict[str, float] = {}
 
     async def redis_call(self, function, *args, **kwargs):
-        """streamstate's functions are plain and synchronous: run them off the event loop."""
-        return await asyncio.to_thread(function, self.redis, *args, **kwargs)
+        """streamstate's functions are plain and synchronous: run them off the event loop, in
+        threads of their own (waits for processes and relays use the default ones: a slow
+        stop never delays another stream's Redis call)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._redis_pool, functools.partial(function, self.redis, *args, **kwargs))
 
     @contextlib.asynccontextmanager
     async def _channel_lock(self, channel_id: str):
@@ -128,11 +139,15 @@ class Launcher:
                 supervisor = self.active_supervisor(channel_id)
                 if supervisor is None:
                     supervisor = await self._new_start(channel, upstream, viewer)
+                    if supervisor is not None and viewer:
+                        supervisor.asked_by.add(viewer)
                     if supervisor is None:
                         return await self._wait_for_other_launcher(channel_id, timeout)
                     created = True
         if not created:
             self.counters["joined"] += 1
+        if viewer:
+            supervisor.asked_by.add(viewer)
         status = "started" if created or supervisor.state != "running" else "already_running"
         await supervisor.wait_playable(timeout)
         if viewer:
@@ -290,7 +305,12 @@ class Launcher:
         """(supervisor, why) of this host's stream of the provider to give its connection
         up, or (None, '')."""
         holders = set(await self.redis_call(providers.slot_channels, provider, grace))
-        mine = [s for s in self.live_supervisors() if s.id in holders and s.state in ("running", "backoff")]
+        live = [s for s in self.live_supervisors() if s.id in holders]
+        # A stream still starting that only this viewer asked for: it left before it played.
+        left = [s for s in live if s.state == "starting" and viewer and s.asked_by == {viewer}]
+        if left:
+            return left[0], "its only viewer changed channel before it played"
+        mine = [s for s in live if s.state in ("running", "backoff")]
         if not mine:
             return None, ""
         now = time.time()
@@ -351,18 +371,42 @@ class Launcher:
             await asyncio.sleep(interval)
 
     async def adopt_streams(self) -> dict[str, int]:
-        """At start-up: this host's streams a previous launcher ran.  A record whose process
-        is proven to be the channel's FFmpeg is adopted and watched again (stall, exit,
-        restart); one whose process is gone is cleared at once, with its files."""
-        counts = {"adopted": 0, "cleared": 0}
+        """At start-up: this host's streams a previous launcher ran (the hls_dir lock makes
+        this launcher the only one).  For each record of this host:
+
+        * its process proven to be the channel's FFmpeg: adopted and watched again;
+        * else an FFmpeg writing the channel's playlist that the record does not name yet
+          (the previous launcher died between starting it and recording it): that one is
+          adopted, and the record says so;
+        * else a run its launcher vouched for (it was between two FFmpegs): the run goes on,
+          a new FFmpeg continues its viewers' playlist;
+        * else its FFmpeg is gone: the record is cleared by the one stop routine (files,
+          keys, ticket, provider slot)."""
+        counts = {"adopted": 0, "resumed": 0, "cleared": 0}
+        unrecorded = {files.channel_of_file(os.path.basename(playlist)): pid for pid, playlist in
+                      await asyncio.to_thread(stream_ffmpegs_under, self.settings.hls_dir, self.ffmpeg_executable)
+                      if playlist.endswith(".ffmpeg.m3u8")}
         for channel_id in await self.redis_call(runs.active_channels):
             record = await self.redis_call(runs.get_run, channel_id)
             if record is None or record.host != self.settings.host_id or channel_id in self.supervisors:
                 continue
             handle = ProcessHandle.open_proven(record.pid, self.identity(channel_id, record.pid_start))
-            if handle is None:
-                # Its FFmpeg is gone: the one stop routine, with nothing to signal (files,
-                # keys, ticket, and its provider slot).
+            if handle is None and channel_id in unrecorded:
+                pid = unrecorded[channel_id]
+                handle = ProcessHandle.open_proven(pid, self.identity(channel_id, process_start_time(pid)))
+                if handle is not None:
+                    record.pid, record.pid_start = pid, process_start_time(pid)
+                    await self.redis_call(runs.update_run, channel_id, record.run_id, pid=pid,
+                                          pid_start=record.pid_start or "")
+                    log.info("channel %s: its FFmpeg pid %s was started but not recorded; adopting it",
+                             channel_id, pid)
+            if handle is not None:
+                await self._adopt(channel_id, record, handle)
+                counts["adopted"] += 1
+            elif record.vouched(time.time()):
+                await self._resume(channel_id, record)
+                counts["resumed"] += 1
+            else:
                 await asyncio.to_thread(
                     stream_end.stop_streams, self.redis, self.settings,
                     [stream_end.StopTarget.of_record(record, "its FFmpeg is gone")],
@@ -371,20 +415,30 @@ class Launcher:
                          channel_id, record.pid,
                          f"; freed its slot of provider {record.provider}" if record.provider else "")
                 counts["cleared"] += 1
-                continue
-            channel, upstream = await self._channel_for_adoption(channel_id)
-            supervisor = StreamSupervisor(self, channel, upstream, adopted=(AdoptedProcess(handle), record))
-            supervisor.source = next((s for s in channel.sources if redact_url(s) == record.source),
-                                     channel.source_url)
-            argv = process_cmdline(record.pid)
-            supervisor.publisher.adopt_run(start_number_of(argv), writes_public=bool(argv) and argv[-1] ==
-                                           files.playlist_path(self.settings.hls_dir, channel_id))
-            self.supervisors[channel_id] = supervisor
-            supervisor.begin()
-            log.info("channel %s: adopted pid %s (run %s)%s", channel_id, record.pid, record.run_id[:8],
-                     "" if upstream else "; its channel record is unusable: it will not be restarted")
-            counts["adopted"] += 1
         return counts
+
+    async def _adopt(self, channel_id: str, record: runs.RunRecord, handle: ProcessHandle) -> None:
+        channel, upstream = await self._channel_for_adoption(channel_id)
+        supervisor = StreamSupervisor(self, channel, upstream, adopted=(AdoptedProcess(handle), record))
+        supervisor.source = next((s for s in channel.sources if redact_url(s) == record.source),
+                                 channel.source_url)
+        argv = process_cmdline(handle.pid)
+        supervisor.publisher.adopt_run(start_number_of(argv), writes_public=bool(argv) and argv[-1] ==
+                                       files.playlist_path(self.settings.hls_dir, channel_id))
+        self.supervisors[channel_id] = supervisor
+        supervisor.begin()
+        log.info("channel %s: adopted pid %s (run %s)%s", channel_id, handle.pid, record.run_id[:8],
+                 "" if upstream else "; its channel record is unusable: it will not be restarted")
+
+    async def _resume(self, channel_id: str, record: runs.RunRecord) -> None:
+        """A run caught between two FFmpegs: the same run (its record, its provider slot)
+        starts its next FFmpeg, continuing the viewers' playlist from the file."""
+        channel, upstream = await self._channel_for_adoption(channel_id)
+        supervisor = StreamSupervisor(self, channel, upstream, run_id=record.run_id, resumed=record)
+        self.supervisors[channel_id] = supervisor
+        supervisor.begin()
+        log.info("channel %s: its run %s was between two FFmpegs when the last launcher ended; "
+                 "starting its next one", channel_id, record.run_id[:8])
 
     async def _channel_for_adoption(self, channel_id: str) -> tuple[Channel, Upstream | None]:
         """The channel and its upstream for restarts; without a usable record the stream is

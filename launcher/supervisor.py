@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import os
 import signal
 import time
+from signal import SIGKILL, SIGTERM
 
 from streamstate import egress, files, hls, providers, runs, stream_end
 from streamstate.channels import Channel, ChannelError
-from streamstate.process import ProcessHandle, process_start_time, stop_processes
+from streamstate.process import ProcessHandle, process_start_time
 from streamstate.redact import redact_url
 from streamstate.stream_end import Cause, Next
 from streamstate.upstreams import Upstream
@@ -43,6 +45,10 @@ WANTED_EVERY = 2.0           # seconds between reads of the record: is the strea
 # The launcher's promise in the record (runs.RunRecord.until): a stream starting or in
 # back-off has its next state by then, or the reaper may take it for stale.
 STATE_SLACK = 10.0
+# While watching, the launcher renews that promise at each look at the record (WANTED_EVERY):
+# a few looks' worth, so the reaper never takes a watched run for stale in the instant
+# between its FFmpeg's death and the launcher noticing it.
+VOUCH_AHEAD = 3 * WANTED_EVERY + STATE_SLACK
 STDERR_LINES = 40           # lines of FFmpeg's log read for the reason of a failure
 LOG_MARK = "--- streamkeeper: "   # the line the launcher writes before each FFmpeg start
 SLOW_WINDOW = 30.0           # seconds over which a stream's pace is judged
@@ -139,7 +145,10 @@ DISK_FULL = "disk full"
 class StreamSupervisor:
     def __init__(self, launcher, channel: Channel, upstream: Upstream | None,
                  adopted: "tuple[AdoptedProcess, runs.RunRecord] | None" = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, resumed: "runs.RunRecord | None" = None):
+        """``adopted``: an FFmpeg a previous launcher started, and its record; ``resumed``:
+        the record of a run a previous launcher left between two FFmpegs (its next starts
+        at once, continuing the viewers' playlist)."""
         self.launcher = launcher
         self.settings = launcher.settings
         self.channel = channel
@@ -163,13 +172,16 @@ class StreamSupervisor:
             self.settings.hls_dir, self.id, list_size=int(self.settings.hls_list_size),
             target_duration=hls.target_duration(float(self.settings.hls_time), profile))
         self._adopted = adopted[0] if adopted else None
+        self._resumed = resumed
+        inherited = adopted[1] if adopted else resumed
         # The provider account whose connection slot this run holds (taken before the start;
-        # an adopted run's is in its record).
-        self.slot_provider = ((adopted[1].provider or None) if adopted else
+        # an adopted or resumed run's is in its record).
+        self.slot_provider = ((inherited.provider or None) if inherited else
                               upstream.provider.name if upstream is not None and upstream.limited else None)
         self._detaching = False     # the launcher is exiting: leave FFmpeg running
         self.slow = False           # producing slower than real time (logged once per episode)
         self.speed: float | None = None   # media seconds per wall second over SLOW_WINDOW
+        self.asked_by: set[str] = set()    # viewers whose requests started or joined it (hashes)
         self._changed = asyncio.Condition()
         self._task: asyncio.Task | None = None
         self._stop_requested = False
@@ -178,6 +190,9 @@ class StreamSupervisor:
             process, record = adopted
             self.run_id, self.process, self.pid_start = record.run_id, process, record.pid_start
             self.started, self.restarts, self.state = record.started, record.restarts, "running"
+        if resumed:
+            self.started, self.restarts = resumed.started, resumed.restarts
+            self.publisher.resume()
 
     # -- what the HTTP handlers call ------------------------------------------------
     def begin(self) -> None:
@@ -237,7 +252,9 @@ class StreamSupervisor:
         restart (backoff -> starting, the viewers' playlist continuing), a wait, a failure,
         or the end."""
         restart_times: collections.deque[float] = collections.deque()
-        first = self._adopted is None
+        first = self._adopted is None and self._resumed is None
+        if self._resumed is not None:                    # a record to keep, written to this Redis
+            self.written_to = await self.launcher.redis_call(runs.redis_server_id)
         while not self._stop_requested:
             if self._adopted is not None:                # it plays already: watch it
                 self._adopted, playable = None, True
@@ -489,6 +506,8 @@ class StreamSupervisor:
             self.publisher.publish()
             if self.publisher.run_published >= minimum:
                 return True
+            if self._cannot_publish():
+                return False
             if self.process.returncode is not None:
                 self._note_failure(exit_text(self.process))
                 return False
@@ -512,6 +531,8 @@ class StreamSupervisor:
             except asyncio.TimeoutError:
                 pass
             self.publisher.publish()
+            if self._cannot_publish():
+                return self.last_error
             if self.process.returncode is not None:
                 self._note_failure(exit_text(self.process), cause=Cause.EXITED)
                 return self.last_error
@@ -536,6 +557,20 @@ class StreamSupervisor:
                 self.cause = None
                 return "no longer wanted (its record was stopped or replaced)"
         return "stop requested"
+
+    def _cannot_publish(self) -> bool:
+        """The viewers' playlist cannot be written: a full disk (waited out), or another
+        error of the host's (this FFmpeg ends, and the next try says it again)."""
+        error = self.publisher.write_error
+        if error is None:
+            return False
+        if error.errno == errno.ENOSPC:
+            self.cause, self.failure = Cause.DISK_FULL, DISK_FULL
+            self.last_error = f"disk full: cannot write the playlist in {self.settings.hls_dir}"
+        else:
+            self.cause, self.failure = Cause.LAUNCHER, "launcher error"
+            self.last_error = f"launcher error: cannot write the playlist ({error.strerror or error})"
+        return True
 
     def _judge_pace(self, ratio: float | None) -> None:
         if ratio is None:
@@ -594,13 +629,14 @@ class StreamSupervisor:
         the answer is yes: a Redis outage must not take watched streams down."""
         self._wanted_checked = time.monotonic()
         try:
-            record = await self.launcher.redis_call(runs.get_run, self.id)
+            # One round trip: read whether it is still this run, and renew the promise then.
+            answer = await self.launcher.redis_call(runs.vouch, self.id, self.run_id, time.time() + VOUCH_AHEAD)
         except Exception as exc:  # noqa: BLE001 - redis errors of any kind
             log.warning("channel %s: cannot read its record (%s); keeping it running", self.id, exc)
             return True
-        if record is None:
+        if answer < 0:
             return await self._record_lost()
-        return record.run_id == self.run_id and record.state != "stopping"
+        return answer == 1
 
     async def _write_record(self) -> None:
         """The run record, whole, with the identity of the Redis server it went to."""
@@ -610,8 +646,8 @@ class StreamSupervisor:
                                 last_error=self.last_error, restarts=self.restarts,
                                 source=redact_url(self.source),
                                 provider=self.provider_name or "",
-                                until=time.time() + float(self.settings.start_timeout) + STATE_SLACK
-                                if self.state in ("starting", "backoff") else None)
+                                until=time.time() + (float(self.settings.start_timeout) + STATE_SLACK
+                                                     if self.state in ("starting", "backoff") else VOUCH_AHEAD))
         await self.launcher.redis_call(runs.record_run, record)
         self.written_to = await self.launcher.redis_call(runs.redis_server_id)
 
@@ -651,10 +687,16 @@ class StreamSupervisor:
         if process.returncode is None:
             handle = ProcessHandle.open_proven(process.pid, self.launcher.identity(self.id, self.pid_start))
             if handle is not None:
+                # Waited for on the event loop, not in a thread: a stalled FFmpeg ignoring
+                # SIGTERM for stop_grace must not hold a worker other streams need.
                 with handle:
                     grace = float(self.settings.stop_grace)
-                    if await asyncio.to_thread(stop_processes, [handle], grace):
+                    handle.signal(SIGTERM)
+                    try:
+                        await asyncio.wait_for(asyncio.shield(process.wait()), grace)
+                    except asyncio.TimeoutError:
                         log.warning("channel %s: FFmpeg ignored SIGTERM for %g s; SIGKILL", self.id, grace)
+                        handle.signal(SIGKILL)
             await process.wait()
         self.publisher.publish()
 
@@ -685,4 +727,6 @@ class StreamSupervisor:
         if state in ("starting", "running", "backoff", "stopping") and self.written_to is not None:
             if state == "starting" and until is None:
                 until = time.time() + float(self.settings.start_timeout) + STATE_SLACK
+            if state == "running" and until is None:
+                until = time.time() + VOUCH_AHEAD
             await self._update_record(state=state, until=f"{until:.3f}" if until else "")

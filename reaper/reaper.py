@@ -6,9 +6,9 @@ Rules, in the order a pass applies them:
 * Only one pass per host at a time: ``reaper:<host>:lock`` (SET NX with an expiry).
 * A record of another host: left alone while that host's ``host:<id>`` key lives;
   cleared as stale (never signalled) once the host has not been seen for host_timeout.
-* A record of this host that is between two FFmpegs (``starting`` or ``backoff``,
-  within the launcher's promise ``until``) -> kept like a running one: its pid is the
-  FFmpeg that just ended, and the launcher is about to start the next.
+* A record of this host its launcher vouches for (``until``: renewed every few seconds
+  while it watches the run, and set for ``starting`` and ``backoff``) -> kept: its pid may
+  be the FFmpeg that just ended, and the launcher is about to start the next.
 * A record of this host whose pid is not proven to be its FFmpeg (streamstate.process:
   the configured FFmpeg executable, writing exactly this channel's playlist, with the
   recorded start time where there is one) -> stale: keys and files cleared, nothing
@@ -247,10 +247,10 @@ class Reaper:
                 return Action(kind="foreign", why=f"runs on host {run.host}", **base)
             return Action(kind="stale", host=run.host, why=f"host {run.host} not seen for "
                           f"{float(self.settings.host_timeout):g} s", **base)
-        restarting = run is not None and run.restarting(now)
-        if restarting and (idle is None or idle <= float(self.settings.idle_timeout)):
-            return Action(kind="keep", why=f"restarting ({run.state})", **base)
-        if not restarting and not self._proven(view):
+        vouched = run is not None and run.vouched(now)
+        if vouched and (idle is None or idle <= float(self.settings.idle_timeout)):
+            return Action(kind="keep", why=f"its launcher vouches for it ({run.state})", **base)
+        if not vouched and not self._proven(view):
             why = "no pid" if not pid else f"pid {pid} is not this stream's FFmpeg (gone or reused)"
             return Action(kind="stale", why=why, **base)
         if idle is None or idle > float(self.settings.idle_timeout):
@@ -314,19 +314,16 @@ class Reaper:
             path = os.path.join(self.hls_dir, name)
             try:
                 age = now - os.stat(path).st_mtime
-            except FileNotFoundError:
+            except OSError:
                 continue
             if age <= age_limit:
                 continue
             if self.dry_run:
                 removed += 1
                 continue
-            try:
-                os.unlink(path)
+            if files.remove_entry(path):
                 removed += 1
                 log.info("channel %s: removed orphan file %s (%.0f s old)", channel, name, age)
-            except FileNotFoundError:
-                pass
         return removed
 
     def _orphan_processes(self, running: set[str]) -> int:

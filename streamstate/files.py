@@ -51,14 +51,28 @@ def stream_files(hls_dir: str, channel_id: str) -> list[str]:
 
 
 def delete_stream_files(hls_dir: str, channel_id: str) -> int:
+    """The channel's files, whatever they are (an empty directory under a stream's name, put
+    there by hand, goes too); what cannot be removed is left, never an error."""
     removed = 0
     for path in stream_files(hls_dir, channel_id):
-        try:
-            os.unlink(path)
+        if remove_entry(path):
             removed += 1
-        except FileNotFoundError:
-            pass
     return removed
+
+
+def remove_entry(path: str) -> bool:
+    """Unlink a file, or rmdir an empty directory; False if it is gone or cannot go."""
+    try:
+        os.unlink(path)
+        return True
+    except IsADirectoryError:
+        try:
+            os.rmdir(path)
+            return True
+        except OSError:
+            return False
+    except OSError:
+        return False
 
 
 def count_listed_segments(playlist: str) -> int:
@@ -155,11 +169,13 @@ def log_tail(path: str, lines: int = 40, since: str | None = None) -> list[str]:
     return found[-lines:]
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o644, *, durable: bool = False) -> None:
-    """Write a whole file or nothing: a temp file beside it, renamed over it.  ``durable``:
-    fsync the file and the directory too (a checkpoint that must survive a power cut)."""
+def write_atomic(path: str, data: bytes, mode: int = 0o644, *, durable: bool = False,
+                 temp: str | None = None) -> None:
+    """Write a whole file or nothing: a temp file beside it (``temp``, else the name with
+    .tmp.<pid>), renamed over it.  ``durable``: fsync the file and the directory too (a
+    checkpoint that must survive a power cut)."""
     directory = os.path.dirname(path) or "."
-    temp = f"{path}.tmp.{os.getpid()}"
+    temp = temp or f"{path}.tmp.{os.getpid()}"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)                  # whatever the umask

@@ -107,6 +107,21 @@ end
 return 0
 """
 
+# KEYS: run; ARGV: run id, until.  The launcher's periodic look at its run: 1 and the promise
+# renewed if the record is still that run and not stopping; 0 if it is another run or
+# stopping; -1 if there is none.
+_VOUCH_LUA = """
+local run_id = redis.pcall('HGET', KEYS[1], 'run_id')
+if type(run_id) ~= 'string' then
+  return -1
+end
+if run_id ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') == 'stopping' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'until', ARGV[2])
+return 1
+"""
+
 # KEYS: lock; ARGV: token
 _RELEASE_LOCK_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -129,8 +144,10 @@ class RunRecord:
     restarts: int = 0
     source: str = ""             # the source in use, redacted (a channel may have fallbacks)
     provider: str = ""           # the provider account whose connection slot it holds
-    # starting or backoff: the launcher promises a new FFmpeg (or the next state) by this
-    # epoch time; until then the reaper leaves the record alone whatever its pid says.
+    # The launcher vouches for this run until this epoch time: it watches it (running; it
+    # renews the promise every few seconds) or is about to start its next FFmpeg (starting,
+    # backoff).  Until then the reaper leaves the record alone whatever its pid says (the
+    # FFmpeg that just died, in the moment before the launcher noticed).
     until: float | None = None
 
     @classmethod
@@ -148,11 +165,11 @@ class RunRecord:
                    restarts=_int(data.get("restarts")) or 0, source=data.get("source") or "",
                    provider=data.get("provider") or "", until=epoch_seconds(data.get("until")))
 
-    def restarting(self, now: float) -> bool:
-        """Between two FFmpegs of this run (starting or backoff), within the launcher's
-        promise: its pid proves nothing, and it must not be taken for stale.  A promise
-        further ahead than MAX_PROMISE is junk (Redis contents are hostile): not restarting."""
-        return (self.state in ("starting", "backoff") and self.until is not None
+    def vouched(self, now: float) -> bool:
+        """Its launcher vouches for it (``until``): its pid proves nothing either way, and it
+        must not be taken for stale.  A promise further ahead than MAX_PROMISE is junk
+        (Redis contents are hostile): not vouched."""
+        return (self.state in ("starting", "backoff", "running") and self.until is not None
                 and now < self.until <= now + MAX_PROMISE)
 
 
@@ -172,9 +189,9 @@ def _int(value) -> int | None:
 
 # A time more than this far in the future is junk (it would keep a stream alive forever).
 FUTURE_SLACK = 60.0
-# The furthest a launcher ever promises a restarting run's next state (the longest back-off,
-# a start_timeout, slack): beyond it a record's `until` is junk.
-MAX_PROMISE = 600.0
+# The furthest a launcher ever vouches ahead (the longest back-off, a start_timeout, slack):
+# beyond it a record's `until` is junk.
+MAX_PROMISE = 3600.0
 
 
 def epoch_seconds(value, now: float | None = None) -> float | None:
@@ -263,6 +280,13 @@ def update_run(client, channel: str, run_id: str, **fields) -> bool:
     if done and "pid" in fields:
         client.set(keys.pid_key(channel), fields["pid"])
     return done
+
+
+def vouch(client, channel: str, run_id: str, until: float) -> int:
+    """Renew the launcher's promise for its run: 1 done, 0 the record is another run's or
+    stopping (not wanted), -1 the record is gone."""
+    return int(registered_script(client, "vouch", _VOUCH_LUA)(keys=[keys.run_key(channel)],
+                                                              args=[run_id, f"{until:.3f}"]))
 
 
 def get_run(client, channel: str) -> RunRecord | None:

@@ -127,6 +127,9 @@ def stop_streams(client, settings, targets: list[StopTarget], *, executable: str
     _mark(client, targets, need_mark, log)
     if signal:
         _signal(settings, results, executable, log)
+    # The relay closes a stream's upstream connection once its FFmpeg is gone; the record that
+    # protects its provider slot goes only after that (a slot whose run has no record is free).
+    _wait_relay(settings, results, log, relay_wait)
     for result in results:
         if result.target.local:
             _on_disk(log, result.target.channel, "its files", files.delete_stream_files, settings.hls_dir,
@@ -136,7 +139,7 @@ def stop_streams(client, settings, targets: list[StopTarget], *, executable: str
         if result.target.local and result.keys_deleted:
             _on_disk(log, result.target.channel, "its egress ticket", egress.delete_ticket, settings.state_dir,
                      result.target.channel)
-    _release_slots(client, settings, results, log, relay_wait)
+    _release_slots(client, results, log)
     return results
 
 
@@ -207,16 +210,23 @@ def _delete_keys(client, results: list[Stopped], log: logging.Logger) -> None:
 BATCH = 500               # records per compare-and-delete script call
 
 
-def _release_slots(client, settings, results: list[Stopped], log: logging.Logger, relay_wait: float) -> None:
-    """A slot is freed only by the run that held it, once this host's relay holds none of
-    its connections (another host's stale run: its connections are not ours to see)."""
+def _wait_relay(settings, results: list[Stopped], log: logging.Logger, relay_wait: float) -> None:
+    """This host's streams holding a provider slot: until the relay holds none of their
+    connections (another host's stale run: its connections are not ours to see)."""
+    for result in results:
+        target = result.target
+        if target.local and target.provider and target.run_id \
+                and not egress.wait_closed(settings.egress_listen, target.channel, relay_wait):
+            log.warning("channel %s: the relay still holds its upstream connection after %g s; its "
+                        "slot of provider %s is freed anyway", target.channel, relay_wait, target.provider)
+
+
+def _release_slots(client, results: list[Stopped], log: logging.Logger) -> None:
+    """A slot is freed only by the run that held it."""
     for result in results:
         target = result.target
         if not target.provider or not target.run_id or not keys.valid_provider_name(target.provider):
             continue
-        if target.local and not egress.wait_closed(settings.egress_listen, target.channel, relay_wait):
-            log.warning("channel %s: the relay still holds its upstream connection after %g s; its "
-                        "slot of provider %s is freed anyway", target.channel, relay_wait, target.provider)
         try:
             providers.release_slot(client, target.provider, target.channel, target.run_id)
         except redis.RedisError as exc:

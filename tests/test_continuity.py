@@ -95,20 +95,38 @@ def test_every_player_keeps_playing_through_every_fault(watched):
 
 
 def test_a_restarting_stream_outlives_reaper_passes_every_second(watched):
-    """The back-off race: the reaper passes every second while the watched stream's FFmpeg is
-    killed 20 times; each time it is started again (the reaper never clears a run that is
-    starting or in back-off on a live host)."""
+    """The back-off race: the reaper passes every second (and, from here, back to back) while
+    the watched stream's FFmpeg is killed 20 times; each time it is started again (the reaper
+    never clears a run its launcher vouches for: watching it, or between two FFmpegs)."""
+    import threading
+    from reaper.reaper import Reaper
+    from streamstate.settings import load_settings
     stack, proxy, watchers, url = watched
     run_id = stack.redis.hget(keys.run_key(CHANNEL), "run_id")
-    for attempt in range(20):
-        [pid] = wait_for(lambda: ffmpegs_writing(stack, CHANNEL), timeout=30, message="its FFmpeg")
-        wait_for(lambda: stack.redis.hget(keys.run_key(CHANNEL), "state") == "running", timeout=30,
-                 message=f"running again ({attempt})")
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: ffmpegs_writing(stack, CHANNEL) not in ([], [pid]), timeout=30,
-                 message=f"restarted after kill {attempt + 1}: " + stack.log("launcher")[-1500:])
+    stop = threading.Event()
+    passes = []
+
+    def reap_back_to_back():
+        reaper = Reaper(load_settings(stack.config_path))
+        while not stop.is_set():
+            passes.append(reaper.run_pass())
+    racer = threading.Thread(target=reap_back_to_back, daemon=True)
+    racer.start()
+    try:
+        for attempt in range(20):
+            [pid] = wait_for(lambda: ffmpegs_writing(stack, CHANNEL), timeout=30, message="its FFmpeg")
+            wait_for(lambda: stack.redis.hget(keys.run_key(CHANNEL), "state") == "running", timeout=30,
+                     message=f"running again ({attempt})")
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: ffmpegs_writing(stack, CHANNEL) not in ([], [pid]), timeout=30,
+                     message=f"restarted after kill {attempt + 1}: " + stack.log("launcher")[-1500:])
+    finally:
+        stop.set()
+        racer.join(30)
     wait_for(lambda: stack.redis.hget(keys.run_key(CHANNEL), "state") == "running", timeout=30,
              message="running at the end")
+    assert len(passes) > 20
+    assert not [a for p in passes for a in p.actions if a.channel == str(CHANNEL) and a.kind == "stale"]
     assert stack.redis.hget(keys.run_key(CHANNEL), "run_id") == run_id           # the same run
     assert "no longer wanted" not in stack.log("launcher")
     assert watchers.fatal() == {}
@@ -147,8 +165,10 @@ def test_a_viewer_zapping_through_a_one_connection_account_is_never_refused(one_
 
 
 def test_adoption_frees_the_slots_of_the_streams_it_clears(one_connection):
-    """The launcher and its FFmpegs killed -9: the next launcher clears their records and
-    frees their provider slots, so the next start is not refused for a connection nobody holds."""
+    """The launcher and its FFmpegs killed -9, and the launcher back after its promise for
+    the run has run out (a long outage; a short one resumes the run, below): the next
+    launcher clears the record and frees its provider slot, so the next start is not
+    refused for a connection nobody holds."""
     stack, emulator = one_connection
     stack.launcher_json("/streams/stop", "POST")                  # the zapper's last channel
     assert first_request(stack.playlist_url(1601, "?token=a"))[0] == 200
@@ -157,6 +177,7 @@ def test_adoption_frees_the_slots_of_the_streams_it_clears(one_connection):
     stack.processes["launcher"].wait(timeout=10)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: emulator.open_count("acct") == 0, timeout=10, message="the connection closed")
+    stack.redis.hset(keys.run_key(1601), "until", f"{time.time() - 1:.3f}")     # the promise ran out
     stack.restart_launcher(signal.SIGKILL)
     wait_for(lambda: "cleared the record of pid" in stack.log("launcher"), timeout=20,
              message="adoption to clear the dead stream")
@@ -164,4 +185,31 @@ def test_adoption_frees_the_slots_of_the_streams_it_clears(one_connection):
     assert stack.redis.hlen(keys.provider_slots_key("acme")) == 0
     assert first_request(stack.playlist_url(1602, "?token=b"))[0] == 200
     assert emulator.violations == []
+    stack.launcher_json("/streams/stop", "POST")
+
+
+def test_a_launcher_killed_between_two_ffmpegs_keeps_the_run(one_connection):
+    """Found by an attack: a launcher killed in the instant after its stream's FFmpeg died
+    (the next one started but not yet recorded, or not yet started) left the next launcher
+    to clear the run and free its slot while an FFmpeg still pulled: two connections on a
+    one-connection account, and a cold start for the viewer.  Now the next launcher adopts
+    the unrecorded FFmpeg or starts the run's next one: one FFmpeg, the same run, its
+    playlist going on."""
+    import random
+    stack, emulator = one_connection
+    stack.launcher_json("/streams/stop", "POST")
+    assert first_request(stack.playlist_url(1605, "?token=k"))[0] == 200
+    run_id = stack.redis.hget(keys.run_key(1605), "run_id")
+    rng = random.Random(15)
+    for attempt in range(6):
+        [pid] = wait_for(lambda: ffmpegs_writing(stack, 1605), timeout=30, message="its FFmpeg")
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(rng.uniform(0, 0.05))       # the moment the launcher dies: swept on purpose
+        stack.restart_launcher(signal.SIGKILL)
+        wait_for(lambda: len(ffmpegs_writing(stack, 1605)) == 1 and
+                 stack.redis.hget(keys.run_key(1605), "state") == "running", timeout=30,
+                 message=f"one FFmpeg running again ({attempt}): " + stack.log("launcher")[-2000:])
+        assert stack.redis.hget(keys.run_key(1605), "run_id") == run_id
+        assert first_request(stack.playlist_url(1605, "?token=k"))[0] == 200
+    assert emulator.violations == [] and emulator.max_concurrent["acct"] == 1
     stack.launcher_json("/streams/stop", "POST")

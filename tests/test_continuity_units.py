@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from launcher.publisher import PlaylistPublisher
+from launcher.publisher import BURST_SETTLE, PlaylistPublisher
 from streamstate import hls, runs, stream_end
 from streamstate.stream_end import Cause, Next
 from tests import hls_check
@@ -57,8 +57,12 @@ class FakeFFmpeg:
         first = int(self.listed[0][0].rsplit("_", 1)[1][:-3])
         text = (f"#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:{first}\n"
                 + "".join(f"#EXTINF:{d:f},\n{n}\n" for n, d in self.listed))
-        with open(os.path.join(self.directory, f"stream_{CHANNEL}.ffmpeg.m3u8"), "w") as handle:
+        playlist = os.path.join(self.directory, f"stream_{CHANNEL}.ffmpeg.m3u8")
+        with open(playlist, "w") as handle:
             handle.write(text)
+        if self.clock is not None:             # written, and still for as long as a burst takes
+            still = self.clock.now - 2 * BURST_SETTLE
+            os.utime(playlist, (still, still))
         return name
 
 
@@ -159,10 +163,10 @@ def test_earlier_runs_segments_go_a_window_after_they_left(tmp_path, clock):
     assert not any(os.path.exists(tmp_path / name) for name in old)
 
 
-def test_a_replacement_s_burst_is_listed_no_faster_than_real_time(tmp_path, clock):
-    """A replacement FFmpeg writes the source's burst as three segments at once: they are
-    listed one duration apart, so no date in the playlist is ahead of the clock.  A cold
-    start lists its burst at once (its first viewer has nothing buffered)."""
+def test_a_burst_is_listed_whole_and_dated_as_the_past_it_is(tmp_path, clock):
+    """A new FFmpeg writes the source's burst (its last seconds) as three segments at once:
+    they are listed together, a cold start's as well as a replacement's, dated back from the
+    newest (which ends when FFmpeg finished it), so no date is ahead of the clock."""
     pub = publisher(tmp_path)
     ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=pub.begin_run())
     for _ in range(3):
@@ -172,17 +176,38 @@ def test_a_replacement_s_burst_is_listed_no_faster_than_real_time(tmp_path, cloc
     ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=pub.begin_run())
     for _ in range(3):
         ffmpeg.segment(advance=False)
+    assert pub.publish() == 3
+    listing = hls.parse(published(tmp_path)).segments
+    replacement = [s for s in listing if hls.segment_number(s.uri, CHANNEL) >= pub.run_first]
+    assert len(replacement) == 3 and replacement[0].discontinuity
+    assert replacement[-1].program_date_time + replacement[-1].duration == pytest.approx(clock.now)
+    for before, after in zip(replacement, replacement[1:]):
+        assert after.program_date_time == pytest.approx(before.program_date_time + before.duration)
+    assert all(s.program_date_time + s.duration <= clock.now + 1e-6 for s in listing)
+
+
+def test_a_playlist_that_cannot_be_written_changes_nothing(tmp_path, clock, monkeypatch):
+    """Found by an attack: a full disk failed the publisher's own write and ended the stream.
+    Now nothing is taken as listed, the error is kept for the supervisor (a full disk is
+    waited out), and the next write lists the segment."""
+    import errno
+    from streamstate import files
+    pub = publisher(tmp_path)
+    ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=pub.begin_run())
+    ffmpeg.segment()
     assert pub.publish() == 1
-    assert pub.publish() == 0
-    clock.now += 1.0
-    assert pub.publish() == 1
-    clock.now += 1.0
-    assert pub.publish() == 1
-    replacement = [s for s in hls.parse(published(tmp_path)).segments
-                   if hls.segment_number(s.uri, CHANNEL) >= pub.run_first]
-    assert len(replacement) == 3
-    for segment in replacement:
-        assert segment.program_date_time + segment.duration <= clock.now + 0.3
+    before = published(tmp_path)
+    ffmpeg.segment()
+    real_write = files.write_atomic
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(files, "write_atomic", full)
+    assert pub.publish() == 0 and pub.write_error.errno == errno.ENOSPC
+    assert published(tmp_path) == before and len(pub.playlist.segments) == 1
+    monkeypatch.setattr(files, "write_atomic", real_write)
+    assert pub.publish() == 1 and pub.write_error is None
+    assert len(hls.parse(published(tmp_path)).segments) == 2
 
 
 def test_the_leftovers_of_a_dead_ffmpeg_go_before_the_next_starts(tmp_path, clock):
@@ -223,15 +248,16 @@ def test_what_follows_an_ffmpeg_that_ended(cause, playable, wanted, recent, expe
     assert (step.next, step.delay) == (expected, delay)
 
 
-def test_a_run_between_two_ffmpegs_is_restarting_only_within_its_promise():
+def test_a_run_is_vouched_for_only_within_its_launcher_s_promise():
     now = time.time()
     record = runs.RunRecord(channel="7", run_id="r", host="h", pid=1, pid_start=1, started=now,
                             state="backoff", until=now + 5)
-    assert record.restarting(now)
-    assert not record.restarting(now + 6)
-    assert not runs.RunRecord(**{**record.__dict__, "state": "running"}).restarting(now)
-    assert not runs.RunRecord(**{**record.__dict__, "until": None}).restarting(now)
-    assert not runs.RunRecord(**{**record.__dict__, "until": now + 1e6}).restarting(now)   # junk
+    assert record.vouched(now)
+    assert not record.vouched(now + 6)
+    assert runs.RunRecord(**{**record.__dict__, "state": "running"}).vouched(now)
+    assert not runs.RunRecord(**{**record.__dict__, "state": "stopping"}).vouched(now)
+    assert not runs.RunRecord(**{**record.__dict__, "until": None}).vouched(now)
+    assert not runs.RunRecord(**{**record.__dict__, "until": now + 1e6}).vouched(now)   # junk
 
 
 def test_the_strict_check_catches_what_ffmpeg_append_list_writes():
@@ -274,3 +300,16 @@ def test_segments_gone_before_they_were_listed_leave_a_marked_gap(tmp_path, cloc
     assert resumed[0].discontinuity and not resumed[1].discontinuity
     assert resumed[0].program_date_time == pytest.approx(clock.now - 2 - 1.0, abs=0.01)
     assert hls_check.check([before, published(tmp_path)]) == []
+
+
+def test_what_a_crash_or_a_hand_leaves_in_hls_dir_is_cleaned_never_an_error(tmp_path):
+    """Found by an attack: a directory named stream_<id>.ffmpeg.m3u8 failed every start and
+    every reaper pass, and the publisher's temp file had a name no cleanup knew."""
+    from streamstate import files
+    (tmp_path / "stream_7.ffmpeg.m3u8").mkdir()
+    (tmp_path / "stream_7_5.ts").mkdir()
+    (tmp_path / "stream_7_6.ts").joinpath("inside").mkdir(parents=True)        # not empty: left
+    (tmp_path / "stream_7.m3u8.tmp").write_text("#EXTM3U\n")                   # a write cut short
+    assert files.channel_of_file("stream_7.m3u8.tmp") == "7"
+    assert files.delete_stream_files(str(tmp_path), "7") == 3
+    assert os.listdir(tmp_path) == ["stream_7_6.ts"]

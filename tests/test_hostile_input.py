@@ -215,7 +215,7 @@ def test_tls_is_verified_by_default(stack, extra_launcher, tmp_path):
         assert refused[0] == 503 and b"upstream TLS failed" in refused[2]
         assert first_request(stack.playlist_url(521))[0] == 200
         stack.redis.delete(keys.failed_key(520))            # the failure's cooldown, lifted
-        trusting = extra_launcher(tls_ca_file=relay.certificate)
+        trusting = extra_launcher(tls_ca_file=relay.certificate, hls_dir=str(tmp_path / "trusting-hls"))
         status, body = trusting.json("/channel/520/start", "POST")
         assert status == 200 and body["status"] == "started", body
         trusting.json("/channel/520/stop", "POST")

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from demo.stack import LocalStack, json_request
+from demo.stack import LocalStack
 from streamstate import files, keys
 from tests.conftest import REPO
 from tests.helpers import add_channel, ffmpeg_processes, ffmpegs_writing, first_request, wait_for
@@ -239,41 +239,43 @@ def test_temp_files_are_never_served(stack):
     stack.launcher_json("/channel/114/stop", "POST")
 
 
-def test_two_launcher_processes_start_one_ffmpeg(stack, tmp_path):
-    """A second launcher on the same Redis and hls_dir: concurrent starts on both, one FFmpeg."""
+def test_twenty_concurrent_starts_run_one_ffmpeg(stack):
+    """Concurrent first requests for one channel: one FFmpeg, every answer started or
+    already_running."""
+    add_channel(stack, 115)
+    answers = []
+
+    def start():
+        request = urllib.request.Request(stack.launcher_url("/channel/115/start"), data=b"", method="POST",
+                                         headers={"Accept": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answers.append(json.loads(response.read())["status"])
+    threads = [threading.Thread(target=start) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(answers) == 20 and set(answers) <= {"started", "already_running"}
+    assert len(ffmpegs_writing(stack, 115)) == 1
+    stack.launcher_json("/channel/115/stop", "POST")
+    assert not ffmpegs_writing(stack, 115)
+
+
+def test_a_second_launcher_on_the_same_hls_dir_refuses_to_run(stack, tmp_path):
+    """Found by an attack: a second launcher on the host's hls_dir adopted the first one's
+    live stream and ran a second FFmpeg on it.  One launcher per hls_dir: the second exits 1
+    with one line, the first runs on."""
     from tests.helpers import free_port
     port = free_port()
     config = tmp_path / "second.toml"
     text = open(stack.config_path).read().replace(f"127.0.0.1:{stack.launcher_port}", f"127.0.0.1:{port}")
     config.write_text(text)
-    second = subprocess.Popen([sys.executable, "-m", "launcher", "--config", str(config)], cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        import socket
-        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, timeout=20,
-                 message="the second launcher")
-        add_channel(stack, 115)
-        answers = []
-
-        def start(base):
-            request = urllib.request.Request(f"{base}/channel/115/start", data=b"", method="POST",
-                                             headers={"Accept": "application/json"})
-            with urllib.request.urlopen(request, timeout=60) as response:
-                answers.append(json.loads(response.read())["status"])
-        bases = [stack.launcher_url(""), f"http://127.0.0.1:{port}"] * 10
-        threads = [threading.Thread(target=start, args=(b,)) for b in bases]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert len(answers) == 20 and set(answers) <= {"started", "already_running"}
-        assert len(ffmpegs_writing(stack, 115)) == 1
-    finally:
-        json_request(f"http://127.0.0.1:{port}/streams/stop", "POST")   # streams outlive it
-        second.terminate()
-        second.wait(timeout=30)
-    stack.launcher_json("/channel/115/stop", "POST")
-    assert not ffmpegs_writing(stack, 115)
+    second = subprocess.run([sys.executable, "-m", "launcher", "--config", str(config)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert f"another stream-launcher already runs on hls_dir {stack.hls_dir}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert stack.launcher_json("/healthz")[0] == 200
 
 
 def test_launcher_with_redis_unreachable_answers_503(tmp_path):
