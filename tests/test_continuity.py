@@ -48,7 +48,9 @@ def watched():
     try:
         wait_for(lambda: watchers.playing(FPS * 3) or watchers.fatal(), timeout=60, interval=0.25,
                  message="every player to show 3 s of pictures")
-        assert watchers.fatal() == {}
+        assert watchers.fatal() == {}, (watchers.fatal(), watchers.events[:10],
+                                        [s for s in proxy.statuses if s[2] != 200][:10],
+                                        stack.log("launcher")[-2000:])
         yield stack, proxy, watchers, path + "?token=viewers"
     finally:
         watchers.stop()
