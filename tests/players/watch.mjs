@@ -46,6 +46,10 @@ function parseArgs(argv) {
 const print = (line) => process.stdout.write(JSON.stringify(line) + "\n");
 const epoch = () => Date.now() / 1000;
 
+// A page that cannot be read once (a context being replaced, a slow evaluate under load) is
+// said as an event; only UNREADABLE_FATAL reads in a row make it a fatal error of the player.
+const UNREADABLE_FATAL = 20;
+
 async function sample(watched) {
   try {
     const state = await watched.page.evaluate(() => {
@@ -54,13 +58,18 @@ async function sample(watched) {
       return { time: video.currentTime, frames: quality.totalVideoFrames - quality.droppedVideoFrames,
                buffering: watch.buffering, fatal: watch.fatal, events: watch.drain() };
     });
+    watched.unreadable = 0;
     const t = epoch();
     for (const event of state.events) print({ t, player: watched.name, ...event });
     print({ t, player: watched.name, time: state.time, frames: state.frames, buffering: state.buffering,
             fatal: state.fatal });
   } catch (error) {
-    print({ t: epoch(), player: watched.name, time: null, frames: null, buffering: false,
-            fatal: { msg: `page unreadable: ${String(error.message).split("\n")[0]}` } });
+    watched.unreadable = (watched.unreadable || 0) + 1;
+    const msg = `page unreadable: ${String(error.message).split("\n")[0]}`;
+    print({ t: epoch(), player: watched.name, event: "log", level: "unreadable", msg });
+    if (watched.unreadable >= UNREADABLE_FATAL) {
+      print({ t: epoch(), player: watched.name, time: null, frames: null, buffering: false, fatal: { msg } });
+    }
   }
 }
 
