@@ -260,7 +260,8 @@ class Launcher:
 
     async def _check_relay(self, channel_id: str) -> None:
         """Every upstream connection goes through the egress relay: without it, no start."""
-        if await asyncio.to_thread(egress.open_connections, self.settings.egress_listen, 1.0) is None:
+        if await asyncio.to_thread(egress.open_connections, self.settings.egress_listen,
+                                     egress.RELAY_CHECK_TIMEOUT) is None:
             self.counters["relay_down"] += 1
             log.error("channel %s: not started: the egress relay does not answer on %s (is "
                       "stream-egress running?)", channel_id, self.settings.egress_listen)

@@ -404,7 +404,8 @@ class StreamSupervisor:
     async def _relay_answers(self) -> bool:
         """Every connection goes through the egress relay: while it is down, nothing is the
         source's fault (no failover, no cooldown) and a restart waits for it."""
-        if await asyncio.to_thread(egress.open_connections, self.settings.egress_listen, 1.0) is not None:
+        if await asyncio.to_thread(egress.open_connections, self.settings.egress_listen,
+                                     egress.RELAY_CHECK_TIMEOUT) is not None:
             return True
         self.cause, self.failure = Cause.RELAY_DOWN, RELAY_DOWN
         self.last_error = f"{RELAY_DOWN}: nothing answers on {self.settings.egress_listen}"

@@ -29,6 +29,10 @@ from . import files, keys
 TICKET_DIR = "egress"
 PROXY_ENV_NAMES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy")
 CONNECTIONS_PATH = "/connections"        # the relay's own status route (origin-form GET)
+# Seconds the launcher gives the relay to answer whether it is up: a relay that is down is
+# refused at once, so a generous bound costs nothing then, and a busy host is not taken for
+# one whose relay is down.
+RELAY_CHECK_TIMEOUT = 3.0
 
 
 def ticket_dir(state_dir: str) -> str:

@@ -302,11 +302,13 @@ def test_launcher_with_redis_unreachable_answers_503(tmp_path):
     assert "Traceback" not in output
 
 
-def test_a_launcher_that_cannot_listen_adopts_nothing(stack):
-    """A second launcher on a port in use exits 1 before it looks at the running streams."""
+def test_a_launcher_that_cannot_listen_adopts_nothing(stack, tmp_path):
+    """A launcher on a port in use exits 1 before it looks at the running streams (its own
+    hls_dir: on the stack's, the directory's lock turns it away even sooner)."""
     add_channel(stack, 116)
     assert first_request(stack.playlist_url(116))[0] == 200
-    result = subprocess.run([sys.executable, "-m", "launcher", "--config", stack.config_path], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "launcher", "--config", stack.config_path,
+                             "--hls-dir", str(tmp_path / "hls")], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "cannot listen" in result.stderr
     assert "adopted" not in result.stderr

@@ -34,7 +34,8 @@ def test_max_streams_preempts_the_longest_idle_stream_else_refuses(stack, extra_
     for channel in (801, 802, 803, 804):
         add_channel(stack, channel)
     for channel in (801, 802):
-        assert launcher.json(f"/channel/{channel}/start", "POST")[0] == 200
+        status, body = launcher.json(f"/channel/{channel}/start", "POST")
+        assert status == 200, (body, launcher.log()[-2000:])
     stack.redis.set(keys.last_access_key(801), f"{time.time() - 60:.3f}")   # nobody for a minute
     stack.redis.set(keys.last_access_key(802), f"{time.time():.3f}")
     status, body = launcher.json("/channel/803/start", "POST")

@@ -94,7 +94,7 @@ def test_streams_outlive_a_launcher_restart_and_are_adopted(own_stack, signum):
     status, body = stack.launcher_json("/streams")
     listed = {s["id"]: s for s in body["streams"]}
     assert [listed["42"]["pid"]] == pids[42] and listed["42"]["state"] == "running"
-    assert "adopted pid" in stack.log("launcher")
+    wait_for(lambda: "adopted pid" in stack.log("launcher"), timeout=10, message="the adoption's log line")
     # An adopted stream that dies is restarted at once, and never served frozen meanwhile.
     os.kill(pids[42][0], signal.SIGKILL)
     wait_for(lambda: ffmpegs_writing(stack, 42) not in ([], pids[42]), timeout=20, message="a new FFmpeg")
