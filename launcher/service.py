@@ -405,6 +405,13 @@ class Launcher:
                 await self._adopt(channel_id, record, handle)
                 counts["adopted"] += 1
             elif record.vouched(time.time()):
+                if not os.path.exists(files.playlist_path(self.settings.hls_dir, channel_id)):
+                    # Vouched for, yet its playlist is not in this hls_dir: another launcher's
+                    # (the same host_id on two launchers is a mistake): left alone.
+                    log.warning("channel %s: its run %s is vouched for but its files are not in %s; "
+                                "left alone (is another launcher using host_id %s?)", channel_id,
+                                record.run_id[:8], self.settings.hls_dir, self.settings.host_id)
+                    continue
                 await self._resume(channel_id, record)
                 counts["resumed"] += 1
             else:

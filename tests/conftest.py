@@ -234,7 +234,9 @@ class ExtraLauncher:
 
     def __init__(self, stack, directory: str, overrides: dict):
         self.port = free_port()
-        values = {**stack.settings, "launcher_listen": f"127.0.0.1:{self.port}", **overrides}
+        # A host of its own (a launcher adopts its host's runs: the stack's are not its own).
+        values = {**stack.settings, "launcher_listen": f"127.0.0.1:{self.port}",
+                  "host_id": f"extra-{self.port}", **overrides}
         self.settings = values
         self.hls_dir = values["hls_dir"]
         os.makedirs(self.hls_dir, exist_ok=True)
