@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,16 +22,24 @@ import urllib.request
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Ports for the stack's listeners come from below the kernel's ephemeral range (32768 and
+# up on Linux): an outgoing connection (FFmpeg to the relay, a player to nginx) never takes
+# one in the moment between choosing it and binding it.
+LISTEN_PORTS = range(20000, 32000)
+
+
 def free_port(preferred: int | None = None) -> int:
-    if preferred:
+    """A port free to listen on: ``preferred`` if it is (as nginx binds it: one whose last
+    connections wait in TIME_WAIT is free), else one of LISTEN_PORTS."""
+    candidates = ([preferred] if preferred else []) + random.sample(LISTEN_PORTS, 200)
+    for port in candidates:
         with socket.socket() as sock:
-            # As nginx binds it: a port whose last connections wait in TIME_WAIT is free.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind(("127.0.0.1", preferred))
-                return preferred
+                sock.bind(("127.0.0.1", port))
+                return port
             except OSError:
-                pass
+                continue
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -174,11 +183,17 @@ class LocalStack:
             return handle.read()
 
     def start(self) -> "LocalStack":
-        """Every part, each started once the one it needs listens (Redis, then the relay the
-        launcher checks, then nginx in front of the launcher)."""
+        """Every part: Redis first (the others need it), then the rest at once, nginx last,
+        and then each of them listening."""
         try:
-            for name in self.parts():
-                self.start_part(name)
+            parts = self.parts()
+            self.start_part("redis")
+            for name in parts:
+                if name not in ("redis", "nginx"):
+                    self.start_part(name, wait=False)
+            self.start_part("nginx")
+            for name in ("upstream", "egress", "launcher"):
+                self._wait_listening(name)
         except BaseException:
             self.stop()
             raise
@@ -189,14 +204,13 @@ class LocalStack:
         return [name for name in self.PARTS if (name != "heartbeatd" or self.with_heartbeatd)
                 and (name != "reaper" or self.with_reaper)]
 
-    def start_part(self, name: str) -> subprocess.Popen:
-        """One part (again): returns once it listens (those that listen)."""
+    def start_part(self, name: str, *, wait: bool = True) -> subprocess.Popen:
+        """One part (again); with ``wait``, returns once it listens (those that listen)."""
         modules = {"upstream": ["demo.upstream", "--port", str(self.upstream_port)],
                    "egress": ["egress", "--config", self.config_path],
                    "launcher": ["launcher", "--config", self.config_path],
                    "heartbeatd": ["heartbeatd", "--config", self.config_path],
                    "reaper": ["reaper", "--config", self.config_path]}
-        ports = {"upstream": self.upstream_port, "egress": self.egress_port, "launcher": self.launcher_port}
         if name == "redis":
             return self._start_redis()
         if name == "nginx":
@@ -206,10 +220,15 @@ class LocalStack:
         if name == "heartbeatd":
             open(self.settings["access_log"], "a").close()
         process = self._spawn(name, [sys.executable, "-m", *modules[name]])
-        if name in ports:
-            wait_until(lambda: port_open(ports[name]), 20, f"the {name}", process,
-                       os.path.join(self.work, f"{name}.log"))
+        if wait:
+            self._wait_listening(name)
         return process
+
+    def _wait_listening(self, name: str) -> None:
+        ports = {"upstream": self.upstream_port, "egress": self.egress_port, "launcher": self.launcher_port}
+        if name in ports:
+            wait_until(lambda: port_open(ports[name]), 20, f"the {name}", self.processes[name],
+                       os.path.join(self.work, f"{name}.log"))
 
     def _start_redis(self) -> subprocess.Popen:
         directory = os.path.join(self.work, "redis")

@@ -22,6 +22,17 @@ VLC_SECONDS = 22          # VLC dumps this long; at least 20 s of media must com
 HLSJS_SECONDS = 15        # video.currentTime must pass this
 
 
+@pytest.fixture(autouse=True)
+def channels_stopped(stack):
+    """Each test's channels stop after it, and their failures' cooldowns go: the session's
+    stack is shared, and a channel left running or cooling down would answer another test's
+    first request."""
+    yield
+    stack.launcher_json("/streams/stop", "POST")
+    for key in stack.redis.scan_iter(match=keys.FAILED_KEY_PATTERN):
+        stack.redis.delete(key)
+
+
 def assert_cold(stack, channel_id):
     assert not os.path.exists(files.playlist_path(stack.hls_dir, channel_id))
     assert not ffmpegs_writing(stack, channel_id)
