@@ -27,6 +27,12 @@ from .supervisor import StartFailed
 log = logging.getLogger("streamkeeper.launcher")
 
 RETRY_AFTER = "5"
+# Seconds a legacy API caller has to send its (small JSON) body: a body sent a byte at a
+# time would hold a connection and a handler for ever.
+BODY_TIMEOUT = 5.0
+# The fields the old host's start accepted; anything else (proxy, provider, headers...) is
+# the channel record's business, never a caller's.
+LEGACY_START_FIELDS = {"channel_id", "source_url", "quality"}
 
 
 def _json(data, status: int = 200, **headers) -> web.Response:
@@ -39,9 +45,9 @@ def _for_player(request: web.Request) -> bool:
     return request.headers.get(ACCEL_REQUEST_HEADER) == "1"
 
 
-def _error(request: web.Request, status: int, message: str, **headers) -> web.Response:
+def _error(for_player: bool, status: int, message: str, **headers) -> web.Response:
     """A player gets the one-line reason as text (nginx adds the CORS headers); a script, JSON."""
-    if _for_player(request):
+    if for_player:
         return web.Response(text=message + "\n", status=status, headers=headers)
     return _json({"status": "error", "error": message}, status, **headers)
 
@@ -73,24 +79,27 @@ def _warn_if_old_nginx_config(request: web.Request) -> None:
                     ACCEL_REQUEST_HEADER)
 
 
-async def _start_response(request: web.Request, channel_id: str, channel: Channel | None = None):
+async def _start_response(request: web.Request, channel_id: str, channel: Channel | None = None, *,
+                          for_player: bool):
+    """The answer to a start: for a player (nginx's @start_stream) X-Accel-Redirect or a text
+    reason; for a script, JSON."""
     launcher: Launcher = request.app["launcher"]
     try:
         channel_id = keys.check_channel_id(channel_id)
     except keys.InvalidChannelId as exc:
-        return _error(request, 400, str(exc))
+        return _error(for_player, 400, str(exc))
     viewer = (viewer_of_request(request.headers.get(QUERY_HEADER, ""), request.headers.get(CLIENT_HEADER, ""),
-                                request.headers.get(AGENT_HEADER, "")) if _for_player(request) else None)
+                                request.headers.get(AGENT_HEADER, "")) if for_player else None)
     try:
         status = await launcher.start(channel_id, channel, viewer)
     except ChannelNotFound as exc:
-        return _error(request, 404, str(exc))
+        return _error(for_player, 404, str(exc))
     except ChannelError as exc:
         log.error("%s", exc)
-        return _error(request, 422, str(exc))
+        return _error(for_player, 422, str(exc))
     except redis.RedisError as exc:
         log.error("channel %s: redis unavailable: %s", channel_id, exc)
-        return _error(request, 503, f"channel {channel_id}: temporarily unavailable (redis unreachable)",
+        return _error(for_player, 503, f"channel {channel_id}: temporarily unavailable (redis unreachable)",
                       **{"Retry-After": RETRY_AFTER})
     except StartFailed as exc:
         launcher.counters["start_failures"] += 1
@@ -98,8 +107,8 @@ async def _start_response(request: web.Request, channel_id: str, channel: Channe
             log.warning("channel %s: start %s: %s", channel_id,
                         "refused during failed_cooldown (said once per cooldown)" if isinstance(exc, CoolingDown)
                         else "failed", exc)
-        return _error(request, 503, f"channel {channel_id}: {exc}", **{"Retry-After": RETRY_AFTER})
-    if _for_player(request):
+        return _error(for_player, 503, f"channel {channel_id}: {exc}", **{"Retry-After": RETRY_AFTER})
+    if for_player:
         # nginx serves the file as the answer to the player's own request: no redirect it sees.
         return web.Response(status=200, headers={
             "X-Accel-Redirect": accel_target(channel_id, request.headers.get(QUERY_HEADER, ""))})
@@ -124,7 +133,7 @@ def _first_refusal(launcher: Launcher, channel_id: str) -> bool:
 
 
 async def start_channel(request: web.Request) -> web.Response:
-    return await _start_response(request, request.match_info["channel_id"])
+    return await _start_response(request, request.match_info["channel_id"], for_player=_for_player(request))
 
 
 async def stop_channel(request: web.Request) -> web.Response:
@@ -158,7 +167,7 @@ async def redis_unavailable(request: web.Request, handler):
         return await handler(request)
     except redis.RedisError as exc:
         log.error("%s %s: redis unavailable: %s", request.method, request.path, exc)
-        return _error(request, 503, "temporarily unavailable (redis unreachable)", **{"Retry-After": RETRY_AFTER})
+        return _error(_for_player(request), 503, "temporarily unavailable (redis unreachable)", **{"Retry-After": RETRY_AFTER})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -179,7 +188,10 @@ async def metrics(request: web.Request) -> web.Response:
 # -- the old host's routes, same bodies ---------------------------------------------
 async def _json_body(request: web.Request) -> dict:
     try:
-        data = await request.json()
+        data = await asyncio.wait_for(request.json(), BODY_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise web.HTTPRequestTimeout(text=json.dumps({"status": "error", "error": "body not sent in time"}),
+                                     content_type="application/json") from None
     except (ValueError, UnicodeDecodeError):
         raise web.HTTPBadRequest(text=json.dumps({"status": "error", "error": "body is not JSON"}),
                                  content_type="application/json") from None
@@ -196,17 +208,30 @@ async def legacy_start(request: web.Request) -> web.Response:
     """POST /api/stream/start {"channel_id", "source_url", "quality"}.  With a source_url,
     the record is stored for the start (a restart or the next launcher reads it) and kept
     only if the start succeeds: a failed one puts the record back as it was.  The answer
-    says so (`stored`)."""
+    says so (`stored`).  Two calls for one channel take turns: the second one's record is
+    never put back by the first one's failure."""
     data = await _json_body(request)
+    unknown = sorted(set(data) - LEGACY_START_FIELDS)
+    if unknown:
+        return _json({"status": "error", "stored": False,
+                      "error": f"unknown fields {', '.join(unknown)[:200]} (this route takes "
+                               f"{', '.join(sorted(LEGACY_START_FIELDS))})"}, 400)
     channel_id = str(data.get("channel_id", ""))
-    channel = None
+    try:
+        keys.check_channel_id(channel_id)
+    except keys.InvalidChannelId as exc:
+        return _json({"status": "error", "error": str(exc), "stored": False}, 400)
     launcher: Launcher = request.app["launcher"]
+    async with launcher.legacy_lock(channel_id):
+        return await _legacy_start(request, launcher, channel_id, data)
+
+
+async def _legacy_start(request: web.Request, launcher: Launcher, channel_id: str, data: dict) -> web.Response:
+    channel = None
     if data.get("source_url"):
         try:
             channel = channel_from_dict(channel_id, {k: v for k, v in data.items() if k != "channel_id"})
             build_argv(channel, launcher.settings)     # a known quality, too
-        except keys.InvalidChannelId as exc:
-            return _json({"status": "error", "error": str(exc), "stored": False}, 400)
         except ChannelError as exc:
             log.error("%s (legacy route; nothing stored)", exc)
             return _json({"status": "error", "error": str(exc), "stored": False}, 422)
@@ -217,7 +242,8 @@ async def legacy_start(request: web.Request) -> web.Response:
             return _json({"status": "error", "stored": False,
                           "error": f"channel {channel_id}: temporarily unavailable (redis unreachable)"},
                          503, **{"Retry-After": RETRY_AFTER})
-    response = await _start_response(request, channel_id, channel)
+    # A script's call: JSON, whatever headers it sent (X-Streamkeeper-Accel is nginx's).
+    response = await _start_response(request, channel_id, channel, for_player=False)
     if channel is None:
         return response
     stored = response.status == 200

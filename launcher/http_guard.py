@@ -5,11 +5,15 @@ idle connections open.  Anything else on the host (the launcher listens on loopb
 could hold connections open for nothing, one byte at a time; so each connection is
 wrapped: its first request head must arrive within HEAD_TIMEOUT, an idle keep-alive
 connection is closed after KEEPALIVE_TIMEOUT (aiohttp's own timer, which also ends a
-later head sent too slowly), and beyond MAX_CONNECTIONS new connections are closed at once.
+later head sent too slowly).  At MAX_CONNECTIONS, a new connection takes the place of the
+one idle the longest (no request being answered: nginx's idle keep-alive ones, or a head
+still being sent); when every connection has a request in progress, the new one is closed.
+So idle connections held open by anyone can never lock nginx out.
 """
 from __future__ import annotations
 
 import asyncio
+import time
 
 # Seconds a connection has to send its first request head (nginx sends it in one write).
 HEAD_TIMEOUT = 5.0
@@ -31,10 +35,16 @@ class GuardedProtocol(asyncio.Protocol):
         self._head = b""
         self._deadline: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
+        self.last_active = time.monotonic()
+
+    @property
+    def busy(self) -> bool:
+        """A request is being answered on it (aiohttp's handler runs)."""
+        return bool(getattr(self._inner, "_request_in_progress", False))
 
     def connection_made(self, transport) -> None:
         self._transport = transport
-        if len(self._open) >= MAX_CONNECTIONS:
+        if len(self._open) >= MAX_CONNECTIONS and not _evict_idlest(self._open):
             transport.abort()
             return
         self._open.add(self)
@@ -42,8 +52,10 @@ class GuardedProtocol(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
         if self._deadline is not None:
-            self._head = (self._head + data)[-MAX_HEAD:]
+            # Empty lines before a request line are allowed (and ignored): they are no head.
+            self._head = (self._head + data).lstrip(b"\r\n")[-MAX_HEAD:]
             if HEAD_END in self._head:
                 self._deadline.cancel()
                 self._deadline, self._head = None, b""
@@ -59,11 +71,29 @@ class GuardedProtocol(asyncio.Protocol):
             self._open.discard(self)
             self._inner.connection_lost(exc)
 
+    def close(self) -> None:
+        """Cut it (evicted): aiohttp hears the connection is lost."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._transport.abort()
+        self._inner.connection_lost(None)
+
     def pause_writing(self) -> None:
         self._inner.pause_writing()
 
     def resume_writing(self) -> None:
         self._inner.resume_writing()
+
+
+def _evict_idlest(open_connections: set) -> bool:
+    """Close the connection idle the longest; False when every one is answering a request."""
+    idle = [c for c in open_connections if not c.busy]
+    if not idle:
+        return False
+    idlest = min(idle, key=lambda c: c.last_active)
+    open_connections.discard(idlest)
+    idlest.close()
+    return True
 
 
 async def listen(server, host: str, port: int, backlog: int) -> asyncio.base_events.Server:

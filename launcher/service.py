@@ -71,6 +71,7 @@ class Launcher:
         self._redis_pool = concurrent.futures.ThreadPoolExecutor(REDIS_THREADS, thread_name_prefix="redis")
         # channel id -> [lock, holders and waiters]; an entry lives only while in use
         self._locks: dict[str, list] = {}
+        self._legacy_locks: dict[str, list] = {}    # the same, for the legacy route's record and start
         self._capacity = asyncio.Lock()          # one start at a time decides on a free place
         self._provider_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.counters = {"starts": 0, "start_failures": 0, "joined": 0, "busy": 0,
@@ -87,20 +88,14 @@ class Launcher:
         return await asyncio.get_running_loop().run_in_executor(
             self._redis_pool, functools.partial(function, self.redis, *args, **kwargs))
 
-    @contextlib.asynccontextmanager
-    async def _channel_lock(self, channel_id: str):
-        """The channel's start lock in this process, forgotten once nobody holds or awaits it."""
-        entry = self._locks.get(channel_id)
-        if entry is None:
-            entry = self._locks[channel_id] = [asyncio.Lock(), 0]
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                yield
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._locks[channel_id]
+    def _channel_lock(self, channel_id: str):
+        """The channel's start lock in this process."""
+        return _keyed_lock(self._locks, channel_id)
+
+    def legacy_lock(self, channel_id: str):
+        """The channel's lock around a legacy start (its record written, the start, the record
+        put back): held outside the start lock."""
+        return _keyed_lock(self._legacy_locks, channel_id)
 
     def identity(self, channel_id: str, start_time: int | None) -> StreamProcess:
         """What proves a pid is this channel's FFmpeg (streamstate.process)."""
@@ -516,3 +511,19 @@ def collect_streams(client, settings, supervisors: dict) -> dict:
     return {"streams": result, "failed": runs.failed_channels(client),
             "providers": providers.usage(client, settings.providers, grace),
             "invalid_members": [runs.shown_member(m) for m in active.invalid]}
+
+
+@contextlib.asynccontextmanager
+async def _keyed_lock(table: dict[str, list], key: str):
+    """The lock of ``key`` in ``table``, forgotten once nobody holds or awaits it."""
+    entry = table.get(key)
+    if entry is None:
+        entry = table[key] = [asyncio.Lock(), 0]
+    entry[1] += 1
+    try:
+        async with entry[0]:
+            yield
+    finally:
+        entry[1] -= 1
+        if entry[1] == 0:
+            del table[key]

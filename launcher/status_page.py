@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from importlib import resources
 
+import redis
 from aiohttp import web
 
 from streamstate import keys, runs
@@ -61,11 +63,7 @@ def _headers() -> dict:
 def _snapshot(client, settings, supervisors) -> dict:
     from .service import collect_streams
     listing = collect_streams(client, settings, supervisors)
-    try:
-        raw_pass = client.hgetall(keys.reaper_last_pass_key(settings.host_id))
-    except Exception:  # noqa: BLE001 - junk of another type: shown as none
-        raw_pass = {}
-    last_pass = {runs.text(k): runs.text(v) for k, v in raw_pass.items()}
+    last_pass = runs.reaper_last_pass(client, settings.host_id)
     return {"host": settings.host_id, "now": time.time(), **listing, "reaper_last_pass": last_pass,
             "history": read_history(client, settings.host_id)}
 
@@ -73,13 +71,21 @@ def _snapshot(client, settings, supervisors) -> dict:
 def read_history(client, host_id: str) -> list[dict]:
     """The chart's samples, oldest first (junk left out)."""
     samples = []
-    for raw in reversed(client.lrange(keys.status_history_key(host_id), 0, HISTORY_KEEP - 1) or []):
+    try:
+        raws = client.lrange(keys.status_history_key(host_id), 0, HISTORY_KEEP - 1) or []
+    except redis.ResponseError as exc:
+        if not runs.wrong_type(exc):
+            raise
+        raws = []                  # junk of another type: record_sample replaces it
+    for raw in reversed(raws):
+        sample = runs.json_value(raw)
         try:
-            sample = json.loads(raw)
-            samples.append({"t": float(sample["t"]), "streams": int(sample["streams"]),
-                            "viewers": int(sample["viewers"])})
-        except (ValueError, TypeError, KeyError):
+            point = {"t": float(sample["t"]), "streams": int(sample["streams"]),
+                     "viewers": int(sample["viewers"])}
+        except (ValueError, TypeError, KeyError, OverflowError):     # junk, Infinity, 1e400, NaN
             continue
+        if math.isfinite(point["t"]) and 0 <= point["streams"] < 10**7 and 0 <= point["viewers"] < 10**9:
+            samples.append(point)
     return samples
 
 
@@ -89,6 +95,7 @@ def record_sample(client, settings, supervisors) -> None:
     mine = [s for s in listing["streams"] if s["host"] in (None, settings.host_id)]
     sample = json.dumps({"t": round(time.time(), 1), "streams": len(mine),
                          "viewers": sum(s["viewers"] for s in mine)})
+    runs.clear_other_type(client, keys.status_history_key(settings.host_id), "list")
     pipe = client.pipeline(transaction=False)
     pipe.lpush(keys.status_history_key(settings.host_id), sample)
     pipe.ltrim(keys.status_history_key(settings.host_id), 0, HISTORY_KEEP - 1)

@@ -68,7 +68,8 @@ class StreamView:
         if self.run is not None:
             return self.run.pid
         raw = (self.pid_raw or "").strip()
-        return int(raw) if raw.isascii() and raw.isdigit() and raw == str(int(raw)) else 0
+        # A pid has at most 7 digits (pid_max is 2^22); longer text is junk, never int()'d.
+        return int(raw) if len(raw) <= 10 and raw.isascii() and raw.isdigit() and raw == str(int(raw)) else 0
 
     def idle(self, now: float) -> float | None:
         reference = self.last_access if self.last_access is not None else self.started
@@ -363,6 +364,7 @@ class Reaper:
 
     def _record_pass(self, summary: PassSummary) -> None:
         try:
+            runs.clear_other_type(self.redis, keys.reaper_last_pass_key(self.host), "hash")    # junk
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(keys.reaper_last_pass_key(self.host), mapping={
                 "time": f"{summary.started:.3f}", "duration": f"{summary.duration:.3f}",

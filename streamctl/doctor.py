@@ -230,11 +230,7 @@ def check_heartbeatd(settings) -> list[Check]:
 
 def check_reaper(client, settings) -> list[Check]:
     """It passed within 2 x reaper_interval (the cleanup has a scheduler)."""
-    try:
-        raw = client.hgetall(keys.reaper_last_pass_key(settings.host_id))
-    except redis.ResponseError:                          # junk of another type: no pass known
-        raw = {}
-    data = {runs.text(k): runs.text(v) for k, v in raw.items()}
+    data = runs.reaper_last_pass(client, settings.host_id)
     last = runs.epoch_seconds(data.get("time"))
     interval = float(settings.reaper_interval)
     if last is None:

@@ -181,8 +181,7 @@ def status_command(settings_loader, channel_id, as_json):
             listing["streams"] = [s for s in listing["streams"] if s["id"] == channel_id]
             listing["failed"] = [f for f in listing["failed"] if f["id"] == channel_id]
             listing["providers"] = [p for p in listing["providers"] if channel_id in p["channels"]]
-        last_pass = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in
-                     client.hgetall(keys.reaper_last_pass_key(settings.host_id)).items()}
+        last_pass = runs.reaper_last_pass(client, settings.host_id)
     except redis.RedisError as exc:
         click.echo(f"error: redis at {redact_url(settings.redis_url)} unreachable: {exc}", err=True)
         raise SystemExit(EXIT_FAILED) from None

@@ -18,12 +18,18 @@ from __future__ import annotations
 import json
 import time
 
+import redis
+
 from . import keys, runs
 from .redis_client import registered_script
 
 # KEYS: slots; ARGV: channel, value, limit, then (stale channel, its value as read) pairs.
 # Returns 1 (the channel holds a slot now) or 0 (all taken).
 _ACQUIRE_LUA = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' and kind ~= 'none' then
+  redis.call('DEL', KEYS[1])                 -- junk of another type under our key
+end
 for i = 4, #ARGV, 2 do
   if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
     redis.call('HDEL', KEYS[1], ARGV[i])
@@ -38,8 +44,12 @@ return 0
 
 # KEYS: slots; ARGV: channel, run_id.  Deletes the slot only if that run holds it.
 _RELEASE_LUA = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then
+  return 0
+end
 local value = redis.call('HGET', KEYS[1], ARGV[1])
-if value and cjson.decode(value)['run_id'] == ARGV[2] then
+local ok, data = pcall(cjson.decode, value or '')
+if ok and type(data) == 'table' and data['run_id'] == ARGV[2] then
   return redis.call('HDEL', KEYS[1], ARGV[1])
 end
 return 0
@@ -49,12 +59,15 @@ return 0
 def _holders(client, provider: str) -> dict[str, tuple[str, dict | None]]:
     """channel -> (raw value, parsed value or None for junk)."""
     found = {}
-    for field, raw in client.hgetall(keys.provider_slots_key(provider)).items():
+    try:
+        held = client.hgetall(keys.provider_slots_key(provider))
+    except redis.ResponseError as exc:
+        if not runs.wrong_type(exc):
+            raise
+        held = {}                  # junk of another type: no slot held (acquire_slot deletes it)
+    for field, raw in held.items():
         channel, value = runs.text(field), runs.text(raw)
-        try:
-            data = json.loads(value)
-        except ValueError:
-            data = None
+        data = runs.json_value(value)
         found[channel] = (value, data if isinstance(data, dict) else None)
     return found
 
@@ -95,6 +108,7 @@ def acquire_slot(client, provider: str, limit: int, channel: str, run_id: str, h
 def hold_slot(client, provider: str, channel: str, run_id: str, host: str) -> None:
     """A running stream's slot written again (Redis restarted empty): its connection is open
     whatever the count says."""
+    runs.clear_other_type(client, keys.provider_slots_key(provider), "hash")
     client.hset(keys.provider_slots_key(provider), channel,
                 json.dumps({"run_id": run_id, "host": host, "at": round(time.time(), 3)}))
 

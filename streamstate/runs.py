@@ -180,6 +180,37 @@ def text(value) -> str | None:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def json_value(raw):
+    """A JSON value read from Redis; None for junk (not JSON, not text, nested too deep)."""
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, TypeError, RecursionError):
+        return None
+
+
+def wrong_type(exc: Exception) -> bool:
+    """A Redis error that says our key holds junk of another type (WRONGTYPE)."""
+    return isinstance(exc, redis.ResponseError) and "WRONGTYPE" in str(exc)
+
+
+def clear_other_type(client, key: str, kind: str) -> None:
+    """Delete the key if it holds another Redis type than ``kind`` (junk: our writes would
+    fail on it with WRONGTYPE, forever)."""
+    if text(client.type(key)) not in (kind, "none"):
+        client.delete(key)
+
+
+def reaper_last_pass(client, host_id: str) -> dict[str, str]:
+    """The host's reaper's last pass as recorded (text; {} when none, or junk of another type)."""
+    try:
+        raw = client.hgetall(keys.reaper_last_pass_key(host_id))
+    except redis.ResponseError as exc:
+        if not wrong_type(exc):
+            raise
+        return {}
+    return {text(k): text(v) for k, v in raw.items()}
+
+
 def _int(value) -> int | None:
     try:
         return int(value) if value not in (None, "") else None
@@ -242,13 +273,13 @@ def mark_failed(client, channel: str, reason: str, host: str, cooldown: float) -
 
 def get_failed(client, channel: str) -> dict | None:
     """The failure a channel is cooling down from, if any (junk counts as none)."""
-    raw = client.get(keys.failed_key(channel))
-    if raw is None:
-        return None
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
+        raw = client.get(keys.failed_key(channel))
+    except redis.ResponseError as exc:
+        if wrong_type(exc):              # junk of another type: no failure (a new one overwrites it)
+            return None
+        raise
+    data = None if raw is None else json_value(raw)
     return data if isinstance(data, dict) and isinstance(data.get("reason"), str) else None
 
 

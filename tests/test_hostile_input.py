@@ -100,13 +100,72 @@ def test_control_characters_never_reach_ffmpeg(stack, listener, field, value):
     assert listener.connections == 0 and not ffmpegs_writing(stack, 501)
 
 
-def test_the_legacy_route_refuses_injections_and_stores_nothing(stack, listener):
-    for field, value in INJECTIONS[:3]:
+def test_the_legacy_route_takes_only_its_own_fields_and_stores_nothing_else(stack, listener):
+    """Finding (attack, issue 16): the old route passed any field on to the record (proxy,
+    provider, tls_verify, headers).  It takes channel_id, source_url and quality, as the old
+    host did; anything else is a 400 naming the field, and nothing is stored."""
+    for field, value in [*INJECTIONS[:3], ("proxy", "socks5h://127.0.0.1:1"), ("tls_verify", False),
+                         ("provider", "acme")]:
         status, body = stack.launcher_json("/api/stream/start", "POST", {
             "channel_id": "502", "source_url": listener.url(), "quality": "copy", field: value})
-        assert status == 422 and "channel 502" in body["error"]
+        assert status == 400 and f"unknown fields {field}" in body["error"] and body["stored"] is False
+    status, body = stack.launcher_json("/api/stream/start", "POST", {
+        "channel_id": "502", "source_url": "http://127.0.0.1:1/\r\nX: y", "quality": "copy"})
+    assert status == 422 and "channel 502" in body["error"]
     assert stack.redis.exists(keys.channel_key(502)) == 0
     assert listener.connections == 0
+
+
+def test_the_legacy_start_answers_json_whatever_headers_it_is_sent(stack):
+    """Finding (attack, issue 16): X-Streamkeeper-Accel: 1 on the legacy route (nginx's header
+    for a player's start) made it answer a redirect it then read as JSON: a 500."""
+    add_channel(stack, 556)
+    request = urllib.request.Request(stack.launcher_url("/api/stream/start"), method="POST",
+                                     data=json.dumps({"channel_id": "556"}).encode(),
+                                     headers={"Content-Type": "application/json", "X-Streamkeeper-Accel": "1"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200 and "X-Accel-Redirect" not in response.headers
+        assert json.loads(response.read())["status"] in ("started", "running")
+    stack.launcher_json("/channel/556/stop", "POST")
+
+
+def test_two_legacy_starts_of_one_channel_take_turns(stack):
+    """Finding (attack, issue 16): B's record, written while A's start was failing, was put back
+    to A's when B's start failed too: a record no start had succeeded with was left.  Legacy
+    starts of one channel take turns now, and a failed start leaves no record."""
+    def stalled(name):
+        return f"http://127.0.0.1:{stack.upstream_port}/stall/0/{name}.ts"
+    results = {}
+
+    def start(name):
+        results[name] = stack.launcher_json("/api/stream/start", "POST", {
+            "channel_id": "557", "source_url": stalled(name), "quality": "copy"})
+    first = threading.Thread(target=start, args=("A",))
+    first.start()
+    wait_for(lambda: stack.redis.exists(keys.channel_key(557)), timeout=30, message="A's record written")
+    second = threading.Thread(target=start, args=("B",))
+    second.start()
+    first.join(120)
+    second.join(120)
+    assert results["A"][0] == 503 and results["B"][0] == 503, results
+    assert stack.redis.get(keys.channel_key(557)) is None
+    stack.redis.delete(keys.failed_key(557))
+
+
+def test_a_legacy_body_sent_slowly_is_cut_off(stack):
+    """Finding (attack, issue 16): a legacy call that never sent its announced body held its
+    connection and handler for ever.  It gets a 408 once BODY_TIMEOUT has passed."""
+    from launcher.app import BODY_TIMEOUT
+    with socket.create_connection(("127.0.0.1", stack.launcher_port), timeout=BODY_TIMEOUT + 30) as sock:
+        sock.sendall(b"POST /api/stream/start HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer
 
 
 @pytest.mark.parametrize("args, field", [
@@ -344,6 +403,52 @@ def test_junk_of_any_type_or_encoding_in_redis_breaks_nothing(stack):
     stack.redis.delete(*[key for _, key, _ in JUNK], keys.pid_key(547))
 
 
+def test_junk_in_failure_slot_history_and_pass_keys_is_only_junk(stack):
+    """Finding (attack, issue 16): a failure mark of another type made every start of its
+    channel a 503 "redis unreachable"; a slot or failure nested too deep raised
+    RecursionError; a provider's slots of another type blocked its every start; a reaper's
+    last pass of another type was never written again; Infinity in the status history, or
+    a 5,000-digit pid, raised.  Each is junk now: ignored, and replaced by our next write."""
+    from launcher import status_page
+    from streamstate import providers
+    add_channel(stack, 563)
+    stack.redis.hset(keys.failed_key(563), "reason", "junk of another type")
+    assert first_request(stack.playlist_url(563))[0] == 200
+    stack.launcher_json("/channel/563/stop", "POST")
+    stack.redis.set(keys.failed_key(564), "[" * 100_000)
+    assert runs.get_failed(stack.redis, "564") is None
+    stack.redis.delete(keys.failed_key(563), keys.failed_key(564))
+
+    slots = keys.provider_slots_key("junkprov")
+    stack.redis.set(slots, "not a hash")
+    assert providers.acquire_slot(stack.redis, "junkprov", 1, "565", "run-565", "h", 60)
+    stack.redis.hset(slots, "566", "[" * 100_000)
+    assert providers.stale_slots(stack.redis, "junkprov", 60) == ["566"]
+    assert providers.release_slot(stack.redis, "junkprov", "566", "run-566") is False
+    stack.redis.delete(slots)
+
+    history = keys.status_history_key("junk-host")
+    stack.redis.set(history, "not a list")
+    assert status_page.read_history(stack.redis, "junk-host") == []
+    stack.redis.delete(history)
+    stack.redis.rpush(history, '{"t": Infinity, "streams": 1, "viewers": 1}', '{"t": 1e400, "streams": 1, "viewers": 1}',
+                      '{"t": NaN, "streams": 1, "viewers": 1}', '{"t": 5, "streams": 1e400, "viewers": 1}',
+                      "[" * 100_000, '{"t": 7, "streams": 2, "viewers": 3}')
+    assert status_page.read_history(stack.redis, "junk-host") == [{"t": 7.0, "streams": 2, "viewers": 3}]
+    stack.redis.delete(history)
+
+    host = stack.settings.get("host_id") or socket.gethostname()
+    stack.redis.set(keys.reaper_last_pass_key(host), "not a hash")
+    assert runs.reaper_last_pass(stack.redis, host) == {}
+    stack.redis.set(keys.pid_key(567), "9" * 5000)
+    stack.redis.sadd(keys.ACTIVE_STREAMS_KEY, "567")
+    for _ in range(2):
+        reaped = streamctl(stack, "reap", "--json")
+        assert reaped.returncode == 0 and "Traceback" not in reaped.stderr, reaped.stderr
+    assert stack.redis.type(keys.reaper_last_pass_key(host)) == "hash", reaped.stderr
+    assert not stack.redis.sismember(keys.ACTIVE_STREAMS_KEY, "567")
+
+
 def test_an_infinite_last_access_keeps_nothing_alive(stack):
     """A stored last_access of inf (or far in the future) is junk: the next heartbeat
     replaces it, and the reaper falls back to the start time."""
@@ -388,10 +493,9 @@ def test_only_printable_ascii_goes_on_the_wire(stack, listener, field, value):
 
 
 def test_the_legacy_route_stores_nothing_it_would_refuse(stack, listener):
-    headers = {f"X-H{n}": "v" * 2048 for n in range(32)}
     status, body = stack.launcher_json("/api/stream/start", "POST", {
-        "channel_id": "551", "source_url": listener.url(), "headers": headers})
-    assert status == 422 and "too large" in body["error"]
+        "channel_id": "551", "source_url": listener.url() + "?" + "v" * 70_000})
+    assert status == 422 and body["stored"] is False
     status, body = stack.launcher_json("/api/stream/start", "POST", {
         "channel_id": "551", "source_url": listener.url(), "quality": "ultra"})
     assert status == 422 and "unknown quality" in body["error"]

@@ -192,8 +192,10 @@ def test_a_request_head_sent_slowly_is_cut_off(stack):
     import socket
     from launcher.http_guard import HEAD_TIMEOUT
     slow = [socket.create_connection(("127.0.0.1", stack.launcher_port)) for _ in range(300)]
-    for sock in slow:
-        sock.sendall(b"G")
+    for n, sock in enumerate(slow):
+        # Half begin with empty lines (finding, issue 16: "\r\n\r\n" first was taken for a
+        # whole head and disarmed the timer).
+        sock.sendall(b"\r\n\r\nG" if n % 2 else b"G")
         sock.settimeout(0.01)
 
     def all_cut_off():
@@ -211,3 +213,51 @@ def test_a_request_head_sent_slowly_is_cut_off(stack):
     wait_for(all_cut_off, timeout=HEAD_TIMEOUT + 20, interval=0.5,
              message=f"every slow client cut off ({len(slow)} left)")
     assert stack.launcher_json("/healthz")[0] == 200
+
+
+def test_idle_connections_at_the_cap_give_their_place_to_a_new_one(monkeypatch):
+    """Finding (attack, issue 16): MAX_CONNECTIONS idle keep-alive connections locked nginx out
+    (every new connection was closed).  At the cap, a new connection takes the place of the
+    one idle the longest; one whose request is being answered is never cut.  aiohttp's own
+    server behind the guard, in this process, with a cap of 4."""
+    import asyncio
+    import socket
+
+    from aiohttp import web
+
+    from launcher import http_guard
+    monkeypatch.setattr(http_guard, "MAX_CONNECTIONS", 4)
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def handle(request):
+            if request.path == "/slow":
+                await release.wait()
+            return web.Response(text="ok")
+        server = await http_guard.listen(web.Server(handle), "127.0.0.1", 0, 16)
+        port = server.sockets[0].getsockname()[1]
+
+        async def request(path, reader_writer=None):
+            reader, writer = reader_writer or await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"ok"), 10)
+            return head, (reader, writer)
+        busy = await asyncio.open_connection("127.0.0.1", port)
+        busy[1].write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        idle = []
+        for _ in range(3):                           # served, then kept alive and idle
+            _, connection = await request("/")
+            idle.append(connection)
+            await asyncio.sleep(0.01)                # distinct idle times, oldest first
+        head, newcomer = await request("/")          # the cap is reached: the idlest gives way
+        assert head.startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(idle[0][0].read(), 10) == b""           # cut
+        for reader, writer in idle[1:]:
+            assert (await request("/", (reader, writer)))[0].startswith(b"HTTP/1.1 200")
+        release.set()
+        assert (await asyncio.wait_for(busy[0].readuntil(b"ok"), 10)).startswith(b"HTTP/1.1 200")
+        for _, writer in [busy, newcomer, *idle]:
+            writer.close()
+        server.close()
+    asyncio.run(scenario())
