@@ -38,6 +38,31 @@ def main(settings_loader, listen, log_level):
     raise SystemExit(asyncio.run(serve(settings)))
 
 
+# An error the event loop reports on its own (out of descriptors at accept, say) comes back
+# on every retry; one line per this many seconds says it without flooding the journal.
+LOOP_ERROR_EVERY = 60.0
+
+
+class _RateLimitedLoopErrors:
+    """The loop's exception handler: one log line per kind of error per LOOP_ERROR_EVERY
+    seconds, with how many were not shown."""
+
+    def __init__(self):
+        self.last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, loop, context) -> None:
+        message = context.get("message") or "event loop error"
+        exc = context.get("exception")
+        kind = f"{message}: {exc}" if exc else message
+        now = loop.time()
+        shown_at, hidden = self.last.get(kind, (None, 0))
+        if shown_at is not None and now - shown_at < LOOP_ERROR_EVERY:
+            self.last[kind] = (shown_at, hidden + 1)
+            return
+        self.last[kind] = (now, 0)
+        log.error("%s%s", kind, f" ({hidden} more like it not shown)" if hidden else "")
+
+
 async def serve(settings) -> int:
     from .relay import CHUNK, EgressRelay
 
@@ -48,6 +73,7 @@ async def serve(settings) -> int:
     if early_signals.received():
         log.info("%s during start-up: exiting", early_signals.received())
         return 0
+    loop.set_exception_handler(_RateLimitedLoopErrors())
     relay = EgressRelay(settings)
     host, _, port = settings.egress_listen.rpartition(":")
     try:

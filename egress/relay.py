@@ -42,19 +42,25 @@ import h11
 
 from streamstate import egress, keys
 from streamstate.redact import redact_url
-from streamstate.upstreams import (AddressPolicy, literal_address, provider_servers, server_key,
-                                   socks_connection)
+from streamstate.upstreams import (AddressPolicy, literal_address, matching_providers, provider_servers,
+                                   server_key, socks_connection)
 
 log = logging.getLogger("streamkeeper.egress")
 
 MAX_HEAD_BYTES = 32 * 1024      # a request head larger than this is refused
-HEAD_TIMEOUT = 15.0             # seconds a client has to send its request head
-IDLE_TIMEOUT = 30.0             # seconds a persistent client connection may wait for its next request
+HEAD_TIMEOUT = 15.0             # seconds a client has to send its whole request (head and body)
+IDLE_TIMEOUT = 30.0             # seconds a persistent client connection has for its whole next request head
+ANSWER_TIMEOUT = 30.0           # seconds an upstream has for its whole answer head
+# Client connections at most: each relayed one takes two descriptors (client, upstream);
+# below LimitNOFILE (65536 in the unit) with room for the rest.  At the cap, a new
+# connection takes the place of the oldest one that has not yet shown a ticket.
+FD_RESERVE = 256
 CONNECT_TIMEOUT = 10.0          # seconds to reach an upstream or a proxy
 CHUNK = 64 * 1024
 SMALL_READ = 16 * 1024          # a read below this waits COALESCE before the next one
 COALESCE = 0.01                 # seconds
-_HOP_HEADERS = {"proxy-authorization", "proxy-connection", "connection", "keep-alive"}
+_HOP_HEADERS = {"proxy-authorization", "proxy-connection", "connection", "keep-alive", "te", "trailer",
+                "upgrade"}
 
 
 class Refused(Exception):
@@ -71,7 +77,7 @@ class Unreachable(Exception):
 
 
 class EgressRelay:
-    def __init__(self, settings, policy: AddressPolicy | None = None):
+    def __init__(self, settings, policy: AddressPolicy | None = None, max_clients: int | None = None):
         self.settings = settings
         self.state_dir = settings.state_dir
         self.policy = policy or AddressPolicy.from_settings(settings)
@@ -80,9 +86,17 @@ class EgressRelay:
         self.provider_servers = provider_servers(settings.providers, resolve=_addresses_now)
         self.open: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
+        # client connection (its writer) -> whether it has shown a valid ticket; oldest first
+        self.clients: dict[asyncio.StreamWriter, bool] = {}
+        self.max_clients = max_clients or _max_clients()
 
     # -- one client connection ---------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self.clients) >= self.max_clients and not self._evict_a_stranger():
+            self.counters["clients_refused"] += 1
+            writer.transport.abort()
+            return
+        self.clients[writer] = False
         try:
             await self._handle(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
@@ -93,11 +107,24 @@ class EgressRelay:
         except Exception:  # noqa: BLE001 - one connection's bug never stops the relay
             log.exception("unexpected error on a relayed connection")
         finally:
+            self.clients.pop(writer, None)
             writer.transport.abort()
+
+    def _evict_a_stranger(self) -> bool:
+        """Cut the oldest client connection that has shown no valid ticket (anyone on the
+        host can open connections; only our streams hold tickets); False if there is none."""
+        stranger = next((w for w, known in self.clients.items() if not known), None)
+        if stranger is None:
+            return False
+        del self.clients[stranger]
+        stranger.transport.abort()
+        self.counters["clients_evicted"] += 1
+        return True
 
     async def _handle(self, reader, writer) -> None:
         client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-        request = await _next_event(client, reader, HEAD_TIMEOUT)
+        request_deadline = _deadline(HEAD_TIMEOUT)
+        request = await _next_event(client, reader, request_deadline)
         if request is _TOO_LARGE:
             return await _answer(writer, 431, "request head too large")
         if not isinstance(request, h11.Request):
@@ -113,15 +140,19 @@ class EgressRelay:
             self.counters["auth_challenges"] += 1
             return await _answer(writer, 407, "proxy authentication required",
                                  {"Proxy-Authenticate": 'Basic realm="streamkeeper-egress"'})
+        self.clients[writer] = True
         if method == "CONNECT":
             host, port = _split_host_port(target, None)
             if host is None or port is None:
                 return await _answer(writer, 400, "bad target")
-            return await self._tunnel(channel_id, ticket, reader, writer, host, port)
-        await self._forward_requests(channel_id, ticket, client, request, reader, writer)
+            early = _early_tunnel_bytes(client)
+            if early is None:
+                return await _answer(writer, 400, "a CONNECT request has no body")
+            return await self._tunnel(channel_id, ticket, reader, writer, host, port, early)
+        await self._forward_requests(channel_id, ticket, client, request, request_deadline, reader, writer)
 
     async def _forward_requests(self, channel_id: str, ticket: dict, client: h11.Connection,
-                                request: h11.Request, reader, writer) -> None:
+                                request: h11.Request, request_deadline: float, reader, writer) -> None:
         """Absolute-form requests on one client connection, each on its own: checked
         (credentials, address policy, provider), forwarded over an upstream connection of its
         own, its answer copied back; then the next request, while both sides keep the
@@ -135,7 +166,8 @@ class EgressRelay:
                 port = parts.port or 80
             except ValueError:
                 return await _answer(writer, 400, "bad target")
-            if not await self._forward_one(channel_id, ticket, client, request, parts, port, reader, writer):
+            if not await self._forward_one(channel_id, ticket, client, request, request_deadline, parts, port,
+                                           reader, writer):
                 return
             if client.our_state is not h11.DONE or client.their_state is not h11.DONE:
                 return
@@ -143,7 +175,8 @@ class EgressRelay:
                 client.start_next_cycle()
             except h11.LocalProtocolError:
                 return
-            request = await _next_event(client, reader, IDLE_TIMEOUT)
+            request_deadline = _deadline(IDLE_TIMEOUT)
+            request = await _next_event(client, reader, request_deadline)
             if not isinstance(request, h11.Request):
                 return
             again, _ = self._authorised(_decoded(request.headers))
@@ -201,7 +234,8 @@ class EgressRelay:
         if self.open[channel_id] <= 0:
             del self.open[channel_id]
 
-    async def _tunnel(self, channel_id: str, ticket: dict, reader, writer, host: str, port: int) -> None:
+    async def _tunnel(self, channel_id: str, ticket: dict, reader, writer, host: str, port: int,
+                      early: bytes) -> None:
         """CONNECT: an upstream connection, then bytes both ways until either side ends."""
         upstream = await self._upstream(channel_id, ticket, writer, host, port, tunnel=True)
         if upstream is None:
@@ -209,14 +243,23 @@ class EgressRelay:
         up_reader, up_writer, _ = upstream
         try:
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            if early:
+                up_writer.write(early)
+                self.counters["bytes_up"] += len(early)
             await _splice(reader, writer, up_reader, up_writer, self.counters)
         finally:
             self._closed(channel_id, up_writer)
 
     async def _forward_one(self, channel_id: str, ticket: dict, client: h11.Connection, request: h11.Request,
-                           parts, port: int, reader, writer) -> bool:
+                           request_deadline: float, parts, port: int, reader, writer) -> bool:
         """One request and its answer; False when the client connection cannot go on."""
         proxy = ticket.get("proxy") or ""
+        try:
+            self._check_account(ticket, request.target.decode("ascii", "replace"))
+        except Refused as refused:
+            self._refused(channel_id, parts.hostname, port, refused)
+            await _answer(writer, refused.status, "upstream address not allowed", {"X-Streamkeeper-Refused": refused.kind})
+            return False
         upstream = await self._upstream(channel_id, ticket, writer, parts.hostname, port, tunnel=False)
         if upstream is None:
             return False
@@ -225,13 +268,15 @@ class EgressRelay:
         try:
             up_writer.write(server.send(_upstream_request(request, parts, proxy)))
             while True:                                       # the request's body, if any
-                event = await _next_event(client, reader, HEAD_TIMEOUT)
-                if not isinstance(event, (h11.Data, h11.EndOfMessage)):
-                    return False
-                up_writer.write(server.send(event))
-                if isinstance(event, h11.EndOfMessage):
+                event = await _next_event(client, reader, request_deadline)
+                if isinstance(event, h11.Data):
+                    up_writer.write(server.send(event))
+                elif isinstance(event, h11.EndOfMessage):
+                    up_writer.write(server.send(h11.EndOfMessage()))       # its trailers stay here
                     break
-            answer = await _next_event(server, up_reader, 3 * CONNECT_TIMEOUT, skip_informational=True)
+                else:
+                    return False
+            answer = await _next_event(server, up_reader, _deadline(ANSWER_TIMEOUT), skip_informational=True)
             if not isinstance(answer, h11.Response):
                 await _answer(writer, 502, "upstream sent no answer")
                 return False
@@ -259,6 +304,14 @@ class EgressRelay:
             raise Refused("address", f"{_shown_target(host, port)} is the server of provider "
                           f"{' or '.join(sorted(owners))}, and this stream holds none of its connections", 403)
 
+    def _check_account(self, ticket: dict, url: str) -> None:
+        """A URL under a limited provider's match prefix is fetched only by a stream holding a
+        slot of that provider: two accounts on one server are told apart by their prefix."""
+        owners = matching_providers(url, {n: p for n, p in self.settings.providers.items() if p.max_streams})
+        if owners and ticket.get("provider") not in owners:
+            raise Refused("address", f"{redact_url(url)} belongs to provider {' or '.join(sorted(owners))}, "
+                          "and this stream holds none of its connections", 403)
+
     def _refused(self, channel_id: str, host: str, port: int, refused: Refused) -> None:
         """One log line and the note the launcher reads."""
         self.counters[f"refused_{refused.kind}"] += 1
@@ -281,6 +334,10 @@ class EgressRelay:
             if self.policy.refuses_service(address, proxy_port):
                 raise Refused("proxy", f"proxy {shown} is one of this host's own services", 502)
         target_host = host
+        if scheme != "socks5" and literal_address(host) is None:
+            # The proxy resolves the name on its network; a provider's server under another
+            # name is still caught by what the name resolves to here (best effort).
+            self._check_provider(ticket, host, port, await _addresses_or_none(host, port))
         if scheme == "socks5" or literal_address(host) is not None:
             # socks5: names are resolved here and the address checked; socks5h and http
             # proxies resolve names on their own network (an address literal is checked).
@@ -346,6 +403,32 @@ class EgressRelay:
 _TOO_LARGE = object()
 
 
+def _early_tunnel_bytes(client: h11.Connection) -> bytes | None:
+    """Bytes the client sent right after its CONNECT head (a TLS hello in the same packet):
+    they go up first.  None when the CONNECT request has a body (nonsense)."""
+    try:
+        if not isinstance(client.next_event(), h11.EndOfMessage) or client.next_event() is not h11.PAUSED:
+            return None
+    except h11.RemoteProtocolError:
+        return None
+    return client.trailing_data[0]
+
+
+def _max_clients() -> int:
+    """Client connections at most: half the descriptors this process may open, less a reserve."""
+    import resource
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(64, (soft - FD_RESERVE) // 2)
+
+
+async def _addresses_or_none(host: str, port: int) -> list[str]:
+    """What host resolves to here; [] when it does not (the proxy may know it)."""
+    try:
+        return await _resolve(host, port)
+    except Unreachable:
+        return []
+
+
 def _addresses_now(host: str) -> list[str]:
     """A provider server's addresses, resolved once at start (blocking; a name that does not
     resolve yet is known by its name only)."""
@@ -355,16 +438,24 @@ def _addresses_now(host: str) -> list[str]:
         return []
 
 
-async def _next_event(connection: h11.Connection, reader, timeout: float, *, skip_informational: bool = False):
-    """The next h11 event of a connection, reading as it needs; None when the peer closed
-    or broke the protocol, _TOO_LARGE for a head over MAX_HEAD_BYTES.  Raises TimeoutError."""
+def _deadline(seconds: float) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+async def _next_event(connection: h11.Connection, reader, deadline: float, *, skip_informational: bool = False):
+    """The next h11 event of a connection, reading as it needs until ``deadline`` (the loop's
+    clock: one bound for a whole head, however it is cut up); None when the peer closed or
+    broke the protocol, _TOO_LARGE for a head over MAX_HEAD_BYTES.  Raises TimeoutError."""
     while True:
         try:
             event = connection.next_event()
         except h11.RemoteProtocolError as exc:
             return _TOO_LARGE if exc.error_status_hint == 431 else None
         if event is h11.NEED_DATA:
-            data = await asyncio.wait_for(reader.read(CHUNK), timeout)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            data = await asyncio.wait_for(reader.read(CHUNK), remaining)
             connection.receive_data(data)
             continue
         if skip_informational and isinstance(event, h11.InformationalResponse):
@@ -384,19 +475,30 @@ def _upstream_request(request: h11.Request, parts, proxy: str) -> h11.Request:
     via_http_proxy = proxy.lower().startswith("http://")
     target = request.target if via_http_proxy else \
         ((parts.path or "/") + (f"?{parts.query}" if parts.query else "")).encode("latin-1")
-    headers = [(name, value) for name, value in request.headers.raw_items()
-               if name.lower().decode("latin-1") not in _HOP_HEADERS]
+    headers = _end_to_end(request.headers)
+    if any(name.lower() == b"transfer-encoding" for name, _ in headers):
+        # h11 framed the body by Transfer-Encoding: a Content-Length beside it would be read by
+        # the upstream as another framing (request smuggling).
+        headers = [(name, value) for name, value in headers if name.lower() != b"content-length"]
     if via_http_proxy and urlsplit(proxy).username:
         headers.append((b"Proxy-Authorization", _basic(urlsplit(proxy)).encode("latin-1")))
     headers.append((b"Connection", b"close"))
     return h11.Request(method=request.method, target=target, headers=headers)
 
 
+def _end_to_end(headers) -> list[tuple[bytes, bytes]]:
+    """The headers without hop-by-hop ones: ours, and any the Connection header names."""
+    named = {token.strip().lower() for name, value in headers.raw_items() if name.lower() == b"connection"
+             for token in value.split(b",")}
+    hop = {name.encode() for name in _HOP_HEADERS} | named
+    return [(name, value) for name, value in headers.raw_items() if name.lower() not in hop]
+
+
 def _client_response(answer: h11.Response) -> h11.Response:
     """The upstream's answer as the client gets it: its hop-by-hop headers off (h11 frames
     the body for the client connection)."""
-    headers = [(name, value) for name, value in answer.headers.raw_items()
-               if name.lower().decode("latin-1") not in _HOP_HEADERS | {"transfer-encoding"}]
+    headers = [(name, value) for name, value in _end_to_end(answer.headers)
+               if name.lower() != b"transfer-encoding"]
     return h11.Response(status_code=answer.status_code, reason=answer.reason, headers=headers)
 
 

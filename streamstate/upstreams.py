@@ -30,6 +30,11 @@ DEFAULT_UPSTREAM_DENY = ("127.0.0.0/8", "::1/128",          # loopback: this hos
                                                             # Alibaba's metadata (100.100.100.200)
                          "fd00:ec2::/32",                   # AWS's IPv6 metadata (fd00:ec2::254)
                          "fd20:ce::254/128",                # GCP's IPv6 metadata
+                         "192.0.0.192/32",                  # Oracle Cloud Classic's metadata
+                         "64:ff9b:1::/48",                  # local-use NAT64 (RFC 8215): its
+                                                            # IPv4 may sit anywhere in it
+                         "2001::/32",                       # Teredo: a relay takes it to the
+                                                            # IPv4 it carries, obfuscated
                          "0.0.0.0/8", "::/128",             # unspecified: this host again
                          "224.0.0.0/4", "ff00::/8")         # multicast
 # IPv6 ranges that carry an IPv4 address in their last 32 bits: such an address is judged by
@@ -113,13 +118,18 @@ class Upstream:
 def provider_of(channel: Channel, providers: dict[str, Provider]) -> Provider | None:
     """The provider named in the channel, else the one whose match prefixes its sources;
     ChannelError when sources belong to two providers (one slot cannot cover both)."""
+    matched = {name for source in channel.sources for name in [_matching(source, providers)] if name}
     if channel.provider:
         provider = providers.get(channel.provider)
         if provider is None:
             raise ChannelError(f"channel {channel.id}: provider {channel.provider} is not configured "
                                "(no [providers.<name>] of that name)")
+        others = matched - {channel.provider}
+        if others:
+            # A record naming one account for another's sources would take the wrong slot.
+            raise ChannelError(f"channel {channel.id}: its sources belong to provider "
+                               f"{' and '.join(sorted(others))}, not {channel.provider}")
         return provider
-    matched = {name for source in channel.sources for name in [_matching(source, providers)] if name}
     if len(matched) > 1:
         raise ChannelError(f"channel {channel.id}: its sources belong to providers "
                            f"{' and '.join(sorted(matched))}; give each its own channel")
@@ -127,15 +137,18 @@ def provider_of(channel: Channel, providers: dict[str, Provider]) -> Provider | 
 
 
 def _matching(source: str, providers: dict[str, Provider]) -> str | None:
-    """The first provider whose match prefixes the source, its host compared by address
-    when it names one in any spelling (http://127.1:8080/acct/ is http://127.0.0.1:8080/acct/,
-    and so is http://localhost:8080/acct/)."""
-    canonical = _canonical_url(source)
-    for provider in providers.values():
-        if provider.match and (source.startswith(provider.match)
-                               or canonical.startswith(_canonical_url(provider.match))):
-            return provider.name
-    return None
+    """The first provider whose match prefixes the source."""
+    return next(iter(matching_providers(source, providers)), None)
+
+
+def matching_providers(url: str, providers: dict[str, Provider]) -> list[str]:
+    """Every provider whose match prefixes the URL, in their order, its host compared by
+    address when it names one in any spelling (http://127.1:8080/acct/ is
+    http://127.0.0.1:8080/acct/, and so is http://localhost:8080/acct/)."""
+    canonical = _canonical_url(url)
+    return [provider.name for provider in providers.values()
+            if provider.match and (url.startswith(provider.match)
+                                   or canonical.startswith(_canonical_url(provider.match)))]
 
 
 def _canonical_url(url: str) -> str:

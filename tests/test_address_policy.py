@@ -26,6 +26,10 @@ def test_ipv4_carried_in_ipv6_is_judged_by_that_ipv4(address, carried):
     "fd00:ec2::254", "fd20:ce::254",            # AWS's and GCP's IPv6 metadata
     "100.100.100.200", "100.64.0.1",            # Alibaba's metadata; shared address space
     "0.0.0.0", "::", "224.0.0.1", "ff02::1",
+    # Attack on issue 16: a local-use NAT64 prefix (the IPv4 anywhere in it), Teredo (the IPv4
+    # obfuscated), Oracle Cloud Classic's metadata.
+    "64:ff9b:1::7f00:1", "64:ff9b:1:7f00:1::", "64:ff9b:1::a9fe:a9fe",
+    "2001:0:4136:e378:8000:63bf:80ff:fffe", "192.0.0.192",
 ])
 def test_the_defaults_deny_this_host_metadata_and_the_shared_space(address):
     assert DEFAULTS.refusal(address, 80) is not None

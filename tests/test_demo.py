@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 from tests.conftest import REPO
 from tests.helpers import ffmpeg_processes, wait_for

@@ -28,7 +28,8 @@ SECRET = "S3cretPass"
 class RecordingListener:
     """Accepts connections on loopback, records every byte, answers nothing useful."""
 
-    def __init__(self):
+    def __init__(self, answer_after: bytes = b"\r\n\r\n"):
+        self.answer_after = answer_after       # what ends a request: its head, or a chunked body
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.received = bytearray()
@@ -47,7 +48,7 @@ class RecordingListener:
             try:
                 while chunk := connection.recv(65536):
                     self.received += chunk
-                    if b"\r\n\r\n" in self.received:
+                    if self.answer_after in self.received:
                         connection.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
                         break
             except OSError:

@@ -221,7 +221,6 @@ def test_idle_connections_at_the_cap_give_their_place_to_a_new_one(monkeypatch):
     one idle the longest; one whose request is being answered is never cut.  aiohttp's own
     server behind the guard, in this process, with a cap of 4."""
     import asyncio
-    import socket
 
     from aiohttp import web
 

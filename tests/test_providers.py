@@ -167,7 +167,7 @@ def test_a_provider_s_server_takes_a_slot_however_it_is_reached(acme, provider):
         acme.redis.set(keys.channel_key(814), json.dumps({"source_url": redirect, "quality": "copy"}))
         status, _, body = first_request(acme.playlist_url(814, "?token=gina"))
         assert status == 503 and body == b"channel 814: upstream address not allowed\n"
-        assert "is the server of provider acme" in acme.log("egress")
+        assert "provider acme, and this stream holds none of its connections" in acme.log("egress")
         # Slots lost from Redis (a restart that kept the records): this host's streams hold
         # theirs again before anyone takes one.
         acme.redis.delete(keys.provider_slots_key("acme"))
@@ -209,3 +209,67 @@ def test_a_provider_s_server_is_known_by_its_address_in_any_spelling(acme, provi
             viewer.stop()
         acme.launcher_json("/streams/stop", "POST")
         acme.redis.delete(keys.failed_key(823), keys.failed_key(824))
+
+
+# -- two accounts on one server (attack on issue 16) ---------------------------------------
+
+def _two_accounts(state_dir: str, port: int):
+    from streamstate.settings import load_settings
+    return load_settings(None, {"state_dir": state_dir, "upstream_allow": "127.0.0.0/8", "providers": {
+        "acme": {"match": f"http://127.0.0.1:{port}/live/acct/", "max_streams": 2},
+        "beta": {"match": f"http://127.0.0.1:{port}/live/other/", "max_streams": 2}}}, environ={})
+
+
+def test_a_stream_with_one_account_s_slot_cannot_fetch_the_other_s(tmp_path):
+    """Finding: with two accounts on one server, the relay knew the server (both providers')
+    but not the account, so a stream holding beta's slot, redirected to acme's URL, used acme's
+    account beyond its limit.  Now a URL under a limited provider's prefix is fetched only by a
+    stream holding that provider's slot.  The relay in this process, a real origin."""
+    import asyncio
+    import base64
+
+    from egress.relay import EgressRelay
+    from streamstate import egress
+    from tests.test_upstreams import KeepAliveOrigin
+    origin = KeepAliveOrigin(b"segment\n")
+    settings = _two_accounts(str(tmp_path), origin.port)
+    token = egress.write_ticket(str(tmp_path), "850", None, provider="beta")
+    auth = "Basic " + base64.b64encode(f"850:{token}".encode()).decode()
+
+    async def ask(port, path):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET http://127.0.0.1:{origin.port}{path} HTTP/1.1\r\nHost: x\r\n"
+                     f"Proxy-Authorization: {auth}\r\nConnection: close\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return answer
+
+    async def scenario():
+        server = await asyncio.start_server(EgressRelay(settings).handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await ask(port, "/live/other/1.ts"), await ask(port, "/live/acct/1.ts")
+        finally:
+            server.close()
+    try:
+        own, others = asyncio.run(scenario())
+    finally:
+        origin.close()
+    assert own.startswith(b"HTTP/1.1 200") and own.endswith(b"segment\n")
+    assert others.startswith(b"HTTP/1.1 403") and b"X-Streamkeeper-Refused: address" in others
+    assert [head.split()[1] for head in origin.heads] == ["/live/other/1.ts"]
+
+
+def test_a_record_naming_one_provider_for_another_s_sources_is_refused():
+    """A channel record saying provider beta for a source under acme's prefix would take beta's
+    slot and use acme's account: refused with a clear error."""
+    from streamstate.channels import ChannelError, parse_channel
+    from streamstate.upstreams import provider_of
+    providers = _two_accounts("/nonexistent", 8080).providers
+    own = parse_channel("851", json.dumps({"source_url": "http://127.0.0.1:8080/live/other/851.ts",
+                                           "provider": "beta"}))
+    assert provider_of(own, providers).name == "beta"
+    wrong = parse_channel("852", json.dumps({"source_url": "http://127.0.0.1:8080/live/acct/852.ts",
+                                             "provider": "beta"}))
+    with pytest.raises(ChannelError, match="channel 852: its sources belong to provider acme, not beta"):
+        provider_of(wrong, providers)

@@ -7,9 +7,7 @@ import subprocess
 import time
 import urllib.request
 
-import pytest
-
-from streamstate import keys, runs
+from streamstate import keys
 from tests.conftest import REPO
 from tests.helpers import add_channel, first_request, free_port, wait_for
 

@@ -419,3 +419,137 @@ def test_each_request_on_a_persistent_proxy_connection_is_its_own(stack):
     assert len(first.heads) == 2 and len(second.heads) == 1
     for head in first.heads + second.heads:
         assert head.startswith("GET /x.ts HTTP/1.1") and "proxy-authorization" not in head.lower()
+
+
+# -- the relay's own defences (attack on issue 16) ------------------------------------------
+
+def _ticket_auth(stack, channel_id: str) -> str:
+    import base64
+    from streamstate import egress
+    token = egress.write_ticket(stack.settings["state_dir"], channel_id, None)
+    return "Basic " + base64.b64encode(f"{channel_id}:{token}".encode()).decode()
+
+
+def _in_process_relay(stack, scenario, **relay_options):
+    """Run ``scenario(relay, port)`` against an EgressRelay in this process, on the stack's
+    settings (its tickets, its address policy), listening on a free loopback port."""
+    import asyncio
+
+    from egress.relay import EgressRelay
+    from streamstate.settings import load_settings
+
+    async def run():
+        relay = EgressRelay(load_settings(stack.config_path, environ={}), **relay_options)
+        server = await asyncio.start_server(relay.handle, "127.0.0.1", 0)
+        try:
+            return await scenario(relay, server.sockets[0].getsockname()[1])
+        finally:
+            server.close()
+    return asyncio.run(run())
+
+
+def test_a_request_head_sent_a_byte_at_a_time_is_cut_at_its_deadline(stack, monkeypatch):
+    """Finding: each read had its own timeout, so a head dribbled a byte at a time held a
+    connection for ever.  Now the whole head has one deadline (HEAD_TIMEOUT, 1 s here)."""
+    import asyncio
+
+    from egress import relay as relay_module
+    monkeypatch.setattr(relay_module, "HEAD_TIMEOUT", 1.0)
+
+    async def scenario(relay, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        dribble = b"GET http://127.0.0.1/ HTTP/1.1\r\n" + b"X-Slow: " + b"a" * 400
+        try:
+            for sent, byte in enumerate(dribble):        # 0.05 s apart: 21 s for all of them
+                writer.write(bytes([byte]))
+                await writer.drain()
+                try:
+                    if await asyncio.wait_for(reader.read(100), 0.05) == b"":
+                        return sent
+                except asyncio.TimeoutError:
+                    pass
+            return None
+        except ConnectionError:
+            return sent
+        finally:
+            writer.close()
+    cut_after = _in_process_relay(stack, scenario)
+    assert cut_after is not None, "the relay kept a dribbled head open to its end"
+
+
+def test_at_the_client_cap_a_stranger_gives_way(stack):
+    """Anyone on the host may open connections to the relay; only our streams hold tickets.
+    At the cap (2 here) a new connection takes the place of the oldest one that has shown no
+    ticket, and a connection that has shown one is never cut for it."""
+    import asyncio
+    origin = KeepAliveOrigin(b"ours\n")
+    auth = _ticket_auth(stack, "7061")
+
+    async def scenario(relay, port):
+        ours = await asyncio.open_connection("127.0.0.1", port)
+        ours[1].write(f"GET http://127.0.0.1:{origin.port}/a.ts HTTP/1.1\r\nHost: x\r\n"
+                      f"Proxy-Authorization: {auth}\r\n\r\n".encode())
+        assert (await asyncio.wait_for(ours[0].readuntil(b"ours\n"), 10)).startswith(b"HTTP/1.1 200")
+        stranger = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0)
+        newcomer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(stranger[0].read(), 10) == b""              # cut
+        ours[1].write(f"GET http://127.0.0.1:{origin.port}/b.ts HTTP/1.1\r\nHost: x\r\n"
+                      f"Proxy-Authorization: {auth}\r\n\r\n".encode())
+        assert (await asyncio.wait_for(ours[0].readuntil(b"ours\n"), 10)).startswith(b"HTTP/1.1 200")
+        # Both places are now held by a ticket holder and the newcomer, which shows none:
+        # the newcomer gives way to the next connection, the ticket holder does not.
+        third = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(newcomer[0].read(), 10) == b""
+        counters = dict(relay.counters)
+        for _, writer in (ours, stranger, newcomer, third):
+            writer.close()
+        return counters
+    try:
+        counters = _in_process_relay(stack, scenario, max_clients=2)
+    finally:
+        origin.close()
+    assert counters["clients_evicted"] == 2 and len(origin.heads) == 2
+
+
+def test_bytes_sent_right_after_connect_reach_the_upstream(stack):
+    """Finding: a client that sent its TLS hello in the same packet as its CONNECT head lost
+    it (h11 kept it as trailing data).  Now it goes up first."""
+    auth = _ticket_auth(stack, "7062")
+    early = b"EARLY-HELLO\r\n\r\n"
+    listener = RecordingListener()
+    with socket.create_connection(("127.0.0.1", stack.egress_port), timeout=10) as sock:
+        sock.sendall(f"CONNECT 127.0.0.1:{listener.port} HTTP/1.1\r\nHost: x\r\n"
+                     f"Proxy-Authorization: {auth}\r\n\r\n".encode() + early)
+        received = b""
+        while b"404 Not Found" not in received:
+            chunk = sock.recv(4096)
+            assert chunk, f"tunnel closed before the upstream answered: {received!r}"
+            received += chunk
+    listener.close()
+    assert received.startswith(b"HTTP/1.1 200 ") and bytes(listener.received) == early
+
+
+def test_a_request_reaches_the_upstream_with_one_framing_and_no_hop_headers(stack):
+    """Finding: Transfer-Encoding and Content-Length both went up (a smuggling pair), and
+    headers the client's Connection header named were forwarded.  Now h11's framing is the
+    only one, and every hop-by-hop header stays at the relay."""
+    auth = _ticket_auth(stack, "7063")
+    listener = RecordingListener(answer_after=b"0\r\n\r\n")      # answers once the body has come
+    with socket.create_connection(("127.0.0.1", stack.egress_port), timeout=10) as sock:
+        sock.sendall(f"POST http://127.0.0.1:{listener.port}/x HTTP/1.1\r\nHost: x\r\n"
+                     f"Proxy-Authorization: {auth}\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n"
+                     "Connection: X-Secret\r\nX-Secret: relay-only\r\nTE: trailers\r\nUpgrade: h2c\r\n"
+                     "X-Kept: yes\r\n\r\n4\r\nbody\r\n0\r\nX-Trailer: no\r\n\r\n".encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            assert chunk, answer
+            answer += chunk
+    listener.close()
+    assert answer.startswith(b"HTTP/1.1 404 ")
+    assert bytes(listener.received).endswith(b"\r\n\r\n4\r\nbody\r\n0\r\n\r\n")   # no trailer
+    head = bytes(listener.received).split(b"\r\n\r\n")[0].lower()
+    assert b"x-kept: yes" in head and b"transfer-encoding: chunked" in head
+    for hop in (b"content-length", b"x-secret", b"te:", b"upgrade", b"proxy-authorization"):
+        assert hop not in head, hop
