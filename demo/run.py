@@ -27,7 +27,10 @@ from streamstate.process import (ProcessHandle, StreamProcess, resolve_executabl
 
 DEMO_CHANNELS = {1: ("demo1", "copy"), 2: ("demo2", "low"), 3: ("demo3", "copy")}
 STATUS_EVERY = 2.0            # seconds between status lines
-RESTART_AFTER = 20.0          # seconds a stopped part stays down: time to run doctor and see it
+# Seconds a stopped part stays down: time to run doctor and see it named (the reaper's check
+# turns FAIL only after 2 x reaper_interval = 20 s without a pass).
+RESTART_AFTER = 30.0
+STATUS_QUIET = 60.0           # an unchanged status line is printed again after this long
 RESTART_TRIES = 3             # a part that will not come back after this many tries stops the demo
 
 
@@ -44,7 +47,9 @@ class Demo:
                                 heartbeatd=True, reaper=True, nginx_port=port, own_sessions=True,
                                 persistent_redis=True)
         self.down_since: dict[str, float] = {}
+        self.back_since: dict[str, float] = {}   # brought back; its tries reset once it stays up
         self.tries: dict[str, int] = {}
+        self.last_status = ("", 0.0)             # the last status line printed, and when
         self.failed = ""             # why the demo stopped on its own (its logs are kept)
         self.streamctl = os.path.join(os.path.dirname(sys.executable), "streamctl")
 
@@ -95,10 +100,16 @@ class Demo:
         for name in self.stack.parts():
             process = self.stack.processes[name]
             if process.poll() is None:
+                # Up for restart_after: it really came back (not a squatter on its port that
+                # fooled the readiness check), so its tries start again from zero.
+                if name in self.back_since and now - self.back_since[name] >= self.restart_after:
+                    del self.back_since[name]
+                    self.tries[name] = 0
                 continue
             if name not in self.down_since:
                 self.down_since[name] = now
-                print(f"{time.strftime('%H:%M:%S')} {name} exited ({process.returncode}); `streamctl doctor` "
+                self.back_since.pop(name, None)
+                print(f"{time.strftime('%H:%M:%S')} {name} {exit_text(process.returncode)}; `streamctl doctor` "
                       f"names it now; the demo starts it again in {self.restart_after:g} s. Its log: "
                       f"{self.work}/{name}.log", flush=True)
             elif now - self.down_since[name] >= self.restart_after:
@@ -118,23 +129,28 @@ class Demo:
                 self.down_since[name] = time.monotonic()
             return
         del self.down_since[name]
-        self.tries[name] = 0
+        self.back_since[name] = time.monotonic()
         print(f"{time.strftime('%H:%M:%S')} {name} is back (pid {process.pid})", flush=True)
 
+    def print_status(self) -> None:
+        """The status line when it changed, else once every STATUS_QUIET seconds."""
+        line, now = self.status_line(), time.monotonic()
+        if line != self.last_status[0] or now - self.last_status[1] >= STATUS_QUIET:
+            print(time.strftime("%H:%M:%S ") + line, flush=True)
+            self.last_status = (line, now)
+
     def status_line(self) -> str:
-        stamp = time.strftime("%H:%M:%S ")
         try:
             status, body = self.stack.launcher_json("/streams")
         except OSError:
-            return stamp + "the launcher does not answer (streams run on; new viewers wait)"
+            return "the launcher does not answer (streams run on; new viewers wait)"
         if status != 200:
-            return stamp + f"the launcher answered {status}: {str(body)[:120]}"
+            return f"the launcher answered {status}"
         parts = []
         for entry in body["streams"]:
-            idle = entry["idle_seconds"]
-            parts.append(f"ch {entry['id']}: {entry['state']}, {entry['viewers']} viewer(s), "
-                         f"idle {idle:.0f} s" if idle is not None else f"ch {entry['id']}: {entry['state']}")
-        return stamp + ("; ".join(parts) if parts else "no stream running (open a URL above)")
+            viewers = f", {entry['viewers']} viewer(s)" if entry["state"] == "running" else ""
+            parts.append(f"ch {entry['id']}: {entry['state']}{viewers}")
+        return "; ".join(parts) if parts else "no stream running (open a URL above)"
 
     # -- down -------------------------------------------------------------------------------
     def stop(self) -> bool:
@@ -169,6 +185,16 @@ class Demo:
             handle.close()
 
 
+def exit_text(returncode: int) -> str:
+    """'was killed by SIGKILL', 'exited with status 1', 'exited'."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}" if returncode else "exited"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8080, help="nginx port (8080 if free, else any)")
@@ -186,7 +212,7 @@ def main() -> int:
         demo.start()
         deadline = time.monotonic() + args.seconds if args.seconds else None
         while not stop.wait(STATUS_EVERY) and not demo.failed:
-            print(demo.status_line(), flush=True)
+            demo.print_status()
             demo.tend_parts()
             if deadline and time.monotonic() > deadline:
                 break

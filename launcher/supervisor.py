@@ -272,6 +272,11 @@ class StreamSupervisor:
                 first = False
                 await self._set_state("running")
                 why = await self._watch()
+                if self.cause in (Cause.EXITED, Cause.STALLED) and not self._stop_requested \
+                        and not await self._relay_answers():
+                    # Its connection went with the relay: the host's problem, waited out
+                    # without spending a restart or growing the back-off.
+                    why = self.last_error
             else:
                 why = self.last_error
             await self._terminate()
@@ -426,6 +431,12 @@ class StreamSupervisor:
         for source in ordered:
             if source not in cooling:
                 return source
+        if not tried and self.restarts:
+            # A watched stream being replaced: waiting out the cooldown would leave its viewers
+            # with nothing; the back-off already spaces the tries.
+            log.info("channel %s: every source failed within source_cooldown; trying source %d/%d "
+                     "again for its viewers", self.id, sources.index(ordered[0]) + 1, len(sources))
+            return ordered[0]
         if not tried:
             self.cause = Cause.SOURCE
             self.failure = f"all {len(sources)} sources failed within source_cooldown"
@@ -730,4 +741,5 @@ class StreamSupervisor:
                 until = time.time() + float(self.settings.start_timeout) + STATE_SLACK
             if state == "running" and until is None:
                 until = time.time() + VOUCH_AHEAD
-            await self._update_record(state=state, until=f"{until:.3f}" if until else "")
+            fields = {"restarts": self.restarts, "last_error": self.last_error} if state == "backoff" else {}
+            await self._update_record(state=state, until=f"{until:.3f}" if until else "", **fields)

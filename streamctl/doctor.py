@@ -137,6 +137,32 @@ def check_nginx(settings, conf_file: str | None) -> list[Check]:
     return found
 
 
+def check_nginx_answers(settings) -> list[Check]:
+    """Something answers HTTP on nginx_listen (from this host): where viewers come in."""
+    address = _local_address(settings.nginx_listen)
+    if address is None:
+        return [Check(WARN, "nginx answers", f"cannot check nginx_listen {settings.nginx_listen!r} from here "
+                      "(a unix socket?)")]
+    try:
+        status, _ = _get(f"http://{address}/live/")
+    except (OSError, TimeoutError) as exc:
+        return [Check(FAIL, "nginx answers", f"nothing answers on {address} (nginx_listen {settings.nginx_listen}: "
+                      f"{exc}): viewers reach nothing; start nginx (systemctl start nginx) or fix nginx_listen")]
+    return [Check(OK, "nginx answers", f"answers on {address} (HTTP {status} for /live/)")]
+
+
+def _local_address(listen: str) -> str | None:
+    """host:port to reach nginx's listen (80, 127.0.0.1:8080, [::]:80, *:80) from this host."""
+    first = listen.split()[0] if listen.split() else ""
+    if first.isdigit():
+        return f"127.0.0.1:{first}"
+    host, sep, port = first.rpartition(":")
+    if not sep or not port.isdigit() or first.startswith("unix:"):
+        return None
+    host = {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+    return f"{host}:{port}"
+
+
 def _same_address(a: str, b: str) -> bool:
     def split(text):
         host, _, port = text.rpartition(":")
@@ -245,6 +271,29 @@ def check_reaper(client, settings) -> list[Check]:
 
 # -- streams -------------------------------------------------------------------------------
 
+def _streams_not_playing(client, settings) -> list[Check]:
+    """This host's streams that are waiting to start their next FFmpeg (back-off), and
+    channels that failed here and answer 503 for failed_cooldown: each with its last error."""
+    found = []
+    active = runs.active_channels(client)
+    for channel, (record, *_rest) in zip(active, runs.read_batch(client, active) if active else []):
+        if record is None or record.host != settings.host_id:
+            continue
+        if record.state == "backoff":
+            found.append(Check(FAIL, f"channel {channel}", f"not playing: waiting to restart FFmpeg (restart "
+                               f"{record.restarts}); last error: {record.last_error or 'none recorded'}; "
+                               f"`streamctl logs {channel}` shows FFmpeg's own lines"))
+        elif record.state == "starting" and record.restarts:
+            found.append(Check(WARN, f"channel {channel}", f"being replaced (restart {record.restarts}); "
+                               f"last error: {record.last_error or 'none recorded'}"))
+    for failed in runs.failed_channels(client):
+        if failed["host"] == settings.host_id:
+            found.append(Check(FAIL, f"channel {failed['id']}", f"failed: {failed['reason']}; starts answer 503 "
+                               f"for {failed['cooldown_seconds']:g} s more (failed_cooldown); "
+                               f"`streamctl logs {failed['id']}` shows why"))
+    return found
+
+
 def _records_without_channels(client, settings) -> list[Check]:
     """This host's running streams whose channel record is gone (a Redis that lost its data
     keeps the streams, not the catalogue): they play on, but are never restarted."""
@@ -285,7 +334,7 @@ def check_streams(client, settings) -> list[Check]:
     if summary.orphan_processes:
         found.append(Check(FAIL, "streams", f"{summary.orphan_processes} FFmpeg(s) writing into "
                            f"{settings.hls_dir} that no record knows: `streamctl reap` stops them"))
-    found += _records_without_channels(client, settings)
+    found += _streams_not_playing(client, settings) + _records_without_channels(client, settings)
     grace = float(settings.start_timeout) + 10
     for name in sorted(settings.providers):
         stale = providers.stale_slots(client, name, grace)
@@ -546,18 +595,19 @@ def doctor_command(settings_loader, as_json, channel_id, nginx_conf_file):
     """Check this host's streamkeeper set-up; one line per check: ok, warn or FAIL, the
     problem and the fix.
 
-    Redis (answers, fast, persists); nginx (the fallback reaches the launcher, /live/ logs
-    where and how heartbeatd reads); the launcher and its start route; the egress relay;
-    heartbeatd (running, its lag); the reaper's last pass; stale records, empty or stale
-    playlists; FFmpeg and its protocols; every proxy; free space. --channel ID adds the
-    channel's record and its source's answer.
+    Redis (answers, fast, persists); nginx (answers on nginx_listen, the fallback reaches
+    the launcher, /live/ logs where and how heartbeatd reads); the launcher and its start
+    route; the egress relay; heartbeatd (running, its lag); the reaper's last pass; this
+    host's streams waiting to restart or failed (with the last error); stale records, empty
+    or stale playlists; FFmpeg and its protocols; every proxy; free space. --channel ID adds
+    the channel's record and its source's answer.
     Exit codes: 0 no check failed, 1 a check failed, 2 bad settings.
     """
     settings = settings_loader()
     checks = check_redis(settings)
     redis_up = checks[0].status != FAIL
     client = redis_from_url(settings.redis_url)
-    checks += (check_nginx(settings, nginx_conf_file) + check_launcher(settings) + check_validator(settings)
+    checks += (check_nginx(settings, nginx_conf_file) + check_nginx_answers(settings) + check_launcher(settings) + check_validator(settings)
                + check_heartbeatd(settings))
     if redis_up:
         checks += check_reaper(client, settings) + check_streams(client, settings)

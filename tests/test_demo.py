@@ -73,7 +73,7 @@ def test_the_demo_is_a_practice_ground():
         fresh = doctor(command)
         assert fresh.returncode == 0, fresh.stdout + fresh.stderr
         os.kill(pids["launcher"], signal.SIGKILL)              # an operator stops one part
-        demo.find(r"launcher exited \(-9\); `streamctl doctor` names it now")
+        demo.find(r"launcher was killed by SIGKILL; `streamctl doctor` names it now")
         broken = doctor(command)
         assert broken.returncode == 1 and '"launcher"' in broken.stdout and "nothing answers" in broken.stdout
         demo.find(r"launcher is back \(pid \d+\)")

@@ -51,7 +51,7 @@ def rendered_snippet(stack) -> str:
 def test_the_healthy_stack_passes_the_host_checks(stack, tmp_path):
     _, checks, _ = doctor(stack, tmp_path)
     by_name = {c["check"]: c for c in checks}
-    for name in ("nginx fallback", "nginx access log", "launcher", "launcher start route", "egress relay", "ffmpeg"):
+    for name in ("nginx answers", "nginx fallback", "nginx access log", "launcher", "launcher start route", "egress relay", "ffmpeg"):
         assert by_name[name]["status"] == "ok", by_name[name]
 
 
@@ -233,3 +233,35 @@ def test_a_running_stream_whose_channel_record_is_gone_is_named(stack, tmp_path)
         assert warning["status"] == "warn" and "channel record (channel:798) is gone" in warning["detail"]
     finally:
         stack.launcher_json("/channel/798/stop", "POST")
+
+
+def test_nothing_answering_on_nginx_listen_is_named(stack, tmp_path):
+    """Finding (operator, issue 16): doctor read nginx's config but never asked nginx itself;
+    with nginx stopped (here: nginx_listen on a port nothing listens on) every check passed."""
+    from tests.helpers import free_port
+    code, checks, _ = doctor(stack, tmp_path, settings={"nginx_listen": f"127.0.0.1:{free_port()}"})
+    [detail] = failed(checks, "nginx answers")
+    assert code == 1 and "nothing answers on 127.0.0.1:" in detail and "viewers reach nothing" in detail
+
+
+def test_this_host_s_streams_waiting_to_restart_or_failed_are_named_with_their_last_error(stack, tmp_path):
+    """Finding (operator, issue 16): a stream in back-off (its viewers see nothing) and a
+    channel that failed here passed doctor silently.  Now each is a FAIL with its last error."""
+    from streamstate.settings import load_settings
+    host = load_settings(stack.config_path, environ={}).host_id
+    record = runs.RunRecord(channel="796", run_id="doctor-796", host=host, pid=0,
+                            pid_start=None, started=time.time(), state="backoff",
+                            last_error="upstream unreachable: Connection refused", restarts=3,
+                            until=time.time() + 120)
+    runs.record_run(stack.redis, record)
+    runs.mark_failed(stack.redis, "797", "upstream refused: HTTP 403", host, 120)
+    try:
+        code, checks, _ = doctor(stack, tmp_path)
+    finally:
+        runs.delete_run_if(stack.redis, "796", "doctor-796")
+        stack.redis.delete(keys.failed_key(797))
+    [waiting] = failed(checks, "channel 796")
+    assert "waiting to restart FFmpeg (restart 3)" in waiting and "upstream unreachable: Connection refused" in waiting
+    [failure] = failed(checks, "channel 797")
+    assert failure.startswith("failed: upstream refused: HTTP 403; starts answer 503")
+    assert code == 1

@@ -141,15 +141,21 @@ def test_a_stream_that_keeps_dying_fails_after_max_restarts(stack, extra_launche
     assert launcher.json("/channel/45/start", "POST")[0] == 200
     playlist = files.ffmpeg_playlist_path(launcher.hls_dir, 45)
     killed = set()
+    in_backoff = []                                  # the run record while it waits (1 s before restart 2)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and "failed" not in launcher.log():
         for pid, argv in ffmpeg_processes():
             if argv[-1] == playlist and pid not in killed:
                 killed.add(pid)
                 os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
+        record = stack.redis.hgetall(keys.run_key(45))
+        if record.get("state") == "backoff":
+            in_backoff.append((int(record["restarts"]), record["last_error"]))
+        time.sleep(0.1)
     wait_for(lambda: "channel 45: failed" in launcher.log(), timeout=30, message="the failure")
     assert len(killed) == 3                          # the first run, then max_restarts restarts
+    # Finding (operator, issue 16): the record said restarts 1 while it waited for restart 2.
+    assert (2, "FFmpeg was killed by SIGKILL") in in_backoff, in_backoff
     assert "2 restarts in 120 s" in launcher.log()
     status, body = launcher.json("/channel/45/start", "POST")
     assert status == 503 and body["error"] == "channel 45: FFmpeg was killed by SIGKILL"
@@ -319,3 +325,33 @@ def test_stop_without_the_launcher_works_inside_the_streams_unit_sandbox(stack, 
     for channel in (57, 58):
         assert not [k for k in keys.stream_keys(channel) if stack.redis.exists(k)]
     assert not [n for n in os.listdir(os.path.join(state_dir, "egress")) if n.startswith(("57.", "58."))]
+
+
+def test_a_watched_stream_is_replaced_even_when_every_source_is_cooling_down(stack):
+    """Finding (operator, issue 16): an FFmpeg of a channel with fallbacks died while every
+    source was in its cooldown (each had failed a moment before): the replacement tried none
+    and waited, its viewers with nothing, until the cooldown ran out.  Now a replacement tries
+    the sources anyway (the back-off spaces the tries); a cold start still answers 503 at once."""
+    from streamstate import providers
+    sources = [stack.upstream_url("cool46a"), stack.upstream_url("cool46b")]
+    cold = [stack.upstream_url("cool47a"), stack.upstream_url("cool47b")]
+    add_channel(stack, 46, source_url=sources[0], fallback_urls=sources[1:])
+    try:
+        assert first_request(stack.playlist_url(46))[0] == 200
+        wait_for(lambda: ffmpegs_writing(stack, 46), 30, message="channel 46's FFmpeg")
+        for url in sources:
+            providers.mark_source_failed(stack.redis, url, "upstream unreachable", 600)
+        first_pids = ffmpegs_writing(stack, 46)
+        for pid in first_pids:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: set(ffmpegs_writing(stack, 46)) - set(first_pids), 30, message="a replacement FFmpeg")
+        assert "every source failed within source_cooldown; trying source 1/2 again" in stack.log("launcher")
+        # A cold start of another channel whose sources are all cooling: 503 at once, no FFmpeg.
+        add_channel(stack, 47, source_url=cold[0], fallback_urls=cold[1:])
+        for url in cold:
+            providers.mark_source_failed(stack.redis, url, "upstream unreachable", 600)
+        status, _, body = first_request(stack.playlist_url(47))
+        assert status == 503 and b"all 2 sources failed within source_cooldown" in body, body
+    finally:
+        stack.launcher_json("/channel/46/stop", "POST")
+        stack.redis.delete(*(keys.source_failed_key(url) for url in sources + cold), keys.failed_key(47))
