@@ -51,8 +51,7 @@ def keep_upstream_warm(url: str, stop: threading.Event) -> None:
 
 def bare_ffmpeg_first_segment(settings: Settings, source: str, work: str) -> float:
     hls = tempfile.mkdtemp(dir=work)
-    values = dict(settings.values, hls_dir=hls)
-    bare = dataclasses.replace(settings, values=values)
+    bare = dataclasses.replace(settings, hls_dir=hls)
     argv = build_argv(Channel(id="1", source_url=source, quality="copy"), bare)
     playlist = files.playlist_path(hls, "1")
     started = time.monotonic()

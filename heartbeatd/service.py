@@ -35,7 +35,7 @@ class HeartbeatService:
         self.log_path = log_file or settings.access_log
         self.once = once
         self.from_start = from_start
-        self.window = float(settings.viewer_window)
+        self.window = settings.viewer_window
         self.parser = LogLineParser(settings.log_format, count_viewers=self.window > 0,
                                     viewer_window=self.window)
         self.pending = PendingHeartbeats()
@@ -55,7 +55,7 @@ class HeartbeatService:
         self.next_host_refresh = 0.0
         self._observer = None
         self.pool = None
-        workers = worker_count(int(settings.parse_workers))
+        workers = worker_count(settings.parse_workers)
         if workers > 1:   # forks: before any thread is started
             self.pool = ParsePool(settings.log_format, self.window, workers)
 
@@ -90,7 +90,7 @@ class HeartbeatService:
         return self._shutdown()
 
     def _run_once(self) -> int:
-        interval = float(self.settings.flush_interval)
+        interval = self.settings.flush_interval
         next_flush = time.monotonic() + interval
         for _ in self._read_available():
             if time.monotonic() >= next_flush:
@@ -106,7 +106,7 @@ class HeartbeatService:
         return 0
 
     def _loop(self) -> None:
-        interval = float(self.settings.flush_interval)
+        interval = self.settings.flush_interval
         next_flush = time.monotonic() + interval
         ping_every = watchdog_interval()
         next_ping = time.monotonic()
@@ -234,8 +234,8 @@ class HeartbeatService:
         if self.once or now_mono < self.next_host_refresh:
             return
         try:
-            runs.refresh_host(self.redis, self.settings.host_id, float(self.settings.host_timeout))
-            self.next_host_refresh = now_mono + float(self.settings.reaper_interval) / 2
+            runs.refresh_host(self.redis, self.settings.host_id, self.settings.host_timeout)
+            self.next_host_refresh = now_mono + self.settings.reaper_interval / 2
         except redis.RedisError as exc:
             log.warning("cannot refresh host key: %s", exc)
 

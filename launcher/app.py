@@ -128,7 +128,7 @@ def _first_refusal(launcher: Launcher, channel_id: str) -> bool:
         del said[channel]
     if channel_id in said:
         return False
-    said[channel_id] = now + float(launcher.settings.failed_cooldown)
+    said[channel_id] = now + launcher.settings.failed_cooldown
     return True
 
 

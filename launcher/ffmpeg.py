@@ -22,7 +22,7 @@ _COOKIE_RE = re.compile(r"[!#-+\--:<-~]{1,256}=[!#-+\--:<-~]{0,4096}")   # name=
 
 def keyframe_interval(settings) -> float:
     """Keyframes where segments may be cut: every hls_init_time (which divides hls_time)."""
-    return min(float(settings.hls_time), float(settings.hls_init_time))
+    return min(settings.hls_time, settings.hls_init_time)
 
 
 def build_argv(channel: Channel, settings, *, upstream: Upstream | None = None,
@@ -80,12 +80,12 @@ def build_argv(channel: Channel, settings, *, upstream: Upstream | None = None,
     argv += profile["audio"]
     # FFmpeg lists (and keeps on disk) at least what the viewers' playlist may list, and
     # deletes its own segments only a window after that: never one still listed.
-    target = target_duration or hls.target_duration(float(settings.hls_time), profile)
-    window = hls.window_segments(int(settings.hls_list_size), target,
-                                 min(float(settings.hls_time), float(settings.hls_init_time)))
+    target = target_duration or hls.target_duration(settings.hls_time, profile)
+    window = hls.window_segments(settings.hls_list_size, target,
+                                 min(settings.hls_time, settings.hls_init_time))
     argv += ["-f", "hls",
-             "-hls_time", f"{float(settings.hls_time):g}",
-             "-hls_init_time", f"{float(settings.hls_init_time):g}",
+             "-hls_time", f"{settings.hls_time:g}",
+             "-hls_init_time", f"{settings.hls_init_time:g}",
              "-hls_list_size", str(window),
              "-hls_flags", "delete_segments+temp_file",
              "-hls_delete_threshold", str(window + hls.KEEP_AFTER_REMOVAL),

@@ -62,9 +62,9 @@ def render_nginx_config(settings) -> str:
         nginx_listen=settings.nginx_listen,
         access_log=settings.access_log,
         hls_dir=settings.hls_dir.rstrip("/") or "/",
-        segment_max_age=int(max(60, float(settings.hls_time) * int(settings.hls_list_size) * 2)),
-        start_timeout=f"{float(settings.start_timeout):g}",
-        proxy_read_timeout=int(math.ceil(float(settings.start_timeout))) + 10,
+        segment_max_age=int(max(60, settings.hls_time * settings.hls_list_size * 2)),
+        start_timeout=f"{settings.start_timeout:g}",
+        proxy_read_timeout=int(math.ceil(settings.start_timeout)) + 10,
         accel_prefix=ACCEL_PREFIX,
         accel_request_header=ACCEL_REQUEST_HEADER,
         query_header=QUERY_HEADER,
@@ -73,7 +73,7 @@ def render_nginx_config(settings) -> str:
         answer_headers=ANSWER_HEADERS,
         playlist_headers=PLAYLIST_HEADERS,
         start_rate_burst=START_RATE_BURST,
-        **start_rate_limit(int(settings.start_rate_limit)),
+        **start_rate_limit(settings.start_rate_limit),
         **viewer_auth(settings),
     ))
 
@@ -90,7 +90,7 @@ def viewer_auth(settings) -> dict:
     """auth_request on playlists (and so on cold starts) when auth_url is set; nothing else."""
     if not settings.auth_url:
         return {"auth_zone": (), "auth_check": (), "auth_location": ()}
-    seconds = int(settings.auth_cache_seconds)
+    seconds = settings.auth_cache_seconds
     cache = ("proxy_cache streamkeeper_auth;",
              # The address too: a validator may decide by it (viewers without a token).
              'proxy_cache_key "$streamkeeper_token $streamkeeper_channel $remote_addr";',

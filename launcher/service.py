@@ -117,7 +117,7 @@ class Launcher:
         never runs), StartFailed (with the reason).
         """
         channel_id = keys.check_channel_id(channel_id)
-        timeout = float(self.settings.start_timeout)
+        timeout = self.settings.start_timeout
         supervisor = self.active_supervisor(channel_id)
         created = False
         if supervisor is None:
@@ -165,7 +165,7 @@ class Launcher:
         await self._check_relay(channel_id)
         token = uuid.uuid4().hex
         if not await self.redis_call(runs.acquire_start_lock, channel_id, token,
-                                     float(self.settings.start_timeout) + 5):
+                                     self.settings.start_timeout + 5):
             return None
         try:
             record = await self.redis_call(runs.get_run, channel_id)
@@ -199,7 +199,7 @@ class Launcher:
         """The start lock guards the first start only: once it is playable or has failed,
         the run record (or its absence) tells other launchers what they need."""
         try:
-            await supervisor.wait_playable(float(self.settings.start_timeout) + 1)
+            await supervisor.wait_playable(self.settings.start_timeout + 1)
         except StartFailed:
             pass
         try:
@@ -210,7 +210,7 @@ class Launcher:
     def _check_free_space(self, channel_id: str) -> None:
         """min_free_mb in hls_dir, or the start is refused (a full disk served players
         truncated segments while FFmpeg kept running)."""
-        minimum = int(self.settings.min_free_mb)
+        minimum = self.settings.min_free_mb
         free = files.free_mb(self.settings.hls_dir)
         if minimum and free is not None and free < minimum:
             self.counters["disk_full"] += 1
@@ -234,14 +234,14 @@ class Launcher:
         request if that is at least preempt_idle (its FFmpeg has exited when this returns),
         else HostBusy."""
         live = self.live_supervisors()
-        limit = int(self.settings.max_streams)
+        limit = self.settings.max_streams
         if len(live) < limit:
             return
         last = await self.redis_call(runs.last_access_times, [s.id for s in live])
         now = time.time()
         idle = sorted(((now - (seen or s.started), s) for s, seen in zip(live, last)
                        if s.state == "running"), key=lambda pair: pair[0], reverse=True)
-        preempt_idle = float(self.settings.preempt_idle)
+        preempt_idle = self.settings.preempt_idle
         if not idle or idle[0][0] < preempt_idle:
             self.counters["busy"] += 1
             log.warning("channel %s: not started: host at max_streams (%d) and no stream idle "
@@ -272,7 +272,7 @@ class Launcher:
         if not upstream.limited:
             return
         provider = upstream.provider
-        grace = float(self.settings.start_timeout) + 10
+        grace = self.settings.start_timeout + 10
         async with self._provider_locks[provider.name]:
             # This host's running streams of the provider hold their slots first (after a
             # Redis restart lost them, before their supervisors write them again).
@@ -312,7 +312,7 @@ class Launcher:
         now = time.time()
         ids = [s.id for s in mine]
         last = await self.redis_call(runs.last_access_times, ids)
-        window = float(self.settings.viewer_window)
+        window = self.settings.viewer_window
         watchers = (await self.redis_call(runs.recent_viewers, ids, now - window)
                     if viewer and window > 0 else [set() for _ in ids])
         idle = [(now - (seen or s.started), s, seen_by) for s, seen, seen_by in zip(mine, last, watchers)]
@@ -321,7 +321,7 @@ class Launcher:
             seconds, supervisor, _ = max(zapped, key=lambda entry: entry[0])
             return supervisor, "its only viewer changed channel"
         seconds, supervisor, _ = max(idle, key=lambda entry: entry[0])
-        if seconds >= float(self.settings.preempt_idle):
+        if seconds >= self.settings.preempt_idle:
             return supervisor, f"no request for {seconds:.0f} s"
         return None, ""
 
@@ -337,7 +337,7 @@ class Launcher:
         playlist = files.playlist_path(self.settings.hls_dir, channel_id)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if files.count_listed_segments(playlist) >= int(self.settings.min_segments):
+            if files.count_listed_segments(playlist) >= self.settings.min_segments:
                 return "already_running"
             await asyncio.sleep(0.05)
         raise StartFailed(f"another launcher is starting channel {channel_id} and it is not "
@@ -357,11 +357,11 @@ class Launcher:
 
     async def refresh_host_forever(self) -> None:
         """Keep host:<host_id> alive, so other hosts' reapers leave this host's records alone."""
-        interval = max(1.0, float(self.settings.reaper_interval) / 2)
+        interval = max(1.0, self.settings.reaper_interval / 2)
         while True:
             try:
                 await self.redis_call(runs.refresh_host, self.settings.host_id,
-                                      float(self.settings.host_timeout))
+                                      self.settings.host_timeout)
             except Exception as exc:  # noqa: BLE001 - retried next time
                 log.warning("cannot refresh host key: %s", exc)
             await asyncio.sleep(interval)
@@ -476,7 +476,7 @@ def collect_streams(client, settings, supervisors: dict) -> dict:
     for channel_id in ordered:
         pipe.hgetall(keys.run_key(channel_id))
         pipe.get(keys.last_access_key(channel_id))
-        pipe.zcount(keys.viewers_key(channel_id), now - float(settings.viewer_window), "+inf")
+        pipe.zcount(keys.viewers_key(channel_id), now - settings.viewer_window, "+inf")
     # A key of the wrong type (junk) answers an error in its place: read as missing.
     replies = [None if isinstance(r, Exception) else r
                for r in (pipe.execute(raise_on_error=False) if ordered else [])]
@@ -507,7 +507,7 @@ def collect_streams(client, settings, supervisors: dict) -> dict:
             "speed": round(supervisor.speed, 3) if supervisor and supervisor.speed is not None else None,
         }
         result.append(entry)
-    grace = float(settings.start_timeout) + 10
+    grace = settings.start_timeout + 10
     return {"streams": result, "failed": runs.failed_channels(client),
             "providers": providers.usage(client, settings.providers, grace),
             "invalid_members": [runs.shown_member(m) for m in active.invalid]}

@@ -169,8 +169,8 @@ class StreamSupervisor:
         self.log_path = files.ffmpeg_log_path(self.settings.log_dir, self.id)
         profile = self.settings.quality_profiles.get(channel.quality, {})
         self.publisher = PlaylistPublisher(
-            self.settings.hls_dir, self.id, list_size=int(self.settings.hls_list_size),
-            target_duration=hls.target_duration(float(self.settings.hls_time), profile))
+            self.settings.hls_dir, self.id, list_size=self.settings.hls_list_size,
+            target_duration=hls.target_duration(self.settings.hls_time, profile))
         self._adopted = adopted[0] if adopted else None
         self._resumed = resumed
         inherited = adopted[1] if adopted else resumed
@@ -244,7 +244,7 @@ class StreamSupervisor:
             await self._set_state("stopping")
         await self._end("stopped", reason, signal=True)
         if self._task is not None and not self._task.done() and self._task is not asyncio.current_task():
-            await asyncio.wait({self._task}, timeout=float(self.settings.stop_grace) + 5)
+            await asyncio.wait({self._task}, timeout=self.settings.stop_grace + 5)
 
     # -- the run ----------------------------------------------------------------
     async def _run(self) -> None:
@@ -282,13 +282,13 @@ class StreamSupervisor:
             await self._terminate()
             if self._stop_requested:
                 return
-            window = float(self.settings.restart_window)
+            window = self.settings.restart_window
             while restart_times and restart_times[0] < time.monotonic() - window:
                 restart_times.popleft()
             step = stream_end.after_exit(self.cause or Cause.EXITED, ever_playable=not first,
                                          wanted=await self._still_wanted(),
                                          restarts_in_window=len(restart_times),
-                                         max_restarts=int(self.settings.max_restarts), restart_window=window)
+                                         max_restarts=self.settings.max_restarts, restart_window=window)
             if step.next is Next.STOP:
                 log.info("channel %s: FFmpeg ended and the stream is %s", self.id, step.why)
                 await self._end("stopped", step.why, signal=False)
@@ -332,13 +332,13 @@ class StreamSupervisor:
             self.launcher.counters["disk_full"] += 1
         log.warning("channel %s: %s; starting FFmpeg again once it is solved", self.id, why)
         began = time.monotonic()
-        limit = hls.freeze_limit(float(self.settings.hls_time), float(self.settings.start_timeout))
+        limit = hls.freeze_limit(self.settings.hls_time, self.settings.start_timeout)
         while not self._stop_requested:
             await self._set_state("backoff", until=time.time() + WANTED_EVERY + STATE_SLACK)
             if cause is Cause.RELAY_DOWN and await self._relay_answers():
                 break
             if cause is Cause.DISK_FULL and (files.free_mb(self.settings.hls_dir) or 0) >= max(
-                    1, int(self.settings.min_free_mb)):
+                    1, self.settings.min_free_mb):
                 break
             if cause is Cause.DISK_FULL and time.monotonic() - began > limit:
                 self.cause, self.failure = Cause.DISK_FULL, DISK_FULL
@@ -357,7 +357,7 @@ class StreamSupervisor:
     def _enforce_freeze_limit(self) -> None:
         """No viewers' playlist is served unchanged past the freeze limit: the session ends
         and its files go (a player's next request starts the channel again)."""
-        limit = hls.freeze_limit(float(self.settings.hls_time), float(self.settings.start_timeout))
+        limit = hls.freeze_limit(self.settings.hls_time, self.settings.start_timeout)
         if self.publisher.playlist is not None and self.publisher.unchanged_for() > limit:
             log.warning("channel %s: its playlist did not change for %.0f s (freeze limit %g s); its "
                         "files are removed, the next request starts it again", self.id,
@@ -372,7 +372,7 @@ class StreamSupervisor:
         if self.cause is not Cause.RELAY_DOWN:      # the host's problem: the channel is not cooled down
             try:
                 await self.launcher.redis_call(runs.mark_failed, self.id, self.failure,
-                                               self.settings.host_id, float(self.settings.failed_cooldown))
+                                               self.settings.host_id, self.settings.failed_cooldown)
             except Exception as exc:  # noqa: BLE001 - the cooldown is a courtesy to the upstream
                 log.warning("channel %s: cannot record the failure (%s)", self.id, exc)
         await self._end("failed", why, signal=False)
@@ -381,7 +381,7 @@ class StreamSupervisor:
         """Start FFmpeg on the current source, else on the next ones: a source that fails
         (refused, unreachable, nothing playable) is skipped for source_cooldown and the next
         is tried at once, all within one start_timeout."""
-        deadline = time.monotonic() + float(self.settings.start_timeout)
+        deadline = time.monotonic() + self.settings.start_timeout
         tried: list[str] = []
         while not self._stop_requested:
             if not await self._relay_answers():
@@ -450,7 +450,7 @@ class StreamSupervisor:
         self.launcher.counters["failovers"] += 1
         try:
             await self.launcher.redis_call(providers.mark_source_failed, source, self.failure,
-                                           float(self.settings.source_cooldown))
+                                           self.settings.source_cooldown)
         except Exception as exc:  # noqa: BLE001 - the cooldown is a courtesy to the upstream
             log.warning("channel %s: cannot record the source's failure (%s)", self.id, exc)
 
@@ -505,7 +505,7 @@ class StreamSupervisor:
             await self._update_record(pid=self.process.pid, pid_start=self.pid_start or "",
                                       state="starting", restarts=self.restarts,
                                       last_error=self.last_error, source=redact_url(source),
-                                      until=f"{time.time() + float(self.settings.start_timeout) + STATE_SLACK:.3f}")
+                                      until=f"{time.time() + self.settings.start_timeout + STATE_SLACK:.3f}")
         log.info("channel %s: FFmpeg started (pid %s, quality %s, source %s%s, first segment %d)", self.id,
                  self.process.pid, self.channel.quality, redact_url(source),
                  f", proxy {redact_url(self.upstream.proxy)}" if self.upstream.proxy else "", start_number)
@@ -513,7 +513,7 @@ class StreamSupervisor:
 
     async def _wait_until_playable(self, deadline: float) -> bool:
         """Until this FFmpeg's first min_segments segments are in the viewers' playlist."""
-        minimum = int(self.settings.min_segments)
+        minimum = self.settings.min_segments
         while time.monotonic() < deadline and not self._stop_requested:
             self.publisher.publish()
             if self.publisher.run_published >= minimum:
@@ -528,13 +528,13 @@ class StreamSupervisor:
             self._enforce_freeze_limit()
             await asyncio.sleep(POLL_READY)
         self.cause = Cause.SOURCE
-        self._note_failure(f"no playable stream after {float(self.settings.start_timeout):g} s")
+        self._note_failure(f"no playable stream after {self.settings.start_timeout:g} s")
         return False
 
     async def _watch(self) -> str:
         """Until FFmpeg dies, stalls, or the stream is no longer wanted; returns why.  Each
         tick publishes FFmpeg's new segments."""
-        stall_after = hls.stall_after(float(self.settings.hls_time))
+        stall_after = hls.stall_after(self.settings.hls_time)
         pace = PaceMeter()
         checks = 0
         while not self._stop_requested:
@@ -658,7 +658,7 @@ class StreamSupervisor:
                                 last_error=self.last_error, restarts=self.restarts,
                                 source=redact_url(self.source),
                                 provider=self.provider_name or "",
-                                until=time.time() + (float(self.settings.start_timeout) + STATE_SLACK
+                                until=time.time() + (self.settings.start_timeout + STATE_SLACK
                                                      if self.state in ("starting", "backoff") else VOUCH_AHEAD))
         await self.launcher.redis_call(runs.record_run, record)
         self.written_to = await self.launcher.redis_call(runs.redis_server_id)
@@ -702,7 +702,7 @@ class StreamSupervisor:
                 # Waited for on the event loop, not in a thread: a stalled FFmpeg ignoring
                 # SIGTERM for stop_grace must not hold a worker other streams need.
                 with handle:
-                    grace = float(self.settings.stop_grace)
+                    grace = self.settings.stop_grace
                     handle.signal(SIGTERM)
                     try:
                         await asyncio.wait_for(asyncio.shield(process.wait()), grace)
@@ -738,7 +738,7 @@ class StreamSupervisor:
             self._changed.notify_all()
         if state in ("starting", "running", "backoff", "stopping") and self.written_to is not None:
             if state == "starting" and until is None:
-                until = time.time() + float(self.settings.start_timeout) + STATE_SLACK
+                until = time.time() + self.settings.start_timeout + STATE_SLACK
             if state == "running" and until is None:
                 until = time.time() + VOUCH_AHEAD
             fields = {"restarts": self.restarts, "last_error": self.last_error} if state == "backoff" else {}

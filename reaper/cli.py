@@ -45,7 +45,7 @@ def main(settings_loader, once, dry_run, as_json, interval, log_level):
         raise SystemExit(0)
     if once or dry_run:
         raise SystemExit(run_one(reaper, as_json))
-    raise SystemExit(run_forever(reaper, float(settings.reaper_interval), as_json))
+    raise SystemExit(run_forever(reaper, settings.reaper_interval, as_json))
 
 
 def run_one(reaper: Reaper, as_json: bool) -> int:

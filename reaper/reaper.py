@@ -194,7 +194,7 @@ class Reaper:
         return [a.channel for a in stops]
 
     def _lock(self, token: str) -> bool:
-        ttl = max(float(self.settings.reaper_interval) * 2, float(self.settings.stop_grace) * 3 + 30)
+        ttl = max(self.settings.reaper_interval * 2, self.settings.stop_grace * 3 + 30)
         return bool(self.redis.set(keys.reaper_lock_key(self.host), token, nx=True, px=int(ttl * 1000)))
 
     def _unlock(self, token: str) -> None:
@@ -247,17 +247,17 @@ class Reaper:
             if run.host in live_hosts:
                 return Action(kind="foreign", why=f"runs on host {run.host}", **base)
             return Action(kind="stale", host=run.host, why=f"host {run.host} not seen for "
-                          f"{float(self.settings.host_timeout):g} s", **base)
+                          f"{self.settings.host_timeout:g} s", **base)
         vouched = run is not None and run.vouched(now)
-        if vouched and (idle is None or idle <= float(self.settings.idle_timeout)):
+        if vouched and (idle is None or idle <= self.settings.idle_timeout):
             return Action(kind="keep", why=f"its launcher vouches for it ({run.state})", **base)
         if not vouched and not self._proven(view):
             why = "no pid" if not pid else f"pid {pid} is not this stream's FFmpeg (gone or reused)"
             return Action(kind="stale", why=why, **base)
-        if idle is None or idle > float(self.settings.idle_timeout):
+        if idle is None or idle > self.settings.idle_timeout:
             shown = "never watched" if idle is None else f"idle {idle:.0f} s"
             return Action(kind="stop", why=f"{shown} > idle_timeout "
-                          f"{float(self.settings.idle_timeout):g} s", **base)
+                          f"{self.settings.idle_timeout:g} s", **base)
         return Action(kind="keep", why="watched", **base)
 
     def _proven(self, view: StreamView) -> bool:
@@ -307,7 +307,7 @@ class Reaper:
         except FileNotFoundError:
             return 0
         removed = 0
-        age_limit = float(self.settings.orphan_age)
+        age_limit = self.settings.orphan_age
         for name in names:
             channel = files.channel_of_file(name)
             if channel is None or channel in running:
@@ -334,7 +334,7 @@ class Reaper:
         started meanwhile has a record by now), and never for a process younger than
         start_timeout (a launcher may not have written its record yet)."""
         candidates = [(pid, playlist) for pid, playlist in stream_ffmpegs_under(self.hls_dir, self.ffmpeg)
-                      if (process_age(pid) or 0.0) >= float(self.settings.start_timeout)]
+                      if (process_age(pid) or 0.0) >= self.settings.start_timeout]
         if not candidates:
             return 0
         uptime = int(self.redis.info("server").get("uptime_in_seconds", 0) or 0)
@@ -356,7 +356,7 @@ class Reaper:
                     continue
                 log.warning("orphan FFmpeg pid %s writing %s: no record knows it; stopping it", pid,
                             os.path.basename(playlist))
-                stop_processes([handle], float(self.settings.stop_grace))
+                stop_processes([handle], self.settings.stop_grace)
             channel = files.channel_of_file(os.path.basename(playlist))
             if channel is not None and channel not in running:
                 files.delete_stream_files(self.hls_dir, channel)
@@ -373,7 +373,7 @@ class Reaper:
                 "orphan_processes": summary.orphan_processes})
             pipe.hincrby(keys.reaper_last_pass_key(self.host), "passes", 1)
             pipe.set(keys.host_key(self.host), f"{time.time():.3f}",
-                     px=int(float(self.settings.host_timeout) * 1000))
+                     px=int(self.settings.host_timeout * 1000))
             pipe.execute()
         except redis.RedisError as exc:
             log.error("could not record the pass in redis: %s", exc)

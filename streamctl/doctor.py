@@ -258,7 +258,7 @@ def check_reaper(client, settings) -> list[Check]:
     """It passed within 2 x reaper_interval (the cleanup has a scheduler)."""
     data = runs.reaper_last_pass(client, settings.host_id)
     last = runs.epoch_seconds(data.get("time"))
-    interval = float(settings.reaper_interval)
+    interval = settings.reaper_interval
     if last is None:
         return [Check(FAIL, "reaper", f"no pass recorded for host {settings.host_id}: idle streams are never "
                       "stopped; start stream-reaper (systemctl start streamkeeper-reaper)")]
@@ -335,14 +335,14 @@ def check_streams(client, settings) -> list[Check]:
         found.append(Check(FAIL, "streams", f"{summary.orphan_processes} FFmpeg(s) writing into "
                            f"{settings.hls_dir} that no record knows: `streamctl reap` stops them"))
     found += _streams_not_playing(client, settings) + _records_without_channels(client, settings)
-    grace = float(settings.start_timeout) + 10
+    grace = settings.start_timeout + 10
     for name in sorted(settings.providers):
         stale = providers.stale_slots(client, name, grace)
         if stale:
             shown = ", ".join(runs.shown_member(c) if not keys.CHANNEL_ID_RE.fullmatch(c) else c for c in stale)
             found.append(Check(WARN, f"provider {name}", f"slot(s) held by no running stream: {shown}; "
                                "the next start on the account reclaims them"))
-    stale_after = hls.freeze_limit(float(settings.hls_time), float(settings.start_timeout))
+    stale_after = hls.freeze_limit(settings.hls_time, settings.start_timeout)
     now = time.time()
     try:
         names = sorted(os.listdir(settings.hls_dir))
@@ -364,7 +364,7 @@ def check_streams(client, settings) -> list[Check]:
         media = files.playlist_media(path)
         channel = match.group(1)
         fix = (f"`streamctl stop {channel}` if it runs, else delete {path} (the reaper does after "
-               f"orphan_age, {float(settings.orphan_age):g} s)")
+               f"orphan_age, {settings.orphan_age:g} s)")
         if media is not None and not media[1]:
             found.append(Check(FAIL, f"channel {channel}", f"{name} lists no segment: nginx serves an empty "
                                f"playlist; {fix}"))
@@ -381,7 +381,7 @@ def check_space(settings) -> list[Check]:
     found = []
     free = files.free_mb(settings.hls_dir)
     if free is not None:
-        minimum = int(settings.min_free_mb)
+        minimum = settings.min_free_mb
         found.append(Check(OK if free >= minimum else FAIL, "hls_dir space",
                            f"{free} MB free in {settings.hls_dir}" + ("" if free >= minimum else
                                                                       f", under min_free_mb {minimum}: starts are refused")))

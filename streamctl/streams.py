@@ -53,7 +53,7 @@ def start_command(settings_loader, channel_id, as_json):
     """
     settings = settings_loader()
     status, body = _launcher_request(settings, f"/channel/{channel_id}/start",
-                                     float(settings.start_timeout) + 10)
+                                     settings.start_timeout + 10)
     if as_json:
         click.echo(json.dumps(body))
     if status == 200:
@@ -91,7 +91,7 @@ def stop_command(settings_loader, channel_id, stop_all):
     settings = settings_loader()
     path = "/streams/stop" if stop_all else f"/channel/{channel_id}/stop"
     try:
-        status, body = _launcher_request(settings, path, float(settings.stop_grace) + 20)
+        status, body = _launcher_request(settings, path, settings.stop_grace + 20)
     except click.ClickException as exc:
         # The launcher is gone (stopped alone before the target): its streams run on, so
         # they are stopped here, with the routine every stop uses.

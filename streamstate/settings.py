@@ -19,7 +19,7 @@ import tomllib
 from typing import Any, Callable, Mapping
 
 from .channels import ChannelError, check_proxy
-from .upstreams import DEFAULT_UPSTREAM_DENY, parse_networks, parse_providers
+from .upstreams import DEFAULT_UPSTREAM_DENY, Network, Provider, parse_networks, parse_providers
 
 DEFAULT_CONFIG_PATH = "/etc/streamkeeper/streamkeeper.toml"
 CONFIG_ENV = "STREAMKEEPER_CONFIG"
@@ -243,128 +243,133 @@ class SettingSpec:
     help: str
 
 
-SPECS: tuple[SettingSpec, ...] = (
-    SettingSpec("redis_url", lambda: "redis://127.0.0.1:6379/0", _parse_redis_url,
-                "shared state"),
-    SettingSpec("hls_dir", lambda: "/var/www/hls", _parse_abs_path,
-                "where playlists and segments live"),
-    SettingSpec("access_log", lambda: "/var/log/nginx/streams_access.log", _parse_abs_path,
-                "the nginx access log heartbeatd follows"),
-    SettingSpec("log_format", lambda: "streamkeeper", _parse_nonempty_str,
-                "'streamkeeper' (ours) or a full nginx log_format string"),
-    SettingSpec("state_dir", lambda: "/var/lib/streamkeeper", _parse_abs_path,
-                "checkpoints and other local state"),
-    SettingSpec("log_dir", lambda: "/var/log/streamkeeper", _parse_abs_path,
-                "FFmpeg's own output, one capped file per channel (streamctl logs ID)"),
-    SettingSpec("idle_timeout", lambda: 300.0, lambda v: _parse_number(v, minimum=1),
-                "seconds without a viewer before a stream is stopped"),
-    SettingSpec("flush_interval", lambda: 1.0, _positive_seconds,
-                "seconds between heartbeat writes"),
-    SettingSpec("viewer_window", lambda: 30.0, _seconds_or_off,
-                "seconds a viewer counts as watching after its last request (0: no viewer counting)"),
-    SettingSpec("host_id", socket.gethostname, _parse_nonempty_str,
-                "which streaming host this is"),
-    SettingSpec("parse_workers", lambda: 0, _parse_count,
-                "processes that parse a backlog of the access log in parallel (0: one per core, "
-                "at most 4; 1: parse in heartbeatd itself)"),
-    SettingSpec("launcher_listen", lambda: "127.0.0.1:5000", _parse_host_port,
-                "host:port the launcher listens on (nginx's fallback calls it)"),
-    SettingSpec("launcher_allow_remote", lambda: False, _parse_bool,
-                "allow a non-loopback launcher_listen"),
-    SettingSpec("nginx_listen", lambda: "80", _parse_nginx_listen,
-                "what the rendered nginx server block listens on"),
-    SettingSpec("ffmpeg", lambda: "ffmpeg", _parse_command, "the ffmpeg binary"),
-    SettingSpec("hls_time", lambda: 4.0, lambda v: _parse_number(v, minimum=0.5),
-                "target segment length, seconds"),
-    SettingSpec("hls_init_time", lambda: 1.0, lambda v: _parse_number(v, minimum=0.5),
-                "length of the first segments, seconds (a faster first picture)"),
-    SettingSpec("hls_list_size", lambda: 6, lambda v: int(_parse_number(v, minimum=2)),
-                "segments listed in the playlist"),
-    SettingSpec("start_timeout", lambda: 20.0, lambda v: _parse_number(v, minimum=1),
-                "seconds a start may take before the player gets a 503"),
-    SettingSpec("min_segments", lambda: 1, lambda v: int(_parse_number(v, minimum=1)),
-                "segments the playlist must list before the first player is sent to it"),
-    SettingSpec("quality_profiles", lambda: DEFAULT_QUALITY_PROFILES, _parse_profiles,
-                "FFmpeg video/audio options and probe settings per quality"),
-    SettingSpec("upstream_proxy", lambda: "", _parse_proxy,
-                "proxy for every upstream connection: http://, socks5:// or socks5h:// (the "
-                "proxy resolves names), user:pass allowed ('' for none); a provider's or "
-                "channel's proxy wins"),
-    SettingSpec("egress_listen", lambda: "127.0.0.1:5001", _parse_loopback_host_port,
-                "loopback host:port of the egress relay every upstream connection goes through"),
-    SettingSpec("upstream_allow", lambda: (), parse_networks,
-                "networks a source may connect to even though upstream_deny lists them "
-                "(tests and the demo: their loopback upstreams)"),
-    SettingSpec("upstream_deny", lambda: DEFAULT_UPSTREAM_DENY, parse_networks,
-                "networks no upstream connection may reach (default: loopback, link-local, "
-                "unspecified, multicast); Redis and our own services are always refused"),
-    SettingSpec("providers", lambda: {}, parse_providers,
-                "[providers.<name>]: match (URL prefix), max_streams (connections the account "
-                "allows, 0: no limit), and defaults for user_agent, referer, headers, proxy, "
-                "resolver, tls_verify"),
-    SettingSpec("auth_url", lambda: "", _parse_auth_url,
-                "the operator's viewer validator: nginx asks it (auth_request, with the token and the "
-                "channel) before a playlist or a cold start; '' lets everyone in"),
-    SettingSpec("auth_cache_seconds", lambda: 10, _parse_count,
-                "seconds nginx keeps the validator's answer per token and channel (0: ask every time)"),
-    SettingSpec("auth_cache_dir", lambda: "/var/lib/nginx/streamkeeper-auth", _parse_abs_path,
-                "where nginx keeps those answers (nginx creates the directory; its parent must exist: "
-                "/var/lib/nginx does on Debian)"),
-    SettingSpec("source_cooldown", lambda: 60.0, lambda v: _parse_number(v, minimum=0),
-                "seconds a source that failed is skipped while a channel has other sources"),
-    SettingSpec("user_agent", lambda: DEFAULT_USER_AGENT, _parse_header_text,
-                "User-Agent sent upstream unless the channel sets one"),
-    SettingSpec("tls_ca_file", lambda: "/etc/ssl/certs/ca-certificates.crt", _parse_abs_path,
-                "CA certificates an https source's certificate is verified against"),
-    SettingSpec("max_streams", lambda: 0, _parse_count,
-                "FFmpegs this host runs at most (0: 2 per CPU core); a start beyond it preempts "
-                "the stream longest without a request, else gets 503"),
-    SettingSpec("preempt_idle", lambda: 15.0, lambda v: _parse_number(v, minimum=1),
-                "seconds without any request before a stream may be preempted by a new start"),
-    SettingSpec("start_rate_limit", lambda: 30, _parse_count,
-                "cold starts per minute per client address, in nginx (burst 10; 0: no limit)"),
-    SettingSpec("min_free_mb", lambda: 256, _parse_count,
-                "MB that must be free in hls_dir for a start (0: no check)"),
-    SettingSpec("reaper_interval", lambda: 60.0, lambda v: _parse_number(v, minimum=0.1),
-                "seconds between reaper passes"),
-    SettingSpec("stop_grace", lambda: 10.0, lambda v: _parse_number(v, minimum=0.1),
-                "seconds between SIGTERM and SIGKILL when a stream is stopped"),
-    SettingSpec("max_restarts", lambda: 5, _parse_count,
-                "restarts within restart_window after which a stream is failed"),
-    SettingSpec("restart_window", lambda: 300.0, lambda v: _parse_number(v, minimum=1),
-                "seconds over which max_restarts is counted"),
-    SettingSpec("failed_cooldown", lambda: 60.0, lambda v: _parse_number(v, minimum=0),
-                "seconds a failed channel's starts get 503 with the reason, and no FFmpeg runs"),
-    SettingSpec("orphan_age", lambda: 0.0, lambda v: _parse_number(v, minimum=1, allow_zero=True),
-                "seconds before files of no running stream are deleted (0: 2 x idle_timeout)"),
-    SettingSpec("host_timeout", lambda: 0.0, lambda v: _parse_number(v, minimum=1, allow_zero=True),
-                "seconds before another host's records count as stale (0: 5 x reaper_interval)"),
-    SettingSpec("metrics_listen", lambda: "", _parse_listen_or_off,
-                "host:port for heartbeatd's Prometheus metrics ('' or 'off': none)"),
-)
-SPEC_BY_KEY = {spec.key: spec for spec in SPECS}
+def setting(default: Callable[[], Any], parse: Callable[[Any], Any], help: str) -> Any:
+    """One setting of the table below: its default (a value as the file would give it),
+    its parser (raises ValueError naming the problem) and its line of help."""
+    return dataclasses.field(metadata={"spec": (default, parse, help)})
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The effective settings, with where each value came from."""
+    """The effective settings: the one table of every key (its type, default, parser and
+    help), then where each value came from.  Built by :func:`load_settings` only."""
 
-    values: Mapping[str, Any]
-    sources: Mapping[str, str]
-    config_path: str | None
+    redis_url: str = setting(lambda: "redis://127.0.0.1:6379/0", _parse_redis_url,
+                "shared state")
+    hls_dir: str = setting(lambda: "/var/www/hls", _parse_abs_path,
+                "where playlists and segments live")
+    access_log: str = setting(lambda: "/var/log/nginx/streams_access.log", _parse_abs_path,
+                "the nginx access log heartbeatd follows")
+    log_format: str = setting(lambda: "streamkeeper", _parse_nonempty_str,
+                "'streamkeeper' (ours) or a full nginx log_format string")
+    state_dir: str = setting(lambda: "/var/lib/streamkeeper", _parse_abs_path,
+                "checkpoints and other local state")
+    log_dir: str = setting(lambda: "/var/log/streamkeeper", _parse_abs_path,
+                "FFmpeg's own output, one capped file per channel (streamctl logs ID)")
+    idle_timeout: float = setting(lambda: 300.0, lambda v: _parse_number(v, minimum=1),
+                "seconds without a viewer before a stream is stopped")
+    flush_interval: float = setting(lambda: 1.0, _positive_seconds,
+                "seconds between heartbeat writes")
+    viewer_window: float = setting(lambda: 30.0, _seconds_or_off,
+                "seconds a viewer counts as watching after its last request (0: no viewer counting)")
+    host_id: str = setting(socket.gethostname, _parse_nonempty_str,
+                "which streaming host this is")
+    parse_workers: int = setting(lambda: 0, _parse_count,
+                "processes that parse a backlog of the access log in parallel (0: one per core, "
+                "at most 4; 1: parse in heartbeatd itself)")
+    launcher_listen: str = setting(lambda: "127.0.0.1:5000", _parse_host_port,
+                "host:port the launcher listens on (nginx's fallback calls it)")
+    launcher_allow_remote: bool = setting(lambda: False, _parse_bool,
+                "allow a non-loopback launcher_listen")
+    nginx_listen: str = setting(lambda: "80", _parse_nginx_listen,
+                "what the rendered nginx server block listens on")
+    ffmpeg: str = setting(lambda: "ffmpeg", _parse_command, "the ffmpeg binary")
+    hls_time: float = setting(lambda: 4.0, lambda v: _parse_number(v, minimum=0.5),
+                "target segment length, seconds")
+    hls_init_time: float = setting(lambda: 1.0, lambda v: _parse_number(v, minimum=0.5),
+                "length of the first segments, seconds (a faster first picture)")
+    hls_list_size: int = setting(lambda: 6, lambda v: int(_parse_number(v, minimum=2)),
+                "segments listed in the playlist")
+    start_timeout: float = setting(lambda: 20.0, lambda v: _parse_number(v, minimum=1),
+                "seconds a start may take before the player gets a 503")
+    min_segments: int = setting(lambda: 1, lambda v: int(_parse_number(v, minimum=1)),
+                "segments the playlist must list before the first player is sent to it")
+    quality_profiles: dict[str, dict[str, Any]] = setting(lambda: DEFAULT_QUALITY_PROFILES, _parse_profiles,
+                "FFmpeg video/audio options and probe settings per quality")
+    upstream_proxy: str = setting(lambda: "", _parse_proxy,
+                "proxy for every upstream connection: http://, socks5:// or socks5h:// (the "
+                "proxy resolves names), user:pass allowed ('' for none); a provider's or "
+                "channel's proxy wins")
+    egress_listen: str = setting(lambda: "127.0.0.1:5001", _parse_loopback_host_port,
+                "loopback host:port of the egress relay every upstream connection goes through")
+    upstream_allow: tuple[Network, ...] = setting(lambda: (), parse_networks,
+                "networks a source may connect to even though upstream_deny lists them "
+                "(tests and the demo: their loopback upstreams)")
+    upstream_deny: tuple[Network, ...] = setting(lambda: DEFAULT_UPSTREAM_DENY, parse_networks,
+                "networks no upstream connection may reach (default: loopback, link-local, "
+                "unspecified, multicast); Redis and our own services are always refused")
+    providers: dict[str, Provider] = setting(lambda: {}, parse_providers,
+                "[providers.<name>]: match (URL prefix), max_streams (connections the account "
+                "allows, 0: no limit), and defaults for user_agent, referer, headers, proxy, "
+                "resolver, tls_verify")
+    auth_url: str = setting(lambda: "", _parse_auth_url,
+                "the operator's viewer validator: nginx asks it (auth_request, with the token and the "
+                "channel) before a playlist or a cold start; '' lets everyone in")
+    auth_cache_seconds: int = setting(lambda: 10, _parse_count,
+                "seconds nginx keeps the validator's answer per token and channel (0: ask every time)")
+    auth_cache_dir: str = setting(lambda: "/var/lib/nginx/streamkeeper-auth", _parse_abs_path,
+                "where nginx keeps those answers (nginx creates the directory; its parent must exist: "
+                "/var/lib/nginx does on Debian)")
+    source_cooldown: float = setting(lambda: 60.0, lambda v: _parse_number(v, minimum=0),
+                "seconds a source that failed is skipped while a channel has other sources")
+    user_agent: str = setting(lambda: DEFAULT_USER_AGENT, _parse_header_text,
+                "User-Agent sent upstream unless the channel sets one")
+    tls_ca_file: str = setting(lambda: "/etc/ssl/certs/ca-certificates.crt", _parse_abs_path,
+                "CA certificates an https source's certificate is verified against")
+    max_streams: int = setting(lambda: 0, _parse_count,
+                "FFmpegs this host runs at most (0: 2 per CPU core); a start beyond it preempts "
+                "the stream longest without a request, else gets 503")
+    preempt_idle: float = setting(lambda: 15.0, lambda v: _parse_number(v, minimum=1),
+                "seconds without any request before a stream may be preempted by a new start")
+    start_rate_limit: int = setting(lambda: 30, _parse_count,
+                "cold starts per minute per client address, in nginx (burst 10; 0: no limit)")
+    min_free_mb: int = setting(lambda: 256, _parse_count,
+                "MB that must be free in hls_dir for a start (0: no check)")
+    reaper_interval: float = setting(lambda: 60.0, lambda v: _parse_number(v, minimum=0.1),
+                "seconds between reaper passes")
+    stop_grace: float = setting(lambda: 10.0, lambda v: _parse_number(v, minimum=0.1),
+                "seconds between SIGTERM and SIGKILL when a stream is stopped")
+    max_restarts: int = setting(lambda: 5, _parse_count,
+                "restarts within restart_window after which a stream is failed")
+    restart_window: float = setting(lambda: 300.0, lambda v: _parse_number(v, minimum=1),
+                "seconds over which max_restarts is counted")
+    failed_cooldown: float = setting(lambda: 60.0, lambda v: _parse_number(v, minimum=0),
+                "seconds a failed channel's starts get 503 with the reason, and no FFmpeg runs")
+    orphan_age: float = setting(lambda: 0.0, lambda v: _parse_number(v, minimum=1, allow_zero=True),
+                "seconds before files of no running stream are deleted (0: 2 x idle_timeout)")
+    host_timeout: float = setting(lambda: 0.0, lambda v: _parse_number(v, minimum=1, allow_zero=True),
+                "seconds before another host's records count as stale (0: 5 x reaper_interval)")
+    metrics_listen: str = setting(lambda: "", _parse_listen_or_off,
+                "host:port for heartbeatd's Prometheus metrics ('' or 'off': none)")
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)  # key -> where from
+    config_path: str | None = None
 
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self.values[key]
-        except KeyError:
-            raise AttributeError(key) from None
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every setting by key, in the table's order."""
+        return {spec.key: getattr(self, spec.key) for spec in SPECS}
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.values)
+        return self.values
 
     def shown(self, key: str) -> Any:
         """A value as `streamctl config` prints it: JSON types, proxies' passwords redacted."""
-        return shown_value(key, self.values[key])
+        return shown_value(key, getattr(self, key))
+
+
+SPECS: tuple[SettingSpec, ...] = tuple(SettingSpec(field.name, *field.metadata["spec"])
+                                       for field in dataclasses.fields(Settings) if "spec" in field.metadata)
+SPEC_BY_KEY = {spec.key: spec for spec in SPECS}
 
 
 def _shown_provider_field(field: str, value: Any) -> Any:
@@ -452,7 +457,7 @@ def load_settings(config_path: str | None = None,
         sources[spec.key] = source
     _check_launcher_listen(values)
     _derive_defaults(values, sources)
-    return Settings(values=values, sources=sources, config_path=path)
+    return Settings(**values, sources=sources, config_path=path)
 
 
 def _derive_defaults(values: dict, sources: dict) -> None:

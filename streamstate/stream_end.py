@@ -185,10 +185,10 @@ def _signal(settings, results: list[Stopped], executable: str | None, log: loggi
         result.signalled = True
         log.info("channel %s: stopping pid %s (%s)", target.channel, target.pid, target.why)
     try:
-        for handle in stop_processes(list(handles), float(settings.stop_grace)):
+        for handle in stop_processes(list(handles), settings.stop_grace):
             handles[handle].killed = True
             log.warning("channel %s: pid %s ignored SIGTERM for %g s; SIGKILL",
-                        handles[handle].target.channel, handle.pid, float(settings.stop_grace))
+                        handles[handle].target.channel, handle.pid, settings.stop_grace)
     finally:
         for handle in handles:
             handle.close()

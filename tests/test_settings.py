@@ -110,3 +110,21 @@ def test_a_channel_without_quality_starts_with_only_low_defined(stack, extra_lau
     status, body = launcher.json("/channel/830/start", "POST")
     assert status == 200, body
     launcher.json("/channel/830/stop", "POST")
+
+
+def test_settings_are_one_typed_table():
+    """Issue 17: one table (the Settings dataclass: type, default, parser, help per key), every
+    value already of its declared type, so no caller casts."""
+    import dataclasses
+    import typing
+
+    from streamstate.settings import SPECS, Settings
+    settings = load_settings(None, {"idle_timeout": "90", "max_streams": "3", "hls_list_size": 4.0}, environ={})
+    hints = typing.get_type_hints(Settings)
+    assert [spec.key for spec in SPECS] == [f.name for f in dataclasses.fields(Settings) if "spec" in f.metadata]
+    for spec in SPECS:
+        declared = typing.get_origin(hints[spec.key]) or hints[spec.key]
+        assert isinstance(getattr(settings, spec.key), declared), spec.key
+    assert settings.idle_timeout == 90.0 and settings.max_streams == 3 and settings.hls_list_size == 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.idle_timeout = 1.0
