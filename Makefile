@@ -1,5 +1,6 @@
 # streamkeeper: two commands do all the set-up on a fresh Debian machine.
-#   make test   installs what is missing, then runs the whole test suite
+#   make test   installs what is missing, then the linters and the whole test suite
+#   make test-fast  the unit tier only (seconds)
 #   make demo   installs what is missing, then runs the whole stack on loopback
 #   make bench  runs the benchmarks and writes bench/RESULTS.md
 
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.installed
 PLAYERS       := tests/players
 PLAYERS_STAMP := $(PLAYERS)/node_modules/.installed
 
-.PHONY: test demo bench bench-cold-start deps venv players clean
+.PHONY: test test-fast lint demo bench bench-cold-start deps venv players clean
 
 deps:
 	@sh scripts/install-deps.sh
@@ -30,8 +31,18 @@ $(PLAYERS_STAMP): $(PLAYERS)/package.json $(PLAYERS)/package-lock.json
 
 players: deps $(PLAYERS_STAMP)
 
-test: venv players
+test: venv players lint
 	$(VPY) -m pytest
+
+# The unit tier only: pure logic, no process started (seconds).
+test-fast: venv
+	$(VPY) -m pytest -m unit
+
+# ruff (lint and format) and mypy, pinned in setup.cfg's test extra.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: venv players
 	$(VPY) bench/heartbeat.py

@@ -30,6 +30,8 @@ STATUS_EVERY = 2.0            # seconds between status lines
 # Seconds a stopped part stays down: time to run doctor and see it named (the reaper's check
 # turns FAIL only after 2 x reaper_interval = 20 s without a pass).
 RESTART_AFTER = 30.0
+# When doctor sees a part gone: at once, except the reaper (no pass for 2 x reaper_interval).
+DOCTOR_SEES = {"reaper": "after 20 s without a pass", "upstream": "only through its channels (--channel 1)"}
 STATUS_QUIET = 60.0           # an unchanged status line is printed again after this long
 RESTART_TRIES = 3             # a part that will not come back after this many tries stops the demo
 
@@ -110,7 +112,8 @@ class Demo:
                 self.down_since[name] = now
                 self.back_since.pop(name, None)
                 print(f"{time.strftime('%H:%M:%S')} {name} {exit_text(process.returncode)}; `streamctl doctor` "
-                      f"names it now; the demo starts it again in {self.restart_after:g} s. Its log: "
+                      f"names it {DOCTOR_SEES.get(name, 'now')}; the demo starts it again in "
+                      f"{self.restart_after:g} s. Its log: "
                       f"{self.work}/{name}.log", flush=True)
             elif now - self.down_since[name] >= self.restart_after:
                 self.bring_back(name)

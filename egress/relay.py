@@ -36,13 +36,15 @@ import json
 import logging
 import re
 import socket
+from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
 
 import h11
 
 from streamstate import egress, keys
+from streamstate.egress import RefusalKind
 from streamstate.redact import redact_url
-from streamstate.upstreams import (AddressPolicy, literal_address, matching_providers, provider_servers,
+from streamstate.upstreams import (AddressPolicy, literal_address, matching_providers, provider_servers, proxy_endpoint,
                                    server_key, socks_connection)
 
 log = logging.getLogger("streamkeeper.egress")
@@ -64,10 +66,10 @@ _HOP_HEADERS = {"proxy-authorization", "proxy-connection", "connection", "keep-a
 
 
 class Refused(Exception):
-    """A connection the relay will not make: ``kind`` is 'address' or 'proxy' (what the
-    launcher tells the player), ``reason`` is for the log (no password in it)."""
+    """A connection the relay will not make: ``kind`` says why (what the launcher tells the
+    player), ``reason`` is for the log (no password in it)."""
 
-    def __init__(self, kind: str, reason: str, status: int):
+    def __init__(self, kind: RefusalKind, reason: str, status: int):
         super().__init__(reason)
         self.kind, self.reason, self.status = kind, reason, status
 
@@ -212,14 +214,12 @@ class EgressRelay:
             up_reader, up_writer, via = await self._connect(host, port, proxy, tunnel=tunnel, ticket=ticket)
         except Refused as refused:
             self._refused(channel_id, host, port, refused)
-            await _answer(writer, refused.status,
-                          "upstream address not allowed" if refused.kind == "address" else
-                          "proxy unusable", {"X-Streamkeeper-Refused": refused.kind})
+            await _answer_refused(writer, refused)
             return None
         except Unreachable as exc:
             self.counters["unreachable"] += 1
             log.info("channel %s: %s unreachable: %s", channel_id, _shown_target(host, port), exc)
-            egress.record_refusal(self.state_dir, channel_id, "unreachable",
+            egress.record_refusal(self.state_dir, channel_id, RefusalKind.UNREACHABLE,
                                   f"{_shown_target(host, port)}: {exc}")
             await _answer(writer, 502, "upstream unreachable")
             return None
@@ -258,7 +258,7 @@ class EgressRelay:
             self._check_account(ticket, request.target.decode("ascii", "replace"))
         except Refused as refused:
             self._refused(channel_id, parts.hostname, port, refused)
-            await _answer(writer, refused.status, "upstream address not allowed", {"X-Streamkeeper-Refused": refused.kind})
+            await _answer_refused(writer, refused)
             return False
         upstream = await self._upstream(channel_id, ticket, writer, parts.hostname, port, tunnel=False)
         if upstream is None:
@@ -281,27 +281,27 @@ class EgressRelay:
                 await _answer(writer, 502, "upstream sent no answer")
                 return False
             if answer.status_code == 407 and proxy.lower().startswith("http://"):
-                raise Refused("proxy", f"proxy {redact_url(proxy)}: authentication failed (407)", 502)
+                raise Refused(RefusalKind.PROXY, f"proxy {redact_url(proxy)}: authentication failed (407)", 502)
             writer.write(client.send(_client_response(answer)))
             await _copy_body(server, up_reader, client, writer, self.counters)
             return True
         except Refused as refused:
             self._refused(channel_id, parts.hostname, port, refused)
-            await _answer(writer, refused.status, "proxy unusable", {"X-Streamkeeper-Refused": refused.kind})
+            await _answer_refused(writer, refused)
             return False
         except h11.ProtocolError:
             return False
         finally:
             self._closed(channel_id, up_writer)
 
-    def _check_provider(self, ticket: dict, host: str, port: int, addresses: list[str] = ()) -> None:
+    def _check_provider(self, ticket: dict, host: str, port: int, addresses: Sequence[str] = ()) -> None:
         """A provider's server is reached only by a stream holding one of its slots: known by
         its name, or by any address the request names or resolves to."""
         owners: set[str] = set()
         for key in [server_key(host), *(server_key(a) for a in addresses)]:
             owners |= self.provider_servers.get((key, port), set())
         if owners and ticket.get("provider") not in owners:
-            raise Refused("address", f"{_shown_target(host, port)} is the server of provider "
+            raise Refused(RefusalKind.ADDRESS, f"{_shown_target(host, port)} is the server of provider "
                           f"{' or '.join(sorted(owners))}, and this stream holds none of its connections", 403)
 
     def _check_account(self, ticket: dict, url: str) -> None:
@@ -309,7 +309,7 @@ class EgressRelay:
         slot of that provider: two accounts on one server are told apart by their prefix."""
         owners = matching_providers(url, {n: p for n, p in self.settings.providers.items() if p.max_streams})
         if owners and ticket.get("provider") not in owners:
-            raise Refused("address", f"{redact_url(url)} belongs to provider {' or '.join(sorted(owners))}, "
+            raise Refused(RefusalKind.ADDRESS, f"{redact_url(url)} belongs to provider {' or '.join(sorted(owners))}, "
                           "and this stream holds none of its connections", 403)
 
     def _refused(self, channel_id: str, host: str, port: int, refused: Refused) -> None:
@@ -329,10 +329,10 @@ class EgressRelay:
         parts = urlsplit(proxy)
         scheme = parts.scheme.lower()
         shown = redact_url(proxy)
-        proxy_host, proxy_port = parts.hostname, parts.port
-        for address in await _resolve(proxy_host, proxy_port, refuse_as="proxy", shown=shown):
+        proxy_host, proxy_port = proxy_endpoint(proxy)
+        for address in await _resolve(proxy_host, proxy_port, proxy_shown=shown):
             if self.policy.refuses_service(address, proxy_port):
-                raise Refused("proxy", f"proxy {shown} is one of this host's own services", 502)
+                raise Refused(RefusalKind.PROXY, f"proxy {shown} is one of this host's own services", 502)
         target_host = host
         if scheme != "socks5" and literal_address(host) is None:
             # The proxy resolves the name on its network; a provider's server under another
@@ -348,7 +348,7 @@ class EgressRelay:
             sock = await asyncio.to_thread(_socks_connect, parts, target_host, port, scheme == "socks5h", shown)
             reader, writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
             return reader, writer, f" through {shown}"
-        reader, writer = await _open(proxy_host, proxy_port, refuse_as="proxy", shown=shown)
+        reader, writer = await _open_proxy(proxy_host, proxy_port, shown)
         if tunnel:
             await _http_proxy_connect(reader, writer, parts, target_host, port, shown)
         return reader, writer, f" through {shown}"
@@ -368,9 +368,10 @@ class EgressRelay:
             # The address connected to, checked again (what the kernel reached, not what
             # the name said): both must pass.
             peer = writer.get_extra_info("peername")
-            if peer and self.policy.refusal(peer[0], peer[1]):
+            refusal = self.policy.refusal(peer[0], peer[1]) if peer else None
+            if refusal:
                 writer.transport.abort()
-                raise Refused("address", self.policy.refusal(peer[0], peer[1]), 403)
+                raise Refused(RefusalKind.ADDRESS, refusal, 403)
             return reader, writer, address
         raise Unreachable(_error_text(last_error))
 
@@ -383,7 +384,7 @@ class EgressRelay:
         if reasons:
             # A name that resolves to any denied address is refused whole: the next lookup
             # (FFmpeg's reconnect, a rebinding DNS) could pick that one.
-            raise Refused("address", reasons[0], 403)
+            raise Refused(RefusalKind.ADDRESS, reasons[0], 403)
         return allowed
 
     # -- the relay's own routes ----------------------------------------------------
@@ -543,9 +544,9 @@ def _error_text(exc: Exception | None) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
-async def _resolve(host: str, port: int, *, refuse_as: str = "", shown: str = "") -> list[str]:
-    """Every address of host (an address stays itself); Unreachable (or Refused for a
-    proxy) when the name does not resolve."""
+async def _resolve(host: str, port: int, *, proxy_shown: str = "") -> list[str]:
+    """Every address of host (an address stays itself); Unreachable when the name does not
+    resolve, or Refused when it is the proxy's (``proxy_shown``: its name for the log)."""
     literal = literal_address(host)
     if literal is not None:
         return [literal]
@@ -553,17 +554,18 @@ async def _resolve(host: str, port: int, *, refuse_as: str = "", shown: str = ""
         infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
             host, port, type=socket.SOCK_STREAM), CONNECT_TIMEOUT)
     except (OSError, asyncio.TimeoutError) as exc:
-        if refuse_as:
-            raise Refused(refuse_as, f"proxy {shown}: cannot resolve its name ({_error_text(exc)})", 502)
+        if proxy_shown:
+            raise Refused(RefusalKind.PROXY, f"proxy {proxy_shown}: cannot resolve its name ({_error_text(exc)})",
+                          502) from None
         raise Unreachable(f"cannot resolve {host}: {_error_text(exc)}") from None
     return list(dict.fromkeys(info[4][0] for info in infos))
 
 
-async def _open(host: str, port: int, *, refuse_as: str, shown: str):
+async def _open_proxy(host: str, port: int, shown: str):
     try:
         return await asyncio.wait_for(asyncio.open_connection(host, port, limit=CHUNK), CONNECT_TIMEOUT)
     except (OSError, asyncio.TimeoutError) as exc:
-        raise Refused(refuse_as, f"proxy {shown} unreachable: {_error_text(exc)}", 502) from None
+        raise Refused(RefusalKind.PROXY, f"proxy {shown} unreachable: {_error_text(exc)}", 502) from None
 
 
 def _socks_connect(parts, host: str, port: int, remote_dns: bool, shown: str) -> socket.socket:
@@ -577,7 +579,7 @@ def _socks_connect(parts, host: str, port: int, remote_dns: bool, shown: str) ->
         message = str(exc).replace(parts.password or "\0", "***") if parts.password else str(exc)
         if re.search(r"0x0[3-6]", message):
             raise Unreachable(f"through {shown}: {message}") from None
-        raise Refused("proxy", f"proxy {shown} unusable: {message}", 502) from None
+        raise Refused(RefusalKind.PROXY, f"proxy {shown} unusable: {message}", 502) from None
     sock.settimeout(None)
     sock.setblocking(False)
     return sock
@@ -596,16 +598,16 @@ async def _http_proxy_connect(reader, writer, parts, host: str, port: int, shown
     except (OSError, ValueError, IndexError, asyncio.TimeoutError, asyncio.IncompleteReadError,
             asyncio.LimitOverrunError):
         writer.transport.abort()
-        raise Refused("proxy", f"proxy {shown} gave no answer to CONNECT", 502) from None
+        raise Refused(RefusalKind.PROXY, f"proxy {shown} gave no answer to CONNECT", 502) from None
     if status == 407:
         writer.transport.abort()
-        raise Refused("proxy", f"proxy {shown}: authentication failed (407)", 502)
+        raise Refused(RefusalKind.PROXY, f"proxy {shown}: authentication failed (407)", 502)
     if status in (502, 503, 504):                # the proxy could not reach the target
         writer.transport.abort()
         raise Unreachable(f"through {shown}: CONNECT answered {status}")
     if status != 200:                            # the proxy itself refuses (403 by its rules, ...)
         writer.transport.abort()
-        raise Refused("proxy", f"proxy {shown} refused CONNECT ({status})", 502)
+        raise Refused(RefusalKind.PROXY, f"proxy {shown} refused CONNECT ({status})", 502)
 
 
 def _basic(parts) -> str:
@@ -640,6 +642,10 @@ async def _splice(reader, writer, up_reader, up_writer, counters) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _answer_refused(writer, refused: Refused) -> None:
+    await _answer(writer, refused.status, refused.kind.text, {"X-Streamkeeper-Refused": refused.kind.value})
 
 
 async def _answer(writer, status: int, text: str, headers: dict | None = None) -> None:

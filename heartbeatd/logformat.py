@@ -27,7 +27,7 @@ import time
 from datetime import datetime
 from itertools import compress
 from operator import itemgetter
-from typing import Callable
+from typing import Callable, Sequence
 
 from streamstate.urls import ACCEL_PREFIX
 from streamstate.viewers import token_from_query, viewer_hash, viewer_identity  # noqa: F401 - viewer_hash re-exported
@@ -243,11 +243,10 @@ class LogLineParser:
         self._get_playlist = itemgetter(index_of["playlist"])
         self._viewer_fields = [n for n in group_names
                                if n in VIEWER_VARIABLES or n in ("query", "tail")]
+        self._get_viewer_key: Callable[[Sequence[bytes]], tuple] | None = None
         if self._viewer_fields:
             self._get_viewer_key = itemgetter(index_of["channel"],
                                               *(index_of[n] for n in self._viewer_fields))
-        else:
-            self._get_viewer_key = None
 
     def _query_pattern(self, end: bytes, capture: bool) -> bytes:
         body = rb"[^ " + end + rb"\n]*+"

@@ -5,6 +5,7 @@ import logging
 import os
 import threading
 import time
+import typing
 
 import redis
 
@@ -53,7 +54,7 @@ class HeartbeatService:
         self.backoff = 1.0
         self.last_trim: dict[str, float] = {}
         self.next_host_refresh = 0.0
-        self._observer = None
+        self._observer: typing.Any = None          # watchdog's Observer, once it watches
         self.pool = None
         workers = worker_count(settings.parse_workers)
         if workers > 1:   # forks: before any thread is started

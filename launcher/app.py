@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 
@@ -45,11 +46,12 @@ def _for_player(request: web.Request) -> bool:
     return request.headers.get(ACCEL_REQUEST_HEADER) == "1"
 
 
-def _error(for_player: bool, status: int, message: str, **headers) -> web.Response:
-    """A player gets the one-line reason as text (nginx adds the CORS headers); a script, JSON."""
+def _error(for_player: bool, status: int, message: str, headers: dict | None = None, **extra) -> web.Response:
+    """A player gets the one-line reason as text (nginx adds the CORS headers); a script, JSON
+    (with ``extra`` fields)."""
     if for_player:
         return web.Response(text=message + "\n", status=status, headers=headers)
-    return _json({"status": "error", "error": message}, status, **headers)
+    return _json({"status": "error", "error": message, **extra}, status, **(headers or {}))
 
 
 # The player's query string (?token=...), as nginx received it (X-Streamkeeper-Query: $args,
@@ -100,14 +102,20 @@ async def _start_response(request: web.Request, channel_id: str, channel: Channe
     except redis.RedisError as exc:
         log.error("channel %s: redis unavailable: %s", channel_id, exc)
         return _error(for_player, 503, f"channel {channel_id}: temporarily unavailable (redis unreachable)",
-                      **{"Retry-After": RETRY_AFTER})
+                      {"Retry-After": RETRY_AFTER})
     except StartFailed as exc:
         launcher.counters["start_failures"] += 1
         if not isinstance(exc, CoolingDown) or _first_refusal(launcher, channel_id):
             log.warning("channel %s: start %s: %s", channel_id,
                         "refused during failed_cooldown (said once per cooldown)" if isinstance(exc, CoolingDown)
                         else "failed", exc)
-        return _error(for_player, 503, f"channel {channel_id}: {exc}", **{"Retry-After": RETRY_AFTER})
+        if isinstance(exc, CoolingDown):
+            # Starts are refused until the cooldown ends: say when (the player's text stays the
+            # failure's class; a script's JSON says it is the cooldown).
+            retry = str(max(1, math.ceil(exc.seconds_left)))
+            return _error(for_player, 503, f"channel {channel_id}: {exc}", {"Retry-After": retry},
+                          cooldown_seconds=round(exc.seconds_left, 1))
+        return _error(for_player, 503, f"channel {channel_id}: {exc}", {"Retry-After": RETRY_AFTER})
     if for_player:
         # nginx serves the file as the answer to the player's own request: no redirect it sees.
         return web.Response(status=200, headers={
@@ -167,7 +175,7 @@ async def redis_unavailable(request: web.Request, handler):
         return await handler(request)
     except redis.RedisError as exc:
         log.error("%s %s: redis unavailable: %s", request.method, request.path, exc)
-        return _error(_for_player(request), 503, "temporarily unavailable (redis unreachable)", **{"Retry-After": RETRY_AFTER})
+        return _error(_for_player(request), 503, "temporarily unavailable (redis unreachable)", {"Retry-After": RETRY_AFTER})
 
 
 async def healthz(request: web.Request) -> web.Response:

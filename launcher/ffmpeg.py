@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import re
+import typing
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from streamstate import files, hls
@@ -26,7 +28,7 @@ def keyframe_interval(settings) -> float:
 
 
 def build_argv(channel: Channel, settings, *, upstream: Upstream | None = None,
-               source: str | None = None, cookies: list[str] = (), start_number: int = 0,
+               source: str | None = None, cookies: Sequence[str] = (), start_number: int = 0,
                target_duration: int | None = None) -> list[str]:
     """The complete FFmpeg command for ``channel`` reading ``source`` (default: its first),
     with its provider's defaults; ChannelError if it cannot be run.  FFmpeg's connections
@@ -103,10 +105,13 @@ def start_number_of(argv: list[str]) -> int | None:
     return None
 
 
+DISK_FULL = "disk full"
+_DISK_FULL_CLASS = (re.compile(r"No space left on device", re.I), DISK_FULL)
+
 # Why an FFmpeg failed, as a class a player may see (never a URL: providers put accounts
 # in their URLs) and the line of its output that says so, redacted, for the log.
 _FAILURE_CLASSES = [
-    (re.compile(r"No space left on device", re.I), "disk full"),
+    _DISK_FULL_CLASS,
     (re.compile(r"Protocol '?\w+'? not on whitelist", re.I), "upstream asked for a refused protocol"),
     (re.compile(r"(?:HTTP error|Server returned) (\d{3})"), "upstream refused: HTTP {0}"),
     (re.compile(r"certificate|gnutls|TLS|SSL", re.I), "upstream TLS failed (certificate not trusted?)"),
@@ -120,19 +125,26 @@ _FAILURE_CLASSES = [
 ]
 
 
-def classify_failure(stderr_lines: list[str], source_url: str = "") -> tuple[str, str]:
-    """(class for players, redacted detail for logs) of a failed FFmpeg; ("", "") if its
-    output says nothing useful."""
+class FailureClass(typing.NamedTuple):
+    text: str            # the class a player may see ("" when the output says nothing useful)
+    detail: str          # the line that says so, redacted, for the log
+    disk_full: bool      # the output says hls_dir is full: the host's problem, not the source's
+
+
+def classify_failure(stderr_lines: list[str], source_url: str = "") -> FailureClass:
+    """What a failed FFmpeg's output says."""
     secrets = url_secrets(source_url) if source_url else ()
-    for pattern, label in _FAILURE_CLASSES:
+    for found in _FAILURE_CLASSES:
+        pattern, label = found
         for line in reversed(stderr_lines):
             match = pattern.search(line)
             if match:
-                return label.format(*match.groups()), _detail(line, secrets)
+                return FailureClass(label.format(*match.groups()), _detail(line, secrets),
+                                    disk_full=found is _DISK_FULL_CLASS)
     for line in reversed(stderr_lines):
         if line.strip():
-            return "", _detail(line, secrets)
-    return "", ""
+            return FailureClass("", _detail(line, secrets), False)
+    return FailureClass("", "", False)
 
 
 def _detail(line: str, secrets: tuple[str, ...]) -> str:

@@ -75,7 +75,8 @@ class GuardedProtocol(asyncio.Protocol):
         """Cut it (evicted): aiohttp hears the connection is lost."""
         if self._deadline is not None:
             self._deadline.cancel()
-        self._transport.abort()
+        if self._transport is not None:
+            self._transport.abort()
         self._inner.connection_lost(None)
 
     def pause_writing(self) -> None:

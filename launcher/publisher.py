@@ -104,7 +104,7 @@ class PlaylistPublisher:
         resumed = self.resume()
         first = first_number if first_number is not None else (self.last_number or 0) + 1
         self._start_run(first)
-        if resumed:
+        if resumed and self.playlist is not None:
             listed = [hls.segment_number(s.uri, self.id) or 0 for s in self.playlist.segments]
             self.run_published = sum(1 for n in listed if n >= first)
             self._pending_discontinuity = self.run_published == 0
@@ -224,7 +224,9 @@ class PlaylistPublisher:
                 start = end
                 continue
             while end < len(fresh) and not fresh[end].discontinuity:
-                fresh[end].program_date_time = fresh[end - 1].program_date_time + fresh[end - 1].duration
+                before = fresh[end - 1].program_date_time
+                assert before is not None                # dated just above
+                fresh[end].program_date_time = before + fresh[end - 1].duration
                 end += 1
             start = end
 
@@ -278,7 +280,8 @@ class PlaylistPublisher:
         playlist is retired (deleted a window later).  The running FFmpeg's files (numbers
         from ``current_first`` on) are its own."""
         listed = {s.uri for s in self.playlist.segments} if self.playlist else set()
-        first_listed = hls.segment_number(self.playlist.segments[0].uri, self.id) if listed else None
+        first_listed = (hls.segment_number(self.playlist.segments[0].uri, self.id)
+                        if self.playlist is not None and listed else None)
         retired = {path for _, path in self._retired}
         for path in files.stream_files(self.hls_dir, self.id):
             name = os.path.basename(path)

@@ -29,6 +29,7 @@ from streamstate.process import (ProcessHandle, StreamProcess, process_cmdline, 
                                  resolve_executable, stream_ffmpegs_under)
 from streamstate.redact import redact_text, redact_url
 from streamstate.redis_client import redis_from_url
+from streamstate.runs import RunState
 from streamstate.upstreams import Upstream, upstream_of
 
 from .ffmpeg import build_argv, start_number_of
@@ -59,7 +60,11 @@ class RelayDown(StartFailed):
 
 class CoolingDown(StartFailed):
     """The channel failed within failed_cooldown: its starts get the same reason (503),
-    and no FFmpeg runs."""
+    and no FFmpeg runs, for ``seconds_left`` more."""
+
+    def __init__(self, reason: str, seconds_left: float):
+        super().__init__(reason)
+        self.seconds_left = seconds_left
 
 
 class Launcher:
@@ -103,8 +108,7 @@ class Launcher:
 
     def active_supervisor(self, channel_id: str) -> StreamSupervisor | None:
         supervisor = self.supervisors.get(channel_id)
-        if supervisor is not None and not supervisor.finished and supervisor.state in ("starting", "running",
-                                                                                      "backoff"):
+        if supervisor is not None and not supervisor.finished and supervisor.state in runs.VOUCHED_STATES:
             return supervisor
         return None
 
@@ -123,7 +127,7 @@ class Launcher:
         if supervisor is None:
             failed = await self.redis_call(runs.get_failed, channel_id)
             if failed is not None:           # failed_cooldown: no FFmpeg, the same reason
-                raise CoolingDown(failed["reason"])
+                raise CoolingDown(failed["reason"], await self.redis_call(runs.failed_seconds_left, channel_id))
             if channel is None:
                 channel = await self.redis_call(get_channel, channel_id)
             if channel is None:
@@ -143,7 +147,7 @@ class Launcher:
             self.counters["joined"] += 1
         if viewer:
             supervisor.asked_by.add(viewer)
-        status = "started" if created or supervisor.state != "running" else "already_running"
+        status = "started" if created or supervisor.state is not RunState.RUNNING else "already_running"
         await supervisor.wait_playable(timeout)
         if viewer:
             await self._record_viewer(channel_id, viewer)
@@ -186,8 +190,8 @@ class Launcher:
                     self.counters["starts"] += 1
                     supervisor.begin()
             except BaseException:
-                if upstream.limited:
-                    await self.redis_call(providers.release_slot, upstream.provider.name, channel_id, run_id)
+                if upstream.limited_provider is not None:
+                    await self.redis_call(providers.release_slot, upstream.limited_provider.name, channel_id, run_id)
                 raise
         except BaseException:
             await self.redis_call(runs.release_start_lock, channel_id, token)
@@ -221,8 +225,8 @@ class Launcher:
     def status_line(self) -> str:
         """systemd's STATUS=: streams per state, and what was refused or failed."""
         states = collections.Counter(s.state for s in self.live_supervisors())
-        shown = ", ".join(f"{states[name]} {name}" for name in ("running", "starting", "backoff", "stopping")
-                          if states[name]) or "no stream"
+        shown = ", ".join(f"{states[state]} {state.value}" for state in (
+            RunState.RUNNING, RunState.STARTING, RunState.BACKOFF, RunState.STOPPING) if states[state]) or "no stream"
         return (f"{shown}; starts {self.counters['starts']}, failed {self.counters['start_failures']}, "
                 f"busy {self.counters['busy']}")
 
@@ -240,7 +244,7 @@ class Launcher:
         last = await self.redis_call(runs.last_access_times, [s.id for s in live])
         now = time.time()
         idle = sorted(((now - (seen or s.started), s) for s, seen in zip(live, last)
-                       if s.state == "running"), key=lambda pair: pair[0], reverse=True)
+                       if s.state is RunState.RUNNING), key=lambda pair: pair[0], reverse=True)
         preempt_idle = self.settings.preempt_idle
         if not idle or idle[0][0] < preempt_idle:
             self.counters["busy"] += 1
@@ -269,9 +273,9 @@ class Launcher:
         preempted at once, else the one longest without a request if that is at least
         preempt_idle; its connection is closed before the slot is taken.  Otherwise
         ProviderBusy."""
-        if not upstream.limited:
+        provider = upstream.limited_provider
+        if provider is None:
             return
-        provider = upstream.provider
         grace = self.settings.start_timeout + 10
         async with self._provider_locks[provider.name]:
             # This host's running streams of the provider hold their slots first (after a
@@ -303,10 +307,10 @@ class Launcher:
         holders = set(await self.redis_call(providers.slot_channels, provider, grace))
         live = [s for s in self.live_supervisors() if s.id in holders]
         # A stream still starting that only this viewer asked for: it left before it played.
-        left = [s for s in live if s.state == "starting" and viewer and s.asked_by == {viewer}]
+        left = [s for s in live if s.state is RunState.STARTING and viewer and s.asked_by == {viewer}]
         if left:
             return left[0], "its only viewer changed channel before it played"
-        mine = [s for s in live if s.state in ("running", "backoff")]
+        mine = [s for s in live if s.state in (RunState.RUNNING, RunState.BACKOFF)]
         if not mine:
             return None, ""
         now = time.time()
@@ -489,7 +493,7 @@ def collect_streams(client, settings, supervisors: dict) -> dict:
         entry = {
             "id": channel_id,
             "state": supervisor.state if supervisor and not supervisor.finished else
-            (record.state if record else "unknown"),
+            ((record.state or "unknown") if record else "unknown"),
             "pid": record.pid if record else None,
             "host": record.host if record else None,
             "started": record.started if record else None,

@@ -25,12 +25,14 @@ from signal import SIGKILL, SIGTERM
 
 from streamstate import egress, files, hls, providers, runs, stream_end
 from streamstate.channels import Channel, ChannelError
+from streamstate.egress import RefusalKind
 from streamstate.process import ProcessHandle, process_start_time
 from streamstate.redact import redact_url
+from streamstate.runs import RunState
 from streamstate.stream_end import Cause, Next
 from streamstate.upstreams import Upstream
 
-from .ffmpeg import build_argv, classify_failure
+from .ffmpeg import DISK_FULL, build_argv, classify_failure
 from .publisher import PlaylistPublisher
 from .resolvers import ResolveFailed, resolve
 
@@ -135,11 +137,7 @@ class AdoptedProcess:
         return -1
 
 
-# The egress relay's notes (streamstate.egress) as the class of failure a player sees.
-REFUSAL_CLASSES = {"address": "upstream address not allowed", "proxy": "upstream proxy unusable",
-                   "unreachable": "upstream unreachable"}
 RELAY_DOWN = "egress relay unavailable"
-DISK_FULL = "disk full"
 
 
 class StreamSupervisor:
@@ -156,9 +154,9 @@ class StreamSupervisor:
         self.upstream = upstream           # None: the record is unusable, never (re)started
         self.source = channel.source_url   # the source in use (channel.sources: the order)
         self._spawned_at = 0.0
-        self.state = "starting"
+        self.state = RunState.STARTING
         self.run_id = run_id or runs.new_run_id()
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: asyncio.subprocess.Process | AdoptedProcess | None = None
         self.pid_start: int | None = None
         self.started = time.time()
         self.written_to: str | None = None   # the Redis server (INFO run_id) the record went to
@@ -176,8 +174,8 @@ class StreamSupervisor:
         inherited = adopted[1] if adopted else resumed
         # The provider account whose connection slot this run holds (taken before the start;
         # an adopted or resumed run's is in its record).
-        self.slot_provider = ((inherited.provider or None) if inherited else
-                              upstream.provider.name if upstream is not None and upstream.limited else None)
+        limited = upstream.limited_provider if upstream is not None else None
+        self.slot_provider = ((inherited.provider or None) if inherited else limited.name if limited else None)
         self._detaching = False     # the launcher is exiting: leave FFmpeg running
         self.slow = False           # producing slower than real time (logged once per episode)
         self.speed: float | None = None   # media seconds per wall second over SLOW_WINDOW
@@ -189,7 +187,7 @@ class StreamSupervisor:
         if adopted:
             process, record = adopted
             self.run_id, self.process, self.pid_start = record.run_id, process, record.pid_start
-            self.started, self.restarts, self.state = record.started, record.restarts, "running"
+            self.started, self.restarts, self.state = record.started, record.restarts, RunState.RUNNING
         if resumed:
             self.started, self.restarts = resumed.started, resumed.restarts
             self.publisher.resume()
@@ -205,13 +203,25 @@ class StreamSupervisor:
             await self._run()
         except asyncio.CancelledError:
             if not self._detaching:
-                await self._end("stopped", "supervisor cancelled", signal=True)
+                await self._end(RunState.STOPPED, "supervisor cancelled", signal=True)
             raise
         except Exception as exc:  # noqa: BLE001 - reported as the stream's error
             log.error("channel %s: supervisor failed: %s", self.id, exc)
             self.cause, self.failure = Cause.LAUNCHER, "launcher error"
             self.last_error = f"launcher error: {exc}"
-            await self._end("failed", self.last_error, signal=True)
+            await self._end(RunState.FAILED, self.last_error, signal=True)
+
+    @property
+    def child(self) -> "asyncio.subprocess.Process | AdoptedProcess":
+        """This run's FFmpeg: there is one from its spawn (or adoption) on."""
+        assert self.process is not None
+        return self.process
+
+    @property
+    def usable_upstream(self) -> Upstream:
+        """The channel's upstream: a run whose record is unusable never spawns."""
+        assert self.upstream is not None
+        return self.upstream
 
     @property
     def provider_name(self) -> str | None:
@@ -227,11 +237,11 @@ class StreamSupervisor:
         try:
             async with self._changed:
                 await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.state in ("running", "failed", "stopped")),
+                    self._changed.wait_for(lambda: self.state in (RunState.RUNNING, RunState.FAILED, RunState.STOPPED)),
                     timeout)
         except asyncio.TimeoutError:
             raise StartFailed(f"no playable stream after {timeout:g} s") from None
-        if self.state != "running":
+        if self.state is not RunState.RUNNING:
             raise StartFailed(self.failure or f"stream {self.state}")
 
     async def stop(self, reason: str) -> None:
@@ -239,10 +249,10 @@ class StreamSupervisor:
         stopping, FFmpeg signalled, files, keys, ticket, provider slot."""
         self._stop_requested = True
         self.publisher.close()
-        if self.state not in ("stopped", "failed", "stopping"):
+        if not self.state.ended:
             log.info("channel %s: stopping (%s)", self.id, reason)
-            await self._set_state("stopping")
-        await self._end("stopped", reason, signal=True)
+            await self._set_state(RunState.STOPPING)
+        await self._end(RunState.STOPPED, reason, signal=True)
         if self._task is not None and not self._task.done() and self._task is not asyncio.current_task():
             await asyncio.wait({self._task}, timeout=self.settings.stop_grace + 5)
 
@@ -268,9 +278,9 @@ class StreamSupervisor:
             if playable:
                 if first:
                     log.info("channel %s: playable after %.2f s (pid %s)", self.id,
-                             time.time() - self.started, self.process.pid)
+                             time.time() - self.started, self.child.pid)
                 first = False
-                await self._set_state("running")
+                await self._set_state(RunState.RUNNING)
                 why = await self._watch()
                 if self.cause in (Cause.EXITED, Cause.STALLED) and not self._stop_requested \
                         and not await self._relay_answers():
@@ -291,7 +301,7 @@ class StreamSupervisor:
                                          max_restarts=self.settings.max_restarts, restart_window=window)
             if step.next is Next.STOP:
                 log.info("channel %s: FFmpeg ended and the stream is %s", self.id, step.why)
-                await self._end("stopped", step.why, signal=False)
+                await self._end(RunState.STOPPED, step.why, signal=False)
                 return
             if step.next is Next.FAIL:
                 await self._fail(why if first else f"{step.why}; last: {why}")
@@ -309,18 +319,25 @@ class StreamSupervisor:
 
     async def _backoff(self, delay: float) -> bool:
         """backoff for ``delay`` seconds, then starting; False if the stream ended meanwhile."""
-        await self._set_state("backoff", until=time.time() + delay + STATE_SLACK)
+        await self._set_state(RunState.BACKOFF, until=time.time() + delay + STATE_SLACK)
         deadline = time.monotonic() + delay
+        next_look = time.monotonic() + WANTED_EVERY
         while time.monotonic() < deadline and not self._stop_requested:
             self._enforce_freeze_limit()
+            if time.monotonic() >= next_look:
+                # A stream reaped (idle) or stopped during a long back-off ends now, not when
+                # the back-off is over: the launcher's view and Redis's agree.
+                next_look = time.monotonic() + WANTED_EVERY
+                if not await self._still_wanted():
+                    break
             await asyncio.sleep(min(WAIT_TICK, max(0.0, deadline - time.monotonic())))
         if self._stop_requested:
             return False
         if delay and not await self._still_wanted():
             log.info("channel %s: no longer wanted during its back-off", self.id)
-            await self._end("stopped", "no longer wanted", signal=False)
+            await self._end(RunState.STOPPED, "no longer wanted", signal=False)
             return False
-        await self._set_state("starting")
+        await self._set_state(RunState.STARTING)
         return True
 
     async def _wait_for_host(self, why: str) -> bool:
@@ -334,7 +351,7 @@ class StreamSupervisor:
         began = time.monotonic()
         limit = hls.freeze_limit(self.settings.hls_time, self.settings.start_timeout)
         while not self._stop_requested:
-            await self._set_state("backoff", until=time.time() + WANTED_EVERY + STATE_SLACK)
+            await self._set_state(RunState.BACKOFF, until=time.time() + WANTED_EVERY + STATE_SLACK)
             if cause is Cause.RELAY_DOWN and await self._relay_answers():
                 break
             if cause is Cause.DISK_FULL and (files.free_mb(self.settings.hls_dir) or 0) >= max(
@@ -346,12 +363,12 @@ class StreamSupervisor:
                 return False
             self._enforce_freeze_limit()
             if not await self._still_wanted():
-                await self._end("stopped", "no longer wanted", signal=False)
+                await self._end(RunState.STOPPED, "no longer wanted", signal=False)
                 return False
             await asyncio.sleep(WANTED_EVERY)
         if self._stop_requested:
             return False
-        await self._set_state("starting")
+        await self._set_state(RunState.STARTING)
         return True
 
     def _enforce_freeze_limit(self) -> None:
@@ -375,7 +392,7 @@ class StreamSupervisor:
                                                self.settings.host_id, self.settings.failed_cooldown)
             except Exception as exc:  # noqa: BLE001 - the cooldown is a courtesy to the upstream
                 log.warning("channel %s: cannot record the failure (%s)", self.id, exc)
-        await self._end("failed", why, signal=False)
+        await self._end(RunState.FAILED, why, signal=False)
 
     async def _start_from_sources(self, first: bool) -> bool:
         """Start FFmpeg on the current source, else on the next ones: a source that fails
@@ -397,7 +414,7 @@ class StreamSupervisor:
                 playable = await self._wait_until_playable(deadline)
             if playable:
                 return True
-            if (self.cause in stream_end.NOT_THE_SOURCE or self.failure == "upstream proxy unusable"
+            if (self.cause in stream_end.NOT_THE_SOURCE
                     or len(self.channel.sources) == 1 or self._stop_requested or not await self._relay_answers()):
                 return False
             await self._source_failed(source)
@@ -457,13 +474,15 @@ class StreamSupervisor:
     async def _prepare(self, source: str, start_number: int) -> tuple[list[str], dict[str, str]]:
         """FFmpeg's argv and environment for one source: a fresh egress ticket, and the
         resolver's URL and cookies.  ResolveFailed or ChannelError say why not."""
-        token = egress.write_ticket(self.settings.state_dir, self.id, self.upstream.proxy, self.slot_provider)
+        upstream = self.usable_upstream
+        token = egress.write_ticket(self.settings.state_dir, self.id, upstream.proxy, self.slot_provider)
         relay = egress.relay_url(self.settings.egress_listen, self.id, token)
-        url, cookies = source, []
-        if self.upstream.resolver != "none":
-            url, cookies = await asyncio.to_thread(resolve, self.upstream, source, relay,
+        url: str = source
+        cookies: list[str] = []
+        if upstream.resolver != "none":
+            url, cookies = await asyncio.to_thread(resolve, upstream, source, relay,
                                                    self.settings.tls_ca_file)
-        argv = build_argv(self.channel, self.settings, upstream=self.upstream, source=url, cookies=cookies,
+        argv = build_argv(self.channel, self.settings, upstream=upstream, source=url, cookies=cookies,
                           start_number=start_number, target_duration=self.publisher.target_duration)
         return argv, egress.ffmpeg_environment(self.settings.egress_listen, self.id, token)
 
@@ -498,17 +517,18 @@ class StreamSupervisor:
                 stderr=log_fd, start_new_session=True, env=environment)
         finally:
             os.close(log_fd)
-        self.pid_start = process_start_time(self.process.pid)
+        self.pid_start = process_start_time(self.child.pid)
         if first and self.written_to is None:
             await self._write_record()
         else:
-            await self._update_record(pid=self.process.pid, pid_start=self.pid_start or "",
-                                      state="starting", restarts=self.restarts,
+            await self._update_record(pid=self.child.pid, pid_start=self.pid_start or "",
+                                      state=RunState.STARTING, restarts=self.restarts,
                                       last_error=self.last_error, source=redact_url(source),
                                       until=f"{time.time() + self.settings.start_timeout + STATE_SLACK:.3f}")
         log.info("channel %s: FFmpeg started (pid %s, quality %s, source %s%s, first segment %d)", self.id,
-                 self.process.pid, self.channel.quality, redact_url(source),
-                 f", proxy {redact_url(self.upstream.proxy)}" if self.upstream.proxy else "", start_number)
+                 self.child.pid, self.channel.quality, redact_url(source),
+                 f", proxy {redact_url(self.usable_upstream.proxy)}" if self.usable_upstream.proxy else "",
+                 start_number)
         return True
 
     async def _wait_until_playable(self, deadline: float) -> bool:
@@ -520,7 +540,7 @@ class StreamSupervisor:
                 return True
             if self._cannot_publish():
                 return False
-            if self.process.returncode is not None:
+            if self.child.returncode is not None:
                 self._note_failure(exit_text(self.process))
                 return False
             if self._relay_refused():
@@ -539,13 +559,13 @@ class StreamSupervisor:
         checks = 0
         while not self._stop_requested:
             try:
-                await asyncio.wait_for(asyncio.shield(self.process.wait()), WATCH_INTERVAL)
+                await asyncio.wait_for(asyncio.shield(self.child.wait()), WATCH_INTERVAL)
             except asyncio.TimeoutError:
                 pass
             self.publisher.publish()
             if self._cannot_publish():
                 return self.last_error
-            if self.process.returncode is not None:
+            if self.child.returncode is not None:
                 self._note_failure(exit_text(self.process), cause=Cause.EXITED)
                 return self.last_error
             if self._relay_refused():
@@ -602,7 +622,7 @@ class StreamSupervisor:
         that cannot be used): the run ends with that reason, even where FFmpeg would carry on
         (its HLS demuxer skips a segment it cannot fetch and tries the next)."""
         refusal = egress.read_refusal(self.settings.state_dir, self.id, self._spawned_at)
-        if refusal is None or refusal.get("kind") not in ("address", "proxy"):
+        if refusal is None or refusal.kind is RefusalKind.UNREACHABLE:
             return False
         self._note_failure("refused by the egress relay")
         return True
@@ -614,20 +634,20 @@ class StreamSupervisor:
         output says the disk is full or the relay refused."""
         refusal = egress.read_refusal(self.settings.state_dir, self.id, self._spawned_at)
         if refusal is not None:
-            self.cause = Cause.REFUSED
-            self.failure = REFUSAL_CLASSES.get(refusal.get("kind"), "upstream proxy unusable")
-            self.last_error = f"{self.failure}: {str(refusal.get('reason', ''))[:300]}"
+            self.cause = Cause.PROXY if refusal.kind is RefusalKind.PROXY else Cause.REFUSED
+            self.failure = refusal.kind.text
+            self.last_error = f"{self.failure}: {refusal.reason}"
             return
         self.cause = cause
         if not from_ffmpeg:
             self.failure = self.last_error = otherwise
             return
         tail = files.log_tail(self.log_path, STDERR_LINES, since=LOG_MARK)
-        label, detail = classify_failure(tail, self.source)
-        if label == DISK_FULL:
+        found = classify_failure(tail, self.source)
+        if found.disk_full:
             self.cause = Cause.DISK_FULL
-        self.failure = label or otherwise
-        self.last_error = f"{self.failure}: {detail}" if detail else self.failure
+        self.failure = found.text or otherwise
+        self.last_error = f"{self.failure}: {found.detail}" if found.detail else self.failure
 
     async def _update_record(self, **fields) -> None:
         """Keep the run record current; a Redis error is logged, never fatal to the stream."""
@@ -653,13 +673,13 @@ class StreamSupervisor:
     async def _write_record(self) -> None:
         """The run record, whole, with the identity of the Redis server it went to."""
         record = runs.RunRecord(channel=self.id, run_id=self.run_id, host=self.settings.host_id,
-                                pid=self.process.pid, pid_start=self.pid_start, started=self.started,
-                                state=self.state if self.state in runs.STATES else "starting",
+                                pid=self.child.pid, pid_start=self.pid_start, started=self.started,
+                                state=self.state,
                                 last_error=self.last_error, restarts=self.restarts,
                                 source=redact_url(self.source),
                                 provider=self.provider_name or "",
                                 until=time.time() + (self.settings.start_timeout + STATE_SLACK
-                                                     if self.state in ("starting", "backoff") else VOUCH_AHEAD))
+                                                     if self.state in (RunState.STARTING, RunState.BACKOFF) else VOUCH_AHEAD))
         await self.launcher.redis_call(runs.record_run, record)
         self.written_to = await self.launcher.redis_call(runs.redis_server_id)
 
@@ -679,7 +699,7 @@ class StreamSupervisor:
             log.warning("channel %s: cannot write its record again (%s); keeping it running", self.id, exc)
             return True
         log.info("channel %s: record lost with a Redis restart; written again (pid %s)", self.id,
-                 self.process.pid)
+                 self.child.pid)
         return True
 
     def detach(self) -> None:
@@ -712,34 +732,33 @@ class StreamSupervisor:
             await process.wait()
         self.publisher.publish()
 
-    async def _end(self, state: str, why: str, *, signal: bool) -> None:
+    async def _end(self, state: RunState, why: str, *, signal: bool) -> None:
         """The run is over: the one stop routine (streamstate.stream_end) in a thread, then
         the child reaped and the state set."""
         self.publisher.close()                        # its files go now: the session is over
-        process = self.process
-        alive = signal and process is not None and process.returncode is None
-        target = stream_end.StopTarget(channel=self.id, pid=process.pid if alive else 0, run_id=self.run_id,
+        process = self.process if signal and self.process is not None and self.process.returncode is None else None
+        target = stream_end.StopTarget(channel=self.id, pid=process.pid if process else 0, run_id=self.run_id,
                                        pid_start=self.pid_start, provider=self.slot_provider or "", why=why)
         await asyncio.to_thread(stream_end.stop_streams, self.launcher.redis, self.settings, [target],
                                 executable=self.launcher.ffmpeg_executable, log=log, need_mark=False)
-        if alive:
+        if process is not None:
             await process.wait()
         await self._set_state(state)
 
-    async def _set_state(self, state: str, *, until: float | None = None) -> None:
+    async def _set_state(self, state: RunState, *, until: float | None = None) -> None:
         """The one place the state changes: only along runs.TRANSITIONS; the run record
         follows (states past a run's end are not kept there: its keys go).  ``until``: the
         launcher's promise for starting and backoff (runs.RunRecord.until)."""
-        if state != self.state and state not in runs.TRANSITIONS[self.state]:
+        if not self.state.can_become(state):
             log.error("channel %s: refused state change %s -> %s", self.id, self.state, state)
             return
         async with self._changed:
             self.state = state
             self._changed.notify_all()
-        if state in ("starting", "running", "backoff", "stopping") and self.written_to is not None:
-            if state == "starting" and until is None:
+        if state in (*runs.VOUCHED_STATES, RunState.STOPPING) and self.written_to is not None:
+            if state is RunState.STARTING and until is None:
                 until = time.time() + self.settings.start_timeout + STATE_SLACK
-            if state == "running" and until is None:
+            if state is RunState.RUNNING and until is None:
                 until = time.time() + VOUCH_AHEAD
-            fields = {"restarts": self.restarts, "last_error": self.last_error} if state == "backoff" else {}
+            fields = {"restarts": self.restarts, "last_error": self.last_error} if state is RunState.BACKOFF else {}
             await self._update_record(state=state, until=f"{until:.3f}" if until else "", **fields)

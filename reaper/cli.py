@@ -60,7 +60,7 @@ def run_one(reaper: Reaper, as_json: bool) -> int:
     if reaper.dry_run:
         for action in summary.actions:
             log.info("dry run: channel %s: would %s pid %s: %s", action.channel,
-                     "stop" if action.kind == "stop" else "clear" if action.kind == "stale" else "leave",
+                     action.kind.verb,
                      action.pid, action.why)
     log.info("%s", summary.line())
     if as_json:

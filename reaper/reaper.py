@@ -24,6 +24,7 @@ Rules, in the order a pass applies them:
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import logging
 import os
@@ -76,9 +77,22 @@ class StreamView:
         return None if reference is None else now - reference
 
 
+class ActionKind(enum.StrEnum):
+    """What a pass does with a stream (the value is what --json shows)."""
+    STOP = "stop"            # this host's, idle past idle_timeout: stopped
+    STALE = "stale"          # its FFmpeg is gone (or its host is): its keys are cleared
+    KEEP = "keep"            # watched, or vouched for by its launcher
+    FOREIGN = "foreign"      # another live host's: its own reaper's
+
+    @property
+    def verb(self) -> str:
+        """What a dry run says it would do."""
+        return {ActionKind.STOP: "stop", ActionKind.STALE: "clear"}.get(self, "leave")
+
+
 @dataclasses.dataclass
 class Action:
-    kind: str            # stop, stale, keep, foreign
+    kind: ActionKind
     channel: str
     pid: int
     why: str
@@ -157,15 +171,15 @@ class Reaper:
                 live_hosts = self._live_hosts(views)
                 actions = [self._decide(view, now, live_hosts) for view in views]
                 summary.streams = len(views)
-                summary.actions = [a for a in actions if a.kind != "keep"]
-                summary.kept = sum(a.kind == "keep" for a in actions)
-                summary.foreign = sum(a.kind == "foreign" for a in actions)
+                summary.actions = [a for a in actions if a.kind is not ActionKind.KEEP]
+                summary.kept = sum(a.kind is ActionKind.KEEP for a in actions)
+                summary.foreign = sum(a.kind is ActionKind.FOREIGN for a in actions)
                 if not self.dry_run:
-                    self._clear_stale([a for a in actions if a.kind == "stale"])
-                    self._stop([a for a in actions if a.kind == "stop"])
-                summary.stopped = sum(a.kind == "stop" for a in actions)
-                summary.stale = sum(a.kind == "stale" for a in actions)
-                running = {a.channel for a in actions if a.kind in ("keep", "foreign")}
+                    self._clear_stale([a for a in actions if a.kind is ActionKind.STALE])
+                    self._stop([a for a in actions if a.kind is ActionKind.STOP])
+                summary.stopped = sum(a.kind is ActionKind.STOP for a in actions)
+                summary.stale = sum(a.kind is ActionKind.STALE for a in actions)
+                running = {a.channel for a in actions if a.kind in (ActionKind.KEEP, ActionKind.FOREIGN)}
                 summary.orphan_processes = self._orphan_processes(running)
                 summary.orphan_files = self._orphan_files(running, now)
                 summary.invalid_members = self._remove_invalid_members()
@@ -189,7 +203,8 @@ class Reaper:
         actions = [self._decide(view, time.time(), set()) for view in views]
         # Only streams proven to be FFmpegs writing into this hls_dir; stale records are
         # the reaper's next pass's business.
-        stops = [dataclasses.replace(a, kind="stop", why=reason) for a in actions if a.kind in ("stop", "keep")]
+        stops = [dataclasses.replace(a, kind=ActionKind.STOP, why=reason) for a in actions
+                 if a.kind in (ActionKind.STOP, ActionKind.KEEP)]
         self._stop(stops)
         return [a.channel for a in stops]
 
@@ -238,27 +253,29 @@ class Reaper:
         channel, pid = view.channel, view.pid
         idle = view.idle(now)
         run = view.run
-        base = dict(channel=channel, pid=pid, idle=None if idle is None else round(idle, 1),
-                    pid_raw=None if run else view.pid_raw,
-                    run_id=run.run_id if run else None,
-                    pid_start=run.pid_start if run else None,
-                    provider=(run.provider or None) if run else None)
+
+        def action(kind: ActionKind, why: str, host: str | None = None) -> Action:
+            return Action(kind=kind, channel=channel, pid=pid, why=why, host=host,
+                          idle=None if idle is None else round(idle, 1),
+                          pid_raw=None if run else view.pid_raw,
+                          run_id=run.run_id if run else None,
+                          pid_start=run.pid_start if run else None,
+                          provider=(run.provider or None) if run else None)
         if run is not None and run.host and run.host != self.host:
             if run.host in live_hosts:
-                return Action(kind="foreign", why=f"runs on host {run.host}", **base)
-            return Action(kind="stale", host=run.host, why=f"host {run.host} not seen for "
-                          f"{self.settings.host_timeout:g} s", **base)
-        vouched = run is not None and run.vouched(now)
-        if vouched and (idle is None or idle <= self.settings.idle_timeout):
-            return Action(kind="keep", why=f"its launcher vouches for it ({run.state})", **base)
-        if not vouched and not self._proven(view):
+                return action(ActionKind.FOREIGN, f"runs on host {run.host}")
+            return action(ActionKind.STALE, f"host {run.host} not seen for {self.settings.host_timeout:g} s",
+                          host=run.host)
+        vouched_state = run.state if run is not None and run.vouched(now) else None
+        if vouched_state is not None and (idle is None or idle <= self.settings.idle_timeout):
+            return action(ActionKind.KEEP, f"its launcher vouches for it ({vouched_state})")
+        if vouched_state is None and not self._proven(view):
             why = "no pid" if not pid else f"pid {pid} is not this stream's FFmpeg (gone or reused)"
-            return Action(kind="stale", why=why, **base)
+            return action(ActionKind.STALE, why)
         if idle is None or idle > self.settings.idle_timeout:
             shown = "never watched" if idle is None else f"idle {idle:.0f} s"
-            return Action(kind="stop", why=f"{shown} > idle_timeout "
-                          f"{self.settings.idle_timeout:g} s", **base)
-        return Action(kind="keep", why="watched", **base)
+            return action(ActionKind.STOP, f"{shown} > idle_timeout {self.settings.idle_timeout:g} s")
+        return action(ActionKind.KEEP, "watched")
 
     def _proven(self, view: StreamView) -> bool:
         start_time = view.run.pid_start if view.run is not None else None

@@ -29,7 +29,8 @@ from streamstate.cli_options import settings_options
 from streamstate.process import process_cmdline, resolve_executable
 from streamstate.redact import redact_url
 from streamstate.redis_client import redis_from_url
-from streamstate.upstreams import socks_connection
+from streamstate.runs import RunState
+from streamstate.upstreams import proxy_endpoint, socks_connection
 
 from . import nginx_conf
 
@@ -279,11 +280,11 @@ def _streams_not_playing(client, settings) -> list[Check]:
     for channel, (record, *_rest) in zip(active, runs.read_batch(client, active) if active else []):
         if record is None or record.host != settings.host_id:
             continue
-        if record.state == "backoff":
+        if record.state is RunState.BACKOFF:
             found.append(Check(FAIL, f"channel {channel}", f"not playing: waiting to restart FFmpeg (restart "
                                f"{record.restarts}); last error: {record.last_error or 'none recorded'}; "
                                f"`streamctl logs {channel}` shows FFmpeg's own lines"))
-        elif record.state == "starting" and record.restarts:
+        elif record.state is RunState.STARTING and record.restarts:
             found.append(Check(WARN, f"channel {channel}", f"being replaced (restart {record.restarts}); "
                                f"last error: {record.last_error or 'none recorded'}"))
     for failed in runs.failed_channels(client):
@@ -315,7 +316,7 @@ def check_streams(client, settings) -> list[Check]:
     old host's keys alone: stream:<id>:pid, :started, :last_access), junk in streams:active,
     provider slots no running stream holds, FFmpegs no record knows; empty or stale
     playlists in hls_dir; free space."""
-    from reaper.reaper import Reaper, RedisUnavailable
+    from reaper.reaper import ActionKind, Reaper, RedisUnavailable
     found = []
     try:
         summary = Reaper(settings, client, dry_run=True).run_pass()
@@ -323,7 +324,7 @@ def check_streams(client, settings) -> list[Check]:
         return [Check(FAIL, "streams", str(exc))]
     channels = summary.streams
     for action in summary.actions:
-        if action.kind == "stale" and action.host is None:          # another host's: its own doctor
+        if action.kind is ActionKind.STALE and action.host is None:          # another host's: its own doctor
             kind = "its run record" if action.run_id else "the old host's keys (no run record)"
             found.append(Check(FAIL, f"channel {action.channel}",
                                f"stale record ({kind}): {action.why}; `streamctl reap` clears it "
@@ -423,7 +424,7 @@ def check_proxies(settings) -> list[Check]:
 def _proxy_problem(proxy: str) -> str | None:
     parts = urlsplit(proxy)
     try:
-        sock = socket.create_connection((parts.hostname, parts.port), timeout=TIMEOUT)
+        sock = socket.create_connection(proxy_endpoint(proxy), timeout=TIMEOUT)
     except OSError as exc:
         return f"does not accept connections ({exc})"
     with sock:
@@ -473,7 +474,7 @@ def check_channel(client, settings, channel_id: str) -> list[Check]:
         which = "source" if index == 0 else f"fallback {index}"
         direct = _probe_within(source, headers, None, settings)
         via = _probe_within(source, headers, upstream.proxy, settings) if upstream.proxy else None
-        answer = f"{direct} without proxy" + (f", {via} through {redact_url(upstream.proxy)}" if via else "")
+        answer = f"{direct} without proxy" + (f", {via} through {redact_url(upstream.proxy or '')}" if via else "")
         good = (via or direct).startswith("2")
         found.append(Check(OK if good else FAIL, f"{label} {which}", f"{redact_url(source)}: {answer}"))
     return found
@@ -504,7 +505,7 @@ def _refused_address(url: str, settings) -> str | None:
     except OSError as exc:
         return f"{host} does not resolve: {exc}"
     policy = AddressPolicy.from_settings(settings)
-    return next((reason for address in addresses if (reason := policy.refusal(address, port))), None)
+    return next((reason for address in addresses if address and (reason := policy.refusal(address, port))), None)
 
 
 def _probe(url: str, headers: dict, proxy: str | None) -> str:
@@ -534,10 +535,11 @@ def _probe_socks(url: str, headers: dict, proxy: str) -> str:
     parts, target = urlsplit(proxy), urlsplit(url)
     port = target.port or (443 if target.scheme == "https" else 80)
     try:
-        sock = socks_connection(proxy, target.hostname, port, TIMEOUT)
+        host = target.hostname or ""
+        sock = socks_connection(proxy, host, port, TIMEOUT)
         if target.scheme == "https":
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=target.hostname)
-        connection = http.client.HTTPConnection(target.hostname, port, timeout=TIMEOUT)
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        connection = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
         connection.sock = sock
         connection.request("GET", (target.path or "/") + (f"?{target.query}" if target.query else ""),
                            headers=headers)

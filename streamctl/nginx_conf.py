@@ -57,13 +57,15 @@ def parse(text: str) -> Directive:
         if punct is None:
             words.append(quoted if quoted is not None else single if single is not None else word)
             continue
+        parent = stack[-1]
+        assert parent.children is not None          # only blocks are pushed
         if punct == ";":
             if words:
-                stack[-1].children.append(Directive(words[0], words[1:], None, stack[-1]))
+                parent.children.append(Directive(words[0], words[1:], None, parent))
             words = []
         elif punct == "{":
-            block = Directive(words[0] if words else "", words[1:], [], stack[-1])
-            stack[-1].children.append(block)
+            block = Directive(words[0] if words else "", words[1:], [], parent)
+            parent.children.append(block)
             stack.append(block)
             words = []
         else:
@@ -169,7 +171,7 @@ def fallback_targets(root: Directive) -> list[tuple[str, str]]:
         names = {a.lstrip("=") for d in location.own("error_page") for a in d.args if a.lstrip("=").startswith("@")}
         names |= {a for d in location.own("try_files") for a in d.args if a.startswith("@")}
         for name in sorted(names):
-            for proxy in (named.get(name).own("proxy_pass") if name in named else []):
+            for proxy in (named[name].own("proxy_pass") if name in named else []):
                 url = proxy.args[0] if proxy.args else ""
                 host = re.sub(r"^https?://", "", url).split("/", 1)[0]
                 for address in upstreams.get(host, [host]):

@@ -61,7 +61,10 @@ def start_command(settings_loader, channel_id, as_json):
             click.echo(f"channel {channel_id}: {body['status']} (pid {body.get('pid')}, {body['playlist']})")
         return
     if not as_json:
-        click.echo(f"error: {body.get('error', status)}", err=True)
+        cooldown = body.get("cooldown_seconds") if isinstance(body, dict) else None
+        note = (f" (it failed: starts are refused for {cooldown:g} s more, failed_cooldown; "
+                f"`streamctl logs {channel_id}` shows why)" if isinstance(cooldown, (int, float)) else "")
+        click.echo(f"error: {body.get('error', status)}{note}", err=True)
     raise SystemExit({400: EXIT_INVALID, 422: EXIT_INVALID, 404: EXIT_NOT_FOUND}.get(status, EXIT_FAILED))
 
 

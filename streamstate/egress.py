@@ -18,6 +18,8 @@ launcher, of the relay and of Redis alike.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import json
 import os
 import secrets
@@ -90,25 +92,51 @@ def ffmpeg_environment(egress_listen: str, channel_id: str, token: str,
     return environment
 
 
-def record_refusal(state_dir: str, channel_id: str, kind: str, reason: str) -> None:
-    """The relay refused a connection of the channel: kind 'address', 'proxy' or
-    'unreachable' (the upstream did not answer)."""
+class RefusalKind(enum.StrEnum):
+    """Why the relay refused a connection of a stream (the note's ``kind``, and the
+    X-Streamkeeper-Refused header); ``text`` is the class of failure a player sees."""
+    ADDRESS = "address"            # an address upstream_deny or our own services cover
+    PROXY = "proxy"                # the channel's proxy cannot be used (fail closed)
+    UNREACHABLE = "unreachable"    # the upstream did not answer
+
+    @property
+    def text(self) -> str:
+        return _REFUSAL_TEXT[self]
+
+
+_REFUSAL_TEXT = {RefusalKind.ADDRESS: "upstream address not allowed", RefusalKind.PROXY: "upstream proxy unusable",
+                 RefusalKind.UNREACHABLE: "upstream unreachable"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    kind: RefusalKind
+    reason: str
+
+
+def record_refusal(state_dir: str, channel_id: str, kind: RefusalKind, reason: str) -> None:
+    """The relay refused a connection of the channel: a note the launcher reads."""
     with contextlib.suppress(OSError):
         files.write_atomic(refusal_path(state_dir, channel_id),
-                           json.dumps({"kind": kind, "reason": reason, "at": time.time()}).encode(),
+                           json.dumps({"kind": kind.value, "reason": reason, "at": time.time()}).encode(),
                            mode=0o600)
 
 
-def read_refusal(state_dir: str, channel_id: str, since: float) -> dict | None:
-    """The relay's last refusal for the channel, if it came at or after ``since``."""
+def read_refusal(state_dir: str, channel_id: str, since: float) -> Refusal | None:
+    """The relay's last refusal for the channel, if it came at or after ``since`` (a note
+    of an unknown kind reads as the proxy's: fail closed)."""
     try:
         with open(refusal_path(state_dir, channel_id), "rb") as handle:
             data = json.loads(handle.read(8192))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("at"), (int, float)) or data["at"] < since:
         return None
-    return data
+    try:
+        kind = RefusalKind(str(data.get("kind")))
+    except ValueError:
+        kind = RefusalKind.PROXY
+    return Refusal(kind, str(data.get("reason", ""))[:300])
 
 
 def open_connections(egress_listen: str, timeout: float = 2.0) -> dict[str, int] | None:

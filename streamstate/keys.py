@@ -1,52 +1,7 @@
 """The Redis key schema.  No other module spells a Redis key.
 
-Legacy names (operators' runbooks and the old stream_api launcher use them):
-
-=============================  ======  ==========================  ===========================
-key                            type    written by                  read by
-=============================  ======  ==========================  ===========================
-``stream:<id>:pid``            string  launcher (old launcher too) heartbeatd (is it running?),
-                                                                   reaper, streamctl
-``stream:<id>:started``        string  launcher                    reaper, streamctl
-                               epoch s
-``stream:<id>:last_access``    string  launcher (= start time),    reaper (idle?), streamctl
-                               epoch s heartbeatd (atomic max of
-                               float   the request's own time)
-``channel:<id>``               string  streamctl channels          launcher
-                               JSON
-=============================  ======  ==========================  ===========================
-
-New keys beside them:
-
-=============================  ======  ==========================  ===========================
-``stream:<id>:viewers``        zset    heartbeatd: member = hash   streamctl status, launcher
-                                       of the viewer, score = the  /streams (ZCOUNT over the
-                                       time of its last request    viewer window)
-``stream:<id>:run``            hash    launcher: run_id, host,     launcher, reaper, streamctl
-                                       pid, pid_start, started,
-                                       state, last_error, restarts
-``stream:<id>:lock``           string  launcher: the start lock    launcher (SET NX PX)
-                                       (token, with an expiry)
-``stream:<id>:failed``         string  launcher: JSON {reason,     launcher (a start in the
-                               (TTL)   host, at}, expires after    cooldown gets 503 with the
-                                       failed_cooldown             reason), streamctl status
-``streams:active``             set     launcher: ids with a run    reaper, streamctl, /streams
-                                       record (no KEYS needed)
-``host:<host_id>``             string  launcher, reaper: epoch s,  reaper of other hosts (is
-                                       expires after host_timeout  that host still there?)
-``reaper:<host_id>:lock``      string  reaper: one pass at a time  reaper (SET NX PX)
-``reaper:<host_id>:last_pass`` hash    reaper: time, duration and  streamctl, diagnosis
-                                       counts of its last pass
-``provider:<name>:slots``      hash    launcher: channel id ->     launcher of every host (a
-                                       JSON {run_id, host, at}:    start takes a slot or
-                                       one per stream holding a    preempts), streamctl status
-                                       connection of the account
-``source:<digest>:failed``     string  launcher: the reason, with  launcher (that source is
-                               (TTL)   source_cooldown as expiry   skipped for a fallback)
-``status:<host_id>:history``   list    launcher: JSON {t, streams, the status page's chart
-                                       viewers} every 30 s, an
-                                       hour kept
-=============================  ======  ==========================  ===========================
+The table of every key (its type, who writes it, who reads it) is written once, in
+docs/design.md ("Redis keys"); tests/test_docs.py checks it against the functions here.
 """
 from __future__ import annotations
 

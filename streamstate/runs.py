@@ -9,9 +9,11 @@ script), so a stream started again in between keeps its keys.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 import time
+import typing
 import uuid
 
 import redis
@@ -19,16 +21,46 @@ import redis
 from . import keys
 from .redis_client import registered_script
 
-# A run's states, as the run record keeps them, and the moves allowed between them.
-STATES = ("starting", "running", "backoff", "failed", "stopping", "stopped")
-TRANSITIONS = {
-    "starting": {"running", "backoff", "failed", "stopping", "stopped"},
-    "running": {"backoff", "failed", "stopping", "stopped"},
-    "backoff": {"starting", "failed", "stopping", "stopped"},
-    "stopping": {"stopped"},
-    "failed": {"stopped"},
-    "stopped": set(),
+class RunState(enum.StrEnum):
+    """A run's states, as the run record keeps them (the value), and the moves allowed
+    between them (``can_become``): supervisor's BACKOFF and FATAL as states, not strings."""
+    STARTING = "starting"      # FFmpeg runs, its playlist not yet playable
+    RUNNING = "running"        # playable, watched
+    BACKOFF = "backoff"        # between two FFmpegs: a restart or a wait for the host
+    STOPPING = "stopping"      # the stop routine has begun
+    FAILED = "failed"          # ended for good with a reason (starts get 503 for failed_cooldown)
+    STOPPED = "stopped"        # ended
+
+    @classmethod
+    def parse(cls, value: str | None) -> "RunState | None":
+        """A state read from Redis (hostile): None when it is none of ours."""
+        if value is None:
+            return None
+        try:
+            return cls(value)
+        except ValueError:
+            return None
+
+    def can_become(self, other: "RunState") -> bool:
+        return other is self or other in TRANSITIONS[self]
+
+    @property
+    def ended(self) -> bool:
+        return self in (RunState.STOPPING, RunState.FAILED, RunState.STOPPED)
+
+
+TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    RunState.STARTING: frozenset({RunState.RUNNING, RunState.BACKOFF, RunState.FAILED, RunState.STOPPING,
+                                  RunState.STOPPED}),
+    RunState.RUNNING: frozenset({RunState.BACKOFF, RunState.FAILED, RunState.STOPPING, RunState.STOPPED}),
+    RunState.BACKOFF: frozenset({RunState.STARTING, RunState.FAILED, RunState.STOPPING, RunState.STOPPED}),
+    RunState.STOPPING: frozenset({RunState.STOPPED}),
+    RunState.FAILED: frozenset({RunState.STOPPED}),
+    RunState.STOPPED: frozenset(),
 }
+# States in which the launcher vouches for a run (its record's ``until``).
+VOUCHED_STATES = frozenset({RunState.STARTING, RunState.BACKOFF, RunState.RUNNING})
+
 
 # Many records in one call (the reaper's batches).  KEYS: per record run, pid, started,
 # last_access (4 keys).  Returns per record 13 values: the run hash's run_id, host, pid,
@@ -139,7 +171,7 @@ class RunRecord:
     pid: int
     pid_start: int | None
     started: float
-    state: str = "starting"
+    state: RunState | None = RunState.STARTING     # None: junk in Redis
     last_error: str = ""
     restarts: int = 0
     source: str = ""             # the source in use, redacted (a channel may have fallbacks)
@@ -161,7 +193,7 @@ class RunRecord:
         return cls(channel=channel, run_id=data["run_id"], host=data.get("host") or "",
                    pid=_int(data.get("pid")) or 0, pid_start=_int(data.get("pid_start")),
                    started=epoch_seconds(data.get("started")) or 0.0,
-                   state=data.get("state") or "", last_error=data.get("last_error") or "",
+                   state=RunState.parse(data.get("state")), last_error=data.get("last_error") or "",
                    restarts=_int(data.get("restarts")) or 0, source=data.get("source") or "",
                    provider=data.get("provider") or "", until=epoch_seconds(data.get("until")))
 
@@ -169,11 +201,15 @@ class RunRecord:
         """Its launcher vouches for it (``until``): its pid proves nothing either way, and it
         must not be taken for stale.  A promise further ahead than MAX_PROMISE is junk
         (Redis contents are hostile): not vouched."""
-        return (self.state in ("starting", "backoff", "running") and self.until is not None
+        return (self.state in VOUCHED_STATES and self.until is not None
                 and now < self.until <= now + MAX_PROMISE)
 
 
-def text(value) -> str | None:
+@typing.overload
+def text(value: None) -> None: ...
+@typing.overload
+def text(value: bytes | str | int | float) -> str: ...
+def text(value):
     """A Redis value as text: undecodable bytes replaced, never an error."""
     if value is None or value is False:
         return None
@@ -252,7 +288,7 @@ def record_run(client, record: RunRecord, *, now: float | None = None) -> None:
     pipe.hset(keys.run_key(channel), mapping={
         "run_id": record.run_id, "host": record.host, "pid": record.pid,
         "pid_start": record.pid_start if record.pid_start is not None else "",
-        "started": f"{record.started:.3f}", "state": record.state,
+        "started": f"{record.started:.3f}", "state": str(record.state or RunState.STARTING),
         "last_error": record.last_error, "restarts": record.restarts, "source": record.source,
         "provider": record.provider, "until": f"{record.until:.3f}" if record.until else ""})
     pipe.set(keys.pid_key(channel), record.pid)
@@ -283,15 +319,20 @@ def get_failed(client, channel: str) -> dict | None:
     return data if isinstance(data, dict) and isinstance(data.get("reason"), str) else None
 
 
+def failed_seconds_left(client, channel: str) -> float:
+    """Seconds of the channel's failed_cooldown still to run (0 when none)."""
+    return max(0, client.pttl(keys.failed_key(channel))) / 1000
+
+
 def failed_channels(client) -> list[dict]:
     """Channels cooling down after a failure (SCAN: an operator's view), with the reason."""
     found = []
     for key in client.scan_iter(match=keys.FAILED_KEY_PATTERN, count=1000):
         channel = keys.channel_id_from_failed_key(key)
         failed = get_failed(client, channel) if channel else None
-        if failed is not None:
+        if channel is not None and failed is not None:
             found.append({"id": channel, "reason": failed["reason"], "host": str(failed.get("host", "")),
-                          "cooldown_seconds": round(max(0, client.pttl(keys.failed_key(channel))) / 1000, 1)})
+                          "cooldown_seconds": round(failed_seconds_left(client, channel), 1)})
     return sorted(found, key=lambda entry: int(entry["id"]))
 
 
@@ -366,7 +407,7 @@ def delete_many_if_ours(client, items: list[tuple[str, str, str]]) -> list[bool]
 def mark_stopping_in(pipeline, client, channel: str, run_id: str):
     """Queue 'state = stopping' on a pipeline, only if the record is still that run."""
     return registered_script(client, "update", _UPDATE_IF_RUN_LUA)(
-        keys=[keys.run_key(channel)], args=[run_id, "state", "stopping"], client=pipeline)
+        keys=[keys.run_key(channel)], args=[run_id, "state", RunState.STOPPING.value], client=pipeline)
 
 
 def refresh_host(client, host_id: str, ttl_seconds: float, *, now: float | None = None) -> None:

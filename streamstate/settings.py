@@ -108,7 +108,7 @@ def _parse_proxy(value: Any) -> str:
     if text in ("", "none", "off"):
         return ""
     try:
-        return check_proxy("upstream_proxy", text)
+        return check_proxy("upstream_proxy", text) or ""
     except ChannelError as exc:
         raise ValueError(str(exc).replace("channel upstream_proxy: proxy", "expected a proxy URL:")) from None
 
@@ -155,7 +155,7 @@ def _parse_profiles(value: Any) -> dict:
             raise ValueError(f"profile name {str(name)[:40]!r}: letters, digits, _ and - only")
         if not isinstance(profile, dict) or not set(profile) <= PROFILE_KEYS:
             raise ValueError(f"profile {name!r}: expected keys among {sorted(PROFILE_KEYS)}")
-        clean = dict(DEFAULT_PROFILE_PROBE)
+        clean: dict[str, Any] = dict(DEFAULT_PROFILE_PROBE)
         for key in ("video", "audio"):
             args = profile.get(key, [])
             if not isinstance(args, list) or not all(isinstance(a, str) for a in args):

@@ -44,14 +44,15 @@ class Cause(enum.Enum):
     EXITED = "exited"             # it exited or crashed
     STALLED = "stalled"           # no new segment for stall_after
     SOURCE = "source"             # the source refused, failed or sent nothing playable
-    REFUSED = "refused"           # the relay refused an address or a proxy
+    REFUSED = "refused"           # the relay refused an address (or the upstream was unreachable)
+    PROXY = "proxy"               # the channel's proxy cannot be used: no source would do better
     RELAY_DOWN = "relay down"     # the egress relay does not answer
     DISK_FULL = "disk full"       # hls_dir is full
     LAUNCHER = "launcher error"
 
 
 # Causes that say nothing about the source: another source would not do better.
-NOT_THE_SOURCE = frozenset({Cause.RELAY_DOWN, Cause.DISK_FULL, Cause.LAUNCHER})
+NOT_THE_SOURCE = frozenset({Cause.RELAY_DOWN, Cause.DISK_FULL, Cause.LAUNCHER, Cause.PROXY})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +161,7 @@ def _mark(client, targets: list[StopTarget], need_mark: bool, log: logging.Logge
     try:
         pipe = client.pipeline(transaction=False)
         for target in marked:
-            runs.mark_stopping_in(pipe, client, target.channel, target.run_id)
+            runs.mark_stopping_in(pipe, client, target.channel, target.run_id or "")
         pipe.execute()
     except redis.RedisError as exc:
         if need_mark:

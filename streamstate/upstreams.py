@@ -112,7 +112,18 @@ class Upstream:
 
     @property
     def limited(self) -> bool:
-        return self.provider is not None and self.provider.max_streams > 0
+        return self.limited_provider is not None
+
+    @property
+    def limited_provider(self) -> Provider | None:
+        """Its provider when that limits the account's connections (a start takes a slot)."""
+        return self.provider if self.provider is not None and self.provider.max_streams > 0 else None
+
+
+def proxy_endpoint(proxy: str) -> tuple[str, int]:
+    """(host, port) of a proxy URL: check_proxy made sure it has both."""
+    parts = urlsplit(proxy)
+    return parts.hostname or "", parts.port or 0
 
 
 def provider_of(channel: Channel, providers: dict[str, Provider]) -> Provider | None:

@@ -16,6 +16,19 @@ from tests.helpers import ffmpeg_processes, free_port, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Test tiers (markers in setup.cfg): a module marks itself `unit` (pure logic) or `e2e` (a
+# whole stack of its own); any other test is `e2e` if it uses the shared stack, else
+# `integration` (a redis-server, nginx, FFmpeg or subprocess of its own).  `make test-fast`
+# runs the unit tier.
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(pytest.mark.e2e if "stack" in getattr(item, "fixturenames", ()) else
+                            pytest.mark.integration)
+
 
 def stop_by_pid(process: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
     """The fixtures' one stop rule: ``sig``, wait ``timeout``, then SIGKILL."""

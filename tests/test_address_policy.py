@@ -5,6 +5,8 @@ import pytest
 
 from streamstate.upstreams import DEFAULT_UPSTREAM_DENY, AddressPolicy, normal_address, parse_networks
 
+pytestmark = pytest.mark.unit
+
 DEFAULTS = AddressPolicy((), parse_networks(list(DEFAULT_UPSTREAM_DENY)))
 
 

@@ -13,6 +13,8 @@ from streamstate import files, keys
 from streamstate.settings import load_settings
 from tests.helpers import add_channel, ffmpegs_writing, first_request, free_port, wait_for
 
+pytestmark = pytest.mark.e2e
+
 ORIGIN = {"Origin": "http://player.example"}
 # Headers that differ between two answers of the same file for reasons of their own.
 VOLATILE = {"Date", "Last-Modified", "ETag", "Content-Length", "Connection", "Accept-Ranges"}

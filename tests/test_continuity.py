@@ -23,6 +23,8 @@ from tests.provider_emulator import ProviderEmulator
 from tests.recording_proxy import RecordingProxy
 from tests.viewing import Watchers
 
+pytestmark = pytest.mark.e2e
+
 CHANNEL = 1501
 FPS = 25                       # the demo upstream's frame rate
 PLAYED_AFTER_FAULT = 10.0      # seconds of pictures each player must show after each fault

@@ -10,6 +10,8 @@ from streamstate import hls, runs, stream_end
 from streamstate.stream_end import Cause, Next
 from tests import hls_check
 
+pytestmark = pytest.mark.unit
+
 CHANNEL = "7"
 
 

@@ -9,8 +9,12 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from tests.conftest import REPO
 from tests.helpers import ffmpeg_processes, wait_for
+
+pytestmark = pytest.mark.e2e
 
 
 class DemoRun:

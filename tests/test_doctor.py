@@ -7,11 +7,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 from demo.stack import toml_value
 from streamstate import keys, runs
 from tests.conftest import REPO
 from tests.helpers import add_channel
+
+pytestmark = pytest.mark.e2e
 
 
 def doctor(stack, tmp_path, *args, settings: dict | None = None, nginx_text: str | None = None):

@@ -15,6 +15,8 @@ from streamstate import files, keys
 from tests.conftest import REPO
 from tests.helpers import add_channel, ffmpeg_processes, ffmpegs_writing, first_request, wait_for
 
+pytestmark = pytest.mark.e2e
+
 
 def test_cold_channel_plays_through_nginx(stack):
     add_channel(stack, 101)

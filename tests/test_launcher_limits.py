@@ -14,6 +14,8 @@ import pytest
 from streamstate import files, hls, keys
 from tests.helpers import add_channel, ffmpegs_writing, wait_for
 
+pytestmark = pytest.mark.e2e
+
 
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as handle:

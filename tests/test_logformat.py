@@ -3,6 +3,8 @@ import pytest
 from heartbeatd.logformat import LogFormatError, LogLineParser, normalise_format, viewer_hash
 from tests.helpers import LEGACY_FORMAT, legacy_line, sk_line
 
+pytestmark = pytest.mark.unit
+
 T = 1795000000.0
 
 

@@ -16,6 +16,8 @@ from streamstate import files, keys
 from tests.conftest import REPO
 from tests.helpers import add_channel, ffmpegs_writing
 
+pytestmark = pytest.mark.e2e
+
 PLAYERS = os.path.join(REPO, "tests", "players")
 ARTIFACTS = os.environ.get("STREAMKEEPER_TEST_ARTIFACTS", os.path.join(REPO, "test-artifacts"))
 VLC_SECONDS = 22          # VLC dumps this long; at least 20 s of media must come out

@@ -15,6 +15,8 @@ from streamstate import keys
 from tests.helpers import ffmpegs_writing, first_request, wait_for
 from tests.provider_emulator import ProviderEmulator
 
+pytestmark = pytest.mark.e2e
+
 LIMIT = 2
 PREEMPT_IDLE = 4
 

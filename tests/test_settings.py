@@ -13,6 +13,7 @@ def write(path, text):
     return str(path)
 
 
+@pytest.mark.unit
 def test_defaults_without_a_file():
     settings = load_settings(None, environ={})
     assert settings.idle_timeout == 300
@@ -22,6 +23,7 @@ def test_defaults_without_a_file():
     assert settings.sources["redis_url"] == "default"
 
 
+@pytest.mark.unit
 def test_precedence_file_then_env_then_flag(tmp_path):
     config = write(tmp_path / "sk.toml", 'idle_timeout = 120\nhls_dir = "/srv/hls"\nflush_interval = 2\n')
     env = {"STREAMKEEPER_IDLE_TIMEOUT": "90", "STREAMKEEPER_FLUSH_INTERVAL": "3"}
@@ -31,12 +33,14 @@ def test_precedence_file_then_env_then_flag(tmp_path):
     assert settings.flush_interval == 0.5 and settings.sources["flush_interval"] == "flag"
 
 
+@pytest.mark.unit
 def test_config_path_from_environment(tmp_path):
     config = write(tmp_path / "sk.toml", "viewer_window = 0\n")
     settings = load_settings(None, environ={"STREAMKEEPER_CONFIG": config})
     assert settings.viewer_window == 0 and settings.config_path == config
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text, key", [
     ("idle_timeout = -5\n", "idle_timeout"),
     ('flush_interval = "soon"\n', "flush_interval"),
@@ -73,6 +77,7 @@ def test_streamctl_config_bad_value_exits_2_with_one_line(tmp_path):
     assert "viewer_window" in result.stderr
 
 
+@pytest.mark.unit
 def test_a_profile_in_the_file_replaces_only_its_namesake(tmp_path):
     """Finding 12: [quality_profiles.low] alone keeps copy, medium (the default) and high."""
     config = write(tmp_path / "sk.toml", '[quality_profiles.low]\nvideo = ["-c:v", "libx264"]\n'
@@ -112,6 +117,7 @@ def test_a_channel_without_quality_starts_with_only_low_defined(stack, extra_lau
     launcher.json("/channel/830/stop", "POST")
 
 
+@pytest.mark.unit
 def test_settings_are_one_typed_table():
     """Issue 17: one table (the Settings dataclass: type, default, parser, help per key), every
     value already of its declared type, so no caller casts."""

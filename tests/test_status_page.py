@@ -7,9 +7,13 @@ import subprocess
 import time
 import urllib.request
 
+import pytest
+
 from streamstate import keys
 from tests.conftest import REPO
 from tests.helpers import add_channel, first_request, free_port, wait_for
+
+pytestmark = pytest.mark.e2e
 
 PLAYERS = os.path.join(REPO, "tests", "players")
 ARTIFACTS = os.environ.get("STREAMKEEPER_TEST_ARTIFACTS", os.path.join(REPO, "test-artifacts"))

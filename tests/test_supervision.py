@@ -17,10 +17,12 @@ import redis
 
 from demo.stack import LocalStack
 from heartbeatd.logformat import viewer_hash
-from streamstate import files, hls, keys
+from streamstate import files, hls, keys, runs
 from tests.conftest import REPO
 from tests.helpers import (add_channel, ffmpeg_processes, ffmpegs_writing, first_request, free_port,
                            wait_for)
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
@@ -131,6 +133,15 @@ def test_an_upstream_that_always_refuses_fails_once_then_cools_down(own_stack):
         assert len(hits) <= 2                      # one FFmpeg start, whatever the requests
         assert json.loads(stack.redis.get(keys.failed_key(44)))["reason"] == "upstream refused: HTTP 403"
         assert stack.redis.pttl(keys.failed_key(44)) > 0
+        # Finding (operator, issue 16): Retry-After said 5 s with most of the cooldown to run,
+        # and `streamctl start` repeated the old error without saying starts are refused.
+        left = stack.redis.pttl(keys.failed_key(44)) / 1000
+        retry_after = int(answers[-1][1]["Retry-After"])
+        assert 5 < retry_after and retry_after >= left - 5, (retry_after, left)
+        result = subprocess.run([sys.executable, "-m", "streamctl", "start", "44", "--config", stack.config_path],
+                                cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and "starts are refused for" in result.stderr, result.stderr
+        assert "failed_cooldown" in result.stderr and "upstream refused: HTTP 403" in result.stderr
     finally:
         server.close()
 
@@ -355,3 +366,34 @@ def test_a_watched_stream_is_replaced_even_when_every_source_is_cooling_down(sta
     finally:
         stack.launcher_json("/channel/46/stop", "POST")
         stack.redis.delete(*(keys.source_failed_key(url) for url in sources + cold), keys.failed_key(47))
+
+
+def test_a_stream_stopped_during_a_long_back_off_ends_then_not_when_the_back_off_is_over(stack, extra_launcher,
+                                                                                        tmp_path):
+    """Finding (operator, issue 16): a failing stream nobody watched was reaped during its
+    back-off, yet the launcher kept it in `backoff` (its status, the demo's line) until the
+    back-off ran out, up to a minute.  Now it looks at its record through the back-off."""
+    from launcher.supervisor import STATE_SLACK
+    from tests.faults import upstream_control
+    launcher = extra_launcher(hls_dir=str(tmp_path / "hls"), max_restarts=50, restart_window=600)
+    add_channel(stack, 48, source_url=stack.upstream_url("backoff48"))
+    try:
+        assert launcher.json("/channel/48/start", "POST")[0] == 200
+        upstream_control(stack, "fail", "?name=backoff48.ts")            # every restart now fails
+        for pid in [pid for pid, argv in ffmpeg_processes() if argv and argv[-1].startswith(launcher.hls_dir)]:
+            os.kill(pid, signal.SIGKILL)
+
+        def long_back_off():
+            record = stack.redis.hgetall(keys.run_key(48))
+            return record.get("state") == "backoff" and float(record.get("until") or 0) - time.time() > STATE_SLACK + 6
+        wait_for(long_back_off, timeout=60, message="a back-off of more than 6 s")
+        until = float(stack.redis.hget(keys.run_key(48), "until"))
+        run_id = stack.redis.hget(keys.run_key(48), "run_id")
+        assert runs.delete_run_if(stack.redis, "48", run_id)              # as the reaper's stop does
+        wait_for(lambda: "48" not in {s["id"] for s in launcher.json("/streams")[1]["streams"]}, timeout=30,
+                 message="the launcher to let the stream go")
+        assert time.time() < until - STATE_SLACK, "the launcher held the stream to the end of its back-off"
+        assert "channel 48: no longer wanted during its back-off" in launcher.log()
+    finally:
+        upstream_control(stack, "heal", "?name=backoff48.ts")
+        launcher.json("/channel/48/stop", "POST")

@@ -3,8 +3,12 @@ import os
 import shutil
 import threading
 
+import pytest
+
 from heartbeatd.tailer import LogTailer, Position
 from tests.helpers import append, wait_for
+
+pytestmark = pytest.mark.unit
 
 
 def numbered(n: int) -> bytes:

@@ -17,6 +17,8 @@ from tests.socks5_server import Socks5Server
 from tests.test_hostile_input import RecordingListener
 from tests.tls_relay import TLSRelay
 
+pytestmark = pytest.mark.e2e
+
 PASSWORD = "Pr0xyPass"
 
 

@@ -9,6 +9,8 @@ import pytest
 from streamstate import keys
 from tests.helpers import add_channel, ffmpegs_writing, first_request
 
+pytestmark = pytest.mark.e2e
+
 GOOD = "t0k3n-good"
 
 
