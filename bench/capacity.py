@@ -8,6 +8,7 @@ HLS with exactly the launcher's `medium` options; each one's speed over the last
 at 0.97x or better.  Writes its section of bench/RESULTS.md.  Local only; bounded in count
 and time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,23 +31,49 @@ _OUT_TIME = re.compile(r"out_time_us=(\d+)")
 
 def encoder_argv(hls_dir: str, index: int) -> list[str]:
     profile = DEFAULT_QUALITY_PROFILES["medium"]
-    return ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-progress", "pipe:1",
-            "-re", "-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=25",
-            *profile["video"], "-force_key_frames", "expr:gte(t,n_forced*1)", "-sc_threshold", "0",
-            "-f", "hls", "-hls_time", "4", "-hls_list_size", "6", "-hls_flags", "delete_segments",
-            os.path.join(hls_dir, f"stream_{index}.m3u8")]
+    return [
+        "ffmpeg",
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-progress",
+        "pipe:1",
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=1280x720:rate=25",
+        *profile["video"],
+        "-force_key_frames",
+        "expr:gte(t,n_forced*1)",
+        "-sc_threshold",
+        "0",
+        "-f",
+        "hls",
+        "-hls_time",
+        "4",
+        "-hls_list_size",
+        "6",
+        "-hls_flags",
+        "delete_segments",
+        os.path.join(hls_dir, f"stream_{index}.m3u8"),
+    ]
 
 
 def slowest_speed(streams: int) -> float:
     """The slowest stream's media seconds per wall second over the run's second half."""
     with tempfile.TemporaryDirectory(prefix="sk-bench-capacity-") as hls_dir:
-        processes = [subprocess.Popen(encoder_argv(hls_dir, n), stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True) for n in range(streams)]
+        processes = [
+            subprocess.Popen(encoder_argv(hls_dir, n), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            for n in range(streams)
+        ]
         os.set_blocking(processes[0].stdout.fileno(), True)
         marks: dict[int, list[tuple[float, float]]] = {n: [] for n in range(streams)}
         started = time.monotonic()
         try:
             import selectors
+
             selector = selectors.DefaultSelector()
             for n, process in enumerate(processes):
                 selector.register(process.stdout, selectors.EVENT_READ, n)
@@ -85,10 +112,14 @@ def main() -> int:
             break
         sustained = streams
     cores = os.cpu_count() or 1
-    print(f"sustained at real time: {sustained} on {cores} cores; max_streams default: "
-          f"{STREAMS_PER_CORE} per core = {STREAMS_PER_CORE * cores}")
+    print(
+        f"sustained at real time: {sustained} on {cores} cores; max_streams default: "
+        f"{STREAMS_PER_CORE} per core = {STREAMS_PER_CORE * cores}"
+    )
     table = "\n".join(rows)
-    write_section("capacity", f"""## capacity (bench/capacity.py)
+    write_section(
+        "capacity",
+        f"""## capacity (bench/capacity.py)
 
 {time.strftime('%Y-%m-%d')}, {cores} cores. N FFmpegs at once, each encoding a live 720p25 source
 with the `medium` profile (x264 veryfast, 2 Mb/s, keyframe a second) to HLS; the slowest
@@ -101,7 +132,8 @@ stream's speed over the second half of a {RUN_SECONDS} s run.
 Sustained at real time: **{sustained}** on {cores} cores. `max_streams` defaults to
 {STREAMS_PER_CORE} per core ({STREAMS_PER_CORE * cores} here); `copy` streams cost about 1 % of a core each, so
 a restream-only host can raise it many times over.
-""")
+""",
+    )
     print("wrote bench/RESULTS.md")
     return 0
 

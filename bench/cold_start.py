@@ -14,6 +14,7 @@ seconds on connect, like the restream servers hosts pull from) and with
 Prints p50/p95 and the launcher's overhead over bare FFmpeg; writes its section
 of bench/RESULTS.md.  Loopback only; every loop is bounded in count and time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ from bench.results import percentile, write_section  # noqa: E402
 from demo.stack import LocalStack  # noqa: E402
 from launcher.ffmpeg import build_argv  # noqa: E402
 from streamstate import files, keys  # noqa: E402
+from streamstate.channel_check import validate  # noqa: E402
 from streamstate.channels import Channel  # noqa: E402
 from streamstate.settings import Settings, load_settings  # noqa: E402
 
@@ -52,11 +54,11 @@ def keep_upstream_warm(url: str, stop: threading.Event) -> None:
 def bare_ffmpeg_first_segment(settings: Settings, source: str, work: str) -> float:
     hls = tempfile.mkdtemp(dir=work)
     bare = dataclasses.replace(settings, hls_dir=hls)
-    argv = build_argv(Channel(id="1", source_url=source, quality="copy"), bare)
+    channel = Channel(id="1", source_url=source, quality="copy")
+    argv = build_argv(channel, bare, validate(channel, bare))
     playlist = files.playlist_path(hls, "1")
     started = time.monotonic()
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while files.count_listed_segments(playlist) < 1:
             if time.monotonic() - started > SAMPLE_TIMEOUT or process.poll() is not None:
@@ -82,12 +84,12 @@ def player_first_playlist(url: str) -> float:
 PLAYERS = os.path.join(os.path.dirname(HERE), "tests", "players")
 
 
-def first_picture_from_stderr(argv: list[str], request_marker: str, picture_marker: str,
-                              **popen) -> float:
+def first_picture_from_stderr(argv: list[str], request_marker: str, picture_marker: str, **popen) -> float:
     """Run a player; seconds from the stderr line that says it sends its first request to the
     line that says it has decoded its first picture.  The player is stopped then."""
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, **popen)
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen
+    )
     requested = None
     deadline = time.monotonic() + SAMPLE_TIMEOUT + 10
     buffered = b""
@@ -122,8 +124,22 @@ def first_picture_from_stderr(argv: list[str], request_marker: str, picture_mark
 def ffmpeg_first_picture(url: str) -> float:
     """ffmpeg logs its HTTP request at debug level; -frames:v 1 ends once a picture is decoded
     (its final "frame=    1" status line)."""
-    argv = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "debug", "-i", url,
-            "-map", "0:v:0", "-frames:v", "1", "-f", "null", "-"]
+    argv = [
+        "ffmpeg",
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "debug",
+        "-i",
+        url,
+        "-map",
+        "0:v:0",
+        "-frames:v",
+        "1",
+        "-f",
+        "null",
+        "-",
+    ]
     return first_picture_from_stderr(argv, "request: GET", "Output stream #0:0 (video): 1 frame")
 
 
@@ -138,8 +154,18 @@ def vlc_popen_options() -> dict:
 
 
 def vlc_first_picture(url: str) -> float:
-    argv = [shutil.which("cvlc") or "cvlc", "-I", "dummy", "--no-media-library", "-vv",
-            "-V", "dummy", "-A", "dummy", url]
+    argv = [
+        shutil.which("cvlc") or "cvlc",
+        "-I",
+        "dummy",
+        "--no-media-library",
+        "-vv",
+        "-V",
+        "dummy",
+        "-A",
+        "dummy",
+        url,
+    ]
     options = vlc_popen_options()
     try:
         return first_picture_from_stderr(argv, "outgoing request", "Received first picture", **options)
@@ -149,9 +175,21 @@ def vlc_first_picture(url: str) -> float:
 
 def hlsjs_first_pictures(urls: list[str]) -> list[float]:
     """hls.js in headless Chromium: MANIFEST_LOADING to the video element's `playing`."""
-    result = subprocess.run(["node", os.path.join(PLAYERS, "hlsjs_play.mjs"), "play", *urls,
-                             "--seconds", "0", "--timeout", str(SAMPLE_TIMEOUT)],
-                            capture_output=True, text=True, timeout=(SAMPLE_TIMEOUT + 20) * len(urls))
+    result = subprocess.run(
+        [
+            "node",
+            os.path.join(PLAYERS, "hlsjs_play.mjs"),
+            "play",
+            *urls,
+            "--seconds",
+            "0",
+            "--timeout",
+            str(SAMPLE_TIMEOUT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=(SAMPLE_TIMEOUT + 20) * len(urls),
+    )
     samples = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     failed = [s for s in samples if not s["ok"]]
     if result.returncode != 0 or failed or len(samples) != len(urls):
@@ -197,6 +235,7 @@ def concurrent_round(stack: LocalStack, ids) -> list[float]:
             times[channel_id] = player_first_playlist(stack.playlist_url(channel_id, "?token=bench"))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(f"{channel_id}: {exc}")
+
     threads = [threading.Thread(target=player, args=(c,)) for c in ids]
     for thread in threads:
         thread.start()
@@ -211,11 +250,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=15, help="single cold starts (and bare runs)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of 20 channels at once")
-    parser.add_argument("--player-trials", type=int, default=10,
-                        help="cold channels each real player (ffmpeg, VLC, hls.js) opens")
+    parser.add_argument(
+        "--player-trials", type=int, default=10, help="cold channels each real player (ffmpeg, VLC, hls.js) opens"
+    )
     args = parser.parse_args()
 
     import redis
+
     work = tempfile.mkdtemp(prefix="sk-bench-cold-")
     stack = LocalStack(work, {"hls_time": 1, "hls_init_time": 1, "start_timeout": 15})
     stop = threading.Event()
@@ -224,7 +265,7 @@ def main() -> int:
         client = redis.Redis(port=stack.redis_port)
         source = stack.upstream_url("bench")
         threading.Thread(target=keep_upstream_warm, args=(source, stop), daemon=True).start()
-        time.sleep(2.5)   # the upstream's burst buffer fills
+        time.sleep(2.5)  # the upstream's burst buffer fills
         settings = load_settings(stack.config_path)
 
         bare = [bare_ffmpeg_first_segment(settings, source, work) for _ in range(args.trials)]
@@ -252,8 +293,11 @@ def main() -> int:
         "many": (percentile(many, 0.5), percentile(many, 0.95)),
     }
     overhead = (figures["single"][0] - figures["bare"][0], figures["single"][1] - figures["bare"][1])
-    for name, label in (("bare", "bare FFmpeg, first segment"), ("single", "1 cold channel via nginx"),
-                        ("many", "20 cold channels at once")):
+    for name, label in (
+        ("bare", "bare FFmpeg, first segment"),
+        ("single", "1 cold channel via nginx"),
+        ("many", "20 cold channels at once"),
+    ):
         print(f"{label}: p50 {figures[name][0]:.3f} s, p95 {figures[name][1]:.3f} s")
     print(f"launcher overhead over bare FFmpeg: p50 {overhead[0]:.3f} s, p95 {overhead[1]:.3f} s")
     player_rows = []
@@ -268,7 +312,10 @@ def main() -> int:
 
     def mark(ok):
         return "met" if ok else "**not met**"
-    write_section("cold-start", f"""## cold start (bench/cold_start.py)
+
+    write_section(
+        "cold-start",
+        f"""## cold start (bench/cold_start.py)
 
 {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores. Source: the local live upstream (demo/upstream.py:
 320x180 H.264 + AAC, keyframe every second, a 2 s burst from a keyframe on connect), quality
@@ -292,7 +339,8 @@ element's `playing` (which waits for hls.js's buffer, not only for a picture).
 | client | p50 | p95 |
 | --- | --- | --- |
 {player_table}
-""")
+""",
+    )
     print("wrote bench/RESULTS.md")
     return 0
 

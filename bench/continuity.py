@@ -15,6 +15,7 @@ drop freezes no player more than 2 x hls_time; a launcher or Redis restart freez
 (no more than the baseline).  Prints the table and writes its section of
 bench/RESULTS.md.  Loopback only; bounded in time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,14 +38,23 @@ from tests.viewing import Watchers  # noqa: E402
 
 CHANNEL = 1
 PLAYERS = ("hlsjs", "shaka", "vlc")
-WARMUP = 10.0              # seconds after the first pictures before anything is measured
-BASELINE = 20.0            # seconds watched with no fault, for each player's own cadence
+WARMUP = 10.0  # seconds after the first pictures before anything is measured
+BASELINE = 20.0  # seconds watched with no fault, for each player's own cadence
 
 
 def settings(hls_time: float) -> dict:
-    return {"hls_time": hls_time, "hls_init_time": 1, "hls_list_size": 6, "stop_grace": 2,
-            "start_timeout": 10, "reaper_interval": 1, "idle_timeout": 300, "max_restarts": 10,
-            "restart_window": 3, "flush_interval": 0.5}
+    return {
+        "hls_time": hls_time,
+        "hls_init_time": 1,
+        "hls_list_size": 6,
+        "stop_grace": 2,
+        "start_timeout": 10,
+        "reaper_interval": 1,
+        "idle_timeout": 300,
+        "max_restarts": 10,
+        "restart_window": 3,
+        "flush_interval": 0.5,
+    }
 
 
 def watch_faults(hls_time: float, observe: float) -> tuple[dict, dict[str, dict]]:
@@ -67,8 +77,15 @@ def watch_faults(hls_time: float, observe: float) -> tuple[dict, dict[str, dict]
             time.sleep(max(0.0, at + observe - time.time()))
             results[name] = watchers.freezes(at, at + observe)
             results[name]["fatal"] = watchers.fatal()
-            print(f"{name}: " + ", ".join(f"{p} {r['longest_freeze']:.2f} s / {r['rebuffers']}"
-                                          for p, r in results[name].items() if p in PLAYERS), flush=True)
+            print(
+                f"{name}: "
+                + ", ".join(
+                    f"{p} {r['longest_freeze']:.2f} s / {r['rebuffers']}"
+                    for p, r in results[name].items()
+                    if p in PLAYERS
+                ),
+                flush=True,
+            )
         return baseline, results
     finally:
         if watchers is not None:
@@ -79,15 +96,19 @@ def watch_faults(hls_time: float, observe: float) -> tuple[dict, dict[str, dict]
 
 def report(hls_time: float, observe: float, baseline: dict, results: dict[str, dict]) -> str:
     goal = 2 * hls_time
-    lines = [f"`bench/continuity.py`: one `copy` channel, `hls_time` {hls_time:g} s (so the goal for "
-             f"an FFmpeg crash or an upstream drop is a longest freeze of at most {goal:g} s), watched "
-             f"through nginx by {', '.join(PLAYERS)}; each fault observed {observe:g} s.  Cells: longest "
-             "freeze (s, no new video frame) / rebuffers (freezes over 1 s).  Baseline: the same "
-             "measure with no fault (sampling every 0.25 s and each player's own cadence).", "",
-             "| fault | goal | " + " | ".join(PLAYERS) + " | met |",
-             "| --- | --- | " + " | ".join("---" for _ in PLAYERS) + " | --- |",
-             "| (no fault: baseline) | | " + " | ".join(
-                 f"{baseline[p]['longest_freeze']:.2f} / {baseline[p]['rebuffers']}" for p in PLAYERS) + " | |"]
+    lines = [
+        f"`bench/continuity.py`: one `copy` channel, `hls_time` {hls_time:g} s (so the goal for "
+        f"an FFmpeg crash or an upstream drop is a longest freeze of at most {goal:g} s), watched "
+        f"through nginx by {', '.join(PLAYERS)}; each fault observed {observe:g} s.  Cells: longest "
+        "freeze (s, no new video frame) / rebuffers (freezes over 1 s).  Baseline: the same "
+        "measure with no fault (sampling every 0.25 s and each player's own cadence).",
+        "",
+        "| fault | goal | " + " | ".join(PLAYERS) + " | met |",
+        "| --- | --- | " + " | ".join("---" for _ in PLAYERS) + " | --- |",
+        "| (no fault: baseline) | | "
+        + " | ".join(f"{baseline[p]['longest_freeze']:.2f} / {baseline[p]['rebuffers']}" for p in PLAYERS)
+        + " | |",
+    ]
     for name, (_, kind) in FAULTS.items():
         row = results[name]
         if kind == "replacement":
@@ -98,10 +119,17 @@ def report(hls_time: float, observe: float, baseline: dict, results: dict[str, d
         else:
             wanted, met = "(the source itself)", None
         fatal = row.get("fatal") or {}
-        cells = [f"{row[p]['longest_freeze']:.2f} / {row[p]['rebuffers']}" + (" FATAL" if p in fatal else "")
-                 for p in PLAYERS]
-        lines.append(f"| {name} | {wanted} | " + " | ".join(cells) + " | "
-                     + ("" if met is None else "yes" if met else "**no**") + " |")
+        cells = [
+            f"{row[p]['longest_freeze']:.2f} / {row[p]['rebuffers']}" + (" FATAL" if p in fatal else "")
+            for p in PLAYERS
+        ]
+        lines.append(
+            f"| {name} | {wanted} | "
+            + " | ".join(cells)
+            + " | "
+            + ("" if met is None else "yes" if met else "**no**")
+            + " |"
+        )
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ redis-server of its own:
 Prints the figures and writes them to bench/RESULTS.md.  Loopback only; every
 loop is bounded in count and time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,12 +41,31 @@ OLD_DESIGN_RE = re.compile(rb'GET "/live/stream_(\d+)(?:\.m3u8|_\d+\.ts)')
 
 def run_heartbeatd(redis_url: str, log_path: str, state_dir: str, viewer_window: float) -> dict:
     shutil.rmtree(state_dir, ignore_errors=True)
-    argv = [sys.executable, "-m", "heartbeatd", "--once", "--from-start", "--log-file", log_path,
-            "--redis-url", redis_url, "--state-dir", state_dir,
-            "--viewer-window", str(viewer_window), "--log-level", "INFO"]
+    argv = [
+        sys.executable,
+        "-m",
+        "heartbeatd",
+        "--once",
+        "--from-start",
+        "--log-file",
+        log_path,
+        "--redis-url",
+        redis_url,
+        "--state-dir",
+        state_dir,
+        "--viewer-window",
+        str(viewer_window),
+        "--log-level",
+        "INFO",
+    ]
     started = time.monotonic()
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env={**os.environ, "STREAMKEEPER_CONFIG": os.devnull})
+    process = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "STREAMKEEPER_CONFIG": os.devnull},
+    )
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.monotonic() - started
     stderr = process.stderr.read().decode()
@@ -53,9 +73,16 @@ def run_heartbeatd(redis_url: str, log_path: str, state_dir: str, viewer_window:
         raise RuntimeError(f"heartbeatd failed:\n{stderr}")
     match = SUMMARY_RE.search(stderr)
     lines, flushes, channels, elapsed, rate = match.groups()
-    return {"lines": int(lines), "flushes": int(flushes), "channels_written": int(channels),
-            "elapsed": float(elapsed), "rate": int(rate), "wall": wall,
-            "wall_rate": int(lines) / wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {
+        "lines": int(lines),
+        "flushes": int(flushes),
+        "channels_written": int(channels),
+        "elapsed": float(elapsed),
+        "rate": int(rate),
+        "wall": wall,
+        "wall_rate": int(lines) / wall,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+    }
 
 
 def old_design(client, log_path: str, max_lines: int, max_seconds: float) -> dict:
@@ -78,6 +105,7 @@ def old_design(client, log_path: str, max_lines: int, max_seconds: float) -> dic
 
 def pygtail_alone(log_path: str, max_lines: int, work_dir: str) -> dict:
     from pygtail import Pygtail
+
     offset_file = os.path.join(work_dir, "pygtail.offset")
     started = time.monotonic()
     lines = 0
@@ -96,13 +124,29 @@ def live_latency(redis: BenchRedis, work_dir: str, samples: int, flush_interval:
     state = os.path.join(work_dir, "live-state")
     client = redis.client
     client.set(keys.pid_key(77), "1")
-    argv = [sys.executable, "-m", "heartbeatd", "--log-file", log_path, "--redis-url", redis.url,
-            "--state-dir", state, "--flush-interval", str(flush_interval)]
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "STREAMKEEPER_CONFIG": os.devnull})
+    argv = [
+        sys.executable,
+        "-m",
+        "heartbeatd",
+        "--log-file",
+        log_path,
+        "--redis-url",
+        redis.url,
+        "--state-dir",
+        state,
+        "--flush-interval",
+        str(flush_interval),
+    ]
+    process = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "STREAMKEEPER_CONFIG": os.devnull},
+    )
     delays = []
     try:
-        time.sleep(1.0)   # let it start following (startup is not what is measured)
+        time.sleep(1.0)  # let it start following (startup is not what is measured)
         for n in range(samples):
             stamp = f"{time.time():.3f}"
             line = f'{stamp} 200 "GET /live/stream_77_{n}.ts HTTP/1.1" 127.0.0.1 "t{n}" "bench"\n'
@@ -118,16 +162,14 @@ def live_latency(redis: BenchRedis, work_dir: str, samples: int, flush_interval:
         process.terminate()
         process.wait(timeout=10)
     delays.sort()
-    return {"samples": samples, "p50": delays[len(delays) // 2], "max": delays[-1],
-            "flush_interval": flush_interval}
+    return {"samples": samples, "p50": delays[len(delays) // 2], "max": delays[-1], "flush_interval": flush_interval}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=2_000_000)
     parser.add_argument("--channels", type=int, default=2000)
-    parser.add_argument("--dense-lines", type=int, default=500_000,
-                        help="lines of the all-inside-the-window log")
+    parser.add_argument("--dense-lines", type=int, default=500_000, help="lines of the all-inside-the-window log")
     parser.add_argument("--old-lines", type=int, default=60_000, help="slice for the old design")
     parser.add_argument("--latency-samples", type=int, default=15)
     parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
@@ -149,7 +191,7 @@ def main() -> int:
 
         results = {}
         for label, window in (("viewers on", 30.0), ("viewers off", 0.0)):
-            for n in range(args.channels):   # every run starts from the same state
+            for n in range(args.channels):  # every run starts from the same state
                 pipe.set(keys.last_access_key(1000 + n), "0")
             pipe.delete(*(keys.viewers_key(1000 + n) for n in range(args.channels)))
             pipe.execute()
@@ -159,28 +201,36 @@ def main() -> int:
             run["commands_per_flush"] = run["commands"] / max(run["flushes"], 1)
             run["commands_per_channel"] = run["commands"] / max(run["channels_written"], 1)
             results[label] = run
-            print(f"heartbeatd ({label}): {run['rate']:,} lines/s processing "
-                  f"({run['wall_rate']:,.0f} lines/s wall incl. start-up), "
-                  f"{run['commands']} Redis commands in {run['flushes']} flushes "
-                  f"({run['commands_per_channel']:.2f} per channel written), "
-                  f"peak RSS {run['peak_rss_mb']:.0f} MB")
+            print(
+                f"heartbeatd ({label}): {run['rate']:,} lines/s processing "
+                f"({run['wall_rate']:,.0f} lines/s wall incl. start-up), "
+                f"{run['commands']} Redis commands in {run['flushes']} flushes "
+                f"({run['commands_per_channel']:.2f} per channel written), "
+                f"peak RSS {run['peak_rss_mb']:.0f} MB"
+            )
         # Worst case for viewer counting: every line inside the viewer window.
         dense_path = os.path.join(work, "dense.log")
         write_log(dense_path, args.dense_lines, channels=args.channels, duration=20.0, seed=11)
         dense = run_heartbeatd(redis.url, dense_path, os.path.join(work, "state"), 30.0)
         results["dense"] = dense
-        print(f"heartbeatd (viewers on, all {args.dense_lines} lines inside the window): "
-              f"{dense['rate']:,} lines/s processing, peak RSS {dense['peak_rss_mb']:.0f} MB")
+        print(
+            f"heartbeatd (viewers on, all {args.dense_lines} lines inside the window): "
+            f"{dense['rate']:,} lines/s processing, peak RSS {dense['peak_rss_mb']:.0f} MB"
+        )
         for n in range(args.channels):
             client.set(keys.last_access_key(1000 + n), "0")
         old = old_design(client, log_path, args.old_lines, 60)
-        print(f"old design (readline, regex, EXISTS + SET per line): {old['rate']:,.0f} lines/s "
-              f"on {old['lines']} lines")
+        print(
+            f"old design (readline, regex, EXISTS + SET per line): {old['rate']:,.0f} lines/s "
+            f"on {old['lines']} lines"
+        )
         pyg = pygtail_alone(log_path, min(args.lines, 500_000), work)
         print(f"pygtail alone (no parsing, no Redis): {pyg['rate']:,.0f} lines/s on {pyg['lines']} lines")
         latency = live_latency(redis, work, args.latency_samples, 1.0)
-        print(f"live latency (log write -> Redis), flush_interval {latency['flush_interval']} s: "
-              f"p50 {latency['p50']:.2f} s, max {latency['max']:.2f} s over {latency['samples']}")
+        print(
+            f"live latency (log write -> Redis), flush_interval {latency['flush_interval']} s: "
+            f"p50 {latency['p50']:.2f} s, max {latency['max']:.2f} s over {latency['samples']}"
+        )
         write_results(args, results, old, pyg, latency)
         print(f"wrote {args.results}")
     finally:

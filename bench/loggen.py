@@ -6,6 +6,7 @@ favicon, 404s, scanners), and a few lines are malformed or binary garbage.
 Times run up to "now" with nginx's multi-worker jitter (a line may be a few
 milliseconds older than the one before it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,15 @@ import random
 import time
 
 OTHER_URIS = (
-    "/api/streams/active", "/favicon.ico", "/", "/api/stream/start",
-    "/live/stream_12.m3u8.bak", "/api/v1/stream_5/status", "/wp-login.php",
-    "/live/../etc/passwd", "/live/stream_abc.m3u8",
+    "/api/streams/active",
+    "/favicon.ico",
+    "/",
+    "/api/stream/start",
+    "/live/stream_12.m3u8.bak",
+    "/api/v1/stream_5/status",
+    "/wp-login.php",
+    "/live/../etc/passwd",
+    "/live/stream_abc.m3u8",
 )
 AGENTS = (
     "VLC/3.0.20 LibVLC/3.0.20",
@@ -35,13 +42,21 @@ def streamkeeper_line(msec: float, status: int, uri: str, addr: str, token: str,
 def legacy_line(msec: float, status: int, uri: str, addr: str, token: str, agent: str) -> str:
     stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(msec))
     query = f"?token={token}" if token != "-" else ""
-    return (f'{addr} - [{stamp}] "GET {uri}{query} HTTP/1.1" {status} 1880 "-" "{agent}" 0.001\n')
+    return f'{addr} - [{stamp}] "GET {uri}{query} HTTP/1.1" {status} 1880 "-" "{agent}" 0.001\n'
 
 
-def generate_lines(count: int, *, channels: int = 2000, viewers: int = 20000,
-                   end_time: float | None = None, duration: float = 600.0,
-                   seed: int = 7, fmt: str = "streamkeeper", other_share: float = 0.10,
-                   malformed_share: float = 0.002):
+def generate_lines(
+    count: int,
+    *,
+    channels: int = 2000,
+    viewers: int = 20000,
+    end_time: float | None = None,
+    duration: float = 600.0,
+    seed: int = 7,
+    fmt: str = "streamkeeper",
+    other_share: float = 0.10,
+    malformed_share: float = 0.002,
+):
     """Yield ``count`` log lines (str, ending in newline)."""
     rng = random.Random(seed)
     end_time = time.time() if end_time is None else end_time
@@ -53,9 +68,12 @@ def generate_lines(count: int, *, channels: int = 2000, viewers: int = 20000,
     render = streamkeeper_line if fmt == "streamkeeper" else legacy_line
     # Each viewer watches one channel, picked by popularity.
     viewer_table = [
-        (f"10.{(v >> 16) & 255}.{(v >> 8) & 255}.{v & 255}",
-         f"tok{v:06d}" if v % 3 else "-", AGENTS[v % len(AGENTS)],
-         channel_ids[bisect.bisect_left(cumulative, rng.random() * total)])
+        (
+            f"10.{(v >> 16) & 255}.{(v >> 8) & 255}.{v & 255}",
+            f"tok{v:06d}" if v % 3 else "-",
+            AGENTS[v % len(AGENTS)],
+            channel_ids[bisect.bisect_left(cumulative, rng.random() * total)],
+        )
         for v in range(viewers)
     ]
     sequence = 0
@@ -66,7 +84,7 @@ def generate_lines(count: int, *, channels: int = 2000, viewers: int = 20000,
             if rng.random() < 0.5:
                 yield "garbage \x00\x01 line without a format\n"
             else:
-                yield "\ufffd\ufffd" + "".join(chr(rng.randrange(0x21, 0x7e)) for _ in range(40)) + "\n"
+                yield "\ufffd\ufffd" + "".join(chr(rng.randrange(0x21, 0x7E)) for _ in range(40)) + "\n"
             continue
         addr, token, agent, channel = viewer_table[rng.randrange(viewers)]
         if roll < malformed_share + other_share:

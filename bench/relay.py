@@ -11,6 +11,7 @@ is affordable.  Two measurements, on loopback, of the relay process's own CPU ti
 
 Bounded: at most 1 GB in bulk, at most 60 s paced.  Writes bench/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,7 +33,7 @@ BULK_BYTES = 128 * 1024 * 1024
 PACED_STREAMS = 40
 PACED_SECONDS = 20.0
 STREAM_BITS_PER_SECOND = 5_000_000
-PACKET_GROUP = 1316            # 7 x 188-byte TS packets, one UDP-sized write
+PACKET_GROUP = 1316  # 7 x 188-byte TS packets, one UDP-sized write
 
 
 def free_port() -> int:
@@ -79,8 +80,10 @@ async def source(reader, writer, *, paced: bool) -> None:
 async def client(relay_port: int, source_port: int, channel: str, token: str) -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", relay_port)
     auth = base64.b64encode(f"{channel}:{token}".encode()).decode()
-    writer.write(f"GET http://127.0.0.1:{source_port}/live/{channel}.ts HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                 f"Proxy-Authorization: Basic {auth}\r\nConnection: close\r\n\r\n".encode())
+    writer.write(
+        f"GET http://127.0.0.1:{source_port}/live/{channel}.ts HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Proxy-Authorization: Basic {auth}\r\nConnection: close\r\n\r\n".encode()
+    )
     total = 0
     while chunk := await reader.read(1 << 20):
         total += len(chunk)
@@ -105,27 +108,33 @@ def main() -> None:
     relay_port = free_port()
     config = os.path.join(work, "streamkeeper.toml")
     with open(config, "w") as handle:
-        handle.write(f'state_dir = "{state_dir}"\negress_listen = "127.0.0.1:{relay_port}"\n'
-                     f'upstream_allow = ["127.0.0.0/8"]\nredis_url = "redis://127.0.0.1:1/0"\n')
-    relay = subprocess.Popen([sys.executable, "-m", "egress", "--config", config, "--log-level", "WARNING"],
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        handle.write(
+            f'state_dir = "{state_dir}"\negress_listen = "127.0.0.1:{relay_port}"\n'
+            f'upstream_allow = ["127.0.0.0/8"]\nredis_url = "redis://127.0.0.1:1/0"\n'
+        )
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "egress", "--config", config, "--log-level", "WARNING"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     try:
         deadline = time.monotonic() + 20
         while socket.socket().connect_ex(("127.0.0.1", relay_port)) != 0:
             if time.monotonic() > deadline or relay.poll() is not None:
                 raise SystemExit("the relay did not start")
             time.sleep(0.05)
-        bulk_bytes, bulk_cpu, bulk_wall = asyncio.run(run(relay.pid, relay_port, state_dir, paced=False,
-                                                          count=BULK_CONNECTIONS))
-        paced_bytes, paced_cpu, paced_wall = asyncio.run(run(relay.pid, relay_port, state_dir, paced=True,
-                                                             count=PACED_STREAMS))
+        bulk_bytes, bulk_cpu, bulk_wall = asyncio.run(
+            run(relay.pid, relay_port, state_dir, paced=False, count=BULK_CONNECTIONS)
+        )
+        paced_bytes, paced_cpu, paced_wall = asyncio.run(
+            run(relay.pid, relay_port, state_dir, paced=True, count=PACED_STREAMS)
+        )
     finally:
         relay.terminate()
         relay.wait(timeout=20)
     gb = 1e9
     bulk_per_gb = bulk_cpu / (bulk_bytes / gb)
     paced_per_gb = paced_cpu / (paced_bytes / gb)
-    core_share = paced_cpu / paced_wall                       # of one core, for PACED_STREAMS
+    core_share = paced_cpu / paced_wall  # of one core, for PACED_STREAMS
     streams_per_core = PACED_STREAMS / core_share if core_share else float("inf")
     text = f"""## Egress relay (bench/relay.py)
 

@@ -1,4 +1,5 @@
 """bench/RESULTS.md holds one section per benchmark; each run replaces its own section."""
+
 from __future__ import annotations
 
 import os

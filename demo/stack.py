@@ -5,6 +5,7 @@ loopback ports: a redis-server, the live upstream (demo.upstream), the egress
 relay, the launcher, nginx with the config ``streamctl nginx-config`` renders, and
 optionally heartbeatd.  Each is started as a child process and stopped by pid.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,9 @@ def free_port(preferred: int | None = None) -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(condition, timeout: float, what: str, process: subprocess.Popen | None = None,
-               log_path: str | None = None):
+def wait_until(
+    condition, timeout: float, what: str, process: subprocess.Popen | None = None, log_path: str | None = None
+):
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -73,7 +75,7 @@ def toml_value(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, dict):                          # an inline table
+    if isinstance(value, dict):  # an inline table
         return "{ " + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + " }"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
@@ -83,7 +85,7 @@ def toml_value(value) -> str:
 def write_nginx_conf(directory: str, http_body: str) -> str:
     """A main nginx.conf that keeps everything (pid, logs, temp files) inside ``directory``."""
     conf = os.path.join(directory, "nginx.conf")
-    user = "user root;\n" if os.geteuid() == 0 else ""    # workers must read our temp dirs
+    user = "user root;\n" if os.geteuid() == 0 else ""  # workers must read our temp dirs
     with open(conf, "w") as handle:
         handle.write(f"""{user}pid {directory}/nginx.pid;
 error_log {directory}/error.log warn;
@@ -110,9 +112,17 @@ class LocalStack:
 
     PARTS = ("redis", "upstream", "egress", "launcher", "nginx", "heartbeatd", "reaper")
 
-    def __init__(self, work_dir: str, settings: dict | None = None, *, heartbeatd: bool = False,
-                 reaper: bool = False, nginx_port: int | None = None, own_sessions: bool = False,
-                 persistent_redis: bool = False):
+    def __init__(
+        self,
+        work_dir: str,
+        settings: dict | None = None,
+        *,
+        heartbeatd: bool = False,
+        reaper: bool = False,
+        nginx_port: int | None = None,
+        own_sessions: bool = False,
+        persistent_redis: bool = False,
+    ):
         self.work = os.path.abspath(work_dir)
         os.makedirs(self.work, exist_ok=True)
         self.hls_dir = os.path.join(self.work, "hls")
@@ -139,7 +149,10 @@ class LocalStack:
             # (Redis and our own services stay refused whatever this says).
             "upstream_allow": ["127.0.0.0/8"],
             "nginx_listen": f"127.0.0.1:{self.nginx_port}",
-            "hls_time": 1, "hls_init_time": 1, "hls_list_size": 4, "start_timeout": 15,
+            "hls_time": 1,
+            "hls_init_time": 1,
+            "hls_list_size": 4,
+            "start_timeout": 15,
             "flush_interval": 0.5,
             # The tests and benchmarks start dozens of `copy` streams of a 320x180 source
             # (about 1 % of a core each), far under what max_streams' default is sized for.
@@ -171,9 +184,15 @@ class LocalStack:
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log_path = os.path.join(self.work, f"{name}.log")
         log = open(log_path, "ab")
-        process = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=self.own_sessions,
-                                   env={**os.environ, "STREAMKEEPER_CONFIG": self.config_path})
+        process = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=self.own_sessions,
+            env={**os.environ, "STREAMKEEPER_CONFIG": self.config_path},
+        )
         log.close()
         self.processes[name] = process
         return process
@@ -201,16 +220,21 @@ class LocalStack:
 
     def parts(self) -> list[str]:
         """The parts this stack runs, in the order they start."""
-        return [name for name in self.PARTS if (name != "heartbeatd" or self.with_heartbeatd)
-                and (name != "reaper" or self.with_reaper)]
+        return [
+            name
+            for name in self.PARTS
+            if (name != "heartbeatd" or self.with_heartbeatd) and (name != "reaper" or self.with_reaper)
+        ]
 
     def start_part(self, name: str, *, wait: bool = True) -> subprocess.Popen:
         """One part (again); with ``wait``, returns once it listens (those that listen)."""
-        modules = {"upstream": ["demo.upstream", "--port", str(self.upstream_port)],
-                   "egress": ["egress", "--config", self.config_path],
-                   "launcher": ["launcher", "--config", self.config_path],
-                   "heartbeatd": ["heartbeatd", "--config", self.config_path],
-                   "reaper": ["reaper", "--config", self.config_path]}
+        modules = {
+            "upstream": ["demo.upstream", "--port", str(self.upstream_port)],
+            "egress": ["egress", "--config", self.config_path],
+            "launcher": ["launcher", "--config", self.config_path],
+            "heartbeatd": ["heartbeatd", "--config", self.config_path],
+            "reaper": ["reaper", "--config", self.config_path],
+        }
         if name == "redis":
             return self._start_redis()
         if name == "nginx":
@@ -227,33 +251,55 @@ class LocalStack:
     def _wait_listening(self, name: str) -> None:
         ports = {"upstream": self.upstream_port, "egress": self.egress_port, "launcher": self.launcher_port}
         if name in ports:
-            wait_until(lambda: port_open(ports[name]), 20, f"the {name}", self.processes[name],
-                       os.path.join(self.work, f"{name}.log"))
+            wait_until(
+                lambda: port_open(ports[name]),
+                20,
+                f"the {name}",
+                self.processes[name],
+                os.path.join(self.work, f"{name}.log"),
+            )
 
     def _start_redis(self) -> subprocess.Popen:
         directory = os.path.join(self.work, "redis")
         os.makedirs(directory, exist_ok=True)
-        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persistent_redis else \
-            ["--save", "", "--appendonly", "no"]
-        process = self._spawn("redis", [shutil.which("redis-server") or "redis-server",
-                                        "--port", str(self.redis_port), "--bind", "127.0.0.1",
-                                        "--dir", directory, *persistence])
-        wait_until(lambda: port_open(self.redis_port), 20, "redis-server", process,
-                   os.path.join(self.work, "redis.log"))
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "everysec"]
+            if self.persistent_redis
+            else ["--save", "", "--appendonly", "no"]
+        )
+        process = self._spawn(
+            "redis",
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                directory,
+                *persistence,
+            ],
+        )
+        wait_until(
+            lambda: port_open(self.redis_port), 20, "redis-server", process, os.path.join(self.work, "redis.log")
+        )
         return process
 
     def _start_nginx(self) -> subprocess.Popen:
         directory = os.path.join(self.work, "nginx")
         os.makedirs(directory, exist_ok=True)
         snippet = os.path.join(directory, "streamkeeper.conf")
-        subprocess.run([sys.executable, "-m", "streamctl", "nginx-config", "--config",
-                        self.config_path, "--output", snippet], cwd=REPO, check=True,
-                       capture_output=True, env={**os.environ, "STREAMKEEPER_CONFIG": self.config_path})
+        subprocess.run(
+            [sys.executable, "-m", "streamctl", "nginx-config", "--config", self.config_path, "--output", snippet],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            env={**os.environ, "STREAMKEEPER_CONFIG": self.config_path},
+        )
         conf = write_nginx_conf(directory, f"include {snippet};")
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         process = self._spawn("nginx", [nginx, "-p", directory, "-c", conf, "-g", "daemon off;"])
-        wait_until(lambda: port_open(self.nginx_port), 20, "nginx", process,
-                   os.path.join(self.work, "nginx.log"))
+        wait_until(lambda: port_open(self.nginx_port), 20, "nginx", process, os.path.join(self.work, "nginx.log"))
         return process
 
     def stop(self) -> None:
@@ -301,9 +347,9 @@ class LocalStack:
 def json_request(url: str, method: str = "GET", body: dict | None = None):
     """(status, decoded JSON or text) of one request that asks for JSON."""
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Accept": "application/json",
-                                              "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Accept": "application/json", "Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read() or b"null")

@@ -22,6 +22,7 @@ and an operator practising with ``make demo``), each a POST:
 
 Run alone: ``python -m demo.upstream --port 8090`` (Ctrl-C stops it and ffmpeg).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,10 @@ from aiohttp import web
 log = logging.getLogger("streamkeeper.demo.upstream")
 
 TS_PACKET = 188
-READ_PACKETS = 64            # 12 KiB per read from ffmpeg
-CLIENT_QUEUE = 256           # chunks a slow client may lag before it is dropped
-BURST_SECONDS = 2.0          # what a joining client gets at once
-VIDEO_PID = 0x100            # ffmpeg's mpegts muxer: the first stream (video)
+READ_PACKETS = 64  # 12 KiB per read from ffmpeg
+CLIENT_QUEUE = 256  # chunks a slow client may lag before it is dropped
+BURST_SECONDS = 2.0  # what a joining client gets at once
+VIDEO_PID = 0x100  # ffmpeg's mpegts muxer: the first stream (video)
 
 
 def random_access_offset(chunk: bytes) -> int | None:
@@ -50,21 +51,51 @@ def random_access_offset(chunk: bytes) -> int | None:
         pid = ((chunk[offset + 1] & 0x1F) << 8) | chunk[offset + 2]
         starts_unit = chunk[offset + 1] & 0x40
         has_adaptation = (chunk[offset + 3] >> 4) & 2
-        if (pid == VIDEO_PID and starts_unit and has_adaptation and chunk[offset + 4] > 0
-                and chunk[offset + 5] & 0x40):
+        if pid == VIDEO_PID and starts_unit and has_adaptation and chunk[offset + 4] > 0 and chunk[offset + 5] & 0x40:
             return offset
     return None
 
 
 def encoder_argv(ffmpeg: str = "ffmpeg", size: str = "320x180", rate: int = 25) -> list[str]:
     return [
-        ffmpeg, "-hide_banner", "-loglevel", "error", "-nostdin",
-        "-re", "-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}",
-        "-re", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
-        "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-pix_fmt", "yuv420p",
-        "-g", str(rate), "-keyint_min", str(rate), "-sc_threshold", "0",
-        "-c:a", "aac", "-b:a", "64k",
-        "-f", "mpegts", "-pat_period", "0.1", "pipe:1",
+        ffmpeg,
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-nostdin",
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+        f"testsrc2=size={size}:rate={rate}",
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:sample_rate=48000",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-tune",
+        "zerolatency",
+        "-pix_fmt",
+        "yuv420p",
+        "-g",
+        str(rate),
+        "-keyint_min",
+        str(rate),
+        "-sc_threshold",
+        "0",
+        "-c:a",
+        "aac",
+        "-b:a",
+        "64k",
+        "-f",
+        "mpegts",
+        "-pat_period",
+        "0.1",
+        "pipe:1",
     ]
 
 
@@ -73,8 +104,8 @@ class Broadcaster:
 
     def __init__(self, ffmpeg: str = "ffmpeg"):
         self.ffmpeg = shutil.which(ffmpeg) or ffmpeg
-        self.listeners: dict[asyncio.Queue, str] = {}        # queue -> the name it asked for
-        self.silent_until = 0.0                               # monotonic: a stall until then
+        self.listeners: dict[asyncio.Queue, str] = {}  # queue -> the name it asked for
+        self.silent_until = 0.0  # monotonic: a stall until then
         # (monotonic time, chunk, offset of a keyframe start in it or None)
         self.backlog: collections.deque = collections.deque()
         self.process: asyncio.subprocess.Process | None = None
@@ -82,15 +113,18 @@ class Broadcaster:
         self._starting = asyncio.Lock()
 
     async def ensure_running(self) -> None:
-        async with self._starting:               # first clients at once: still one ffmpeg
+        async with self._starting:  # first clients at once: still one ffmpeg
             await self._start_if_needed()
 
     async def _start_if_needed(self) -> None:
         if self.process is None or self.process.returncode is not None:
             self.process = await asyncio.create_subprocess_exec(
-                *encoder_argv(self.ffmpeg), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-                start_new_session=True)
+                *encoder_argv(self.ffmpeg),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )
             self._pump = asyncio.create_task(self._pump_output(self.process))
 
     async def _pump_output(self, process) -> None:
@@ -98,7 +132,7 @@ class Broadcaster:
             while True:
                 chunk = await process.stdout.readexactly(TS_PACKET * READ_PACKETS)
                 now = time.monotonic()
-                if now < self.silent_until:             # stalled: nothing goes out, nothing kept
+                if now < self.silent_until:  # stalled: nothing goes out, nothing kept
                     self.backlog.clear()
                     continue
                 self.backlog.append((now, chunk, random_access_offset(chunk)))
@@ -118,7 +152,7 @@ class Broadcaster:
         chunks = list(self.backlog)
         for index, (_, chunk, rap) in enumerate(chunks):
             if rap is not None:
-                return [chunk[rap:]] + [c for _, c, _ in chunks[index + 1:]]
+                return [chunk[rap:]] + [c for _, c, _ in chunks[index + 1 :]]
         return []
 
     def drop(self, name: str | None = None) -> int:
@@ -138,7 +172,7 @@ class Broadcaster:
                 await self.process.wait()
             if self._pump is not None:
                 await asyncio.gather(self._pump, return_exceptions=True)
-            self.backlog.clear()                 # a joining client gets none of the old encoder
+            self.backlog.clear()  # a joining client gets none of the old encoder
             await self._start_if_needed()
 
     async def stop(self) -> None:
@@ -150,8 +184,9 @@ class Broadcaster:
             await self.process.wait()
 
 
-async def stream_broadcast(request: web.Request, broadcaster: Broadcaster,
-                           stall_after: float = float("inf"), name: str = "") -> web.StreamResponse:
+async def stream_broadcast(
+    request: web.Request, broadcaster: Broadcaster, stall_after: float = float("inf"), name: str = ""
+) -> web.StreamResponse:
     """The live broadcast to one client: a burst from the last keyframe, then the live edge,
     until it leaves (or, after ``stall_after`` seconds, silence with the connection open).
     The connection closes when the stream ends."""
@@ -167,13 +202,13 @@ async def stream_broadcast(request: web.Request, broadcaster: Broadcaster,
         await response.prepare(request)
         while True:
             chunk = await queue.get()
-            if chunk is None:                      # stopped, or too slow a reader
+            if chunk is None:  # stopped, or too slow a reader
                 break
-            if time.monotonic() >= stall_at:       # /stall/<s>/...: silence, connection open
+            if time.monotonic() >= stall_at:  # /stall/<s>/...: silence, connection open
                 broadcaster.listeners.pop(queue, None)
                 await asyncio.sleep(3600)
             await response.write(chunk)
-    except (OSError, asyncio.CancelledError):      # the client is gone
+    except (OSError, asyncio.CancelledError):  # the client is gone
         pass
     finally:
         broadcaster.listeners.pop(queue, None)
@@ -185,8 +220,9 @@ async def live(request: web.Request) -> web.StreamResponse:
     name = request.match_info.get("name", "")
     if name in request.app["failed_names"]:
         return web.Response(status=404, text="gone\n")
-    return await stream_broadcast(request, request.app["broadcaster"],
-                                  float(request.match_info.get("seconds", "inf")), name)
+    return await stream_broadcast(
+        request, request.app["broadcaster"], float(request.match_info.get("seconds", "inf")), name
+    )
 
 
 async def control(request: web.Request) -> web.Response:
@@ -244,8 +280,8 @@ async def missing(request: web.Request) -> web.Response:
 def make_app(ffmpeg: str = "ffmpeg") -> web.Application:
     app = web.Application()
     app["broadcaster"] = Broadcaster(ffmpeg)
-    app["requests"] = []          # (path, headers) of every request, for tests
-    app["failed_names"] = set()   # /control/fail: names answering 404
+    app["requests"] = []  # (path, headers) of every request, for tests
+    app["failed_names"] = set()  # /control/fail: names answering 404
     app.router.add_get("/live/{name}", live)
     app.router.add_post("/control/{action}", control)
     app.router.add_get("/stall/{seconds:[0-9]+}/{name}", live)
@@ -256,6 +292,7 @@ def make_app(ffmpeg: str = "ffmpeg") -> web.Application:
 
     async def on_cleanup(app):
         await app["broadcaster"].stop()
+
     app.on_cleanup.append(on_cleanup)
     return app
 
@@ -282,6 +319,7 @@ def main() -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         await serve(args.host, args.port, stop)
+
     asyncio.run(run())
 
 

@@ -1,13 +1,13 @@
 """``stream-egress``: the relay every upstream connection of this host's streams goes through."""
-from __future__ import annotations
 
-from streamstate import early_signals  # noqa: F401 - first: signals from the first instant
+from __future__ import annotations
 
 import asyncio
 import logging
 
 import click
 
+from streamstate import early_signals  # noqa: F401 - first: signals from the first instant
 from streamstate.cli_options import settings_options
 from streamstate.service import configure_logging, notify_until_stopped, sd_notify
 
@@ -17,8 +17,12 @@ log = logging.getLogger("streamkeeper.egress")
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @settings_options
 @click.option("--listen", metavar="HOST:PORT", help="Loopback address to listen on (overrides egress_listen).")
-@click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
 def main(settings_loader, listen, log_level):
     """Relay FFmpeg's and the resolvers' upstream connections, and police them.
 
@@ -69,7 +73,7 @@ async def serve(settings) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in early_signals.STOP_SIGNALS:
-        loop.add_signal_handler(signum, stop.set)       # only a flag; the work is below
+        loop.add_signal_handler(signum, stop.set)  # only a flag; the work is below
     if early_signals.received():
         log.info("%s during start-up: exiting", early_signals.received())
         return 0
@@ -77,18 +81,26 @@ async def serve(settings) -> int:
     relay = EgressRelay(settings)
     host, _, port = settings.egress_listen.rpartition(":")
     try:
-        server = await asyncio.start_server(relay.handle, host.strip("[]"), int(port),
-                                            limit=CHUNK, backlog=1024, reuse_address=True)
+        server = await asyncio.start_server(
+            relay.handle, host.strip("[]"), int(port), limit=CHUNK, backlog=1024, reuse_address=True
+        )
     except OSError as exc:
         log.error("cannot listen on %s: %s", settings.egress_listen, exc)
         return 1
-    log.info("listening on %s (allow %s; deny %s)", settings.egress_listen,
-             ", ".join(map(str, settings.upstream_allow)) or "nothing extra",
-             ", ".join(map(str, settings.upstream_deny)) or "nothing")
+    log.info(
+        "listening on %s (allow %s; deny %s)",
+        settings.egress_listen,
+        ", ".join(map(str, settings.upstream_allow)) or "nothing extra",
+        ", ".join(map(str, settings.upstream_deny)) or "nothing",
+    )
     sd_notify("READY=1\nSTATUS=listening on " + settings.egress_listen)
-    await notify_until_stopped(stop, lambda: (
-        f"{sum(relay.open.values())} upstream connection(s) of {len(relay.open)} channel(s); refused "
-        f"{relay.counters['refused_address']} address(es), {relay.counters['refused_proxy']} for the proxy"))
+    await notify_until_stopped(
+        stop,
+        lambda: (
+            f"{sum(relay.open.values())} upstream connection(s) of {len(relay.open)} channel(s); refused "
+            f"{relay.counters['refused_address']} address(es), {relay.counters['refused_proxy']} for the proxy"
+        ),
+    )
     log.info("exiting: %d upstream connection(s) are cut", sum(relay.open.values()))
     sd_notify("STOPPING=1")
     server.close()

@@ -24,6 +24,7 @@ channel: the launcher waits on it before a preempted slot is given to another st
 It runs as its own service, not inside the launcher: a launcher restart leaves every
 FFmpeg running (they outlive it) and so must their connections.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,25 +45,31 @@ import h11
 from streamstate import egress, keys
 from streamstate.egress import RefusalKind
 from streamstate.redact import redact_url
-from streamstate.upstreams import (AddressPolicy, literal_address, matching_providers, provider_servers, proxy_endpoint,
-                                   server_key, socks_connection)
+from streamstate.upstreams import (
+    AddressPolicy,
+    literal_address,
+    matching_providers,
+    provider_servers,
+    proxy_endpoint,
+    server_key,
+    socks_connection,
+)
 
 log = logging.getLogger("streamkeeper.egress")
 
-MAX_HEAD_BYTES = 32 * 1024      # a request head larger than this is refused
-HEAD_TIMEOUT = 15.0             # seconds a client has to send its whole request (head and body)
-IDLE_TIMEOUT = 30.0             # seconds a persistent client connection has for its whole next request head
-ANSWER_TIMEOUT = 30.0           # seconds an upstream has for its whole answer head
+MAX_HEAD_BYTES = 32 * 1024  # a request head larger than this is refused
+HEAD_TIMEOUT = 15.0  # seconds a client has to send its whole request (head and body)
+IDLE_TIMEOUT = 30.0  # seconds a persistent client connection has for its whole next request head
+ANSWER_TIMEOUT = 30.0  # seconds an upstream has for its whole answer head
 # Client connections at most: each relayed one takes two descriptors (client, upstream);
 # below LimitNOFILE (65536 in the unit) with room for the rest.  At the cap, a new
 # connection takes the place of the oldest one that has not yet shown a ticket.
 FD_RESERVE = 256
-CONNECT_TIMEOUT = 10.0          # seconds to reach an upstream or a proxy
+CONNECT_TIMEOUT = 10.0  # seconds to reach an upstream or a proxy
 CHUNK = 64 * 1024
-SMALL_READ = 16 * 1024          # a read below this waits COALESCE before the next one
-COALESCE = 0.01                 # seconds
-_HOP_HEADERS = {"proxy-authorization", "proxy-connection", "connection", "keep-alive", "te", "trailer",
-                "upgrade"}
+SMALL_READ = 16 * 1024  # a read below this waits COALESCE before the next one
+COALESCE = 0.01  # seconds
+_HOP_HEADERS = {"proxy-authorization", "proxy-connection", "connection", "keep-alive", "te", "trailer", "upgrade"}
 
 
 class Refused(Exception):
@@ -101,11 +108,10 @@ class EgressRelay:
         self.clients[writer] = False
         try:
             await self._handle(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                asyncio.TimeoutError, OSError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, OSError):
             pass
         except asyncio.CancelledError:
-            pass        # the relay is exiting: the connection is cut below, quietly
+            pass  # the relay is exiting: the connection is cut below, quietly
         except Exception:  # noqa: BLE001 - one connection's bug never stops the relay
             log.exception("unexpected error on a relayed connection")
         finally:
@@ -140,8 +146,12 @@ class EgressRelay:
             # FFmpeg's first request on each connection carries no credentials: it sends them
             # after this challenge, so one per connection is normal.
             self.counters["auth_challenges"] += 1
-            return await _answer(writer, 407, "proxy authentication required",
-                                 {"Proxy-Authenticate": 'Basic realm="streamkeeper-egress"'})
+            return await _answer(
+                writer,
+                407,
+                "proxy authentication required",
+                {"Proxy-Authenticate": 'Basic realm="streamkeeper-egress"'},
+            )
         self.clients[writer] = True
         if method == "CONNECT":
             host, port = _split_host_port(target, None)
@@ -153,8 +163,16 @@ class EgressRelay:
             return await self._tunnel(channel_id, ticket, reader, writer, host, port, early)
         await self._forward_requests(channel_id, ticket, client, request, request_deadline, reader, writer)
 
-    async def _forward_requests(self, channel_id: str, ticket: dict, client: h11.Connection,
-                                request: h11.Request, request_deadline: float, reader, writer) -> None:
+    async def _forward_requests(
+        self,
+        channel_id: str,
+        ticket: dict,
+        client: h11.Connection,
+        request: h11.Request,
+        request_deadline: float,
+        reader,
+        writer,
+    ) -> None:
         """Absolute-form requests on one client connection, each on its own: checked
         (credentials, address policy, provider), forwarded over an upstream connection of its
         own, its answer copied back; then the next request, while both sides keep the
@@ -168,8 +186,9 @@ class EgressRelay:
                 port = parts.port or 80
             except ValueError:
                 return await _answer(writer, 400, "bad target")
-            if not await self._forward_one(channel_id, ticket, client, request, request_deadline, parts, port,
-                                           reader, writer):
+            if not await self._forward_one(
+                channel_id, ticket, client, request, request_deadline, parts, port, reader, writer
+            ):
                 return
             if client.our_state is not h11.DONE or client.their_state is not h11.DONE:
                 return
@@ -183,8 +202,12 @@ class EgressRelay:
                 return
             again, _ = self._authorised(_decoded(request.headers))
             if again != channel_id:
-                return await _answer(writer, 407, "proxy authentication required",
-                                     {"Proxy-Authenticate": 'Basic realm="streamkeeper-egress"'})
+                return await _answer(
+                    writer,
+                    407,
+                    "proxy authentication required",
+                    {"Proxy-Authenticate": 'Basic realm="streamkeeper-egress"'},
+                )
 
     def _authorised(self, headers: list[tuple[str, str]]) -> tuple[str | None, dict]:
         """(channel, its ticket) that the Proxy-Authorization matches, else (None, {}).  The
@@ -219,8 +242,9 @@ class EgressRelay:
         except Unreachable as exc:
             self.counters["unreachable"] += 1
             log.info("channel %s: %s unreachable: %s", channel_id, _shown_target(host, port), exc)
-            egress.record_refusal(self.state_dir, channel_id, RefusalKind.UNREACHABLE,
-                                  f"{_shown_target(host, port)}: {exc}")
+            egress.record_refusal(
+                self.state_dir, channel_id, RefusalKind.UNREACHABLE, f"{_shown_target(host, port)}: {exc}"
+            )
             await _answer(writer, 502, "upstream unreachable")
             return None
         self.open[channel_id] += 1
@@ -229,13 +253,12 @@ class EgressRelay:
         return up_reader, up_writer, via
 
     def _closed(self, channel_id: str, up_writer) -> None:
-        up_writer.transport.abort()               # the provider sees the close at once
+        up_writer.transport.abort()  # the provider sees the close at once
         self.open[channel_id] -= 1
         if self.open[channel_id] <= 0:
             del self.open[channel_id]
 
-    async def _tunnel(self, channel_id: str, ticket: dict, reader, writer, host: str, port: int,
-                      early: bytes) -> None:
+    async def _tunnel(self, channel_id: str, ticket: dict, reader, writer, host: str, port: int, early: bytes) -> None:
         """CONNECT: an upstream connection, then bytes both ways until either side ends."""
         upstream = await self._upstream(channel_id, ticket, writer, host, port, tunnel=True)
         if upstream is None:
@@ -250,8 +273,18 @@ class EgressRelay:
         finally:
             self._closed(channel_id, up_writer)
 
-    async def _forward_one(self, channel_id: str, ticket: dict, client: h11.Connection, request: h11.Request,
-                           request_deadline: float, parts, port: int, reader, writer) -> bool:
+    async def _forward_one(
+        self,
+        channel_id: str,
+        ticket: dict,
+        client: h11.Connection,
+        request: h11.Request,
+        request_deadline: float,
+        parts,
+        port: int,
+        reader,
+        writer,
+    ) -> bool:
         """One request and its answer; False when the client connection cannot go on."""
         proxy = ticket.get("proxy") or ""
         try:
@@ -267,12 +300,12 @@ class EgressRelay:
         server = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         try:
             up_writer.write(server.send(_upstream_request(request, parts, proxy)))
-            while True:                                       # the request's body, if any
+            while True:  # the request's body, if any
                 event = await _next_event(client, reader, request_deadline)
                 if isinstance(event, h11.Data):
                     up_writer.write(server.send(event))
                 elif isinstance(event, h11.EndOfMessage):
-                    up_writer.write(server.send(h11.EndOfMessage()))       # its trailers stay here
+                    up_writer.write(server.send(h11.EndOfMessage()))  # its trailers stay here
                     break
                 else:
                     return False
@@ -301,22 +334,29 @@ class EgressRelay:
         for key in [server_key(host), *(server_key(a) for a in addresses)]:
             owners |= self.provider_servers.get((key, port), set())
         if owners and ticket.get("provider") not in owners:
-            raise Refused(RefusalKind.ADDRESS, f"{_shown_target(host, port)} is the server of provider "
-                          f"{' or '.join(sorted(owners))}, and this stream holds none of its connections", 403)
+            raise Refused(
+                RefusalKind.ADDRESS,
+                f"{_shown_target(host, port)} is the server of provider "
+                f"{' or '.join(sorted(owners))}, and this stream holds none of its connections",
+                403,
+            )
 
     def _check_account(self, ticket: dict, url: str) -> None:
         """A URL under a limited provider's match prefix is fetched only by a stream holding a
         slot of that provider: two accounts on one server are told apart by their prefix."""
         owners = matching_providers(url, {n: p for n, p in self.settings.providers.items() if p.max_streams})
         if owners and ticket.get("provider") not in owners:
-            raise Refused(RefusalKind.ADDRESS, f"{redact_url(url)} belongs to provider {' or '.join(sorted(owners))}, "
-                          "and this stream holds none of its connections", 403)
+            raise Refused(
+                RefusalKind.ADDRESS,
+                f"{redact_url(url)} belongs to provider {' or '.join(sorted(owners))}, "
+                "and this stream holds none of its connections",
+                403,
+            )
 
     def _refused(self, channel_id: str, host: str, port: int, refused: Refused) -> None:
         """One log line and the note the launcher reads."""
         self.counters[f"refused_{refused.kind}"] += 1
-        log.warning("channel %s: refused a connection to %s: %s", channel_id, _shown_target(host, port),
-                    refused.reason)
+        log.warning("channel %s: refused a connection to %s: %s", channel_id, _shown_target(host, port), refused.reason)
         egress.record_refusal(self.state_dir, channel_id, refused.kind, refused.reason)
 
     # -- where a connection goes ---------------------------------------------------
@@ -360,8 +400,9 @@ class EgressRelay:
         last_error: Exception | None = None
         for address in addresses:
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port, limit=CHUNK),
-                                                        CONNECT_TIMEOUT)
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(address, port, limit=CHUNK), CONNECT_TIMEOUT
+                )
             except (OSError, asyncio.TimeoutError) as exc:
                 last_error = exc
                 continue
@@ -418,6 +459,7 @@ def _early_tunnel_bytes(client: h11.Connection) -> bytes | None:
 def _max_clients() -> int:
     """Client connections at most: half the descriptors this process may open, less a reserve."""
     import resource
+
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return max(64, (soft - FD_RESERVE) // 2)
 
@@ -474,8 +516,11 @@ def _upstream_request(request: h11.Request, parts, proxy: str) -> h11.Request:
     """The request as the upstream gets it: origin-form (absolute-form to an http proxy,
     with its credentials), without our proxy headers, on a connection of its own."""
     via_http_proxy = proxy.lower().startswith("http://")
-    target = request.target if via_http_proxy else \
-        ((parts.path or "/") + (f"?{parts.query}" if parts.query else "")).encode("latin-1")
+    target = (
+        request.target
+        if via_http_proxy
+        else ((parts.path or "/") + (f"?{parts.query}" if parts.query else "")).encode("latin-1")
+    )
     headers = _end_to_end(request.headers)
     if any(name.lower() == b"transfer-encoding" for name, _ in headers):
         # h11 framed the body by Transfer-Encoding: a Content-Length beside it would be read by
@@ -489,8 +534,12 @@ def _upstream_request(request: h11.Request, parts, proxy: str) -> h11.Request:
 
 def _end_to_end(headers) -> list[tuple[bytes, bytes]]:
     """The headers without hop-by-hop ones: ours, and any the Connection header names."""
-    named = {token.strip().lower() for name, value in headers.raw_items() if name.lower() == b"connection"
-             for token in value.split(b",")}
+    named = {
+        token.strip().lower()
+        for name, value in headers.raw_items()
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    }
     hop = {name.encode() for name in _HOP_HEADERS} | named
     return [(name, value) for name, value in headers.raw_items() if name.lower() not in hop]
 
@@ -498,8 +547,7 @@ def _end_to_end(headers) -> list[tuple[bytes, bytes]]:
 def _client_response(answer: h11.Response) -> h11.Response:
     """The upstream's answer as the client gets it: its hop-by-hop headers off (h11 frames
     the body for the client connection)."""
-    headers = [(name, value) for name, value in _end_to_end(answer.headers)
-               if name.lower() != b"transfer-encoding"]
+    headers = [(name, value) for name, value in _end_to_end(answer.headers) if name.lower() != b"transfer-encoding"]
     return h11.Response(status_code=answer.status_code, reason=answer.reason, headers=headers)
 
 
@@ -516,7 +564,7 @@ async def _copy_body(server: h11.Connection, up_reader, client: h11.Connection, 
             continue
         if isinstance(event, h11.Data):
             counters["bytes_down"] += len(event.data)
-            writer.writelines(client.send_with_data_passthrough(event))     # no copy of the data
+            writer.writelines(client.send_with_data_passthrough(event))  # no copy of the data
             await writer.drain()
         elif isinstance(event, h11.EndOfMessage):
             writer.write(client.send(h11.EndOfMessage()))
@@ -551,12 +599,14 @@ async def _resolve(host: str, port: int, *, proxy_shown: str = "") -> list[str]:
     if literal is not None:
         return [literal]
     try:
-        infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
-            host, port, type=socket.SOCK_STREAM), CONNECT_TIMEOUT)
+        infos = await asyncio.wait_for(
+            asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), CONNECT_TIMEOUT
+        )
     except (OSError, asyncio.TimeoutError) as exc:
         if proxy_shown:
-            raise Refused(RefusalKind.PROXY, f"proxy {proxy_shown}: cannot resolve its name ({_error_text(exc)})",
-                          502) from None
+            raise Refused(
+                RefusalKind.PROXY, f"proxy {proxy_shown}: cannot resolve its name ({_error_text(exc)})", 502
+            ) from None
         raise Unreachable(f"cannot resolve {host}: {_error_text(exc)}") from None
     return list(dict.fromkeys(info[4][0] for info in infos))
 
@@ -571,6 +621,7 @@ async def _open_proxy(host: str, port: int, shown: str):
 def _socks_connect(parts, host: str, port: int, remote_dns: bool, shown: str) -> socket.socket:
     """A connected socket through a SOCKS5 proxy (pysocks, in a thread)."""
     import socks
+
     try:
         sock = socks_connection(parts.geturl(), host, port, CONNECT_TIMEOUT, remote_dns=remote_dns)
     except (socks.ProxyError, OSError) as exc:
@@ -595,17 +646,23 @@ async def _http_proxy_connect(reader, writer, parts, host: str, port: int, shown
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CONNECT_TIMEOUT)
         status = int(head.split(b" ", 2)[1])
-    except (OSError, ValueError, IndexError, asyncio.TimeoutError, asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError):
+    except (
+        OSError,
+        ValueError,
+        IndexError,
+        asyncio.TimeoutError,
+        asyncio.IncompleteReadError,
+        asyncio.LimitOverrunError,
+    ):
         writer.transport.abort()
         raise Refused(RefusalKind.PROXY, f"proxy {shown} gave no answer to CONNECT", 502) from None
     if status == 407:
         writer.transport.abort()
         raise Refused(RefusalKind.PROXY, f"proxy {shown}: authentication failed (407)", 502)
-    if status in (502, 503, 504):                # the proxy could not reach the target
+    if status in (502, 503, 504):  # the proxy could not reach the target
         writer.transport.abort()
         raise Unreachable(f"through {shown}: CONNECT answered {status}")
-    if status != 200:                            # the proxy itself refuses (403 by its rules, ...)
+    if status != 200:  # the proxy itself refuses (403 by its rules, ...)
         writer.transport.abort()
         raise Refused(RefusalKind.PROXY, f"proxy {shown} refused CONNECT ({status})", 502)
 
@@ -634,8 +691,10 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, coun
 
 async def _splice(reader, writer, up_reader, up_writer, counters) -> None:
     """Both directions until either ends; the other is then ended too."""
-    tasks = {asyncio.create_task(_pipe(reader, up_writer, counters, "bytes_up")),
-             asyncio.create_task(_pipe(up_reader, writer, counters, "bytes_down"))}
+    tasks = {
+        asyncio.create_task(_pipe(reader, up_writer, counters, "bytes_up")),
+        asyncio.create_task(_pipe(up_reader, writer, counters, "bytes_down")),
+    }
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -649,12 +708,18 @@ async def _answer_refused(writer, refused: Refused) -> None:
 
 
 async def _answer(writer, status: int, text: str, headers: dict | None = None) -> None:
-    reasons = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-               405: "Method Not Allowed", 407: "Proxy Authentication Required",
-               431: "Request Header Fields Too Large", 502: "Bad Gateway"}
+    reasons = {
+        200: "OK",
+        400: "Bad Request",
+        403: "Forbidden",
+        404: "Not Found",
+        405: "Method Not Allowed",
+        407: "Proxy Authentication Required",
+        431: "Request Header Fields Too Large",
+        502: "Bad Gateway",
+    }
     body = (text + ("" if text.endswith("\n") else "\n")).encode()
-    lines = [f"HTTP/1.1 {status} {reasons.get(status, 'Error')}", f"Content-Length: {len(body)}",
-             "Connection: close"]
+    lines = [f"HTTP/1.1 {status} {reasons.get(status, 'Error')}", f"Content-Length: {len(body)}", "Connection: close"]
     headers = {"Content-Type": "text/plain; charset=utf-8", **(headers or {})}
     lines += [f"{k}: {v}" for k, v in headers.items()]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)

@@ -11,6 +11,7 @@ SIGTERM to the whole process group under systemd, the OOM killer) cannot
 deadlock heartbeatd, as multiprocessing.Pool's shared queue lock can.  A block
 whose worker is gone is parsed in-process instead; nothing is lost.
 """
+
 from __future__ import annotations
 
 import collections
@@ -20,11 +21,11 @@ import multiprocessing
 import os
 import signal
 
-from .logformat import ChunkResult, LogLineParser
+from streamstate.logformat import ChunkResult, LogLineParser
 
 log = logging.getLogger("streamkeeper.heartbeatd")
 
-POOL_MIN_BLOCK = 1 << 20      # smaller blocks are parsed in-process
+POOL_MIN_BLOCK = 1 << 20  # smaller blocks are parsed in-process
 MAX_AUTO_WORKERS = 4
 PR_SET_PDEATHSIG = 1
 
@@ -44,9 +45,9 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(connection, inherited, log_format: str, viewer_window: float) -> None:
-    for other in inherited:           # other workers' parent ends, copied by fork
+    for other in inherited:  # other workers' parent ends, copied by fork
         other.close()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is for heartbeatd to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for heartbeatd to handle
     _die_with_parent()
     parser = LogLineParser(log_format, count_viewers=viewer_window > 0, viewer_window=viewer_window)
     while True:
@@ -54,7 +55,7 @@ def _worker_main(connection, inherited, log_format: str, viewer_window: float) -
             block = connection.recv_bytes()
         except (EOFError, OSError):
             return
-        if not block:                 # the stop sentinel
+        if not block:  # the stop sentinel
             return
         connection.send(parser.parse_chunk(block))
 
@@ -69,18 +70,20 @@ class ParsePool:
         self._processes: list = []
         for _ in range(workers):
             parent_end, child_end = context.Pipe(duplex=True)
-            process = context.Process(target=_worker_main, daemon=True, name="heartbeatd-parse",
-                                      args=(child_end, list(self._connections) + [parent_end],
-                                            log_format, viewer_window))
+            process = context.Process(
+                target=_worker_main,
+                daemon=True,
+                name="heartbeatd-parse",
+                args=(child_end, list(self._connections) + [parent_end], log_format, viewer_window),
+            )
             process.start()
             child_end.close()
             self._connections.append(parent_end)
             self._processes.append(process)
-        self._fallback = LogLineParser(log_format, count_viewers=viewer_window > 0,
-                                       viewer_window=viewer_window)
+        self._fallback = LogLineParser(log_format, count_viewers=viewer_window > 0, viewer_window=viewer_window)
         self._broken: set[int] = set()
-        self._inflight: collections.deque = collections.deque()   # (worker, block, tag)
-        self._busy: set[int] = set()     # one block at a time per worker: no pipe deadlock
+        self._inflight: collections.deque = collections.deque()  # (worker, block, tag)
+        self._busy: set[int] = set()  # one block at a time per worker: no pipe deadlock
         self._next = 0
 
     def submit(self, block: bytes, tag) -> None:
@@ -108,7 +111,7 @@ class ParsePool:
         """Every live worker has a block (a worker never gets a second one before its
         answer is read: its answer could fill the pipe while we write to it)."""
         live = self.workers - len(self._broken)
-        if live == 0:                     # all gone: parsed in-process, one at a time
+        if live == 0:  # all gone: parsed in-process, one at a time
             return len(self._inflight) >= 1
         return len(self._busy) >= live or len(self._inflight) >= 2 * self.workers
 
@@ -129,8 +132,9 @@ class ParsePool:
     def _mark_broken(self, worker: int) -> None:
         if worker not in self._broken:
             self._broken.add(worker)
-            log.warning("parse worker %d (pid %s) is gone; parsing its blocks in-process",
-                        worker, self._processes[worker].pid)
+            log.warning(
+                "parse worker %d (pid %s) is gone; parsing its blocks in-process", worker, self._processes[worker].pid
+            )
 
     def discard(self) -> None:
         """Stopping mid-backlog: results still owed are dropped (read again next time).

@@ -1,8 +1,9 @@
 """Heartbeats read but not yet written: per-channel maxima and viewers, bounded by
 channels and viewers, never by lines."""
+
 from __future__ import annotations
 
-from .logformat import ChunkResult
+from streamstate.logformat import ChunkResult
 
 # Bound on the viewers held while Redis is away.
 MAX_PENDING_VIEWERS = 200_000

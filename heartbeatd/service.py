@@ -1,4 +1,5 @@
 """heartbeatd's main loop: wake, read to the end, flush on a fixed cadence."""
+
 from __future__ import annotations
 
 import logging
@@ -10,11 +11,11 @@ import typing
 import redis
 
 from streamstate import heartbeats, runs
+from streamstate.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from streamstate.logformat import LogLineParser
 from streamstate.redis_client import redis_from_url
 from streamstate.service import StopSignals, sd_notify, watchdog_interval
 
-from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from .logformat import LogLineParser
 from .metrics import HeartbeatMetrics
 from .parse_pool import POOL_MIN_BLOCK, ParsePool, worker_count
 from .pending import PendingHeartbeats
@@ -22,23 +23,21 @@ from .tailer import LogTailer, Position
 
 log = logging.getLogger("streamkeeper.heartbeatd")
 
-POLL_INTERVAL = 0.5          # fallback wake-up when inotify says nothing
-MAX_BACKOFF = 30.0           # seconds between Redis retries, at most
-STOP_FLUSH_TIMEOUT = 1.5     # seconds the final flush may take after SIGTERM
-EXIT_SETUP = 2               # a setting points somewhere unusable
-HELD_AFTER_OUTAGE = 30.0     # seconds heartbeats of not-yet-running streams are retried after one
+POLL_INTERVAL = 0.5  # fallback wake-up when inotify says nothing
+MAX_BACKOFF = 30.0  # seconds between Redis retries, at most
+STOP_FLUSH_TIMEOUT = 1.5  # seconds the final flush may take after SIGTERM
+EXIT_SETUP = 2  # a setting points somewhere unusable
+HELD_AFTER_OUTAGE = 30.0  # seconds heartbeats of not-yet-running streams are retried after one
 
 
 class HeartbeatService:
-    def __init__(self, settings, *, log_file: str | None = None, from_start: bool = False,
-                 once: bool = False):
+    def __init__(self, settings, *, log_file: str | None = None, from_start: bool = False, once: bool = False):
         self.settings = settings
         self.log_path = log_file or settings.access_log
         self.once = once
         self.from_start = from_start
         self.window = settings.viewer_window
-        self.parser = LogLineParser(settings.log_format, count_viewers=self.window > 0,
-                                    viewer_window=self.window)
+        self.parser = LogLineParser(settings.log_format, count_viewers=self.window > 0, viewer_window=self.window)
         self.pending = PendingHeartbeats()
         self.tailer = LogTailer(self.log_path)
         self.checkpoint_file = checkpoint_path(settings.state_dir, self.log_path)
@@ -46,18 +45,18 @@ class HeartbeatService:
         self.redis = redis_from_url(settings.redis_url)
         self.wake = threading.Event()
         self.signals = StopSignals(self.wake)
-        self.position: Position | None = None      # after the last block read
+        self.position: Position | None = None  # after the last block read
         self.saved_position: Position | None = None
         self.redis_down_since: float | None = None
-        self.recovering_until = 0.0     # after an outage: retry heartbeats of streams not (yet) running
+        self.recovering_until = 0.0  # after an outage: retry heartbeats of streams not (yet) running
         self.retry_at = 0.0
         self.backoff = 1.0
         self.last_trim: dict[str, float] = {}
         self.next_host_refresh = 0.0
-        self._observer: typing.Any = None          # watchdog's Observer, once it watches
+        self._observer: typing.Any = None  # watchdog's Observer, once it watches
         self.pool = None
         workers = worker_count(settings.parse_workers)
-        if workers > 1:   # forks: before any thread is started
+        if workers > 1:  # forks: before any thread is started
             self.pool = ParsePool(settings.log_format, self.window, workers)
 
     # -- life cycle ---------------------------------------------------------------
@@ -101,8 +100,9 @@ class HeartbeatService:
         self._close()
         self._log_summary()
         if not ok:
-            log.error("redis is unreachable at %s: heartbeats not written, checkpoint not "
-                      "moved", self.settings.redis_url)
+            log.error(
+                "redis is unreachable at %s: heartbeats not written, checkpoint not " "moved", self.settings.redis_url
+            )
             return 1
         return 0
 
@@ -116,7 +116,7 @@ class HeartbeatService:
             for _ in self._read_available():
                 if stop.is_set():
                     break
-                if time.monotonic() >= next_flush:   # keep the cadence during catch-up
+                if time.monotonic() >= next_flush:  # keep the cadence during catch-up
                     self._flush()
                     next_flush = _next_tick(next_flush, interval)
             now = time.monotonic()
@@ -170,7 +170,7 @@ class HeartbeatService:
                 yield
         finally:
             if pool is not None:
-                pool.discard()   # stopping mid-backlog: those blocks are read again next time
+                pool.discard()  # stopping mid-backlog: those blocks are read again next time
             self.metrics.too_long = self.tailer.stats.too_long
 
     def _take_in(self, chunk, position: Position | None) -> None:
@@ -194,12 +194,17 @@ class HeartbeatService:
         try:
             if self.pending:
                 channel_times = {ch: min(t, now) for ch, t in self.pending.channel_times.items()}
-                viewers = (self.pending.viewers_by_channel(now=now, window=self.window)
-                           if self.window > 0 else None)
+                viewers = self.pending.viewers_by_channel(now=now, window=self.window) if self.window > 0 else None
                 trim = self._channels_to_trim(channel_times, now)
                 running, skipped = heartbeats.write_heartbeats(
-                    self.redis, channel_times, viewers, trim_channels=trim,
-                    viewer_window=self.window, now=now, report_skipped=recovering)
+                    self.redis,
+                    channel_times,
+                    viewers,
+                    trim_channels=trim,
+                    viewer_window=self.window,
+                    now=now,
+                    report_skipped=recovering,
+                )
                 self.metrics.count_flush(len(channel_times), running)
                 for channel in trim:
                     self.last_trim[channel] = now
@@ -207,8 +212,11 @@ class HeartbeatService:
             self.metrics.redis_errors += 1
             if self.redis_down_since is None:
                 self.redis_down_since = now_mono
-                log.error("redis unavailable (%s); keeping %d channel(s) of heartbeats in memory "
-                          "and retrying", exc, len(self.pending.channel_times))
+                log.error(
+                    "redis unavailable (%s); keeping %d channel(s) of heartbeats in memory " "and retrying",
+                    exc,
+                    len(self.pending.channel_times),
+                )
             self.retry_at = now_mono + self.backoff
             self.backoff = min(self.backoff * 2, MAX_BACKOFF)
             return False
@@ -216,8 +224,7 @@ class HeartbeatService:
             # A Redis that restarted empty has no stream:<id>:pid until each launcher
             # writes its records again (within seconds): heartbeats of streams not running
             # yet are kept and written again for HELD_AFTER_OUTAGE seconds.
-            log.info("redis is back after %.1f s; heartbeats written",
-                     now_mono - self.redis_down_since)
+            log.info("redis is back after %.1f s; heartbeats written", now_mono - self.redis_down_since)
             self.redis_down_since = None
             self.recovering_until = now_mono + HELD_AFTER_OUTAGE
         self.backoff = 1.0

@@ -11,6 +11,7 @@ Blocks of complete lines are handed out with the position after them; a
 partial last line waits for its newline.  A line over ``max_line`` bytes is
 dropped and counted, without ever being held whole in memory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,34 +21,12 @@ import os
 import time
 from typing import Iterator
 
+from streamstate.checkpoint import FileIdentity, Position
+
 log = logging.getLogger("streamkeeper.heartbeatd")
 
 FINGERPRINT_BYTES = 256
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")
-
-
-@dataclasses.dataclass(frozen=True)
-class FileIdentity:
-    """Which file this is: device, inode and its first bytes."""
-
-    dev: int
-    ino: int
-    fingerprint: bytes
-
-    def as_dict(self) -> dict:
-        return {"dev": self.dev, "ino": self.ino, "fingerprint": self.fingerprint.hex()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "FileIdentity":
-        return cls(int(data["dev"]), int(data["ino"]), bytes.fromhex(data["fingerprint"]))
-
-
-@dataclasses.dataclass(frozen=True)
-class Position:
-    """A place in a file: the end of the last complete line handed out."""
-
-    identity: FileIdentity
-    offset: int
 
 
 def read_fingerprint(fd: int) -> bytes:
@@ -75,9 +54,9 @@ class _OpenFile:
         self.dev, self.ino = st.st_dev, st.st_ino
         self.fingerprint = read_fingerprint(fd)
         self.read_offset = offset
-        self.pending = b""           # a partial line, waiting for its newline
-        self.skipping = False        # inside an over-long line, dropping it
-        self.line_start = offset     # offset of the first byte not yet handed out
+        self.pending = b""  # a partial line, waiting for its newline
+        self.skipping = False  # inside an over-long line, dropping it
+        self.line_start = offset  # offset of the first byte not yet handed out
         self.name = name
         self.last_growth = time.monotonic()
 
@@ -94,8 +73,7 @@ class _OpenFile:
 
 
 class LogTailer:
-    def __init__(self, path: str, *, max_line: int = 65536, read_size: int = 4 << 20,
-                 drain_seconds: float = 10.0):
+    def __init__(self, path: str, *, max_line: int = 65536, read_size: int = 4 << 20, drain_seconds: float = 10.0):
         self.path = path
         self.max_line = max_line
         self.read_size = read_size
@@ -121,8 +99,7 @@ class LogTailer:
             return f"{self.path}: no checkpoint, starting at offset {current.read_offset}"
         ident = position.identity
         same_inode = (current.dev, current.ino) == (ident.dev, ident.ino)
-        if same_inode and fingerprint_matches(fd, ident.fingerprint) \
-                and os.fstat(fd).st_size >= position.offset:
+        if same_inode and fingerprint_matches(fd, ident.fingerprint) and os.fstat(fd).st_size >= position.offset:
             current.read_offset = current.line_start = position.offset
             self._current = current
             return f"{self.path}: resuming at offset {position.offset}"
@@ -133,10 +110,14 @@ class LogTailer:
             old.read_offset = old.line_start = position.offset
             self._draining.append(old)
             self.stats.rotations += 1
-            return (f"{self.path}: rotated while stopped; finishing {old.name} from offset "
-                    f"{position.offset}, then the new file from its start")
-        return (f"{self.path}: rotated while stopped and the checkpointed file was not found; "
-                "reading the current file from its start")
+            return (
+                f"{self.path}: rotated while stopped; finishing {old.name} from offset "
+                f"{position.offset}, then the new file from its start"
+            )
+        return (
+            f"{self.path}: rotated while stopped and the checkpointed file was not found; "
+            "reading the current file from its start"
+        )
 
     def _open_path(self) -> int | None:
         try:
@@ -171,7 +152,8 @@ class LogTailer:
                 os.close(fd)
                 continue
             if (st.st_dev, st.st_ino) == (ident.dev, ident.ino) or (
-                    ident.fingerprint and fingerprint_matches(fd, ident.fingerprint)):
+                ident.fingerprint and fingerprint_matches(fd, ident.fingerprint)
+            ):
                 return _OpenFile(fd, 0, full)
             os.close(fd)
         return None
@@ -206,8 +188,9 @@ class LogTailer:
             current.last_growth = time.monotonic()
             self._current = None
             self.stats.rotations += 1
-            log.info("%s was rotated (renamed); draining the old file, reading the new one "
-                     "from its start", self.path)
+            log.info(
+                "%s was rotated (renamed); draining the old file, reading the new one " "from its start", self.path
+            )
             fd = self._open_path()
             if fd is not None:
                 self._current = _OpenFile(fd, 0, self.path)
@@ -221,8 +204,7 @@ class LogTailer:
 
     def _finish(self, old: _OpenFile) -> None:
         if old.pending:
-            log.warning("%s: dropping a %d-byte last line without a newline after rotation",
-                        old.name, len(old.pending))
+            log.warning("%s: dropping a %d-byte last line without a newline after rotation", old.name, len(old.pending))
         old.close()
         self._draining.remove(old)
 
@@ -230,15 +212,18 @@ class LogTailer:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            return False   # renamed, new file not created yet: keep reading the old one
+            return False  # renamed, new file not created yet: keep reading the old one
         return (st.st_dev, st.st_ino) != (current.dev, current.ino)
 
     def _truncated(self, current: _OpenFile) -> bool:
         size = os.fstat(current.fd).st_size
         if size < current.read_offset:
             return True
-        return bool(current.fingerprint) and current.read_offset > 0 and \
-            not fingerprint_matches(current.fd, current.fingerprint)
+        return (
+            bool(current.fingerprint)
+            and current.read_offset > 0
+            and not fingerprint_matches(current.fd, current.fingerprint)
+        )
 
     def _handle_truncation(self, current: _OpenFile) -> Iterator[tuple[bytes, Position | None]]:
         """copytruncate: finish the copy from our offset, then read from the start."""
@@ -248,15 +233,22 @@ class LogTailer:
         if copy is not None:
             copy.read_offset = copy.line_start = current.line_start
             copy.pending = b""
-            log.info("%s was truncated (copytruncate); finishing its copy %s from offset %d",
-                     self.path, copy.name, current.line_start)
+            log.info(
+                "%s was truncated (copytruncate); finishing its copy %s from offset %d",
+                self.path,
+                copy.name,
+                current.line_start,
+            )
             for block in self._read_to_end(copy):
                 yield block, None
             copy.close()
         else:
-            log.warning("%s was truncated and no rotated copy was found; lines written after "
-                        "offset %d before the truncation may be missed", self.path,
-                        current.line_start)
+            log.warning(
+                "%s was truncated and no rotated copy was found; lines written after "
+                "offset %d before the truncation may be missed",
+                self.path,
+                current.line_start,
+            )
         current.read_offset = current.line_start = 0
         current.pending = b""
         current.skipping = False
@@ -285,7 +277,7 @@ class LogTailer:
             if newline < 0:
                 f.line_start = f.read_offset
                 return b""
-            data = data[newline + 1:]
+            data = data[newline + 1 :]
             f.skipping = False
             f.line_start = f.read_offset - len(data)
         buffer = f.pending + data if f.pending else data
@@ -294,14 +286,13 @@ class LogTailer:
             f.pending = buffer
             if len(f.pending) > self.max_line:
                 self.stats.too_long += 1
-                log.warning("%s: skipping a line over %d bytes at offset %d", f.name,
-                            self.max_line, f.line_start)
+                log.warning("%s: skipping a line over %d bytes at offset %d", f.name, self.max_line, f.line_start)
                 f.pending = b""
                 f.skipping = True
                 f.line_start = f.read_offset
             return b""
-        block = buffer[:last_newline + 1]
-        f.pending = buffer[last_newline + 1:]
+        block = buffer[: last_newline + 1]
+        f.pending = buffer[last_newline + 1 :]
         f.line_start = f.read_offset - len(f.pending)
         if len(f.pending) > self.max_line:
             self.stats.too_long += 1
@@ -315,9 +306,11 @@ class LogTailer:
         window = self.max_line // 2
         if len(block) <= window:
             return block
-        suspects = [start for start in range(0, len(block), window)
-                    if block.find(b"\n", start, start + window) < 0
-                    and start + window <= len(block)]
+        suspects = [
+            start
+            for start in range(0, len(block), window)
+            if block.find(b"\n", start, start + window) < 0 and start + window <= len(block)
+        ]
         if not suspects:
             return block
         keep, cursor, dropped = [], 0, 0

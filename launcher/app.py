@@ -1,4 +1,5 @@
 """The launcher's HTTP API (aiohttp: one event loop holds hundreds of waiting starts)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,13 +15,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from streamstate import files, keys
-from streamstate.channels import (Channel, ChannelError, channel_from_dict, put_channel_undoably,
-                                  undo_put_channel)
-
-from .ffmpeg import build_argv
+from streamstate.channel_check import validate
+from streamstate.channels import Channel, ChannelError, channel_from_dict, put_channel_undoably, undo_put_channel
+from streamstate.nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, AGENT_HEADER, CLIENT_HEADER, QUERY_HEADER
 from streamstate.viewers import viewer_of_request
 
-from .nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, AGENT_HEADER, CLIENT_HEADER, QUERY_HEADER
 from . import status_page
 from .service import ChannelNotFound, CoolingDown, Launcher
 from .supervisor import StartFailed
@@ -37,8 +36,7 @@ LEGACY_START_FIELDS = {"channel_id", "source_url", "quality"}
 
 
 def _json(data, status: int = 200, **headers) -> web.Response:
-    return web.Response(text=json.dumps(data) + "\n", status=status,
-                        content_type="application/json", headers=headers)
+    return web.Response(text=json.dumps(data) + "\n", status=status, content_type="application/json", headers=headers)
 
 
 def _for_player(request: web.Request) -> bool:
@@ -76,13 +74,14 @@ def _warn_if_old_nginx_config(request: web.Request) -> None:
     launcher: Launcher = request.app["launcher"]
     if "X-Original-URI" in request.headers and "old nginx config" not in launcher.warned:
         launcher.warned.add("old nginx config")
-        log.warning("nginx calls /channel/<id>/start with an old snippet (X-Original-URI, no %s): "
-                    "render it again with `streamctl nginx-config` and reload nginx",
-                    ACCEL_REQUEST_HEADER)
+        log.warning(
+            "nginx calls /channel/<id>/start with an old snippet (X-Original-URI, no %s): "
+            "render it again with `streamctl nginx-config` and reload nginx",
+            ACCEL_REQUEST_HEADER,
+        )
 
 
-async def _start_response(request: web.Request, channel_id: str, channel: Channel | None = None, *,
-                          for_player: bool):
+async def _start_response(request: web.Request, channel_id: str, channel: Channel | None = None, *, for_player: bool):
     """The answer to a start: for a player (nginx's @start_stream) X-Accel-Redirect or a text
     reason; for a script, JSON."""
     launcher: Launcher = request.app["launcher"]
@@ -90,8 +89,15 @@ async def _start_response(request: web.Request, channel_id: str, channel: Channe
         channel_id = keys.check_channel_id(channel_id)
     except keys.InvalidChannelId as exc:
         return _error(for_player, 400, str(exc))
-    viewer = (viewer_of_request(request.headers.get(QUERY_HEADER, ""), request.headers.get(CLIENT_HEADER, ""),
-                                request.headers.get(AGENT_HEADER, "")) if for_player else None)
+    viewer = (
+        viewer_of_request(
+            request.headers.get(QUERY_HEADER, ""),
+            request.headers.get(CLIENT_HEADER, ""),
+            request.headers.get(AGENT_HEADER, ""),
+        )
+        if for_player
+        else None
+    )
     try:
         status = await launcher.start(channel_id, channel, viewer)
     except ChannelNotFound as exc:
@@ -101,30 +107,48 @@ async def _start_response(request: web.Request, channel_id: str, channel: Channe
         return _error(for_player, 422, str(exc))
     except redis.RedisError as exc:
         log.error("channel %s: redis unavailable: %s", channel_id, exc)
-        return _error(for_player, 503, f"channel {channel_id}: temporarily unavailable (redis unreachable)",
-                      {"Retry-After": RETRY_AFTER})
+        return _error(
+            for_player,
+            503,
+            f"channel {channel_id}: temporarily unavailable (redis unreachable)",
+            {"Retry-After": RETRY_AFTER},
+        )
     except StartFailed as exc:
         launcher.counters["start_failures"] += 1
         if not isinstance(exc, CoolingDown) or _first_refusal(launcher, channel_id):
-            log.warning("channel %s: start %s: %s", channel_id,
-                        "refused during failed_cooldown (said once per cooldown)" if isinstance(exc, CoolingDown)
-                        else "failed", exc)
+            log.warning(
+                "channel %s: start %s: %s",
+                channel_id,
+                "refused during failed_cooldown (said once per cooldown)" if isinstance(exc, CoolingDown) else "failed",
+                exc,
+            )
         if isinstance(exc, CoolingDown):
             # Starts are refused until the cooldown ends: say when (the player's text stays the
             # failure's class; a script's JSON says it is the cooldown).
             retry = str(max(1, math.ceil(exc.seconds_left)))
-            return _error(for_player, 503, f"channel {channel_id}: {exc}", {"Retry-After": retry},
-                          cooldown_seconds=round(exc.seconds_left, 1))
+            return _error(
+                for_player,
+                503,
+                f"channel {channel_id}: {exc}",
+                {"Retry-After": retry},
+                cooldown_seconds=round(exc.seconds_left, 1),
+            )
         return _error(for_player, 503, f"channel {channel_id}: {exc}", {"Retry-After": RETRY_AFTER})
     if for_player:
         # nginx serves the file as the answer to the player's own request: no redirect it sees.
-        return web.Response(status=200, headers={
-            "X-Accel-Redirect": accel_target(channel_id, request.headers.get(QUERY_HEADER, ""))})
+        return web.Response(
+            status=200, headers={"X-Accel-Redirect": accel_target(channel_id, request.headers.get(QUERY_HEADER, ""))}
+        )
     _warn_if_old_nginx_config(request)
     supervisor = launcher.supervisors.get(channel_id)
-    return _json({"status": status, "channel_id": channel_id,
-                  "playlist": f"/live/stream_{channel_id}.m3u8",
-                  "pid": supervisor.process.pid if supervisor and supervisor.process else None})
+    return _json(
+        {
+            "status": status,
+            "channel_id": channel_id,
+            "playlist": f"/live/stream_{channel_id}.m3u8",
+            "pid": supervisor.process.pid if supervisor and supervisor.process else None,
+        }
+    )
 
 
 def _first_refusal(launcher: Launcher, channel_id: str) -> bool:
@@ -150,8 +174,7 @@ async def stop_channel(request: web.Request) -> web.Response:
         stopped = await launcher.stop(request.match_info["channel_id"], "stop requested over HTTP")
     except keys.InvalidChannelId as exc:
         return _json({"status": "error", "error": str(exc)}, 400)
-    return _json({"status": "stopped" if stopped else "not_running",
-                  "channel_id": request.match_info["channel_id"]})
+    return _json({"status": "stopped" if stopped else "not_running", "channel_id": request.match_info["channel_id"]})
 
 
 async def stop_all_streams(request: web.Request) -> web.Response:
@@ -175,7 +198,9 @@ async def redis_unavailable(request: web.Request, handler):
         return await handler(request)
     except redis.RedisError as exc:
         log.error("%s %s: redis unavailable: %s", request.method, request.path, exc)
-        return _error(_for_player(request), 503, "temporarily unavailable (redis unreachable)", {"Retry-After": RETRY_AFTER})
+        return _error(
+            _for_player(request), 503, "temporarily unavailable (redis unreachable)", {"Retry-After": RETRY_AFTER}
+        )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -198,17 +223,21 @@ async def _json_body(request: web.Request) -> dict:
     try:
         data = await asyncio.wait_for(request.json(), BODY_TIMEOUT)
     except asyncio.TimeoutError:
-        raise web.HTTPRequestTimeout(text=json.dumps({"status": "error", "error": "body not sent in time"}),
-                                     content_type="application/json") from None
+        raise web.HTTPRequestTimeout(
+            text=json.dumps({"status": "error", "error": "body not sent in time"}), content_type="application/json"
+        ) from None
     except (ValueError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text=json.dumps({"status": "error", "error": "body is not JSON"}),
-                                 content_type="application/json") from None
-    except RecursionError:                 # [[[[...]]]]: json.loads gives up, nothing breaks
-        raise web.HTTPBadRequest(text=json.dumps({"status": "error", "error": "body is nested too deep"}),
-                                 content_type="application/json") from None
+        raise web.HTTPBadRequest(
+            text=json.dumps({"status": "error", "error": "body is not JSON"}), content_type="application/json"
+        ) from None
+    except RecursionError:  # [[[[...]]]]: json.loads gives up, nothing breaks
+        raise web.HTTPBadRequest(
+            text=json.dumps({"status": "error", "error": "body is nested too deep"}), content_type="application/json"
+        ) from None
     if not isinstance(data, dict):
-        raise web.HTTPBadRequest(text=json.dumps({"status": "error", "error": "body is not an object"}),
-                                 content_type="application/json")
+        raise web.HTTPBadRequest(
+            text=json.dumps({"status": "error", "error": "body is not an object"}), content_type="application/json"
+        )
     return data
 
 
@@ -221,9 +250,15 @@ async def legacy_start(request: web.Request) -> web.Response:
     data = await _json_body(request)
     unknown = sorted(set(data) - LEGACY_START_FIELDS)
     if unknown:
-        return _json({"status": "error", "stored": False,
-                      "error": f"unknown fields {', '.join(unknown)[:200]} (this route takes "
-                               f"{', '.join(sorted(LEGACY_START_FIELDS))})"}, 400)
+        return _json(
+            {
+                "status": "error",
+                "stored": False,
+                "error": f"unknown fields {', '.join(unknown)[:200]} (this route takes "
+                f"{', '.join(sorted(LEGACY_START_FIELDS))})",
+            },
+            400,
+        )
     channel_id = str(data.get("channel_id", ""))
     try:
         keys.check_channel_id(channel_id)
@@ -239,7 +274,7 @@ async def _legacy_start(request: web.Request, launcher: Launcher, channel_id: st
     if data.get("source_url"):
         try:
             channel = channel_from_dict(channel_id, {k: v for k, v in data.items() if k != "channel_id"})
-            build_argv(channel, launcher.settings)     # a known quality, too
+            validate(channel, launcher.settings)  # a known quality, a configured provider, too
         except ChannelError as exc:
             log.error("%s (legacy route; nothing stored)", exc)
             return _json({"status": "error", "error": str(exc), "stored": False}, 422)
@@ -247,9 +282,15 @@ async def _legacy_start(request: web.Request, launcher: Launcher, channel_id: st
             written, previous = await launcher.redis_call(put_channel_undoably, channel)
         except redis.RedisError as exc:
             log.error("channel %s: redis unavailable: %s", channel_id, exc)
-            return _json({"status": "error", "stored": False,
-                          "error": f"channel {channel_id}: temporarily unavailable (redis unreachable)"},
-                         503, **{"Retry-After": RETRY_AFTER})
+            return _json(
+                {
+                    "status": "error",
+                    "stored": False,
+                    "error": f"channel {channel_id}: temporarily unavailable (redis unreachable)",
+                },
+                503,
+                **{"Retry-After": RETRY_AFTER},
+            )
     # A script's call: JSON, whatever headers it sent (X-Streamkeeper-Accel is nginx's).
     response = await _start_response(request, channel_id, channel, for_player=False)
     if channel is None:
@@ -260,11 +301,11 @@ async def _legacy_start(request: web.Request, launcher: Launcher, channel_id: st
             await launcher.redis_call(undo_put_channel, channel_id, written, previous)
         except redis.RedisError as exc:
             log.warning("channel %s: cannot take back the record of a failed start (%s)", channel_id, exc)
-        log.info("channel %s: its start failed; the record it came with was not kept (legacy route)",
-                 channel_id)
+        log.info("channel %s: its start failed; the record it came with was not kept (legacy route)", channel_id)
     body = json.loads(response.text)
-    return _json({**body, "stored": stored}, response.status, **{k: v for k, v in response.headers.items()
-                                                                if k == "Retry-After"})
+    return _json(
+        {**body, "stored": stored}, response.status, **{k: v for k, v in response.headers.items() if k == "Retry-After"}
+    )
 
 
 async def legacy_stop(request: web.Request) -> web.Response:
@@ -291,17 +332,23 @@ def _registry(launcher: Launcher) -> CollectorRegistry:
             for name, value in launcher.counters.items():
                 yield CounterMetricFamily(f"streamkeeper_launcher_{name}", f"Launcher {name}", value=value)
             live = [s for s in launcher.supervisors.values() if not s.finished]
-            yield GaugeMetricFamily("streamkeeper_launcher_streams", "Streams this launcher runs",
-                                    value=len(live))
-            yield CounterMetricFamily("streamkeeper_launcher_restarts", "FFmpeg restarts",
-                                      value=sum(s.restarts for s in launcher.supervisors.values()))
-            yield GaugeMetricFamily("streamkeeper_launcher_slow_streams",
-                                    "Streams producing slower than real time now",
-                                    value=sum(1 for s in live if s.slow))
+            yield GaugeMetricFamily("streamkeeper_launcher_streams", "Streams this launcher runs", value=len(live))
+            yield CounterMetricFamily(
+                "streamkeeper_launcher_restarts",
+                "FFmpeg restarts",
+                value=sum(s.restarts for s in launcher.supervisors.values()),
+            )
+            yield GaugeMetricFamily(
+                "streamkeeper_launcher_slow_streams",
+                "Streams producing slower than real time now",
+                value=sum(1 for s in live if s.slow),
+            )
             free = files.free_mb(launcher.settings.hls_dir)
             if free is not None:
-                yield GaugeMetricFamily("streamkeeper_launcher_hls_dir_free_bytes",
-                                        "Free space in hls_dir", value=free * 1024 * 1024)
+                yield GaugeMetricFamily(
+                    "streamkeeper_launcher_hls_dir_free_bytes", "Free space in hls_dir", value=free * 1024 * 1024
+                )
+
     registry = CollectorRegistry()
     registry.register(Collector())
     return registry
@@ -312,8 +359,12 @@ async def adopt_at_start_up(launcher: Launcher) -> None:
     launcher that cannot listen exits without touching them)."""
     try:
         counts = await launcher.adopt_streams()
-        log.info("at start-up: adopted %d running stream(s), resumed %d between two FFmpegs, "
-                 "cleared %d stale record(s)", counts["adopted"], counts["resumed"], counts["cleared"])
+        log.info(
+            "at start-up: adopted %d running stream(s), resumed %d between two FFmpegs, " "cleared %d stale record(s)",
+            counts["adopted"],
+            counts["resumed"],
+            counts["cleared"],
+        )
     except Exception as exc:  # noqa: BLE001 - Redis may be down; starts will say so
         log.error("cannot look for this host's running streams at start-up: %s", exc)
 
@@ -323,7 +374,7 @@ def make_app(settings) -> web.Application:
     launcher = Launcher(settings)
     app["launcher"] = launcher
     app["registry"] = _registry(launcher)
-    app.router.add_get("/channel/{channel_id}/start", start_channel)     # HEAD too
+    app.router.add_get("/channel/{channel_id}/start", start_channel)  # HEAD too
     app.router.add_post("/channel/{channel_id}/start", start_channel)
     app.router.add_post("/channel/{channel_id}/stop", stop_channel)
     app.router.add_get("/streams", streams)
@@ -348,6 +399,7 @@ def make_app(settings) -> web.Application:
         app["host_refresh"].cancel()
         app["status_history"].cancel()
         launcher.detach_all()
+
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
     return app

@@ -1,13 +1,13 @@
 """``stream-launcher``: the HTTP endpoint nginx calls when a playlist is missing."""
-from __future__ import annotations
 
-from streamstate import early_signals  # noqa: F401 - first: signals from the first instant
+from __future__ import annotations
 
 import asyncio
 import logging
 
 import click
 
+from streamstate import early_signals  # noqa: F401 - first: signals from the first instant
 from streamstate.cli_options import settings_options
 from streamstate.service import configure_logging, notify_until_stopped, sd_notify
 
@@ -18,8 +18,12 @@ log = logging.getLogger("streamkeeper.launcher")
 @settings_options
 @click.option("--listen", metavar="HOST:PORT", help="Address to listen on (overrides launcher_listen).")
 @click.option("--hls-dir", metavar="DIR", help="Where playlists and segments go (overrides hls_dir).")
-@click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
 def main(settings_loader, listen, hls_dir, log_level):
     """Start FFmpeg on demand for nginx and hand the first player a playable playlist.
 
@@ -47,13 +51,17 @@ def _lock_hls_dir(hls_dir: str) -> int | None:
     so; None, after one log line, when another launcher holds it."""
     import fcntl
     import os
+
     fd = os.open(hls_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        log.error("another stream-launcher already runs on hls_dir %s: one launcher per hls_dir "
-                  "(it adopts and publishes that directory's streams); exiting", hls_dir)
+        log.error(
+            "another stream-launcher already runs on hls_dir %s: one launcher per hls_dir "
+            "(it adopts and publishes that directory's streams); exiting",
+            hls_dir,
+        )
         return None
     return fd
 
@@ -73,12 +81,13 @@ async def serve(settings) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in early_signals.STOP_SIGNALS:
-        loop.add_signal_handler(signum, stop.set)       # only a flag; the work is below
-    if early_signals.received():                        # it came during start-up
+        loop.add_signal_handler(signum, stop.set)  # only a flag; the work is below
+    if early_signals.received():  # it came during start-up
         log.info("%s during start-up: exiting", early_signals.received())
         return 0
-    runner = web.AppRunner(make_app(settings), handle_signals=False, access_log=None,
-                           keepalive_timeout=http_guard.KEEPALIVE_TIMEOUT)
+    runner = web.AppRunner(
+        make_app(settings), handle_signals=False, access_log=None, keepalive_timeout=http_guard.KEEPALIVE_TIMEOUT
+    )
     await runner.setup()
     host, _, port = settings.launcher_listen.rpartition(":")
     try:
@@ -89,11 +98,10 @@ async def serve(settings) -> int:
         return 1
     log.info("listening on http://%s (hls_dir %s)", settings.launcher_listen, settings.hls_dir)
     launcher = runner.app["launcher"]
-    await adopt_at_start_up(launcher)            # listening first: a launcher that cannot, adopts nothing
+    await adopt_at_start_up(launcher)  # listening first: a launcher that cannot, adopts nothing
     sd_notify("READY=1\nSTATUS=listening on " + settings.launcher_listen)
     await notify_until_stopped(stop, launcher.status_line)
-    log.info("exiting: %d stream(s) keep running for the next launcher to adopt",
-             len(launcher.live_supervisors()))
+    log.info("exiting: %d stream(s) keep running for the next launcher to adopt", len(launcher.live_supervisors()))
     sd_notify("STOPPING=1")
     listener.close()
     await runner.cleanup()

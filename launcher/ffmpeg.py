@@ -1,4 +1,5 @@
 """FFmpeg's argv for a channel (a list, never a shell) and its meaningful error."""
+
 from __future__ import annotations
 
 import re
@@ -7,9 +8,9 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from streamstate import files, hls
-from streamstate.channels import Channel, ChannelError, check_source_url, recheck
+from streamstate.channels import Channel, check_source_url
 from streamstate.redact import redact_text, url_secrets
-from streamstate.upstreams import Upstream, upstream_of
+from streamstate.upstreams import Upstream
 
 # Read/write timeout: a dead upstream ends in an error, not a hang.
 RW_TIMEOUT_US = 10_000_000
@@ -19,7 +20,7 @@ RECONNECT_DELAY_MAX = 4
 # crypto (AES-128 HLS), and httpproxy (the egress relay's CONNECT tunnels).  Never file,
 # concat, data or subfile: a playlist must not make FFmpeg read the host's own files.
 PROTOCOL_WHITELIST = "http,https,tcp,tls,crypto,httpproxy"
-_COOKIE_RE = re.compile(r"[!#-+\--:<-~]{1,256}=[!#-+\--:<-~]{0,4096}")   # name=value, no ; , " or space
+_COOKIE_RE = re.compile(r"[!#-+\--:<-~]{1,256}=[!#-+\--:<-~]{0,4096}")  # name=value, no ; , " or space
 
 
 def keyframe_interval(settings) -> float:
@@ -27,32 +28,42 @@ def keyframe_interval(settings) -> float:
     return min(settings.hls_time, settings.hls_init_time)
 
 
-def build_argv(channel: Channel, settings, *, upstream: Upstream | None = None,
-               source: str | None = None, cookies: Sequence[str] = (), start_number: int = 0,
-               target_duration: int | None = None) -> list[str]:
-    """The complete FFmpeg command for ``channel`` reading ``source`` (default: its first),
-    with its provider's defaults; ChannelError if it cannot be run.  FFmpeg's connections
-    go to the egress relay (http_proxy in its environment, streamstate.egress).  It writes
-    its own playlist (files.ffmpeg_playlist_path), numbering segments from
-    ``start_number``; the launcher publishes the viewers' playlist from it."""
-    channel = recheck(channel)                   # nothing unchecked reaches the argv
-    upstream = upstream or upstream_of(channel, settings)
+def build_argv(
+    channel: Channel,
+    settings,
+    upstream: Upstream,
+    *,
+    source: str | None = None,
+    cookies: Sequence[str] = (),
+    start_number: int = 0,
+    target_duration: int | None = None,
+) -> list[str]:
+    """The complete FFmpeg command for ``channel`` (checked by channel_check.validate, which
+    gave ``upstream``) reading ``source`` (default: its first; a resolver's URL is checked
+    here, it is hostile), with its provider's defaults.  FFmpeg's connections go to the
+    egress relay (http_proxy in its environment, streamstate.egress).  It writes its own
+    playlist (files.ffmpeg_playlist_path), numbering segments from ``start_number``; the
+    launcher publishes the viewers' playlist from it."""
     source = check_source_url(channel.id, source or channel.source_url)
-    profiles = settings.quality_profiles
-    if channel.quality not in profiles:
-        shown = channel.quality if re.fullmatch(r"[A-Za-z0-9_-]{1,32}", channel.quality) else "?"
-        raise ChannelError(f"channel {channel.id}: unknown quality {shown!r} "
-                           f"(profiles: {', '.join(sorted(profiles))})")
-    profile = profiles[channel.quality]
+    profile = settings.quality_profiles[channel.quality]
     scheme = urlsplit(source).scheme.lower()
 
-    argv = [settings.ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "warning", "-nostats",
-            "-protocol_whitelist", PROTOCOL_WHITELIST,
-            "-user_agent", upstream.user_agent]
+    argv = [
+        settings.ffmpeg,
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "warning",
+        "-nostats",
+        "-protocol_whitelist",
+        PROTOCOL_WHITELIST,
+        "-user_agent",
+        upstream.user_agent,
+    ]
     if upstream.referer:
         argv += ["-referer", upstream.referer]
     headers = dict(upstream.headers)
-    cookies = [c for c in cookies if _COOKIE_RE.fullmatch(c)]     # from a resolver: hostile
+    cookies = [c for c in cookies if _COOKIE_RE.fullmatch(c)]  # from a resolver: hostile
     if cookies:
         # A Cookie header, not -cookies: behind a proxy (the relay) FFmpeg 5.1 matches a
         # cookie's path against the absolute URL and never sends it (tested).
@@ -66,34 +77,55 @@ def build_argv(channel: Channel, settings, *, upstream: Upstream | None = None,
         argv += ["-tls_verify", "1" if upstream.tls_verify else "0"]
         if upstream.tls_verify:
             argv += ["-ca_file", settings.tls_ca_file]
-    argv += ["-rw_timeout", str(RW_TIMEOUT_US),
-             "-reconnect", "1", "-reconnect_streamed", "1",
-             "-reconnect_delay_max", str(RECONNECT_DELAY_MAX),
-             "-analyzeduration", str(profile["analyzeduration"]),
-             "-probesize", str(profile["probesize"]),
-             "-i", source,
-             "-map", "0:v:0?", "-map", "0:a:0?"]
+    argv += [
+        "-rw_timeout",
+        str(RW_TIMEOUT_US),
+        "-reconnect",
+        "1",
+        "-reconnect_streamed",
+        "1",
+        "-reconnect_delay_max",
+        str(RECONNECT_DELAY_MAX),
+        "-analyzeduration",
+        str(profile["analyzeduration"]),
+        "-probesize",
+        str(profile["probesize"]),
+        "-i",
+        source,
+        "-map",
+        "0:v:0?",
+        "-map",
+        "0:a:0?",
+    ]
     argv += profile["video"]
     if "copy" not in profile["video"]:
         # Cut where asked: a keyframe every hls_init_time; without it the first
         # segment waits for the source's own keyframe.
-        argv += ["-force_key_frames", f"expr:gte(t,n_forced*{keyframe_interval(settings):g})",
-                 "-sc_threshold", "0"]
+        argv += ["-force_key_frames", f"expr:gte(t,n_forced*{keyframe_interval(settings):g})", "-sc_threshold", "0"]
     argv += profile["audio"]
     # FFmpeg lists (and keeps on disk) at least what the viewers' playlist may list, and
     # deletes its own segments only a window after that: never one still listed.
     target = target_duration or hls.target_duration(settings.hls_time, profile)
-    window = hls.window_segments(settings.hls_list_size, target,
-                                 min(settings.hls_time, settings.hls_init_time))
-    argv += ["-f", "hls",
-             "-hls_time", f"{settings.hls_time:g}",
-             "-hls_init_time", f"{settings.hls_init_time:g}",
-             "-hls_list_size", str(window),
-             "-hls_flags", "delete_segments+temp_file",
-             "-hls_delete_threshold", str(window + hls.KEEP_AFTER_REMOVAL),
-             "-start_number", str(int(start_number)),
-             "-hls_segment_filename", files.segment_pattern(settings.hls_dir, channel.id),
-             files.ffmpeg_playlist_path(settings.hls_dir, channel.id)]
+    window = hls.window_segments(settings.hls_list_size, target, min(settings.hls_time, settings.hls_init_time))
+    argv += [
+        "-f",
+        "hls",
+        "-hls_time",
+        f"{settings.hls_time:g}",
+        "-hls_init_time",
+        f"{settings.hls_init_time:g}",
+        "-hls_list_size",
+        str(window),
+        "-hls_flags",
+        "delete_segments+temp_file",
+        "-hls_delete_threshold",
+        str(window + hls.KEEP_AFTER_REMOVAL),
+        "-start_number",
+        str(int(start_number)),
+        "-hls_segment_filename",
+        files.segment_pattern(settings.hls_dir, channel.id),
+        files.ffmpeg_playlist_path(settings.hls_dir, channel.id),
+    ]
     return argv
 
 
@@ -115,20 +147,30 @@ _FAILURE_CLASSES = [
     (re.compile(r"Protocol '?\w+'? not on whitelist", re.I), "upstream asked for a refused protocol"),
     (re.compile(r"(?:HTTP error|Server returned) (\d{3})"), "upstream refused: HTTP {0}"),
     (re.compile(r"certificate|gnutls|TLS|SSL", re.I), "upstream TLS failed (certificate not trusted?)"),
-    (re.compile(r"Connection refused|Connection timed out|Network is unreachable|No route to host|"
-                r"Name or service not known|Temporary failure in name resolution|"
-                r"Connection reset by peer|Operation timed out|Failed to resolve", re.I),
-     "upstream unreachable"),
-    (re.compile(r"Invalid data found when processing input|End of file|could not find codec|"
-                r"I/O error|Input/output error|Invalid argument", re.I),
-     "upstream sent no playable stream"),
+    (
+        re.compile(
+            r"Connection refused|Connection timed out|Network is unreachable|No route to host|"
+            r"Name or service not known|Temporary failure in name resolution|"
+            r"Connection reset by peer|Operation timed out|Failed to resolve",
+            re.I,
+        ),
+        "upstream unreachable",
+    ),
+    (
+        re.compile(
+            r"Invalid data found when processing input|End of file|could not find codec|"
+            r"I/O error|Input/output error|Invalid argument",
+            re.I,
+        ),
+        "upstream sent no playable stream",
+    ),
 ]
 
 
 class FailureClass(typing.NamedTuple):
-    text: str            # the class a player may see ("" when the output says nothing useful)
-    detail: str          # the line that says so, redacted, for the log
-    disk_full: bool      # the output says hls_dir is full: the host's problem, not the source's
+    text: str  # the class a player may see ("" when the output says nothing useful)
+    detail: str  # the line that says so, redacted, for the log
+    disk_full: bool  # the output says hls_dir is full: the host's problem, not the source's
 
 
 def classify_failure(stderr_lines: list[str], source_url: str = "") -> FailureClass:
@@ -139,8 +181,9 @@ def classify_failure(stderr_lines: list[str], source_url: str = "") -> FailureCl
         for line in reversed(stderr_lines):
             match = pattern.search(line)
             if match:
-                return FailureClass(label.format(*match.groups()), _detail(line, secrets),
-                                    disk_full=found is _DISK_FULL_CLASS)
+                return FailureClass(
+                    label.format(*match.groups()), _detail(line, secrets), disk_full=found is _DISK_FULL_CLASS
+                )
     for line in reversed(stderr_lines):
         if line.strip():
             return FailureClass("", _detail(line, secrets), False)

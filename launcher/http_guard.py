@@ -10,6 +10,7 @@ one idle the longest (no request being answered: nginx's idle keep-alive ones, o
 still being sent); when every connection has a request in progress, the new one is closed.
 So idle connections held open by anyone can never lock nginx out.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,7 +24,7 @@ KEEPALIVE_TIMEOUT = 75.0
 # Open connections at most (nginx keeps 16 idle ones, and holds one per waiting cold start).
 MAX_CONNECTIONS = 2048
 HEAD_END = b"\r\n\r\n"
-MAX_HEAD = 64 * 1024           # bytes looked at for the end of the head (aiohttp refuses more)
+MAX_HEAD = 64 * 1024  # bytes looked at for the end of the head (aiohttp refuses more)
 
 
 class GuardedProtocol(asyncio.Protocol):
@@ -102,5 +103,4 @@ async def listen(server, host: str, port: int, backlog: int) -> asyncio.base_eve
     bounds above."""
     open_connections: set = set()
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: GuardedProtocol(server(), open_connections), host, port,
-                                    backlog=backlog)
+    return await loop.create_server(lambda: GuardedProtocol(server(), open_connections), host, port, backlog=backlog)

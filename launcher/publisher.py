@@ -12,6 +12,7 @@ long after they left the viewers' playlist), so the disk stays bounded even whil
 no launcher runs; the publisher deletes the earlier runs' segments once they have
 left the playlist and a window more has passed (RFC 8216 6.2.2).
 """
+
 from __future__ import annotations
 
 import collections
@@ -37,21 +38,21 @@ class PlaylistPublisher:
         self.ffmpeg_path = files.ffmpeg_playlist_path(hls_dir, channel_id)
         self.target_duration = target_duration
         self.list_size = list_size
-        self.playlist: hls.MediaPlaylist | None = None      # as published; None: no session
-        self.run_first: int | None = None      # the current FFmpeg's first segment number
-        self.run_published = 0                 # its segments published so far
-        self.passive = False                   # an FFmpeg that writes the viewers' playlist itself
-        self.write_error: OSError | None = None   # the last write of the playlist that failed
-        self.last_growth = time.monotonic()    # when the viewers' playlist last gained a segment
-        self.published = 0                     # segments published by this publisher
-        self.rejected = 0                      # incomplete segments never listed
-        self._considered = -1                  # the highest segment number looked at
+        self.playlist: hls.MediaPlaylist | None = None  # as published; None: no session
+        self.run_first: int | None = None  # the current FFmpeg's first segment number
+        self.run_published = 0  # its segments published so far
+        self.passive = False  # an FFmpeg that writes the viewers' playlist itself
+        self.write_error: OSError | None = None  # the last write of the playlist that failed
+        self.last_growth = time.monotonic()  # when the viewers' playlist last gained a segment
+        self.published = 0  # segments published by this publisher
+        self.rejected = 0  # incomplete segments never listed
+        self._considered = -1  # the highest segment number looked at
         self._pending_discontinuity = False
-        self._seen: tuple | None = None        # FFmpeg's playlist as last read (mtime, size, inode)
+        self._seen: tuple | None = None  # FFmpeg's playlist as last read (mtime, size, inode)
         # Earlier runs' segments out of the playlist: (self.published when removed, path).
         self._retired: collections.deque[tuple[int, str]] = collections.deque()
         self._warned_long = False
-        self.closed = False                    # the stream is being stopped: nothing is written
+        self.closed = False  # the stream is being stopped: nothing is written
 
     # -- the session ---------------------------------------------------------------------
     def resume(self) -> bool:
@@ -62,7 +63,7 @@ class PlaylistPublisher:
             return False
         playlist.ended = False
         self.playlist = playlist
-        self.target_duration = playlist.target_duration        # never changes in a session
+        self.target_duration = playlist.target_duration  # never changes in a session
         self._considered = self.last_number or -1
         try:
             age = time.time() - os.stat(self.public_path).st_mtime
@@ -146,7 +147,7 @@ class PlaylistPublisher:
         if stamp == self._seen:
             return 0
         if self.run_published == 0 and time.time() - info.st_mtime < BURST_SETTLE:
-            return 0                   # a new FFmpeg is writing its burst: list it whole, a moment later
+            return 0  # a new FFmpeg is writing its burst: list it whole, a moment later
         self._seen = stamp
         source = hls.read(self.ffmpeg_path)
         if source is None:
@@ -157,7 +158,7 @@ class PlaylistPublisher:
         segments = source.segments[:-1] if source.ended else source.segments
         considered, pending = self._considered, self._pending_discontinuity
         fresh: list[hls.Segment] = []
-        made: list[float] = []                     # when FFmpeg finished each (its mtime)
+        made: list[float] = []  # when FFmpeg finished each (its mtime)
         previous = self.playlist.segments[-1] if self.playlist and self.playlist.segments else None
         for segment in segments:
             number = hls.segment_number(segment.uri, self.id)
@@ -168,29 +169,37 @@ class PlaylistPublisher:
             finished = _mtime(path)
             if finished is None or not hls.complete_ts(path):
                 self.rejected += 1
-                pending = True                               # a gap in the media: say so
-                log.warning("channel %s: segment %s is incomplete on disk (a full disk?); not listed",
-                            self.id, segment.uri)
+                pending = True  # a gap in the media: say so
+                log.warning(
+                    "channel %s: segment %s is incomplete on disk (a full disk?); not listed", self.id, segment.uri
+                )
                 continue
             last = fresh[-1] if fresh else previous
             # A number skipped since the last segment listed: FFmpeg deleted segments before
             # they could be listed (no launcher published them for longer than FFmpeg keeps
             # them): a gap in the media, marked, and dated anew.
-            skipped = (last is not None and number > self.run_first
-                       and number != (hls.segment_number(last.uri, self.id) or -2) + 1)
+            skipped = (
+                last is not None
+                and number > self.run_first
+                and number != (hls.segment_number(last.uri, self.id) or -2) + 1
+            )
             if skipped:
-                log.warning("channel %s: segments before %s were gone before they could be listed (the "
-                            "launcher was away too long); the playlist goes on after a discontinuity",
-                            self.id, segment.uri)
-            fresh.append(hls.Segment(segment.uri, segment.duration,
-                                     discontinuity=(pending or skipped) and last is not None))
+                log.warning(
+                    "channel %s: segments before %s were gone before they could be listed (the "
+                    "launcher was away too long); the playlist goes on after a discontinuity",
+                    self.id,
+                    segment.uri,
+                )
+            fresh.append(
+                hls.Segment(segment.uri, segment.duration, discontinuity=(pending or skipped) and last is not None)
+            )
             made.append(finished)
             pending = False
         if fresh:
             self._date(fresh, made, previous)
             try:
                 self._append(fresh)
-            except OSError as exc:     # a full disk: nothing is taken as listed, FFmpeg's end is near
+            except OSError as exc:  # a full disk: nothing is taken as listed, FFmpeg's end is near
                 self.write_error = exc
                 self._seen = None
                 log.warning("channel %s: cannot write its playlist (%s)", self.id, exc)
@@ -211,11 +220,15 @@ class PlaylistPublisher:
         start = 0
         while start < len(fresh):
             chained = previous if start == 0 else fresh[start - 1]
-            if start == 0 and chained is not None and not fresh[0].discontinuity \
-                    and chained.program_date_time is not None:
+            if (
+                start == 0
+                and chained is not None
+                and not fresh[0].discontinuity
+                and chained.program_date_time is not None
+            ):
                 fresh[0].program_date_time = chained.program_date_time + chained.duration
                 end = start + 1
-            else:                                # a stretch of its own: back from its newest
+            else:  # a stretch of its own: back from its newest
                 end = next((k for k in range(start + 1, len(fresh)) if fresh[k].discontinuity), len(fresh))
                 moment = made[end - 1]
                 for k in range(end - 1, start - 1, -1):
@@ -225,29 +238,36 @@ class PlaylistPublisher:
                 continue
             while end < len(fresh) and not fresh[end].discontinuity:
                 before = fresh[end - 1].program_date_time
-                assert before is not None                # dated just above
+                assert before is not None  # dated just above
                 fresh[end].program_date_time = before + fresh[end - 1].duration
                 end += 1
             start = end
 
     def _append(self, fresh: list[hls.Segment]) -> None:
         """The segments listed, the playlist written; nothing changes if the write fails."""
-        playlist = (copy.deepcopy(self.playlist) if self.playlist is not None else
-                    hls.MediaPlaylist(target_duration=self.target_duration,
-                                      media_sequence=hls.segment_number(fresh[0].uri, self.id) or 0))
+        playlist = (
+            copy.deepcopy(self.playlist)
+            if self.playlist is not None
+            else hls.MediaPlaylist(
+                target_duration=self.target_duration, media_sequence=hls.segment_number(fresh[0].uri, self.id) or 0
+            )
+        )
         playlist.segments += fresh
         retired = self._trim(playlist)
         # The temp name is one the channel's cleanup knows (one publisher per hls_dir).
-        files.write_atomic(self.public_path, playlist.render().encode("ascii"), 0o644,
-                           temp=self.public_path + ".tmp")
+        files.write_atomic(self.public_path, playlist.render().encode("ascii"), 0o644, temp=self.public_path + ".tmp")
         self.playlist = playlist
         for segment in fresh:
             if round(segment.duration) > self.target_duration and not self._warned_long:
                 self._warned_long = True
-                log.warning("channel %s: a segment of %.2f s exceeds the target duration %d s (the "
-                            "source's keyframes are further apart than hls_time allows; raise hls_time "
-                            "or use a quality that encodes video)", self.id, segment.duration,
-                            self.target_duration)
+                log.warning(
+                    "channel %s: a segment of %.2f s exceeds the target duration %d s (the "
+                    "source's keyframes are further apart than hls_time allows; raise hls_time "
+                    "or use a quality that encodes video)",
+                    self.id,
+                    segment.duration,
+                    self.target_duration,
+                )
         self._retired.extend((self.published, path) for path in retired)
         self.published += len(fresh)
         self.run_published += len(fresh)
@@ -258,8 +278,10 @@ class PlaylistPublisher:
         """Drop the oldest segments beyond hls_list_size, keeping three target durations;
         the paths of earlier runs' segments dropped (retired: deleted a window later)."""
         retired = []
-        while (len(playlist.segments) > self.list_size
-               and playlist.duration - playlist.segments[0].duration >= 3 * playlist.target_duration):
+        while (
+            len(playlist.segments) > self.list_size
+            and playlist.duration - playlist.segments[0].duration >= 3 * playlist.target_duration
+        ):
             removed = playlist.segments.pop(0)
             playlist.media_sequence += 1
             if removed.discontinuity:
@@ -280,8 +302,9 @@ class PlaylistPublisher:
         playlist is retired (deleted a window later).  The running FFmpeg's files (numbers
         from ``current_first`` on) are its own."""
         listed = {s.uri for s in self.playlist.segments} if self.playlist else set()
-        first_listed = (hls.segment_number(self.playlist.segments[0].uri, self.id)
-                        if self.playlist is not None and listed else None)
+        first_listed = (
+            hls.segment_number(self.playlist.segments[0].uri, self.id) if self.playlist is not None and listed else None
+        )
         retired = {path for _, path in self._retired}
         for path in files.stream_files(self.hls_dir, self.id):
             name = os.path.basename(path)
@@ -289,9 +312,8 @@ class PlaylistPublisher:
                 continue
             number = hls.segment_number(name.removesuffix(".tmp"), self.id)
             if ffmpeg_running and (number is None or number >= current_first):
-                continue                                 # the running FFmpeg's
-            if (number is not None and not name.endswith(".tmp") and first_listed is not None
-                    and number < first_listed):
+                continue  # the running FFmpeg's
+            if number is not None and not name.endswith(".tmp") and first_listed is not None and number < first_listed:
                 self._retired.append((self.published, path))
             else:
                 _unlink(path)

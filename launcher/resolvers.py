@@ -11,6 +11,7 @@ for upstreams that want a browser before they hand out a stream (an optional ext
 A resolver closes its connection as soon as it has the response headers: it never reads
 the stream, so it never holds a provider connection while FFmpeg starts.
 """
+
 from __future__ import annotations
 
 import http.cookiejar
@@ -21,7 +22,7 @@ import urllib.request
 from streamstate.channels import ChannelError, check_source_url
 from streamstate.upstreams import Upstream
 
-RESOLVE_TIMEOUT = 10.0          # seconds for the whole chain of redirects
+RESOLVE_TIMEOUT = 10.0  # seconds for the whole chain of redirects
 MAX_REDIRECTS = 10
 
 
@@ -38,7 +39,7 @@ def resolve(upstream: Upstream, source: str, relay_url: str, ca_file: str) -> tu
     else:
         final, cookies = _resolve_plain(upstream, source, relay_url, ca_file)
     try:
-        final = check_source_url(upstream.channel.id, final)      # a redirect is hostile input
+        final = check_source_url(upstream.channel.id, final)  # a redirect is hostile input
     except ChannelError:
         raise ResolveFailed("upstream redirected to a refused URL") from None
     return final, cookies
@@ -53,7 +54,7 @@ def _headers(upstream: Upstream) -> dict[str, str]:
 
 def _tls_context(upstream: Upstream, ca_file: str) -> ssl.SSLContext:
     if not upstream.tls_verify:
-        return ssl._create_unverified_context()       # the channel's (or provider's) choice
+        return ssl._create_unverified_context()  # the channel's (or provider's) choice
     return ssl.create_default_context(cafile=ca_file)
 
 
@@ -65,8 +66,10 @@ def _resolve_plain(upstream: Upstream, source: str, relay_url: str, ca_file: str
 
     opener = urllib.request.build_opener(
         urllib.request.ProxyHandler({"http": relay_url, "https": relay_url}),
-        urllib.request.HTTPCookieProcessor(jar), Redirects(),
-        urllib.request.HTTPSHandler(context=_tls_context(upstream, ca_file)))
+        urllib.request.HTTPCookieProcessor(jar),
+        Redirects(),
+        urllib.request.HTTPSHandler(context=_tls_context(upstream, ca_file)),
+    )
     request = urllib.request.Request(source, headers=_headers(upstream))
     try:
         response = opener.open(request, timeout=RESOLVE_TIMEOUT)
@@ -76,7 +79,7 @@ def _resolve_plain(upstream: Upstream, source: str, relay_url: str, ca_file: str
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise ResolveFailed(_unreachable(exc)) from None
     final = response.geturl()
-    response.close()                          # headers only: no provider slot held
+    response.close()  # headers only: no provider slot held
     return final, [_set_cookie(c) for c in jar]
 
 
@@ -85,18 +88,24 @@ def _resolve_cloudscraper(upstream: Upstream, source: str, relay_url: str, ca_fi
         import cloudscraper
         import requests
     except ImportError:
-        raise ResolveFailed("resolver cloudscraper is not installed "
-                            "(pip install streamkeeper[cloudscraper])") from None
+        raise ResolveFailed(
+            "resolver cloudscraper is not installed " "(pip install streamkeeper[cloudscraper])"
+        ) from None
     session = cloudscraper.create_scraper()
-    session.trust_env = False                 # only the relay: no proxy from the environment
+    session.trust_env = False  # only the relay: no proxy from the environment
     session.proxies = {"http": relay_url, "https": relay_url}
     if upstream.user_agent:
         session.headers["User-Agent"] = upstream.user_agent
     session.headers.update({k: v for k, v in _headers(upstream).items() if k != "User-Agent"})
     session.max_redirects = MAX_REDIRECTS
     try:
-        response = session.get(source, stream=True, timeout=RESOLVE_TIMEOUT, allow_redirects=True,
-                               verify=ca_file if upstream.tls_verify else False)
+        response = session.get(
+            source,
+            stream=True,
+            timeout=RESOLVE_TIMEOUT,
+            allow_redirects=True,
+            verify=ca_file if upstream.tls_verify else False,
+        )
     except requests.RequestException as exc:
         raise ResolveFailed(_unreachable(exc)) from None
     except Exception as exc:  # noqa: BLE001 - cloudscraper raises its own kinds (challenges)

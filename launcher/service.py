@@ -11,6 +11,7 @@ also needs ``min_free_mb`` free in hls_dir.
 Nothing is kept for a channel id before its record is found, so a scan of
 made-up ids leaves the launcher's memory as it was.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,15 +25,23 @@ import time
 import uuid
 
 from streamstate import egress, files, keys, providers, runs, stream_end
+from streamstate.channel_check import validate
 from streamstate.channels import Channel, ChannelError, get_channel
-from streamstate.process import (ProcessHandle, StreamProcess, process_cmdline, process_start_time,
-                                 resolve_executable, stream_ffmpegs_under)
-from streamstate.redact import redact_text, redact_url
+from streamstate.process import (
+    ProcessHandle,
+    StreamProcess,
+    process_cmdline,
+    process_start_time,
+    resolve_executable,
+    stream_ffmpegs_under,
+)
+from streamstate.redact import redact_url
 from streamstate.redis_client import redis_from_url
 from streamstate.runs import RunState
-from streamstate.upstreams import Upstream, upstream_of
+from streamstate.streams_view import collect_streams
+from streamstate.upstreams import Upstream
 
-from .ffmpeg import build_argv, start_number_of
+from .ffmpeg import start_number_of
 from .supervisor import AdoptedProcess, StartFailed, StreamSupervisor
 
 log = logging.getLogger("streamkeeper.launcher")
@@ -76,13 +85,23 @@ class Launcher:
         self._redis_pool = concurrent.futures.ThreadPoolExecutor(REDIS_THREADS, thread_name_prefix="redis")
         # channel id -> [lock, holders and waiters]; an entry lives only while in use
         self._locks: dict[str, list] = {}
-        self._legacy_locks: dict[str, list] = {}    # the same, for the legacy route's record and start
-        self._capacity = asyncio.Lock()          # one start at a time decides on a free place
+        self._legacy_locks: dict[str, list] = {}  # the same, for the legacy route's record and start
+        self._capacity = asyncio.Lock()  # one start at a time decides on a free place
         self._provider_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
-        self.counters = {"starts": 0, "start_failures": 0, "joined": 0, "busy": 0,
-                         "preempted": 0, "disk_full": 0, "slow": 0, "failovers": 0,
-                         "provider_preempted": 0, "provider_refused": 0, "relay_down": 0}
-        self.warned: set[str] = set()      # warnings given once per process
+        self.counters = {
+            "starts": 0,
+            "start_failures": 0,
+            "joined": 0,
+            "busy": 0,
+            "preempted": 0,
+            "disk_full": 0,
+            "slow": 0,
+            "failovers": 0,
+            "provider_preempted": 0,
+            "provider_refused": 0,
+            "relay_down": 0,
+        }
+        self.warned: set[str] = set()  # warnings given once per process
         # channel -> until when (monotonic) its refusals in failed_cooldown go unlogged
         self.warned_cooldowns: dict[str, float] = {}
 
@@ -91,7 +110,8 @@ class Launcher:
         threads of their own (waits for processes and relays use the default ones: a slow
         stop never delays another stream's Redis call)."""
         return await asyncio.get_running_loop().run_in_executor(
-            self._redis_pool, functools.partial(function, self.redis, *args, **kwargs))
+            self._redis_pool, functools.partial(function, self.redis, *args, **kwargs)
+        )
 
     def _channel_lock(self, channel_id: str):
         """The channel's start lock in this process."""
@@ -126,14 +146,13 @@ class Launcher:
         created = False
         if supervisor is None:
             failed = await self.redis_call(runs.get_failed, channel_id)
-            if failed is not None:           # failed_cooldown: no FFmpeg, the same reason
+            if failed is not None:  # failed_cooldown: no FFmpeg, the same reason
                 raise CoolingDown(failed["reason"], await self.redis_call(runs.failed_seconds_left, channel_id))
             if channel is None:
                 channel = await self.redis_call(get_channel, channel_id)
             if channel is None:
                 raise ChannelNotFound(f"channel {channel_id}: no such channel")
-            upstream = upstream_of(channel, self.settings)
-            build_argv(channel, self.settings, upstream=upstream)     # refuses before anything runs
+            upstream = validate(channel, self.settings)  # refuses before anything runs
             async with self._channel_lock(channel_id):
                 supervisor = self.active_supervisor(channel_id)
                 if supervisor is None:
@@ -168,8 +187,7 @@ class Launcher:
         self._check_free_space(channel_id)
         await self._check_relay(channel_id)
         token = uuid.uuid4().hex
-        if not await self.redis_call(runs.acquire_start_lock, channel_id, token,
-                                     self.settings.start_timeout + 5):
+        if not await self.redis_call(runs.acquire_start_lock, channel_id, token, self.settings.start_timeout + 5):
             return None
         try:
             record = await self.redis_call(runs.get_run, channel_id)
@@ -177,8 +195,12 @@ class Launcher:
                 await self.redis_call(runs.release_start_lock, channel_id, token)
                 return None
             if record is not None:
-                log.info("channel %s: clearing a stale record (run %s, pid %s gone)", channel_id,
-                         record.run_id[:8], record.pid)
+                log.info(
+                    "channel %s: clearing a stale record (run %s, pid %s gone)",
+                    channel_id,
+                    record.run_id[:8],
+                    record.pid,
+                )
                 await self.redis_call(runs.delete_run_if, channel_id, record.run_id)
             run_id = runs.new_run_id()
             await self._take_provider_slot(upstream, channel_id, run_id, viewer)
@@ -218,17 +240,30 @@ class Launcher:
         free = files.free_mb(self.settings.hls_dir)
         if minimum and free is not None and free < minimum:
             self.counters["disk_full"] += 1
-            log.error("channel %s: not started: %d MB free in %s, min_free_mb is %d", channel_id,
-                      free, self.settings.hls_dir, minimum)
+            log.error(
+                "channel %s: not started: %d MB free in %s, min_free_mb is %d",
+                channel_id,
+                free,
+                self.settings.hls_dir,
+                minimum,
+            )
             raise StartFailed("disk full")
 
     def status_line(self) -> str:
         """systemd's STATUS=: streams per state, and what was refused or failed."""
         states = collections.Counter(s.state for s in self.live_supervisors())
-        shown = ", ".join(f"{states[state]} {state.value}" for state in (
-            RunState.RUNNING, RunState.STARTING, RunState.BACKOFF, RunState.STOPPING) if states[state]) or "no stream"
-        return (f"{shown}; starts {self.counters['starts']}, failed {self.counters['start_failures']}, "
-                f"busy {self.counters['busy']}")
+        shown = (
+            ", ".join(
+                f"{states[state]} {state.value}"
+                for state in (RunState.RUNNING, RunState.STARTING, RunState.BACKOFF, RunState.STOPPING)
+                if states[state]
+            )
+            or "no stream"
+        )
+        return (
+            f"{shown}; starts {self.counters['starts']}, failed {self.counters['start_failures']}, "
+            f"busy {self.counters['busy']}"
+        )
 
     def live_supervisors(self) -> list[StreamSupervisor]:
         return [s for s in self.supervisors.values() if not s.finished]
@@ -243,31 +278,41 @@ class Launcher:
             return
         last = await self.redis_call(runs.last_access_times, [s.id for s in live])
         now = time.time()
-        idle = sorted(((now - (seen or s.started), s) for s, seen in zip(live, last)
-                       if s.state is RunState.RUNNING), key=lambda pair: pair[0], reverse=True)
+        idle = sorted(
+            ((now - (seen or s.started), s) for s, seen in zip(live, last) if s.state is RunState.RUNNING),
+            key=lambda pair: pair[0],
+            reverse=True,
+        )
         preempt_idle = self.settings.preempt_idle
         if not idle or idle[0][0] < preempt_idle:
             self.counters["busy"] += 1
-            log.warning("channel %s: not started: host at max_streams (%d) and no stream idle "
-                        "for %g s", channel_id, limit, preempt_idle)
+            log.warning(
+                "channel %s: not started: host at max_streams (%d) and no stream idle " "for %g s",
+                channel_id,
+                limit,
+                preempt_idle,
+            )
             raise HostBusy(f"host busy: {limit} streams running, none idle for {preempt_idle:g} s")
         seconds, victim = idle[0]
         self.counters["preempted"] += 1
-        log.info("channel %s: preempted (no request for %.0f s) to start channel %s", victim.id,
-                 seconds, channel_id)
+        log.info("channel %s: preempted (no request for %.0f s) to start channel %s", victim.id, seconds, channel_id)
         await victim.stop(f"preempted by a start of channel {channel_id}")
 
     async def _check_relay(self, channel_id: str) -> None:
         """Every upstream connection goes through the egress relay: without it, no start."""
-        if await asyncio.to_thread(egress.open_connections, self.settings.egress_listen,
-                                     egress.RELAY_CHECK_TIMEOUT) is None:
+        if (
+            await asyncio.to_thread(egress.open_connections, self.settings.egress_listen, egress.RELAY_CHECK_TIMEOUT)
+            is None
+        ):
             self.counters["relay_down"] += 1
-            log.error("channel %s: not started: the egress relay does not answer on %s (is "
-                      "stream-egress running?)", channel_id, self.settings.egress_listen)
+            log.error(
+                "channel %s: not started: the egress relay does not answer on %s (is " "stream-egress running?)",
+                channel_id,
+                self.settings.egress_listen,
+            )
             raise RelayDown("egress relay unavailable")
 
-    async def _take_provider_slot(self, upstream: Upstream, channel_id: str, run_id: str,
-                                  viewer: str | None) -> None:
+    async def _take_provider_slot(self, upstream: Upstream, channel_id: str, run_id: str, viewer: str | None) -> None:
         """One of the provider's max_streams connections for this run, across every host.
         When all are held: the stream only this viewer watched (a channel change) is
         preempted at once, else the one longest without a request if that is at least
@@ -282,24 +327,42 @@ class Launcher:
             # Redis restart lost them, before their supervisors write them again).
             for running in self.live_supervisors():
                 if running.provider_name == provider.name and running.id != channel_id:
-                    await self.redis_call(providers.hold_slot, provider.name, running.id, running.run_id,
-                                          self.settings.host_id)
+                    await self.redis_call(
+                        providers.hold_slot, provider.name, running.id, running.run_id, self.settings.host_id
+                    )
             for _ in range(provider.max_streams + 2):
-                if await self.redis_call(providers.acquire_slot, provider.name, provider.max_streams,
-                                         channel_id, run_id, self.settings.host_id, grace):
+                if await self.redis_call(
+                    providers.acquire_slot,
+                    provider.name,
+                    provider.max_streams,
+                    channel_id,
+                    run_id,
+                    self.settings.host_id,
+                    grace,
+                ):
                     return
                 victim, why = await self._provider_victim(provider.name, viewer, grace)
                 if victim is None:
                     break
                 self.counters["provider_preempted"] += 1
-                log.info("channel %s: preempted (%s) to start channel %s on provider %s's last "
-                         "connection", victim.id, why, channel_id, provider.name)
+                log.info(
+                    "channel %s: preempted (%s) to start channel %s on provider %s's last " "connection",
+                    victim.id,
+                    why,
+                    channel_id,
+                    provider.name,
+                )
                 await victim.stop(f"preempted by a start of channel {channel_id} (provider {provider.name})")
         self.counters["provider_refused"] += 1
-        log.warning("channel %s: not started: provider %s has all %d connections in use by "
-                    "watched channels", channel_id, provider.name, provider.max_streams)
-        raise ProviderBusy(f"provider {provider.name}: all {provider.max_streams} connections are "
-                           "in use by watched channels")
+        log.warning(
+            "channel %s: not started: provider %s has all %d connections in use by " "watched channels",
+            channel_id,
+            provider.name,
+            provider.max_streams,
+        )
+        raise ProviderBusy(
+            f"provider {provider.name}: all {provider.max_streams} connections are " "in use by watched channels"
+        )
 
     async def _provider_victim(self, provider: str, viewer: str | None, grace: float):
         """(supervisor, why) of this host's stream of the provider to give its connection
@@ -317,8 +380,11 @@ class Launcher:
         ids = [s.id for s in mine]
         last = await self.redis_call(runs.last_access_times, ids)
         window = self.settings.viewer_window
-        watchers = (await self.redis_call(runs.recent_viewers, ids, now - window)
-                    if viewer and window > 0 else [set() for _ in ids])
+        watchers = (
+            await self.redis_call(runs.recent_viewers, ids, now - window)
+            if viewer and window > 0
+            else [set() for _ in ids]
+        )
         idle = [(now - (seen or s.started), s, seen_by) for s, seen, seen_by in zip(mine, last, watchers)]
         zapped = [entry for entry in idle if viewer and entry[2] == {viewer}]
         if zapped:
@@ -344,8 +410,9 @@ class Launcher:
             if files.count_listed_segments(playlist) >= self.settings.min_segments:
                 return "already_running"
             await asyncio.sleep(0.05)
-        raise StartFailed(f"another launcher is starting channel {channel_id} and it is not "
-                          f"playable after {timeout:g} s")
+        raise StartFailed(
+            f"another launcher is starting channel {channel_id} and it is not " f"playable after {timeout:g} s"
+        )
 
     async def stop(self, channel_id: str, reason: str) -> bool:
         channel_id = keys.check_channel_id(channel_id)
@@ -356,16 +423,16 @@ class Launcher:
         return True
 
     async def stop_all(self, reason: str) -> None:
-        await asyncio.gather(*(s.stop(reason) for s in list(self.supervisors.values()) if not s.finished),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(s.stop(reason) for s in list(self.supervisors.values()) if not s.finished), return_exceptions=True
+        )
 
     async def refresh_host_forever(self) -> None:
         """Keep host:<host_id> alive, so other hosts' reapers leave this host's records alone."""
         interval = max(1.0, self.settings.reaper_interval / 2)
         while True:
             try:
-                await self.redis_call(runs.refresh_host, self.settings.host_id,
-                                      self.settings.host_timeout)
+                await self.redis_call(runs.refresh_host, self.settings.host_id, self.settings.host_timeout)
             except Exception as exc:  # noqa: BLE001 - retried next time
                 log.warning("cannot refresh host key: %s", exc)
             await asyncio.sleep(interval)
@@ -383,9 +450,13 @@ class Launcher:
         * else its FFmpeg is gone: the record is cleared by the one stop routine (files,
           keys, ticket, provider slot)."""
         counts = {"adopted": 0, "resumed": 0, "cleared": 0}
-        unrecorded = {files.channel_of_file(os.path.basename(playlist)): pid for pid, playlist in
-                      await asyncio.to_thread(stream_ffmpegs_under, self.settings.hls_dir, self.ffmpeg_executable)
-                      if playlist.endswith(".ffmpeg.m3u8")}
+        unrecorded = {
+            files.channel_of_file(os.path.basename(playlist)): pid
+            for pid, playlist in await asyncio.to_thread(
+                stream_ffmpegs_under, self.settings.hls_dir, self.ffmpeg_executable
+            )
+            if playlist.endswith(".ffmpeg.m3u8")
+        }
         for channel_id in await self.redis_call(runs.active_channels):
             record = await self.redis_call(runs.get_run, channel_id)
             if record is None or record.host != self.settings.host_id or channel_id in self.supervisors:
@@ -396,10 +467,10 @@ class Launcher:
                 handle = ProcessHandle.open_proven(pid, self.identity(channel_id, process_start_time(pid)))
                 if handle is not None:
                     record.pid, record.pid_start = pid, process_start_time(pid)
-                    await self.redis_call(runs.update_run, channel_id, record.run_id, pid=pid,
-                                          pid_start=record.pid_start or "")
-                    log.info("channel %s: its FFmpeg pid %s was started but not recorded; adopting it",
-                             channel_id, pid)
+                    await self.redis_call(
+                        runs.update_run, channel_id, record.run_id, pid=pid, pid_start=record.pid_start or ""
+                    )
+                    log.info("channel %s: its FFmpeg pid %s was started but not recorded; adopting it", channel_id, pid)
             if handle is not None:
                 await self._adopt(channel_id, record, handle)
                 counts["adopted"] += 1
@@ -407,35 +478,55 @@ class Launcher:
                 if not os.path.exists(files.playlist_path(self.settings.hls_dir, channel_id)):
                     # Vouched for, yet its playlist is not in this hls_dir: another launcher's
                     # (the same host_id on two launchers is a mistake): left alone.
-                    log.warning("channel %s: its run %s is vouched for but its files are not in %s; "
-                                "left alone (is another launcher using host_id %s?)", channel_id,
-                                record.run_id[:8], self.settings.hls_dir, self.settings.host_id)
+                    log.warning(
+                        "channel %s: its run %s is vouched for but its files are not in %s; "
+                        "left alone (is another launcher using host_id %s?)",
+                        channel_id,
+                        record.run_id[:8],
+                        self.settings.hls_dir,
+                        self.settings.host_id,
+                    )
                     continue
                 await self._resume(channel_id, record)
                 counts["resumed"] += 1
             else:
                 await asyncio.to_thread(
-                    stream_end.stop_streams, self.redis, self.settings,
+                    stream_end.stop_streams,
+                    self.redis,
+                    self.settings,
                     [stream_end.StopTarget.of_record(record, "its FFmpeg is gone")],
-                    executable=self.ffmpeg_executable, log=log, signal=False, need_mark=False)
-                log.info("channel %s: cleared the record of pid %s at start-up (its FFmpeg is gone)%s",
-                         channel_id, record.pid,
-                         f"; freed its slot of provider {record.provider}" if record.provider else "")
+                    executable=self.ffmpeg_executable,
+                    log=log,
+                    signal=False,
+                    need_mark=False,
+                )
+                log.info(
+                    "channel %s: cleared the record of pid %s at start-up (its FFmpeg is gone)%s",
+                    channel_id,
+                    record.pid,
+                    f"; freed its slot of provider {record.provider}" if record.provider else "",
+                )
                 counts["cleared"] += 1
         return counts
 
     async def _adopt(self, channel_id: str, record: runs.RunRecord, handle: ProcessHandle) -> None:
         channel, upstream = await self._channel_for_adoption(channel_id)
         supervisor = StreamSupervisor(self, channel, upstream, adopted=(AdoptedProcess(handle), record))
-        supervisor.source = next((s for s in channel.sources if redact_url(s) == record.source),
-                                 channel.source_url)
+        supervisor.source = next((s for s in channel.sources if redact_url(s) == record.source), channel.source_url)
         argv = process_cmdline(handle.pid)
-        supervisor.publisher.adopt_run(start_number_of(argv), writes_public=bool(argv) and argv[-1] ==
-                                       files.playlist_path(self.settings.hls_dir, channel_id))
+        supervisor.publisher.adopt_run(
+            start_number_of(argv),
+            writes_public=bool(argv) and argv[-1] == files.playlist_path(self.settings.hls_dir, channel_id),
+        )
         self.supervisors[channel_id] = supervisor
         supervisor.begin()
-        log.info("channel %s: adopted pid %s (run %s)%s", channel_id, handle.pid, record.run_id[:8],
-                 "" if upstream else "; its channel record is unusable: it will not be restarted")
+        log.info(
+            "channel %s: adopted pid %s (run %s)%s",
+            channel_id,
+            handle.pid,
+            record.run_id[:8],
+            "" if upstream else "; its channel record is unusable: it will not be restarted",
+        )
 
     async def _resume(self, channel_id: str, record: runs.RunRecord) -> None:
         """A run caught between two FFmpegs: the same run (its record, its provider slot)
@@ -444,8 +535,11 @@ class Launcher:
         supervisor = StreamSupervisor(self, channel, upstream, run_id=record.run_id, resumed=record)
         self.supervisors[channel_id] = supervisor
         supervisor.begin()
-        log.info("channel %s: its run %s was between two FFmpegs when the last launcher ended; "
-                 "starting its next one", channel_id, record.run_id[:8])
+        log.info(
+            "channel %s: its run %s was between two FFmpegs when the last launcher ended; " "starting its next one",
+            channel_id,
+            record.run_id[:8],
+        )
 
     async def _channel_for_adoption(self, channel_id: str) -> tuple[Channel, Upstream | None]:
         """The channel and its upstream for restarts; without a usable record the stream is
@@ -453,9 +547,7 @@ class Launcher:
         try:
             channel = await self.redis_call(get_channel, channel_id)
             if channel is not None:
-                upstream = upstream_of(channel, self.settings)
-                build_argv(channel, self.settings, upstream=upstream)
-                return channel, upstream
+                return channel, validate(channel, self.settings)
         except ChannelError as exc:
             log.warning("%s", exc)
         return Channel(id=channel_id, source_url=""), None
@@ -467,54 +559,6 @@ class Launcher:
 
     async def streams(self) -> dict:
         return await self.redis_call(collect_streams, self.settings, self.supervisors)
-
-
-def collect_streams(client, settings, supervisors: dict) -> dict:
-    """GET /streams and `streamctl status`: every stream Redis lists as active, plus this
-    process's supervisors; members of the active set that are no channel id, apart."""
-    active = runs.read_active(client)
-    ids = set(active.channels) | {cid for cid, s in supervisors.items() if not s.finished}
-    ordered = sorted(ids, key=int)
-    now = time.time()
-    pipe = client.pipeline(transaction=False)
-    for channel_id in ordered:
-        pipe.hgetall(keys.run_key(channel_id))
-        pipe.get(keys.last_access_key(channel_id))
-        pipe.zcount(keys.viewers_key(channel_id), now - settings.viewer_window, "+inf")
-    # A key of the wrong type (junk) answers an error in its place: read as missing.
-    replies = [None if isinstance(r, Exception) else r
-               for r in (pipe.execute(raise_on_error=False) if ordered else [])]
-    result = []
-    for index, channel_id in enumerate(ordered):
-        raw, last_access, viewers = replies[3 * index:3 * index + 3]
-        record = runs.RunRecord.from_hash(channel_id, raw) if raw else None
-        supervisor = supervisors.get(channel_id)
-        last = runs.epoch_seconds(last_access, now)
-        entry = {
-            "id": channel_id,
-            "state": supervisor.state if supervisor and not supervisor.finished else
-            ((record.state or "unknown") if record else "unknown"),
-            "pid": record.pid if record else None,
-            "host": record.host if record else None,
-            "started": record.started if record else None,
-            "uptime_seconds": round(now - record.started, 1) if record and record.started else None,
-            "last_access": last,
-            "idle_seconds": round(now - last, 1) if last else None,
-            "viewers": int(viewers or 0),
-            "restarts": record.restarts if record else 0,
-            # Redis contents are hostile too: a record's error is shown redacted.
-            "last_error": (supervisor.last_error if supervisor else
-                           redact_text(record.last_error) if record else ""),
-            "source": redact_text(record.source) if record else "",
-            "provider": redact_text(record.provider) if record else "",
-            # Media seconds made per wall second over the last 30 s (this launcher's streams).
-            "speed": round(supervisor.speed, 3) if supervisor and supervisor.speed is not None else None,
-        }
-        result.append(entry)
-    grace = settings.start_timeout + 10
-    return {"streams": result, "failed": runs.failed_channels(client),
-            "providers": providers.usage(client, settings.providers, grace),
-            "invalid_members": [runs.shown_member(m) for m in active.invalid]}
 
 
 @contextlib.asynccontextmanager

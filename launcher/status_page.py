@@ -8,6 +8,7 @@ keeps them).  No credentials, no tokens, no source URL unredacted: everything it
 comes from collect_streams (redacted) and is written into the page as text, never as
 markup.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,11 +22,12 @@ import redis
 from aiohttp import web
 
 from streamstate import keys, runs
+from streamstate.streams_view import collect_streams
 
 log = logging.getLogger("streamkeeper.launcher")
 
-HISTORY_EVERY = 30.0          # seconds between samples of the chart
-HISTORY_KEEP = 120            # samples kept: an hour
+HISTORY_EVERY = 30.0  # seconds between samples of the chart
+HISTORY_KEEP = 120  # samples kept: an hour
 
 
 def _packaged(name: str) -> str:
@@ -56,16 +58,24 @@ async def status_json(request: web.Request) -> web.Response:
 
 def _headers() -> dict:
     # Nothing cached, nothing framed by another site, no script but the page's own.
-    return {"Cache-Control": "no-store", "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'"}
+    return {
+        "Cache-Control": "no-store",
+        "X-Frame-Options": "DENY",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'",
+    }
 
 
 def _snapshot(client, settings, supervisors) -> dict:
-    from .service import collect_streams
     listing = collect_streams(client, settings, supervisors)
     last_pass = runs.reaper_last_pass(client, settings.host_id)
-    return {"host": settings.host_id, "now": time.time(), **listing, "reaper_last_pass": last_pass,
-            "history": read_history(client, settings.host_id)}
+    return {
+        "host": settings.host_id,
+        "now": time.time(),
+        **listing,
+        "reaper_last_pass": last_pass,
+        "history": read_history(client, settings.host_id),
+    }
 
 
 def read_history(client, host_id: str) -> list[dict]:
@@ -76,13 +86,12 @@ def read_history(client, host_id: str) -> list[dict]:
     except redis.ResponseError as exc:
         if not runs.wrong_type(exc):
             raise
-        raws = []                  # junk of another type: record_sample replaces it
+        raws = []  # junk of another type: record_sample replaces it
     for raw in reversed(raws):
         sample = runs.json_value(raw)
         try:
-            point = {"t": float(sample["t"]), "streams": int(sample["streams"]),
-                     "viewers": int(sample["viewers"])}
-        except (ValueError, TypeError, KeyError, OverflowError):     # junk, Infinity, 1e400, NaN
+            point = {"t": float(sample["t"]), "streams": int(sample["streams"]), "viewers": int(sample["viewers"])}
+        except (ValueError, TypeError, KeyError, OverflowError):  # junk, Infinity, 1e400, NaN
             continue
         if math.isfinite(point["t"]) and 0 <= point["streams"] < 10**7 and 0 <= point["viewers"] < 10**9:
             samples.append(point)
@@ -90,11 +99,9 @@ def read_history(client, host_id: str) -> list[dict]:
 
 
 def record_sample(client, settings, supervisors) -> None:
-    from .service import collect_streams
     listing = collect_streams(client, settings, supervisors)
     mine = [s for s in listing["streams"] if s["host"] in (None, settings.host_id)]
-    sample = json.dumps({"t": round(time.time(), 1), "streams": len(mine),
-                         "viewers": sum(s["viewers"] for s in mine)})
+    sample = json.dumps({"t": round(time.time(), 1), "streams": len(mine), "viewers": sum(s["viewers"] for s in mine)})
     runs.clear_other_type(client, keys.status_history_key(settings.host_id), "list")
     pipe = client.pipeline(transaction=False)
     pipe.lpush(keys.status_history_key(settings.host_id), sample)

@@ -12,6 +12,7 @@ unchanged for longer than streamstate.hls.freeze_limit.  What follows an FFmpeg'
 and the stop itself are streamstate.stream_end's rules.  Idle stops are the reaper's
 job: it marks the record ``stopping`` before it signals.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,12 +39,12 @@ from .resolvers import ResolveFailed, resolve
 
 log = logging.getLogger("streamkeeper.launcher")
 
-POLL_READY = 0.05            # seconds between playlist checks while starting
+POLL_READY = 0.05  # seconds between playlist checks while starting
 # Seconds between health checks while running; each also publishes FFmpeg's new segments,
 # so it is the most a segment waits to reach the viewers' playlist.
 WATCH_INTERVAL = 0.25
-WAIT_TICK = 0.25             # seconds between looks while waiting (back-off, relay down, disk full)
-WANTED_EVERY = 2.0           # seconds between reads of the record: is the stream still wanted?
+WAIT_TICK = 0.25  # seconds between looks while waiting (back-off, relay down, disk full)
+WANTED_EVERY = 2.0  # seconds between reads of the record: is the stream still wanted?
 # The launcher's promise in the record (runs.RunRecord.until): a stream starting or in
 # back-off has its next state by then, or the reaper may take it for stale.
 STATE_SLACK = 10.0
@@ -51,10 +52,10 @@ STATE_SLACK = 10.0
 # a few looks' worth, so the reaper never takes a watched run for stale in the instant
 # between its FFmpeg's death and the launcher noticing it.
 VOUCH_AHEAD = 3 * WANTED_EVERY + STATE_SLACK
-STDERR_LINES = 40           # lines of FFmpeg's log read for the reason of a failure
-LOG_MARK = "--- streamkeeper: "   # the line the launcher writes before each FFmpeg start
-SLOW_WINDOW = 30.0           # seconds over which a stream's pace is judged
-SLOW_RATIO = 0.9             # media seconds per wall second below this: slower than real time
+STDERR_LINES = 40  # lines of FFmpeg's log read for the reason of a failure
+LOG_MARK = "--- streamkeeper: "  # the line the launcher writes before each FFmpeg start
+SLOW_WINDOW = 30.0  # seconds over which a stream's pace is judged
+SLOW_RATIO = 0.9  # media seconds per wall second below this: slower than real time
 
 
 class StartFailed(Exception):
@@ -141,9 +142,15 @@ RELAY_DOWN = "egress relay unavailable"
 
 
 class StreamSupervisor:
-    def __init__(self, launcher, channel: Channel, upstream: Upstream | None,
-                 adopted: "tuple[AdoptedProcess, runs.RunRecord] | None" = None,
-                 run_id: str | None = None, resumed: "runs.RunRecord | None" = None):
+    def __init__(
+        self,
+        launcher,
+        channel: Channel,
+        upstream: Upstream | None,
+        adopted: "tuple[AdoptedProcess, runs.RunRecord] | None" = None,
+        run_id: str | None = None,
+        resumed: "runs.RunRecord | None" = None,
+    ):
         """``adopted``: an FFmpeg a previous launcher started, and its record; ``resumed``:
         the record of a run a previous launcher left between two FFmpegs (its next starts
         at once, continuing the viewers' playlist)."""
@@ -151,35 +158,38 @@ class StreamSupervisor:
         self.settings = launcher.settings
         self.channel = channel
         self.id = channel.id
-        self.upstream = upstream           # None: the record is unusable, never (re)started
-        self.source = channel.source_url   # the source in use (channel.sources: the order)
+        self.upstream = upstream  # None: the record is unusable, never (re)started
+        self.source = channel.source_url  # the source in use (channel.sources: the order)
         self._spawned_at = 0.0
         self.state = RunState.STARTING
         self.run_id = run_id or runs.new_run_id()
         self.process: asyncio.subprocess.Process | AdoptedProcess | None = None
         self.pid_start: int | None = None
         self.started = time.time()
-        self.written_to: str | None = None   # the Redis server (INFO run_id) the record went to
+        self.written_to: str | None = None  # the Redis server (INFO run_id) the record went to
         self.restarts = 0
-        self.cause: Cause | None = None   # why the last FFmpeg ended, for the next step
-        self.failure = ""           # the class of the last failure, what a player may see
-        self.last_error = ""        # the class and FFmpeg's own line (redacted), for operators
+        self.cause: Cause | None = None  # why the last FFmpeg ended, for the next step
+        self.failure = ""  # the class of the last failure, what a player may see
+        self.last_error = ""  # the class and FFmpeg's own line (redacted), for operators
         self.log_path = files.ffmpeg_log_path(self.settings.log_dir, self.id)
         profile = self.settings.quality_profiles.get(channel.quality, {})
         self.publisher = PlaylistPublisher(
-            self.settings.hls_dir, self.id, list_size=self.settings.hls_list_size,
-            target_duration=hls.target_duration(self.settings.hls_time, profile))
+            self.settings.hls_dir,
+            self.id,
+            list_size=self.settings.hls_list_size,
+            target_duration=hls.target_duration(self.settings.hls_time, profile),
+        )
         self._adopted = adopted[0] if adopted else None
         self._resumed = resumed
         inherited = adopted[1] if adopted else resumed
         # The provider account whose connection slot this run holds (taken before the start;
         # an adopted or resumed run's is in its record).
         limited = upstream.limited_provider if upstream is not None else None
-        self.slot_provider = ((inherited.provider or None) if inherited else limited.name if limited else None)
-        self._detaching = False     # the launcher is exiting: leave FFmpeg running
-        self.slow = False           # producing slower than real time (logged once per episode)
-        self.speed: float | None = None   # media seconds per wall second over SLOW_WINDOW
-        self.asked_by: set[str] = set()    # viewers whose requests started or joined it (hashes)
+        self.slot_provider = (inherited.provider or None) if inherited else limited.name if limited else None
+        self._detaching = False  # the launcher is exiting: leave FFmpeg running
+        self.slow = False  # producing slower than real time (logged once per episode)
+        self.speed: float | None = None  # media seconds per wall second over SLOW_WINDOW
+        self.asked_by: set[str] = set()  # viewers whose requests started or joined it (hashes)
         self._changed = asyncio.Condition()
         self._task: asyncio.Task | None = None
         self._stop_requested = False
@@ -238,7 +248,8 @@ class StreamSupervisor:
             async with self._changed:
                 await asyncio.wait_for(
                     self._changed.wait_for(lambda: self.state in (RunState.RUNNING, RunState.FAILED, RunState.STOPPED)),
-                    timeout)
+                    timeout,
+                )
         except asyncio.TimeoutError:
             raise StartFailed(f"no playable stream after {timeout:g} s") from None
         if self.state is not RunState.RUNNING:
@@ -263,10 +274,10 @@ class StreamSupervisor:
         or the end."""
         restart_times: collections.deque[float] = collections.deque()
         first = self._adopted is None and self._resumed is None
-        if self._resumed is not None:                    # a record to keep, written to this Redis
+        if self._resumed is not None:  # a record to keep, written to this Redis
             self.written_to = await self.launcher.redis_call(runs.redis_server_id)
         while not self._stop_requested:
-            if self._adopted is not None:                # it plays already: watch it
+            if self._adopted is not None:  # it plays already: watch it
                 self._adopted, playable = None, True
                 self.written_to = await self.launcher.redis_call(runs.redis_server_id)
             elif self.upstream is None:
@@ -277,13 +288,20 @@ class StreamSupervisor:
                 playable = await self._start_from_sources(first)
             if playable:
                 if first:
-                    log.info("channel %s: playable after %.2f s (pid %s)", self.id,
-                             time.time() - self.started, self.child.pid)
+                    log.info(
+                        "channel %s: playable after %.2f s (pid %s)",
+                        self.id,
+                        time.time() - self.started,
+                        self.child.pid,
+                    )
                 first = False
                 await self._set_state(RunState.RUNNING)
                 why = await self._watch()
-                if self.cause in (Cause.EXITED, Cause.STALLED) and not self._stop_requested \
-                        and not await self._relay_answers():
+                if (
+                    self.cause in (Cause.EXITED, Cause.STALLED)
+                    and not self._stop_requested
+                    and not await self._relay_answers()
+                ):
                     # Its connection went with the relay: the host's problem, waited out
                     # without spending a restart or growing the back-off.
                     why = self.last_error
@@ -295,10 +313,14 @@ class StreamSupervisor:
             window = self.settings.restart_window
             while restart_times and restart_times[0] < time.monotonic() - window:
                 restart_times.popleft()
-            step = stream_end.after_exit(self.cause or Cause.EXITED, ever_playable=not first,
-                                         wanted=await self._still_wanted(),
-                                         restarts_in_window=len(restart_times),
-                                         max_restarts=self.settings.max_restarts, restart_window=window)
+            step = stream_end.after_exit(
+                self.cause or Cause.EXITED,
+                ever_playable=not first,
+                wanted=await self._still_wanted(),
+                restarts_in_window=len(restart_times),
+                max_restarts=self.settings.max_restarts,
+                restart_window=window,
+            )
             if step.next is Next.STOP:
                 log.info("channel %s: FFmpeg ended and the stream is %s", self.id, step.why)
                 await self._end(RunState.STOPPED, step.why, signal=False)
@@ -312,8 +334,13 @@ class StreamSupervisor:
                 continue
             restart_times.append(time.monotonic())
             self.restarts += 1
-            log.warning("channel %s: restarting FFmpeg%s (%s; restart %d)", self.id,
-                        f" in {step.delay:g} s" if step.delay else "", why, self.restarts)
+            log.warning(
+                "channel %s: restarting FFmpeg%s (%s; restart %d)",
+                self.id,
+                f" in {step.delay:g} s" if step.delay else "",
+                why,
+                self.restarts,
+            )
             if not await self._backoff(step.delay):
                 return
 
@@ -355,7 +382,8 @@ class StreamSupervisor:
             if cause is Cause.RELAY_DOWN and await self._relay_answers():
                 break
             if cause is Cause.DISK_FULL and (files.free_mb(self.settings.hls_dir) or 0) >= max(
-                    1, self.settings.min_free_mb):
+                1, self.settings.min_free_mb
+            ):
                 break
             if cause is Cause.DISK_FULL and time.monotonic() - began > limit:
                 self.cause, self.failure = Cause.DISK_FULL, DISK_FULL
@@ -376,9 +404,13 @@ class StreamSupervisor:
         and its files go (a player's next request starts the channel again)."""
         limit = hls.freeze_limit(self.settings.hls_time, self.settings.start_timeout)
         if self.publisher.playlist is not None and self.publisher.unchanged_for() > limit:
-            log.warning("channel %s: its playlist did not change for %.0f s (freeze limit %g s); its "
-                        "files are removed, the next request starts it again", self.id,
-                        self.publisher.unchanged_for(), limit)
+            log.warning(
+                "channel %s: its playlist did not change for %.0f s (freeze limit %g s); its "
+                "files are removed, the next request starts it again",
+                self.id,
+                self.publisher.unchanged_for(),
+                limit,
+            )
             self.publisher.end_session()
 
     async def _fail(self, why: str) -> None:
@@ -386,10 +418,11 @@ class StreamSupervisor:
         if not self.failure:
             self._note_failure("FFmpeg did not produce a playable stream")
         log.error("channel %s: failed: %s", self.id, why or self.last_error or "unknown error")
-        if self.cause is not Cause.RELAY_DOWN:      # the host's problem: the channel is not cooled down
+        if self.cause is not Cause.RELAY_DOWN:  # the host's problem: the channel is not cooled down
             try:
-                await self.launcher.redis_call(runs.mark_failed, self.id, self.failure,
-                                               self.settings.host_id, self.settings.failed_cooldown)
+                await self.launcher.redis_call(
+                    runs.mark_failed, self.id, self.failure, self.settings.host_id, self.settings.failed_cooldown
+                )
             except Exception as exc:  # noqa: BLE001 - the cooldown is a courtesy to the upstream
                 log.warning("channel %s: cannot record the failure (%s)", self.id, exc)
         await self._end(RunState.FAILED, why, signal=False)
@@ -414,8 +447,12 @@ class StreamSupervisor:
                 playable = await self._wait_until_playable(deadline)
             if playable:
                 return True
-            if (self.cause in stream_end.NOT_THE_SOURCE
-                    or len(self.channel.sources) == 1 or self._stop_requested or not await self._relay_answers()):
+            if (
+                self.cause in stream_end.NOT_THE_SOURCE
+                or len(self.channel.sources) == 1
+                or self._stop_requested
+                or not await self._relay_answers()
+            ):
                 return False
             await self._source_failed(source)
             await self._terminate()
@@ -426,8 +463,10 @@ class StreamSupervisor:
     async def _relay_answers(self) -> bool:
         """Every connection goes through the egress relay: while it is down, nothing is the
         source's fault (no failover, no cooldown) and a restart waits for it."""
-        if await asyncio.to_thread(egress.open_connections, self.settings.egress_listen,
-                                     egress.RELAY_CHECK_TIMEOUT) is not None:
+        if (
+            await asyncio.to_thread(egress.open_connections, self.settings.egress_listen, egress.RELAY_CHECK_TIMEOUT)
+            is not None
+        ):
             return True
         self.cause, self.failure = Cause.RELAY_DOWN, RELAY_DOWN
         self.last_error = f"{RELAY_DOWN}: nothing answers on {self.settings.egress_listen}"
@@ -451,8 +490,12 @@ class StreamSupervisor:
         if not tried and self.restarts:
             # A watched stream being replaced: waiting out the cooldown would leave its viewers
             # with nothing; the back-off already spaces the tries.
-            log.info("channel %s: every source failed within source_cooldown; trying source %d/%d "
-                     "again for its viewers", self.id, sources.index(ordered[0]) + 1, len(sources))
+            log.info(
+                "channel %s: every source failed within source_cooldown; trying source %d/%d " "again for its viewers",
+                self.id,
+                sources.index(ordered[0]) + 1,
+                len(sources),
+            )
             return ordered[0]
         if not tried:
             self.cause = Cause.SOURCE
@@ -462,12 +505,19 @@ class StreamSupervisor:
 
     async def _source_failed(self, source: str) -> None:
         sources = self.channel.sources
-        log.warning("channel %s: source %d/%d (%s) failed: %s; trying the next", self.id,
-                    sources.index(source) + 1, len(sources), redact_url(source), self.last_error)
+        log.warning(
+            "channel %s: source %d/%d (%s) failed: %s; trying the next",
+            self.id,
+            sources.index(source) + 1,
+            len(sources),
+            redact_url(source),
+            self.last_error,
+        )
         self.launcher.counters["failovers"] += 1
         try:
-            await self.launcher.redis_call(providers.mark_source_failed, source, self.failure,
-                                           self.settings.source_cooldown)
+            await self.launcher.redis_call(
+                providers.mark_source_failed, source, self.failure, self.settings.source_cooldown
+            )
         except Exception as exc:  # noqa: BLE001 - the cooldown is a courtesy to the upstream
             log.warning("channel %s: cannot record the source's failure (%s)", self.id, exc)
 
@@ -480,10 +530,16 @@ class StreamSupervisor:
         url: str = source
         cookies: list[str] = []
         if upstream.resolver != "none":
-            url, cookies = await asyncio.to_thread(resolve, upstream, source, relay,
-                                                   self.settings.tls_ca_file)
-        argv = build_argv(self.channel, self.settings, upstream=upstream, source=url, cookies=cookies,
-                          start_number=start_number, target_duration=self.publisher.target_duration)
+            url, cookies = await asyncio.to_thread(resolve, upstream, source, relay, self.settings.tls_ca_file)
+        argv = build_argv(
+            self.channel,
+            self.settings,
+            upstream,
+            source=url,
+            cookies=cookies,
+            start_number=start_number,
+            target_duration=self.publisher.target_duration,
+        )
         return argv, egress.ffmpeg_environment(self.settings.egress_listen, self.id, token)
 
     async def _spawn(self, first: bool, source: str) -> bool:
@@ -494,10 +550,14 @@ class StreamSupervisor:
         if self.slot_provider and not first:
             # The previous FFmpeg's upstream connection is closed before the next opens one:
             # the provider never sees one connection over its limit, not even for a moment.
-            if not await asyncio.to_thread(egress.wait_closed, self.settings.egress_listen, self.id,
-                                           stream_end.RELAY_CLOSE_WAIT):
-                log.warning("channel %s: the relay still holds the previous FFmpeg's connection after "
-                            "%g s", self.id, stream_end.RELAY_CLOSE_WAIT)
+            if not await asyncio.to_thread(
+                egress.wait_closed, self.settings.egress_listen, self.id, stream_end.RELAY_CLOSE_WAIT
+            ):
+                log.warning(
+                    "channel %s: the relay still holds the previous FFmpeg's connection after " "%g s",
+                    self.id,
+                    stream_end.RELAY_CLOSE_WAIT,
+                )
         start_number = self.publisher.begin_run()
         self._spawned_at = time.time()
         try:
@@ -509,26 +569,43 @@ class StreamSupervisor:
         if self._stop_requested:
             return False
         log_fd = files.open_ffmpeg_log(
-            self.settings.log_dir, self.id,
-            f"{LOG_MARK}{time.strftime('%Y-%m-%dT%H:%M:%S')} start (restart {self.restarts})")
+            self.settings.log_dir,
+            self.id,
+            f"{LOG_MARK}{time.strftime('%Y-%m-%dT%H:%M:%S')} start (restart {self.restarts})",
+        )
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=log_fd, start_new_session=True, env=environment)
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log_fd,
+                start_new_session=True,
+                env=environment,
+            )
         finally:
             os.close(log_fd)
         self.pid_start = process_start_time(self.child.pid)
         if first and self.written_to is None:
             await self._write_record()
         else:
-            await self._update_record(pid=self.child.pid, pid_start=self.pid_start or "",
-                                      state=RunState.STARTING, restarts=self.restarts,
-                                      last_error=self.last_error, source=redact_url(source),
-                                      until=f"{time.time() + self.settings.start_timeout + STATE_SLACK:.3f}")
-        log.info("channel %s: FFmpeg started (pid %s, quality %s, source %s%s, first segment %d)", self.id,
-                 self.child.pid, self.channel.quality, redact_url(source),
-                 f", proxy {redact_url(self.usable_upstream.proxy)}" if self.usable_upstream.proxy else "",
-                 start_number)
+            await self._update_record(
+                pid=self.child.pid,
+                pid_start=self.pid_start or "",
+                state=RunState.STARTING,
+                restarts=self.restarts,
+                last_error=self.last_error,
+                source=redact_url(source),
+                until=f"{time.time() + self.settings.start_timeout + STATE_SLACK:.3f}",
+            )
+        log.info(
+            "channel %s: FFmpeg started (pid %s, quality %s, source %s%s, first segment %d)",
+            self.id,
+            self.child.pid,
+            self.channel.quality,
+            redact_url(source),
+            f", proxy {redact_url(self.usable_upstream.proxy)}" if self.usable_upstream.proxy else "",
+            start_number,
+        )
         return True
 
     async def _wait_until_playable(self, deadline: float) -> bool:
@@ -611,8 +688,13 @@ class StreamSupervisor:
         if ratio < SLOW_RATIO and not self.slow:
             self.slow = True
             self.launcher.counters["slow"] += 1
-            log.warning("channel %s: slower than real time: %.2fx over the last %.0f s (host "
-                        "overloaded? lower max_streams or the quality)", self.id, ratio, SLOW_WINDOW)
+            log.warning(
+                "channel %s: slower than real time: %.2fx over the last %.0f s (host "
+                "overloaded? lower max_streams or the quality)",
+                self.id,
+                ratio,
+                SLOW_WINDOW,
+            )
         elif ratio >= 0.97 and self.slow:
             self.slow = False
             log.info("channel %s: back to real time (%.2fx)", self.id, ratio)
@@ -672,14 +754,25 @@ class StreamSupervisor:
 
     async def _write_record(self) -> None:
         """The run record, whole, with the identity of the Redis server it went to."""
-        record = runs.RunRecord(channel=self.id, run_id=self.run_id, host=self.settings.host_id,
-                                pid=self.child.pid, pid_start=self.pid_start, started=self.started,
-                                state=self.state,
-                                last_error=self.last_error, restarts=self.restarts,
-                                source=redact_url(self.source),
-                                provider=self.provider_name or "",
-                                until=time.time() + (self.settings.start_timeout + STATE_SLACK
-                                                     if self.state in (RunState.STARTING, RunState.BACKOFF) else VOUCH_AHEAD))
+        record = runs.RunRecord(
+            channel=self.id,
+            run_id=self.run_id,
+            host=self.settings.host_id,
+            pid=self.child.pid,
+            pid_start=self.pid_start,
+            started=self.started,
+            state=self.state,
+            last_error=self.last_error,
+            restarts=self.restarts,
+            source=redact_url(self.source),
+            provider=self.provider_name or "",
+            until=time.time()
+            + (
+                self.settings.start_timeout + STATE_SLACK
+                if self.state in (RunState.STARTING, RunState.BACKOFF)
+                else VOUCH_AHEAD
+            ),
+        )
         await self.launcher.redis_call(runs.record_run, record)
         self.written_to = await self.launcher.redis_call(runs.redis_server_id)
 
@@ -692,14 +785,14 @@ class StreamSupervisor:
             if server == self.written_to or self.process is None:
                 return False
             await self._write_record()
-            if self.provider_name:            # its connection is open: its slot is held
-                await self.launcher.redis_call(providers.hold_slot, self.provider_name, self.id,
-                                               self.run_id, self.settings.host_id)
+            if self.provider_name:  # its connection is open: its slot is held
+                await self.launcher.redis_call(
+                    providers.hold_slot, self.provider_name, self.id, self.run_id, self.settings.host_id
+                )
         except Exception as exc:  # noqa: BLE001 - Redis gone again: keep running, ask later
             log.warning("channel %s: cannot write its record again (%s); keeping it running", self.id, exc)
             return True
-        log.info("channel %s: record lost with a Redis restart; written again (pid %s)", self.id,
-                 self.child.pid)
+        log.info("channel %s: record lost with a Redis restart; written again (pid %s)", self.id, self.child.pid)
         return True
 
     def detach(self) -> None:
@@ -735,12 +828,25 @@ class StreamSupervisor:
     async def _end(self, state: RunState, why: str, *, signal: bool) -> None:
         """The run is over: the one stop routine (streamstate.stream_end) in a thread, then
         the child reaped and the state set."""
-        self.publisher.close()                        # its files go now: the session is over
+        self.publisher.close()  # its files go now: the session is over
         process = self.process if signal and self.process is not None and self.process.returncode is None else None
-        target = stream_end.StopTarget(channel=self.id, pid=process.pid if process else 0, run_id=self.run_id,
-                                       pid_start=self.pid_start, provider=self.slot_provider or "", why=why)
-        await asyncio.to_thread(stream_end.stop_streams, self.launcher.redis, self.settings, [target],
-                                executable=self.launcher.ffmpeg_executable, log=log, need_mark=False)
+        target = stream_end.StopTarget(
+            channel=self.id,
+            pid=process.pid if process else 0,
+            run_id=self.run_id,
+            pid_start=self.pid_start,
+            provider=self.slot_provider or "",
+            why=why,
+        )
+        await asyncio.to_thread(
+            stream_end.stop_streams,
+            self.launcher.redis,
+            self.settings,
+            [target],
+            executable=self.launcher.ffmpeg_executable,
+            log=log,
+            need_mark=False,
+        )
         if process is not None:
             await process.wait()
         await self._set_state(state)

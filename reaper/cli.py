@@ -1,7 +1,6 @@
 """``stream-reaper``: stop idle streams, clear stale keys, files and processes."""
-from __future__ import annotations
 
-from streamstate import early_signals  # noqa: F401 - first: signals from the first instant
+from __future__ import annotations
 
 import logging
 import threading
@@ -9,14 +8,12 @@ import time
 
 import click
 
+from streamstate import early_signals  # noqa: F401 - first: signals from the first instant
 from streamstate.cli_options import settings_options
+from streamstate.reaping import Reaper, run_one
 from streamstate.service import StopSignals, configure_logging, sd_notify, watchdog_interval
 
-from .reaper import Reaper, RedisUnavailable, summary_json
-
 log = logging.getLogger("streamkeeper.reaper")
-
-EXIT_REDIS = 1
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,8 +22,12 @@ EXIT_REDIS = 1
 @click.option("--dry-run", is_flag=True, help="Print what a pass would do; change nothing (implies --once).")
 @click.option("--json", "as_json", is_flag=True, help="Print each pass's summary as JSON on standard output.")
 @click.option("--interval", type=float, metavar="SECONDS", help="Seconds between passes (overrides reaper_interval).")
-@click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
 def main(settings_loader, once, dry_run, as_json, interval, log_level):
     """Every reaper_interval seconds, stop streams idle past idle_timeout and clear stale
     records, orphan files and orphan FFmpeg processes of this host.
@@ -40,32 +41,12 @@ def main(settings_loader, once, dry_run, as_json, interval, log_level):
     settings = settings_loader(reaper_interval=interval)
     configure_logging(log_level.upper())
     reaper = Reaper(settings, dry_run=dry_run)
-    if early_signals.received():                 # asked to stop while starting: no pass
+    if early_signals.received():  # asked to stop while starting: no pass
         log.info("%s during start-up: exiting", early_signals.received())
         raise SystemExit(0)
     if once or dry_run:
         raise SystemExit(run_one(reaper, as_json))
     raise SystemExit(run_forever(reaper, settings.reaper_interval, as_json))
-
-
-def run_one(reaper: Reaper, as_json: bool) -> int:
-    try:
-        summary = reaper.run_pass()
-    except RedisUnavailable as exc:
-        log.error("%s", exc)
-        return EXIT_REDIS
-    except Exception as exc:  # noqa: BLE001 - one bad pass must not end the service
-        log.error("pass failed: %s: %s", type(exc).__name__, exc)
-        return EXIT_REDIS
-    if reaper.dry_run:
-        for action in summary.actions:
-            log.info("dry run: channel %s: would %s pid %s: %s", action.channel,
-                     action.kind.verb,
-                     action.pid, action.why)
-    log.info("%s", summary.line())
-    if as_json:
-        click.echo(summary_json(summary))
-    return 0
 
 
 def run_forever(reaper: Reaper, interval: float, as_json: bool) -> int:
@@ -82,7 +63,7 @@ def run_forever(reaper: Reaper, interval: float, as_json: bool) -> int:
             status = run_one(reaper, as_json)
             sd_notify("STATUS=" + ("redis unavailable; nothing stopped" if status else "last pass ok"))
             next_pass += interval
-            if next_pass <= time.monotonic():      # a pass longer than the interval: skip ticks
+            if next_pass <= time.monotonic():  # a pass longer than the interval: skip ticks
                 next_pass = time.monotonic() + interval - ((time.monotonic() - next_pass) % interval)
         if ping_every is not None:
             sd_notify("WATCHDOG=1")

@@ -1,4 +1,5 @@
 """``streamctl channels``: add, list, remove and import channel records."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,11 @@ from urllib.parse import urlsplit
 import click
 
 from streamstate import keys
-from streamstate.channels import (Channel, ChannelError, channel_from_dict, delete_channel,
-                                  iter_channels, put_channel)
+from streamstate.channel_check import validate
+from streamstate.channels import Channel, ChannelError, channel_from_dict, delete_channel, iter_channels, put_channel
 from streamstate.cli_options import settings_options
 from streamstate.redact import redact_url
 from streamstate.redis_client import redis_from_url
-from streamstate.upstreams import upstream_of
 
 EXIT_NOT_FOUND = 1
 EXIT_INVALID = 2
@@ -36,19 +36,48 @@ def _client(settings_loader):
 @click.option("--user-agent", help="User-Agent sent upstream (else the user_agent setting).")
 @click.option("--referer", help="Referer sent upstream.")
 @click.option("--header", "headers", multiple=True, metavar="K:V", help="An extra upstream header; repeatable.")
-@click.option("--proxy", help="Proxy for this channel: http://, socks5:// or socks5h:// (the proxy "
-                                "resolves names), user:pass@ allowed (else its provider's, else upstream_proxy).")
-@click.option("--fallback", "fallbacks", multiple=True, metavar="URL",
-              help="A source tried when the ones before it fail; repeatable, in order.")
-@click.option("--provider", help="The [providers.<name>] account it belongs to (else the first whose "
-                                 "match prefixes SOURCE_URL).")
-@click.option("--resolver", type=click.Choice(["none", "plain", "cloudscraper"]),
-              help="How the source URL is found: none (FFmpeg connects itself), plain (follow "
-                   "redirects, keep cookies), cloudscraper (a browser-like session).")
-@click.option("--no-tls-verify", "no_tls_verify", is_flag=True,
-              help="Do not verify an https source's certificate (a provider's self-signed one).")
-def add_command(settings_loader, channel_id, source_url, quality, user_agent, referer, headers, proxy,
-                fallbacks, provider, resolver, no_tls_verify):
+@click.option(
+    "--proxy",
+    help="Proxy for this channel: http://, socks5:// or socks5h:// (the proxy "
+    "resolves names), user:pass@ allowed (else its provider's, else upstream_proxy).",
+)
+@click.option(
+    "--fallback",
+    "fallbacks",
+    multiple=True,
+    metavar="URL",
+    help="A source tried when the ones before it fail; repeatable, in order.",
+)
+@click.option(
+    "--provider",
+    help="The [providers.<name>] account it belongs to (else the first whose " "match prefixes SOURCE_URL).",
+)
+@click.option(
+    "--resolver",
+    type=click.Choice(["none", "plain", "cloudscraper"]),
+    help="How the source URL is found: none (FFmpeg connects itself), plain (follow "
+    "redirects, keep cookies), cloudscraper (a browser-like session).",
+)
+@click.option(
+    "--no-tls-verify",
+    "no_tls_verify",
+    is_flag=True,
+    help="Do not verify an https source's certificate (a provider's self-signed one).",
+)
+def add_command(
+    settings_loader,
+    channel_id,
+    source_url,
+    quality,
+    user_agent,
+    referer,
+    headers,
+    proxy,
+    fallbacks,
+    provider,
+    resolver,
+    no_tls_verify,
+):
     """Add or replace channel CHANNEL_ID with its SOURCE_URL (http or https only).
 
     Exit codes: 0 added, 2 invalid (the message says what).
@@ -62,19 +91,25 @@ def add_command(settings_loader, channel_id, source_url, quality, user_agent, re
             raise SystemExit(EXIT_INVALID)
         parsed_headers[name.strip()] = value.strip()
     try:
-        channel = channel_from_dict(channel_id, {
-            "source_url": source_url, "quality": quality, "user_agent": user_agent,
-            "referer": referer, "headers": parsed_headers, "proxy": proxy,
-            "fallback_urls": list(fallbacks), "provider": provider, "resolver": resolver,
-            "tls_verify": False if no_tls_verify else None})
-        upstream_of(channel, settings)               # a provider that is configured
+        channel = channel_from_dict(
+            channel_id,
+            {
+                "source_url": source_url,
+                "quality": quality,
+                "user_agent": user_agent,
+                "referer": referer,
+                "headers": parsed_headers,
+                "proxy": proxy,
+                "fallback_urls": list(fallbacks),
+                "provider": provider,
+                "resolver": resolver,
+                "tls_verify": False if no_tls_verify else None,
+            },
+        )
+        validate(channel, settings)  # the launcher's own check: it will start
     except (keys.InvalidChannelId, ChannelError) as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_INVALID) from None
-    if channel.quality not in settings.quality_profiles:
-        click.echo(f"error: channel {channel_id}: unknown quality {quality!r} "
-                   f"(profiles: {', '.join(sorted(settings.quality_profiles))})", err=True)
-        raise SystemExit(EXIT_INVALID)
     put_channel(redis_from_url(settings.redis_url), channel)
     click.echo(f"channel {channel_id}: added ({channel.quality}, {redact_url(channel.source_url)})")
 
@@ -82,9 +117,12 @@ def add_command(settings_loader, channel_id, source_url, quality, user_agent, re
 @channels_group.command("list")
 @settings_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of channel records.")
-@click.option("--show-secrets", is_flag=True,
-              help="Show source URLs whole (else user info, query and all but the path's last "
-                   "segment are shown as …, since providers put accounts there).")
+@click.option(
+    "--show-secrets",
+    is_flag=True,
+    help="Show source URLs whole (else user info, query and all but the path's last "
+    "segment are shown as …, since providers put accounts there).",
+)
 def list_command(settings_loader, as_json, show_secrets):
     """List every channel record (SCAN, never KEYS); unusable records are shown with why.
 
@@ -110,8 +148,10 @@ def list_command(settings_loader, as_json, show_secrets):
         if "error" in row:
             click.echo(f"{row['id']:>8}  INVALID  {row['error']}")
         else:
-            click.echo(f"{row['id']:>8}  {row.get('quality', ''):<7}  {row['source_url']}"
-                       + (f"  ({row['name']})" if row.get("name") else ""))
+            click.echo(
+                f"{row['id']:>8}  {row.get('quality', ''):<7}  {row['source_url']}"
+                + (f"  ({row['name']})" if row.get("name") else "")
+            )
     click.echo(f"{len(rows)} channel(s)", err=True)
 
 
@@ -163,7 +203,7 @@ def channel_id_for(entry: dict) -> str | None:
     """The old host's rule: the number that ends the URL's path, else a numeric tvg-id."""
     try:
         path = urlsplit(entry["url"]).path
-    except ValueError:                  # not a URL at all: the record check says why
+    except ValueError:  # not a URL at all: the record check says why
         path = ""
     match = _TRAILING_NUMBER_RE.search(path)
     if match:
@@ -176,10 +216,15 @@ def channel_id_for(entry: dict) -> str | None:
 @settings_options
 @click.argument("m3u_file", type=click.File("r", encoding="utf-8", errors="replace"))
 @click.option("--quality", default="medium", show_default=True, help="Quality for every imported channel.")
-@click.option("--start-id", type=click.IntRange(0, 10 ** keys.MAX_CHANNEL_ID_DIGITS - 1), default=None,
-              help="Number entries without an id from here (else they are skipped).")
-@click.option("--replace/--keep", default=False, show_default=True,
-              help="Replace channels that exist already, or keep them.")
+@click.option(
+    "--start-id",
+    type=click.IntRange(0, 10**keys.MAX_CHANNEL_ID_DIGITS - 1),
+    default=None,
+    help="Number entries without an id from here (else they are skipped).",
+)
+@click.option(
+    "--replace/--keep", default=False, show_default=True, help="Replace channels that exist already, or keep them."
+)
 @click.option("--provider", help="The [providers.<name>] account every imported channel belongs to.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def import_command(settings_loader, m3u_file, quality, start_id, replace, provider, as_json):
@@ -192,11 +237,12 @@ def import_command(settings_loader, m3u_file, quality, start_id, replace, provid
     """
     settings = settings_loader()
     if provider is not None and provider not in settings.providers:
-        click.echo(f"error: provider {provider[:64]!r} is not configured (no [providers.<name>] of "
-                   "that name)", err=True)
+        click.echo(
+            f"error: provider {provider[:64]!r} is not configured (no [providers.<name>] of " "that name)", err=True
+        )
         raise SystemExit(EXIT_INVALID)
     client = redis_from_url(settings.redis_url)
-    entries = parse_m3u(m3u_file.read())   # undecodable bytes arrive as U+FFFD
+    entries = parse_m3u(m3u_file.read())  # undecodable bytes arrive as U+FFFD
     added, skipped, seen = [], [], set()
     next_id = start_id
     candidates: list[Channel] = []
@@ -213,11 +259,18 @@ def import_command(settings_loader, m3u_file, quality, start_id, replace, provid
             skipped.append({"line": entry["line"], "id": channel_id, "why": "duplicate id in the file"})
             continue
         attrs = entry["attrs"]
-        try:   # each entry on its own: a bad one is skipped with why, the rest imported
-            channel = channel_from_dict(channel_id, {
-                "source_url": entry["url"], "quality": quality, "provider": provider,
-                "name": attrs.get("tvg-name") or entry["title"] or None,
-                "group": attrs.get("group-title") or None})
+        try:  # each entry on its own: a bad one is skipped with why, the rest imported
+            channel = channel_from_dict(
+                channel_id,
+                {
+                    "source_url": entry["url"],
+                    "quality": quality,
+                    "provider": provider,
+                    "name": attrs.get("tvg-name") or entry["title"] or None,
+                    "group": attrs.get("group-title") or None,
+                },
+            )
+            validate(channel, settings)  # a quality and a provider this host has
         except (ChannelError, keys.InvalidChannelId) as exc:
             skipped.append({"line": entry["line"], "why": str(exc)})
             continue

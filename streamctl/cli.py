@@ -1,4 +1,5 @@
 """``streamctl``: the operators' command line."""
+
 from __future__ import annotations
 
 import json
@@ -56,21 +57,26 @@ def config_command(settings_loader, as_json):
     """
     settings = settings_loader()
     if as_json:
-        payload = {key: {"value": settings.shown(key), "source": settings.sources[key]}
-                   for key in settings.values}
+        payload = {key: {"value": settings.shown(key), "source": settings.sources[key]} for key in settings.values}
         click.echo(json.dumps({"config_file": settings.config_path, "settings": payload}, indent=2))
         return
     click.echo(f"# config file: {settings.config_path or '(none: built-in defaults)'}")
     width = max(len(key) for key in settings.values)
     for key in settings.values:
-        click.echo(f"{key:<{width}} = {json.dumps(settings.shown(key)):<40} # {settings.sources[key]}"
-                   f" - {SPEC_BY_KEY[key].help}")
+        click.echo(
+            f"{key:<{width}} = {json.dumps(settings.shown(key)):<40} # {settings.sources[key]}"
+            f" - {SPEC_BY_KEY[key].help}"
+        )
 
 
 @main.command("nginx-config")
 @settings_options
-@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
-              help="Write to this file (atomically) instead of standard output.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write to this file (atomically) instead of standard output.",
+)
 def nginx_config_command(settings_loader, output):
     """Print the nginx conf.d snippet rendered from the settings.
 
@@ -81,7 +87,8 @@ def nginx_config_command(settings_loader, output):
     the launcher at launcher_listen. Include it in nginx's http {} block, then
     `nginx -t && nginx -s reload`.
     """
-    from launcher.nginx_config import render_nginx_config
+    from streamstate.nginx_config import render_nginx_config
+
     try:
         text = render_nginx_config(settings_loader())
     except ValueError as exc:
@@ -91,6 +98,7 @@ def nginx_config_command(settings_loader, output):
         click.echo(text, nl=False)
         return
     from streamstate.files import write_atomic
+
     write_atomic(output, text.encode())
     click.echo(f"wrote {output}", err=True)
 
@@ -104,8 +112,8 @@ def reap_command(settings_loader, dry_run, as_json):
 
     Exit codes: 0 done, 1 Redis unreachable (nothing stopped), 2 bad settings.
     """
-    from reaper.cli import run_one
-    from reaper.reaper import Reaper
+    from streamstate.reaping import Reaper, run_one
     from streamstate.service import configure_logging
+
     configure_logging("INFO")
     raise SystemExit(run_one(Reaper(settings_loader(), dry_run=dry_run), as_json))

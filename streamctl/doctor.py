@@ -5,6 +5,7 @@ where streams are served, no scheduler for the cleanup, last_access never bumped
 Redis keys, an empty playlist served, an upstream refusing direct connections, a SOCKS
 proxy FFmpeg ignored.  Every check has a deadline: doctor never hangs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,7 @@ import click
 import redis
 
 from streamstate import egress, files, hls, keys, providers, runs
+from streamstate.channel_check import validate
 from streamstate.channels import ChannelError, get_channel
 from streamstate.cli_options import settings_options
 from streamstate.process import process_cmdline, resolve_executable
@@ -35,9 +37,9 @@ from streamstate.upstreams import proxy_endpoint, socks_connection
 from . import nginx_conf
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
-TIMEOUT = 3.0                    # seconds any one probe may take
-PROBE_DEADLINE = 8.0             # seconds a source probe may take in all
-REDIS_SLOW_MS = 50               # a PING slower than this is worth a warning
+TIMEOUT = 3.0  # seconds any one probe may take
+PROBE_DEADLINE = 8.0  # seconds a source probe may take in all
+REDIS_SLOW_MS = 50  # a PING slower than this is worth a warning
 NEEDED_PROTOCOLS = ("http", "https", "tcp", "tls", "crypto", "httpproxy")
 
 
@@ -49,6 +51,7 @@ class Check:
 
 
 # -- Redis -------------------------------------------------------------------------------
+
 
 def check_redis(settings) -> list[Check]:
     """Reachable and fast, within seconds; persisting the catalogue (AOF or snapshots)."""
@@ -64,26 +67,46 @@ def check_redis(settings) -> list[Check]:
     try:
         appendonly = client.config_get("appendonly").get("appendonly")
         save = client.config_get("save").get("save")
-    except redis.RedisError as exc:                  # CONFIG renamed or refused: cannot tell
-        return found + [Check(WARN, "redis persistence", f"cannot read Redis's config ({exc}); make sure "
-                              "appendonly is yes: the channel catalogue lives only in Redis")]
+    except redis.RedisError as exc:  # CONFIG renamed or refused: cannot tell
+        return found + [
+            Check(
+                WARN,
+                "redis persistence",
+                f"cannot read Redis's config ({exc}); make sure "
+                "appendonly is yes: the channel catalogue lives only in Redis",
+            )
+        ]
     if appendonly == "yes":
         found.append(Check(OK, "redis persistence", "appendonly yes (AOF)"))
     elif save:
-        found.append(Check(WARN, "redis persistence", f"snapshots only (save {save!r}): channels added "
-                           "since the last snapshot are lost with a restart; set appendonly yes"))
+        found.append(
+            Check(
+                WARN,
+                "redis persistence",
+                f"snapshots only (save {save!r}): channels added "
+                "since the last snapshot are lost with a restart; set appendonly yes",
+            )
+        )
     else:
-        found.append(Check(FAIL, "redis persistence", "no AOF and no snapshots: a Redis restart loses "
-                           "every channel record (running streams survive it); set appendonly yes"))
+        found.append(
+            Check(
+                FAIL,
+                "redis persistence",
+                "no AOF and no snapshots: a Redis restart loses "
+                "every channel record (running streams survive it); set appendonly yes",
+            )
+        )
     return found
 
 
 # -- nginx -------------------------------------------------------------------------------
 
+
 def check_nginx(settings, conf_file: str | None) -> list[Check]:
     """The /live/ location logs to the file heartbeatd follows, in a format it parses; a
     missing playlist falls back to the address the launcher listens on."""
-    from heartbeatd.logformat import LogFormatError, LogLineParser, normalise_format
+    from streamstate.logformat import LogFormatError, LogLineParser, normalise_format
+
     try:
         text, source = nginx_conf.effective_config(conf_file)
         root = nginx_conf.parse(text)
@@ -91,22 +114,39 @@ def check_nginx(settings, conf_file: str | None) -> list[Check]:
         return [Check(FAIL, "nginx config", f"cannot read it ({exc}); give --nginx-conf FILE")]
     live = nginx_conf.live_locations(root)
     if not live:
-        return [Check(FAIL, "nginx config", f"no location serves /live/ in {source}: include the snippet "
-                      "`streamctl nginx-config` renders")]
+        return [
+            Check(
+                FAIL,
+                "nginx config",
+                f"no location serves /live/ in {source}: include the snippet " "`streamctl nginx-config` renders",
+            )
+        ]
     found = []
     formats = nginx_conf.log_formats(root)
     expected = LogLineParser(settings.log_format).format
     logs = list({tuple(d.args): d for location in live for d in location.inherited("access_log")}.values())
     if not logs or any(d.args and d.args[0] == "off" for d in logs):
-        found.append(Check(FAIL, "nginx access log", "access_log off (or none) where /live/ is served: "
-                           "heartbeatd sees no viewer and the reaper stops watched streams; render the "
-                           "snippet again (`streamctl nginx-config`)"))
+        found.append(
+            Check(
+                FAIL,
+                "nginx access log",
+                "access_log off (or none) where /live/ is served: "
+                "heartbeatd sees no viewer and the reaper stops watched streams; render the "
+                "snippet again (`streamctl nginx-config`)",
+            )
+        )
     else:
         for directive in logs:
             path, name = directive.args[0], (directive.args[1] if len(directive.args) > 1 else "combined")
             if path != settings.access_log:
-                found.append(Check(FAIL, "nginx access log", f"/live/ logs to {path}, heartbeatd follows "
-                                   f"{settings.access_log}: set access_log (the setting) or the snippet to one file"))
+                found.append(
+                    Check(
+                        FAIL,
+                        "nginx access log",
+                        f"/live/ logs to {path}, heartbeatd follows "
+                        f"{settings.access_log}: set access_log (the setting) or the snippet to one file",
+                    )
+                )
                 continue
             fmt = formats.get(name)
             try:
@@ -114,27 +154,54 @@ def check_nginx(settings, conf_file: str | None) -> list[Check]:
             except LogFormatError:
                 parses = False
             if not parses:
-                found.append(Check(FAIL, "nginx access log", f"/live/ logs in format {name!r}, not the one "
-                                   f"heartbeatd parses (log_format setting {settings.log_format!r}): render "
-                                   "the snippet again"))
+                found.append(
+                    Check(
+                        FAIL,
+                        "nginx access log",
+                        f"/live/ logs in format {name!r}, not the one "
+                        f"heartbeatd parses (log_format setting {settings.log_format!r}): render "
+                        "the snippet again",
+                    )
+                )
             else:
-                found.append(Check(OK, "nginx access log", f"/live/ logs to {path} in format {name!r}, "
-                                   "which heartbeatd parses"))
+                found.append(
+                    Check(
+                        OK, "nginx access log", f"/live/ logs to {path} in format {name!r}, " "which heartbeatd parses"
+                    )
+                )
     for port, names in nginx_conf.default_servers_in_front(root):
-        found.append(Check(FAIL, "nginx server", f"the server {names!r} is default_server on port {port}: it "
-                           "answers /live/ instead of ours (Debian's sites-enabled/default); remove it, or "
-                           "give nginx_listen another port"))
+        found.append(
+            Check(
+                FAIL,
+                "nginx server",
+                f"the server {names!r} is default_server on port {port}: it "
+                "answers /live/ instead of ours (Debian's sites-enabled/default); remove it, or "
+                "give nginx_listen another port",
+            )
+        )
     targets = nginx_conf.fallback_targets(root)
     listen = settings.launcher_listen
     if not targets:
-        found.append(Check(FAIL, "nginx fallback", "no fallback for a missing playlist (error_page 404 = "
-                           "@start_stream): a cold channel is a 404; render the snippet again"))
+        found.append(
+            Check(
+                FAIL,
+                "nginx fallback",
+                "no fallback for a missing playlist (error_page 404 = "
+                "@start_stream): a cold channel is a 404; render the snippet again",
+            )
+        )
     for name, address in targets:
         if _same_address(address, listen):
             found.append(Check(OK, "nginx fallback", f"{name} proxies to {address}, where the launcher listens"))
         else:
-            found.append(Check(FAIL, "nginx fallback", f"{name} proxies to {address} but the launcher listens "
-                               f"on {listen} (launcher_listen): render the snippet again and reload nginx"))
+            found.append(
+                Check(
+                    FAIL,
+                    "nginx fallback",
+                    f"{name} proxies to {address} but the launcher listens "
+                    f"on {listen} (launcher_listen): render the snippet again and reload nginx",
+                )
+            )
     return found
 
 
@@ -142,13 +209,24 @@ def check_nginx_answers(settings) -> list[Check]:
     """Something answers HTTP on nginx_listen (from this host): where viewers come in."""
     address = _local_address(settings.nginx_listen)
     if address is None:
-        return [Check(WARN, "nginx answers", f"cannot check nginx_listen {settings.nginx_listen!r} from here "
-                      "(a unix socket?)")]
+        return [
+            Check(
+                WARN,
+                "nginx answers",
+                f"cannot check nginx_listen {settings.nginx_listen!r} from here " "(a unix socket?)",
+            )
+        ]
     try:
         status, _ = _get(f"http://{address}/live/")
     except (OSError, TimeoutError) as exc:
-        return [Check(FAIL, "nginx answers", f"nothing answers on {address} (nginx_listen {settings.nginx_listen}: "
-                      f"{exc}): viewers reach nothing; start nginx (systemctl start nginx) or fix nginx_listen")]
+        return [
+            Check(
+                FAIL,
+                "nginx answers",
+                f"nothing answers on {address} (nginx_listen {settings.nginx_listen}: "
+                f"{exc}): viewers reach nothing; start nginx (systemctl start nginx) or fix nginx_listen",
+            )
+        ]
     return [Check(OK, "nginx answers", f"answers on {address} (HTTP {status} for /live/)")]
 
 
@@ -169,10 +247,12 @@ def _same_address(a: str, b: str) -> bool:
         host, _, port = text.rpartition(":")
         host = host.strip("[]")
         return ("127.0.0.1" if host == "localhost" else host), port or "80"
+
     return split(a) == split(b)
 
 
 # -- the services ------------------------------------------------------------------------
+
 
 def check_launcher(settings) -> list[Check]:
     """It answers on launcher_listen, and its start route exists there."""
@@ -181,37 +261,70 @@ def check_launcher(settings) -> list[Check]:
         status, body = _get(f"{base}/healthz")
     except TimeoutError:
         status, body = 0, ""
-        found = [Check(FAIL, "launcher", f"no answer from {settings.launcher_listen} within {TIMEOUT:g} s "
-                       "(its /healthz asks Redis: is Redis hanging?)")]
+        found = [
+            Check(
+                FAIL,
+                "launcher",
+                f"no answer from {settings.launcher_listen} within {TIMEOUT:g} s "
+                "(its /healthz asks Redis: is Redis hanging?)",
+            )
+        ]
     except OSError as exc:
-        found = [Check(FAIL, "launcher", f"nothing answers on {settings.launcher_listen} ({exc}): start "
-                       "it (systemctl start streamkeeper-launcher)")]
+        found = [
+            Check(
+                FAIL,
+                "launcher",
+                f"nothing answers on {settings.launcher_listen} ({exc}): start "
+                "it (systemctl start streamkeeper-launcher)",
+            )
+        ]
     else:
         found = []
     if found:
         return found + check_relay(settings)
-    found = [Check(OK if status == 200 else FAIL, "launcher",
-                   f"answers on {settings.launcher_listen}" + ("" if status == 200 else
-                                                               f" but is unhealthy: {_health_reason(body)}"))]
+    found = [
+        Check(
+            OK if status == 200 else FAIL,
+            "launcher",
+            f"answers on {settings.launcher_listen}"
+            + ("" if status == 200 else f" but is unhealthy: {_health_reason(body)}"),
+        )
+    ]
     try:
-        status, body = _get(f"{base}/channel/x/start")     # an invalid id: 400 from the route itself
+        status, body = _get(f"{base}/channel/x/start")  # an invalid id: 400 from the route itself
     except OSError as exc:
         status, body = 0, str(exc)
     if status == 400 and "invalid channel id" in body:
         found.append(Check(OK, "launcher start route", f"{base}/channel/<id>/start exists"))
     else:
-        found.append(Check(FAIL, "launcher start route", f"{base}/channel/<id>/start answered {status}: "
-                           "whatever listens there is not this launcher"))
+        found.append(
+            Check(
+                FAIL,
+                "launcher start route",
+                f"{base}/channel/<id>/start answered {status}: " "whatever listens there is not this launcher",
+            )
+        )
     return found + check_relay(settings)
 
 
 def check_relay(settings) -> list[Check]:
     counts = egress.open_connections(settings.egress_listen, timeout=TIMEOUT)
     if counts is None:
-        return [Check(FAIL, "egress relay", f"nothing answers on {settings.egress_listen}: every start "
-                      "fails with 'egress relay unavailable'; start it (systemctl start streamkeeper-egress)")]
-    return [Check(OK, "egress relay", f"answers on {settings.egress_listen} "
-                  f"({sum(counts.values())} upstream connection(s) open)")]
+        return [
+            Check(
+                FAIL,
+                "egress relay",
+                f"nothing answers on {settings.egress_listen}: every start "
+                "fails with 'egress relay unavailable'; start it (systemctl start streamkeeper-egress)",
+            )
+        ]
+    return [
+        Check(
+            OK,
+            "egress relay",
+            f"answers on {settings.egress_listen} " f"({sum(counts.values())} upstream connection(s) open)",
+        )
+    ]
 
 
 def check_validator(settings) -> list[Check]:
@@ -221,10 +334,21 @@ def check_validator(settings) -> list[Check]:
     try:
         status, _ = _get(settings.auth_url)
     except OSError as exc:
-        return [Check(FAIL, "viewer validator", f"{redact_url(settings.auth_url)} does not answer ({exc}): "
-                      "every playlist request gets 500 from nginx; start it or unset auth_url")]
-    return [Check(OK if status < 500 else FAIL, "viewer validator",
-                  f"{redact_url(settings.auth_url)} answers {status} to a request without a token")]
+        return [
+            Check(
+                FAIL,
+                "viewer validator",
+                f"{redact_url(settings.auth_url)} does not answer ({exc}): "
+                "every playlist request gets 500 from nginx; start it or unset auth_url",
+            )
+        ]
+    return [
+        Check(
+            OK if status < 500 else FAIL,
+            "viewer validator",
+            f"{redact_url(settings.auth_url)} answers {status} to a request without a token",
+        )
+    ]
 
 
 def _health_reason(body: str) -> str:
@@ -237,12 +361,22 @@ def _health_reason(body: str) -> str:
 
 def check_heartbeatd(settings) -> list[Check]:
     """Running (a process of that name), and how far behind the access log it is."""
-    from heartbeatd.checkpoint import checkpoint_path, load_checkpoint
-    running = [pid for pid, argv in _processes() if any(os.path.basename(a) == "heartbeatd" for a in argv[:3])
-               and _same_config(argv, settings.config_path)]
+    from streamstate.checkpoint import checkpoint_path, load_checkpoint
+
+    running = [
+        pid
+        for pid, argv in _processes()
+        if any(os.path.basename(a) == "heartbeatd" for a in argv[:3]) and _same_config(argv, settings.config_path)
+    ]
     if not running:
-        return [Check(FAIL, "heartbeatd", "not running: last_access is never bumped and the reaper stops "
-                      "watched streams; start it (systemctl start streamkeeper-heartbeatd)")]
+        return [
+            Check(
+                FAIL,
+                "heartbeatd",
+                "not running: last_access is never bumped and the reaper stops "
+                "watched streams; start it (systemctl start streamkeeper-heartbeatd)",
+            )
+        ]
     position = load_checkpoint(checkpoint_path(settings.state_dir, settings.access_log), settings.access_log)
     try:
         size = os.stat(settings.access_log).st_size
@@ -251,8 +385,13 @@ def check_heartbeatd(settings) -> list[Check]:
     if position is None or size is None:
         return [Check(OK, "heartbeatd", f"running (pid {running[0]}); no checkpoint yet")]
     lag = max(0, size - position.offset)
-    return [Check(OK if lag < 1 << 20 else WARN, "heartbeatd",
-                  f"running (pid {running[0]}), {lag} bytes of {settings.access_log} behind")]
+    return [
+        Check(
+            OK if lag < 1 << 20 else WARN,
+            "heartbeatd",
+            f"running (pid {running[0]}), {lag} bytes of {settings.access_log} behind",
+        )
+    ]
 
 
 def check_reaper(client, settings) -> list[Check]:
@@ -261,16 +400,29 @@ def check_reaper(client, settings) -> list[Check]:
     last = runs.epoch_seconds(data.get("time"))
     interval = settings.reaper_interval
     if last is None:
-        return [Check(FAIL, "reaper", f"no pass recorded for host {settings.host_id}: idle streams are never "
-                      "stopped; start stream-reaper (systemctl start streamkeeper-reaper)")]
+        return [
+            Check(
+                FAIL,
+                "reaper",
+                f"no pass recorded for host {settings.host_id}: idle streams are never "
+                "stopped; start stream-reaper (systemctl start streamkeeper-reaper)",
+            )
+        ]
     age = time.time() - last
     if age > 2 * interval:
-        return [Check(FAIL, "reaper", f"last pass {age:.0f} s ago (reaper_interval {interval:g} s): start it "
-                      "(systemctl start streamkeeper-reaper)")]
+        return [
+            Check(
+                FAIL,
+                "reaper",
+                f"last pass {age:.0f} s ago (reaper_interval {interval:g} s): start it "
+                "(systemctl start streamkeeper-reaper)",
+            )
+        ]
     return [Check(OK, "reaper", f"last pass {age:.0f} s ago")]
 
 
 # -- streams -------------------------------------------------------------------------------
+
 
 def _streams_not_playing(client, settings) -> list[Check]:
     """This host's streams that are waiting to start their next FFmpeg (back-off), and
@@ -281,17 +433,35 @@ def _streams_not_playing(client, settings) -> list[Check]:
         if record is None or record.host != settings.host_id:
             continue
         if record.state is RunState.BACKOFF:
-            found.append(Check(FAIL, f"channel {channel}", f"not playing: waiting to restart FFmpeg (restart "
-                               f"{record.restarts}); last error: {record.last_error or 'none recorded'}; "
-                               f"`streamctl logs {channel}` shows FFmpeg's own lines"))
+            found.append(
+                Check(
+                    FAIL,
+                    f"channel {channel}",
+                    f"not playing: waiting to restart FFmpeg (restart "
+                    f"{record.restarts}); last error: {record.last_error or 'none recorded'}; "
+                    f"`streamctl logs {channel}` shows FFmpeg's own lines",
+                )
+            )
         elif record.state is RunState.STARTING and record.restarts:
-            found.append(Check(WARN, f"channel {channel}", f"being replaced (restart {record.restarts}); "
-                               f"last error: {record.last_error or 'none recorded'}"))
+            found.append(
+                Check(
+                    WARN,
+                    f"channel {channel}",
+                    f"being replaced (restart {record.restarts}); "
+                    f"last error: {record.last_error or 'none recorded'}",
+                )
+            )
     for failed in runs.failed_channels(client):
         if failed["host"] == settings.host_id:
-            found.append(Check(FAIL, f"channel {failed['id']}", f"failed: {failed['reason']}; starts answer 503 "
-                               f"for {failed['cooldown_seconds']:g} s more (failed_cooldown); "
-                               f"`streamctl logs {failed['id']}` shows why"))
+            found.append(
+                Check(
+                    FAIL,
+                    f"channel {failed['id']}",
+                    f"failed: {failed['reason']}; starts answer 503 "
+                    f"for {failed['cooldown_seconds']:g} s more (failed_cooldown); "
+                    f"`streamctl logs {failed['id']}` shows why",
+                )
+            )
     return found
 
 
@@ -305,9 +475,15 @@ def _records_without_channels(client, settings) -> list[Check]:
     found = []
     for channel, (record, *_rest), raw in zip(active, runs.read_batch(client, active), present):
         if raw is None and record is not None and record.host in ("", settings.host_id):
-            found.append(Check(WARN, f"channel {channel}", f"runs, but its channel record (channel:{channel}) "
-                               "is gone (a Redis restarted without its data?): it will not be restarted if "
-                               "its FFmpeg ends; add it again (`streamctl channels add` or `import`)"))
+            found.append(
+                Check(
+                    WARN,
+                    f"channel {channel}",
+                    f"runs, but its channel record (channel:{channel}) "
+                    "is gone (a Redis restarted without its data?): it will not be restarted if "
+                    "its FFmpeg ends; add it again (`streamctl channels add` or `import`)",
+                )
+            )
     return found
 
 
@@ -316,7 +492,8 @@ def check_streams(client, settings) -> list[Check]:
     old host's keys alone: stream:<id>:pid, :started, :last_access), junk in streams:active,
     provider slots no running stream holds, FFmpegs no record knows; empty or stale
     playlists in hls_dir; free space."""
-    from reaper.reaper import ActionKind, Reaper, RedisUnavailable
+    from streamstate.reaping import ActionKind, Reaper, RedisUnavailable
+
     found = []
     try:
         summary = Reaper(settings, client, dry_run=True).run_pass()
@@ -324,25 +501,46 @@ def check_streams(client, settings) -> list[Check]:
         return [Check(FAIL, "streams", str(exc))]
     channels = summary.streams
     for action in summary.actions:
-        if action.kind is ActionKind.STALE and action.host is None:          # another host's: its own doctor
+        if action.kind is ActionKind.STALE and action.host is None:  # another host's: its own doctor
             kind = "its run record" if action.run_id else "the old host's keys (no run record)"
-            found.append(Check(FAIL, f"channel {action.channel}",
-                               f"stale record ({kind}): {action.why}; `streamctl reap` clears it "
-                               "(the reaper does at its next pass)"))
+            found.append(
+                Check(
+                    FAIL,
+                    f"channel {action.channel}",
+                    f"stale record ({kind}): {action.why}; `streamctl reap` clears it "
+                    "(the reaper does at its next pass)",
+                )
+            )
     for member in runs.read_active(client).invalid:
-        found.append(Check(FAIL, "streams:active", f"holds {runs.shown_member(member)}, no channel id: "
-                           "`streamctl reap` removes it"))
+        found.append(
+            Check(
+                FAIL,
+                "streams:active",
+                f"holds {runs.shown_member(member)}, no channel id: " "`streamctl reap` removes it",
+            )
+        )
     if summary.orphan_processes:
-        found.append(Check(FAIL, "streams", f"{summary.orphan_processes} FFmpeg(s) writing into "
-                           f"{settings.hls_dir} that no record knows: `streamctl reap` stops them"))
+        found.append(
+            Check(
+                FAIL,
+                "streams",
+                f"{summary.orphan_processes} FFmpeg(s) writing into "
+                f"{settings.hls_dir} that no record knows: `streamctl reap` stops them",
+            )
+        )
     found += _streams_not_playing(client, settings) + _records_without_channels(client, settings)
     grace = settings.start_timeout + 10
     for name in sorted(settings.providers):
         stale = providers.stale_slots(client, name, grace)
         if stale:
             shown = ", ".join(runs.shown_member(c) if not keys.CHANNEL_ID_RE.fullmatch(c) else c for c in stale)
-            found.append(Check(WARN, f"provider {name}", f"slot(s) held by no running stream: {shown}; "
-                               "the next start on the account reclaims them"))
+            found.append(
+                Check(
+                    WARN,
+                    f"provider {name}",
+                    f"slot(s) held by no running stream: {shown}; " "the next start on the account reclaims them",
+                )
+            )
     stale_after = hls.freeze_limit(settings.hls_time, settings.start_timeout)
     now = time.time()
     try:
@@ -358,21 +556,30 @@ def check_streams(client, settings) -> list[Check]:
             info = os.lstat(path)
         except FileNotFoundError:
             continue
-        if not stat.S_ISREG(info.st_mode):             # a FIFO would block the read below
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read below
             found.append(Check(FAIL, f"channel {match.group(1)}", f"{name} is not a regular file; remove it"))
             continue
         age = now - info.st_mtime
         media = files.playlist_media(path)
         channel = match.group(1)
-        fix = (f"`streamctl stop {channel}` if it runs, else delete {path} (the reaper does after "
-               f"orphan_age, {settings.orphan_age:g} s)")
+        fix = (
+            f"`streamctl stop {channel}` if it runs, else delete {path} (the reaper does after "
+            f"orphan_age, {settings.orphan_age:g} s)"
+        )
         if media is not None and not media[1]:
-            found.append(Check(FAIL, f"channel {channel}", f"{name} lists no segment: nginx serves an empty "
-                               f"playlist; {fix}"))
+            found.append(
+                Check(FAIL, f"channel {channel}", f"{name} lists no segment: nginx serves an empty " f"playlist; {fix}")
+            )
         elif age > stale_after:
-            found.append(Check(FAIL, f"channel {channel}", f"{name} not updated for {age:.0f} s: players see "
-                               f"a frozen stream; the launcher publishes it: if the launcher is down (its "
-                               f"check above), start it; else {fix}"))
+            found.append(
+                Check(
+                    FAIL,
+                    f"channel {channel}",
+                    f"{name} not updated for {age:.0f} s: players see "
+                    f"a frozen stream; the launcher publishes it: if the launcher is down (its "
+                    f"check above), start it; else {fix}",
+                )
+            )
     if not [c for c in found if c.check.startswith(("channel ", "streams"))]:
         found.append(Check(OK, "streams", f"{channels} record(s), none stale; no empty or stale playlist"))
     return found
@@ -383,9 +590,14 @@ def check_space(settings) -> list[Check]:
     free = files.free_mb(settings.hls_dir)
     if free is not None:
         minimum = settings.min_free_mb
-        found.append(Check(OK if free >= minimum else FAIL, "hls_dir space",
-                           f"{free} MB free in {settings.hls_dir}" + ("" if free >= minimum else
-                                                                      f", under min_free_mb {minimum}: starts are refused")))
+        found.append(
+            Check(
+                OK if free >= minimum else FAIL,
+                "hls_dir space",
+                f"{free} MB free in {settings.hls_dir}"
+                + ("" if free >= minimum else f", under min_free_mb {minimum}: starts are refused"),
+            )
+        )
     return found
 
 
@@ -395,15 +607,20 @@ def check_ffmpeg(settings) -> list[Check]:
         return [Check(FAIL, "ffmpeg", f"{settings.ffmpeg} not found: apt-get install ffmpeg, or set ffmpeg")]
     try:
         version = subprocess.run([binary, "-version"], capture_output=True, text=True, timeout=10).stdout
-        protocols = subprocess.run([binary, "-hide_banner", "-protocols"], capture_output=True, text=True,
-                                   timeout=10).stdout
+        protocols = subprocess.run(
+            [binary, "-hide_banner", "-protocols"], capture_output=True, text=True, timeout=10
+        ).stdout
     except (OSError, subprocess.TimeoutExpired) as exc:
         return [Check(FAIL, "ffmpeg", f"{binary} does not run: {exc}")]
     inputs = protocols.split("Output:")[0].split()
     missing = [p for p in NEEDED_PROTOCOLS if p not in inputs]
     first = version.splitlines()[0] if version else binary
     if missing:
-        return [Check(FAIL, "ffmpeg", f"{first}: lacks the protocols {', '.join(missing)} (https and HLS sources need them)")]
+        return [
+            Check(
+                FAIL, "ffmpeg", f"{first}: lacks the protocols {', '.join(missing)} (https and HLS sources need them)"
+            )
+        ]
     return [Check(OK, "ffmpeg", f"{first}; protocols {', '.join(NEEDED_PROTOCOLS)}")]
 
 
@@ -411,13 +628,17 @@ def check_proxies(settings) -> list[Check]:
     """upstream_proxy and each provider's proxy accept connections (socks: a handshake)."""
     found = []
     proxies = [("upstream_proxy", settings.upstream_proxy)] + [
-        (f"provider {name} proxy", provider.proxy) for name, provider in settings.providers.items()]
+        (f"provider {name} proxy", provider.proxy) for name, provider in settings.providers.items()
+    ]
     for label, proxy in proxies:
         if not proxy:
             continue
         problem = _proxy_problem(proxy)
-        found.append(Check(FAIL, label, f"{redact_url(proxy)}: {problem}; its channels answer 503 'upstream "
-                           "proxy unusable'") if problem else Check(OK, label, f"{redact_url(proxy)} usable"))
+        found.append(
+            Check(FAIL, label, f"{redact_url(proxy)}: {problem}; its channels answer 503 'upstream " "proxy unusable'")
+            if problem
+            else Check(OK, label, f"{redact_url(proxy)} usable")
+        )
     return found
 
 
@@ -440,6 +661,7 @@ def _proxy_problem(proxy: str) -> str | None:
             return "refuses our SOCKS5 login method" if answer[:1] == b"\x05" else "is not a SOCKS5 proxy"
         if parts.username:
             from urllib.parse import unquote
+
             user, password = unquote(parts.username).encode(), unquote(parts.password or "").encode()
             try:
                 sock.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
@@ -453,20 +675,24 @@ def _proxy_problem(proxy: str) -> str | None:
 def check_channel(client, settings, channel_id: str) -> list[Check]:
     """The record is valid; its source answers with the channel's headers, directly and
     through its proxy (e.g. '403 without proxy, 200 through it')."""
-    from launcher.ffmpeg import build_argv
-    from streamstate.upstreams import upstream_of
     label = f"channel {channel_id}"
     try:
         channel = get_channel(client, keys.check_channel_id(channel_id))
         if channel is None:
             return [Check(FAIL, label, "no such channel (streamctl channels add)")]
-        upstream = upstream_of(channel, settings)
-        build_argv(channel, settings, upstream=upstream)
+        upstream = validate(channel, settings)
     except (ChannelError, keys.InvalidChannelId) as exc:
         return [Check(FAIL, label, f"record unusable: {exc}")]
-    found = [Check(OK, label, f"record valid (source {redact_url(channel.source_url)}"
-                   + (f", provider {upstream.provider.name}" if upstream.provider else "")
-                   + (f", resolver {upstream.resolver}" if upstream.resolver != "none" else "") + ")")]
+    found = [
+        Check(
+            OK,
+            label,
+            f"record valid (source {redact_url(channel.source_url)}"
+            + (f", provider {upstream.provider.name}" if upstream.provider else "")
+            + (f", resolver {upstream.resolver}" if upstream.resolver != "none" else "")
+            + ")",
+        )
+    ]
     headers = {"User-Agent": upstream.user_agent, **upstream.headers}
     if upstream.referer:
         headers["Referer"] = upstream.referer
@@ -496,12 +722,16 @@ def _probe_within(url: str, headers: dict, proxy: str | None, settings) -> str:
 
 def _refused_address(url: str, settings) -> str | None:
     from streamstate.upstreams import AddressPolicy, literal_address
+
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     host = parts.hostname or ""
     try:
-        addresses = [literal_address(host)] if literal_address(host) else sorted(
-            {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+        addresses = (
+            [literal_address(host)]
+            if literal_address(host)
+            else sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+        )
     except OSError as exc:
         return f"{host} does not resolve: {exc}"
     policy = AddressPolicy.from_settings(settings)
@@ -532,6 +762,7 @@ def _probe_socks(url: str, headers: dict, proxy: str) -> str:
     import ssl
 
     import socks
+
     parts, target = urlsplit(proxy), urlsplit(url)
     port = target.port or (443 if target.scheme == "https" else 80)
     try:
@@ -541,8 +772,7 @@ def _probe_socks(url: str, headers: dict, proxy: str) -> str:
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
         connection = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
         connection.sock = sock
-        connection.request("GET", (target.path or "/") + (f"?{target.query}" if target.query else ""),
-                           headers=headers)
+        connection.request("GET", (target.path or "/") + (f"?{target.query}" if target.query else ""), headers=headers)
         status = connection.getresponse().status
         connection.close()
         return str(status)
@@ -552,11 +782,13 @@ def _probe_socks(url: str, headers: dict, proxy: str) -> str:
 
 # -- helpers --------------------------------------------------------------------------------
 
+
 def _get(url: str) -> tuple[int, str]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(urllib.request.Request(url, headers={"Accept": "application/json"}),
-                         timeout=TIMEOUT) as response:
+        with opener.open(
+            urllib.request.Request(url, headers={"Accept": "application/json"}), timeout=TIMEOUT
+        ) as response:
             return response.status, response.read(4096).decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(4096).decode("utf-8", "replace")
@@ -581,18 +813,26 @@ def _processes() -> list[tuple[int, list[str]]]:
         argv = process_cmdline(int(entry)) if entry.isdigit() else []
         if argv:
             # python -m heartbeatd: the module name is what counts
-            found.append((int(entry), [os.path.basename(argv[0])] + argv[1:]
-                          if "-m" not in argv[:2] else argv[2:]))
+            found.append((int(entry), [os.path.basename(argv[0])] + argv[1:] if "-m" not in argv[:2] else argv[2:]))
     return found
 
 
 @click.command("doctor")
 @settings_options
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as a JSON list.")
-@click.option("--channel", "channel_id", metavar="ID",
-              help="Also check this channel: its record, and what its source answers (directly and through its proxy).")
-@click.option("--nginx-conf", "nginx_conf_file", metavar="FILE", type=click.Path(dir_okay=False),
-              help="Read nginx's configuration from FILE instead of `nginx -T`.")
+@click.option(
+    "--channel",
+    "channel_id",
+    metavar="ID",
+    help="Also check this channel: its record, and what its source answers (directly and through its proxy).",
+)
+@click.option(
+    "--nginx-conf",
+    "nginx_conf_file",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Read nginx's configuration from FILE instead of `nginx -T`.",
+)
 def doctor_command(settings_loader, as_json, channel_id, nginx_conf_file):
     """Check this host's streamkeeper set-up; one line per check: ok, warn or FAIL, the
     problem and the fix.
@@ -609,8 +849,13 @@ def doctor_command(settings_loader, as_json, channel_id, nginx_conf_file):
     checks = check_redis(settings)
     redis_up = checks[0].status != FAIL
     client = redis_from_url(settings.redis_url)
-    checks += (check_nginx(settings, nginx_conf_file) + check_nginx_answers(settings) + check_launcher(settings) + check_validator(settings)
-               + check_heartbeatd(settings))
+    checks += (
+        check_nginx(settings, nginx_conf_file)
+        + check_nginx_answers(settings)
+        + check_launcher(settings)
+        + check_validator(settings)
+        + check_heartbeatd(settings)
+    )
     if redis_up:
         checks += check_reaper(client, settings) + check_streams(client, settings)
     checks += check_space(settings) + check_ffmpeg(settings) + check_proxies(settings)

@@ -13,10 +13,10 @@ What it writes (under ``--prefix`` when given; nothing outside it then):
 Without ``--prefix`` it also creates the system user and the directories (owned by that
 user).  ``--dry-run`` prints all of it and changes nothing.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from importlib import resources
 import json
 import os
 import pwd
@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+from importlib import resources
 
 import click
 
@@ -32,8 +33,14 @@ from streamstate.files import write_atomic
 from streamstate.settings import SPECS, shown_value
 
 SYSTEMD_DIR = "systemd"
-UNITS = ("streamkeeper.target", "streamkeeper-egress.service", "streamkeeper-launcher.service",
-         "streamkeeper-heartbeatd.service", "streamkeeper-reaper.service", "streamkeeper-streams.service")
+UNITS = (
+    "streamkeeper.target",
+    "streamkeeper-egress.service",
+    "streamkeeper-launcher.service",
+    "streamkeeper-heartbeatd.service",
+    "streamkeeper-reaper.service",
+    "streamkeeper-streams.service",
+)
 DEFAULT_USER = "streamkeeper"
 
 
@@ -44,8 +51,9 @@ def _package_file(*parts: str) -> str:
 
 def render_unit(name: str, values: dict) -> str:
     """One unit from its template: {{key}} replaced, the shared sandbox block inserted."""
-    text = _package_file(SYSTEMD_DIR, name).replace("{{hardening}}",
-                                                   _package_file(SYSTEMD_DIR, "_hardening.conf").rstrip())
+    text = _package_file(SYSTEMD_DIR, name).replace(
+        "{{hardening}}", _package_file(SYSTEMD_DIR, "_hardening.conf").rstrip()
+    )
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", str(value))
     if "{{" in text:
@@ -55,21 +63,32 @@ def render_unit(name: str, values: dict) -> str:
 
 def example_settings() -> str:
     """Every key, commented out with its default and what it means."""
-    lines = ["# streamkeeper settings: every key with its default (uncomment to change).",
-             "# Precedence: default < this file < STREAMKEEPER_<KEY> < command-line flags.", ""]
+    lines = [
+        "# streamkeeper settings: every key with its default (uncomment to change).",
+        "# Precedence: default < this file < STREAMKEEPER_<KEY> < command-line flags.",
+        "",
+    ]
     for spec in SPECS:
         if spec.key in ("providers", "quality_profiles", "host_id"):
             continue
         default = shown_value(spec.key, spec.parse(spec.default()))
         lines += [f"# {spec.help}", f"# {spec.key} = {json.dumps(default)}", ""]
-    lines += ["# host_id: default the hostname", "# host_id = \"stream-1\"", "",
-              "# Provider accounts: defaults for their channels and a connection limit.",
-              "# [providers.acme]", '# match = "http://provider.example:8080/live/USER/"',
-              "# max_streams = 2", '# proxy = "socks5h://127.0.0.1:40000"', "",
-              "# Quality profiles: each replaces the built-in one of its name (copy, low, medium, high).",
-              "# [quality_profiles.low]",
-              '# video = ["-c:v", "libx264", "-preset", "veryfast", "-vf", "scale=-2:480", "-b:v", "800k"]',
-              '# audio = ["-c:a", "aac", "-b:a", "96k"]', ""]
+    lines += [
+        "# host_id: default the hostname",
+        '# host_id = "stream-1"',
+        "",
+        "# Provider accounts: defaults for their channels and a connection limit.",
+        "# [providers.acme]",
+        '# match = "http://provider.example:8080/live/USER/"',
+        "# max_streams = 2",
+        '# proxy = "socks5h://127.0.0.1:40000"',
+        "",
+        "# Quality profiles: each replaces the built-in one of its name (copy, low, medium, high).",
+        "# [quality_profiles.low]",
+        '# video = ["-c:v", "libx264", "-preset", "veryfast", "-vf", "scale=-2:480", "-b:v", "800k"]',
+        '# audio = ["-c:a", "aac", "-b:a", "96k"]',
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -77,9 +96,9 @@ def example_settings() -> str:
 class Plan:
     """What install does, in order: files to write and commands to run."""
 
-    files: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)   # path, text, mode
+    files: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)  # path, text, mode
     directories: list[str] = dataclasses.field(default_factory=list)
-    kept: list[tuple[str, str]] = dataclasses.field(default_factory=list)        # path, why
+    kept: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # path, why
     user: str = DEFAULT_USER
 
 
@@ -97,30 +116,43 @@ class InstallError(ValueError):
 def check_unit_values(values: dict, *, sandbox: bool = True) -> None:
     for name, value in values.items():
         if not _UNIT_SAFE_RE.fullmatch(str(value)):
-            raise InstallError(f"{name} {str(value)[:120]!r}: a unit file takes letters, digits and "
-                               "_ . / + @ : = , - only here (no space, %, quote or control character)")
+            raise InstallError(
+                f"{name} {str(value)[:120]!r}: a unit file takes letters, digits and "
+                "_ . / + @ : = , - only here (no space, %, quote or control character)"
+            )
     if not sandbox:
         return
-    paths = {**{k: values[k] for k in ("hls_dir", "state_dir", "log_dir", "bin_dir")},
-             "python": os.path.join(values["bin_dir"], "python")}   # a venv's python links to the real one
+    paths = {
+        **{k: values[k] for k in ("hls_dir", "state_dir", "log_dir", "bin_dir")},
+        "python": os.path.join(values["bin_dir"], "python"),
+    }  # a venv's python links to the real one
     for name, path in paths.items():
         real = os.path.realpath(str(path)) + "/"
         if real.startswith(_SANDBOXED_AWAY):
-            raise InstallError(f"{name} {path} (really {real.rstrip('/')}) is under "
-                               f"{', '.join(p.rstrip('/') for p in _SANDBOXED_AWAY)}, which the units' "
-                               "sandbox hides (ProtectHome=, PrivateTmp=): install the venv under /opt "
-                               "with a system Python, and keep the directories out of them")
+            raise InstallError(
+                f"{name} {path} (really {real.rstrip('/')}) is under "
+                f"{', '.join(p.rstrip('/') for p in _SANDBOXED_AWAY)}, which the units' "
+                "sandbox hides (ProtectHome=, PrivateTmp=): install the venv under /opt "
+                "with a system Python, and keep the directories out of them"
+            )
 
 
 def build_plan(settings, prefix: str, bin_dir: str, user: str, config_path: str) -> Plan:
-    from launcher.nginx_config import render_logrotate, render_nginx_config
+    from streamstate.nginx_config import render_logrotate, render_nginx_config
 
     def under(path: str) -> str:
         return os.path.join(prefix, path.lstrip("/")) if prefix else path
 
-    values = {"bin_dir": bin_dir, "config_path": config_path, "user": user, "group": user,
-              "hls_dir": settings.hls_dir, "state_dir": settings.state_dir, "log_dir": settings.log_dir}
-    check_unit_values(values, sandbox=not prefix)     # a packager's prefix may be anywhere
+    values = {
+        "bin_dir": bin_dir,
+        "config_path": config_path,
+        "user": user,
+        "group": user,
+        "hls_dir": settings.hls_dir,
+        "state_dir": settings.state_dir,
+        "log_dir": settings.log_dir,
+    }
+    check_unit_values(values, sandbox=not prefix)  # a packager's prefix may be anywhere
     plan = Plan(user=user)
     for name in UNITS:
         plan.files.append((under(f"/etc/systemd/system/{name}"), render_unit(name, values), 0o644))
@@ -143,13 +175,21 @@ def build_plan(settings, prefix: str, bin_dir: str, user: str, config_path: str)
 
 @click.command("install")
 @settings_options
-@click.option("--prefix", metavar="DIR", default="",
-              help="Install under DIR (for packagers and tests): touches nothing outside it, creates no user.")
+@click.option(
+    "--prefix",
+    metavar="DIR",
+    default="",
+    help="Install under DIR (for packagers and tests): touches nothing outside it, creates no user.",
+)
 @click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing.")
 @click.option("--user", "user", default=DEFAULT_USER, show_default=True, help="The system user the services run as.")
-@click.option("--bin-dir", metavar="DIR", default=os.path.dirname(os.path.abspath(sys.argv[0])),
-              show_default="the directory of this streamctl",
-              help="Where the console scripts (stream-launcher, ...) are installed.")
+@click.option(
+    "--bin-dir",
+    metavar="DIR",
+    default=os.path.dirname(os.path.abspath(sys.argv[0])),
+    show_default="the directory of this streamctl",
+    help="Where the console scripts (stream-launcher, ...) are installed.",
+)
 def install_command(settings_loader, prefix, dry_run, user, bin_dir):
     """Install this host's systemd units, example settings, nginx conf.d file and logrotate
     file, from the installed package; create the user and the directories.
@@ -170,7 +210,7 @@ def install_command(settings_loader, prefix, dry_run, user, bin_dir):
     for directory in plan.directories:
         if not dry_run:
             os.makedirs(directory, mode=0o755, exist_ok=True)
-            os.chmod(directory, 0o755)           # whatever the umask: nginx reads hls_dir
+            os.chmod(directory, 0o755)  # whatever the umask: nginx reads hls_dir
             if not prefix and os.geteuid() == 0:
                 shutil.chown(directory, user, user)
         click.echo(f"{act} create {directory}" + ("" if prefix else f" (owner {user})"))
@@ -182,8 +222,10 @@ def install_command(settings_loader, prefix, dry_run, user, bin_dir):
     for path, why in plan.kept:
         click.echo(f"kept {path} ({why})")
     if not prefix and os.path.exists("/etc/nginx/sites-enabled/default"):
-        click.echo("note: /etc/nginx/sites-enabled/default is nginx's default_server and would answer "
-                   "/live/ itself on the same port: remove it (or set nginx_listen to another port)")
+        click.echo(
+            "note: /etc/nginx/sites-enabled/default is nginx's default_server and would answer "
+            "/live/ itself on the same port: remove it (or set nginx_listen to another port)"
+        )
     click.echo("next:")
     if prefix:
         click.echo(f"  systemd-analyze verify {prefix}/etc/systemd/system/streamkeeper-*.service")
@@ -199,8 +241,16 @@ def _ensure_user(user: str, dry_run: bool) -> None:
         return
     except KeyError:
         pass
-    argv = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-            "--shell", "/usr/sbin/nologin", user]
+    argv = [
+        "useradd",
+        "--system",
+        "--no-create-home",
+        "--home-dir",
+        "/nonexistent",
+        "--shell",
+        "/usr/sbin/nologin",
+        user,
+    ]
     if dry_run:
         click.echo(f"would run {' '.join(argv)}")
         return

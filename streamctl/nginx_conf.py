@@ -1,6 +1,7 @@
 """Read nginx's effective configuration (``nginx -T``, or a file) as a tree of directives, and
 answer what doctor asks of it: where /live/ logs to and in which format, and where the
 fallback for a missing playlist sends its requests."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,7 @@ import subprocess
 class Directive:
     name: str
     args: list[str]
-    children: list["Directive"] | None = None      # a block ({ ... }), else None
+    children: list["Directive"] | None = None  # a block ({ ... }), else None
     parent: "Directive | None" = None
 
     def find(self, name: str) -> list["Directive"]:
@@ -58,7 +59,7 @@ def parse(text: str) -> Directive:
             words.append(quoted if quoted is not None else single if single is not None else word)
             continue
         parent = stack[-1]
-        assert parent.children is not None          # only blocks are pushed
+        assert parent.children is not None  # only blocks are pushed
         if punct == ";":
             if words:
                 parent.children.append(Directive(words[0], words[1:], None, parent))
@@ -85,7 +86,9 @@ def effective_config(conf_file: str | None, nginx: str | None = None) -> tuple[s
     binary = nginx or shutil.which("nginx") or "/usr/sbin/nginx"
     result = subprocess.run([binary, "-T"], capture_output=True, text=True, timeout=20)
     if result.returncode != 0:
-        raise OSError(f"`nginx -T` failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+        raise OSError(
+            f"`nginx -T` failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}"
+        )
     return result.stdout, "nginx -T"
 
 
@@ -111,13 +114,17 @@ def _with_includes(path: str, base: str, depth: int, budget: list[int] | None = 
         pattern = match.group(1).strip("\"'")
         names = sorted(glob.glob(pattern if os.path.isabs(pattern) else os.path.join(base, pattern)))
         return "\n".join(_with_includes(name, base, depth + 1, budget) for name in names)
+
     return _INCLUDE_RE.sub(expand, text)
 
 
 def live_locations(root: Directive) -> list[Directive]:
     """The locations that serve /live/ (a prefix location, or a regex naming /live/)."""
-    return [location for location in root.find("location")
-            if location.args and any("/live/" in arg for arg in location.args)]
+    return [
+        location
+        for location in root.find("location")
+        if location.args and any("/live/" in arg for arg in location.args)
+    ]
 
 
 def enclosing_server(directive: Directive) -> Directive | None:
@@ -171,7 +178,7 @@ def fallback_targets(root: Directive) -> list[tuple[str, str]]:
         names = {a.lstrip("=") for d in location.own("error_page") for a in d.args if a.lstrip("=").startswith("@")}
         names |= {a for d in location.own("try_files") for a in d.args if a.startswith("@")}
         for name in sorted(names):
-            for proxy in (named[name].own("proxy_pass") if name in named else []):
+            for proxy in named[name].own("proxy_pass") if name in named else []:
                 url = proxy.args[0] if proxy.args else ""
                 host = re.sub(r"^https?://", "", url).split("/", 1)[0]
                 for address in upstreams.get(host, [host]):

@@ -1,4 +1,5 @@
 """``streamctl start|stop|status``: ask the launcher, read Redis."""
+
 from __future__ import annotations
 
 import json
@@ -10,13 +11,13 @@ import urllib.request
 import click
 import redis
 
-from launcher.service import collect_streams
 from streamstate import files, keys, runs
 from streamstate.cli_options import settings_options
 from streamstate.redact import redact_url
 from streamstate.redis_client import redis_from_url
+from streamstate.streams_view import collect_streams
 
-EXIT_FAILED = 1        # the launcher could not start it (503), or is unreachable
+EXIT_FAILED = 1  # the launcher could not start it (503), or is unreachable
 EXIT_INVALID = 2
 EXIT_NOT_FOUND = 3
 
@@ -52,8 +53,7 @@ def start_command(settings_loader, channel_id, as_json):
     launcher is unreachable, 2 invalid id or unusable channel record, 3 no such channel.
     """
     settings = settings_loader()
-    status, body = _launcher_request(settings, f"/channel/{channel_id}/start",
-                                     settings.start_timeout + 10)
+    status, body = _launcher_request(settings, f"/channel/{channel_id}/start", settings.start_timeout + 10)
     if as_json:
         click.echo(json.dumps(body))
     if status == 200:
@@ -62,8 +62,12 @@ def start_command(settings_loader, channel_id, as_json):
         return
     if not as_json:
         cooldown = body.get("cooldown_seconds") if isinstance(body, dict) else None
-        note = (f" (it failed: starts are refused for {cooldown:g} s more, failed_cooldown; "
-                f"`streamctl logs {channel_id}` shows why)" if isinstance(cooldown, (int, float)) else "")
+        note = (
+            f" (it failed: starts are refused for {cooldown:g} s more, failed_cooldown; "
+            f"`streamctl logs {channel_id}` shows why)"
+            if isinstance(cooldown, (int, float))
+            else ""
+        )
         click.echo(f"error: {body.get('error', status)}{note}", err=True)
     raise SystemExit({400: EXIT_INVALID, 422: EXIT_INVALID, 404: EXIT_NOT_FOUND}.get(status, EXIT_FAILED))
 
@@ -71,9 +75,13 @@ def start_command(settings_loader, channel_id, as_json):
 @click.command("stop")
 @settings_options
 @click.argument("channel_id", required=False)
-@click.option("--all", "stop_all", is_flag=True,
-              help="Stop every stream this host's launcher runs (a launcher that exits leaves "
-                   "them running: this is the explicit way to stop them all).")
+@click.option(
+    "--all",
+    "stop_all",
+    is_flag=True,
+    help="Stop every stream this host's launcher runs (a launcher that exits leaves "
+    "them running: this is the explicit way to stop them all).",
+)
 def stop_command(settings_loader, channel_id, stop_all):
     """Stop CHANNEL_ID now (or every stream, with --all): FFmpeg, its files, its keys, its
     provider slot (the launcher does it; with the launcher down, this host's streams are
@@ -98,11 +106,13 @@ def stop_command(settings_loader, channel_id, stop_all):
     except click.ClickException as exc:
         # The launcher is gone (stopped alone before the target): its streams run on, so
         # they are stopped here, with the routine every stop uses.
-        from reaper.reaper import Reaper, RedisUnavailable
+        from streamstate.reaping import Reaper, RedisUnavailable
+
         click.echo(f"{exc.message}; stopping this host's streams directly", err=True)
         try:
             stopped = Reaper(settings).stop_host_streams(
-                "stop requested (launcher down)", None if stop_all else channel_id)
+                "stop requested (launcher down)", None if stop_all else channel_id
+            )
         except (RedisUnavailable, redis.RedisError) as error:
             click.echo(f"error: {error}", err=True)
             raise SystemExit(EXIT_FAILED) from None
@@ -115,8 +125,10 @@ def stop_command(settings_loader, channel_id, stop_all):
         click.echo(f"error: {body.get('error', status)}", err=True)
         raise SystemExit(EXIT_INVALID if status == 400 else EXIT_FAILED)
     if stop_all:
-        click.echo(f"stopped {len(body['channels'])} stream(s)" +
-                   (f": {', '.join(body['channels'])}" if body["channels"] else ""))
+        click.echo(
+            f"stopped {len(body['channels'])} stream(s)"
+            + (f": {', '.join(body['channels'])}" if body["channels"] else "")
+        )
     else:
         click.echo(f"channel {channel_id}: {body['status']}")
 
@@ -124,8 +136,14 @@ def stop_command(settings_loader, channel_id, stop_all):
 @click.command("logs")
 @settings_options
 @click.argument("channel_id")
-@click.option("-n", "--lines", default=40, show_default=True, type=click.IntRange(1, 100_000),
-              help="How many of the last lines to show.")
+@click.option(
+    "-n",
+    "--lines",
+    default=40,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="How many of the last lines to show.",
+)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing lines as FFmpeg writes them (Ctrl-C stops).")
 def logs_command(settings_loader, channel_id, lines, follow):
     """FFmpeg's own output for CHANNEL_ID on this host (log_dir/stream_<id>.log; the
@@ -196,27 +214,40 @@ def status_command(settings_loader, channel_id, as_json):
         idle = "-" if s["idle_seconds"] is None else f"{s['idle_seconds']:.0f}s"
         # Redis contents are hostile: nothing reaches the terminal unescaped.
         uptime = "-" if s["uptime_seconds"] is None else f"{s['uptime_seconds']:.0f}s"
-        click.echo(f"{s['id']:>8}  {printable(s['state']):<9} pid {s['pid'] or '-':<8} "
-                   f"host {printable(s['host'] or '-')} up {uptime:<7} idle {idle:<6} "
-                   f"viewers {s['viewers']:<4} restarts {s['restarts']}"
-                   + (f"  source {printable(s['source'])}" if s.get("source") else "")
-                   + (f"  last error: {printable(s['last_error'])}" if s["last_error"] else ""))
+        click.echo(
+            f"{s['id']:>8}  {printable(s['state']):<9} pid {s['pid'] or '-':<8} "
+            f"host {printable(s['host'] or '-')} up {uptime:<7} idle {idle:<6} "
+            f"viewers {s['viewers']:<4} restarts {s['restarts']}"
+            + (f"  source {printable(s['source'])}" if s.get("source") else "")
+            + (f"  last error: {printable(s['last_error'])}" if s["last_error"] else "")
+        )
     for p in listing["providers"]:
         limit = p["limit"] or "no limit"
-        click.echo(f"provider {p['provider']}: {len(p['channels'])}/{limit} connections"
-                   + (f" (channels {', '.join(p['channels'])})" if p["channels"] else ""))
+        click.echo(
+            f"provider {p['provider']}: {len(p['channels'])}/{limit} connections"
+            + (f" (channels {', '.join(p['channels'])})" if p["channels"] else "")
+        )
     for f in listing["failed"]:
-        click.echo(f"{f['id']:>8}  failed    {printable(f['reason'])} (starts refused for "
-                   f"{f['cooldown_seconds']:.0f} s more; host {printable(f['host'])})")
+        click.echo(
+            f"{f['id']:>8}  failed    {printable(f['reason'])} (starts refused for "
+            f"{f['cooldown_seconds']:.0f} s more; host {printable(f['host'])})"
+        )
     if last_pass:
         age = time.time() - (runs.epoch_seconds(last_pass.get("time")) or 0)
-        click.echo(f"reaper ({printable(settings.host_id)}): last pass {age:.0f} s ago, "
-                   f"stopped {printable(last_pass.get('stopped'))}, stale {printable(last_pass.get('stale'))}, "
-                   f"{printable(last_pass.get('passes'))} passes")
+        click.echo(
+            f"reaper ({printable(settings.host_id)}): last pass {age:.0f} s ago, "
+            f"stopped {printable(last_pass.get('stopped'))}, stale {printable(last_pass.get('stale'))}, "
+            f"{printable(last_pass.get('passes'))} passes"
+        )
     else:
         click.echo(f"reaper ({settings.host_id}): no pass recorded")
     for member in listing["invalid_members"]:
         click.echo(f"invalid member {member} in {keys.ACTIVE_STREAMS_KEY}: not a channel id (skipped)")
-    click.echo(f"{len(streams)} stream(s)" + (f", {len(listing['invalid_members'])} invalid "
-                                              f"member(s) of {keys.ACTIVE_STREAMS_KEY}"
-                                              if listing["invalid_members"] else ""))
+    click.echo(
+        f"{len(streams)} stream(s)"
+        + (
+            f", {len(listing['invalid_members'])} invalid " f"member(s) of {keys.ACTIVE_STREAMS_KEY}"
+            if listing["invalid_members"]
+            else ""
+        )
+    )

@@ -1,4 +1,5 @@
 """Channel records: ``channel:<id>`` JSON (source_url, quality, and optional upstream details)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,30 +16,47 @@ ALLOWED_SOURCE_SCHEMES = ("http", "https")
 PROXY_SCHEMES = ("http", "socks5", "socks5h")
 RESOLVERS = ("none", "plain", "cloudscraper")
 MAX_FALLBACK_URLS = 8
-_PROVIDER_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Channel records come from providers' M3U files and an unauthenticated legacy route:
 # every field is bounded, and nothing that reaches FFmpeg's argv may hold a control
 # character (CR/LF would become extra request lines: header injection).
 MAX_RECORD_BYTES = 16 * 1024
-MAX_FIELD_CHARS = {"source_url": 4096, "fallback_urls": 4096, "proxy": 2048, "user_agent": 512, "referer": 2048,
-                   "quality": 64, "name": 256, "group": 256}
+MAX_FIELD_CHARS = {
+    "source_url": 4096,
+    "fallback_urls": 4096,
+    "proxy": 2048,
+    "user_agent": 512,
+    "referer": 2048,
+    "quality": 64,
+    "name": 256,
+    "group": 256,
+}
 MAX_HEADERS = 32
 MAX_HEADER_NAME_CHARS = 64
 MAX_HEADER_VALUE_CHARS = 2048
-UPSTREAM_FIELDS = ("source_url", "proxy", "user_agent", "referer")   # sent upstream
-DISPLAY_FIELDS = ("name", "group")                                   # shown, never sent
+UPSTREAM_FIELDS = ("source_url", "proxy", "user_agent", "referer")  # sent upstream
+DISPLAY_FIELDS = ("name", "group")  # shown, never sent
 # C0 controls (NUL, TAB, CR, LF, ...), DEL, C1 controls and lone surrogates (raw bytes that
 # came through JSON escapes or a terminal): what FFmpeg would put on the wire as it is.
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# C0, DEL, C1 and lone surrogates: never in a value that reaches a header, an argv or a log.
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 # What is sent upstream as text (URLs, header values): printable ASCII only; anything else is
 # percent-encoded in a URL, and has no place in a header.
 _WIRE_TEXT_RE = re.compile(r"[\x20-\x7e]*")
 # RFC 7230 token: what a header name may be.
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Headers that frame or route the request: FFmpeg sets them itself.
-_RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "upgrade",
-                     "te", "trailer", "expect", "proxy-connection"}
+_RESERVED_HEADERS = {
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "proxy-connection",
+}
 
 
 class ChannelError(ValueError):
@@ -80,14 +98,16 @@ def _check_text(channel_id: str, field: str, value, limit: int) -> str:
     if not isinstance(value, str):
         raise ChannelError(f"channel {channel_id}: {field} must be a string")
     if len(value) > limit:
-        raise ChannelError(f"channel {channel_id}: {field} is too long ({len(value)} characters, "
-                           f"at most {limit})")
-    if _CONTROL_RE.search(value):
-        raise ChannelError(f"channel {channel_id}: {field} contains a control character "
-                           "(CR, LF, NUL, TAB or another); refused")
+        raise ChannelError(f"channel {channel_id}: {field} is too long ({len(value)} characters, " f"at most {limit})")
+    if CONTROL_RE.search(value):
+        raise ChannelError(
+            f"channel {channel_id}: {field} contains a control character " "(CR, LF, NUL, TAB or another); refused"
+        )
     if field not in DISPLAY_FIELDS and field != "quality" and not _WIRE_TEXT_RE.fullmatch(value):
-        raise ChannelError(f"channel {channel_id}: {field} has characters outside printable ASCII "
-                           "(percent-encode them in a URL); refused")
+        raise ChannelError(
+            f"channel {channel_id}: {field} has characters outside printable ASCII "
+            "(percent-encode them in a URL); refused"
+        )
     return value
 
 
@@ -99,16 +119,18 @@ def _check_url(channel_id: str, field: str, value, schemes: tuple[str, ...]) -> 
         raise ChannelError(f"channel {channel_id}: {field} contains whitespace (encode it as %20)")
     try:
         parts = urlsplit(url)
-        parts.port                              # raises on a bad port
+        parts.port  # raises on a bad port
     except ValueError:
         raise ChannelError(f"channel {channel_id}: {field} is not a valid URL") from None
     scheme = parts.scheme.lower()
     if scheme not in schemes or not parts.hostname:
         shown = re.sub(r"[^a-z0-9+.-]", "", scheme)[:16] or "none"
-        raise ChannelError(f"channel {channel_id}: {field} refused: only "
-                           f"{' and '.join(s + '://' for s in schemes)} URLs are allowed "
-                           f"(scheme: {shown})")
-    return scheme + url[len(parts.scheme):]          # HtTp:// is http:// (FFmpeg wants it so)
+        raise ChannelError(
+            f"channel {channel_id}: {field} refused: only "
+            f"{' and '.join(s + '://' for s in schemes)} URLs are allowed "
+            f"(scheme: {shown})"
+        )
+    return scheme + url[len(parts.scheme) :]  # HtTp:// is http:// (FFmpeg wants it so)
 
 
 def check_source_url(channel_id: str, url) -> str:
@@ -122,8 +144,9 @@ def check_proxy(channel_id: str, proxy) -> str | None:
         return None
     url = _check_url(channel_id, "proxy", proxy, PROXY_SCHEMES)
     if urlsplit(url).path not in ("", "/") or urlsplit(url).query:
-        raise ChannelError(f"channel {channel_id}: proxy must be scheme://[user:pass@]host:port "
-                           "with no path or query")
+        raise ChannelError(
+            f"channel {channel_id}: proxy must be scheme://[user:pass@]host:port " "with no path or query"
+        )
     if not urlsplit(url).port:
         raise ChannelError(f"channel {channel_id}: proxy needs a port (e.g. socks5h://127.0.0.1:40000)")
     return url
@@ -133,17 +156,17 @@ def check_fallback_urls(channel_id: str, urls) -> tuple[str, ...]:
     if urls in (None, "", []):
         return ()
     if not isinstance(urls, (list, tuple)) or len(urls) > MAX_FALLBACK_URLS:
-        raise ChannelError(f"channel {channel_id}: fallback_urls must be a list of at most "
-                           f"{MAX_FALLBACK_URLS} source URLs")
+        raise ChannelError(
+            f"channel {channel_id}: fallback_urls must be a list of at most " f"{MAX_FALLBACK_URLS} source URLs"
+        )
     return tuple(_check_url(channel_id, "fallback_urls", url, ALLOWED_SOURCE_SCHEMES) for url in urls)
 
 
 def check_provider_name(channel_id: str, name) -> str | None:
     if name in (None, ""):
         return None
-    if not isinstance(name, str) or not _PROVIDER_NAME_RE.fullmatch(name):
-        raise ChannelError(f"channel {channel_id}: provider must be a name of letters, digits, "
-                           "_ and - (at most 64)")
+    if not isinstance(name, str) or not keys.valid_provider_name(name):
+        raise ChannelError(f"channel {channel_id}: provider must be a name of letters, digits, " "_ and - (at most 64)")
     return name
 
 
@@ -170,10 +193,11 @@ def check_headers(channel_id: str, headers) -> dict[str, str]:
         raise ChannelError(f"channel {channel_id}: too many headers ({len(headers)}, at most {MAX_HEADERS})")
     checked = {}
     for name, value in headers.items():
-        if (not isinstance(name, str) or len(name) > MAX_HEADER_NAME_CHARS
-                or not _HEADER_NAME_RE.fullmatch(name)):
-            raise ChannelError(f"channel {channel_id}: a header name is not a valid HTTP token "
-                               "(letters, digits and !#$%&'*+-.^_`|~ only)")
+        if not isinstance(name, str) or len(name) > MAX_HEADER_NAME_CHARS or not _HEADER_NAME_RE.fullmatch(name):
+            raise ChannelError(
+                f"channel {channel_id}: a header name is not a valid HTTP token "
+                "(letters, digits and !#$%&'*+-.^_`|~ only)"
+            )
         if name.lower() in _RESERVED_HEADERS:
             raise ChannelError(f"channel {channel_id}: header {name} is set by FFmpeg itself")
         checked[name] = _check_text(channel_id, f"header {name}", value, MAX_HEADER_VALUE_CHARS)
@@ -186,7 +210,7 @@ def _display_text(channel_id: str, field: str, value) -> str | None:
         return None
     if not isinstance(value, str):
         raise ChannelError(f"channel {channel_id}: {field} must be a string")
-    return _CONTROL_RE.sub(" ", value[:MAX_FIELD_CHARS[field]]).strip() or None
+    return CONTROL_RE.sub(" ", value[: MAX_FIELD_CHARS[field]]).strip() or None
 
 
 def channel_from_dict(channel_id: str, data) -> Channel:
@@ -215,9 +239,8 @@ def channel_from_dict(channel_id: str, data) -> Channel:
         **optional,
     )
     size = len(channel.as_json().encode())
-    if size > MAX_RECORD_BYTES:                    # however it came (a file, the legacy route)
-        raise ChannelError(f"channel {channel_id}: record is too large ({size} bytes, at most "
-                           f"{MAX_RECORD_BYTES})")
+    if size > MAX_RECORD_BYTES:  # however it came (a file, the legacy route)
+        raise ChannelError(f"channel {channel_id}: record is too large ({size} bytes, at most " f"{MAX_RECORD_BYTES})")
     return channel
 
 
@@ -229,13 +252,15 @@ def recheck(channel: Channel) -> Channel:
 
 def parse_channel(channel_id: str, raw: str | bytes) -> Channel:
     if len(raw) > MAX_RECORD_BYTES:
-        raise ChannelError(f"channel {channel_id}: record is too large ({len(raw)} bytes, at most "
-                           f"{MAX_RECORD_BYTES})")
+        raise ChannelError(
+            f"channel {channel_id}: record is too large ({len(raw)} bytes, at most " f"{MAX_RECORD_BYTES})"
+        )
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ChannelError(f"channel {channel_id}: {keys.channel_key(channel_id)} is not valid "
-                           f"JSON ({str(exc)[:80]})") from None
+        raise ChannelError(
+            f"channel {channel_id}: {keys.channel_key(channel_id)} is not valid " f"JSON ({str(exc)[:80]})"
+        ) from None
     except RecursionError:
         raise ChannelError(f"channel {channel_id}: record is nested too deeply") from None
     return channel_from_dict(channel_id, data)
@@ -278,9 +303,13 @@ def put_channel_undoably(client, channel: Channel) -> tuple[str, bytes | str | N
 def undo_put_channel(client, channel_id: str, written: str, previous) -> bool:
     """The record as it was before put_channel_undoably, unless someone changed it since."""
     from .redis_client import registered_script
+
     before = previous.decode() if isinstance(previous, bytes) else (previous or "")
-    return bool(registered_script(client, "undo_put_channel", _UNDO_PUT_LUA)(
-        keys=[keys.channel_key(channel_id)], args=[written, before]))
+    return bool(
+        registered_script(client, "undo_put_channel", _UNDO_PUT_LUA)(
+            keys=[keys.channel_key(channel_id)], args=[written, before]
+        )
+    )
 
 
 def delete_channel(client, channel_id: str, pipeline=None) -> int:
@@ -289,10 +318,16 @@ def delete_channel(client, channel_id: str, pipeline=None) -> int:
 
 def iter_channels(client) -> Iterator[tuple[str, Channel | ChannelError]]:
     """Every channel record (SCAN, never KEYS), parsed, or the error that stops it."""
-    ids = sorted({cid for key in client.scan_iter(match=keys.CHANNEL_KEY_PATTERN, count=1000)
-                  if (cid := keys.channel_id_from_channel_key(key))}, key=int)
+    ids = sorted(
+        {
+            cid
+            for key in client.scan_iter(match=keys.CHANNEL_KEY_PATTERN, count=1000)
+            if (cid := keys.channel_id_from_channel_key(key))
+        },
+        key=int,
+    )
     for start in range(0, len(ids), 500):
-        batch = ids[start:start + 500]
+        batch = ids[start : start + 500]
         for channel_id, raw in zip(batch, client.mget([keys.channel_key(c) for c in batch])):
             if raw is None:
                 continue

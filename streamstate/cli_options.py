@@ -1,4 +1,5 @@
 """The options every command shares, applied by one decorator (rq's cli/helpers.py)."""
+
 from __future__ import annotations
 
 import functools
@@ -17,11 +18,16 @@ def settings_options(func):
     Settings are read lazily, when the command asks: ``settings_loader(**flags)``
     returns the effective Settings or exits 2 with one line naming the key.
     """
-    @click.option("--config", "config_path", metavar="PATH", envvar="STREAMKEEPER_CONFIG",
-                  help="Settings file (TOML). Default: $STREAMKEEPER_CONFIG, else "
-                       "/etc/streamkeeper/streamkeeper.toml if it exists, else built-in defaults.")
-    @click.option("--redis-url", metavar="URL",
-                  help="Redis URL (overrides redis_url and $STREAMKEEPER_REDIS_URL).")
+
+    @click.option(
+        "--config",
+        "config_path",
+        metavar="PATH",
+        envvar="STREAMKEEPER_CONFIG",
+        help="Settings file (TOML). Default: $STREAMKEEPER_CONFIG, else "
+        "/etc/streamkeeper/streamkeeper.toml if it exists, else built-in defaults.",
+    )
+    @click.option("--redis-url", metavar="URL", help="Redis URL (overrides redis_url and $STREAMKEEPER_REDIS_URL).")
     @functools.wraps(func)
     def wrapper(*args, config_path=None, redis_url=None, **kwargs):
         # Given on the group (`streamctl --config X status`): the same options, lower
@@ -29,8 +35,11 @@ def settings_options(func):
         context = click.get_current_context()
         shared = context.find_root().obj or {}
         if shared.get("config_path") and context.get_parameter_source("config_path") in (
-                ParameterSource.ENVIRONMENT, ParameterSource.DEFAULT, None):
-            config_path = shared["config_path"]        # a flag beats $STREAMKEEPER_CONFIG
+            ParameterSource.ENVIRONMENT,
+            ParameterSource.DEFAULT,
+            None,
+        ):
+            config_path = shared["config_path"]  # a flag beats $STREAMKEEPER_CONFIG
         redis_url = redis_url or shared.get("redis_url")
 
         def settings_loader(**overrides) -> Settings:
@@ -42,17 +51,25 @@ def settings_options(func):
             except SettingsError as exc:
                 click.echo(f"error: {exc}", err=True)
                 raise SystemExit(EXIT_BAD_SETTINGS) from None
+
         return func(*args, settings_loader=settings_loader, **kwargs)
+
     return wrapper
 
 
 def group_settings_options(group):
     """The same --config and --redis-url on a click group, kept for its subcommands."""
-    @click.option("--config", "config_path", metavar="PATH",
-                  help="Settings file (TOML), for every subcommand (which may give its own).")
+
+    @click.option(
+        "--config",
+        "config_path",
+        metavar="PATH",
+        help="Settings file (TOML), for every subcommand (which may give its own).",
+    )
     @click.option("--redis-url", metavar="URL", help="Redis URL, for every subcommand.")
     @functools.wraps(group)
     def wrapper(*args, config_path=None, redis_url=None, **kwargs):
         click.get_current_context().obj = {"config_path": config_path, "redis_url": redis_url}
         return group(*args, **kwargs)
+
     return wrapper

@@ -6,6 +6,7 @@ only note the signal, and the service, once its own handlers are in place
 (streamstate.service.StopSignals, the launcher's event loop), stops at once
 instead of dying mid-start with a traceback or missing the signal.
 """
+
 from __future__ import annotations
 
 import signal

@@ -15,6 +15,7 @@ reason instead of FFmpeg's "HTTP error 403" or "502".
 Files, not Redis: they are this host's business, and they outlive a restart of the
 launcher, of the relay and of Redis alike.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +31,7 @@ from . import files, keys
 
 TICKET_DIR = "egress"
 PROXY_ENV_NAMES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy")
-CONNECTIONS_PATH = "/connections"        # the relay's own status route (origin-form GET)
+CONNECTIONS_PATH = "/connections"  # the relay's own status route (origin-form GET)
 # Seconds the launcher gives the relay to answer whether it is up: a relay that is down is
 # refused at once, so a generous bound costs nothing then, and a busy host is not taken for
 # one whose relay is down.
@@ -54,10 +55,11 @@ def write_ticket(state_dir: str, channel_id: str, proxy: str | None, provider: s
     whose connection slot it holds; returns its token."""
     os.makedirs(ticket_dir(state_dir), mode=0o700, exist_ok=True)
     token = secrets.token_hex(16)
-    files.write_atomic(ticket_path(state_dir, channel_id),
-                       json.dumps({"token": token, "proxy": proxy or "", "provider": provider or "",
-                                   "written": time.time()}).encode(),
-                       mode=0o600)
+    files.write_atomic(
+        ticket_path(state_dir, channel_id),
+        json.dumps({"token": token, "proxy": proxy or "", "provider": provider or "", "written": time.time()}).encode(),
+        mode=0o600,
+    )
     return token
 
 
@@ -82,12 +84,10 @@ def relay_url(egress_listen: str, channel_id: str, token: str) -> str:
     return f"http://{channel_id}:{token}@{egress_listen}"
 
 
-def ffmpeg_environment(egress_listen: str, channel_id: str, token: str,
-                       base: dict | None = None) -> dict[str, str]:
+def ffmpeg_environment(egress_listen: str, channel_id: str, token: str, base: dict | None = None) -> dict[str, str]:
     """FFmpeg's environment: the relay as its only proxy; no other proxy variable, no
     no_proxy (nothing may bypass the relay)."""
-    environment = {k: v for k, v in (os.environ if base is None else base).items()
-                   if k.lower() not in PROXY_ENV_NAMES}
+    environment = {k: v for k, v in (os.environ if base is None else base).items() if k.lower() not in PROXY_ENV_NAMES}
     environment["http_proxy"] = relay_url(egress_listen, channel_id, token)
     return environment
 
@@ -95,17 +95,21 @@ def ffmpeg_environment(egress_listen: str, channel_id: str, token: str,
 class RefusalKind(enum.StrEnum):
     """Why the relay refused a connection of a stream (the note's ``kind``, and the
     X-Streamkeeper-Refused header); ``text`` is the class of failure a player sees."""
-    ADDRESS = "address"            # an address upstream_deny or our own services cover
-    PROXY = "proxy"                # the channel's proxy cannot be used (fail closed)
-    UNREACHABLE = "unreachable"    # the upstream did not answer
+
+    ADDRESS = "address"  # an address upstream_deny or our own services cover
+    PROXY = "proxy"  # the channel's proxy cannot be used (fail closed)
+    UNREACHABLE = "unreachable"  # the upstream did not answer
 
     @property
     def text(self) -> str:
         return _REFUSAL_TEXT[self]
 
 
-_REFUSAL_TEXT = {RefusalKind.ADDRESS: "upstream address not allowed", RefusalKind.PROXY: "upstream proxy unusable",
-                 RefusalKind.UNREACHABLE: "upstream unreachable"}
+_REFUSAL_TEXT = {
+    RefusalKind.ADDRESS: "upstream address not allowed",
+    RefusalKind.PROXY: "upstream proxy unusable",
+    RefusalKind.UNREACHABLE: "upstream unreachable",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +121,11 @@ class Refusal:
 def record_refusal(state_dir: str, channel_id: str, kind: RefusalKind, reason: str) -> None:
     """The relay refused a connection of the channel: a note the launcher reads."""
     with contextlib.suppress(OSError):
-        files.write_atomic(refusal_path(state_dir, channel_id),
-                           json.dumps({"kind": kind.value, "reason": reason, "at": time.time()}).encode(),
-                           mode=0o600)
+        files.write_atomic(
+            refusal_path(state_dir, channel_id),
+            json.dumps({"kind": kind.value, "reason": reason, "at": time.time()}).encode(),
+            mode=0o600,
+        )
 
 
 def read_refusal(state_dir: str, channel_id: str, since: float) -> Refusal | None:
@@ -169,7 +175,7 @@ def wait_closed(egress_listen: str, channel_id: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while True:
         counts = open_connections(egress_listen, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
-        if counts is None or not counts.get(channel_id):     # a relay that is down holds none
+        if counts is None or not counts.get(channel_id):  # a relay that is down holds none
             return True
         if time.monotonic() >= deadline:
             return False

@@ -1,4 +1,5 @@
 """A stream's files in hls_dir: the playlist, its segments and their temp files."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +10,9 @@ from . import keys
 
 # stream_<id>.m3u8 (the viewers' playlist), stream_<id>.ffmpeg.m3u8 (FFmpeg's own, never
 # served) and stream_<id>_<n>.<ts|m4s|mp4|aac>, each also as a .tmp being written
-_STREAM_FILE_RE = re.compile(r"stream_(%s)(?:\.m3u8|\.ffmpeg\.m3u8|_[0-9]+\.(?:ts|m4s|mp4|aac))(?:\.tmp)?"
-                             % keys.CHANNEL_ID_PATTERN, re.ASCII)
+_STREAM_FILE_RE = re.compile(
+    r"stream_(%s)(?:\.m3u8|\.ffmpeg\.m3u8|_[0-9]+\.(?:ts|m4s|mp4|aac))(?:\.tmp)?" % keys.CHANNEL_ID_PATTERN, re.ASCII
+)
 
 
 def channel_of_file(name: str) -> str | None:
@@ -128,8 +130,7 @@ def ffmpeg_log_path(log_dir: str, channel_id: str) -> str:
 def open_ffmpeg_log(log_dir: str, channel_id: str, header: str) -> int:
     """The channel's log, opened for FFmpeg's stderr (append), after a header line."""
     os.makedirs(log_dir, exist_ok=True)
-    fd = os.open(ffmpeg_log_path(log_dir, channel_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                 0o640)
+    fd = os.open(ffmpeg_log_path(log_dir, channel_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
     os.write(fd, (header.rstrip("\n") + "\n").encode("utf-8", "replace"))
     return fd
 
@@ -165,12 +166,11 @@ def log_tail(path: str, lines: int = 40, since: str | None = None) -> list[str]:
     if since is not None:
         starts = [n for n, line in enumerate(found) if line.startswith(since)]
         if starts:
-            found = found[starts[-1] + 1:]
+            found = found[starts[-1] + 1 :]
     return found[-lines:]
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o644, *, durable: bool = False,
-                 temp: str | None = None) -> None:
+def write_atomic(path: str, data: bytes, mode: int = 0o644, *, durable: bool = False, temp: str | None = None) -> None:
     """Write a whole file or nothing: a temp file beside it (``temp``, else the name with
     .tmp.<pid>), renamed over it.  ``durable``: fsync the file and the directory too (a
     checkpoint that must survive a power cut)."""
@@ -178,7 +178,7 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644, *, durable: bool = F
     temp = temp or f"{path}.tmp.{os.getpid()}"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        os.fchmod(fd, mode)                  # whatever the umask
+        os.fchmod(fd, mode)  # whatever the umask
         os.write(fd, data)
         if durable:
             os.fsync(fd)

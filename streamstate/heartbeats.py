@@ -10,6 +10,7 @@ Nothing is created for a channel that is not running.  The viewers set has no
 expiry: it goes with the stream's other keys when the stream is stopped or
 cleared as stale.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Mapping
@@ -82,10 +83,16 @@ def format_time(epoch: float) -> str:
     return f"{epoch:.3f}"
 
 
-def write_heartbeats(client, channel_times: Mapping[str, float],
-                     viewers: Mapping[str, Mapping[str, float]] | None = None,
-                     *, trim_channels: Iterable[str] = (), viewer_window: float = 0,
-                     now: float, report_skipped: bool = False) -> tuple[int, list[str]]:
+def write_heartbeats(
+    client,
+    channel_times: Mapping[str, float],
+    viewers: Mapping[str, Mapping[str, float]] | None = None,
+    *,
+    trim_channels: Iterable[str] = (),
+    viewer_window: float = 0,
+    now: float,
+    report_skipped: bool = False,
+) -> tuple[int, list[str]]:
     """Write heartbeats for running channels; return how many were running, and (with
     ``report_skipped``) which channels were not.
 
@@ -104,11 +111,13 @@ def write_heartbeats(client, channel_times: Mapping[str, float],
     calls = 0
     for start in range(0, len(items), CHANNELS_PER_CALL):
         key_list: list[str] = []
-        args: list[str] = [format_time(now - viewer_window), "1" if report_skipped else "0",
-                           format_time(now + FUTURE_SLACK)]
-        for channel, when in items[start:start + CHANNELS_PER_CALL]:
-            key_list += [keys.pid_key(channel), keys.last_access_key(channel),
-                         keys.viewers_key(channel)]
+        args: list[str] = [
+            format_time(now - viewer_window),
+            "1" if report_skipped else "0",
+            format_time(now + FUTURE_SLACK),
+        ]
+        for channel, when in items[start : start + CHANNELS_PER_CALL]:
+            key_list += [keys.pid_key(channel), keys.last_access_key(channel), keys.viewers_key(channel)]
             seen = viewers.get(channel) or {}
             if len(seen) > MAX_VIEWERS_PER_CALL:
                 seen = dict(sorted(seen.items(), key=lambda kv: kv[1])[-MAX_VIEWERS_PER_CALL:])
@@ -119,8 +128,7 @@ def write_heartbeats(client, channel_times: Mapping[str, float],
         calls += 1
     if calls:
         for number, reply in enumerate(pipe.execute()):
-            batch = items[number * CHANNELS_PER_CALL:(number + 1) * CHANNELS_PER_CALL]
+            batch = items[number * CHANNELS_PER_CALL : (number + 1) * CHANNELS_PER_CALL]
             running += int(reply[0])
             skipped += [batch[int(position) - 1][0] for position in reply[1:]]
     return running, skipped
-

@@ -24,6 +24,7 @@ between a cold start and the stream's end; across every FFmpeg replaced within i
 This module is pure: text in, text out, and the timing rules as functions of the
 settings, so every service (and doctor) applies the same ones.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,7 @@ import re
 
 from . import keys
 
-VERSION = 3                    # float EXTINF durations (RFC 8216 7: version 3)
+VERSION = 3  # float EXTINF durations (RFC 8216 7: version 3)
 TS_PACKET = 188
 TS_SYNC = 0x47
 # Segment numbers of a fresh session start at the clock's tenths of a second: a session
@@ -50,8 +51,8 @@ KEEP_AFTER_REMOVAL = 1
 class Segment:
     uri: str
     duration: float
-    discontinuity: bool = False      # EXT-X-DISCONTINUITY before it
-    program_date_time: float | None = None     # epoch seconds of its first frame
+    discontinuity: bool = False  # EXT-X-DISCONTINUITY before it
+    program_date_time: float | None = None  # epoch seconds of its first frame
 
 
 @dataclasses.dataclass
@@ -60,16 +61,19 @@ class MediaPlaylist:
     media_sequence: int = 0
     discontinuity_sequence: int = 0
     segments: list[Segment] = dataclasses.field(default_factory=list)
-    ended: bool = False              # EXT-X-ENDLIST (FFmpeg writes it when it exits cleanly)
+    ended: bool = False  # EXT-X-ENDLIST (FFmpeg writes it when it exits cleanly)
 
     @property
     def duration(self) -> float:
         return sum(s.duration for s in self.segments)
 
     def render(self) -> str:
-        lines = ["#EXTM3U", f"#EXT-X-VERSION:{VERSION}",
-                 f"#EXT-X-TARGETDURATION:{self.target_duration}",
-                 f"#EXT-X-MEDIA-SEQUENCE:{self.media_sequence}"]
+        lines = [
+            "#EXTM3U",
+            f"#EXT-X-VERSION:{VERSION}",
+            f"#EXT-X-TARGETDURATION:{self.target_duration}",
+            f"#EXT-X-MEDIA-SEQUENCE:{self.media_sequence}",
+        ]
         if self.discontinuity_sequence:
             lines.append(f"#EXT-X-DISCONTINUITY-SEQUENCE:{self.discontinuity_sequence}")
         for segment in self.segments:
@@ -83,8 +87,11 @@ class MediaPlaylist:
         return "\n".join(lines) + "\n"
 
 
-_INT_TAGS = {"#EXT-X-TARGETDURATION": "target_duration", "#EXT-X-MEDIA-SEQUENCE": "media_sequence",
-             "#EXT-X-DISCONTINUITY-SEQUENCE": "discontinuity_sequence"}
+_INT_TAGS = {
+    "#EXT-X-TARGETDURATION": "target_duration",
+    "#EXT-X-MEDIA-SEQUENCE": "media_sequence",
+    "#EXT-X-DISCONTINUITY-SEQUENCE": "discontinuity_sequence",
+}
 _URI_RE = re.compile(r"[A-Za-z0-9._~-]{1,200}")
 
 
@@ -101,7 +108,7 @@ def parse(text: str) -> MediaPlaylist | None:
     duration: float | None = None
     discontinuity = False
     dated: float | None = None
-    body = text if text.endswith("\n") else text[:text.rfind("\n") + 1]   # a last line cut short
+    body = text if text.endswith("\n") else text[: text.rfind("\n") + 1]  # a last line cut short
     for line in body.splitlines():
         line = line.strip()
         if not line:
@@ -190,6 +197,7 @@ def complete_ts(path: str) -> bool:
 
 
 # -- the timing rules ---------------------------------------------------------------------
+
 
 def forces_keyframes(profile: dict) -> bool:
     """A profile that encodes video gets a keyframe every hls_init_time (launcher.ffmpeg), so

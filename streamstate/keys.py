@@ -3,6 +3,7 @@
 The table of every key (its type, who writes it, who reads it) is written once, in
 docs/design.md ("Redis keys"); tests/test_docs.py checks it against the functions here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,9 @@ def check_channel_id(channel_id: str | int) -> str:
         # Echoed only when it is plainly a mistyped id: the message may reach an anonymous
         # client, and nothing it sent (a URL, markup, control characters) comes back.
         shown = f" {text!r}" if _ECHOABLE_ID_RE.fullmatch(text) else ""
-        raise InvalidChannelId(f"invalid channel id{shown}: expected 0 or 1 to "
-                               f"{MAX_CHANNEL_ID_DIGITS} digits without a leading zero")
+        raise InvalidChannelId(
+            f"invalid channel id{shown}: expected 0 or 1 to " f"{MAX_CHANNEL_ID_DIGITS} digits without a leading zero"
+        )
     return text
 
 
@@ -111,8 +113,13 @@ def status_history_key(host_id: str) -> str:
 
 def stream_keys(channel_id: str | int) -> list[str]:
     """Every key of a running stream, in the order the stop script takes them."""
-    return [run_key(channel_id), pid_key(channel_id), started_key(channel_id),
-            last_access_key(channel_id), viewers_key(channel_id)]
+    return [
+        run_key(channel_id),
+        pid_key(channel_id),
+        started_key(channel_id),
+        last_access_key(channel_id),
+        viewers_key(channel_id),
+    ]
 
 
 def channel_key(channel_id: str | int) -> str:
@@ -130,7 +137,7 @@ def _channel_id_between(key: str | bytes, prefix: str, suffix: str) -> str | Non
         key = key.decode("ascii", "replace")
     if not (key.startswith(prefix) and key.endswith(suffix)) or len(key) < len(prefix) + len(suffix):
         return None
-    middle = key[len(prefix):len(key) - len(suffix)]
+    middle = key[len(prefix) : len(key) - len(suffix)]
     return middle if CHANNEL_ID_RE.fullmatch(middle) else None
 
 

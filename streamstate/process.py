@@ -14,6 +14,7 @@ The proof is made through a pidfd opened *before* it (``os.pidfd_open``), and
 every signal goes through that pidfd (``signal.pidfd_send_signal``): if the pid
 is reused after the proof, the signal reaches nobody instead of the stranger.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,7 @@ import time
 
 from . import files
 
-DELETED_SUFFIX = " (deleted)"      # /proc/<pid>/exe of a binary replaced since (an upgrade)
+DELETED_SUFFIX = " (deleted)"  # /proc/<pid>/exe of a binary replaced since (an upgrade)
 
 
 def _stat_fields(pid: int) -> list[bytes] | None:
@@ -36,7 +37,7 @@ def _stat_fields(pid: int) -> list[bytes] | None:
     except (OSError, ValueError):
         return None
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    return stat[stat.rfind(b")") + 2:].split()
+    return stat[stat.rfind(b")") + 2 :].split()
 
 
 def process_start_time(pid: int) -> int | None:
@@ -82,7 +83,7 @@ def process_executable(pid: int) -> str | None:
         path = os.readlink(f"/proc/{int(pid)}/exe")
     except (OSError, ValueError):
         return None
-    return path[:-len(DELETED_SUFFIX)] if path.endswith(DELETED_SUFFIX) else path
+    return path[: -len(DELETED_SUFFIX)] if path.endswith(DELETED_SUFFIX) else path
 
 
 def resolve_executable(command: str) -> str | None:
@@ -95,13 +96,14 @@ def resolve_executable(command: str) -> str | None:
 class StreamProcess:
     """What proves that a pid is one stream's FFmpeg (see the module docstring)."""
 
-    executable: str | None           # resolve_executable(settings.ffmpeg)
-    outputs: tuple[str, ...]         # the output arguments it may have (files.ffmpeg_outputs)
-    start_time: int | None = None    # as recorded; None for a legacy record
+    executable: str | None  # resolve_executable(settings.ffmpeg)
+    outputs: tuple[str, ...]  # the output arguments it may have (files.ffmpeg_outputs)
+    start_time: int | None = None  # as recorded; None for a legacy record
 
     @classmethod
-    def of_channel(cls, executable: str | None, hls_dir: str, channel_id: str,
-                   start_time: int | None = None) -> "StreamProcess":
+    def of_channel(
+        cls, executable: str | None, hls_dir: str, channel_id: str, start_time: int | None = None
+    ) -> "StreamProcess":
         return cls(executable, files.ffmpeg_outputs(hls_dir, channel_id), start_time)
 
     def proven_by(self, pid: int) -> bool:

@@ -13,6 +13,7 @@ host that is gone loses its run record (the reaper clears it), and its slot is
 reclaimed at the next start.  A slot whose run has no record yet (FFmpeg is being
 started) is kept for ``start_grace`` seconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,7 @@ def _holders(client, provider: str) -> dict[str, tuple[str, dict | None]]:
     except redis.ResponseError as exc:
         if not runs.wrong_type(exc):
             raise
-        held = {}                  # junk of another type: no slot held (acquire_slot deletes it)
+        held = {}  # junk of another type: no slot held (acquire_slot deletes it)
     for field, raw in held.items():
         channel, value = runs.text(field), runs.text(raw)
         data = runs.json_value(value)
@@ -72,19 +73,26 @@ def _holders(client, provider: str) -> dict[str, tuple[str, dict | None]]:
     return found
 
 
-def _stale(client, holders: dict[str, tuple[str, dict | None]], start_grace: float,
-           now: float) -> list[tuple[str, str]]:
+def _stale(
+    client, holders: dict[str, tuple[str, dict | None]], start_grace: float, now: float
+) -> list[tuple[str, str]]:
     """(channel, raw value) of slots no running stream holds."""
     channels = [c for c in holders if keys.CHANNEL_ID_RE.fullmatch(c)]
     pipe = client.pipeline(transaction=False)
     for channel in channels:
         pipe.hget(keys.run_key(channel), "run_id")
-    run_ids = dict(zip(channels, [None if isinstance(r, Exception) else runs.text(r)
-                                  for r in pipe.execute(raise_on_error=False)] if channels else []))
+    run_ids = dict(
+        zip(
+            channels,
+            [None if isinstance(r, Exception) else runs.text(r) for r in pipe.execute(raise_on_error=False)]
+            if channels
+            else [],
+        )
+    )
     stale = []
     for channel, (raw, data) in holders.items():
         if data is None or channel not in run_ids:
-            stale.append((channel, raw))                 # junk
+            stale.append((channel, raw))  # junk
         elif run_ids[channel] != data.get("run_id"):
             at = runs.epoch_seconds(data.get("at"), now) or 0.0
             if now - at > start_grace:
@@ -92,8 +100,7 @@ def _stale(client, holders: dict[str, tuple[str, dict | None]], start_grace: flo
     return stale
 
 
-def acquire_slot(client, provider: str, limit: int, channel: str, run_id: str, host: str,
-                 start_grace: float) -> bool:
+def acquire_slot(client, provider: str, limit: int, channel: str, run_id: str, host: str, start_grace: float) -> bool:
     """Take a slot of the provider for the channel's run; False when all are held."""
     now = time.time()
     stale = _stale(client, _holders(client, provider), start_grace, now)
@@ -109,8 +116,11 @@ def hold_slot(client, provider: str, channel: str, run_id: str, host: str) -> No
     """A running stream's slot written again (Redis restarted empty): its connection is open
     whatever the count says."""
     runs.clear_other_type(client, keys.provider_slots_key(provider), "hash")
-    client.hset(keys.provider_slots_key(provider), channel,
-                json.dumps({"run_id": run_id, "host": host, "at": round(time.time(), 3)}))
+    client.hset(
+        keys.provider_slots_key(provider),
+        channel,
+        json.dumps({"run_id": run_id, "host": host, "at": round(time.time(), 3)}),
+    )
 
 
 def release_slot(client, provider: str, channel: str, run_id: str) -> bool:
@@ -134,12 +144,14 @@ def slot_channels(client, provider: str, start_grace: float) -> list[str]:
 
 def usage(client, providers: dict, start_grace: float) -> list[dict]:
     """Each provider's slots in use and its limit (streamctl status, GET /streams)."""
-    return [{"provider": name, "limit": provider.max_streams,
-             "channels": slot_channels(client, name, start_grace)}
-            for name, provider in sorted(providers.items())]
+    return [
+        {"provider": name, "limit": provider.max_streams, "channels": slot_channels(client, name, start_grace)}
+        for name, provider in sorted(providers.items())
+    ]
 
 
 # -- sources ----------------------------------------------------------------------------
+
 
 def mark_source_failed(client, source_url: str, reason: str, cooldown: float) -> None:
     if cooldown > 0:

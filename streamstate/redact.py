@@ -5,6 +5,7 @@ Providers put accounts in URLs: user info (``http://user:pass@host/``), the path
 a source keeps its scheme, host, port and the path's last segment (the channel's
 own file); the rest becomes ``…``:  ``http://host:8080/…/71386.ts``.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,7 +22,7 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port
-    except ValueError:                     # e.g. an unterminated IPv6 literal
+    except ValueError:  # e.g. an unterminated IPv6 literal
         return "<unparsable URL>"
     if ":" in host:
         host = f"[{host}]"

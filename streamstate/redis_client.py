@@ -1,4 +1,5 @@
 """Redis connections, made lazily, with timeouts so an unreachable Redis is an error, not a hang."""
+
 from __future__ import annotations
 
 import redis
@@ -17,5 +18,6 @@ def registered_script(client, name: str, source: str):
 
 def redis_from_url(url: str) -> redis.Redis:
     """A client for ``url``; no connection is made until the first command."""
-    return redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT,
-                                socket_timeout=SOCKET_TIMEOUT, health_check_interval=30)
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=SOCKET_TIMEOUT, health_check_interval=30
+    )

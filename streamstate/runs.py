@@ -6,6 +6,7 @@ runbooks and heartbeatd see a running stream as before.  Keys are deleted only
 while they still belong to the run being stopped (compare-and-delete in one
 script), so a stream started again in between keeps its keys.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,15 +22,17 @@ import redis
 from . import keys
 from .redis_client import registered_script
 
+
 class RunState(enum.StrEnum):
     """A run's states, as the run record keeps them (the value), and the moves allowed
     between them (``can_become``): supervisor's BACKOFF and FATAL as states, not strings."""
-    STARTING = "starting"      # FFmpeg runs, its playlist not yet playable
-    RUNNING = "running"        # playable, watched
-    BACKOFF = "backoff"        # between two FFmpegs: a restart or a wait for the host
-    STOPPING = "stopping"      # the stop routine has begun
-    FAILED = "failed"          # ended for good with a reason (starts get 503 for failed_cooldown)
-    STOPPED = "stopped"        # ended
+
+    STARTING = "starting"  # FFmpeg runs, its playlist not yet playable
+    RUNNING = "running"  # playable, watched
+    BACKOFF = "backoff"  # between two FFmpegs: a restart or a wait for the host
+    STOPPING = "stopping"  # the stop routine has begun
+    FAILED = "failed"  # ended for good with a reason (starts get 503 for failed_cooldown)
+    STOPPED = "stopped"  # ended
 
     @classmethod
     def parse(cls, value: str | None) -> "RunState | None":
@@ -50,8 +53,9 @@ class RunState(enum.StrEnum):
 
 
 TRANSITIONS: dict[RunState, frozenset[RunState]] = {
-    RunState.STARTING: frozenset({RunState.RUNNING, RunState.BACKOFF, RunState.FAILED, RunState.STOPPING,
-                                  RunState.STOPPED}),
+    RunState.STARTING: frozenset(
+        {RunState.RUNNING, RunState.BACKOFF, RunState.FAILED, RunState.STOPPING, RunState.STOPPED}
+    ),
     RunState.RUNNING: frozenset({RunState.BACKOFF, RunState.FAILED, RunState.STOPPING, RunState.STOPPED}),
     RunState.BACKOFF: frozenset({RunState.STARTING, RunState.FAILED, RunState.STOPPING, RunState.STOPPED}),
     RunState.STOPPING: frozenset({RunState.STOPPED}),
@@ -171,11 +175,11 @@ class RunRecord:
     pid: int
     pid_start: int | None
     started: float
-    state: RunState | None = RunState.STARTING     # None: junk in Redis
+    state: RunState | None = RunState.STARTING  # None: junk in Redis
     last_error: str = ""
     restarts: int = 0
-    source: str = ""             # the source in use, redacted (a channel may have fallbacks)
-    provider: str = ""           # the provider account whose connection slot it holds
+    source: str = ""  # the source in use, redacted (a channel may have fallbacks)
+    provider: str = ""  # the provider account whose connection slot it holds
     # The launcher vouches for this run until this epoch time: it watches it (running; it
     # renews the promise every few seconds) or is about to start its next FFmpeg (starting,
     # backoff).  Until then the reaper leaves the record alone whatever its pid says (the
@@ -190,19 +194,26 @@ class RunRecord:
         data = {text(k): text(v) for k, v in data.items()}
         if not data.get("run_id"):
             return None
-        return cls(channel=channel, run_id=data["run_id"], host=data.get("host") or "",
-                   pid=_int(data.get("pid")) or 0, pid_start=_int(data.get("pid_start")),
-                   started=epoch_seconds(data.get("started")) or 0.0,
-                   state=RunState.parse(data.get("state")), last_error=data.get("last_error") or "",
-                   restarts=_int(data.get("restarts")) or 0, source=data.get("source") or "",
-                   provider=data.get("provider") or "", until=epoch_seconds(data.get("until")))
+        return cls(
+            channel=channel,
+            run_id=data["run_id"],
+            host=data.get("host") or "",
+            pid=_int(data.get("pid")) or 0,
+            pid_start=_int(data.get("pid_start")),
+            started=epoch_seconds(data.get("started")) or 0.0,
+            state=RunState.parse(data.get("state")),
+            last_error=data.get("last_error") or "",
+            restarts=_int(data.get("restarts")) or 0,
+            source=data.get("source") or "",
+            provider=data.get("provider") or "",
+            until=epoch_seconds(data.get("until")),
+        )
 
     def vouched(self, now: float) -> bool:
         """Its launcher vouches for it (``until``): its pid proves nothing either way, and it
         must not be taken for stale.  A promise further ahead than MAX_PROMISE is junk
         (Redis contents are hostile): not vouched."""
-        return (self.state in VOUCHED_STATES and self.until is not None
-                and now < self.until <= now + MAX_PROMISE)
+        return self.state in VOUCHED_STATES and self.until is not None and now < self.until <= now + MAX_PROMISE
 
 
 @typing.overload
@@ -285,12 +296,22 @@ def record_run(client, record: RunRecord, *, now: float | None = None) -> None:
     channel = record.channel
     pipe = client.pipeline(transaction=True)
     pipe.delete(keys.run_key(channel))
-    pipe.hset(keys.run_key(channel), mapping={
-        "run_id": record.run_id, "host": record.host, "pid": record.pid,
-        "pid_start": record.pid_start if record.pid_start is not None else "",
-        "started": f"{record.started:.3f}", "state": str(record.state or RunState.STARTING),
-        "last_error": record.last_error, "restarts": record.restarts, "source": record.source,
-        "provider": record.provider, "until": f"{record.until:.3f}" if record.until else ""})
+    pipe.hset(
+        keys.run_key(channel),
+        mapping={
+            "run_id": record.run_id,
+            "host": record.host,
+            "pid": record.pid,
+            "pid_start": record.pid_start if record.pid_start is not None else "",
+            "started": f"{record.started:.3f}",
+            "state": str(record.state or RunState.STARTING),
+            "last_error": record.last_error,
+            "restarts": record.restarts,
+            "source": record.source,
+            "provider": record.provider,
+            "until": f"{record.until:.3f}" if record.until else "",
+        },
+    )
     pipe.set(keys.pid_key(channel), record.pid)
     pipe.set(keys.started_key(channel), f"{record.started:.3f}")
     pipe.set(keys.last_access_key(channel), f"{now:.3f}")
@@ -302,9 +323,11 @@ def mark_failed(client, channel: str, reason: str, host: str, cooldown: float) -
     """The channel failed: its starts get 503 with ``reason`` for ``cooldown`` seconds, on
     every host (a provider bans addresses that retry in a tight loop)."""
     if cooldown > 0:
-        client.set(keys.failed_key(channel), json.dumps({"reason": reason, "host": host,
-                                                         "at": round(time.time(), 3)}),
-                   px=int(cooldown * 1000))
+        client.set(
+            keys.failed_key(channel),
+            json.dumps({"reason": reason, "host": host, "at": round(time.time(), 3)}),
+            px=int(cooldown * 1000),
+        )
 
 
 def get_failed(client, channel: str) -> dict | None:
@@ -312,7 +335,7 @@ def get_failed(client, channel: str) -> dict | None:
     try:
         raw = client.get(keys.failed_key(channel))
     except redis.ResponseError as exc:
-        if wrong_type(exc):              # junk of another type: no failure (a new one overwrites it)
+        if wrong_type(exc):  # junk of another type: no failure (a new one overwrites it)
             return None
         raise
     data = None if raw is None else json_value(raw)
@@ -331,8 +354,14 @@ def failed_channels(client) -> list[dict]:
         channel = keys.channel_id_from_failed_key(key)
         failed = get_failed(client, channel) if channel else None
         if channel is not None and failed is not None:
-            found.append({"id": channel, "reason": failed["reason"], "host": str(failed.get("host", "")),
-                          "cooldown_seconds": round(failed_seconds_left(client, channel), 1)})
+            found.append(
+                {
+                    "id": channel,
+                    "reason": failed["reason"],
+                    "host": str(failed.get("host", "")),
+                    "cooldown_seconds": round(failed_seconds_left(client, channel), 1),
+                }
+            )
     return sorted(found, key=lambda entry: int(entry["id"]))
 
 
@@ -357,14 +386,15 @@ def update_run(client, channel: str, run_id: str, **fields) -> bool:
 def vouch(client, channel: str, run_id: str, until: float) -> int:
     """Renew the launcher's promise for its run: 1 done, 0 the record is another run's or
     stopping (not wanted), -1 the record is gone."""
-    return int(registered_script(client, "vouch", _VOUCH_LUA)(keys=[keys.run_key(channel)],
-                                                              args=[run_id, f"{until:.3f}"]))
+    return int(
+        registered_script(client, "vouch", _VOUCH_LUA)(keys=[keys.run_key(channel)], args=[run_id, f"{until:.3f}"])
+    )
 
 
 def get_run(client, channel: str) -> RunRecord | None:
     try:
         data = client.hgetall(keys.run_key(channel))
-    except redis.ResponseError:              # not a hash: junk, read as no record
+    except redis.ResponseError:  # not a hash: junk, read as no record
         return None
     return RunRecord.from_hash(channel, data) if data else None
 
@@ -378,15 +408,34 @@ def read_batch(client, channels: list[str]) -> list[tuple["RunRecord | None", st
     """(run record, pid, started, last_access) of each channel, in one call."""
     key_list = []
     for channel in channels:
-        key_list += [keys.run_key(channel), keys.pid_key(channel), keys.started_key(channel),
-                     keys.last_access_key(channel)]
+        key_list += [
+            keys.run_key(channel),
+            keys.pid_key(channel),
+            keys.started_key(channel),
+            keys.last_access_key(channel),
+        ]
     flat = registered_script(client, "read_batch", _READ_BATCH_LUA)(keys=key_list) if channels else []
     flat = [text(v) for v in flat]
     result = []
     for index, channel in enumerate(channels):
-        values = flat[13 * index:13 * index + 13]
-        fields = dict(zip(("run_id", "host", "pid", "pid_start", "started", "state", "restarts",
-                           "last_error", "until", "provider"), values[:10]))
+        values = flat[13 * index : 13 * index + 13]
+        fields = dict(
+            zip(
+                (
+                    "run_id",
+                    "host",
+                    "pid",
+                    "pid_start",
+                    "started",
+                    "state",
+                    "restarts",
+                    "last_error",
+                    "until",
+                    "provider",
+                ),
+                values[:10],
+            )
+        )
         record = RunRecord.from_hash(channel, {k: v for k, v in fields.items() if v is not None})
         result.append((record, values[10], values[11], values[12]))
     return result
@@ -407,13 +456,13 @@ def delete_many_if_ours(client, items: list[tuple[str, str, str]]) -> list[bool]
 def mark_stopping_in(pipeline, client, channel: str, run_id: str):
     """Queue 'state = stopping' on a pipeline, only if the record is still that run."""
     return registered_script(client, "update", _UPDATE_IF_RUN_LUA)(
-        keys=[keys.run_key(channel)], args=[run_id, "state", RunState.STOPPING.value], client=pipeline)
+        keys=[keys.run_key(channel)], args=[run_id, "state", RunState.STOPPING.value], client=pipeline
+    )
 
 
 def refresh_host(client, host_id: str, ttl_seconds: float, *, now: float | None = None) -> None:
     """This host is alive: other hosts' reapers leave its records alone."""
-    client.set(keys.host_key(host_id), f"{time.time() if now is None else now:.3f}",
-               px=int(ttl_seconds * 1000))
+    client.set(keys.host_key(host_id), f"{time.time() if now is None else now:.3f}", px=int(ttl_seconds * 1000))
 
 
 def last_access_times(client, channels: list[str]) -> list[float | None]:
@@ -431,8 +480,7 @@ def recent_viewers(client, channels: list[str], since: float) -> list[set[str]]:
     pipe = client.pipeline(transaction=False)
     for channel in channels:
         pipe.zrangebyscore(keys.viewers_key(channel), since, "+inf")
-    return [set() if isinstance(r, Exception) else {text(m) for m in r}
-            for r in pipe.execute(raise_on_error=False)]
+    return [set() if isinstance(r, Exception) else {text(m) for m in r} for r in pipe.execute(raise_on_error=False)]
 
 
 def record_viewer(client, channel: str, viewer: str, when: float) -> None:
@@ -440,7 +488,8 @@ def record_viewer(client, channel: str, viewer: str, when: float) -> None:
     stream's viewers at once: heartbeatd sees the same request only a second or two later,
     and a channel change on a full provider account needs to know now (launcher.service)."""
     registered_script(client, "record_viewer", _RECORD_VIEWER_LUA)(
-        keys=[keys.run_key(channel), keys.viewers_key(channel)], args=[f"{when:.3f}", viewer])
+        keys=[keys.run_key(channel), keys.viewers_key(channel)], args=[f"{when:.3f}", viewer]
+    )
 
 
 @dataclasses.dataclass
@@ -456,7 +505,7 @@ def read_active(client) -> ActiveSet:
     valid, invalid = [], []
     try:
         members = client.smembers(keys.ACTIVE_STREAMS_KEY)
-    except redis.ResponseError:              # not a set: junk; nothing to read from it
+    except redis.ResponseError:  # not a set: junk; nothing to read from it
         return ActiveSet(channels=[], invalid=[keys.ACTIVE_STREAMS_KEY + " is not a set"])
     for member in members:
         text = member.decode("utf-8", "replace") if isinstance(member, bytes) else str(member)

@@ -1,4 +1,5 @@
 """What every long-running service shares: logging for journalctl, sd_notify, signals."""
+
 from __future__ import annotations
 
 import logging
@@ -53,13 +54,14 @@ def watchdog_interval() -> float | None:
         return None
 
 
-STATUS_EVERY = 5.0          # seconds between STATUS= lines when systemd's watchdog is off
+STATUS_EVERY = 5.0  # seconds between STATUS= lines when systemd's watchdog is off
 
 
 async def notify_until_stopped(stop, status) -> None:
     """An asyncio service's main loop after READY=1: WATCHDOG=1 (when systemd asks for it)
     and STATUS=<status()> on a cadence, until ``stop`` (an asyncio.Event) is set."""
     import asyncio
+
     ping_every = watchdog_interval()
     while not stop.is_set():
         try:
@@ -84,7 +86,7 @@ class StopSignals:
     def install(self) -> None:
         for signum in early_signals.STOP_SIGNALS:
             signal.signal(signum, self._handle)
-        if early_signals.received():              # it came during start-up: stop now
+        if early_signals.received():  # it came during start-up: stop now
             self.signal_name = early_signals.received()
             self.stop.set()
             self._wake.set()

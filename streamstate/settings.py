@@ -8,6 +8,7 @@ command-line flags.  Where each effective value came from is kept, so
 The file is found as: ``--config PATH``, else ``$STREAMKEEPER_CONFIG``, else
 ``/etc/streamkeeper/streamkeeper.toml`` if it exists, else none.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,7 @@ import socket
 import tomllib
 from typing import Any, Callable, Mapping
 
-from .channels import ChannelError, check_proxy
+from .channels import CONTROL_RE, ChannelError, check_proxy
 from .upstreams import DEFAULT_UPSTREAM_DENY, Network, Provider, parse_networks, parse_providers
 
 DEFAULT_CONFIG_PATH = "/etc/streamkeeper/streamkeeper.toml"
@@ -118,22 +119,26 @@ def _parse_auth_url(value: Any) -> str:
     text = _parse_str(value).strip()
     if text in ("", "none", "off"):
         return ""
-    if (not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~!$&'()*+,;=:@%/\-]*)?", text)):
+    if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~!$&'()*+,;=:@%/\-]*)?", text):
         raise ValueError(f"expected an http:// or https:// URL (no query, no spaces), got {text[:80]!r}")
     return text
 
 
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 (bracketed or not) or localhost: the one loopback test of a listen address."""
+    host = host.strip("[]")
+    return host.startswith("127.") or host in ("::1", "localhost")
+
+
 def _parse_loopback_host_port(value: Any) -> str:
     text = _parse_host_port(value)
-    host = text.rpartition(":")[0].strip("[]")
-    if not (host.startswith("127.") or host in ("::1", "localhost")):
+    if not is_loopback_host(text.rpartition(":")[0]):
         raise ValueError(f"must be a loopback address (it carries every upstream connection), got {text!r}")
     return text
 
 
 PROFILE_KEYS = {"video", "audio", "analyzeduration", "probesize"}
 _PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _parse_profiles(value: Any) -> dict:
@@ -147,9 +152,10 @@ def _parse_profiles(value: Any) -> dict:
             raise ValueError(f"expected a table (or JSON object): {exc}") from None
     if not isinstance(value, dict) or not value:
         raise ValueError("expected a table of profiles: name = {video = [...], audio = [...]}")
-    profiles = {name: dict(profile, **{k: v for k, v in DEFAULT_PROFILE_PROBE.items()
-                                       if k not in profile})
-                for name, profile in DEFAULT_QUALITY_PROFILES.items()}
+    profiles = {
+        name: dict(profile, **{k: v for k, v in DEFAULT_PROFILE_PROBE.items() if k not in profile})
+        for name, profile in DEFAULT_QUALITY_PROFILES.items()
+    }
     for name, profile in value.items():
         if not isinstance(name, str) or not _PROFILE_NAME_RE.fullmatch(name):
             raise ValueError(f"profile name {str(name)[:40]!r}: letters, digits, _ and - only")
@@ -160,9 +166,10 @@ def _parse_profiles(value: Any) -> dict:
             args = profile.get(key, [])
             if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
                 raise ValueError(f"profile {name!r}: {key} must be a list of ffmpeg arguments (strings)")
-            if any(_CONTROL_RE.search(a) or len(a) > 1024 for a in args):
-                raise ValueError(f"profile {name!r}: {key} has an argument with a control "
-                                 "character or over 1024 characters")
+            if any(CONTROL_RE.search(a) or len(a) > 1024 for a in args):
+                raise ValueError(
+                    f"profile {name!r}: {key} has an argument with a control " "character or over 1024 characters"
+                )
             clean[key] = list(args)
         for key in ("analyzeduration", "probesize"):
             if key in profile:
@@ -178,10 +185,24 @@ DEFAULT_PROFILE_PROBE = {"analyzeduration": 1_000_000, "probesize": 1_000_000}
 
 def _x264(height: int, bitrate_k: int, audio_k: int) -> dict:
     return {
-        "video": ["-c:v", "libx264", "-preset", "veryfast", "-profile:v", "main",
-                  "-vf", f"scale=-2:{height}", "-b:v", f"{bitrate_k}k",
-                  "-maxrate", f"{bitrate_k * 11 // 10}k", "-bufsize", f"{bitrate_k * 2}k",
-                  "-pix_fmt", "yuv420p"],
+        "video": [
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-profile:v",
+            "main",
+            "-vf",
+            f"scale=-2:{height}",
+            "-b:v",
+            f"{bitrate_k}k",
+            "-maxrate",
+            f"{bitrate_k * 11 // 10}k",
+            "-bufsize",
+            f"{bitrate_k * 2}k",
+            "-pix_fmt",
+            "yuv420p",
+        ],
         "audio": ["-c:a", "aac", "-b:a", f"{audio_k}k", "-ac", "2"],
     }
 
@@ -193,21 +214,23 @@ DEFAULT_QUALITY_PROFILES = {
     "high": _x264(1080, 4500, 160),
 }
 
-DEFAULT_USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
-                      "(KHTML, like Gecko) Chrome/124.0 Safari/537.36 VLC/3.0.20")
+DEFAULT_USER_AGENT = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Chrome/124.0 Safari/537.36 VLC/3.0.20"
+)
 
 
 def _parse_header_text(value: Any) -> str:
     """A value FFmpeg sends in a request header: no control characters (CR/LF injection)."""
     text = _parse_nonempty_str(value)
-    if _CONTROL_RE.search(text) or len(text) > 512:
+    if CONTROL_RE.search(text) or len(text) > 512:
         raise ValueError("must be at most 512 characters, without control characters")
     return text
 
 
 def _parse_command(value: Any) -> str:
     text = _parse_nonempty_str(value)
-    if _CONTROL_RE.search(text):
+    if CONTROL_RE.search(text):
         raise ValueError("must not contain control characters")
     return text
 
@@ -221,7 +244,7 @@ def _parse_redis_url(value: Any) -> str:
 
 def _parse_abs_path(value: Any) -> str:
     path = _parse_nonempty_str(value)
-    if _CONTROL_RE.search(path):
+    if CONTROL_RE.search(path):
         raise ValueError("must not contain control characters (a newline, a tab, ...)")
     if not os.path.isabs(path):
         raise ValueError(f"must be an absolute path, got {path!r}")
@@ -254,103 +277,168 @@ class Settings:
     """The effective settings: the one table of every key (its type, default, parser and
     help), then where each value came from.  Built by :func:`load_settings` only."""
 
-    redis_url: str = setting(lambda: "redis://127.0.0.1:6379/0", _parse_redis_url,
-                "shared state")
-    hls_dir: str = setting(lambda: "/var/www/hls", _parse_abs_path,
-                "where playlists and segments live")
-    access_log: str = setting(lambda: "/var/log/nginx/streams_access.log", _parse_abs_path,
-                "the nginx access log heartbeatd follows")
-    log_format: str = setting(lambda: "streamkeeper", _parse_nonempty_str,
-                "'streamkeeper' (ours) or a full nginx log_format string")
-    state_dir: str = setting(lambda: "/var/lib/streamkeeper", _parse_abs_path,
-                "checkpoints and other local state")
-    log_dir: str = setting(lambda: "/var/log/streamkeeper", _parse_abs_path,
-                "FFmpeg's own output, one capped file per channel (streamctl logs ID)")
-    idle_timeout: float = setting(lambda: 300.0, lambda v: _parse_number(v, minimum=1),
-                "seconds without a viewer before a stream is stopped")
-    flush_interval: float = setting(lambda: 1.0, _positive_seconds,
-                "seconds between heartbeat writes")
-    viewer_window: float = setting(lambda: 30.0, _seconds_or_off,
-                "seconds a viewer counts as watching after its last request (0: no viewer counting)")
-    host_id: str = setting(socket.gethostname, _parse_nonempty_str,
-                "which streaming host this is")
-    parse_workers: int = setting(lambda: 0, _parse_count,
-                "processes that parse a backlog of the access log in parallel (0: one per core, "
-                "at most 4; 1: parse in heartbeatd itself)")
-    launcher_listen: str = setting(lambda: "127.0.0.1:5000", _parse_host_port,
-                "host:port the launcher listens on (nginx's fallback calls it)")
-    launcher_allow_remote: bool = setting(lambda: False, _parse_bool,
-                "allow a non-loopback launcher_listen")
-    nginx_listen: str = setting(lambda: "80", _parse_nginx_listen,
-                "what the rendered nginx server block listens on")
+    redis_url: str = setting(lambda: "redis://127.0.0.1:6379/0", _parse_redis_url, "shared state")
+    hls_dir: str = setting(lambda: "/var/www/hls", _parse_abs_path, "where playlists and segments live")
+    access_log: str = setting(
+        lambda: "/var/log/nginx/streams_access.log", _parse_abs_path, "the nginx access log heartbeatd follows"
+    )
+    log_format: str = setting(
+        lambda: "streamkeeper", _parse_nonempty_str, "'streamkeeper' (ours) or a full nginx log_format string"
+    )
+    state_dir: str = setting(lambda: "/var/lib/streamkeeper", _parse_abs_path, "checkpoints and other local state")
+    log_dir: str = setting(
+        lambda: "/var/log/streamkeeper",
+        _parse_abs_path,
+        "FFmpeg's own output, one capped file per channel (streamctl logs ID)",
+    )
+    idle_timeout: float = setting(
+        lambda: 300.0, lambda v: _parse_number(v, minimum=1), "seconds without a viewer before a stream is stopped"
+    )
+    flush_interval: float = setting(lambda: 1.0, _positive_seconds, "seconds between heartbeat writes")
+    viewer_window: float = setting(
+        lambda: 30.0,
+        _seconds_or_off,
+        "seconds a viewer counts as watching after its last request (0: no viewer counting)",
+    )
+    host_id: str = setting(socket.gethostname, _parse_nonempty_str, "which streaming host this is")
+    parse_workers: int = setting(
+        lambda: 0,
+        _parse_count,
+        "processes that parse a backlog of the access log in parallel (0: one per core, "
+        "at most 4; 1: parse in heartbeatd itself)",
+    )
+    launcher_listen: str = setting(
+        lambda: "127.0.0.1:5000", _parse_host_port, "host:port the launcher listens on (nginx's fallback calls it)"
+    )
+    launcher_allow_remote: bool = setting(lambda: False, _parse_bool, "allow a non-loopback launcher_listen")
+    nginx_listen: str = setting(lambda: "80", _parse_nginx_listen, "what the rendered nginx server block listens on")
     ffmpeg: str = setting(lambda: "ffmpeg", _parse_command, "the ffmpeg binary")
-    hls_time: float = setting(lambda: 4.0, lambda v: _parse_number(v, minimum=0.5),
-                "target segment length, seconds")
-    hls_init_time: float = setting(lambda: 1.0, lambda v: _parse_number(v, minimum=0.5),
-                "length of the first segments, seconds (a faster first picture)")
-    hls_list_size: int = setting(lambda: 6, lambda v: int(_parse_number(v, minimum=2)),
-                "segments listed in the playlist")
-    start_timeout: float = setting(lambda: 20.0, lambda v: _parse_number(v, minimum=1),
-                "seconds a start may take before the player gets a 503")
-    min_segments: int = setting(lambda: 1, lambda v: int(_parse_number(v, minimum=1)),
-                "segments the playlist must list before the first player is sent to it")
-    quality_profiles: dict[str, dict[str, Any]] = setting(lambda: DEFAULT_QUALITY_PROFILES, _parse_profiles,
-                "FFmpeg video/audio options and probe settings per quality")
-    upstream_proxy: str = setting(lambda: "", _parse_proxy,
-                "proxy for every upstream connection: http://, socks5:// or socks5h:// (the "
-                "proxy resolves names), user:pass allowed ('' for none); a provider's or "
-                "channel's proxy wins")
-    egress_listen: str = setting(lambda: "127.0.0.1:5001", _parse_loopback_host_port,
-                "loopback host:port of the egress relay every upstream connection goes through")
-    upstream_allow: tuple[Network, ...] = setting(lambda: (), parse_networks,
-                "networks a source may connect to even though upstream_deny lists them "
-                "(tests and the demo: their loopback upstreams)")
-    upstream_deny: tuple[Network, ...] = setting(lambda: DEFAULT_UPSTREAM_DENY, parse_networks,
-                "networks no upstream connection may reach (default: loopback, link-local, "
-                "unspecified, multicast); Redis and our own services are always refused")
-    providers: dict[str, Provider] = setting(lambda: {}, parse_providers,
-                "[providers.<name>]: match (URL prefix), max_streams (connections the account "
-                "allows, 0: no limit), and defaults for user_agent, referer, headers, proxy, "
-                "resolver, tls_verify")
-    auth_url: str = setting(lambda: "", _parse_auth_url,
-                "the operator's viewer validator: nginx asks it (auth_request, with the token and the "
-                "channel) before a playlist or a cold start; '' lets everyone in")
-    auth_cache_seconds: int = setting(lambda: 10, _parse_count,
-                "seconds nginx keeps the validator's answer per token and channel (0: ask every time)")
-    auth_cache_dir: str = setting(lambda: "/var/lib/nginx/streamkeeper-auth", _parse_abs_path,
-                "where nginx keeps those answers (nginx creates the directory; its parent must exist: "
-                "/var/lib/nginx does on Debian)")
-    source_cooldown: float = setting(lambda: 60.0, lambda v: _parse_number(v, minimum=0),
-                "seconds a source that failed is skipped while a channel has other sources")
-    user_agent: str = setting(lambda: DEFAULT_USER_AGENT, _parse_header_text,
-                "User-Agent sent upstream unless the channel sets one")
-    tls_ca_file: str = setting(lambda: "/etc/ssl/certs/ca-certificates.crt", _parse_abs_path,
-                "CA certificates an https source's certificate is verified against")
-    max_streams: int = setting(lambda: 0, _parse_count,
-                "FFmpegs this host runs at most (0: 2 per CPU core); a start beyond it preempts "
-                "the stream longest without a request, else gets 503")
-    preempt_idle: float = setting(lambda: 15.0, lambda v: _parse_number(v, minimum=1),
-                "seconds without any request before a stream may be preempted by a new start")
-    start_rate_limit: int = setting(lambda: 30, _parse_count,
-                "cold starts per minute per client address, in nginx (burst 10; 0: no limit)")
-    min_free_mb: int = setting(lambda: 256, _parse_count,
-                "MB that must be free in hls_dir for a start (0: no check)")
-    reaper_interval: float = setting(lambda: 60.0, lambda v: _parse_number(v, minimum=0.1),
-                "seconds between reaper passes")
-    stop_grace: float = setting(lambda: 10.0, lambda v: _parse_number(v, minimum=0.1),
-                "seconds between SIGTERM and SIGKILL when a stream is stopped")
-    max_restarts: int = setting(lambda: 5, _parse_count,
-                "restarts within restart_window after which a stream is failed")
-    restart_window: float = setting(lambda: 300.0, lambda v: _parse_number(v, minimum=1),
-                "seconds over which max_restarts is counted")
-    failed_cooldown: float = setting(lambda: 60.0, lambda v: _parse_number(v, minimum=0),
-                "seconds a failed channel's starts get 503 with the reason, and no FFmpeg runs")
-    orphan_age: float = setting(lambda: 0.0, lambda v: _parse_number(v, minimum=1, allow_zero=True),
-                "seconds before files of no running stream are deleted (0: 2 x idle_timeout)")
-    host_timeout: float = setting(lambda: 0.0, lambda v: _parse_number(v, minimum=1, allow_zero=True),
-                "seconds before another host's records count as stale (0: 5 x reaper_interval)")
-    metrics_listen: str = setting(lambda: "", _parse_listen_or_off,
-                "host:port for heartbeatd's Prometheus metrics ('' or 'off': none)")
+    hls_time: float = setting(lambda: 4.0, lambda v: _parse_number(v, minimum=0.5), "target segment length, seconds")
+    hls_init_time: float = setting(
+        lambda: 1.0,
+        lambda v: _parse_number(v, minimum=0.5),
+        "length of the first segments, seconds (a faster first picture)",
+    )
+    hls_list_size: int = setting(
+        lambda: 6, lambda v: int(_parse_number(v, minimum=2)), "segments listed in the playlist"
+    )
+    start_timeout: float = setting(
+        lambda: 20.0, lambda v: _parse_number(v, minimum=1), "seconds a start may take before the player gets a 503"
+    )
+    min_segments: int = setting(
+        lambda: 1,
+        lambda v: int(_parse_number(v, minimum=1)),
+        "segments the playlist must list before the first player is sent to it",
+    )
+    quality_profiles: dict[str, dict[str, Any]] = setting(
+        lambda: DEFAULT_QUALITY_PROFILES, _parse_profiles, "FFmpeg video/audio options and probe settings per quality"
+    )
+    upstream_proxy: str = setting(
+        lambda: "",
+        _parse_proxy,
+        "proxy for every upstream connection: http://, socks5:// or socks5h:// (the "
+        "proxy resolves names), user:pass allowed ('' for none); a provider's or "
+        "channel's proxy wins",
+    )
+    egress_listen: str = setting(
+        lambda: "127.0.0.1:5001",
+        _parse_loopback_host_port,
+        "loopback host:port of the egress relay every upstream connection goes through",
+    )
+    upstream_allow: tuple[Network, ...] = setting(
+        lambda: (),
+        parse_networks,
+        "networks a source may connect to even though upstream_deny lists them "
+        "(tests and the demo: their loopback upstreams)",
+    )
+    upstream_deny: tuple[Network, ...] = setting(
+        lambda: DEFAULT_UPSTREAM_DENY,
+        parse_networks,
+        "networks no upstream connection may reach (default: loopback, link-local, "
+        "unspecified, multicast); Redis and our own services are always refused",
+    )
+    providers: dict[str, Provider] = setting(
+        lambda: {},
+        parse_providers,
+        "[providers.<name>]: match (URL prefix), max_streams (connections the account "
+        "allows, 0: no limit), and defaults for user_agent, referer, headers, proxy, "
+        "resolver, tls_verify",
+    )
+    auth_url: str = setting(
+        lambda: "",
+        _parse_auth_url,
+        "the operator's viewer validator: nginx asks it (auth_request, with the token and the "
+        "channel) before a playlist or a cold start; '' lets everyone in",
+    )
+    auth_cache_seconds: int = setting(
+        lambda: 10, _parse_count, "seconds nginx keeps the validator's answer per token and channel (0: ask every time)"
+    )
+    auth_cache_dir: str = setting(
+        lambda: "/var/lib/nginx/streamkeeper-auth",
+        _parse_abs_path,
+        "where nginx keeps those answers (nginx creates the directory; its parent must exist: "
+        "/var/lib/nginx does on Debian)",
+    )
+    source_cooldown: float = setting(
+        lambda: 60.0,
+        lambda v: _parse_number(v, minimum=0),
+        "seconds a source that failed is skipped while a channel has other sources",
+    )
+    user_agent: str = setting(
+        lambda: DEFAULT_USER_AGENT, _parse_header_text, "User-Agent sent upstream unless the channel sets one"
+    )
+    tls_ca_file: str = setting(
+        lambda: "/etc/ssl/certs/ca-certificates.crt",
+        _parse_abs_path,
+        "CA certificates an https source's certificate is verified against",
+    )
+    max_streams: int = setting(
+        lambda: 0,
+        _parse_count,
+        "FFmpegs this host runs at most (0: 2 per CPU core); a start beyond it preempts "
+        "the stream longest without a request, else gets 503",
+    )
+    preempt_idle: float = setting(
+        lambda: 15.0,
+        lambda v: _parse_number(v, minimum=1),
+        "seconds without any request before a stream may be preempted by a new start",
+    )
+    start_rate_limit: int = setting(
+        lambda: 30, _parse_count, "cold starts per minute per client address, in nginx (burst 10; 0: no limit)"
+    )
+    min_free_mb: int = setting(lambda: 256, _parse_count, "MB that must be free in hls_dir for a start (0: no check)")
+    reaper_interval: float = setting(
+        lambda: 60.0, lambda v: _parse_number(v, minimum=0.1), "seconds between reaper passes"
+    )
+    stop_grace: float = setting(
+        lambda: 10.0,
+        lambda v: _parse_number(v, minimum=0.1),
+        "seconds between SIGTERM and SIGKILL when a stream is stopped",
+    )
+    max_restarts: int = setting(
+        lambda: 5, _parse_count, "restarts within restart_window after which a stream is failed"
+    )
+    restart_window: float = setting(
+        lambda: 300.0, lambda v: _parse_number(v, minimum=1), "seconds over which max_restarts is counted"
+    )
+    failed_cooldown: float = setting(
+        lambda: 60.0,
+        lambda v: _parse_number(v, minimum=0),
+        "seconds a failed channel's starts get 503 with the reason, and no FFmpeg runs",
+    )
+    orphan_age: float = setting(
+        lambda: 0.0,
+        lambda v: _parse_number(v, minimum=1, allow_zero=True),
+        "seconds before files of no running stream are deleted (0: 2 x idle_timeout)",
+    )
+    host_timeout: float = setting(
+        lambda: 0.0,
+        lambda v: _parse_number(v, minimum=1, allow_zero=True),
+        "seconds before another host's records count as stale (0: 5 x reaper_interval)",
+    )
+    metrics_listen: str = setting(
+        lambda: "", _parse_listen_or_off, "host:port for heartbeatd's Prometheus metrics ('' or 'off': none)"
+    )
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)  # key -> where from
     config_path: str | None = None
 
@@ -367,8 +455,11 @@ class Settings:
         return shown_value(key, getattr(self, key))
 
 
-SPECS: tuple[SettingSpec, ...] = tuple(SettingSpec(field.name, *field.metadata["spec"])
-                                       for field in dataclasses.fields(Settings) if "spec" in field.metadata)
+SPECS: tuple[SettingSpec, ...] = tuple(
+    SettingSpec(field.name, *field.metadata["spec"])
+    for field in dataclasses.fields(Settings)
+    if "spec" in field.metadata
+)
 SPEC_BY_KEY = {spec.key: spec for spec in SPECS}
 
 
@@ -376,6 +467,7 @@ def _shown_provider_field(field: str, value: Any) -> Any:
     from urllib.parse import urlsplit
 
     from .redact import ELLIPSIS, redact_url
+
     if field == "proxy":
         return redact_url(value)
     if field == "match":
@@ -388,15 +480,20 @@ def _shown_provider_field(field: str, value: Any) -> Any:
 
 def shown_value(key: str, value: Any) -> Any:
     from .redact import redact_url
+
     if key == "upstream_proxy":
         return redact_url(value) if value else ""
     if key in ("upstream_allow", "upstream_deny"):
         return [str(network) for network in value]
-    if key == "providers":        # an account is in match's path, a token may be in a header
-        return {name: {field: _shown_provider_field(field, v)
-                       for field, v in dataclasses.asdict(provider).items()
-                       if field != "name" and v not in (None, {}, "")}
-                for name, provider in value.items()}
+    if key == "providers":  # an account is in match's path, a token may be in a header
+        return {
+            name: {
+                field: _shown_provider_field(field, v)
+                for field, v in dataclasses.asdict(provider).items()
+                if field != "name" and v not in (None, {}, "")
+            }
+            for name, provider in value.items()
+        }
     return value
 
 
@@ -427,9 +524,9 @@ def _read_toml(path: str) -> dict[str, Any]:
     return data
 
 
-def load_settings(config_path: str | None = None,
-                  overrides: Mapping[str, Any] | None = None,
-                  environ: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    config_path: str | None = None, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
     """Build the effective settings; raise SettingsError naming the bad key."""
     environ = os.environ if environ is None else environ
     path, _found_by = find_config_path(config_path, environ)
@@ -477,12 +574,12 @@ def _derive_defaults(values: dict, sources: dict) -> None:
 # veryfast) at real time, with headroom (bench/capacity.py measures it).
 STREAMS_PER_CORE = 2
 
-LOOPBACK_HOSTS = {"127.0.0.1", "::1", "[::1]", "localhost"}
-
 
 def _check_launcher_listen(values: dict) -> None:
     host = values["launcher_listen"].rpartition(":")[0]
-    if host not in LOOPBACK_HOSTS and not host.startswith("127.") and not values["launcher_allow_remote"]:
-        raise SettingsError(f"setting launcher_listen: {values['launcher_listen']!r} is not a loopback "
-                            "address; the launcher starts processes on request, so set "
-                            "launcher_allow_remote = true if you really mean it")
+    if not is_loopback_host(host) and not values["launcher_allow_remote"]:
+        raise SettingsError(
+            f"setting launcher_listen: {values['launcher_listen']!r} is not a loopback "
+            "address; the launcher starts processes on request, so set "
+            "launcher_allow_remote = true if you really mean it"
+        )

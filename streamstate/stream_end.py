@@ -14,6 +14,7 @@ stop`` (with or without the launcher) and the launcher's adoption at start-up:
   **slot**, once the relay holds none of its connections (a provider never sees one
   connection over its limit).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,26 +29,27 @@ from .process import ProcessHandle, StreamProcess, stop_processes
 # The longest the stop waits for the relay to close a stream's upstream connections
 # before it frees the slot anyway (the relay closes them as soon as FFmpeg's side closes).
 RELAY_CLOSE_WAIT = 5.0
-MAX_BACKOFF = 60.0        # seconds; the wait before a restart doubles from 1 s up to this
+MAX_BACKOFF = 60.0  # seconds; the wait before a restart doubles from 1 s up to this
 
 
 class Next(enum.Enum):
-    RESTART = "restart"   # a new FFmpeg continues the viewers' playlist after ``delay``
-    WAIT = "wait"         # the host's problem (relay down, disk full): retry, spending no restart
-    FAIL = "fail"         # failed: files and keys go, starts get 503 for failed_cooldown
-    STOP = "stop"         # no longer wanted: files and keys go
+    RESTART = "restart"  # a new FFmpeg continues the viewers' playlist after ``delay``
+    WAIT = "wait"  # the host's problem (relay down, disk full): retry, spending no restart
+    FAIL = "fail"  # failed: files and keys go, starts get 503 for failed_cooldown
+    STOP = "stop"  # no longer wanted: files and keys go
 
 
 class Cause(enum.Enum):
     """Why an FFmpeg ended, as far as the next step cares (the text a player or an
     operator sees is kept beside it, never branched on)."""
-    EXITED = "exited"             # it exited or crashed
-    STALLED = "stalled"           # no new segment for stall_after
-    SOURCE = "source"             # the source refused, failed or sent nothing playable
-    REFUSED = "refused"           # the relay refused an address (or the upstream was unreachable)
-    PROXY = "proxy"               # the channel's proxy cannot be used: no source would do better
-    RELAY_DOWN = "relay down"     # the egress relay does not answer
-    DISK_FULL = "disk full"       # hls_dir is full
+
+    EXITED = "exited"  # it exited or crashed
+    STALLED = "stalled"  # no new segment for stall_after
+    SOURCE = "source"  # the source refused, failed or sent nothing playable
+    REFUSED = "refused"  # the relay refused an address (or the upstream was unreachable)
+    PROXY = "proxy"  # the channel's proxy cannot be used: no source would do better
+    RELAY_DOWN = "relay down"  # the egress relay does not answer
+    DISK_FULL = "disk full"  # hls_dir is full
     LAUNCHER = "launcher error"
 
 
@@ -62,8 +64,15 @@ class Step:
     why: str = ""
 
 
-def after_exit(cause: Cause, *, ever_playable: bool, wanted: bool, restarts_in_window: int,
-               max_restarts: int, restart_window: float) -> Step:
+def after_exit(
+    cause: Cause,
+    *,
+    ever_playable: bool,
+    wanted: bool,
+    restarts_in_window: int,
+    max_restarts: int,
+    restart_window: float,
+) -> Step:
     """What follows an FFmpeg that ended (not by a stop): see the module docstring.
 
     The first restart within restart_window is immediate (the viewers' players hold a few
@@ -84,39 +93,56 @@ def after_exit(cause: Cause, *, ever_playable: bool, wanted: bool, restarts_in_w
 
 # -- the stop routine ---------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class StopTarget:
     """One stream to stop, as the caller read it (its record, or a legacy record's pid)."""
+
     channel: str
     pid: int
-    run_id: str | None = None          # None: a legacy record (or junk): compared by its pid key
+    run_id: str | None = None  # None: a legacy record (or junk): compared by its pid key
     pid_start: int | None = None
-    pid_raw: str | None = None         # a legacy record's pid key as stored
-    provider: str = ""                 # the provider whose connection slot the run holds
-    local: bool = True                 # this host's: signal it, delete its files and ticket
-    why: str = ""                      # for the log line
+    pid_raw: str | None = None  # a legacy record's pid key as stored
+    provider: str = ""  # the provider whose connection slot the run holds
+    local: bool = True  # this host's: signal it, delete its files and ticket
+    why: str = ""  # for the log line
 
     @classmethod
     def of_record(cls, record: runs.RunRecord, why: str, *, local: bool = True) -> "StopTarget":
-        return cls(channel=record.channel, pid=record.pid, run_id=record.run_id,
-                   pid_start=record.pid_start, provider=record.provider, local=local, why=why)
+        return cls(
+            channel=record.channel,
+            pid=record.pid,
+            run_id=record.run_id,
+            pid_start=record.pid_start,
+            provider=record.provider,
+            local=local,
+            why=why,
+        )
 
 
 @dataclasses.dataclass
 class Stopped:
     target: StopTarget
-    signalled: bool = False          # its process was proven and signalled
-    killed: bool = False             # ... and needed SIGKILL
-    keys_deleted: bool = False       # False: a newer run owns them now (or Redis failed)
+    signalled: bool = False  # its process was proven and signalled
+    killed: bool = False  # ... and needed SIGKILL
+    keys_deleted: bool = False  # False: a newer run owns them now (or Redis failed)
 
 
 class StopAborted(RuntimeError):
     """Redis failed before any stream was marked: nothing was signalled."""
 
 
-def stop_streams(client, settings, targets: list[StopTarget], *, executable: str | None,
-                 log: logging.Logger, signal: bool = True, need_mark: bool = True,
-                 relay_wait: float = RELAY_CLOSE_WAIT) -> list[Stopped]:
+def stop_streams(
+    client,
+    settings,
+    targets: list[StopTarget],
+    *,
+    executable: str | None,
+    log: logging.Logger,
+    signal: bool = True,
+    need_mark: bool = True,
+    relay_wait: float = RELAY_CLOSE_WAIT,
+) -> list[Stopped]:
     """Stop ``targets`` in the one order (module docstring); blocking, bounded by
     stop_grace and ``relay_wait``.  ``signal``: False when the process is known gone (a
     stale record).  ``need_mark``: a Redis failure at the mark aborts (StopAborted) so a
@@ -133,13 +159,25 @@ def stop_streams(client, settings, targets: list[StopTarget], *, executable: str
     _wait_relay(settings, results, log, relay_wait)
     for result in results:
         if result.target.local:
-            _on_disk(log, result.target.channel, "its files", files.delete_stream_files, settings.hls_dir,
-                     result.target.channel)
+            _on_disk(
+                log,
+                result.target.channel,
+                "its files",
+                files.delete_stream_files,
+                settings.hls_dir,
+                result.target.channel,
+            )
     _delete_keys(client, results, log)
     for result in results:
         if result.target.local and result.keys_deleted:
-            _on_disk(log, result.target.channel, "its egress ticket", egress.delete_ticket, settings.state_dir,
-                     result.target.channel)
+            _on_disk(
+                log,
+                result.target.channel,
+                "its egress ticket",
+                egress.delete_ticket,
+                settings.state_dir,
+                result.target.channel,
+            )
     _release_slots(client, results, log)
     return results
 
@@ -150,8 +188,7 @@ def _on_disk(log: logging.Logger, channel: str, what: str, delete, *args) -> Non
     try:
         delete(*args)
     except OSError as exc:
-        log.warning("channel %s: cannot delete %s (%s); the reaper removes them as orphans", channel,
-                    what, exc)
+        log.warning("channel %s: cannot delete %s (%s); the reaper removes them as orphans", channel, what, exc)
 
 
 def _mark(client, targets: list[StopTarget], need_mark: bool, log: logging.Logger) -> None:
@@ -166,8 +203,9 @@ def _mark(client, targets: list[StopTarget], need_mark: bool, log: logging.Logge
     except redis.RedisError as exc:
         if need_mark:
             raise StopAborted(f"redis unavailable ({exc}); nothing was stopped") from None
-        log.warning("cannot mark %s stopping (%s); stopping anyway",
-                    ", ".join(f"channel {t.channel}" for t in marked), exc)
+        log.warning(
+            "cannot mark %s stopping (%s); stopping anyway", ", ".join(f"channel {t.channel}" for t in marked), exc
+        )
 
 
 def _signal(settings, results: list[Stopped], executable: str | None, log: logging.Logger) -> None:
@@ -179,8 +217,9 @@ def _signal(settings, results: list[Stopped], executable: str | None, log: loggi
         proof = StreamProcess.of_channel(executable, settings.hls_dir, target.channel, target.pid_start)
         handle = ProcessHandle.open_proven(target.pid, proof)
         if handle is None:
-            log.info("channel %s: pid %s is gone or no longer its FFmpeg; nothing to signal",
-                     target.channel, target.pid)
+            log.info(
+                "channel %s: pid %s is gone or no longer its FFmpeg; nothing to signal", target.channel, target.pid
+            )
             continue
         handles[handle] = result
         result.signalled = True
@@ -188,27 +227,35 @@ def _signal(settings, results: list[Stopped], executable: str | None, log: loggi
     try:
         for handle in stop_processes(list(handles), settings.stop_grace):
             handles[handle].killed = True
-            log.warning("channel %s: pid %s ignored SIGTERM for %g s; SIGKILL",
-                        handles[handle].target.channel, handle.pid, settings.stop_grace)
+            log.warning(
+                "channel %s: pid %s ignored SIGTERM for %g s; SIGKILL",
+                handles[handle].target.channel,
+                handle.pid,
+                settings.stop_grace,
+            )
     finally:
         for handle in handles:
             handle.close()
 
 
 def _delete_keys(client, results: list[Stopped], log: logging.Logger) -> None:
-    items = [(r.target.channel, "run", r.target.run_id) if r.target.run_id
-             else (r.target.channel, "pid", r.target.pid_raw or "") for r in results]
+    items = [
+        (r.target.channel, "run", r.target.run_id)
+        if r.target.run_id
+        else (r.target.channel, "pid", r.target.pid_raw or "")
+        for r in results
+    ]
     try:
         for start in range(0, len(items), BATCH):
-            for result, deleted in zip(results[start:start + BATCH],
-                                       runs.delete_many_if_ours(client, items[start:start + BATCH])):
+            for result, deleted in zip(
+                results[start : start + BATCH], runs.delete_many_if_ours(client, items[start : start + BATCH])
+            ):
                 result.keys_deleted = deleted
     except redis.RedisError as exc:
-        log.warning("cannot delete the keys of %d stopped stream(s) (%s); the reaper clears them",
-                    len(results), exc)
+        log.warning("cannot delete the keys of %d stopped stream(s) (%s); the reaper clears them", len(results), exc)
 
 
-BATCH = 500               # records per compare-and-delete script call
+BATCH = 500  # records per compare-and-delete script call
 
 
 def _wait_relay(settings, results: list[Stopped], log: logging.Logger, relay_wait: float) -> None:
@@ -216,10 +263,19 @@ def _wait_relay(settings, results: list[Stopped], log: logging.Logger, relay_wai
     connections (another host's stale run: its connections are not ours to see)."""
     for result in results:
         target = result.target
-        if target.local and target.provider and target.run_id \
-                and not egress.wait_closed(settings.egress_listen, target.channel, relay_wait):
-            log.warning("channel %s: the relay still holds its upstream connection after %g s; its "
-                        "slot of provider %s is freed anyway", target.channel, relay_wait, target.provider)
+        if (
+            target.local
+            and target.provider
+            and target.run_id
+            and not egress.wait_closed(settings.egress_listen, target.channel, relay_wait)
+        ):
+            log.warning(
+                "channel %s: the relay still holds its upstream connection after %g s; its "
+                "slot of provider %s is freed anyway",
+                target.channel,
+                relay_wait,
+                target.provider,
+            )
 
 
 def _release_slots(client, results: list[Stopped], log: logging.Logger) -> None:
@@ -231,5 +287,9 @@ def _release_slots(client, results: list[Stopped], log: logging.Logger) -> None:
         try:
             providers.release_slot(client, target.provider, target.channel, target.run_id)
         except redis.RedisError as exc:
-            log.warning("channel %s: cannot free its slot of provider %s (%s); it is reclaimed at "
-                        "the next start", target.channel, target.provider, exc)
+            log.warning(
+                "channel %s: cannot free its slot of provider %s (%s); it is reclaimed at " "the next start",
+                target.channel,
+                target.provider,
+                exc,
+            )

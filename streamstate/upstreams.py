@@ -11,6 +11,7 @@ Every connection to an upstream, FFmpeg's or a resolver's, goes through the egre
 multicast), ``upstream_allow`` (wins over the deny list), and the host's own services
 (Redis, the launcher, the relay), which are always refused.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,38 +20,55 @@ import socket
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
-from .channels import (MAX_FIELD_CHARS, RESOLVERS, Channel, ChannelError, _check_text, check_headers,
-                       check_provider_name, check_proxy, check_resolver, check_tls_verify)
+from .channels import (
+    MAX_FIELD_CHARS,
+    RESOLVERS,
+    Channel,
+    ChannelError,
+    _check_text,
+    check_headers,
+    check_provider_name,
+    check_proxy,
+    check_resolver,
+    check_tls_verify,
+)
 
-DEFAULT_UPSTREAM_DENY = ("127.0.0.0/8", "::1/128",          # loopback: this host's services
-                         "169.254.0.0/16", "fe80::/10",     # link-local: cloud metadata (AWS,
-                                                            # GCP, Azure, Oracle, DigitalOcean)
-                         "100.64.0.0/10",                   # shared address space (CGNAT): a
-                                                            # provider's internal network, and
-                                                            # Alibaba's metadata (100.100.100.200)
-                         "fd00:ec2::/32",                   # AWS's IPv6 metadata (fd00:ec2::254)
-                         "fd20:ce::254/128",                # GCP's IPv6 metadata
-                         "192.0.0.192/32",                  # Oracle Cloud Classic's metadata
-                         "64:ff9b:1::/48",                  # local-use NAT64 (RFC 8215): its
-                                                            # IPv4 may sit anywhere in it
-                         "2001::/32",                       # Teredo: a relay takes it to the
-                                                            # IPv4 it carries, obfuscated
-                         "0.0.0.0/8", "::/128",             # unspecified: this host again
-                         "224.0.0.0/4", "ff00::/8")         # multicast
+DEFAULT_UPSTREAM_DENY = (
+    "127.0.0.0/8",
+    "::1/128",  # loopback: this host's services
+    "169.254.0.0/16",
+    "fe80::/10",  # link-local: cloud metadata (AWS,
+    # GCP, Azure, Oracle, DigitalOcean)
+    "100.64.0.0/10",  # shared address space (CGNAT): a
+    # provider's internal network, and
+    # Alibaba's metadata (100.100.100.200)
+    "fd00:ec2::/32",  # AWS's IPv6 metadata (fd00:ec2::254)
+    "fd20:ce::254/128",  # GCP's IPv6 metadata
+    "192.0.0.192/32",  # Oracle Cloud Classic's metadata
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): its
+    # IPv4 may sit anywhere in it
+    "2001::/32",  # Teredo: a relay takes it to the
+    # IPv4 it carries, obfuscated
+    "0.0.0.0/8",
+    "::/128",  # unspecified: this host again
+    "224.0.0.0/4",
+    "ff00::/8",
+)  # multicast
 # IPv6 ranges that carry an IPv4 address in their last 32 bits: such an address is judged by
 # the IPv4 it carries (a NAT64 gateway or a translator would take it there).
-_EMBEDDED_IPV4_NETWORKS = (ipaddress.ip_network("::ffff:0:0:0/96"),    # IPv4-translated (SIIT)
-                           ipaddress.ip_network("64:ff9b::/96"),       # NAT64, well-known prefix
-                           ipaddress.ip_network("::/96"))              # IPv4-compatible (deprecated)
-PROVIDER_KEYS = {"match", "max_streams", "user_agent", "referer", "headers", "proxy", "resolver",
-                 "tls_verify"}
+_EMBEDDED_IPV4_NETWORKS = (
+    ipaddress.ip_network("::ffff:0:0:0/96"),  # IPv4-translated (SIIT)
+    ipaddress.ip_network("64:ff9b::/96"),  # NAT64, well-known prefix
+    ipaddress.ip_network("::/96"),
+)  # IPv4-compatible (deprecated)
+PROVIDER_KEYS = {"match", "max_streams", "user_agent", "referer", "headers", "proxy", "resolver", "tls_verify"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Provider:
     name: str
     match: str = ""
-    max_streams: int = 0               # 0: no limit
+    max_streams: int = 0  # 0: no limit
     user_agent: str | None = None
     referer: str | None = None
     headers: dict = dataclasses.field(default_factory=dict)
@@ -63,6 +81,7 @@ def parse_providers(value: Any) -> dict[str, Provider]:
     """``[providers.<name>]`` tables, every field checked as a channel's (ValueError)."""
     if isinstance(value, str):
         import json
+
         try:
             value = json.loads(value) if value.strip() else {}
         except ValueError as exc:
@@ -89,9 +108,15 @@ def parse_providers(value: Any) -> dict[str, Provider]:
                 if table.get(field):
                     text[field] = _check_text(label, field, table[field], MAX_FIELD_CHARS[field])
             providers[name] = Provider(
-                name=name, match=match, max_streams=limit, headers=check_headers(label, table.get("headers")),
-                proxy=check_proxy(label, table.get("proxy")), resolver=check_resolver(label, table.get("resolver")),
-                tls_verify=check_tls_verify(label, table.get("tls_verify")), **text)
+                name=name,
+                match=match,
+                max_streams=limit,
+                headers=check_headers(label, table.get("headers")),
+                proxy=check_proxy(label, table.get("proxy")),
+                resolver=check_resolver(label, table.get("resolver")),
+                tls_verify=check_tls_verify(label, table.get("tls_verify")),
+                **text,
+            )
         except ChannelError as exc:
             raise ValueError(str(exc).replace("channel provider", "provider")) from None
     return providers
@@ -133,17 +158,23 @@ def provider_of(channel: Channel, providers: dict[str, Provider]) -> Provider | 
     if channel.provider:
         provider = providers.get(channel.provider)
         if provider is None:
-            raise ChannelError(f"channel {channel.id}: provider {channel.provider} is not configured "
-                               "(no [providers.<name>] of that name)")
+            raise ChannelError(
+                f"channel {channel.id}: provider {channel.provider} is not configured "
+                "(no [providers.<name>] of that name)"
+            )
         others = matched - {channel.provider}
         if others:
             # A record naming one account for another's sources would take the wrong slot.
-            raise ChannelError(f"channel {channel.id}: its sources belong to provider "
-                               f"{' and '.join(sorted(others))}, not {channel.provider}")
+            raise ChannelError(
+                f"channel {channel.id}: its sources belong to provider "
+                f"{' and '.join(sorted(others))}, not {channel.provider}"
+            )
         return provider
     if len(matched) > 1:
-        raise ChannelError(f"channel {channel.id}: its sources belong to providers "
-                           f"{' and '.join(sorted(matched))}; give each its own channel")
+        raise ChannelError(
+            f"channel {channel.id}: its sources belong to providers "
+            f"{' and '.join(sorted(matched))}; give each its own channel"
+        )
     return providers[matched.pop()] if matched else None
 
 
@@ -157,9 +188,11 @@ def matching_providers(url: str, providers: dict[str, Provider]) -> list[str]:
     address when it names one in any spelling (http://127.1:8080/acct/ is
     http://127.0.0.1:8080/acct/, and so is http://localhost:8080/acct/)."""
     canonical = _canonical_url(url)
-    return [provider.name for provider in providers.values()
-            if provider.match and (url.startswith(provider.match)
-                                   or canonical.startswith(_canonical_url(provider.match)))]
+    return [
+        provider.name
+        for provider in providers.values()
+        if provider.match and (url.startswith(provider.match) or canonical.startswith(_canonical_url(provider.match)))
+    ]
 
 
 def _canonical_url(url: str) -> str:
@@ -218,11 +251,16 @@ def upstream_of(channel: Channel, settings) -> Upstream:
     resolver = pick("resolver") or "none"
     assert resolver in RESOLVERS
     tls_verify = pick("tls_verify")
-    return Upstream(channel=channel, provider=provider,
-                    proxy=pick("proxy") or settings.upstream_proxy or None,
-                    resolver=resolver, tls_verify=True if tls_verify is None else tls_verify,
-                    user_agent=pick("user_agent") or settings.user_agent, referer=pick("referer"),
-                    headers={**base.headers, **channel.headers})
+    return Upstream(
+        channel=channel,
+        provider=provider,
+        proxy=pick("proxy") or settings.upstream_proxy or None,
+        resolver=resolver,
+        tls_verify=True if tls_verify is None else tls_verify,
+        user_agent=pick("user_agent") or settings.user_agent,
+        referer=pick("referer"),
+        headers={**base.headers, **channel.headers},
+    )
 
 
 # -- addresses --------------------------------------------------------------------------
@@ -235,7 +273,7 @@ def parse_networks(value: Any) -> tuple[Network, ...]:
     if isinstance(value, str):
         value = [part for part in value.replace(",", " ").split() if part]
     if not isinstance(value, (list, tuple)):
-        raise ValueError("expected a list of networks, e.g. [\"10.0.0.0/8\", \"127.0.0.2/32\"]")
+        raise ValueError('expected a list of networks, e.g. ["10.0.0.0/8", "127.0.0.2/32"]')
     networks = []
     for item in value:
         try:
@@ -261,24 +299,31 @@ def normal_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addres
     if parsed.sixtofour is not None:
         return parsed.sixtofour
     if parsed not in (ipaddress.IPv6Address("::"), ipaddress.IPv6Address("::1")) and any(
-            parsed in network for network in _EMBEDDED_IPV4_NETWORKS):
+        parsed in network for network in _EMBEDDED_IPV4_NETWORKS
+    ):
         return ipaddress.IPv4Address(int(parsed) & 0xFFFFFFFF)
     return parsed
 
 
-def socks_connection(proxy: str, host: str, port: int, timeout: float, *,
-                     remote_dns: bool | None = None):
+def socks_connection(proxy: str, host: str, port: int, timeout: float, *, remote_dns: bool | None = None):
     """A socket connected to host:port through a socks5:// or socks5h:// proxy (pysocks;
     socks5h lets the proxy resolve the name unless ``remote_dns`` says otherwise).
     Raises pysocks' ProxyError or OSError."""
-    import socks
     from urllib.parse import unquote
+
+    import socks
+
     parts = urlsplit(proxy)
     return socks.create_connection(
-        (host, port), timeout=timeout, proxy_type=socks.SOCKS5, proxy_addr=parts.hostname,
-        proxy_port=parts.port, proxy_rdns=parts.scheme == "socks5h" if remote_dns is None else remote_dns,
+        (host, port),
+        timeout=timeout,
+        proxy_type=socks.SOCKS5,
+        proxy_addr=parts.hostname,
+        proxy_port=parts.port,
+        proxy_rdns=parts.scheme == "socks5h" if remote_dns is None else remote_dns,
         proxy_username=unquote(parts.username) if parts.username else None,
-        proxy_password=unquote(parts.password) if parts.password else None)
+        proxy_password=unquote(parts.password) if parts.password else None,
+    )
 
 
 def literal_address(host: str) -> str | None:
@@ -300,8 +345,7 @@ def literal_address(host: str) -> str | None:
 class AddressPolicy:
     """May a connection go to this address and port?  Decided on the address itself."""
 
-    def __init__(self, allow: Iterable[Network], deny: Iterable[Network],
-                 own_services: Iterable[tuple[str, int]] = ()):
+    def __init__(self, allow: Iterable[Network], deny: Iterable[Network], own_services: Iterable[tuple[str, int]] = ()):
         self.allow = tuple(allow)
         self.deny = tuple(deny)
         own = [(normal_address(host), port) for host, port in own_services if normal_address(host) is not None]
@@ -332,8 +376,11 @@ class AddressPolicy:
     def refuses_service(self, address: str, port: int) -> bool:
         """A proxy may be on loopback (WARP is), but never one of our own services."""
         parsed = normal_address(address)
-        return parsed is None or (parsed, port) in self.own_services or (
-            port in self.own_ports_everywhere and is_local(parsed))
+        return (
+            parsed is None
+            or (parsed, port) in self.own_services
+            or (port in self.own_ports_everywhere and is_local(parsed))
+        )
 
 
 def is_local(address) -> bool:
@@ -364,7 +411,7 @@ def own_service_addresses(settings) -> list[tuple[str, int]]:
         if listen:
             host, _, port = listen.rpartition(":")
             endpoints.append((host.strip("[]"), int(port)))
-    nginx = _nginx_listen_endpoint(settings.nginx_listen)     # a redirect back to our own /live/
+    nginx = _nginx_listen_endpoint(settings.nginx_listen)  # a redirect back to our own /live/
     if nginx:
         endpoints.append(nginx)
     found = []

@@ -1,4 +1,5 @@
 """The URL paths nginx, the launcher and heartbeatd agree on."""
+
 from __future__ import annotations
 
 # Where the launcher's X-Accel-Redirect sends nginx for a cold start's answer: an

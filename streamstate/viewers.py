@@ -1,6 +1,7 @@
 """Who a viewer is: the one rule heartbeatd (from access log lines) and the launcher (from
 the request nginx forwards) share, so a launcher can tell whether the viewer asking for a
 channel is the only one watching another (a channel change)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -43,5 +44,8 @@ def nginx_log_escape(value: bytes) -> bytes:
 def viewer_of_request(query: str, address: str, user_agent: str) -> str:
     """The hash heartbeatd gives the viewer whose request nginx forwarded to the launcher."""
     agent = nginx_log_escape(user_agent.encode("latin-1", "replace"))
-    return viewer_hash(viewer_identity(token_from_query(query.encode("latin-1", "replace")),
-                                       (address or "-").encode("ascii", "replace"), agent))
+    return viewer_hash(
+        viewer_identity(
+            token_from_query(query.encode("latin-1", "replace")), (address or "-").encode("ascii", "replace"), agent
+        )
+    )

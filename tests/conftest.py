@@ -1,4 +1,5 @@
 """Fixtures start their own servers on free loopback ports in temp dirs and stop them by pid."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,9 @@ TIERS = ("unit", "integration", "e2e")
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if not any(item.get_closest_marker(tier) for tier in TIERS):
-            item.add_marker(pytest.mark.e2e if "stack" in getattr(item, "fixturenames", ()) else
-                            pytest.mark.integration)
+            item.add_marker(
+                pytest.mark.e2e if "stack" in getattr(item, "fixturenames", ()) else pytest.mark.integration
+            )
 
 
 def stop_by_pid(process: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
@@ -59,9 +61,26 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server is not installed (make test installs it)")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
-             "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                self.directory,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
 
         def answers():
@@ -70,6 +89,7 @@ class RedisServer:
             except redis.RedisError:
                 assert self.process.poll() is None, "redis-server exited"
                 return False
+
         wait_for(answers, timeout=10, message="redis-server to answer PING")
 
     def stop(self) -> None:
@@ -113,9 +133,13 @@ class Daemon:
     def __init__(self, module: str, args: list[str], env: dict | None = None):
         self._log = tempfile.NamedTemporaryFile(prefix=f"sk-{module}-", suffix=".log", delete=False)
         self.log_path = self._log.name
-        self.process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
-                                        stdout=self._log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(env or {})})
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
 
     def output(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as handle:
@@ -135,6 +159,7 @@ def daemons():
         daemon = Daemon(module, list(args), env)
         started.append(daemon)
         return daemon
+
     yield start
     for daemon in started:
         daemon.stop(signal.SIGKILL)
@@ -154,29 +179,37 @@ class NginxServer:
         if not os.path.exists(binary):
             pytest.fail("nginx is not installed (make test installs it)")
         conf = write_nginx_conf(directory, http_body)
-        self.process = subprocess.Popen([binary, "-p", directory, "-c", conf, "-g", "daemon off;"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            [binary, "-p", directory, "-c", conf, "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
         def listening():
             assert self.process.poll() is None, self.process.stderr.read().decode()
             return port_open(self.port)
+
         wait_for(listening, timeout=10, message="nginx to listen")
 
     @classmethod
     def with_server_block(cls, directory: str, server_block: str) -> "NginxServer":
         """Our log format and one server {} of the test's."""
         port = free_port()
-        return cls(directory, f"""include {REPO}/nginx/streamkeeper-log-format.conf;
+        return cls(
+            directory,
+            f"""include {REPO}/nginx/streamkeeper-log-format.conf;
     server {{
         listen 127.0.0.1:{port};
         {server_block}
-    }}""", port)
+    }}""",
+            port,
+        )
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def stop(self) -> None:
-        stop_by_pid(self.process, signal.SIGQUIT)         # nginx: graceful shutdown
+        stop_by_pid(self.process, signal.SIGQUIT)  # nginx: graceful shutdown
 
 
 @pytest.fixture
@@ -189,6 +222,7 @@ def nginx_factory(tmp_path):
         server = NginxServer.with_server_block(str(directory), server_block)
         servers.append(server)
         return server
+
     yield start
     for server in servers:
         server.stop()
@@ -212,17 +246,24 @@ class RenderedNginx(NginxServer):
 
     def __init__(self, directory: str, settings: dict):
         port = free_port()
-        values = {"hls_dir": os.path.join(directory, "hls"),
-                  "access_log": os.path.join(directory, "logs", "streams_access.log"),
-                  "nginx_listen": f"127.0.0.1:{port}", **settings}
+        values = {
+            "hls_dir": os.path.join(directory, "hls"),
+            "access_log": os.path.join(directory, "logs", "streams_access.log"),
+            "nginx_listen": f"127.0.0.1:{port}",
+            **settings,
+        }
         os.makedirs(values["hls_dir"], exist_ok=True)
         os.makedirs(os.path.dirname(values["access_log"]), exist_ok=True)
         config = os.path.join(directory, "streamkeeper.toml")
         with open(config, "w") as handle:
             handle.writelines(f"{key} = {toml_value(value)}\n" for key, value in values.items())
         snippet = os.path.join(directory, "streamkeeper.conf")
-        subprocess.run([sys.executable, "-m", "streamctl", "nginx-config", "--config", config,
-                        "--output", snippet], cwd=REPO, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "streamctl", "nginx-config", "--config", config, "--output", snippet],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
         super().__init__(directory, f"include {snippet};", port)
 
 
@@ -236,6 +277,7 @@ def rendered_nginx(tmp_path):
         server = RenderedNginx(str(directory), settings)
         servers.append(server)
         return server
+
     yield start
     for server in servers:
         server.stop()
@@ -248,8 +290,12 @@ class ExtraLauncher:
     def __init__(self, stack, directory: str, overrides: dict):
         self.port = free_port()
         # A host of its own (a launcher adopts its host's runs: the stack's are not its own).
-        values = {**stack.settings, "launcher_listen": f"127.0.0.1:{self.port}",
-                  "host_id": f"extra-{self.port}", **overrides}
+        values = {
+            **stack.settings,
+            "launcher_listen": f"127.0.0.1:{self.port}",
+            "host_id": f"extra-{self.port}",
+            **overrides,
+        }
         self.settings = values
         self.hls_dir = values["hls_dir"]
         os.makedirs(self.hls_dir, exist_ok=True)
@@ -258,10 +304,14 @@ class ExtraLauncher:
             handle.writelines(f"{key} = {toml_value(value)}\n" for key, value in values.items())
         self.log_path = os.path.join(directory, "launcher.log")
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "launcher", "--config", config],
-                                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.process.poll() is None and port_open(self.port), timeout=20,
-                 message="the extra launcher to listen")
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "launcher", "--config", config], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for(
+            lambda: self.process.poll() is None and port_open(self.port),
+            timeout=20,
+            message="the extra launcher to listen",
+        )
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -276,7 +326,7 @@ class ExtraLauncher:
     def stop(self) -> None:
         if self.process.poll() is None:
             try:
-                self.json("/streams/stop", "POST")         # streams outlive the launcher
+                self.json("/streams/stop", "POST")  # streams outlive the launcher
             except OSError:
                 pass
             stop_by_pid(self.process, signal.SIGTERM, 30)
@@ -292,6 +342,7 @@ def extra_launcher(stack, tmp_path):
         launcher = ExtraLauncher(stack, str(directory), overrides)
         started.append(launcher)
         return launcher
+
     yield start
     for launcher in started:
         launcher.stop()

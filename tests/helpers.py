@@ -1,4 +1,5 @@
 """Small helpers shared by the tests: polling with a deadline, log lines, free ports."""
+
 from __future__ import annotations
 
 import json
@@ -23,18 +24,26 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.05, message: 
         time.sleep(interval)
 
 
-def sk_line(ts: float, uri: str, status: int = 200, addr: str = "127.0.0.1",
-            token: str = "-", agent: str = "VLC/3.0.20", method: str = "GET") -> str:
+def sk_line(
+    ts: float,
+    uri: str,
+    status: int = 200,
+    addr: str = "127.0.0.1",
+    token: str = "-",
+    agent: str = "VLC/3.0.20",
+    method: str = "GET",
+) -> str:
     """A line in the streamkeeper log_format ($uri: the path only, no query)."""
     return f'{ts:.3f} {status} {method} "{uri}" {addr} "{token}" "{agent}"\n'
 
 
-LEGACY_FORMAT = ('$remote_addr - [$time_local] "$request" $status $body_bytes_sent '
-                 '"$http_referer" "$http_user_agent" $request_time')
+LEGACY_FORMAT = (
+    '$remote_addr - [$time_local] "$request" $status $body_bytes_sent '
+    '"$http_referer" "$http_user_agent" $request_time'
+)
 
 
-def legacy_line(ts: float, uri: str, status: int = 200, addr: str = "127.0.0.1",
-                agent: str = "VLC/3.0.20") -> str:
+def legacy_line(ts: float, uri: str, status: int = 200, addr: str = "127.0.0.1", agent: str = "VLC/3.0.20") -> str:
     stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(ts))
     return f'{addr} - [{stamp}] "GET {uri} HTTP/1.1" {status} 1880 "-" "{agent}" 0.001\n'
 

@@ -16,6 +16,7 @@ each rule broken:
 * 6.2.1    a URI is never reused for another media sequence number (a segment name reused
            with other content).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,7 @@ import math
 @dataclasses.dataclass
 class Entry:
     msn: int
-    dsn: int               # discontinuity sequence number
+    dsn: int  # discontinuity sequence number
     uri: str
     duration: float
 
@@ -105,12 +106,15 @@ def check(texts: list[str]) -> list[str]:
             problems.append(f"{where}: a URI listed twice")
         for entry in version.entries:
             if math.floor(entry.duration + 0.5) > version.target:
-                problems.append(f"{where}: {entry.uri} lasts {entry.duration:g} s, over the target "
-                                f"duration {version.target}")
+                problems.append(
+                    f"{where}: {entry.uri} lasts {entry.duration:g} s, over the target " f"duration {version.target}"
+                )
             known = by_msn.get(entry.msn)
             if known is not None and (known.uri, known.dsn) != (entry.uri, entry.dsn):
-                problems.append(f"{where}: media sequence {entry.msn} was {known.uri} (discontinuity "
-                                f"sequence {known.dsn}), now {entry.uri} ({entry.dsn})")
+                problems.append(
+                    f"{where}: media sequence {entry.msn} was {known.uri} (discontinuity "
+                    f"sequence {known.dsn}), now {entry.uri} ({entry.dsn})"
+                )
             elif known is not None and abs(known.duration - entry.duration) > 1e-3:
                 problems.append(f"{where}: {entry.uri} changed its duration")
             by_msn.setdefault(entry.msn, entry)
@@ -120,10 +124,11 @@ def check(texts: list[str]) -> list[str]:
         if previous is not None:
             if version.msn < previous.msn:
                 problems.append(f"{where}: media sequence went down from {previous.msn} to {version.msn}")
-            elif (version.msn > previous.msn and not version.ended
-                  and version.duration < 3 * version.target):
-                problems.append(f"{where}: segments removed leaving {version.duration:g} s, under three "
-                                f"target durations ({3 * version.target} s)")
+            elif version.msn > previous.msn and not version.ended and version.duration < 3 * version.target:
+                problems.append(
+                    f"{where}: segments removed leaving {version.duration:g} s, under three "
+                    f"target durations ({3 * version.target} s)"
+                )
             if previous.entries and version.entries and version.msn > previous.entries[-1].msn + 1:
                 # Nothing in common: the client missed versions, allowed; the numbers still rise.
                 pass

@@ -1,6 +1,7 @@
 """A live HLS source for the tests: ffmpeg writes 1 s segments of a test pattern into a
 directory served over HTTP on loopback, optionally AES-128 encrypted, optionally with
 its segments listed on another base URL (https, or an address that must be refused)."""
+
 from __future__ import annotations
 
 import functools
@@ -32,12 +33,47 @@ class HLSOrigin:
         self.server.paths = []
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        argv = [shutil.which("ffmpeg") or "ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin",
-                "-re", "-f", "lavfi", "-i", "testsrc2=size=320x180:rate=25",
-                "-re", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
-                "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-keyint_min", "25",
-                "-sc_threshold", "0", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "64k",
-                "-f", "hls", "-hls_time", "1", "-hls_list_size", "6", "-hls_flags", "delete_segments"]
+        argv = [
+            shutil.which("ffmpeg") or "ffmpeg",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-nostdin",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x180:rate=25",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:sample_rate=48000",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-g",
+            "25",
+            "-keyint_min",
+            "25",
+            "-sc_threshold",
+            "0",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-b:a",
+            "64k",
+            "-f",
+            "hls",
+            "-hls_time",
+            "1",
+            "-hls_list_size",
+            "6",
+            "-hls_flags",
+            "delete_segments",
+        ]
         if encrypt:
             key = os.path.join(directory, "key.bin")
             with open(key, "wb") as handle:
@@ -49,8 +85,9 @@ class HLSOrigin:
         if segment_base:
             argv += ["-hls_base_url", segment_base]
         argv.append(os.path.join(directory, "index.m3u8"))
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         wait_for(self._ready, timeout=20, message="the HLS origin's playlist")
 
     def _ready(self) -> bool:

@@ -37,6 +37,7 @@ In a synchronous test::
 
 Loopback only.  ``stop()`` ends the streams, the server and the broadcaster's ffmpeg.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -68,10 +69,10 @@ def peer_has_closed(transport, sock) -> str | None:
     try:
         # A dup of the fd: TransportSocket has no recv(), and closing the dup leaves ours open.
         with socket.fromfd(fd, sock.family, sock.type) as probe:
-            probe.settimeout(0.0)          # never wait, even under socket.setdefaulttimeout()
+            probe.settimeout(0.0)  # never wait, even under socket.setdefaulttimeout()
             data = probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
-        return None                        # connected, nothing to read: the normal case
+        return None  # connected, nothing to read: the normal case
     except ConnectionResetError:
         return "peer_reset"
     except OSError:
@@ -85,8 +86,8 @@ class _Connection:
     id: int
     user: str
     path: str
-    transport: object                      # captured now: request.transport is None once lost
-    sock: object                           # asyncio's TransportSocket (never a bare fd number)
+    transport: object  # captured now: request.transport is None once lost
+    sock: object  # asyncio's TransportSocket (never a bare fd number)
     opened: float = field(default_factory=time.monotonic)
 
 
@@ -94,8 +95,14 @@ class ProviderEmulator:
     """The provider, in a thread of its own with its own event loop; the accessors are
     thread-safe and return copies."""
 
-    def __init__(self, limit: int, ffmpeg: str = "ffmpeg", accounts: dict[str, str] | None = None,
-                 host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        limit: int,
+        ffmpeg: str = "ffmpeg",
+        accounts: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the provider emulator listens on loopback only")
         self.limit = limit
@@ -137,13 +144,13 @@ class ProviderEmulator:
         if thread is None:
             return
         if loop is not None and event is not None and thread.is_alive():
-            with contextlib.suppress(RuntimeError):       # the loop may have just closed
+            with contextlib.suppress(RuntimeError):  # the loop may have just closed
                 loop.call_soon_threadsafe(event.set)
         thread.join(timeout)
         if thread.is_alive():
             raise RuntimeError("the provider emulator did not stop")
         process = self._broadcaster.process
-        if process is not None and process.returncode is None:   # last resort: by its pid
+        if process is not None and process.returncode is None:  # last resort: by its pid
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
 
@@ -203,7 +210,7 @@ class ProviderEmulator:
     def _run(self) -> None:
         try:
             asyncio.run(self._main())
-        except BaseException as exc:              # noqa: BLE001 - reported by start()
+        except BaseException as exc:  # noqa: BLE001 - reported by start()
             self._error = self._error or exc
         finally:
             self._ready.set()
@@ -218,7 +225,7 @@ class ProviderEmulator:
             await runner.setup()
             await web.TCPSite(runner, self.host, self.port).start()
             self.port = runner.addresses[0][1]
-        except Exception as exc:                  # noqa: BLE001 - reported by start()
+        except Exception as exc:  # noqa: BLE001 - reported by start()
             self._error = exc
             await runner.cleanup()
             return
@@ -226,7 +233,7 @@ class ProviderEmulator:
         try:
             await self._stop_event.wait()
         finally:
-            for queue in list(self._broadcaster.listeners):   # every stream ends now
+            for queue in list(self._broadcaster.listeners):  # every stream ends now
                 queue.put_nowait(None)
             self._broadcaster.listeners.clear()
             await runner.cleanup()
@@ -254,8 +261,7 @@ class ProviderEmulator:
         """Drop the account's connections whose client has gone; how many remain.  Loop thread."""
         with self._lock:
             held = list(self._open.get(user, {}).values())
-        gone = [(conn, reason) for conn in held
-                if (reason := peer_has_closed(conn.transport, conn.sock)) is not None]
+        gone = [(conn, reason) for conn in held if (reason := peer_has_closed(conn.transport, conn.sock)) is not None]
         with self._lock:
             table = self._open.get(user, {})
             for conn, reason in gone:
@@ -275,7 +281,7 @@ class ProviderEmulator:
         transport = request.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
         if transport is None or transport.is_closing():
-            return self._refuse("gone\n")         # the asker itself left already; nothing to count
+            return self._refuse("gone\n")  # the asker itself left already; nothing to count
         # From here to the registration: no await, so no other request can interleave.
         open_before = self._prune_and_count(user)
         now = time.monotonic()
@@ -302,7 +308,7 @@ class ProviderEmulator:
     @staticmethod
     def _refuse(text: str) -> web.Response:
         response = web.Response(status=403, text=text)
-        response.force_close()                    # like the providers: answer, then hang up
+        response.force_close()  # like the providers: answer, then hang up
         return response
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:

@@ -5,6 +5,7 @@ path, query, headers), answers with nginx's status, headers and body, and record
 body of every ``.m3u8`` answer with the time it was fetched, for the strict HLS check
 (tests/hls_check.py).  Loopback only; runs in a thread of the test process.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -14,15 +15,25 @@ import time
 import aiohttp
 from aiohttp import web
 
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-              "trailers", "transfer-encoding", "upgrade", "content-length", "host"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+}
 
 
 class RecordingProxy:
     def __init__(self, upstream_port: int):
         self.upstream = f"http://127.0.0.1:{upstream_port}"
-        self.fetched: list[tuple[float, str, int, str]] = []    # (time, path?query, status, body)
-        self.statuses: list[tuple[float, str, int]] = []        # every answer: (time, path?query, status)
+        self.fetched: list[tuple[float, str, int, str]] = []  # (time, path?query, status, body)
+        self.statuses: list[tuple[float, str, int]] = []  # every answer: (time, path?query, status)
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -54,8 +65,7 @@ class RecordingProxy:
         self._loop.run_until_complete(self._session.close())
 
     async def _start(self) -> None:
-        self._session = aiohttp.ClientSession(auto_decompress=False,
-                                              timeout=aiohttp.ClientTimeout(total=120))
+        self._session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=120))
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._forward)
         self._runner = web.AppRunner(app, access_log=None)
@@ -66,8 +76,9 @@ class RecordingProxy:
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        async with self._session.request(request.method, self.upstream + request.rel_url.raw_path_qs,
-                                         headers=headers, allow_redirects=False) as answer:
+        async with self._session.request(
+            request.method, self.upstream + request.rel_url.raw_path_qs, headers=headers, allow_redirects=False
+        ) as answer:
             body = await answer.read()
         now = time.time()
         self.statuses.append((now, request.path_qs, answer.status))

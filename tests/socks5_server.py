@@ -1,5 +1,6 @@
 """A SOCKS5 proxy for the tests (RFC 1928, with RFC 1929 username/password): loopback only,
 CONNECT only, standard library only. Every request it sees is recorded in `requests`."""
+
 from __future__ import annotations
 
 import selectors
@@ -7,9 +8,9 @@ import socket
 import threading
 import time
 
-HANDSHAKE_TIMEOUT = 10.0     # seconds, per socket operation until the relay starts
-MAX_CLIENTS = 64             # connections beyond this are closed at once
-_POLL = 0.25                 # how often the loops look at the closed flag
+HANDSHAKE_TIMEOUT = 10.0  # seconds, per socket operation until the relay starts
+MAX_CLIENTS = 64  # connections beyond this are closed at once
+_POLL = 0.25  # how often the loops look at the closed flag
 
 # RFC 1928 reply codes
 _SUCCEEDED = 0x00
@@ -20,14 +21,19 @@ _ADDRESS_TYPE_NOT_SUPPORTED = 0x08
 
 
 class Socks5Server:
-    def __init__(self, username: str | None = None, password: str | None = None,
-                 host: str = "127.0.0.1", names: dict[str, str] | None = None):
+    def __init__(
+        self,
+        username: str | None = None,
+        password: str | None = None,
+        host: str = "127.0.0.1",
+        names: dict[str, str] | None = None,
+    ):
         if (username is None) != (password is None):
             raise ValueError("give both username and password, or neither")
-        self.names = dict(names or {})     # what this proxy's own DNS answers (name -> address)
+        self.names = dict(names or {})  # what this proxy's own DNS answers (name -> address)
         self.username = username
         self.password = password
-        self.requests: list[dict] = []   # appended under _lock; read freely
+        self.requests: list[dict] = []  # appended under _lock; read freely
         self.auth_failures = 0
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -38,8 +44,7 @@ class Socks5Server:
         self.server.settimeout(_POLL)
         self.host = host
         self.port = self.server.getsockname()[1]
-        self._acceptor = threading.Thread(target=self._accept, daemon=True,
-                                          name=f"socks5-accept-{self.port}")
+        self._acceptor = threading.Thread(target=self._accept, daemon=True, name=f"socks5-accept-{self.port}")
         self._acceptor.start()
 
     # -- public ---------------------------------------------------------------------------
@@ -52,21 +57,21 @@ class Socks5Server:
         with self._lock:
             sockets = list(self._sockets)
             handlers = list(self._handlers)
-        for sock in sockets:                 # wakes any thread blocked in recv/send on them
+        for sock in sockets:  # wakes any thread blocked in recv/send on them
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         try:
-            self.server.shutdown(socket.SHUT_RDWR)   # wakes accept() at once on Linux
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes accept() at once on Linux
         except OSError:
             pass
         deadline = time.monotonic() + 2
         self._acceptor.join(max(0.0, deadline - time.monotonic()))
         self.server.close()
-        for thread in handlers:              # they close their own sockets on the way out
+        for thread in handlers:  # they close their own sockets on the way out
             thread.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:                     # whatever a straggler still holds
+        with self._lock:  # whatever a straggler still holds
             sockets = list(self._sockets)
             self._sockets.clear()
         for sock in sockets:
@@ -94,8 +99,7 @@ class Socks5Server:
 
     def _record(self, atyp: str, host: str, port: int, user: str | None, ok: bool) -> None:
         with self._lock:
-            self.requests.append({"atyp": atyp, "host": host, "port": port, "user": user,
-                                  "ok": ok})
+            self.requests.append({"atyp": atyp, "host": host, "port": port, "user": user, "ok": ok})
 
     # -- accepting ------------------------------------------------------------------------
 
@@ -111,10 +115,11 @@ class Socks5Server:
                 refuse = self._closed.is_set() or len(self._handlers) >= MAX_CLIENTS
                 if not refuse:
                     self._sockets.add(client)
-                    thread = threading.Thread(target=self._handle, args=(client,), daemon=True,
-                                              name=f"socks5-client-{self.port}")
+                    thread = threading.Thread(
+                        target=self._handle, args=(client,), daemon=True, name=f"socks5-client-{self.port}"
+                    )
                     self._handlers.add(thread)
-                    thread.start()           # under the lock, so close() never sees it unstarted
+                    thread.start()  # under the lock, so close() never sees it unstarted
             if refuse:
                 _close(client)
 
@@ -169,7 +174,7 @@ class Socks5Server:
             return None
         port = int.from_bytes(_recv_exact(client, 2), "big")
 
-        if command != 1:                     # BIND and UDP ASSOCIATE are not offered
+        if command != 1:  # BIND and UDP ASSOCIATE are not offered
             self._record(atyp, host, port, user, False)
             _reply(client, _COMMAND_NOT_SUPPORTED)
             return None
@@ -179,11 +184,11 @@ class Socks5Server:
             self._record(atyp, host, port, user, False)
             _reply(client, _CONNECTION_REFUSED)
             return None
-        except (OSError, UnicodeError):      # unresolvable, unreachable, timed out
+        except (OSError, UnicodeError):  # unresolvable, unreachable, timed out
             self._record(atyp, host, port, user, False)
             _reply(client, _HOST_UNREACHABLE)
             return None
-        if not self._track(upstream):        # close() came while we were connecting
+        if not self._track(upstream):  # close() came while we were connecting
             _close(upstream)
             return None
         self._record(atyp, host, port, user, True)
@@ -202,8 +207,7 @@ class Socks5Server:
         length = _recv_exact(client, 1)[0]
         secret = _recv_exact(client, length)
         user = name.decode("utf-8", "replace")
-        if (version == 1 and user == self.username
-                and secret.decode("utf-8", "replace") == self.password):
+        if version == 1 and user == self.username and secret.decode("utf-8", "replace") == self.password:
             client.sendall(b"\x01\x00")
             return user
         with self._lock:
@@ -245,8 +249,9 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def _reply(client: socket.socket, code: int, family: int = socket.AF_INET,
-           address: str = "0.0.0.0", port: int = 0) -> None:
+def _reply(
+    client: socket.socket, code: int, family: int = socket.AF_INET, address: str = "0.0.0.0", port: int = 0
+) -> None:
     if family == socket.AF_INET6:
         packed = b"\x04" + socket.inet_pton(socket.AF_INET6, address.split("%")[0])
     else:

@@ -1,15 +1,16 @@
 """What nginx (with the rendered snippet) and the launcher answer on a cold start: the
 playlist itself, CORS on every answer under /live/, preflights, and nothing the client
 sent coming back as a Location or a URL."""
+
 import http.client
 import os
 
 import pytest
 
-from heartbeatd.logformat import LogLineParser, viewer_hash
 from launcher.app import accel_target
-from launcher.nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, render_nginx_config
 from streamstate import files, keys
+from streamstate.logformat import LogLineParser, viewer_hash
+from streamstate.nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, render_nginx_config
 from streamstate.settings import load_settings
 from tests.helpers import add_channel, ffmpegs_writing, first_request, free_port, wait_for
 
@@ -23,10 +24,10 @@ VOLATILE = {"Date", "Last-Modified", "ETag", "Content-Length", "Connection", "Ac
 def raw_request(port: int, target: str, headers: dict | None = None, method: str = "GET"):
     """A request whose target goes on the wire exactly as given (no client-side normalising)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    connection._validate_path = lambda url: None               # let raw bytes through
+    connection._validate_path = lambda url: None  # let raw bytes through
     connection._validate_method = lambda method: None
     connection._validate_host = lambda host: None
-    connection._encode_request = lambda request: request.encode("latin-1")   # raw bytes, as sent
+    connection._encode_request = lambda request: request.encode("latin-1")  # raw bytes, as sent
     try:
         connection.putrequest(method, target, skip_accept_encoding=True)
         for name, value in (headers or {}).items():
@@ -51,8 +52,7 @@ def test_the_first_viewer_gets_the_playlist_with_a_normal_hits_headers(stack):
     assert body.startswith(b"#EXTM3U") and b"#EXTINF" in body
     status, warm, _ = first_request(stack.playlist_url(601, "?token=t601"), ORIGIN)
     assert status == 200
-    assert {k: v for k, v in cold.items() if k not in VOLATILE} == \
-        {k: v for k, v in warm.items() if k not in VOLATILE}
+    assert {k: v for k, v in cold.items() if k not in VOLATILE} == {k: v for k, v in warm.items() if k not in VOLATILE}
     assert_cors(cold)
     assert "no-cache" in cold["Cache-Control"]
 
@@ -66,8 +66,12 @@ def test_the_first_request_counts_as_its_viewer_for_heartbeatd(stack):
     def parsed():
         with open(stack.settings["access_log"], "rb") as handle:
             return LogLineParser("streamkeeper").parse_chunk(handle.read())
-    result = wait_for(lambda: (r := parsed()) and "602" in r.channel_times and r, timeout=10,
-                      message="the cold start's line in the access log")
+
+    result = wait_for(
+        lambda: (r := parsed()) and "602" in r.channel_times and r,
+        timeout=10,
+        message="the cold start's line in the access log",
+    )
     assert ("602", viewer_hash(b"t:first602")) in result.viewer_times
 
 
@@ -85,8 +89,14 @@ def test_cors_on_every_answer_under_live(stack):
         "temp file": first_request(stack.nginx_url("/live/stream_603.m3u8.tmp"), ORIGIN),
         "other path": first_request(stack.nginx_url("/live/whatever.txt"), ORIGIN),
     }
-    expected = {"segment": 200, "missing segment": 404, "unknown channel": 404,
-                "upstream refused": 503, "temp file": 404, "other path": 404}
+    expected = {
+        "segment": 200,
+        "missing segment": 404,
+        "unknown channel": 404,
+        "upstream refused": 503,
+        "temp file": 404,
+        "other path": 404,
+    }
     assert {name: a[0] for name, a in answers.items()} == expected
     for name, (_, headers, _) in answers.items():
         assert_cors(headers)
@@ -98,9 +108,11 @@ def test_cors_on_every_answer_under_live(stack):
 def test_a_preflight_is_answered_and_starts_nothing(stack):
     add_channel(stack, 605)
     for path in ("/live/stream_605.m3u8", "/live/stream_605_3.ts"):
-        status, headers, _ = first_request(stack.nginx_url(path), {
-            **ORIGIN, "Access-Control-Request-Method": "GET",
-            "Access-Control-Request-Headers": "range"}, method="OPTIONS")
+        status, headers, _ = first_request(
+            stack.nginx_url(path),
+            {**ORIGIN, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "range"},
+            method="OPTIONS",
+        )
         assert status == 204
         assert_cors(headers)
         assert "Range" in headers["Access-Control-Allow-Headers"]
@@ -116,12 +128,15 @@ def test_a_launcher_that_is_down_still_answers_with_cors(tmp_path, rendered_ngin
     assert_cors(headers)
 
 
-@pytest.mark.parametrize("target", [
-    "//evil.example/../live/stream_606.m3u8",
-    "/live/../live/stream_606.m3u8?x=%0d%0aLocation:%20http://evil.example/",
-    "//evil.example/%2e%2e/live/stream_606.m3u8",
-    "/live/stream_606.m3u8?next=https://evil.example/",
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "//evil.example/../live/stream_606.m3u8",
+        "/live/../live/stream_606.m3u8?x=%0d%0aLocation:%20http://evil.example/",
+        "//evil.example/%2e%2e/live/stream_606.m3u8",
+        "/live/stream_606.m3u8?next=https://evil.example/",
+    ],
+)
 def test_hostile_paths_get_no_location(stack, target):
     add_channel(stack, 606)
     status, headers, body = raw_request(stack.nginx_port, target)
@@ -132,11 +147,13 @@ def test_hostile_paths_get_no_location(stack, target):
 
 def test_the_launcher_never_reflects_what_the_client_sent(stack):
     add_channel(stack, 607)
-    status, headers, body = raw_request(stack.launcher_port, "/channel/607/start", {
-        "X-Original-URI": "https://evil.example/", "Accept": "text/html"})
+    status, headers, body = raw_request(
+        stack.launcher_port, "/channel/607/start", {"X-Original-URI": "https://evil.example/", "Accept": "text/html"}
+    )
     assert status == 200 and "Location" not in headers and b"evil.example" not in body
-    status, headers, body = raw_request(stack.launcher_port, "/channel/607/start?x=1%0d%0aSet-Cookie:a", {
-        ACCEL_REQUEST_HEADER: "1"})
+    status, headers, body = raw_request(
+        stack.launcher_port, "/channel/607/start?x=1%0d%0aSet-Cookie:a", {ACCEL_REQUEST_HEADER: "1"}
+    )
     assert status == 200 and "Location" not in headers and "Set-Cookie" not in headers
     assert headers["X-Accel-Redirect"].startswith(f"{ACCEL_PREFIX}stream_607.m3u8")
     status, _, body = raw_request(stack.launcher_port, "/channel/https:%2F%2Fevil.example/start")
@@ -149,18 +166,21 @@ def test_the_internal_location_is_not_reachable_from_outside(stack):
     assert first_request(stack.nginx_url(f"{ACCEL_PREFIX}stream_608.m3u8"))[0] == 404
 
 
-@pytest.mark.parametrize("query, expected", [
-    ("token=abc", "?token=abc"),
-    ("token=a%20b&x=1", "?token=a%20b&x=1"),
-    ("", ""),
-    ("a=b\r\nLocation: http://evil", ""),
-    ("a=<script>", ""),
-    ("t=" + "x" * 3000, "?t=" + "x" * 3000),
-    ("t=" + "x" * 9000, ""),
-    ("token=a+b&e=%C3%A9", "?token=a+b&e=%C3%A9"),
-    ("token=\u00e9", ""),
-    ("a=b c", ""),
-])
+@pytest.mark.parametrize(
+    "query, expected",
+    [
+        ("token=abc", "?token=abc"),
+        ("token=a%20b&x=1", "?token=a%20b&x=1"),
+        ("", ""),
+        ("a=b\r\nLocation: http://evil", ""),
+        ("a=<script>", ""),
+        ("t=" + "x" * 3000, "?t=" + "x" * 3000),
+        ("t=" + "x" * 9000, ""),
+        ("token=a+b&e=%C3%A9", "?token=a+b&e=%C3%A9"),
+        ("token=\u00e9", ""),
+        ("a=b c", ""),
+    ],
+)
 def test_accel_target_is_the_channel_and_a_clean_query_only(query, expected):
     assert accel_target("42", query) == f"{ACCEL_PREFIX}stream_42.m3u8{expected}"
 
@@ -173,8 +193,9 @@ def test_accel_target_refuses_a_bad_channel_id():
 def test_an_old_nginx_snippet_gets_json_and_one_warning(stack):
     add_channel(stack, 609)
     for _ in range(2):
-        status, headers, body = raw_request(stack.launcher_port, "/channel/609/start", {
-            "X-Original-URI": "/live/stream_609.m3u8"})
+        status, headers, body = raw_request(
+            stack.launcher_port, "/channel/609/start", {"X-Original-URI": "/live/stream_609.m3u8"}
+        )
         assert status == 200 and "Location" not in headers and b'"channel_id": "609"' in body
     wait_for(lambda: "old snippet" in stack.log("launcher"), timeout=5, message="the warning")
     assert stack.log("launcher").count("old snippet") == 1
@@ -222,8 +243,14 @@ def test_the_cold_line_and_later_lines_carry_the_same_token(stack, query):
 
     def tokens():
         with open(stack.settings["access_log"], errors="replace") as handle:
-            return [line.rsplit('"', 4)[1] for line in handle if f'"/live/stream_{channel}.m3u8"' in line
-                    or f"stream_{channel}.m3u8\" " in line and "_streamkeeper" in line]
+            return [
+                line.rsplit('"', 4)[1]
+                for line in handle
+                if f'"/live/stream_{channel}.m3u8"' in line
+                or f'stream_{channel}.m3u8" ' in line
+                and "_streamkeeper" in line
+            ]
+
     seen = wait_for(lambda: len(t := tokens()) >= 2 and t, timeout=10, message="both log lines")
     assert len(set(seen)) == 1 and seen[0] != "-", seen
 
@@ -236,8 +263,9 @@ def test_raw_utf8_in_the_query_still_starts_the_channel(stack):
 
 def test_what_the_launcher_refuses_is_never_quoted_back(stack):
     add_channel(stack, 618)
-    status, headers, body = raw_request(stack.nginx_port, "/live/stream_618.m3u8", {
-        "X-A": "\x01<b>hi</b>", **{f"X-Pad-{n}": "x" for n in range(150)}})
+    status, headers, body = raw_request(
+        stack.nginx_port, "/live/stream_618.m3u8", {"X-A": "\x01<b>hi</b>", **{f"X-Pad-{n}": "x" for n in range(150)}}
+    )
     assert b"<b>" not in body and b"hi" not in body
     assert status in (200, 400)
     assert headers.get("X-Content-Type-Options") == "nosniff"
@@ -252,8 +280,10 @@ def test_only_get_and_head_start_a_channel(stack, method, expected):
     assert not ffmpegs_writing(stack, 619)
 
 
-@pytest.mark.parametrize("target", ["/live/stream_620.m3u8%0a", "/live/stream_620.m3u8%0A",
-                                    "/live/stream_0620.m3u8", "/live/stream_620_1.ts%0a"])
+@pytest.mark.parametrize(
+    "target",
+    ["/live/stream_620.m3u8%0a", "/live/stream_620.m3u8%0A", "/live/stream_0620.m3u8", "/live/stream_620_1.ts%0a"],
+)
 def test_paths_nginx_would_alias_are_refused(stack, target):
     add_channel(stack, 620)
     status, headers, _ = raw_request(stack.nginx_port, target)
@@ -276,7 +306,7 @@ def test_cold_starts_are_rate_limited_per_address(rendered_nginx):
     nginx = rendered_nginx({"launcher_listen": f"127.0.0.1:{free_port()}", "start_rate_limit": 6})
     statuses = [first_request(nginx.url(f"/live/stream_{n}.m3u8"), ORIGIN) for n in range(1, 16)]
     limited = [(s, h, b) for s, h, b in statuses if s == 429]
-    assert len(limited) >= 4                                 # burst 10, then 1 per 10 s
+    assert len(limited) >= 4  # burst 10, then 1 per 10 s
     status, headers, body = limited[0]
     assert body == b"too many channel starts from your address; retry shortly\n"
     assert headers.get("Retry-After")

@@ -3,6 +3,7 @@ and Shaka Player in Chromium, VLC) watch one channel through nginx running the r
 snippet while the host lives through what hosts live with; every playlist they fetched
 passes a strict RFC 8216 check; a viewer zaps through a one-connection account; the reaper
 races a restarting stream."""
+
 import json
 import os
 import shutil
@@ -26,12 +27,19 @@ from tests.viewing import Watchers
 pytestmark = pytest.mark.e2e
 
 CHANNEL = 1501
-FPS = 25                       # the demo upstream's frame rate
-PLAYED_AFTER_FAULT = 10.0      # seconds of pictures each player must show after each fault
-FAULT_DEADLINE = 60.0          # ... within this long
+FPS = 25  # the demo upstream's frame rate
+PLAYED_AFTER_FAULT = 10.0  # seconds of pictures each player must show after each fault
+FAULT_DEADLINE = 60.0  # ... within this long
 SETTINGS = {
-    "hls_time": 1, "hls_init_time": 1, "hls_list_size": 4, "stop_grace": 2, "start_timeout": 10,
-    "reaper_interval": 1, "idle_timeout": 120, "max_restarts": 10, "restart_window": 3,
+    "hls_time": 1,
+    "hls_init_time": 1,
+    "hls_list_size": 4,
+    "stop_grace": 2,
+    "start_timeout": 10,
+    "reaper_interval": 1,
+    "idle_timeout": 120,
+    "max_restarts": 10,
+    "restart_window": 3,
     "flush_interval": 0.5,
 }
 
@@ -48,11 +56,18 @@ def watched():
     path = f"/live/stream_{CHANNEL}.m3u8"
     watchers = Watchers(proxy.url(path + "?token=viewers")).start()
     try:
-        wait_for(lambda: watchers.playing(FPS * 3) or watchers.fatal(), timeout=60, interval=0.25,
-                 message="every player to show 3 s of pictures")
-        assert watchers.fatal() == {}, (watchers.fatal(), watchers.events[:10],
-                                        [s for s in proxy.statuses if s[2] != 200][:10],
-                                        stack.log("launcher")[-2000:])
+        wait_for(
+            lambda: watchers.playing(FPS * 3) or watchers.fatal(),
+            timeout=60,
+            interval=0.25,
+            message="every player to show 3 s of pictures",
+        )
+        assert watchers.fatal() == {}, (
+            watchers.fatal(),
+            watchers.events[:10],
+            [s for s in proxy.statuses if s[2] != 200][:10],
+            stack.log("launcher")[-2000:],
+        )
         yield stack, proxy, watchers, path + "?token=viewers"
     finally:
         watchers.stop()
@@ -73,11 +88,14 @@ def test_every_player_keeps_playing_through_every_fault(watched):
             assert watchers.fatal() == {}, f"after {name}: {watchers.fatal()}"
             played.update({p: watchers.frames(p) - before[p] for p in watchers.players})
             return all(frames >= PLAYED_AFTER_FAULT * FPS for frames in played.values())
+
         try:
             wait_for(played_on, timeout=FAULT_DEADLINE, interval=0.25)
         except AssertionError:
-            raise AssertionError(f"after {name}, frames shown in {FAULT_DEADLINE:g} s: {played}; "
-                                 f"events: {watchers.events[-10:]}\n{stack.log('launcher')[-3000:]}") from None
+            raise AssertionError(
+                f"after {name}, frames shown in {FAULT_DEADLINE:g} s: {played}; "
+                f"events: {watchers.events[-10:]}\n{stack.log('launcher')[-3000:]}"
+            ) from None
     # Each fault was what it says: the replacements and the failover happened.
     log = stack.log("launcher")
     assert "source 1/2" in log and "failed" in log and "trying the next" in log
@@ -103,8 +121,10 @@ def test_a_restarting_stream_outlives_reaper_passes_every_second(watched):
     the watched stream's FFmpeg is killed 20 times; each time it is started again (the reaper
     never clears a run its launcher vouches for: watching it, or between two FFmpegs)."""
     import threading
-    from reaper.reaper import Reaper
+
+    from streamstate.reaping import Reaper
     from streamstate.settings import load_settings
+
     stack, proxy, watchers, url = watched
     run_id = stack.redis.hget(keys.run_key(CHANNEL), "run_id")
     stop = threading.Event()
@@ -114,24 +134,32 @@ def test_a_restarting_stream_outlives_reaper_passes_every_second(watched):
         reaper = Reaper(load_settings(stack.config_path))
         while not stop.is_set():
             passes.append(reaper.run_pass())
+
     racer = threading.Thread(target=reap_back_to_back, daemon=True)
     racer.start()
     try:
         for attempt in range(20):
             [pid] = wait_for(lambda: ffmpegs_writing(stack, CHANNEL), timeout=30, message="its FFmpeg")
-            wait_for(lambda: stack.redis.hget(keys.run_key(CHANNEL), "state") == "running", timeout=30,
-                     message=f"running again ({attempt})")
+            wait_for(
+                lambda: stack.redis.hget(keys.run_key(CHANNEL), "state") == "running",
+                timeout=30,
+                message=f"running again ({attempt})",
+            )
             os.kill(pid, signal.SIGKILL)
-            wait_for(lambda: ffmpegs_writing(stack, CHANNEL) not in ([], [pid]), timeout=30,
-                     message=f"restarted after kill {attempt + 1}: " + stack.log("launcher")[-1500:])
+            wait_for(
+                lambda: ffmpegs_writing(stack, CHANNEL) not in ([], [pid]),
+                timeout=30,
+                message=f"restarted after kill {attempt + 1}: " + stack.log("launcher")[-1500:],
+            )
     finally:
         stop.set()
         racer.join(30)
-    wait_for(lambda: stack.redis.hget(keys.run_key(CHANNEL), "state") == "running", timeout=30,
-             message="running at the end")
+    wait_for(
+        lambda: stack.redis.hget(keys.run_key(CHANNEL), "state") == "running", timeout=30, message="running at the end"
+    )
     assert len(passes) > 20
     assert not [a for p in passes for a in p.actions if a.channel == str(CHANNEL) and a.kind == "stale"]
-    assert stack.redis.hget(keys.run_key(CHANNEL), "run_id") == run_id           # the same run
+    assert stack.redis.hget(keys.run_key(CHANNEL), "run_id") == run_id  # the same run
     assert "no longer wanted" not in stack.log("launcher")
     assert watchers.fatal() == {}
 
@@ -141,14 +169,24 @@ def one_connection(tmp_path_factory):
     """A provider account that allows one connection, and a stack of our own using it."""
     emulator = ProviderEmulator(limit=1).start()
     match = f"http://127.0.0.1:{emulator.port}/live/acct/"
-    stack = LocalStack(str(tmp_path_factory.mktemp("zap")), {
-        "providers": {"acme": {"match": match, "max_streams": 1}}, "preempt_idle": 60,
-        "viewer_window": 30, "flush_interval": 0.5, "hls_time": 1, "hls_init_time": 1,
-    }, heartbeatd=True).start()
+    stack = LocalStack(
+        str(tmp_path_factory.mktemp("zap")),
+        {
+            "providers": {"acme": {"match": match, "max_streams": 1}},
+            "preempt_idle": 60,
+            "viewer_window": 30,
+            "flush_interval": 0.5,
+            "hls_time": 1,
+            "hls_init_time": 1,
+        },
+        heartbeatd=True,
+    ).start()
     stack.redis = redis.Redis(port=stack.redis_port, decode_responses=True)
     for channel in range(1601, 1611):
-        stack.redis.set(keys.channel_key(channel), json.dumps(
-            {"source_url": emulator.url("acct", name=str(channel)), "quality": "copy"}))
+        stack.redis.set(
+            keys.channel_key(channel),
+            json.dumps({"source_url": emulator.url("acct", name=str(channel)), "quality": "copy"}),
+        )
     yield stack, emulator
     stack.stop()
     emulator.stop()
@@ -159,6 +197,7 @@ def test_a_viewer_zapping_through_a_one_connection_account_is_never_refused(one_
     connection the viewer's previous channel gives up at once (the launcher knows who
     asked; heartbeatd's view lags a second or two), and the provider never sees two."""
     from tests.test_players import run_hlsjs
+
     stack, emulator = one_connection
     urls = [stack.playlist_url(channel, "?token=zapper") for channel in range(1601, 1611)]
     results = run_hlsjs("play", *urls, seconds=0.5)
@@ -174,17 +213,20 @@ def test_adoption_frees_the_slots_of_the_streams_it_clears(one_connection):
     launcher clears the record and frees its provider slot, so the next start is not
     refused for a connection nobody holds."""
     stack, emulator = one_connection
-    stack.launcher_json("/streams/stop", "POST")                  # the zapper's last channel
+    stack.launcher_json("/streams/stop", "POST")  # the zapper's last channel
     assert first_request(stack.playlist_url(1601, "?token=a"))[0] == 200
     [pid] = ffmpegs_writing(stack, 1601)
     stack.processes["launcher"].send_signal(signal.SIGKILL)
     stack.processes["launcher"].wait(timeout=10)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: emulator.open_count("acct") == 0, timeout=10, message="the connection closed")
-    stack.redis.hset(keys.run_key(1601), "until", f"{time.time() - 1:.3f}")     # the promise ran out
+    stack.redis.hset(keys.run_key(1601), "until", f"{time.time() - 1:.3f}")  # the promise ran out
     stack.restart_launcher(signal.SIGKILL)
-    wait_for(lambda: "cleared the record of pid" in stack.log("launcher"), timeout=20,
-             message="adoption to clear the dead stream")
+    wait_for(
+        lambda: "cleared the record of pid" in stack.log("launcher"),
+        timeout=20,
+        message="adoption to clear the dead stream",
+    )
     assert "freed its slot of provider acme" in stack.log("launcher")
     assert stack.redis.hlen(keys.provider_slots_key("acme")) == 0
     assert first_request(stack.playlist_url(1602, "?token=b"))[0] == 200
@@ -200,6 +242,7 @@ def test_a_launcher_killed_between_two_ffmpegs_keeps_the_run(one_connection):
     the unrecorded FFmpeg or starts the run's next one: one FFmpeg, the same run, its
     playlist going on."""
     import random
+
     stack, emulator = one_connection
     stack.launcher_json("/streams/stop", "POST")
     assert first_request(stack.playlist_url(1605, "?token=k"))[0] == 200
@@ -208,11 +251,14 @@ def test_a_launcher_killed_between_two_ffmpegs_keeps_the_run(one_connection):
     for attempt in range(6):
         [pid] = wait_for(lambda: ffmpegs_writing(stack, 1605), timeout=30, message="its FFmpeg")
         os.kill(pid, signal.SIGKILL)
-        time.sleep(rng.uniform(0, 0.05))       # the moment the launcher dies: swept on purpose
+        time.sleep(rng.uniform(0, 0.05))  # the moment the launcher dies: swept on purpose
         stack.restart_launcher(signal.SIGKILL)
-        wait_for(lambda: len(ffmpegs_writing(stack, 1605)) == 1 and
-                 stack.redis.hget(keys.run_key(1605), "state") == "running", timeout=30,
-                 message=f"one FFmpeg running again ({attempt}): " + stack.log("launcher")[-2000:])
+        wait_for(
+            lambda: len(ffmpegs_writing(stack, 1605)) == 1
+            and stack.redis.hget(keys.run_key(1605), "state") == "running",
+            timeout=30,
+            message=f"one FFmpeg running again ({attempt}): " + stack.log("launcher")[-2000:],
+        )
         assert stack.redis.hget(keys.run_key(1605), "run_id") == run_id
         assert first_request(stack.playlist_url(1605, "?token=k"))[0] == 200
     assert emulator.violations == [] and emulator.max_concurrent["acct"] == 1

@@ -1,5 +1,6 @@
 """The continuity rules without processes: the publisher on files FFmpeg would write, the
 next step after an FFmpeg ends, the reaper's view of a restarting run, the strict check."""
+
 import os
 import time
 
@@ -51,18 +52,19 @@ class FakeFFmpeg:
             self.clock.now += duration
         path = os.path.join(self.directory, name)
         with open(path, "wb") as handle:
-            handle.write(data[:len(data) - cut])
+            handle.write(data[: len(data) - cut])
         if self.clock is not None:
             os.utime(path, (self.clock.now, self.clock.now))
         self.next += 1
-        self.listed = (self.listed + [(name, duration)])[-self.list_size:]
+        self.listed = (self.listed + [(name, duration)])[-self.list_size :]
         first = int(self.listed[0][0].rsplit("_", 1)[1][:-3])
-        text = (f"#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:{first}\n"
-                + "".join(f"#EXTINF:{d:f},\n{n}\n" for n, d in self.listed))
+        text = f"#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:{first}\n" + "".join(
+            f"#EXTINF:{d:f},\n{n}\n" for n, d in self.listed
+        )
         playlist = os.path.join(self.directory, f"stream_{CHANNEL}.ffmpeg.m3u8")
         with open(playlist, "w") as handle:
             handle.write(text)
-        if self.clock is not None:             # written, and still for as long as a burst takes
+        if self.clock is not None:  # written, and still for as long as a burst takes
             still = self.clock.now - 2 * BURST_SETTLE
             os.utime(playlist, (still, still))
         return name
@@ -74,8 +76,9 @@ def published(directory) -> str:
 
 
 def publisher(directory, **kwargs) -> PlaylistPublisher:
-    return PlaylistPublisher(str(directory), CHANNEL, target_duration=kwargs.pop("target", 2),
-                             list_size=kwargs.pop("list_size", 4))
+    return PlaylistPublisher(
+        str(directory), CHANNEL, target_duration=kwargs.pop("target", 2), list_size=kwargs.pop("list_size", 4)
+    )
 
 
 def test_a_replacement_continues_the_playlist_by_the_rules(tmp_path, clock):
@@ -99,7 +102,7 @@ def test_a_replacement_continues_the_playlist_by_the_rules(tmp_path, clock):
     assert hls_check.check(versions) == []
     tagged = [v for v in versions if "#EXT-X-DISCONTINUITY\n" in v]
     assert tagged and [s.uri for s in hls.parse(tagged[0]).segments if s.discontinuity] == [f"stream_7_{second}.ts"]
-    assert "#EXT-X-DISCONTINUITY-SEQUENCE:1" in versions[-1]          # the tag slid out
+    assert "#EXT-X-DISCONTINUITY-SEQUENCE:1" in versions[-1]  # the tag slid out
     assert all("#EXT-X-TARGETDURATION:2\n" in v for v in versions)
     final = hls.parse(versions[-1])
     assert final.media_sequence == hls.segment_number(final.segments[0].uri, CHANNEL)
@@ -117,13 +120,13 @@ def test_an_incomplete_segment_is_never_listed(tmp_path, clock):
     ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=pub.begin_run())
     ffmpeg.segment()
     pub.publish()
-    cut = ffmpeg.segment(cut=100)                   # a full disk cut it short
+    cut = ffmpeg.segment(cut=100)  # a full disk cut it short
     assert pub.publish() == 0 and pub.rejected == 1
     after = ffmpeg.segment()
     assert pub.publish() == 1
     text = published(tmp_path)
     assert cut not in text
-    assert [s.uri for s in hls.parse(text).segments if s.discontinuity] == [after]   # the gap is marked
+    assert [s.uri for s in hls.parse(text).segments if s.discontinuity] == [after]  # the gap is marked
     assert hls_check.check([text]) == []
 
 
@@ -138,7 +141,7 @@ def test_the_session_resumes_from_disk_and_restarts_above_every_number(tmp_path,
     # A launcher restarted: a new publisher adopts the running FFmpeg.
     again = publisher(tmp_path, target=9)
     again.adopt_run(first, writes_public=False)
-    assert again.target_duration == 2                         # the session's, from the file
+    assert again.target_duration == 2  # the session's, from the file
     ffmpeg.segment()
     assert again.publish() == 1
     assert hls_check.check([before, published(tmp_path)]) == []
@@ -161,7 +164,7 @@ def test_earlier_runs_segments_go_a_window_after_they_left(tmp_path, clock):
         listed = hls.parse(published(tmp_path)).segments
         for name in old:
             if name in {s.uri for s in listed}:
-                assert os.path.exists(tmp_path / name)       # never deleted while listed
+                assert os.path.exists(tmp_path / name)  # never deleted while listed
     assert not any(os.path.exists(tmp_path / name) for name in old)
 
 
@@ -173,7 +176,7 @@ def test_a_burst_is_listed_whole_and_dated_as_the_past_it_is(tmp_path, clock):
     ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=pub.begin_run())
     for _ in range(3):
         ffmpeg.segment(advance=False)
-    assert pub.publish() == 3                          # the cold start's burst, at once
+    assert pub.publish() == 3  # the cold start's burst, at once
     clock.now += 3.0
     ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=pub.begin_run())
     for _ in range(3):
@@ -193,7 +196,9 @@ def test_a_playlist_that_cannot_be_written_changes_nothing(tmp_path, clock, monk
     Now nothing is taken as listed, the error is kept for the supervisor (a full disk is
     waited out), and the next write lists the segment."""
     import errno
+
     from streamstate import files
+
     pub = publisher(tmp_path)
     ffmpeg = FakeFFmpeg(tmp_path, clock=clock, start=pub.begin_run())
     ffmpeg.segment()
@@ -204,6 +209,7 @@ def test_a_playlist_that_cannot_be_written_changes_nothing(tmp_path, clock, monk
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(files, "write_atomic", full)
     assert pub.publish() == 0 and pub.write_error.errno == errno.ENOSPC
     assert published(tmp_path) == before and len(pub.playlist.segments) == 1
@@ -234,46 +240,55 @@ def test_a_cut_or_hostile_playlist_yields_only_whole_entries():
     assert hls.segment_number("stream_8_5.ts", "7") is None
 
 
-@pytest.mark.parametrize("cause, playable, wanted, recent, expected, delay", [
-    (Cause.EXITED, True, True, 0, Next.RESTART, 0.0),        # the first restart is immediate
-    (Cause.STALLED, True, True, 1, Next.RESTART, 1.0),
-    (Cause.EXITED, True, True, 3, Next.RESTART, 4.0),
-    (Cause.EXITED, True, True, 5, Next.FAIL, 0.0),            # max_restarts reached
-    (Cause.SOURCE, False, True, 0, Next.FAIL, 0.0),           # never playable
-    (Cause.RELAY_DOWN, True, True, 4, Next.WAIT, 0.0),        # the host's problem: no restart spent
-    (Cause.DISK_FULL, True, True, 0, Next.WAIT, 0.0),
-    (Cause.EXITED, True, False, 0, Next.STOP, 0.0),           # nobody wants it
-])
+@pytest.mark.parametrize(
+    "cause, playable, wanted, recent, expected, delay",
+    [
+        (Cause.EXITED, True, True, 0, Next.RESTART, 0.0),  # the first restart is immediate
+        (Cause.STALLED, True, True, 1, Next.RESTART, 1.0),
+        (Cause.EXITED, True, True, 3, Next.RESTART, 4.0),
+        (Cause.EXITED, True, True, 5, Next.FAIL, 0.0),  # max_restarts reached
+        (Cause.SOURCE, False, True, 0, Next.FAIL, 0.0),  # never playable
+        (Cause.RELAY_DOWN, True, True, 4, Next.WAIT, 0.0),  # the host's problem: no restart spent
+        (Cause.DISK_FULL, True, True, 0, Next.WAIT, 0.0),
+        (Cause.EXITED, True, False, 0, Next.STOP, 0.0),  # nobody wants it
+    ],
+)
 def test_what_follows_an_ffmpeg_that_ended(cause, playable, wanted, recent, expected, delay):
-    step = stream_end.after_exit(cause, ever_playable=playable, wanted=wanted, restarts_in_window=recent,
-                                 max_restarts=5, restart_window=300)
+    step = stream_end.after_exit(
+        cause, ever_playable=playable, wanted=wanted, restarts_in_window=recent, max_restarts=5, restart_window=300
+    )
     assert (step.next, step.delay) == (expected, delay)
 
 
 def test_a_run_is_vouched_for_only_within_its_launcher_s_promise():
     now = time.time()
-    record = runs.RunRecord(channel="7", run_id="r", host="h", pid=1, pid_start=1, started=now,
-                            state="backoff", until=now + 5)
+    record = runs.RunRecord(
+        channel="7", run_id="r", host="h", pid=1, pid_start=1, started=now, state="backoff", until=now + 5
+    )
     assert record.vouched(now)
     assert not record.vouched(now + 6)
     assert runs.RunRecord(**{**record.__dict__, "state": "running"}).vouched(now)
     assert not runs.RunRecord(**{**record.__dict__, "state": "stopping"}).vouched(now)
     assert not runs.RunRecord(**{**record.__dict__, "until": None}).vouched(now)
-    assert not runs.RunRecord(**{**record.__dict__, "until": now + 1e6}).vouched(now)   # junk
+    assert not runs.RunRecord(**{**record.__dict__, "until": now + 1e6}).vouched(now)  # junk
 
 
 def test_the_strict_check_catches_what_ffmpeg_append_list_writes():
     """What FFmpeg 5.1 wrote with -hls_flags append_list after a replacement (README,
     Continuity): the discontinuity tag slid out and EXT-X-DISCONTINUITY-SEQUENCE never came;
     the target duration went from 1 to 2."""
-    before = ("#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:3\n"
-              "#EXTINF:1.0,\ns3.ts\n#EXTINF:1.0,\ns4.ts\n#EXT-X-DISCONTINUITY\n#EXTINF:1.0,\ns5.ts\n")
-    after = ("#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:5\n"
-             "#EXTINF:2.0,\ns5.ts\n#EXTINF:2.0,\ns6.ts\n")
+    before = (
+        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:3\n"
+        "#EXTINF:1.0,\ns3.ts\n#EXTINF:1.0,\ns4.ts\n#EXT-X-DISCONTINUITY\n#EXTINF:1.0,\ns5.ts\n"
+    )
+    after = (
+        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:5\n"
+        "#EXTINF:2.0,\ns5.ts\n#EXTINF:2.0,\ns6.ts\n"
+    )
     problems = hls_check.check([before, after])
     assert any("TARGETDURATION changed" in p for p in problems)
     assert any("media sequence 5 was s5.ts (discontinuity sequence 1), now s5.ts (0)" in p for p in problems)
-    reused = ("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:0\n#EXTINF:1.0,\ns3.ts\n")
+    reused = "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:0\n#EXTINF:1.0,\ns3.ts\n"
     assert any("reused" in p for p in hls_check.check([before, reused]))
     assert any("went down" in p for p in hls_check.check([before, reused]))
 
@@ -288,11 +303,11 @@ def test_segments_gone_before_they_were_listed_leave_a_marked_gap(tmp_path, cloc
         ffmpeg.segment()
         pub.publish()
     before = published(tmp_path)
-    again = publisher(tmp_path)                          # a new launcher, 10 segments later
+    again = publisher(tmp_path)  # a new launcher, 10 segments later
     again.adopt_run(pub.run_first, writes_public=False)
     for _ in range(10):
         ffmpeg.segment()
-    for name in os.listdir(tmp_path):                    # FFmpeg deleted what left its list
+    for name in os.listdir(tmp_path):  # FFmpeg deleted what left its list
         number = hls.segment_number(name, CHANNEL)
         if number is not None and name not in {n for n, _ in ffmpeg.listed} and name not in before:
             os.unlink(tmp_path / name)
@@ -308,10 +323,11 @@ def test_what_a_crash_or_a_hand_leaves_in_hls_dir_is_cleaned_never_an_error(tmp_
     """Found by an attack: a directory named stream_<id>.ffmpeg.m3u8 failed every start and
     every reaper pass, and the publisher's temp file had a name no cleanup knew."""
     from streamstate import files
+
     (tmp_path / "stream_7.ffmpeg.m3u8").mkdir()
     (tmp_path / "stream_7_5.ts").mkdir()
-    (tmp_path / "stream_7_6.ts").joinpath("inside").mkdir(parents=True)        # not empty: left
-    (tmp_path / "stream_7.m3u8.tmp").write_text("#EXTM3U\n")                   # a write cut short
+    (tmp_path / "stream_7_6.ts").joinpath("inside").mkdir(parents=True)  # not empty: left
+    (tmp_path / "stream_7.m3u8.tmp").write_text("#EXTM3U\n")  # a write cut short
     assert files.channel_of_file("stream_7.m3u8.tmp") == "7"
     assert files.delete_stream_files(str(tmp_path), "7") == 3
     assert os.listdir(tmp_path) == ["stream_7_6.ts"]

@@ -2,6 +2,7 @@
 URL and the doctor command (green on a fresh demo), brings back a part an operator stops,
 and Ctrl-C to its whole process group (what a terminal sends) stops every stream and every
 part before it says nothing is left running."""
+
 import os
 import re
 import signal
@@ -21,9 +22,14 @@ class DemoRun:
     """demo.run in a session of its own (as a terminal's foreground job), its output read."""
 
     def __init__(self, *args: str):
-        self.process = subprocess.Popen([sys.executable, "-m", "demo.run", "--port", "0", *args], cwd=REPO,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "demo.run", "--port", "0", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -37,8 +43,11 @@ class DemoRun:
         return "".join(self.lines)
 
     def find(self, pattern: str, timeout: float = 60) -> re.Match:
-        return wait_for(lambda: re.search(pattern, self.output, re.M), timeout=timeout,
-                        message=f"{pattern!r} in the demo's output:\n{self.output[-3000:]}")
+        return wait_for(
+            lambda: re.search(pattern, self.output, re.M),
+            timeout=timeout,
+            message=f"{pattern!r} in the demo's output:\n{self.output[-3000:]}",
+        )
 
     def finish(self, timeout: float = 90) -> int:
         code = self.process.wait(timeout=timeout)
@@ -53,8 +62,12 @@ def doctor(command: str) -> subprocess.CompletedProcess:
 def test_demo_serves_a_channel_and_stops_cleanly():
     demo = DemoRun("--seconds", "10")
     url = demo.find(r"^\s+(http://127\.0\.0\.1:\d+/live/stream_1\.m3u8\S*)").group(1)
-    probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_type", "-of", "csv=p=0", url],
-                           capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_entries", "stream=codec_type", "-of", "csv=p=0", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert sorted(set(probe.stdout.split())) == ["audio", "video"], probe.stderr
     assert demo.finish() == 0
     output = demo.output
@@ -70,13 +83,15 @@ def test_the_demo_is_a_practice_ground():
     Ctrl-C to the demo's process group leaves nothing running, streams included."""
     demo = DemoRun("--restart-after", "3")
     command = demo.find(r"check this host:\s+(\S+streamctl --config \S+ doctor --nginx-conf \S+)").group(1)
-    pids = {name: int(pid) for name, pid in
-            re.findall(r"^\s+(\w+)\s+pid (\d+)\s+log ", demo.find(r"^\s+reaper\s+pid \d+").string, re.M)}
+    pids = {
+        name: int(pid)
+        for name, pid in re.findall(r"^\s+(\w+)\s+pid (\d+)\s+log ", demo.find(r"^\s+reaper\s+pid \d+").string, re.M)
+    }
     assert set(pids) == {"redis", "upstream", "egress", "launcher", "nginx", "heartbeatd", "reaper"}
     try:
         fresh = doctor(command)
         assert fresh.returncode == 0, fresh.stdout + fresh.stderr
-        os.kill(pids["launcher"], signal.SIGKILL)              # an operator stops one part
+        os.kill(pids["launcher"], signal.SIGKILL)  # an operator stops one part
         demo.find(r"launcher was killed by SIGKILL; `streamctl doctor` names it now")
         broken = doctor(command)
         assert broken.returncode == 1 and '"launcher"' in broken.stdout and "nothing answers" in broken.stdout
@@ -86,7 +101,7 @@ def test_the_demo_is_a_practice_ground():
         assert subprocess.run(["ffprobe", "-v", "error", url], capture_output=True, timeout=60).returncode == 0
         demo.find(r"ch 2: running")
         workdir = re.search(r"in (/\S+streamkeeper-demo-\S+) \.\.\.", demo.output).group(1)
-        os.killpg(demo.process.pid, signal.SIGINT)             # Ctrl-C in the terminal
+        os.killpg(demo.process.pid, signal.SIGINT)  # Ctrl-C in the terminal
         assert demo.finish() == 0, demo.output[-2000:]
     finally:
         if demo.process.poll() is None:

@@ -1,5 +1,6 @@
 """Issue 17: the Redis key table is written once (docs/design.md) and kept true to
 streamstate/keys.py; the README is a landing page whose links lead somewhere."""
+
 import os
 import re
 
@@ -14,21 +15,39 @@ pytestmark = pytest.mark.unit
 def documented_keys() -> set[str]:
     with open(os.path.join(REPO, "docs", "design.md")) as handle:
         text = handle.read()
-    table = text[text.index("## Redis keys"):text.index("## Hostile input")]
+    table = text[text.index("## Redis keys") : text.index("## Hostile input")]
     return set(re.findall(r"^\| `([^`]+)` \|", table, re.M))
 
 
 def schema_keys() -> set[str]:
     """Every key keys.py spells, with its variable parts named as the table names them."""
-    spelled = {keys.pid_key(7), keys.started_key(7), keys.last_access_key(7), keys.viewers_key(7),
-               keys.run_key(7), keys.lock_key(7), keys.failed_key(7), keys.channel_key(7),
-               keys.ACTIVE_STREAMS_KEY, keys.host_key("HOST"), keys.provider_slots_key("NAME"),
-               keys.reaper_lock_key("HOST"), keys.reaper_last_pass_key("HOST"), keys.status_history_key("HOST"),
-               keys.source_failed_key("http://example.test/a.ts")}
+    spelled = {
+        keys.pid_key(7),
+        keys.started_key(7),
+        keys.last_access_key(7),
+        keys.viewers_key(7),
+        keys.run_key(7),
+        keys.lock_key(7),
+        keys.failed_key(7),
+        keys.channel_key(7),
+        keys.ACTIVE_STREAMS_KEY,
+        keys.host_key("HOST"),
+        keys.provider_slots_key("NAME"),
+        keys.reaper_lock_key("HOST"),
+        keys.reaper_last_pass_key("HOST"),
+        keys.status_history_key("HOST"),
+        keys.source_failed_key("http://example.test/a.ts"),
+    }
     spelled |= set(keys.stream_keys(7))
     digest = keys.source_failed_key("http://example.test/a.ts").split(":")[1]
-    return {k.replace(":7:", ":<id>:").replace(":7", ":<id>").replace("HOST", "<host_id>")
-            .replace("NAME", "<name>").replace(digest, "<digest>") for k in spelled}
+    return {
+        k.replace(":7:", ":<id>:")
+        .replace(":7", ":<id>")
+        .replace("HOST", "<host_id>")
+        .replace("NAME", "<name>")
+        .replace(digest, "<digest>")
+        for k in spelled
+    }
 
 
 def test_the_key_table_is_the_schema():
@@ -37,8 +56,11 @@ def test_the_key_table_is_the_schema():
 
 def test_every_function_of_the_schema_is_in_the_table_test():
     """A key function added to keys.py must be added to schema_keys above (and the table)."""
-    functions = {name for name, value in vars(keys).items()
-                 if name.endswith("_key") and not name.startswith("channel_id_from") and callable(value)}
+    functions = {
+        name
+        for name, value in vars(keys).items()
+        if name.endswith("_key") and not name.startswith("channel_id_from") and callable(value)
+    }
     with open(__file__) as handle:
         source = handle.read()
     assert {f for f in functions if f"keys.{f}(" not in source} == set()

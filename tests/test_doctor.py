@@ -1,6 +1,7 @@
 """`streamctl doctor` finds each failure of the old host by itself (issue: shipping): every
 broken setup is built for real (the stack's redis-server, nginx config, launcher, relay,
 FFmpeg) and doctor must name it, with exit 1; the healthy stack passes those checks."""
+
 import json
 import os
 import subprocess
@@ -22,8 +23,10 @@ def doctor(stack, tmp_path, *args, settings: dict | None = None, nginx_text: str
     config = tmp_path / "doctor.toml"
     text = open(stack.config_path).read()
     for key, value in (settings or {}).items():
-        text = "\n".join(line for line in text.splitlines() if not line.startswith(f"{key} =")) + \
-               f"\n{key} = {toml_value(value)}\n"
+        text = (
+            "\n".join(line for line in text.splitlines() if not line.startswith(f"{key} ="))
+            + f"\n{key} = {toml_value(value)}\n"
+        )
     config.write_text(text)
     conf = os.path.join(stack.work, "nginx", "nginx.conf")
     if nginx_text is not None:
@@ -31,8 +34,13 @@ def doctor(stack, tmp_path, *args, settings: dict | None = None, nginx_text: str
         with open(conf, "w") as handle:
             handle.write(nginx_text)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "streamctl", "doctor", "--json", "--config", str(config),
-                             "--nginx-conf", conf, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "streamctl", "doctor", "--json", "--config", str(config), "--nginx-conf", conf, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "Traceback" not in result.stderr, result.stderr
     checks = json.loads(result.stdout)
     return result.returncode, checks, time.monotonic() - started
@@ -54,7 +62,15 @@ def rendered_snippet(stack) -> str:
 def test_the_healthy_stack_passes_the_host_checks(stack, tmp_path):
     _, checks, _ = doctor(stack, tmp_path)
     by_name = {c["check"]: c for c in checks}
-    for name in ("nginx answers", "nginx fallback", "nginx access log", "launcher", "launcher start route", "egress relay", "ffmpeg"):
+    for name in (
+        "nginx answers",
+        "nginx fallback",
+        "nginx access log",
+        "launcher",
+        "launcher start route",
+        "egress relay",
+        "ffmpeg",
+    ):
         assert by_name[name]["status"] == "ok", by_name[name]
 
 
@@ -66,8 +82,9 @@ def test_a_wrong_port_in_nginx_s_fallback_is_named_with_both_ports(stack, tmp_pa
 
 
 def test_access_log_off_where_streams_are_served(stack, tmp_path):
-    text = rendered_snippet(stack).replace(f"access_log {stack.settings['access_log']} streamkeeper buffer=32k flush=1s;",
-                                           "access_log off;")
+    text = rendered_snippet(stack).replace(
+        f"access_log {stack.settings['access_log']} streamkeeper buffer=32k flush=1s;", "access_log off;"
+    )
     code, checks, _ = doctor(stack, tmp_path, nginx_text=text)
     assert code == 1 and any("access_log off" in d for d in failed(checks, "nginx access log"))
 
@@ -75,14 +92,20 @@ def test_access_log_off_where_streams_are_served(stack, tmp_path):
 def test_a_log_heartbeatd_does_not_follow_or_parse(stack, tmp_path):
     code, checks, _ = doctor(stack, tmp_path, settings={"access_log": str(tmp_path / "other.log")})
     assert code == 1 and any("heartbeatd follows" in d for d in failed(checks, "nginx access log"))
-    code, checks, _ = doctor(stack, tmp_path, settings={"log_format": "$remote_addr [$time_local] \"$request\" $status"})
+    code, checks, _ = doctor(stack, tmp_path, settings={"log_format": '$remote_addr [$time_local] "$request" $status'})
     assert code == 1 and any("not the one heartbeatd parses" in d for d in failed(checks, "nginx access log"))
 
 
 def test_a_dead_pid_record_and_an_empty_playlist_are_named(stack, tmp_path):
-    record = runs.RunRecord(channel="790", run_id=runs.new_run_id(), host=stack.settings.get("host_id") or
-                            __import__("socket").gethostname(), pid=os.getpid(), pid_start=None, started=time.time())
-    runs.record_run(stack.redis, record)              # pytest's own pid: alive, not that channel's FFmpeg
+    record = runs.RunRecord(
+        channel="790",
+        run_id=runs.new_run_id(),
+        host=stack.settings.get("host_id") or __import__("socket").gethostname(),
+        pid=os.getpid(),
+        pid_start=None,
+        started=time.time(),
+    )
+    runs.record_run(stack.redis, record)  # pytest's own pid: alive, not that channel's FFmpeg
     with open(os.path.join(stack.hls_dir, "stream_791.m3u8"), "w") as handle:
         handle.write("#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:0\n")
     try:
@@ -97,6 +120,7 @@ def test_a_dead_pid_record_and_an_empty_playlist_are_named(stack, tmp_path):
 
 def test_the_launcher_stopped_and_redis_stopped(stack, tmp_path):
     from tests.helpers import free_port
+
     code, checks, _ = doctor(stack, tmp_path, settings={"launcher_listen": f"127.0.0.1:{free_port()}"})
     assert code == 1 and any("nothing answers" in d for d in failed(checks, "launcher"))
     code, checks, took = doctor(stack, tmp_path, settings={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
@@ -105,10 +129,15 @@ def test_the_launcher_stopped_and_redis_stopped(stack, tmp_path):
 
 def test_channel_shows_what_its_source_answers_with_and_without_its_proxy(stack, tmp_path):
     from tests.socks5_server import Socks5Server
+
     socks = Socks5Server()
     try:
-        add_channel(stack, 792, source_url=f"http://127.0.0.1:{stack.upstream_port}/forbidden/792.ts",
-                    proxy=f"socks5h://127.0.0.1:{socks.port}")
+        add_channel(
+            stack,
+            792,
+            source_url=f"http://127.0.0.1:{stack.upstream_port}/forbidden/792.ts",
+            proxy=f"socks5h://127.0.0.1:{socks.port}",
+        )
         add_channel(stack, 793)
         code, checks, _ = doctor(stack, tmp_path, "--channel", "793")
         assert [c["detail"] for c in checks if c["check"] == "channel 793 source"][0].endswith("200 without proxy")
@@ -143,6 +172,7 @@ def test_junk_in_redis_is_named_never_a_traceback(stack, tmp_path):
 def test_a_source_that_never_finishes_its_headers_has_a_deadline_and_a_validator_down_is_named(stack, tmp_path):
     import socket
     import threading
+
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
 
@@ -155,12 +185,15 @@ def test_a_source_that_never_finishes_its_headers_has_a_deadline_and_a_validator
                 connection.sendall(b"a")
             except OSError:
                 return
+
     threading.Thread(target=trickle, daemon=True).start()
     try:
         add_channel(stack, 798, source_url=f"http://127.0.0.1:{port}/x.ts")
         from tests.helpers import free_port
-        code, checks, _ = doctor(stack, tmp_path, "--channel", "798",
-                                 settings={"auth_url": f"http://127.0.0.1:{free_port()}/validate"})
+
+        code, checks, _ = doctor(
+            stack, tmp_path, "--channel", "798", settings={"auth_url": f"http://127.0.0.1:{free_port()}/validate"}
+        )
         assert any("no answer within" in d for d in failed(checks, "channel 798 source"))
         assert any("every playlist request gets 500" in d for d in failed(checks, "viewer validator"))
     finally:
@@ -176,8 +209,9 @@ def test_a_source_on_a_denied_address_is_not_asked(stack, tmp_path):
 def test_a_default_server_in_front_of_ours_is_named(stack, tmp_path):
     """Debian's sites-enabled/default on the same port: nginx sends /live/ there."""
     port = stack.settings["nginx_listen"].rpartition(":")[2]
-    text = rendered_snippet(stack).replace("http {", "http {\n    server { listen %s default_server; "
-                                           "server_name _; root /var/www/html; }" % port, 1)
+    text = rendered_snippet(stack).replace(
+        "http {", "http {\n    server { listen %s default_server; " "server_name _; root /var/www/html; }" % port, 1
+    )
     code, checks, _ = doctor(stack, tmp_path, nginx_text=text)
     assert code == 1 and any(f"default_server on port {port}" in d for d in failed(checks, "nginx server"))
 
@@ -188,11 +222,29 @@ def test_the_old_host_s_stale_keys_are_named_each_with_its_channel(stack, tmp_pa
     whose pid is no FFmpeg of theirs, by channel, and leaves the live one alone; and a provider
     slot that no running stream holds."""
     import shutil
+
     now = time.time()
-    live = subprocess.Popen([shutil.which("ffmpeg"), "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi",
-                             "-i", "testsrc2=size=64x64:rate=5", "-f", "hls", "-hls_time", "1",
-                             os.path.join(stack.hls_dir, "stream_781.m3u8")],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    live = subprocess.Popen(
+        [
+            shutil.which("ffmpeg"),
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=64x64:rate=5",
+            "-f",
+            "hls",
+            "-hls_time",
+            "1",
+            os.path.join(stack.hls_dir, "stream_781.m3u8"),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     dead = subprocess.Popen(["sleep", "0"])
     dead.wait()
     legacy = {"781": live.pid, "782": dead.pid, "783": os.getpid(), "784": 1, "785": 999_999_999}
@@ -201,10 +253,14 @@ def test_the_old_host_s_stale_keys_are_named_each_with_its_channel(stack, tmp_pa
             stack.redis.set(keys.pid_key(channel), pid)
             stack.redis.set(keys.started_key(channel), f"{now - 3600:.3f}")
             stack.redis.set(keys.last_access_key(channel), f"{now:.3f}")
-        stack.redis.hset(keys.provider_slots_key("oldacct"), "782",
-                         json.dumps({"run_id": "gone", "host": "old-host", "at": now - 3600}))
-        code, checks, _ = doctor(stack, tmp_path, settings={
-            "providers": {"oldacct": {"match": "http://127.0.0.1:9/", "max_streams": 1}}})
+        stack.redis.hset(
+            keys.provider_slots_key("oldacct"),
+            "782",
+            json.dumps({"run_id": "gone", "host": "old-host", "at": now - 3600}),
+        )
+        code, checks, _ = doctor(
+            stack, tmp_path, settings={"providers": {"oldacct": {"match": "http://127.0.0.1:9/", "max_streams": 1}}}
+        )
         assert code == 1
         for channel in ("782", "783", "784", "785"):
             [detail] = failed(checks, f"channel {channel}")
@@ -228,6 +284,7 @@ def test_a_running_stream_whose_channel_record_is_gone_is_named(stack, tmp_path)
     but not the catalogue: doctor says such a stream will not be restarted."""
     add_channel(stack, 798)
     from tests.helpers import first_request
+
     assert first_request(stack.playlist_url(798))[0] == 200
     stack.redis.delete(keys.channel_key(798))
     try:
@@ -242,6 +299,7 @@ def test_nothing_answering_on_nginx_listen_is_named(stack, tmp_path):
     """Finding (operator, issue 16): doctor read nginx's config but never asked nginx itself;
     with nginx stopped (here: nginx_listen on a port nothing listens on) every check passed."""
     from tests.helpers import free_port
+
     code, checks, _ = doctor(stack, tmp_path, settings={"nginx_listen": f"127.0.0.1:{free_port()}"})
     [detail] = failed(checks, "nginx answers")
     assert code == 1 and "nothing answers on 127.0.0.1:" in detail and "viewers reach nothing" in detail
@@ -251,11 +309,20 @@ def test_this_host_s_streams_waiting_to_restart_or_failed_are_named_with_their_l
     """Finding (operator, issue 16): a stream in back-off (its viewers see nothing) and a
     channel that failed here passed doctor silently.  Now each is a FAIL with its last error."""
     from streamstate.settings import load_settings
+
     host = load_settings(stack.config_path, environ={}).host_id
-    record = runs.RunRecord(channel="796", run_id="doctor-796", host=host, pid=0,
-                            pid_start=None, started=time.time(), state="backoff",
-                            last_error="upstream unreachable: Connection refused", restarts=3,
-                            until=time.time() + 120)
+    record = runs.RunRecord(
+        channel="796",
+        run_id="doctor-796",
+        host=host,
+        pid=0,
+        pid_start=None,
+        started=time.time(),
+        state="backoff",
+        last_error="upstream unreachable: Connection refused",
+        restarts=3,
+        until=time.time() + 120,
+    )
     runs.record_run(stack.redis, record)
     runs.mark_failed(stack.redis, "797", "upstream refused: HTTP 403", host, 120)
     try:

@@ -1,4 +1,5 @@
 """heartbeatd end to end: the real console module, a real redis-server, real files."""
+
 import os
 import signal
 import socket
@@ -8,8 +9,8 @@ import time
 
 import pytest
 
-from heartbeatd.checkpoint import checkpoint_path
 from streamstate import keys
+from streamstate.checkpoint import checkpoint_path
 from tests.conftest import REPO
 from tests.helpers import LEGACY_FORMAT, append, legacy_line, sk_line, wait_for
 
@@ -21,14 +22,20 @@ def setup(tmp_path, redis_server, redis_client):
     log.touch()
     state = tmp_path / "state"
     config = tmp_path / "sk.toml"
-    config.write_text(f'redis_url = "{redis_server.url}"\naccess_log = "{log}"\n'
-                      f'state_dir = "{state}"\nflush_interval = 0.2\n')
+    config.write_text(
+        f'redis_url = "{redis_server.url}"\naccess_log = "{log}"\n' f'state_dir = "{state}"\nflush_interval = 0.2\n'
+    )
     return {"log": log, "state": state, "config": str(config), "redis": redis_client, "tmp": tmp_path}
 
 
 def run_once(setup, *args, config=None):
-    return subprocess.run([sys.executable, "-m", "heartbeatd", "--config", config or setup["config"],
-                           "--once", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "heartbeatd", "--config", config or setup["config"], "--once", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def start_stream(client, channel, last_access=None):
@@ -43,14 +50,19 @@ def test_running_channels_get_the_newest_request_time(setup):
     r = setup["redis"]
     start_stream(r, 7, last_access=now - 100)
     start_stream(r, 8, last_access=now - 100)
-    append(setup["log"], "".join([
-        sk_line(now - 50, "/live/stream_7.m3u8"),
-        sk_line(now - 10, "/live/stream_7_3.ts"),
-        sk_line(now - 30, "/live/stream_7_2.ts"),          # older, later in the file
-        sk_line(now - 5, "/live/stream_8.m3u8", status=404),
-        sk_line(now - 5, "/api/v1/stream_8/status"),
-        sk_line(now - 4, "/live/stream_9.m3u8"),           # not running
-    ]))
+    append(
+        setup["log"],
+        "".join(
+            [
+                sk_line(now - 50, "/live/stream_7.m3u8"),
+                sk_line(now - 10, "/live/stream_7_3.ts"),
+                sk_line(now - 30, "/live/stream_7_2.ts"),  # older, later in the file
+                sk_line(now - 5, "/live/stream_8.m3u8", status=404),
+                sk_line(now - 5, "/api/v1/stream_8/status"),
+                sk_line(now - 4, "/live/stream_9.m3u8"),  # not running
+            ]
+        ),
+    )
     result = run_once(setup, "--from-start")
     assert result.returncode == 0, result.stderr
     assert float(r.get(keys.last_access_key(7))) == pytest.approx(now - 10, abs=0.001)
@@ -84,8 +96,7 @@ def test_a_hundred_thousand_made_up_channels_create_no_key(setup):
     before = sorted(r.keys("*"))
     with open(setup["log"], "a") as handle:
         for n in range(100_000):
-            handle.write(sk_line(now - 1, f"/live/stream_{10_000_000 + n * 7919}.m3u8",
-                                 token=f"scan{n}"))
+            handle.write(sk_line(now - 1, f"/live/stream_{10_000_000 + n * 7919}.m3u8", token=f"scan{n}"))
     result = run_once(setup, "--from-start")
     assert result.returncode == 0, result.stderr
     assert "viewing 100000" in result.stderr
@@ -97,15 +108,20 @@ def test_viewers_are_counted_and_tokens_never_stored(setup):
     now = time.time()
     r = setup["redis"]
     start_stream(r, 5, last_access=now - 60)
-    append(setup["log"], "".join([
-        sk_line(now - 3, "/live/stream_5.m3u8", token="secret-token-A", addr="10.1.1.1"),
-        sk_line(now - 2, "/live/stream_5_1.ts", token="secret-token-A", addr="10.1.1.9"),
-        sk_line(now - 2, "/live/stream_5.m3u8", token="secret-token-B", addr="10.1.1.2"),
-        sk_line(now - 1, "/live/stream_5.m3u8", addr="10.1.1.3", agent="VLC"),
-        sk_line(now - 1, "/live/stream_5_2.ts", addr="10.1.1.3", agent="VLC"),
-        sk_line(now - 1, "/live/stream_5_2.ts", addr="10.1.1.4", agent="VLC"),  # segment only: no viewer
-        sk_line(now - 300, "/live/stream_5_0.ts", token="long-gone"),   # outside the window
-    ]))
+    append(
+        setup["log"],
+        "".join(
+            [
+                sk_line(now - 3, "/live/stream_5.m3u8", token="secret-token-A", addr="10.1.1.1"),
+                sk_line(now - 2, "/live/stream_5_1.ts", token="secret-token-A", addr="10.1.1.9"),
+                sk_line(now - 2, "/live/stream_5.m3u8", token="secret-token-B", addr="10.1.1.2"),
+                sk_line(now - 1, "/live/stream_5.m3u8", addr="10.1.1.3", agent="VLC"),
+                sk_line(now - 1, "/live/stream_5_2.ts", addr="10.1.1.3", agent="VLC"),
+                sk_line(now - 1, "/live/stream_5_2.ts", addr="10.1.1.4", agent="VLC"),  # segment only: no viewer
+                sk_line(now - 300, "/live/stream_5_0.ts", token="long-gone"),  # outside the window
+            ]
+        ),
+    )
     result = run_once(setup, "--from-start")
     assert result.returncode == 0, result.stderr
     members = r.zrange(keys.viewers_key(5), 0, -1, withscores=True)
@@ -121,8 +137,10 @@ def test_old_host_log_format(setup):
     start_stream(r, 12, last_access=now - 100)
     config = setup["tmp"] / "legacy.toml"
     config.write_text(open(setup["config"]).read() + f"log_format = '{LEGACY_FORMAT}'\n")
-    append(setup["log"], legacy_line(now - 3, "/live/stream_12_9.ts") +
-           legacy_line(now - 2, "/live/stream_12.m3u8", status=404))
+    append(
+        setup["log"],
+        legacy_line(now - 3, "/live/stream_12_9.ts") + legacy_line(now - 2, "/live/stream_12.m3u8", status=404),
+    )
     result = run_once(setup, "--from-start", config=str(config))
     assert result.returncode == 0, result.stderr
     assert float(r.get(keys.last_access_key(12))) == pytest.approx(int(now - 3), abs=0.001)
@@ -160,8 +178,10 @@ def test_redis_unreachable_with_once_exits_1_and_keeps_the_checkpoint(setup, tmp
 
 def live_config(setup, redis_url):
     config = setup["tmp"] / "live.toml"
-    config.write_text(f'redis_url = "{redis_url}"\naccess_log = "{setup["log"]}"\n'
-                      f'state_dir = "{setup["state"]}"\nflush_interval = 0.2\n')
+    config.write_text(
+        f'redis_url = "{redis_url}"\naccess_log = "{setup["log"]}"\n'
+        f'state_dir = "{setup["state"]}"\nflush_interval = 0.2\n'
+    )
     return str(config)
 
 
@@ -172,10 +192,14 @@ def test_live_request_reaches_redis_and_sigterm_exits_cleanly(setup, daemons, re
     wait_for(lambda: "starting at offset" in daemon.output(), message="heartbeatd to start")
     stamp = time.time()
     append(setup["log"], sk_line(stamp, "/live/stream_21.m3u8", token="t1"))
-    wait_for(lambda: float(r.get(keys.last_access_key(21))) == pytest.approx(stamp, abs=0.001),
-             message="last_access to follow the request")
-    wait_for(lambda: r.exists(keys.host_key(socket.gethostname())) == 1,   # this host is alive
-             message="heartbeatd to refresh its host key after the flush")
+    wait_for(
+        lambda: float(r.get(keys.last_access_key(21))) == pytest.approx(stamp, abs=0.001),
+        message="last_access to follow the request",
+    )
+    wait_for(
+        lambda: r.exists(keys.host_key(socket.gethostname())) == 1,  # this host is alive
+        message="heartbeatd to refresh its host key after the flush",
+    )
     assert daemon.stop(signal.SIGTERM) == 0
     assert "SIGTERM received" in daemon.output()
     assert os.path.exists(checkpoint_path(str(setup["state"]), str(setup["log"])))
@@ -191,8 +215,10 @@ def test_live_rotation_keeps_heartbeats_flowing(setup, daemons, redis_server):
     append(str(setup["log"]) + ".1", sk_line(time.time() - 4, "/live/stream_22_1.ts"))  # late write
     stamp = time.time()
     append(setup["log"], sk_line(stamp, "/live/stream_22_2.ts"))
-    wait_for(lambda: float(r.get(keys.last_access_key(22))) == pytest.approx(stamp, abs=0.001),
-             message="the new file's request to reach redis")
+    wait_for(
+        lambda: float(r.get(keys.last_access_key(22))) == pytest.approx(stamp, abs=0.001),
+        message="the new file's request to reach redis",
+    )
     wait_for(lambda: "rotated" in daemon.output(), message="the rotation to be logged")
     assert daemon.stop() == 0
     assert "lines read 3," in daemon.output()
@@ -212,10 +238,13 @@ def test_redis_restarted_mid_run_loses_no_heartbeat(setup, daemons, own_redis):
     wait_for(lambda: "redis unavailable" in daemon.output(), message="the outage to be logged")
     own_redis.start()
     r = own_redis.client()
-    start_stream(r, 31, last_access=time.time() - 100)   # the launcher's record, restored
-    wait_for(lambda: (r.get(keys.last_access_key(31)) or "0") and
-             float(r.get(keys.last_access_key(31))) == pytest.approx(stamp, abs=0.001),
-             timeout=40, message="the held heartbeat to be written after Redis came back")
+    start_stream(r, 31, last_access=time.time() - 100)  # the launcher's record, restored
+    wait_for(
+        lambda: (r.get(keys.last_access_key(31)) or "0")
+        and float(r.get(keys.last_access_key(31))) == pytest.approx(stamp, abs=0.001),
+        timeout=40,
+        message="the held heartbeat to be written after Redis came back",
+    )
     wait_for(lambda: "redis is back" in daemon.output(), message="the recovery to be logged")
     assert daemon.output().count("redis unavailable") == 1
     assert daemon.stop() == 0
@@ -238,15 +267,19 @@ def test_real_nginx_requests_become_heartbeats(setup, daemons, redis_server, ngi
     wait_for(lambda: "starting at offset" in daemon.output(), message="heartbeatd to start")
     import urllib.error
     import urllib.request
+
     before = time.time()
     for path in ("/live/stream_41.m3u8?token=sekrit", "/live/stream_41_0.ts", "/live/stream_99.m3u8"):
         try:
             urllib.request.urlopen(nginx.url(path), timeout=5).read()
         except urllib.error.HTTPError as exc:
             assert exc.code == 404 and "99" in path
-    wait_for(lambda: float(r.get(keys.last_access_key(41))) >= before - 0.01, timeout=15,
-             message="nginx's log line to reach redis")
-    urllib.request.urlopen(nginx.url("/live/stream_41.m3u8"), timeout=5).read()   # a token-less player
+    wait_for(
+        lambda: float(r.get(keys.last_access_key(41))) >= before - 0.01,
+        timeout=15,
+        message="nginx's log line to reach redis",
+    )
+    urllib.request.urlopen(nginx.url("/live/stream_41.m3u8"), timeout=5).read()  # a token-less player
     wait_for(lambda: r.zcard(keys.viewers_key(41)) == 2, message="two viewers (token, address+agent)")
     assert r.exists(keys.last_access_key(99)) == 0
     assert "sekrit" not in repr(r.zrange(keys.viewers_key(41), 0, -1))
@@ -269,8 +302,13 @@ def test_viewers_outside_the_window_are_trimmed(setup, daemons, redis_server):
         append(setup["log"], sk_line(time.time(), "/live/stream_23.m3u8", token="second"))
         members = r.zrange(keys.viewers_key(23), 0, -1)
         return len(members) == 1 and members != first
-    wait_for(only_the_second_viewer_left, timeout=15, interval=0.3,
-             message="the first viewer to be trimmed once outside the window")
+
+    wait_for(
+        only_the_second_viewer_left,
+        timeout=15,
+        interval=0.3,
+        message="the first viewer to be trimmed once outside the window",
+    )
     assert daemon.stop() == 0
 
 
@@ -279,6 +317,7 @@ def test_sd_notify_ready_status_and_prometheus_metrics(setup, daemons, redis_ser
     import urllib.request
 
     from tests.helpers import free_port
+
     notify_path = str(setup["tmp"] / "notify.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(notify_path)
@@ -288,19 +327,26 @@ def test_sd_notify_ready_status_and_prometheus_metrics(setup, daemons, redis_ser
     with open(config, "a") as handle:
         handle.write(f'metrics_listen = "127.0.0.1:{port}"\n')
     start_stream(setup["redis"], 24, last_access=time.time() - 100)
-    daemon = daemons("heartbeatd", "--config", config,
-                     env={"NOTIFY_SOCKET": notify_path, "JOURNAL_STREAM": "8:1234"})
+    daemon = daemons("heartbeatd", "--config", config, env={"NOTIFY_SOCKET": notify_path, "JOURNAL_STREAM": "8:1234"})
     messages = []
-    wait_for(lambda: messages.append(listener.recv(4096).decode()) or
-             any("READY=1" in m for m in messages), message="READY=1")
+    wait_for(
+        lambda: messages.append(listener.recv(4096).decode()) or any("READY=1" in m for m in messages),
+        message="READY=1",
+    )
     append(setup["log"], sk_line(time.time(), "/live/stream_24.m3u8") + "garbage\n")
-    wait_for(lambda: messages.append(listener.recv(4096).decode()) or
-             any(m.startswith("STATUS=") and "lines/s" in m for m in messages), message="STATUS=")
+    wait_for(
+        lambda: messages.append(listener.recv(4096).decode())
+        or any(m.startswith("STATUS=") and "lines/s" in m for m in messages),
+        message="STATUS=",
+    )
 
     def scraped():
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        return ('streamkeeper_heartbeat_lines_skipped_total{reason="malformed"} 1.0' in body
-                and "streamkeeper_heartbeat_lines_matched_total 1.0" in body)
+        return (
+            'streamkeeper_heartbeat_lines_skipped_total{reason="malformed"} 1.0' in body
+            and "streamkeeper_heartbeat_lines_matched_total 1.0" in body
+        )
+
     wait_for(scraped, message="the metrics to count the lines")
     assert daemon.stop() == 0
     listener.close()

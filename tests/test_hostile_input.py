@@ -3,9 +3,10 @@ real stack: redis-server, nginx with the rendered snippet, the launcher and FFmp
 
 "A service an attacker targets" is a loopback TCP listener that records the raw bytes it
 receives: FFmpeg's request must be exactly what a valid record asks for, never more."""
+
 import json
-import re
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,8 +19,8 @@ import urllib.request
 import pytest
 import redis
 
-from heartbeatd.logformat import LogLineParser
 from streamstate import keys, runs
+from streamstate.logformat import LogLineParser
 from tests.conftest import REPO
 from tests.helpers import add_channel, ffmpegs_writing, first_request, wait_for
 
@@ -32,7 +33,7 @@ class RecordingListener:
     """Accepts connections on loopback, records every byte, answers nothing useful."""
 
     def __init__(self, answer_after: bytes = b"\r\n\r\n"):
-        self.answer_after = answer_after       # what ends a request: its head, or a chunked body
+        self.answer_after = answer_after  # what ends a request: its head, or a chunked body
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.received = bytearray()
@@ -74,8 +75,13 @@ def listener():
 
 
 def streamctl(stack, *args):
-    return subprocess.run([sys.executable, "-m", "streamctl", *args, "--config", stack.config_path],
-                          cwd=REPO, capture_output=True, text=True, timeout=90)
+    return subprocess.run(
+        [sys.executable, "-m", "streamctl", *args, "--config", stack.config_path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
 
 
 INJECTIONS = [
@@ -95,8 +101,7 @@ INJECTIONS = [
 def test_control_characters_never_reach_ffmpeg(stack, listener, field, value):
     """Finding 1: a record with CR/LF (or any control character, or a header name that is not
     a token) is refused by the launcher with 422 naming the field; FFmpeg never connects."""
-    stack.redis.set(keys.channel_key(501), json.dumps({"source_url": listener.url(), "quality": "copy",
-                                                       field: value}))
+    stack.redis.set(keys.channel_key(501), json.dumps({"source_url": listener.url(), "quality": "copy", field: value}))
     status, headers, body = first_request(stack.playlist_url(501))
     assert status == 422, body
     named = "header" if field == "headers" else field
@@ -108,13 +113,23 @@ def test_the_legacy_route_takes_only_its_own_fields_and_stores_nothing_else(stac
     """Finding (attack, issue 16): the old route passed any field on to the record (proxy,
     provider, tls_verify, headers).  It takes channel_id, source_url and quality, as the old
     host did; anything else is a 400 naming the field, and nothing is stored."""
-    for field, value in [*INJECTIONS[:3], ("proxy", "socks5h://127.0.0.1:1"), ("tls_verify", False),
-                         ("provider", "acme")]:
-        status, body = stack.launcher_json("/api/stream/start", "POST", {
-            "channel_id": "502", "source_url": listener.url(), "quality": "copy", field: value})
+    for field, value in [
+        *INJECTIONS[:3],
+        ("proxy", "socks5h://127.0.0.1:1"),
+        ("tls_verify", False),
+        ("provider", "acme"),
+    ]:
+        status, body = stack.launcher_json(
+            "/api/stream/start",
+            "POST",
+            {"channel_id": "502", "source_url": listener.url(), "quality": "copy", field: value},
+        )
         assert status == 400 and f"unknown fields {field}" in body["error"] and body["stored"] is False
-    status, body = stack.launcher_json("/api/stream/start", "POST", {
-        "channel_id": "502", "source_url": "http://127.0.0.1:1/\r\nX: y", "quality": "copy"})
+    status, body = stack.launcher_json(
+        "/api/stream/start",
+        "POST",
+        {"channel_id": "502", "source_url": "http://127.0.0.1:1/\r\nX: y", "quality": "copy"},
+    )
     assert status == 422 and "channel 502" in body["error"]
     assert stack.redis.exists(keys.channel_key(502)) == 0
     assert listener.connections == 0
@@ -124,9 +139,12 @@ def test_the_legacy_start_answers_json_whatever_headers_it_is_sent(stack):
     """Finding (attack, issue 16): X-Streamkeeper-Accel: 1 on the legacy route (nginx's header
     for a player's start) made it answer a redirect it then read as JSON: a 500."""
     add_channel(stack, 556)
-    request = urllib.request.Request(stack.launcher_url("/api/stream/start"), method="POST",
-                                     data=json.dumps({"channel_id": "556"}).encode(),
-                                     headers={"Content-Type": "application/json", "X-Streamkeeper-Accel": "1"})
+    request = urllib.request.Request(
+        stack.launcher_url("/api/stream/start"),
+        method="POST",
+        data=json.dumps({"channel_id": "556"}).encode(),
+        headers={"Content-Type": "application/json", "X-Streamkeeper-Accel": "1"},
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.status == 200 and "X-Accel-Redirect" not in response.headers
         assert json.loads(response.read())["status"] in ("started", "running")
@@ -137,13 +155,17 @@ def test_two_legacy_starts_of_one_channel_take_turns(stack):
     """Finding (attack, issue 16): B's record, written while A's start was failing, was put back
     to A's when B's start failed too: a record no start had succeeded with was left.  Legacy
     starts of one channel take turns now, and a failed start leaves no record."""
+
     def stalled(name):
         return f"http://127.0.0.1:{stack.upstream_port}/stall/0/{name}.ts"
+
     results = {}
 
     def start(name):
-        results[name] = stack.launcher_json("/api/stream/start", "POST", {
-            "channel_id": "557", "source_url": stalled(name), "quality": "copy"})
+        results[name] = stack.launcher_json(
+            "/api/stream/start", "POST", {"channel_id": "557", "source_url": stalled(name), "quality": "copy"}
+        )
+
     first = threading.Thread(target=start, args=("A",))
     first.start()
     wait_for(lambda: stack.redis.exists(keys.channel_key(557)), timeout=30, message="A's record written")
@@ -160,9 +182,12 @@ def test_a_legacy_body_sent_slowly_is_cut_off(stack):
     """Finding (attack, issue 16): a legacy call that never sent its announced body held its
     connection and handler for ever.  It gets a 408 once BODY_TIMEOUT has passed."""
     from launcher.app import BODY_TIMEOUT
+
     with socket.create_connection(("127.0.0.1", stack.launcher_port), timeout=BODY_TIMEOUT + 30) as sock:
-        sock.sendall(b"POST /api/stream/start HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100\r\n\r\n{")
+        sock.sendall(
+            b"POST /api/stream/start HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
         answer = b""
         while b"\r\n" not in answer:
             chunk = sock.recv(4096)
@@ -172,12 +197,15 @@ def test_a_legacy_body_sent_slowly_is_cut_off(stack):
     assert answer.startswith(b"HTTP/1.1 408"), answer
 
 
-@pytest.mark.parametrize("args, field", [
-    (["--user-agent", "x\r\nSET pwned 1"], "user_agent"),
-    (["--referer", "a\nb"], "referer"),
-    (["--header", "X-A: v\rSET pwned 1"], "header X-A"),
-    (["--header", "Bad Name: v"], "header name"),
-])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--user-agent", "x\r\nSET pwned 1"], "user_agent"),
+        (["--referer", "a\nb"], "referer"),
+        (["--header", "X-A: v\rSET pwned 1"], "header X-A"),
+        (["--header", "Bad Name: v"], "header name"),
+    ],
+)
 def test_streamctl_refuses_injections(stack, listener, args, field):
     result = streamctl(stack, "channels", "add", "503", listener.url(), *args)
     assert result.returncode == 2 and "channel 503" in result.stderr and field in result.stderr
@@ -186,8 +214,14 @@ def test_streamctl_refuses_injections(stack, listener, args, field):
 
 def test_a_valid_record_sends_exactly_its_headers(stack, listener):
     """The positive side: what a record asks for arrives as single header lines."""
-    add_channel(stack, 504, source_url=listener.url("/live/u/p/504.ts"), user_agent="UA/1 (x)",
-                referer="http://r.example/", headers={"X-Key": "v1"})
+    add_channel(
+        stack,
+        504,
+        source_url=listener.url("/live/u/p/504.ts"),
+        user_agent="UA/1 (x)",
+        referer="http://r.example/",
+        headers={"X-Key": "v1"},
+    )
     assert first_request(stack.playlist_url(504))[0] == 503
     request = bytes(listener.received).split(b"\r\n\r\n")[0].decode()
     lines = request.split("\r\n")
@@ -202,14 +236,15 @@ def test_m3u_import_skips_hostile_entries_and_keeps_the_rest(stack, tmp_path):
     playlist = tmp_path / "hostile.m3u"
     playlist.write_bytes(
         b"#EXTM3U\n"
-        b"#EXTINF:-1 tvg-name=\"Good\",Good\nhttp://up.example/live/u/p/505.ts\n"
+        b'#EXTINF:-1 tvg-name="Good",Good\nhttp://up.example/live/u/p/505.ts\n'
         b"#EXTINF:-1,Arabic digits\nhttp://up.example/live/u/p/\xd9\xa7\xd9\xa1.ts\n"
         b"#EXTINF:-1,Binary\n\x00\x01\xfe\xff/506.ts\n"
         b"#EXTINF:-1,Tab\nhttp://up.example/a\tb/507.ts\n"
         b"#EXTINF:-1,Leading zero\nhttp://up.example/live/u/p/0508.ts\n"
         b"#EXTINF:-1,Bad port\nhttp://up.example:99999/509.ts\n"
         b"#EXTINF:-1,Bad v6\nhttp://[::1/510.ts\n"
-        b"#EXTINF:-1 tvg-name=\"Good too\",Good too\nhttps://up.example/live/u/p/511.ts\n")
+        b'#EXTINF:-1 tvg-name="Good too",Good too\nhttps://up.example/live/u/p/511.ts\n'
+    )
     result = streamctl(stack, "channels", "import", str(playlist), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -223,8 +258,9 @@ def test_oversized_and_deeply_nested_records_are_refused_and_listed_as_invalid(s
     """Finding 8."""
     stack.redis.set(keys.channel_key(512), "[" * 5000 + "]" * 5000)
     stack.redis.set(keys.channel_key(513), json.dumps({"source_url": "http://up.example/" + "a" * 200_000}))
-    stack.redis.set(keys.channel_key(514), json.dumps({"source_url": "http://up.example/x.ts",
-                                                       "user_agent": "u" * 10_000}))
+    stack.redis.set(
+        keys.channel_key(514), json.dumps({"source_url": "http://up.example/x.ts", "user_agent": "u" * 10_000})
+    )
     add_channel(stack, 515)
     for channel, why in ((512, b"nested too deeply"), (513, b"too large"), (514, b"user_agent is too long")):
         status, _, body = first_request(stack.playlist_url(channel))
@@ -241,7 +277,7 @@ def test_credentials_never_reach_a_player_nor_the_logs(stack):
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
-    closed.close()                                   # nothing listens: connection refused
+    closed.close()  # nothing listens: connection refused
     sources = {
         516: f"http://user42:{SECRET}@127.0.0.1:{port}/live/user42/{SECRET}/516.ts",
         517: f"https://127.0.0.1:{stack.upstream_port}/live/user42/{SECRET}/517.ts?token={SECRET}",
@@ -269,6 +305,7 @@ def test_tls_is_verified_by_default(stack, extra_launcher, tmp_path):
     """Finding 3: a self-signed https upstream is refused; tls_verify = false plays it; the
     same certificate as tls_ca_file plays with verification on."""
     from tests.tls_relay import TLSRelay
+
     relay = TLSRelay(tmp_path, "127.0.0.1", stack.upstream_port)
     try:
         source = f"https://127.0.0.1:{relay.port}/live/tls.ts"
@@ -277,7 +314,7 @@ def test_tls_is_verified_by_default(stack, extra_launcher, tmp_path):
         refused = first_request(stack.playlist_url(520))
         assert refused[0] == 503 and b"upstream TLS failed" in refused[2]
         assert first_request(stack.playlist_url(521))[0] == 200
-        stack.redis.delete(keys.failed_key(520))            # the failure's cooldown, lifted
+        stack.redis.delete(keys.failed_key(520))  # the failure's cooldown, lifted
         trusting = extra_launcher(tls_ca_file=relay.certificate, hls_dir=str(tmp_path / "trusting-hls"))
         status, body = trusting.json("/channel/520/start", "POST")
         assert status == 200 and body["status"] == "started", body
@@ -324,8 +361,10 @@ def test_junk_in_the_active_set_is_shown_as_invalid(stack):
         stack.redis.srem(keys.ACTIVE_STREAMS_KEY, "abc", "007", "x" * 100)
 
 
-@pytest.mark.parametrize("path", ["/live//stream_522.m3u8", "/live/./stream_522.m3u8",
-                                  "/live/stream_%35%32%32.m3u8", "/x/../live/stream_522.m3u8"])
+@pytest.mark.parametrize(
+    "path",
+    ["/live//stream_522.m3u8", "/live/./stream_522.m3u8", "/live/stream_%35%32%32.m3u8", "/x/../live/stream_522.m3u8"],
+)
 def test_what_nginx_serves_as_a_channel_is_counted_as_that_channel(stack, path):
     """Finding 10: the log records $uri, nginx's normalised path."""
     add_channel(stack, 522)
@@ -334,6 +373,7 @@ def test_what_nginx_serves_as_a_channel_is_counted_as_that_channel(stack, path):
         handle.seek(0, os.SEEK_END)
         offset = handle.tell()
     import http.client
+
     connection = http.client.HTTPConnection("127.0.0.1", stack.nginx_port, timeout=30)
     connection.putrequest("GET", path + "?token=alias")
     connection.endheaders()
@@ -344,25 +384,33 @@ def test_what_nginx_serves_as_a_channel_is_counted_as_that_channel(stack, path):
         with open(stack.settings["access_log"], "rb") as handle:
             handle.seek(offset)
             return LogLineParser("streamkeeper").parse_chunk(handle.read()).channel_times
+
     assert wait_for(lambda: counted().get("522"), timeout=10, message="the aliased request counted")
 
 
 def test_a_record_of_an_unknown_process_is_never_trusted(stack):
     """Finding 7 through the launcher: a run record naming a process that is not this
     channel's FFmpeg (here: this test's own Python) is stale, never joined nor signalled."""
-    record = runs.RunRecord(channel="523", run_id="forged", host=stack.settings.get("host_id", socket.gethostname()),
-                            pid=os.getpid(), pid_start=None, started=1.0, state="running")
+    record = runs.RunRecord(
+        channel="523",
+        run_id="forged",
+        host=stack.settings.get("host_id", socket.gethostname()),
+        pid=os.getpid(),
+        pid_start=None,
+        started=1.0,
+        state="running",
+    )
     from streamstate.process import process_start_time
+
     record.pid_start = process_start_time(os.getpid())
     runs.record_run(stack.redis, record)
     add_channel(stack, 523)
-    assert first_request(stack.playlist_url(523))[0] == 200          # started anew, we live on
+    assert first_request(stack.playlist_url(523))[0] == 200  # started anew, we live on
     assert stack.redis.hget(keys.run_key(523), "run_id") != "forged"
 
 
 JUNK = [
-    ("hash", keys.run_key(540), {"run_id": "j", "host": socket.gethostname(), "pid": "5",
-                                 "last_error": b"x\xff\xfe"}),
+    ("hash", keys.run_key(540), {"run_id": "j", "host": socket.gethostname(), "pid": "5", "last_error": b"x\xff\xfe"}),
     ("string", keys.run_key(541), "not a hash"),
     ("list", keys.last_access_key(542), ["1", "2"]),
     ("list", keys.pid_key(543), ["1"]),
@@ -397,7 +445,7 @@ def test_junk_of_any_type_or_encoding_in_redis_breaks_nothing(stack):
     assert stack.launcher_json("/api/streams/active")[0] == 200
     result = streamctl(stack, "status", "--json")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-    json.loads(result.stdout)                                    # valid JSON: no Infinity
+    json.loads(result.stdout)  # valid JSON: no Infinity
     reaped = streamctl(stack, "reap", "--json")
     assert reaped.returncode == 0, reaped.stderr
     summary = json.loads(reaped.stdout)
@@ -415,6 +463,7 @@ def test_junk_in_failure_slot_history_and_pass_keys_is_only_junk(stack):
     a 5,000-digit pid, raised.  Each is junk now: ignored, and replaced by our next write."""
     from launcher import status_page
     from streamstate import providers
+
     add_channel(stack, 563)
     stack.redis.hset(keys.failed_key(563), "reason", "junk of another type")
     assert first_request(stack.playlist_url(563))[0] == 200
@@ -435,9 +484,15 @@ def test_junk_in_failure_slot_history_and_pass_keys_is_only_junk(stack):
     stack.redis.set(history, "not a list")
     assert status_page.read_history(stack.redis, "junk-host") == []
     stack.redis.delete(history)
-    stack.redis.rpush(history, '{"t": Infinity, "streams": 1, "viewers": 1}', '{"t": 1e400, "streams": 1, "viewers": 1}',
-                      '{"t": NaN, "streams": 1, "viewers": 1}', '{"t": 5, "streams": 1e400, "viewers": 1}',
-                      "[" * 100_000, '{"t": 7, "streams": 2, "viewers": 3}')
+    stack.redis.rpush(
+        history,
+        '{"t": Infinity, "streams": 1, "viewers": 1}',
+        '{"t": 1e400, "streams": 1, "viewers": 1}',
+        '{"t": NaN, "streams": 1, "viewers": 1}',
+        '{"t": 5, "streams": 1e400, "viewers": 1}',
+        "[" * 100_000,
+        '{"t": 7, "streams": 2, "viewers": 3}',
+    )
     assert status_page.read_history(stack.redis, "junk-host") == [{"t": 7.0, "streams": 2, "viewers": 3}]
     stack.redis.delete(history)
 
@@ -457,6 +512,7 @@ def test_an_infinite_last_access_keeps_nothing_alive(stack):
     """A stored last_access of inf (or far in the future) is junk: the next heartbeat
     replaces it, and the reaper falls back to the start time."""
     from streamstate import heartbeats
+
     add_channel(stack, 548)
     assert first_request(stack.playlist_url(548))[0] == 200
     stack.redis.set(keys.last_access_key(548), "inf")
@@ -470,9 +526,16 @@ def test_an_infinite_last_access_keeps_nothing_alive(stack):
 
 
 def test_status_escapes_what_redis_holds(stack):
-    stack.redis.hset(keys.run_key(549), mapping={
-        "run_id": "esc", "host": "elsewhere", "pid": "1", "state": "\x1b[31mRED\x1b[0m\r\nfake line",
-        "last_error": "\x1b]0;title\x07"})
+    stack.redis.hset(
+        keys.run_key(549),
+        mapping={
+            "run_id": "esc",
+            "host": "elsewhere",
+            "pid": "1",
+            "state": "\x1b[31mRED\x1b[0m\r\nfake line",
+            "last_error": "\x1b]0;title\x07",
+        },
+    )
     stack.redis.sadd(keys.ACTIVE_STREAMS_KEY, "549")
     try:
         result = streamctl(stack, "status")
@@ -485,10 +548,16 @@ def test_status_escapes_what_redis_holds(stack):
         stack.redis.srem(keys.ACTIVE_STREAMS_KEY, "549")
 
 
-@pytest.mark.parametrize("field, value", [
-    ("user_agent", "UA\udc8d\udc8aX-Inj: 1"), ("user_agent", "UA\x85"), ("referer", "http://r/\u00e9"),
-    ("headers", {"X-A": "caf\u00e9"}), ("source_url", "http://up.example/\u00e9/1.ts"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("user_agent", "UA\udc8d\udc8aX-Inj: 1"),
+        ("user_agent", "UA\x85"),
+        ("referer", "http://r/\u00e9"),
+        ("headers", {"X-A": "caf\u00e9"}),
+        ("source_url", "http://up.example/\u00e9/1.ts"),
+    ],
+)
 def test_only_printable_ascii_goes_on_the_wire(stack, listener, field, value):
     record = {"source_url": listener.url(), "quality": "copy", field: value}
     stack.redis.set(keys.channel_key(550), json.dumps(record))
@@ -498,18 +567,22 @@ def test_only_printable_ascii_goes_on_the_wire(stack, listener, field, value):
 
 
 def test_the_legacy_route_stores_nothing_it_would_refuse(stack, listener):
-    status, body = stack.launcher_json("/api/stream/start", "POST", {
-        "channel_id": "551", "source_url": listener.url() + "?" + "v" * 70_000})
+    status, body = stack.launcher_json(
+        "/api/stream/start", "POST", {"channel_id": "551", "source_url": listener.url() + "?" + "v" * 70_000}
+    )
     assert status == 422 and body["stored"] is False
-    status, body = stack.launcher_json("/api/stream/start", "POST", {
-        "channel_id": "551", "source_url": listener.url(), "quality": "ultra"})
+    status, body = stack.launcher_json(
+        "/api/stream/start", "POST", {"channel_id": "551", "source_url": listener.url(), "quality": "ultra"}
+    )
     assert status == 422 and "unknown quality" in body["error"]
     assert stack.redis.exists(keys.channel_key(551)) == 0 and listener.connections == 0
 
 
 def test_a_scheme_in_capitals_is_still_http(stack):
-    stack.redis.set(keys.channel_key(552), json.dumps({"source_url": stack.upstream_url("ch552").replace("http://", "HtTp://"),
-                                                       "quality": "copy"}))
+    stack.redis.set(
+        keys.channel_key(552),
+        json.dumps({"source_url": stack.upstream_url("ch552").replace("http://", "HtTp://"), "quality": "copy"}),
+    )
     assert first_request(stack.playlist_url(552))[0] == 200
     stack.launcher_json("/channel/552/stop", "POST")
 
@@ -517,8 +590,9 @@ def test_a_scheme_in_capitals_is_still_http(stack):
 def test_a_body_nested_too_deep_is_a_400_with_its_reason(stack):
     """100,000 nested arrays to the legacy start: one line and a 400, never a traceback."""
     body = b"[" * 100_000 + b"]" * 100_000
-    request = urllib.request.Request(stack.launcher_url("/api/stream/start"), data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        stack.launcher_url("/api/stream/start"), data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         urllib.request.urlopen(request, timeout=30)
         raise AssertionError("a 400 was expected")
@@ -532,19 +606,24 @@ def test_the_legacy_start_keeps_the_record_only_when_the_start_succeeds(stack):
     """A failed start puts the record back as it was (none here, a previous one below), and
     the answer says whether it stored it."""
     forbidden = f"http://127.0.0.1:{stack.upstream_port}/forbidden/x.ts"
-    status, body = stack.launcher_json("/api/stream/start", "POST", {
-        "channel_id": "553", "source_url": forbidden, "quality": "copy"})
+    status, body = stack.launcher_json(
+        "/api/stream/start", "POST", {"channel_id": "553", "source_url": forbidden, "quality": "copy"}
+    )
     assert status == 503 and body["stored"] is False
     assert stack.redis.exists(keys.channel_key(553)) == 0
     previous = json.dumps({"source_url": stack.upstream_url("ch554"), "quality": "copy"})
     stack.redis.set(keys.channel_key(554), previous)
-    status, body = stack.launcher_json("/api/stream/start", "POST", {
-        "channel_id": "554", "source_url": forbidden, "quality": "copy"})
+    status, body = stack.launcher_json(
+        "/api/stream/start", "POST", {"channel_id": "554", "source_url": forbidden, "quality": "copy"}
+    )
     assert status == 503 and body["stored"] is False
     assert stack.redis.get(keys.channel_key(554)) == previous
     stack.redis.delete(keys.failed_key(554))
-    status, body = stack.launcher_json("/api/stream/start", "POST", {
-        "channel_id": "554", "source_url": stack.upstream_url("ch554b"), "quality": "copy"})
+    status, body = stack.launcher_json(
+        "/api/stream/start",
+        "POST",
+        {"channel_id": "554", "source_url": stack.upstream_url("ch554b"), "quality": "copy"},
+    )
     assert status == 200 and body["stored"] is True and body["status"] == "started"
     assert "ch554b" in stack.redis.get(keys.channel_key(554))
     stack.launcher_json("/channel/554/stop", "POST")
@@ -553,11 +632,18 @@ def test_the_legacy_start_keeps_the_record_only_when_the_start_succeeds(stack):
 def test_status_escapes_what_redis_holds_about_the_reaper(stack):
     """A hostile reaper:<host>:last_pass puts no escape sequence on the operator's terminal."""
     host = "status-host"
-    stack.redis.hset(keys.reaper_last_pass_key(host), mapping={
-        "time": f"{time.time():.3f}", "stopped": "\x1b]0;owned\x07", "stale": "\x1b[2J", "passes": "1\x07"})
-    result = subprocess.run([sys.executable, "-m", "streamctl", "status", "--config", stack.config_path],
-                            cwd=REPO, capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "STREAMKEEPER_HOST_ID": host})
+    stack.redis.hset(
+        keys.reaper_last_pass_key(host),
+        mapping={"time": f"{time.time():.3f}", "stopped": "\x1b]0;owned\x07", "stale": "\x1b[2J", "passes": "1\x07"},
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "streamctl", "status", "--config", stack.config_path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "STREAMKEEPER_HOST_ID": host},
+    )
     assert result.returncode == 0, result.stderr
     assert "\x1b" not in result.stdout and "\x07" not in result.stdout
     assert "stopped \\x1b]0;owned\\x07" in result.stdout

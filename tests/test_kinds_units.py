@@ -1,14 +1,15 @@
 """Issue 17: run states, reaper actions, refusal and failure kinds are enums; decisions read
 the kind, never the text a player or an operator sees.  Pure logic, no process started."""
+
 import json
 import os
 
 import pytest
 
 from launcher.ffmpeg import DISK_FULL, classify_failure
-from reaper.reaper import ActionKind
 from streamstate import egress
 from streamstate.egress import RefusalKind
+from streamstate.reaping import ActionKind
 from streamstate.runs import TRANSITIONS, RunRecord, RunState
 from streamstate.stream_end import NOT_THE_SOURCE, Cause
 
@@ -20,7 +21,7 @@ def test_every_state_has_its_moves_and_an_ended_run_never_starts_again():
     assert RunState.BACKOFF.can_become(RunState.STARTING) and RunState.RUNNING.can_become(RunState.RUNNING)
     for ended in (RunState.STOPPING, RunState.FAILED, RunState.STOPPED):
         assert ended.ended and not ended.can_become(RunState.STARTING) and not ended.can_become(RunState.RUNNING)
-    assert not RunState.RUNNING.can_become(RunState.STARTING)        # only through backoff
+    assert not RunState.RUNNING.can_become(RunState.STARTING)  # only through backoff
 
 
 def test_a_state_from_redis_that_is_none_of_ours_is_no_state():

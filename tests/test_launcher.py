@@ -1,5 +1,6 @@
 """The launcher end to end: real nginx (rendered config), launcher, FFmpeg, a live upstream,
 and FFmpeg/ffprobe as the HLS client through nginx."""
+
 import json
 import os
 import subprocess
@@ -24,12 +25,31 @@ def test_cold_channel_plays_through_nginx(stack):
     # The first viewer gets the playlist itself: no redirect, a segment listed.
     assert status == 200 and "Location" not in headers and b"#EXTINF" in body
     # A real HLS client through nginx: decodes at least 5 s of it.
-    result = subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-i", stack.playlist_url(101, "?token=abc"),
-                             "-t", "5", "-f", "null", "-"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            "ffmpeg",
+            "-hide_banner",
+            "-nostdin",
+            "-i",
+            stack.playlist_url(101, "?token=abc"),
+            "-t",
+            "5",
+            "-f",
+            "null",
+            "-",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "time=00:00:05" in result.stderr or "time=00:00:04.9" in result.stderr
-    probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_type", "-of", "csv=p=0",
-                            stack.playlist_url(101)], capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_entries", "stream=codec_type", "-of", "csv=p=0", stack.playlist_url(101)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert sorted(set(probe.stdout.split())) == ["audio", "video"]
     assert len(ffmpegs_writing(stack, 101)) == 1
 
@@ -38,8 +58,12 @@ def test_transcoding_profile_keeps_audio_and_video(stack):
     add_channel(stack, 102, quality="low")
     status, _, _ = first_request(stack.playlist_url(102))
     assert status == 200
-    probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_type,height",
-                            "-of", "json", stack.playlist_url(102)], capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_entries", "stream=codec_type,height", "-of", "json", stack.playlist_url(102)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     streams = json.loads(probe.stdout)["streams"]
     assert {s["codec_type"] for s in streams} == {"audio", "video"}
     assert [s["height"] for s in streams if s["codec_type"] == "video"] == [480]
@@ -53,6 +77,7 @@ def test_a_hundred_simultaneous_first_requests_make_one_ffmpeg(stack):
     def player():
         barrier.wait()
         statuses.append(first_request(stack.playlist_url(103))[0])
+
     threads = [threading.Thread(target=player) for _ in range(100)]
     for thread in threads:
         thread.start()
@@ -72,6 +97,7 @@ def test_twenty_channels_started_at_once_all_play(stack):
 
     def player(channel_id):
         results[channel_id] = first_request(stack.playlist_url(channel_id))[0]
+
     threads = [threading.Thread(target=player, args=(c,)) for c in ids]
     for thread in threads:
         thread.start()
@@ -98,10 +124,17 @@ def test_upstream_403_is_a_503_with_the_reason_and_no_playlist(stack):
     assert "secret" not in stack.log("launcher")
 
 
-@pytest.mark.parametrize("source", [
-    "file:///etc/passwd", "concat:/etc/passwd|/etc/hosts", "/etc/passwd",
-    "data:video/mp2t;base64,AAAA", "ftp://127.0.0.1/x.ts", "rtmp://127.0.0.1/live/x",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "file:///etc/passwd",
+        "concat:/etc/passwd|/etc/hosts",
+        "/etc/passwd",
+        "data:video/mp2t;base64,AAAA",
+        "ftp://127.0.0.1/x.ts",
+        "rtmp://127.0.0.1/live/x",
+    ],
+)
 def test_non_http_sources_never_reach_ffmpeg(stack, source):
     add_channel(stack, 105, source_url=source)
     before = len(ffmpeg_processes())
@@ -119,7 +152,9 @@ def test_bad_channel_records_are_clear_errors(stack):
     stack.redis.set(keys.channel_key(107), json.dumps({"quality": "copy"}))
     status, body = stack.launcher_json("/channel/107/start", "POST")
     assert status == 422 and "source_url" in body["error"]
-    stack.redis.set(keys.channel_key(108), json.dumps({"source_url": stack.upstream_url(), "proxy": "socks4://127.0.0.1:1080"}))
+    stack.redis.set(
+        keys.channel_key(108), json.dumps({"source_url": stack.upstream_url(), "proxy": "socks4://127.0.0.1:1080"})
+    )
     status, body = stack.launcher_json("/channel/108/start", "POST")
     assert status == 422 and "proxy refused" in body["error"] and "socks5h://" in body["error"]
     assert stack.launcher_json("/healthz")[0] == 200
@@ -154,8 +189,11 @@ def test_json_callers_get_started_then_already_running(stack):
 
 
 def test_legacy_routes_keep_working(stack):
-    status, body = stack.launcher_json("/api/stream/start", "POST", {
-        "channel_id": "110", "source_url": stack.upstream_url("legacy"), "quality": "copy"})
+    status, body = stack.launcher_json(
+        "/api/stream/start",
+        "POST",
+        {"channel_id": "110", "source_url": stack.upstream_url("legacy"), "quality": "copy"},
+    )
     assert status == 200 and body["status"] == "started"
     assert json.loads(stack.redis.get(keys.channel_key(110)))["source_url"] == stack.upstream_url("legacy")
     status, body = stack.launcher_json("/api/streams/active")
@@ -163,7 +201,9 @@ def test_legacy_routes_keep_working(stack):
     status, body = stack.launcher_json("/api/stream/stop", "POST", {"channel_id": "110"})
     assert status == 200 and body["status"] == "stopped"
     assert not ffmpegs_writing(stack, 110)
-    status, body = stack.launcher_json("/api/stream/start", "POST", {"channel_id": "110", "source_url": "file:///etc/passwd"})
+    status, body = stack.launcher_json(
+        "/api/stream/start", "POST", {"channel_id": "110", "source_url": "file:///etc/passwd"}
+    )
     assert status == 422
 
 
@@ -191,15 +231,23 @@ def test_the_reaper_stops_an_idle_launcher_stream_and_the_launcher_does_not_rest
     add_channel(stack, 112)
     assert stack.launcher_json("/channel/112/start", "POST")[0] == 200
     [pid] = ffmpegs_writing(stack, 112)
-    stack.redis.set(keys.last_access_key(112), "1000.0")           # nobody watched for ages
-    result = subprocess.run([sys.executable, "-m", "reaper", "--once", "--config", stack.config_path],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    stack.redis.set(keys.last_access_key(112), "1000.0")  # nobody watched for ages
+    result = subprocess.run(
+        [sys.executable, "-m", "reaper", "--once", "--config", stack.config_path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "channel 112: stopped" in result.stderr
     wait_for(lambda: not ffmpegs_writing(stack, 112), timeout=15, message="FFmpeg gone")
-    wait_for(lambda: all(s["id"] != "112" for s in stack.launcher_json("/streams")[1]["streams"]),
-             timeout=15, message="the launcher to let it go")
-    assert not ffmpegs_writing(stack, 112)                           # not restarted
+    wait_for(
+        lambda: all(s["id"] != "112" for s in stack.launcher_json("/streams")[1]["streams"]),
+        timeout=15,
+        message="the launcher to let it go",
+    )
+    assert not ffmpegs_writing(stack, 112)  # not restarted
     assert files.stream_files(stack.hls_dir, 112) == []
     assert stack.redis.exists(keys.pid_key(112), keys.run_key(112)) == 0
     # The next player starts it again, as a new run.
@@ -208,8 +256,13 @@ def test_the_reaper_stops_an_idle_launcher_stream_and_the_launcher_does_not_rest
 
 
 def streamctl(stack, *args):
-    return subprocess.run([sys.executable, "-m", "streamctl", *args, "--config", stack.config_path],
-                          cwd=REPO, capture_output=True, text=True, timeout=90)
+    return subprocess.run(
+        [sys.executable, "-m", "streamctl", *args, "--config", stack.config_path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
 
 
 def test_streamctl_start_status_stop_and_reap(stack):
@@ -248,10 +301,12 @@ def test_twenty_concurrent_starts_run_one_ffmpeg(stack):
     answers = []
 
     def start():
-        request = urllib.request.Request(stack.launcher_url("/channel/115/start"), data=b"", method="POST",
-                                         headers={"Accept": "application/json"})
+        request = urllib.request.Request(
+            stack.launcher_url("/channel/115/start"), data=b"", method="POST", headers={"Accept": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             answers.append(json.loads(response.read())["status"])
+
     threads = [threading.Thread(target=start) for _ in range(20)]
     for thread in threads:
         thread.start()
@@ -268,12 +323,18 @@ def test_a_second_launcher_on_the_same_hls_dir_refuses_to_run(stack, tmp_path):
     live stream and ran a second FFmpeg on it.  One launcher per hls_dir: the second exits 1
     with one line, the first runs on."""
     from tests.helpers import free_port
+
     port = free_port()
     config = tmp_path / "second.toml"
     text = open(stack.config_path).read().replace(f"127.0.0.1:{stack.launcher_port}", f"127.0.0.1:{port}")
     config.write_text(text)
-    second = subprocess.run([sys.executable, "-m", "launcher", "--config", str(config)], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+    second = subprocess.run(
+        [sys.executable, "-m", "launcher", "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert second.returncode == 1
     assert f"another stream-launcher already runs on hls_dir {stack.hls_dir}" in second.stderr
     assert "Traceback" not in second.stderr
@@ -282,16 +343,24 @@ def test_a_second_launcher_on_the_same_hls_dir_refuses_to_run(stack, tmp_path):
 
 def test_launcher_with_redis_unreachable_answers_503(tmp_path):
     from tests.helpers import free_port
+
     port = free_port()
     config = tmp_path / "noredis.toml"
-    config.write_text(f'redis_url = "redis://127.0.0.1:1/0"\nlauncher_listen = "127.0.0.1:{port}"\n'
-                      f'hls_dir = "{tmp_path / "hls"}"\n')
-    process = subprocess.Popen([sys.executable, "-m", "launcher", "--config", str(config)], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    config.write_text(
+        f'redis_url = "redis://127.0.0.1:1/0"\nlauncher_listen = "127.0.0.1:{port}"\n'
+        f'hls_dir = "{tmp_path / "hls"}"\n'
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "--config", str(config)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         import socket
-        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, timeout=20,
-                 message="the launcher")
+
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, timeout=20, message="the launcher")
         fake = LocalStack.__new__(LocalStack)
         fake.launcher_port = port
         status, body = LocalStack.launcher_json(fake, "/channel/5/start", "POST")
@@ -309,9 +378,13 @@ def test_a_launcher_that_cannot_listen_adopts_nothing(stack, tmp_path):
     hls_dir: on the stack's, the directory's lock turns it away even sooner)."""
     add_channel(stack, 116)
     assert first_request(stack.playlist_url(116))[0] == 200
-    result = subprocess.run([sys.executable, "-m", "launcher", "--config", stack.config_path,
-                             "--hls-dir", str(tmp_path / "hls")], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher", "--config", stack.config_path, "--hls-dir", str(tmp_path / "hls")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1 and "cannot listen" in result.stderr
     assert "adopted" not in result.stderr
     stack.launcher_json("/channel/116/stop", "POST")

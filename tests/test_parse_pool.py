@@ -1,12 +1,13 @@
 """The parse pool: ordered results, and no line lost or hang when a worker dies."""
+
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from heartbeatd.logformat import LogLineParser
 from heartbeatd.parse_pool import ParsePool
+from streamstate.logformat import LogLineParser
 from tests.conftest import REPO
 from tests.helpers import sk_line, wait_for
 
@@ -14,8 +15,10 @@ T = 1795000000.0
 
 
 def blocks(count=12, lines=2000):
-    return ["".join(sk_line(T + b * lines + n, f"/live/stream_{b}_{n}.ts") for n in range(lines)).encode()
-            for b in range(count)]
+    return [
+        "".join(sk_line(T + b * lines + n, f"/live/stream_{b}_{n}.ts") for n in range(lines)).encode()
+        for b in range(count)
+    ]
 
 
 def test_results_come_back_in_order_and_survive_a_killed_worker():
@@ -42,16 +45,30 @@ def test_results_come_back_in_order_and_survive_a_killed_worker():
 def test_sigterm_to_the_whole_process_group_exits_cleanly(tmp_path, redis_server):
     log = tmp_path / "access.log"
     log.write_text("".join(sk_line(time.time(), "/live/stream_1.m3u8") for _ in range(50_000)))
-    process = subprocess.Popen([sys.executable, "-m", "heartbeatd", "--redis-url", redis_server.url,
-                                "--state-dir", str(tmp_path / "state"), "--log-file", str(log),
-                                "--from-start"], cwd=REPO, start_new_session=True,
-                               env={**os.environ, "STREAMKEEPER_CONFIG": os.devnull,
-                                    "STREAMKEEPER_PARSE_WORKERS": "2"},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "heartbeatd",
+            "--redis-url",
+            redis_server.url,
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--log-file",
+            str(log),
+            "--from-start",
+        ],
+        cwd=REPO,
+        start_new_session=True,
+        env={**os.environ, "STREAMKEEPER_CONFIG": os.devnull, "STREAMKEEPER_PARSE_WORKERS": "2"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(lambda: (tmp_path / "state").exists(), message="heartbeatd to start")
         time.sleep(0.5)
-        os.killpg(process.pid, signal.SIGTERM)     # as systemd does: every process of the unit
+        os.killpg(process.pid, signal.SIGTERM)  # as systemd does: every process of the unit
         output, _ = process.communicate(timeout=20)
     finally:
         if process.poll() is None:

@@ -4,6 +4,7 @@ Each test opens a *cold* channel (no FFmpeg, no playlist) through nginx running 
 snippet `streamctl nginx-config` renders, so the player's first request is the one that
 starts the channel.  `make test` installs VLC, Chromium and the npm packages.
 """
+
 import json
 import os
 import shutil
@@ -20,8 +21,8 @@ pytestmark = pytest.mark.e2e
 
 PLAYERS = os.path.join(REPO, "tests", "players")
 ARTIFACTS = os.environ.get("STREAMKEEPER_TEST_ARTIFACTS", os.path.join(REPO, "test-artifacts"))
-VLC_SECONDS = 22          # VLC dumps this long; at least 20 s of media must come out
-HLSJS_SECONDS = 15        # video.currentTime must pass this
+VLC_SECONDS = 22  # VLC dumps this long; at least 20 s of media must come out
+HLSJS_SECONDS = 15  # video.currentTime must pass this
 
 
 @pytest.fixture(autouse=True)
@@ -53,9 +54,22 @@ def unprivileged():
 
 def probe_media(path: str) -> dict:
     """Duration, stream types and decoded video frames, as ffprobe sees them."""
-    result = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries",
-                             "format=duration:stream=codec_type,nb_read_frames", "-of", "json", path],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-count_frames",
+            "-show_entries",
+            "format=duration:stream=codec_type,nb_read_frames",
+            "-of",
+            "json",
+            path,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -71,10 +85,22 @@ def test_vlc_plays_a_cold_channel(stack):
     dump = os.path.join(work, "dump.ts")
     try:
         result = subprocess.run(
-            [vlc, "-I", "dummy", "--no-media-library", stack.playlist_url(channel_id, "?token=vlc"),
-             f"--sout=#std{{access=file,mux=ts,dst={dump}}}", f"--run-time={VLC_SECONDS}", "vlc://quit"],
-            env={**os.environ, "HOME": work}, capture_output=True, text=True,
-            timeout=VLC_SECONDS + 60, **as_user)
+            [
+                vlc,
+                "-I",
+                "dummy",
+                "--no-media-library",
+                stack.playlist_url(channel_id, "?token=vlc"),
+                f"--sout=#std{{access=file,mux=ts,dst={dump}}}",
+                f"--run-time={VLC_SECONDS}",
+                "vlc://quit",
+            ],
+            env={**os.environ, "HOME": work},
+            capture_output=True,
+            text=True,
+            timeout=VLC_SECONDS + 60,
+            **as_user,
+        )
         assert "redirection loop" not in result.stderr
         assert os.path.exists(dump), f"VLC wrote nothing:\n{result.stderr[-3000:]}"
         media = probe_media(dump)
@@ -84,15 +110,14 @@ def test_vlc_plays_a_cold_channel(stack):
     kinds = {s["codec_type"] for s in media["streams"]}
     assert kinds == {"audio", "video"}, media
     frames = max(int(s.get("nb_read_frames") or 0) for s in media["streams"] if s["codec_type"] == "video")
-    assert frames >= 20 * 25 * 0.9, media       # the source is 25 fps: 20 s of decodable pictures
+    assert frames >= 20 * 25 * 0.9, media  # the source is 25 fps: 20 s of decodable pictures
 
 
 def run_hlsjs(mode: str, *urls: str, screenshot: str | None = None, seconds: float = HLSJS_SECONDS):
     """hls.js in headless Chromium (tests/players/hlsjs_play.mjs): one JSON result per URL."""
     if not os.path.isdir(os.path.join(PLAYERS, "node_modules", "hls.js")):
         pytest.fail("tests/players/node_modules is missing (make test runs npm ci there)")
-    argv = ["node", os.path.join(PLAYERS, "hlsjs_play.mjs"), mode, *urls,
-            "--seconds", str(seconds), "--timeout", "60"]
+    argv = ["node", os.path.join(PLAYERS, "hlsjs_play.mjs"), mode, *urls, "--seconds", str(seconds), "--timeout", "60"]
     if screenshot:
         argv += ["--screenshot", screenshot]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=90 * len(urls))
@@ -118,8 +143,7 @@ def test_a_web_player_reads_why_a_channel_failed(stack):
     """404, 422 and 503 reach a page of another origin with their reason (CORS on errors)."""
     add_channel(stack, 703, source_url=f"http://127.0.0.1:{stack.upstream_port}/forbidden/x.ts")
     add_channel(stack, 704, source_url="file:///etc/passwd")
-    results = run_hlsjs("fetch", stack.playlist_url(799999), stack.playlist_url(703),
-                        stack.playlist_url(704))
+    results = run_hlsjs("fetch", stack.playlist_url(799999), stack.playlist_url(703), stack.playlist_url(704))
     seen = {r["url"]: r for r in results}
     missing, refused, unusable = (seen[stack.playlist_url(c)] for c in (799999, 703, 704))
     assert missing["ok"] and missing["status"] == 404 and "channel 799999: no such channel" in missing["body"]
@@ -132,7 +156,22 @@ def test_ffmpeg_plays_a_cold_channel(stack):
     channel_id = 705
     add_channel(stack, channel_id)
     assert_cold(stack, channel_id)
-    result = subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-i", stack.playlist_url(channel_id, "?token=ff"),
-                             "-t", "5", "-f", "null", "-"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            "ffmpeg",
+            "-hide_banner",
+            "-nostdin",
+            "-i",
+            stack.playlist_url(channel_id, "?token=ff"),
+            "-t",
+            "5",
+            "-f",
+            "null",
+            "-",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "time=00:00:05" in result.stderr or "time=00:00:04.9" in result.stderr

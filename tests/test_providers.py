@@ -2,6 +2,7 @@
 per account and counts every violation; a stack of our own (redis-server, nginx, heartbeatd,
 the relay, the launcher) with ``[providers.acme]`` max_streams = 2 must never cause one,
 while viewers watch, change channel, and leave."""
+
 import json
 import os
 import threading
@@ -51,18 +52,26 @@ def provider():
 @pytest.fixture(scope="module")
 def acme(provider, tmp_path_factory):
     match = f"http://127.0.0.1:{provider.port}/live/acct/"
-    stack = LocalStack(str(tmp_path_factory.mktemp("providers")), {
-        "providers": {"acme": {"match": match, "max_streams": LIMIT}},
-        "preempt_idle": PREEMPT_IDLE, "viewer_window": 30, "flush_interval": 0.2,
-    }, heartbeatd=True).start()
+    stack = LocalStack(
+        str(tmp_path_factory.mktemp("providers")),
+        {
+            "providers": {"acme": {"match": match, "max_streams": LIMIT}},
+            "preempt_idle": PREEMPT_IDLE,
+            "viewer_window": 30,
+            "flush_interval": 0.2,
+        },
+        heartbeatd=True,
+    ).start()
     stack.redis = redis.Redis(port=stack.redis_port)
     yield stack
     stack.stop()
 
 
 def add(stack, provider, channel):
-    stack.redis.set(keys.channel_key(channel), json.dumps(
-        {"source_url": provider.url("acct", "pass", str(channel)), "quality": "copy"}))
+    stack.redis.set(
+        keys.channel_key(channel),
+        json.dumps({"source_url": provider.url("acct", "pass", str(channel)), "quality": "copy"}),
+    )
 
 
 def provider_entry(stack):
@@ -98,8 +107,11 @@ def test_the_account_never_sees_more_than_its_limit(acme, provider):
         # Bob leaves; once his channel has had no request for preempt_idle, dave's start
         # takes its connection.
         bob.stop()
-        wait_for(lambda: time.time() - float(acme.redis.get(keys.last_access_key(802))) > PREEMPT_IDLE + 0.5,
-                 30, message="channel 802 idle")
+        wait_for(
+            lambda: time.time() - float(acme.redis.get(keys.last_access_key(802))) > PREEMPT_IDLE + 0.5,
+            30,
+            message="channel 802 idle",
+        )
         assert first_request(acme.playlist_url(804, "?token=dave"))[0] == 200
         assert "channel 802: preempted (no request for" in acme.log("launcher")
         assert sorted(provider_entry(acme)["channels"]) == ["803", "804"]
@@ -116,9 +128,13 @@ def test_a_slot_of_a_stream_that_no_longer_runs_is_reclaimed(acme, provider):
     """A stream gone without a word (its host crashed, Redis kept its slot): its slot is
     taken back at the next start, with no violation."""
     acme.launcher_json("/streams/stop", "POST")
-    acme.redis.hset(keys.provider_slots_key("acme"), mapping={
-        "901": json.dumps({"run_id": "gone", "host": "crashed-host", "at": time.time() - 3600}),
-        "902": "junk"})
+    acme.redis.hset(
+        keys.provider_slots_key("acme"),
+        mapping={
+            "901": json.dumps({"run_id": "gone", "host": "crashed-host", "at": time.time() - 3600}),
+            "902": "junk",
+        },
+    )
     add(acme, provider, 805)
     add(acme, provider, 806)
     assert first_request(acme.playlist_url(805))[0] == 200
@@ -135,16 +151,28 @@ def test_a_slot_of_a_stream_that_no_longer_runs_is_reclaimed(acme, provider):
 def test_status_shows_the_providers_slots(acme, provider):
     import subprocess
     import sys
+
     from tests.conftest import REPO
+
     add(acme, provider, 807)
     assert first_request(acme.playlist_url(807))[0] == 200
-    result = subprocess.run([sys.executable, "-m", "streamctl", "status", "--json", "--config", acme.config_path],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "streamctl", "status", "--json", "--config", acme.config_path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     providers = {p["provider"]: p for p in json.loads(result.stdout)["providers"]}
     assert providers["acme"]["channels"] == ["807"] and providers["acme"]["limit"] == LIMIT
-    text = subprocess.run([sys.executable, "-m", "streamctl", "status", "--config", acme.config_path],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    text = subprocess.run(
+        [sys.executable, "-m", "streamctl", "status", "--config", acme.config_path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "provider acme: 1/2 connections" in text.stdout
     acme.launcher_json("/streams/stop", "POST")
     assert os.path.isdir(acme.hls_dir)
@@ -161,11 +189,13 @@ def test_a_provider_s_server_takes_a_slot_however_it_is_reached(acme, provider):
     try:
         wait_for(lambda: viewers_of(acme, 811) and viewers_of(acme, 812), 30, message="two watched channels")
         dead = f"http://127.0.0.1:{acme.upstream_port}/missing/813.ts"
-        acme.redis.set(keys.channel_key(813), json.dumps({"source_url": dead, "quality": "copy",
-                                                          "fallback_urls": [provider.url("acct", "pass", "813")]}))
+        acme.redis.set(
+            keys.channel_key(813),
+            json.dumps({"source_url": dead, "quality": "copy", "fallback_urls": [provider.url("acct", "pass", "813")]}),
+        )
         status, _, body = first_request(acme.playlist_url(813, "?token=gina"))
         assert status == 503 and b"provider acme: all 2 connections are in use" in body
-        redirect = (f"http://127.0.0.1:{acme.upstream_port}/redirect/x?to=" + provider.url("acct", "pass", "814"))
+        redirect = f"http://127.0.0.1:{acme.upstream_port}/redirect/x?to=" + provider.url("acct", "pass", "814")
         acme.redis.set(keys.channel_key(814), json.dumps({"source_url": redirect, "quality": "copy"}))
         status, _, body = first_request(acme.playlist_url(814, "?token=gina"))
         assert status == 503 and body == b"channel 814: upstream address not allowed\n"
@@ -215,11 +245,22 @@ def test_a_provider_s_server_is_known_by_its_address_in_any_spelling(acme, provi
 
 # -- two accounts on one server (attack on issue 16) ---------------------------------------
 
+
 def _two_accounts(state_dir: str, port: int):
     from streamstate.settings import load_settings
-    return load_settings(None, {"state_dir": state_dir, "upstream_allow": "127.0.0.0/8", "providers": {
-        "acme": {"match": f"http://127.0.0.1:{port}/live/acct/", "max_streams": 2},
-        "beta": {"match": f"http://127.0.0.1:{port}/live/other/", "max_streams": 2}}}, environ={})
+
+    return load_settings(
+        None,
+        {
+            "state_dir": state_dir,
+            "upstream_allow": "127.0.0.0/8",
+            "providers": {
+                "acme": {"match": f"http://127.0.0.1:{port}/live/acct/", "max_streams": 2},
+                "beta": {"match": f"http://127.0.0.1:{port}/live/other/", "max_streams": 2},
+            },
+        },
+        environ={},
+    )
 
 
 def test_a_stream_with_one_account_s_slot_cannot_fetch_the_other_s(tmp_path):
@@ -233,6 +274,7 @@ def test_a_stream_with_one_account_s_slot_cannot_fetch_the_other_s(tmp_path):
     from egress.relay import EgressRelay
     from streamstate import egress
     from tests.test_upstreams import KeepAliveOrigin
+
     origin = KeepAliveOrigin(b"segment\n")
     settings = _two_accounts(str(tmp_path), origin.port)
     token = egress.write_ticket(str(tmp_path), "850", None, provider="beta")
@@ -240,8 +282,10 @@ def test_a_stream_with_one_account_s_slot_cannot_fetch_the_other_s(tmp_path):
 
     async def ask(port, path):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"GET http://127.0.0.1:{origin.port}{path} HTTP/1.1\r\nHost: x\r\n"
-                     f"Proxy-Authorization: {auth}\r\nConnection: close\r\n\r\n".encode())
+        writer.write(
+            f"GET http://127.0.0.1:{origin.port}{path} HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {auth}\r\nConnection: close\r\n\r\n".encode()
+        )
         answer = await asyncio.wait_for(reader.read(), 10)
         writer.close()
         return answer
@@ -253,6 +297,7 @@ def test_a_stream_with_one_account_s_slot_cannot_fetch_the_other_s(tmp_path):
             return await ask(port, "/live/other/1.ts"), await ask(port, "/live/acct/1.ts")
         finally:
             server.close()
+
     try:
         own, others = asyncio.run(scenario())
     finally:
@@ -267,11 +312,14 @@ def test_a_record_naming_one_provider_for_another_s_sources_is_refused():
     slot and use acme's account: refused with a clear error."""
     from streamstate.channels import ChannelError, parse_channel
     from streamstate.upstreams import provider_of
+
     providers = _two_accounts("/nonexistent", 8080).providers
-    own = parse_channel("851", json.dumps({"source_url": "http://127.0.0.1:8080/live/other/851.ts",
-                                           "provider": "beta"}))
+    own = parse_channel(
+        "851", json.dumps({"source_url": "http://127.0.0.1:8080/live/other/851.ts", "provider": "beta"})
+    )
     assert provider_of(own, providers).name == "beta"
-    wrong = parse_channel("852", json.dumps({"source_url": "http://127.0.0.1:8080/live/acct/852.ts",
-                                             "provider": "beta"}))
+    wrong = parse_channel(
+        "852", json.dumps({"source_url": "http://127.0.0.1:8080/live/acct/852.ts", "provider": "beta"})
+    )
     with pytest.raises(ChannelError, match="channel 852: its sources belong to provider acme, not beta"):
         provider_of(wrong, providers)

@@ -1,4 +1,5 @@
 """The reaper against a real redis-server, real processes and real FFmpeg writing HLS."""
+
 import json
 import os
 import signal
@@ -9,9 +10,9 @@ import time
 
 import pytest
 
-from reaper.reaper import Reaper
 from streamstate import files, keys, runs
 from streamstate.process import process_age, process_start_time
+from streamstate.reaping import Reaper
 from streamstate.settings import load_settings
 from tests.conftest import REPO
 from tests.helpers import wait_for
@@ -25,40 +26,78 @@ AS_FFMPEG = {"ffmpeg": sys.executable}
 @pytest.fixture
 def env(tmp_path, redis_server, redis_client, monkeypatch):
     # The session's redis-server may be seconds old: orphans are judged at once here.
-    monkeypatch.setattr("reaper.reaper.ORPHAN_GRACE_AFTER_REDIS_START", 0)
+    monkeypatch.setattr("streamstate.reaping.ORPHAN_GRACE_AFTER_REDIS_START", 0)
     hls = tmp_path / "hls"
     hls.mkdir()
     processes = []
 
     def settings(**overrides):
-        values = {"redis_url": redis_server.url, "hls_dir": str(hls), "idle_timeout": 30,
-                  "stop_grace": 2, "reaper_interval": 60, "host_id": "host-a", **overrides}
+        values = {
+            "redis_url": redis_server.url,
+            "hls_dir": str(hls),
+            "idle_timeout": 30,
+            "stop_grace": 2,
+            "reaper_interval": 60,
+            "host_id": "host-a",
+            **overrides,
+        }
         return load_settings(None, values, environ={})
 
     def spawn(argv, **kwargs):
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, start_new_session=True, **kwargs)
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            **kwargs,
+        )
         processes.append(process)
         return process
 
     def ffmpeg(channel):
-        process = spawn(["ffmpeg", "-nostdin", "-re", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=10",
-                         "-c:v", "libx264", "-preset", "ultrafast", "-g", "10", "-f", "hls",
-                         "-hls_time", "1", "-hls_list_size", "3",
-                         "-hls_segment_filename", files.segment_pattern(str(hls), channel),
-                         files.playlist_path(str(hls), channel)])
-        wait_for(lambda: files.count_listed_segments(files.playlist_path(str(hls), channel)) >= 1,
-                 timeout=20, message="FFmpeg's first segment")
+        process = spawn(
+            [
+                "ffmpeg",
+                "-nostdin",
+                "-re",
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc=size=96x64:rate=10",
+                "-c:v",
+                "libx264",
+                "-preset",
+                "ultrafast",
+                "-g",
+                "10",
+                "-f",
+                "hls",
+                "-hls_time",
+                "1",
+                "-hls_list_size",
+                "3",
+                "-hls_segment_filename",
+                files.segment_pattern(str(hls), channel),
+                files.playlist_path(str(hls), channel),
+            ]
+        )
+        wait_for(
+            lambda: files.count_listed_segments(files.playlist_path(str(hls), channel)) >= 1,
+            timeout=20,
+            message="FFmpeg's first segment",
+        )
         return process
 
     def stubborn(channel):
         process = spawn([sys.executable, "-c", IGNORE_TERM, files.playlist_path(str(hls), channel)])
         wait_for(lambda: process_start_time(process.pid) is not None)
-        time.sleep(0.3)   # let it install its SIGTERM handler
+        time.sleep(0.3)  # let it install its SIGTERM handler
         return process
 
     class Env:
         pass
+
     e = Env()
     e.hls, e.redis, e.settings, e.spawn, e.ffmpeg = str(hls), redis_client, settings, spawn, ffmpeg
     e.stubborn = stubborn
@@ -72,8 +111,15 @@ def env(tmp_path, redis_server, redis_client, monkeypatch):
 
 def record(env, channel, process, *, last_access, host="host-a", pid_start="real"):
     start = process_start_time(process.pid) if pid_start == "real" else pid_start
-    rec = runs.RunRecord(channel=str(channel), run_id=runs.new_run_id(), host=host, pid=process.pid,
-                         pid_start=start, started=last_access, state="running")
+    rec = runs.RunRecord(
+        channel=str(channel),
+        run_id=runs.new_run_id(),
+        host=host,
+        pid=process.pid,
+        pid_start=start,
+        started=last_access,
+        state="running",
+    )
     runs.record_run(env.redis, rec, now=last_access)
     return rec
 
@@ -99,7 +145,7 @@ def test_a_watched_stream_survives_ten_passes(env):
     record(env, 2, ff, last_access=time.time())
     reaper = Reaper(env.settings(idle_timeout=30))
     for _ in range(10):
-        env.redis.set(keys.last_access_key(2), f"{time.time():.3f}")   # heartbeatd's job
+        env.redis.set(keys.last_access_key(2), f"{time.time():.3f}")  # heartbeatd's job
         summary = reaper.run_pass()
         assert (summary.kept, summary.stopped, summary.stale) == (1, 0, 0)
     assert alive(ff) and env.redis.exists(keys.pid_key(2), keys.run_key(2)) == 2
@@ -124,14 +170,16 @@ def test_a_start_between_the_decision_and_the_delete_keeps_its_keys(env):
     old = env.stubborn(5)
     record(env, 5, old, last_access=time.time() - 100)
     result = {}
-    worker = threading.Thread(target=lambda: result.update(s=Reaper(env.settings(stop_grace=2, **AS_FFMPEG)).run_pass()))
+    worker = threading.Thread(
+        target=lambda: result.update(s=Reaper(env.settings(stop_grace=2, **AS_FFMPEG)).run_pass())
+    )
     worker.start()
     wait_for(lambda: env.redis.hget(keys.run_key(5), "state") == "stopping", message="the stop decision")
     new_process = env.spawn(["sleep", "300"])
-    new = record(env, 5, new_process, last_access=time.time())   # started again meanwhile
+    new = record(env, 5, new_process, last_access=time.time())  # started again meanwhile
     worker.join(timeout=30)
     assert result["s"].stopped == 1
-    assert old.wait(timeout=10) == -signal.SIGKILL               # ignored SIGTERM: killed after the grace
+    assert old.wait(timeout=10) == -signal.SIGKILL  # ignored SIGTERM: killed after the grace
     assert env.redis.hget(keys.run_key(5), "run_id") == new.run_id
     assert env.redis.get(keys.pid_key(5)) == str(new_process.pid)
     assert alive(new_process)
@@ -140,10 +188,17 @@ def test_a_start_between_the_decision_and_the_delete_keeps_its_keys(env):
 def run_cli(env, *args, redis_url=None):
     config = os.path.join(env.hls, "..", "reaper.toml")
     with open(config, "w") as handle:
-        handle.write(f'redis_url = "{redis_url or env.url}"\nhls_dir = "{env.hls}"\n'
-                     'idle_timeout = 30\nstop_grace = 2\nhost_id = "host-a"\n')
-    return subprocess.run([sys.executable, "-m", "reaper", "--config", config, *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+        handle.write(
+            f'redis_url = "{redis_url or env.url}"\nhls_dir = "{env.hls}"\n'
+            'idle_timeout = 30\nstop_grace = 2\nhost_id = "host-a"\n'
+        )
+    return subprocess.run(
+        [sys.executable, "-m", "reaper", "--config", config, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_dry_run_changes_nothing(env):
@@ -171,8 +226,13 @@ def test_redis_down_means_nothing_is_stopped(env, own_redis):
 def test_redis_going_away_during_a_pass_stops_nothing(env, own_redis):
     client = own_redis.client()
     ff = env.ffmpeg(8)
-    runs.record_run(client, runs.RunRecord(channel="8", run_id="r8", host="host-a", pid=ff.pid,
-                                           pid_start=process_start_time(ff.pid), started=1000.0), now=1000.0)
+    runs.record_run(
+        client,
+        runs.RunRecord(
+            channel="8", run_id="r8", host="host-a", pid=ff.pid, pid_start=process_start_time(ff.pid), started=1000.0
+        ),
+        now=1000.0,
+    )
     own_redis.stop()
     settings = env.settings(redis_url=own_redis.url)
     with pytest.raises(Exception, match="nothing was stopped"):
@@ -201,13 +261,13 @@ def test_orphan_files_and_processes_are_removed(env):
         path = os.path.join(env.hls, name)
         open(path, "w").close()
         os.utime(path, (old, old))
-    open(os.path.join(env.hls, "stream_901.m3u8"), "w").close()          # young: kept
-    open(os.path.join(env.hls, "notes.txt"), "w").close()                # not a stream file: kept
+    open(os.path.join(env.hls, "stream_901.m3u8"), "w").close()  # young: kept
+    open(os.path.join(env.hls, "notes.txt"), "w").close()  # not a stream file: kept
     watched = env.ffmpeg(11)
     record(env, 11, watched, last_access=time.time())
     for path in files.stream_files(env.hls, 11):
-        os.utime(path, (old, old))                                       # old, but its stream runs
-    orphan = env.ffmpeg(12)                                              # no record knows it
+        os.utime(path, (old, old))  # old, but its stream runs
+    orphan = env.ffmpeg(12)  # no record knows it
     wait_for(lambda: (process_age(orphan.pid) or 0) >= 1, message="the orphan to be a second old")
     summary = Reaper(env.settings(orphan_age=60, start_timeout=1)).run_pass()
     assert summary.orphan_files == 3 and summary.orphan_processes == 1
@@ -224,6 +284,7 @@ def test_two_reapers_at_once_do_not_double_stop(env):
 
     def one_pass():
         results.append(Reaper(env.settings(stop_grace=1.5, **AS_FFMPEG)).run_pass())
+
     first = threading.Thread(target=one_pass)
     first.start()
     wait_for(lambda: env.redis.hget(keys.run_key(13), "state") == "stopping")
@@ -238,7 +299,7 @@ def test_records_of_other_hosts(env):
     env.redis.set(keys.host_key("host-b"), "1", ex=60)
     summary = Reaper(env.settings()).run_pass()
     assert (summary.foreign, summary.stale, summary.stopped) == (1, 0, 0)
-    env.redis.delete(keys.host_key("host-b"))                             # host-b not seen any more
+    env.redis.delete(keys.host_key("host-b"))  # host-b not seen any more
     summary = Reaper(env.settings()).run_pass()
     assert summary.stale == 1 and "host-b not seen" in summary.actions[0].why
     assert alive(sleeper) and env.redis.exists(keys.run_key(14)) == 0
@@ -249,11 +310,16 @@ def test_service_mode_runs_passes_on_a_cadence_and_exits_on_sigterm(env, daemons
     record(env, 15, ff, last_access=time.time())
     config = os.path.join(env.hls, "..", "svc.toml")
     with open(config, "w") as handle:
-        handle.write(f'redis_url = "{env.url}"\nhls_dir = "{env.hls}"\nhost_id = "host-a"\n'
-                     'reaper_interval = 0.2\nidle_timeout = 60\n')
+        handle.write(
+            f'redis_url = "{env.url}"\nhls_dir = "{env.hls}"\nhost_id = "host-a"\n'
+            "reaper_interval = 0.2\nidle_timeout = 60\n"
+        )
     daemon = daemons("reaper", "--config", config)
-    wait_for(lambda: int(env.redis.hget(keys.reaper_last_pass_key("host-a"), "passes") or 0) >= 10,
-             timeout=30, message="ten passes")
+    wait_for(
+        lambda: int(env.redis.hget(keys.reaper_last_pass_key("host-a"), "passes") or 0) >= 10,
+        timeout=30,
+        message="ten passes",
+    )
     assert alive(ff)
     assert env.redis.exists(keys.host_key("host-a")) == 1
     assert daemon.stop() == 0
@@ -265,7 +331,7 @@ def test_a_forged_record_with_a_real_start_time_signals_nothing(env):
     FFmpeg writing this channel's playlist, so stale, never signalled."""
     sleeper = env.spawn(["sleep", "300"])
     wait_for(lambda: process_start_time(sleeper.pid) is not None)
-    record(env, 16, sleeper, last_access=time.time() - 100)          # pid_start: the real one
+    record(env, 16, sleeper, last_access=time.time() - 100)  # pid_start: the real one
     summary = Reaper(env.settings()).run_pass()
     assert (summary.stale, summary.stopped) == (1, 0)
     assert alive(sleeper)
@@ -275,13 +341,36 @@ def test_a_legacy_record_is_proven_by_the_output_argument_not_any_argument(env):
     """Channel 53's FFmpeg mentions stream_51.m3u8 (in its metadata); a legacy record of 51
     pointing at it must not get channel 53 killed."""
     decoy = files.playlist_path(env.hls, 51)
-    ff = env.spawn(["ffmpeg", "-nostdin", "-re", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=10",
-                    "-c:v", "libx264", "-preset", "ultrafast", "-g", "10", "-metadata", f"title={decoy}",
-                    "-f", "hls", "-hls_time", "1", "-hls_list_size", "3",
-                    "-hls_segment_filename", files.segment_pattern(env.hls, 53),
-                    files.playlist_path(env.hls, 53)])
+    ff = env.spawn(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=96x64:rate=10",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-g",
+            "10",
+            "-metadata",
+            f"title={decoy}",
+            "-f",
+            "hls",
+            "-hls_time",
+            "1",
+            "-hls_list_size",
+            "3",
+            "-hls_segment_filename",
+            files.segment_pattern(env.hls, 53),
+            files.playlist_path(env.hls, 53),
+        ]
+    )
     wait_for(lambda: files.count_listed_segments(files.playlist_path(env.hls, 53)) >= 1, timeout=20)
-    record(env, 53, ff, last_access=time.time())                      # 53 is watched
+    record(env, 53, ff, last_access=time.time())  # 53 is watched
     env.redis.set(keys.pid_key(51), ff.pid)
     env.redis.set(keys.last_access_key(51), "1000.0")
     summary = Reaper(env.settings()).run_pass()
@@ -293,15 +382,22 @@ def test_a_process_is_held_by_pidfd_before_it_is_proven():
     """The proof and the signal reach the same process: a handle opens only on proof, and
     signals through its pidfd."""
     from streamstate.process import ProcessHandle, StreamProcess, resolve_executable
+
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "/tmp/hls/stream_1.m3u8"])
     try:
         from streamstate.process import process_cmdline
+
         wait_for(lambda: process_cmdline(process.pid)[-1:] == ["/tmp/hls/stream_1.m3u8"], message="exec")
         start = process_start_time(process.pid)
         python = resolve_executable(sys.executable)
         assert ProcessHandle.open_proven(process.pid, StreamProcess(python, "/tmp/hls/stream_2.m3u8", start)) is None
-        assert ProcessHandle.open_proven(process.pid, StreamProcess(python, "/tmp/hls/stream_1.m3u8", start + 1)) is None
-        assert ProcessHandle.open_proven(process.pid, StreamProcess("/usr/bin/ffmpeg", "/tmp/hls/stream_1.m3u8", start)) is None
+        assert (
+            ProcessHandle.open_proven(process.pid, StreamProcess(python, "/tmp/hls/stream_1.m3u8", start + 1)) is None
+        )
+        assert (
+            ProcessHandle.open_proven(process.pid, StreamProcess("/usr/bin/ffmpeg", "/tmp/hls/stream_1.m3u8", start))
+            is None
+        )
         with ProcessHandle.open_proven(process.pid, StreamProcess(python, "/tmp/hls/stream_1.m3u8", start)) as handle:
             assert handle.signal(signal.SIGTERM)
             assert handle.exited(10)
@@ -316,19 +412,20 @@ def test_a_channel_started_during_a_pass_is_not_taken_for_an_orphan(env):
     stubborn = env.stubborn(17)
     record(env, 17, stubborn, last_access=time.time() - 100)
     result = {}
-    worker = threading.Thread(target=lambda: result.update(
-        s=Reaper(env.settings(stop_grace=3, start_timeout=1, **AS_FFMPEG)).run_pass()))
+    worker = threading.Thread(
+        target=lambda: result.update(s=Reaper(env.settings(stop_grace=3, start_timeout=1, **AS_FFMPEG)).run_pass())
+    )
     worker.start()
     wait_for(lambda: env.redis.hget(keys.run_key(17), "state") == "stopping", message="the stop phase")
     recorded = env.spawn([sys.executable, "-c", "import time; time.sleep(60)", files.playlist_path(env.hls, 18)])
     unrecorded = env.spawn([sys.executable, "-c", "import time; time.sleep(60)", files.playlist_path(env.hls, 19)])
     wait_for(lambda: process_start_time(recorded.pid) and process_start_time(unrecorded.pid))
     record(env, 18, recorded, last_access=time.time())
-    time.sleep(1.2)       # both older than start_timeout by the end of the stop phase
+    time.sleep(1.2)  # both older than start_timeout by the end of the stop phase
     worker.join(timeout=30)
     assert result["s"].stopped == 1 and result["s"].orphan_processes == 1
-    assert alive(recorded)                                      # recorded meanwhile: kept
-    assert unrecorded.wait(timeout=10) is not None              # a true orphan by then
+    assert alive(recorded)  # recorded meanwhile: kept
+    assert unrecorded.wait(timeout=10) is not None  # a true orphan by then
 
 
 def test_an_orphan_younger_than_start_timeout_is_left_alone(env):

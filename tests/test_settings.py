@@ -41,14 +41,17 @@ def test_config_path_from_environment(tmp_path):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("text, key", [
-    ("idle_timeout = -5\n", "idle_timeout"),
-    ('flush_interval = "soon"\n', "flush_interval"),
-    ('hls_dir = "relative/path"\n', "hls_dir"),
-    ('redis_url = "http://x"\n', "redis_url"),
-    ("bogus_key = 1\n", "bogus_key"),
-    ("idle_timeout = \n", "invalid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("idle_timeout = -5\n", "idle_timeout"),
+        ('flush_interval = "soon"\n', "flush_interval"),
+        ('hls_dir = "relative/path"\n', "hls_dir"),
+        ('redis_url = "http://x"\n', "redis_url"),
+        ("bogus_key = 1\n", "bogus_key"),
+        ("idle_timeout = \n", "invalid TOML"),
+    ],
+)
 def test_invalid_values_name_the_key(tmp_path, text, key):
     config = write(tmp_path / "sk.toml", text)
     with pytest.raises(SettingsError, match=key):
@@ -56,8 +59,9 @@ def test_invalid_values_name_the_key(tmp_path, text, key):
 
 
 def streamctl(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "streamctl", *args], cwd=REPO,
-                          capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "streamctl", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=60
+    )
 
 
 def test_streamctl_config_shows_values_and_sources(tmp_path):
@@ -80,30 +84,39 @@ def test_streamctl_config_bad_value_exits_2_with_one_line(tmp_path):
 @pytest.mark.unit
 def test_a_profile_in_the_file_replaces_only_its_namesake(tmp_path):
     """Finding 12: [quality_profiles.low] alone keeps copy, medium (the default) and high."""
-    config = write(tmp_path / "sk.toml", '[quality_profiles.low]\nvideo = ["-c:v", "libx264"]\n'
-                                         'audio = ["-c:a", "aac"]\n')
+    config = write(
+        tmp_path / "sk.toml", '[quality_profiles.low]\nvideo = ["-c:v", "libx264"]\n' 'audio = ["-c:a", "aac"]\n'
+    )
     settings = load_settings(config, environ={})
     assert set(settings.quality_profiles) == {"copy", "low", "medium", "high"}
     assert settings.quality_profiles["low"]["video"] == ["-c:v", "libx264"]
     assert settings.quality_profiles["medium"]["video"][:2] == ["-c:v", "libx264"]
 
 
-@pytest.mark.parametrize("text, key", [
-    ('[quality_profiles.low]\nvideo = ["-c:v", 5]\n', "quality_profiles"),
-    ('[quality_profiles.low]\nvideo = ["-vf", "scale=1\\u0000"]\n', "quality_profiles"),
-    ('[quality_profiles."bad name"]\nvideo = []\n', "quality_profiles"),
-    ('[quality_profiles.low]\nanalyzeduration = "soon"\n', "quality_profiles"),
-    ('[quality_profiles.low]\ncrf = 23\n', "quality_profiles"),
-    ('user_agent = "UA\\r\\nX-Injected: 1"\n', "user_agent"),
-    ('max_streams = -1\n', "max_streams"),
-    ('tls_ca_file = "relative.pem"\n', "tls_ca_file"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('[quality_profiles.low]\nvideo = ["-c:v", 5]\n', "quality_profiles"),
+        ('[quality_profiles.low]\nvideo = ["-vf", "scale=1\\u0000"]\n', "quality_profiles"),
+        ('[quality_profiles."bad name"]\nvideo = []\n', "quality_profiles"),
+        ('[quality_profiles.low]\nanalyzeduration = "soon"\n', "quality_profiles"),
+        ("[quality_profiles.low]\ncrf = 23\n", "quality_profiles"),
+        ('user_agent = "UA\\r\\nX-Injected: 1"\n', "user_agent"),
+        ("max_streams = -1\n", "max_streams"),
+        ('tls_ca_file = "relative.pem"\n', "tls_ca_file"),
+    ],
+)
 def test_bad_values_in_lists_and_tables_stop_the_program_at_load(tmp_path, text, key):
     config = write(tmp_path / "sk.toml", text)
     with pytest.raises(SettingsError, match=f"setting {key}"):
         load_settings(config, environ={})
-    result = subprocess.run([sys.executable, "-m", "streamctl", "config", "--config", config], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "streamctl", "config", "--config", config],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and key in result.stderr and "Traceback" not in result.stderr
 
 
@@ -125,6 +138,7 @@ def test_settings_are_one_typed_table():
     import typing
 
     from streamstate.settings import SPECS, Settings
+
     settings = load_settings(None, {"idle_timeout": "90", "max_streams": "3", "hls_list_size": 4.0}, environ={})
     hints = typing.get_type_hints(Settings)
     assert [spec.key for spec in SPECS] == [f.name for f in dataclasses.fields(Settings) if "spec" in f.metadata]

@@ -1,5 +1,6 @@
 """The operators' status page (GET /status on the launcher), opened in headless Chromium, and
 the Grafana dashboard shipped in contrib/: every metric it names is exported."""
+
 import json
 import os
 import re
@@ -26,26 +27,38 @@ def test_the_status_page_shows_every_stream_as_text_and_no_token(stack):
     not on nginx's public port.  Its screenshot stays in test-artifacts/status-page.png."""
     add_channel(stack, 1701)
     assert first_request(stack.playlist_url(1701, "?token=s3cr3t-viewer"))[0] == 200
-    stack.redis.set(keys.failed_key(1702), json.dumps({"reason": HOSTILE, "host": "h", "at": time.time()}),
-                    ex=120)
+    stack.redis.set(keys.failed_key(1702), json.dumps({"reason": HOSTILE, "host": "h", "at": time.time()}), ex=120)
     os.makedirs(ARTIFACTS, exist_ok=True)
     screenshot = os.path.join(ARTIFACTS, "status-page.png")
     try:
-        result = subprocess.run(["node", os.path.join(PLAYERS, "page_shot.mjs"), stack.launcher_url("/status"),
-                                 "--wait-for", "1701", "--screenshot", screenshot, "--timeout", "30"],
-                                capture_output=True, text=True, timeout=90)
+        result = subprocess.run(
+            [
+                "node",
+                os.path.join(PLAYERS, "page_shot.mjs"),
+                stack.launcher_url("/status"),
+                "--wait-for",
+                "1701",
+                "--screenshot",
+                screenshot,
+                "--timeout",
+                "30",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         page = json.loads(result.stdout)
         assert page["errors"] == []
         text = page["text"]
         assert re.search(r"1701\s+running", text) and "1702" in text
-        assert HOSTILE in text                                  # shown as text, never run as markup
+        assert HOSTILE in text  # shown as text, never run as markup
         assert "s3cr3t" not in text and stack.upstream_url("ch1701") not in text
         assert os.path.getsize(screenshot) > 0
         data = json.loads(urllib.request.urlopen(stack.launcher_url("/status.json"), timeout=10).read())
         assert data["history"] and {"t", "streams", "viewers"} <= set(data["history"][-1])
         assert "s3cr3t" not in json.dumps(data)
-        assert first_request(stack.nginx_url("/status"))[0] == 404          # not on the public port
+        assert first_request(stack.nginx_url("/status"))[0] == 404  # not on the public port
     finally:
         stack.launcher_json("/channel/1701/stop", "POST")
         stack.redis.delete(keys.failed_key(1702))
@@ -66,11 +79,14 @@ def test_every_metric_the_grafana_dashboard_names_is_exported(stack, daemons, tm
     access_log = tmp_path / "access.log"
     access_log.write_text("")
     config = tmp_path / "heartbeatd.toml"
-    config.write_text(f'redis_url = "{stack.settings["redis_url"]}"\naccess_log = "{access_log}"\n'
-                      f'state_dir = "{tmp_path}/state"\nmetrics_listen = "127.0.0.1:{port}"\n')
+    config.write_text(
+        f'redis_url = "{stack.settings["redis_url"]}"\naccess_log = "{access_log}"\n'
+        f'state_dir = "{tmp_path}/state"\nmetrics_listen = "127.0.0.1:{port}"\n'
+    )
     daemon = daemons("heartbeatd", "--config", str(config))
-    heartbeat = wait_for(lambda: _scrape(f"http://127.0.0.1:{port}/metrics"), timeout=20,
-                         message="heartbeatd's metrics")
+    heartbeat = wait_for(
+        lambda: _scrape(f"http://127.0.0.1:{port}/metrics"), timeout=20, message="heartbeatd's metrics"
+    )
     launcher = exported(stack.launcher_url("/metrics"))
     missing = named - launcher - heartbeat
     assert not missing, f"named by the dashboard, exported by nobody: {sorted(missing)}"

@@ -1,6 +1,7 @@
 """Supervision (issue: supervision): watched streams survive Redis restarts and reaper passes,
 crash loops end with a reason.  Real redis-server, nginx, launcher, FFmpeg, and FFmpeg as
 the HLS client through nginx."""
+
 import json
 import os
 import shutil
@@ -8,19 +9,18 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import tempfile
+import threading
 import time
 
 import pytest
 import redis
 
 from demo.stack import LocalStack
-from heartbeatd.logformat import viewer_hash
 from streamstate import files, hls, keys, runs
+from streamstate.logformat import viewer_hash
 from tests.conftest import REPO
-from tests.helpers import (add_channel, ffmpeg_processes, ffmpegs_writing, first_request, free_port,
-                           wait_for)
+from tests.helpers import add_channel, ffmpeg_processes, ffmpegs_writing, first_request, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -41,7 +41,7 @@ def restart_redis_empty(stack, already_down: bool = False):
         process = stack.processes["redis"]
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
-    stack._start_redis()                                   # same port, no data (--save "")
+    stack._start_redis()  # same port, no data (--save "")
     stack.redis = redis.Redis(port=stack.redis_port, decode_responses=True)
 
 
@@ -55,32 +55,44 @@ def test_a_redis_restart_that_loses_everything_stops_no_watched_stream(own_stack
     process.wait(timeout=10)
     # Watched during the outage: heartbeatd holds these heartbeats.
     assert first_request(stack.playlist_url(41, "?token=during-outage"))[0] == 200
-    wait_for(lambda: "redis unavailable" in stack.log("heartbeatd"), timeout=10,
-             message="heartbeatd to notice the outage")
+    wait_for(
+        lambda: "redis unavailable" in stack.log("heartbeatd"), timeout=10, message="heartbeatd to notice the outage"
+    )
     # The launcher held back until heartbeatd has flushed into the empty Redis: the held
     # heartbeats find no stream:41:pid yet, and must not be lost for that.
     stack.processes["launcher"].send_signal(signal.SIGSTOP)
     try:
         restart_redis_empty(stack, already_down=True)
-        wait_for(lambda: "redis is back" in stack.log("heartbeatd"), timeout=40,
-                 message="heartbeatd's first flush after the restart")
+        wait_for(
+            lambda: "redis is back" in stack.log("heartbeatd"),
+            timeout=40,
+            message="heartbeatd's first flush after the restart",
+        )
     finally:
         stack.processes["launcher"].send_signal(signal.SIGCONT)
-    wait_for(lambda: stack.redis.get(keys.pid_key(41)) == str(pid), timeout=15,
-             message="the record written again")
+    wait_for(lambda: stack.redis.get(keys.pid_key(41)) == str(pid), timeout=15, message="the record written again")
     assert ffmpegs_writing(stack, 41) == [pid]
     # The line comes right after the write the condition above saw.
-    wait_for(lambda: "record lost with a Redis restart" in stack.log("launcher"), timeout=10,
-             message="the launcher to say why it wrote the record again")
+    wait_for(
+        lambda: "record lost with a Redis restart" in stack.log("launcher"),
+        timeout=10,
+        message="the launcher to say why it wrote the record again",
+    )
     outage_viewer = viewer_hash(b"t:during-outage")
-    wait_for(lambda: stack.redis.zscore(keys.viewers_key(41), outage_viewer) is not None, timeout=40,
-             message="the heartbeats held during the outage written once the record is back")
+    wait_for(
+        lambda: stack.redis.zscore(keys.viewers_key(41), outage_viewer) is not None,
+        timeout=40,
+        message="the heartbeats held during the outage written once the record is back",
+    )
     # A viewer keeps watching: heartbeats reach the rewritten record.
     before = float(stack.redis.get(keys.last_access_key(41)))
     time.sleep(1.1)
     assert first_request(stack.playlist_url(41, "?token=w"))[0] == 200
-    wait_for(lambda: float(stack.redis.get(keys.last_access_key(41))) > before, timeout=10,
-             message="heartbeats after the restart")
+    wait_for(
+        lambda: float(stack.redis.get(keys.last_access_key(41))) > before,
+        timeout=10,
+        message="heartbeats after the restart",
+    )
     assert ffmpegs_writing(stack, 41) == [pid]
 
 
@@ -92,7 +104,7 @@ def test_streams_outlive_a_launcher_restart_and_are_adopted(own_stack, signum):
         assert first_request(stack.playlist_url(channel))[0] == 200
     pids = {c: ffmpegs_writing(stack, c) for c in (42, 43)}
     stack.restart_launcher(signum)
-    assert {c: ffmpegs_writing(stack, c) for c in (42, 43)} == pids      # the same FFmpegs run on
+    assert {c: ffmpegs_writing(stack, c) for c in (42, 43)} == pids  # the same FFmpegs run on
     status, body = stack.launcher_json("/streams")
     listed = {s["id"]: s for s in body["streams"]}
     assert [listed["42"]["pid"]] == pids[42] and listed["42"]["state"] == "running"
@@ -124,13 +136,14 @@ def test_an_upstream_that_always_refuses_fails_once_then_cools_down(own_stack):
             connection.recv(65536)
             connection.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             connection.close()
+
     threading.Thread(target=refuse, daemon=True).start()
     try:
         add_channel(stack, 44, source_url=f"http://127.0.0.1:{port}/live/44.ts")
         answers = [first_request(stack.playlist_url(44)) for _ in range(8)]
         assert {a[0] for a in answers} == {503}
         assert {a[2] for a in answers} == {b"channel 44: upstream refused: HTTP 403\n"}
-        assert len(hits) <= 2                      # one FFmpeg start, whatever the requests
+        assert len(hits) <= 2  # one FFmpeg start, whatever the requests
         assert json.loads(stack.redis.get(keys.failed_key(44)))["reason"] == "upstream refused: HTTP 403"
         assert stack.redis.pttl(keys.failed_key(44)) > 0
         # Finding (operator, issue 16): Retry-After said 5 s with most of the cooldown to run,
@@ -138,8 +151,13 @@ def test_an_upstream_that_always_refuses_fails_once_then_cools_down(own_stack):
         left = stack.redis.pttl(keys.failed_key(44)) / 1000
         retry_after = int(answers[-1][1]["Retry-After"])
         assert 5 < retry_after and retry_after >= left - 5, (retry_after, left)
-        result = subprocess.run([sys.executable, "-m", "streamctl", "start", "44", "--config", stack.config_path],
-                                cwd=REPO, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "streamctl", "start", "44", "--config", stack.config_path],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 1 and "starts are refused for" in result.stderr, result.stderr
         assert "failed_cooldown" in result.stderr and "upstream refused: HTTP 403" in result.stderr
     finally:
@@ -152,7 +170,7 @@ def test_a_stream_that_keeps_dying_fails_after_max_restarts(stack, extra_launche
     assert launcher.json("/channel/45/start", "POST")[0] == 200
     playlist = files.ffmpeg_playlist_path(launcher.hls_dir, 45)
     killed = set()
-    in_backoff = []                                  # the run record while it waits (1 s before restart 2)
+    in_backoff = []  # the run record while it waits (1 s before restart 2)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and "failed" not in launcher.log():
         for pid, argv in ffmpeg_processes():
@@ -164,7 +182,7 @@ def test_a_stream_that_keeps_dying_fails_after_max_restarts(stack, extra_launche
             in_backoff.append((int(record["restarts"]), record["last_error"]))
         time.sleep(0.1)
     wait_for(lambda: "channel 45: failed" in launcher.log(), timeout=30, message="the failure")
-    assert len(killed) == 3                          # the first run, then max_restarts restarts
+    assert len(killed) == 3  # the first run, then max_restarts restarts
     # Finding (operator, issue 16): the record said restarts 1 while it waited for restart 2.
     assert (2, "FFmpeg was killed by SIGKILL") in in_backoff, in_backoff
     assert "2 restarts in 120 s" in launcher.log()
@@ -177,8 +195,14 @@ def test_streamctl_logs_status_and_stop_all(stack, extra_launcher, tmp_path):
     launcher = extra_launcher(hls_dir=str(tmp_path / "hls"), log_dir=str(tmp_path / "ffmpeg-logs"))
 
     def streamctl(*args):
-        return subprocess.run([sys.executable, "-m", "streamctl", *args, "--config", launcher.config_path],
-                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "streamctl", *args, "--config", launcher.config_path],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
     for channel in (46, 47):
         add_channel(stack, channel)
         assert launcher.json(f"/channel/{channel}/start", "POST")[0] == 200
@@ -212,13 +236,20 @@ def test_sigint_at_any_moment_of_start_up_exits_promptly(tmp_path, redis_server,
     log_file = tmp_path / "access.log"
     log_file.write_text("")
     config = tmp_path / "sk.toml"
-    config.write_text(f'redis_url = "{redis_server.url}"\naccess_log = "{log_file}"\n'
-                      f'state_dir = "{tmp_path}/state"\nhls_dir = "{tmp_path}/hls"\n'
-                      f'log_dir = "{tmp_path}/logs"\nlauncher_listen = "127.0.0.1:{free_port()}"\n'
-                      'reaper_interval = 1\n')
+    config.write_text(
+        f'redis_url = "{redis_server.url}"\naccess_log = "{log_file}"\n'
+        f'state_dir = "{tmp_path}/state"\nhls_dir = "{tmp_path}/hls"\n'
+        f'log_dir = "{tmp_path}/logs"\nlauncher_listen = "127.0.0.1:{free_port()}"\n'
+        "reaper_interval = 1\n"
+    )
     for delay in (0.0, 0.05, 0.15, 0.3, 0.6):
-        process = subprocess.Popen([sys.executable, "-m", module, "--config", str(config)], cwd=REPO,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, "--config", str(config)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
         try:
@@ -227,13 +258,18 @@ def test_sigint_at_any_moment_of_start_up_exits_promptly(tmp_path, redis_server,
             process.kill()
             _, stderr = process.communicate()
             pytest.fail(f"{module} ignored a SIGINT {delay} s after it started:\n{stderr[-2000:]}")
-        if delay >= 0.1:     # before Python has run a line of ours, its own KeyboardInterrupt
+        if delay >= 0.1:  # before Python has run a line of ours, its own KeyboardInterrupt
             assert "Traceback" not in stderr, stderr[-2000:]
 
 
 def test_make_demo_leaves_nothing_running_when_its_terminal_closes():
-    process = subprocess.Popen([sys.executable, "-m", "demo.run", "--port", str(free_port())], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "demo.run", "--port", str(free_port())],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -273,14 +309,17 @@ def test_a_stalled_upstream_is_replaced_and_no_frozen_playlist_is_served(own_sta
         statuses.add(status)
         if status == 200 and os.path.exists(path):
             oldest_served = max(oldest_served, time.time() - os.stat(path).st_mtime)
-        if (ffmpegs_writing(stack, 48) not in ([], [first_pid]) and "stalled" in stack.log("launcher")
-                and b"#EXT-X-DISCONTINUITY" in body):
+        if (
+            ffmpegs_writing(stack, 48) not in ([], [first_pid])
+            and "stalled" in stack.log("launcher")
+            and b"#EXT-X-DISCONTINUITY" in body
+        ):
             break
         time.sleep(0.2)
     assert "stalled" in stack.log("launcher")
     assert ffmpegs_writing(stack, 48) not in ([], [first_pid])
     assert statuses == {200}
-    assert b"#EXT-X-DISCONTINUITY" in body            # the replacement continues the playlist
+    assert b"#EXT-X-DISCONTINUITY" in body  # the replacement continues the playlist
     assert oldest_served <= limit, oldest_served
 
 
@@ -288,17 +327,25 @@ def test_doctor_says_when_redis_does_not_persist(tmp_path):
     """The channel catalogue lives only in Redis: doctor fails without AOF or snapshots, and
     is content with appendonly yes."""
     from tests.conftest import RedisServer
+
     server = RedisServer(str(tmp_path))
-    server.start()                                   # --save "" --appendonly no
+    server.start()  # --save "" --appendonly no
     try:
         env = {**os.environ, "STREAMKEEPER_CONFIG": os.devnull, "STREAMKEEPER_REDIS_URL": server.url}
-        result = subprocess.run([sys.executable, "-m", "streamctl", "doctor", "--json"], cwd=REPO,
-                                capture_output=True, text=True, timeout=60, env=env)
+        result = subprocess.run(
+            [sys.executable, "-m", "streamctl", "doctor", "--json"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
         checks = {c["check"]: c for c in json.loads(result.stdout)}
         assert result.returncode == 1 and checks["redis persistence"]["status"] == "FAIL"
         server.client().config_set("appendonly", "yes")
-        result = subprocess.run([sys.executable, "-m", "streamctl", "doctor"], cwd=REPO,
-                                capture_output=True, text=True, timeout=60, env=env)
+        result = subprocess.run(
+            [sys.executable, "-m", "streamctl", "doctor"], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
+        )
         assert "ok    redis persistence: appendonly yes (AOF)" in result.stdout
     finally:
         server.stop()
@@ -312,20 +359,37 @@ def test_stop_without_the_launcher_works_inside_the_streams_unit_sandbox(stack, 
         pytest.skip("a mount namespace needs root")
     from streamctl.install import render_unit
     from tests.unit_sandbox import run_sandboxed
+
     launcher = extra_launcher(hls_dir=str(tmp_path / "hls"))
-    state_dir = launcher.settings["state_dir"]                  # the stack's relay reads its tickets there
-    unit = render_unit("streamkeeper-streams.service", {
-        "bin_dir": "/unused", "config_path": launcher.config_path, "user": "root", "group": "root",
-        "hls_dir": launcher.hls_dir, "state_dir": state_dir, "log_dir": str(tmp_path / "logs")})
+    state_dir = launcher.settings["state_dir"]  # the stack's relay reads its tickets there
+    unit = render_unit(
+        "streamkeeper-streams.service",
+        {
+            "bin_dir": "/unused",
+            "config_path": launcher.config_path,
+            "user": "root",
+            "group": "root",
+            "hls_dir": launcher.hls_dir,
+            "state_dir": state_dir,
+            "log_dir": str(tmp_path / "logs"),
+        },
+    )
     for channel in (57, 58):
         add_channel(stack, channel)
         assert launcher.json(f"/channel/{channel}/start", "POST")[0] == 200
-    launcher.process.send_signal(signal.SIGTERM)               # the launcher alone: streams run on
+    launcher.process.send_signal(signal.SIGTERM)  # the launcher alone: streams run on
     launcher.process.wait(timeout=30)
 
     def streamctl(*args):
-        return run_sandboxed(unit, [sys.executable, "-m", "streamctl", *args, "--config", launcher.config_path],
-                             cwd=REPO, capture_output=True, text=True, timeout=120)
+        return run_sandboxed(
+            unit,
+            [sys.executable, "-m", "streamctl", *args, "--config", launcher.config_path],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
     one = streamctl("stop", "57")
     assert one.returncode == 0 and "channel 57: stopped" in one.stdout, one.stderr
     rest = streamctl("stop", "--all")
@@ -344,6 +408,7 @@ def test_a_watched_stream_is_replaced_even_when_every_source_is_cooling_down(sta
     and waited, its viewers with nothing, until the cooldown ran out.  Now a replacement tries
     the sources anyway (the back-off spaces the tries); a cold start still answers 503 at once."""
     from streamstate import providers
+
     sources = [stack.upstream_url("cool46a"), stack.upstream_url("cool46b")]
     cold = [stack.upstream_url("cool47a"), stack.upstream_url("cool47b")]
     add_channel(stack, 46, source_url=sources[0], fallback_urls=sources[1:])
@@ -368,30 +433,36 @@ def test_a_watched_stream_is_replaced_even_when_every_source_is_cooling_down(sta
         stack.redis.delete(*(keys.source_failed_key(url) for url in sources + cold), keys.failed_key(47))
 
 
-def test_a_stream_stopped_during_a_long_back_off_ends_then_not_when_the_back_off_is_over(stack, extra_launcher,
-                                                                                        tmp_path):
+def test_a_stream_stopped_during_a_long_back_off_ends_then_not_when_the_back_off_is_over(
+    stack, extra_launcher, tmp_path
+):
     """Finding (operator, issue 16): a failing stream nobody watched was reaped during its
     back-off, yet the launcher kept it in `backoff` (its status, the demo's line) until the
     back-off ran out, up to a minute.  Now it looks at its record through the back-off."""
     from launcher.supervisor import STATE_SLACK
     from tests.faults import upstream_control
+
     launcher = extra_launcher(hls_dir=str(tmp_path / "hls"), max_restarts=50, restart_window=600)
     add_channel(stack, 48, source_url=stack.upstream_url("backoff48"))
     try:
         assert launcher.json("/channel/48/start", "POST")[0] == 200
-        upstream_control(stack, "fail", "?name=backoff48.ts")            # every restart now fails
+        upstream_control(stack, "fail", "?name=backoff48.ts")  # every restart now fails
         for pid in [pid for pid, argv in ffmpeg_processes() if argv and argv[-1].startswith(launcher.hls_dir)]:
             os.kill(pid, signal.SIGKILL)
 
         def long_back_off():
             record = stack.redis.hgetall(keys.run_key(48))
             return record.get("state") == "backoff" and float(record.get("until") or 0) - time.time() > STATE_SLACK + 6
+
         wait_for(long_back_off, timeout=60, message="a back-off of more than 6 s")
         until = float(stack.redis.hget(keys.run_key(48), "until"))
         run_id = stack.redis.hget(keys.run_key(48), "run_id")
-        assert runs.delete_run_if(stack.redis, "48", run_id)              # as the reaper's stop does
-        wait_for(lambda: "48" not in {s["id"] for s in launcher.json("/streams")[1]["streams"]}, timeout=30,
-                 message="the launcher to let the stream go")
+        assert runs.delete_run_if(stack.redis, "48", run_id)  # as the reaper's stop does
+        wait_for(
+            lambda: "48" not in {s["id"] for s in launcher.json("/streams")[1]["streams"]},
+            timeout=30,
+            message="the launcher to let the stream go",
+        )
         assert time.time() < until - STATE_SLACK, "the launcher held the stream to the end of its back-off"
         assert "channel 48: no longer wanted during its back-off" in launcher.log()
     finally:

@@ -1,4 +1,5 @@
 """The tailer against real files: rotations with a writer running, partial and long lines."""
+
 import os
 import shutil
 import threading
@@ -36,7 +37,7 @@ class Writer(threading.Thread):
     def run(self):
         for n in range(self.count):
             with self.lock:
-                with open(self.path, "ab") as handle:   # reopen each time, as nginx does after USR1
+                with open(self.path, "ab") as handle:  # reopen each time, as nginx does after USR1
                     handle.write(numbered(n))
                 self.written = n + 1
 
@@ -51,8 +52,7 @@ def follow_while(tailer, writer, rotate, rotations=3):
             rotate(done_rotations)
             done_rotations += 1
     writer.join()
-    wait_for(lambda: collect(tailer, lines) or len(lines) >= writer.count, timeout=20,
-             message="every line to be read")
+    wait_for(lambda: collect(tailer, lines) or len(lines) >= writer.count, timeout=20, message="every line to be read")
     return lines
 
 
@@ -80,7 +80,7 @@ def test_copytruncate_with_a_writer_running(tmp_path):
     writer = Writer(path, 20000)
 
     def rotate(n):
-        with writer.lock:    # logrotate's copy + truncate, between two writes
+        with writer.lock:  # logrotate's copy + truncate, between two writes
             shutil.copyfile(path, tmp_path / f"access.log.{n + 1}")
             os.truncate(path, 0)
 
@@ -159,7 +159,7 @@ def test_rotated_while_stopped_finishes_the_old_file_first(tmp_path):
     path = tmp_path / "access.log"
     write_numbered(path, 0, 100)
     position = read_and_stop(path)
-    write_numbered(path, 100, 120)              # written after the checkpoint
+    write_numbered(path, 100, 120)  # written after the checkpoint
     os.rename(path, tmp_path / "access.log.1")
     write_numbered(path, 120, 130)
     assert resume(path, position, "rotated while stopped") == [numbered(n) for n in range(100, 130)]
@@ -170,7 +170,7 @@ def test_truncated_while_stopped_finishes_the_copy_first(tmp_path):
     write_numbered(path, 0, 100)
     position = read_and_stop(path)
     write_numbered(path, 100, 120)
-    shutil.copyfile(path, tmp_path / "access.log.1")     # copytruncate while stopped
+    shutil.copyfile(path, tmp_path / "access.log.1")  # copytruncate while stopped
     os.truncate(path, 0)
     write_numbered(path, 120, 125)
     assert resume(path, position, "rotated while stopped") == [numbered(n) for n in range(100, 125)]

@@ -1,6 +1,7 @@
 """Upstreams (issue: upstreams): proxies that carry FFmpeg's traffic and fail closed, where a
 source may connect, fallback sources, HLS sources, resolvers - against the real stack
 (redis-server, nginx with the rendered snippet, the egress relay, the launcher, FFmpeg)."""
+
 import json
 import os
 import socket
@@ -29,14 +30,35 @@ def closed_port() -> int:
 
 
 def streamctl(stack, *args):
-    return subprocess.run([sys.executable, "-m", "streamctl", *args, "--config", stack.config_path],
-                          cwd=REPO, capture_output=True, text=True, timeout=90)
+    return subprocess.run(
+        [sys.executable, "-m", "streamctl", *args, "--config", stack.config_path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
 
 
 def plays(stack, channel_id, seconds: float = 3) -> bool:
     """ffmpeg decodes ``seconds`` of the channel through nginx (a cold start included)."""
-    result = subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", stack.playlist_url(channel_id),
-                             "-t", str(seconds), "-f", "null", "-"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            "ffmpeg",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-i",
+            stack.playlist_url(channel_id),
+            "-t",
+            str(seconds),
+            "-f",
+            "null",
+            "-",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return result.returncode == 0
 
 
@@ -47,8 +69,9 @@ def socks():
     server.close()
 
 
-@pytest.mark.parametrize("scheme, host, atyp", [("socks5h", "upstream.test", "domain"),
-                                                ("socks5", "127.0.0.1", "ipv4")])
+@pytest.mark.parametrize(
+    "scheme, host, atyp", [("socks5h", "upstream.test", "domain"), ("socks5", "127.0.0.1", "ipv4")]
+)
 def test_a_socks_proxy_carries_ffmpeg_s_traffic(stack, socks, scheme, host, atyp):
     """socks5h: the proxy resolves the name (only its DNS knows upstream.test); socks5: the
     relay resolves, checks the address and asks for that address."""
@@ -67,14 +90,17 @@ def test_a_socks_proxy_carries_ffmpeg_s_traffic(stack, socks, scheme, host, atyp
 def test_a_proxy_that_cannot_be_used_starts_nothing_and_no_direct_connection(stack, socks, case):
     listener = RecordingListener()
     channel = 703 if case == "dead" else 704
-    proxy = (f"socks5h://streamer:{PASSWORD}@127.0.0.1:{closed_port()}" if case == "dead" else
-             f"socks5h://streamer:wrong{PASSWORD}@127.0.0.1:{socks.port}")
+    proxy = (
+        f"socks5h://streamer:{PASSWORD}@127.0.0.1:{closed_port()}"
+        if case == "dead"
+        else f"socks5h://streamer:wrong{PASSWORD}@127.0.0.1:{socks.port}"
+    )
     try:
         add_channel(stack, channel, source_url=listener.url(f"/live/{channel}.ts"), proxy=proxy)
         status, headers, body = first_request(stack.playlist_url(channel))
         assert status == 503 and body == f"channel {channel}: upstream proxy unusable\n".encode()
         assert "Retry-After" in headers
-        assert listener.connections == 0                  # never a direct connection instead
+        assert listener.connections == 0  # never a direct connection instead
         assert not ffmpegs_writing(stack, channel)
         egress_log = stack.log("egress")
         assert f"channel {channel}: refused a connection" in egress_log
@@ -91,10 +117,14 @@ def http_proxy(stack):
     """A second egress relay, serving as an authenticating http:// proxy: its credentials
     are a ticket of a channel of its own (7050)."""
     from streamstate import egress
+
     port = closed_port()
-    process = subprocess.Popen([sys.executable, "-m", "egress", "--config", stack.config_path,
-                                "--listen", f"127.0.0.1:{port}"], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "egress", "--config", stack.config_path, "--listen", f"127.0.0.1:{port}"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     token = egress.write_ticket(stack.settings["state_dir"], "7050", None)
     wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 20, message="a second relay")
     yield f"http://7050:{token}@127.0.0.1:{port}"
@@ -108,15 +138,17 @@ def test_an_http_proxy_carries_http_and_https_sources(stack, tmp_path, http_prox
     """http: an absolute-form request with the proxy's credentials; https: CONNECT."""
     channel = 705 if scheme == "http" else 706
     relay = TLSRelay(str(tmp_path), "127.0.0.1", stack.upstream_port)
-    source = (stack.upstream_url(f"proxied{channel}") if scheme == "http" else
-              f"https://127.0.0.1:{relay.port}/live/proxied{channel}.ts")
+    source = (
+        stack.upstream_url(f"proxied{channel}")
+        if scheme == "http"
+        else f"https://127.0.0.1:{relay.port}/live/proxied{channel}.ts"
+    )
     try:
         add_channel(stack, channel, source_url=source, proxy=http_proxy, tls_verify=False)
         assert first_request(stack.playlist_url(channel))[0] == 200, stack.log("launcher")[-1500:]
         stack.launcher_json(f"/channel/{channel}/stop", "POST")
         # The same proxy with a wrong password: refused by the proxy, reported as such.
-        add_channel(stack, channel, source_url=source, proxy=http_proxy.replace("7050:", "7050:x"),
-                    tls_verify=False)
+        add_channel(stack, channel, source_url=source, proxy=http_proxy.replace("7050:", "7050:x"), tls_verify=False)
         status, _, body = first_request(stack.playlist_url(channel))
         assert status == 503 and body == f"channel {channel}: upstream proxy unusable\n".encode()
     finally:
@@ -125,6 +157,7 @@ def test_an_http_proxy_carries_http_and_https_sources(stack, tmp_path, http_prox
 
 
 # -- where a source may connect ----------------------------------------------------------
+
 
 def test_a_source_on_redis_s_port_is_refused_even_when_loopback_is_allowed(stack):
     add_channel(stack, 710, source_url=f"http://127.0.0.1:{stack.redis_port}/")
@@ -135,11 +168,14 @@ def test_a_source_on_redis_s_port_is_refused_even_when_loopback_is_allowed(stack
     stack.redis.delete(keys.failed_key(710))
 
 
-@pytest.mark.parametrize("channel, target, address", [
-    (711, "http://169.254.169.254/latest/meta-data/", "169.254.169.254:80"),
-    (712, "http://[::1]:{port}/live/x.ts", "[::1]:{port}"),
-    (713, "http://0.0.0.0:{port}/live/x.ts", "0.0.0.0:{port}"),
-])
+@pytest.mark.parametrize(
+    "channel, target, address",
+    [
+        (711, "http://169.254.169.254/latest/meta-data/", "169.254.169.254:80"),
+        (712, "http://[::1]:{port}/live/x.ts", "[::1]:{port}"),
+        (713, "http://0.0.0.0:{port}/live/x.ts", "0.0.0.0:{port}"),
+    ],
+)
 def test_a_redirect_to_a_denied_address_is_refused(stack, channel, target, address):
     target, address = (t.format(port=stack.upstream_port) for t in (target, address))
     add_channel(stack, channel, source_url=f"http://127.0.0.1:{stack.upstream_port}/redirect/x?to={target}")
@@ -155,7 +191,7 @@ def test_hls_segments_on_a_denied_address_are_refused(stack, tmp_path):
         add_channel(stack, 714, source_url=origin.url)
         status, _, body = first_request(stack.playlist_url(714))
         assert status == 503 and body == b"channel 714: upstream address not allowed\n"
-        assert "/index.m3u8" in origin.paths                    # the playlist itself was fetched
+        assert "/index.m3u8" in origin.paths  # the playlist itself was fetched
     finally:
         origin.close()
         stack.redis.delete(keys.failed_key(714))
@@ -164,17 +200,21 @@ def test_hls_segments_on_a_denied_address_are_refused(stack, tmp_path):
 def test_the_relay_refuses_strangers(stack):
     """Without a ticket's token the relay is no open proxy: 407."""
     with socket.create_connection(("127.0.0.1", stack.egress_port), timeout=10) as sock:
-        sock.sendall(f"GET {stack.upstream_url('x')} HTTP/1.1\r\nHost: x\r\n"
-                     "Proxy-Authorization: Basic NzE1Om5vcGU=\r\n\r\n".encode())
+        sock.sendall(
+            f"GET {stack.upstream_url('x')} HTTP/1.1\r\nHost: x\r\n"
+            "Proxy-Authorization: Basic NzE1Om5vcGU=\r\n\r\n".encode()
+        )
         assert sock.recv(100).startswith(b"HTTP/1.1 407 ")
 
 
 # -- sources -------------------------------------------------------------------------------
 
+
 def test_failover_from_a_403_source_to_a_live_one(stack):
     forbidden = f"http://127.0.0.1:{stack.upstream_port}/forbidden/720.ts?password={PASSWORD}"
-    result = streamctl(stack, "channels", "add", "720", forbidden, "--quality", "copy",
-                       "--fallback", stack.upstream_url("fallback720"))
+    result = streamctl(
+        stack, "channels", "add", "720", forbidden, "--quality", "copy", "--fallback", stack.upstream_url("fallback720")
+    )
     assert result.returncode == 0, result.stderr
     assert first_request(stack.playlist_url(720))[0] == 200
     entry = {s["id"]: s for s in stack.launcher_json("/streams")[1]["streams"]}["720"]
@@ -189,8 +229,12 @@ def test_failover_from_a_403_source_to_a_live_one(stack):
 
 
 def test_every_source_failing_is_one_503(stack):
-    add_channel(stack, 721, source_url=f"http://127.0.0.1:{stack.upstream_port}/forbidden/721.ts",
-                fallback_urls=[f"http://127.0.0.1:{stack.upstream_port}/missing/721.ts"])
+    add_channel(
+        stack,
+        721,
+        source_url=f"http://127.0.0.1:{stack.upstream_port}/forbidden/721.ts",
+        fallback_urls=[f"http://127.0.0.1:{stack.upstream_port}/missing/721.ts"],
+    )
     status, _, body = first_request(stack.playlist_url(721))
     assert status == 503 and body == b"channel 721: upstream refused: HTTP 404\n"
     assert not ffmpegs_writing(stack, 721)
@@ -203,8 +247,11 @@ def test_hls_sources_play_through_nginx(stack, tmp_path, kind):
     http playlist whose segments are https (a self-signed TLS relay in front of the origin)."""
     channel = {"plain": 730, "aes-128": 731, "https segments": 732}[kind]
     relay = TLSRelay(str(tmp_path), "127.0.0.1", 9) if kind == "https segments" else None
-    origin = HLSOrigin(str(tmp_path / "hls"), encrypt=kind == "aes-128",
-                       segment_base=f"https://127.0.0.1:{relay.port}/" if relay else None)
+    origin = HLSOrigin(
+        str(tmp_path / "hls"),
+        encrypt=kind == "aes-128",
+        segment_base=f"https://127.0.0.1:{relay.port}/" if relay else None,
+    )
     if relay is not None:
         relay.upstream = ("127.0.0.1", origin.port)
     try:
@@ -213,7 +260,7 @@ def test_hls_sources_play_through_nginx(stack, tmp_path, kind):
         if kind == "aes-128":
             assert "/key.bin" in origin.paths
         if kind == "https segments":
-            assert any(p.endswith(".ts") for p in origin.paths)     # through the TLS relay
+            assert any(p.endswith(".ts") for p in origin.paths)  # through the TLS relay
     finally:
         stack.launcher_json(f"/channel/{channel}/stop", "POST")
         origin.close()
@@ -223,14 +270,14 @@ def test_hls_sources_play_through_nginx(stack, tmp_path, kind):
 
 # -- resolvers -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("resolver, plays_it", [("none", False), ("plain", False), ("cloudscraper", True)])
 def test_the_cloudscraper_resolver_carries_the_cookie_the_upstream_requires(stack, resolver, plays_it):
     """/gate/ hands its cookie only to a browser-like session (Accept-Language) and plays only
     with it: FFmpeg alone and the plain resolver are refused; cloudscraper's session gets the
     cookie, and FFmpeg reads the stream with it."""
     channel = {"none": 740, "plain": 741, "cloudscraper": 742}[resolver]
-    add_channel(stack, channel, source_url=f"http://127.0.0.1:{stack.upstream_port}/gate/{channel}",
-                resolver=resolver)
+    add_channel(stack, channel, source_url=f"http://127.0.0.1:{stack.upstream_port}/gate/{channel}", resolver=resolver)
     status, _, body = first_request(stack.playlist_url(channel))
     if plays_it:
         assert status == 200, body
@@ -242,8 +289,12 @@ def test_the_cloudscraper_resolver_carries_the_cookie_the_upstream_requires(stac
 
 
 def test_a_resolver_s_redirect_to_a_denied_address_is_refused(stack):
-    add_channel(stack, 743, source_url=f"http://127.0.0.1:{stack.upstream_port}/redirect/x"
-                                       "?to=http://169.254.169.254/latest/meta-data/", resolver="plain")
+    add_channel(
+        stack,
+        743,
+        source_url=f"http://127.0.0.1:{stack.upstream_port}/redirect/x" "?to=http://169.254.169.254/latest/meta-data/",
+        resolver="plain",
+    )
     status, _, body = first_request(stack.playlist_url(743))
     assert status == 503 and body == b"channel 743: upstream address not allowed\n"
     stack.redis.delete(keys.failed_key(743))
@@ -251,8 +302,12 @@ def test_a_resolver_s_redirect_to_a_denied_address_is_refused(stack):
 
 def test_a_launcher_restart_leaves_a_proxied_stream_and_its_connection(stack, socks):
     """The relay is its own service: the launcher's restart cuts no connection."""
-    add_channel(stack, 750, source_url=stack.upstream_url("restart750"),
-                proxy=f"socks5h://streamer:{PASSWORD}@127.0.0.1:{socks.port}")
+    add_channel(
+        stack,
+        750,
+        source_url=stack.upstream_url("restart750"),
+        proxy=f"socks5h://streamer:{PASSWORD}@127.0.0.1:{socks.port}",
+    )
     assert first_request(stack.playlist_url(750))[0] == 200
     pids, connections = ffmpegs_writing(stack, 750), len(socks.requests)
     stack.restart_launcher()
@@ -266,21 +321,30 @@ def test_a_launcher_restart_leaves_a_proxied_stream_and_its_connection(stack, so
 
 def test_doctor_checks_the_relay_and_every_proxy(stack, tmp_path, socks):
     config = tmp_path / "doctor.toml"
-    config.write_text(open(stack.config_path).read() + "\n[providers.acme]\n"
-                      f'proxy = "socks5h://streamer:{PASSWORD}@127.0.0.1:{closed_port()}"\n'
-                      "[providers.warp]\n"
-                      f'proxy = "socks5h://streamer:{PASSWORD}@127.0.0.1:{socks.port}"\n'
-                      "[providers.badlogin]\n"
-                      f'proxy = "socks5h://streamer:wrong@127.0.0.1:{socks.port}"\n')
-    result = subprocess.run([sys.executable, "-m", "streamctl", "doctor", "--config", str(config)],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    config.write_text(
+        open(stack.config_path).read() + "\n[providers.acme]\n"
+        f'proxy = "socks5h://streamer:{PASSWORD}@127.0.0.1:{closed_port()}"\n'
+        "[providers.warp]\n"
+        f'proxy = "socks5h://streamer:{PASSWORD}@127.0.0.1:{socks.port}"\n'
+        "[providers.badlogin]\n"
+        f'proxy = "socks5h://streamer:wrong@127.0.0.1:{socks.port}"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "streamctl", "doctor", "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1 and PASSWORD not in result.stdout
     lines = result.stdout.splitlines()
     assert any(line.startswith("ok") and "egress relay: answers on" in line for line in lines)
     assert any(line.startswith("FAIL") and "provider acme proxy: socks5h://127.0.0.1:" in line for line in lines)
     assert any(line.startswith("ok") and "provider warp proxy" in line for line in lines)
-    assert any(line.startswith("FAIL") and "provider badlogin proxy" in line and "rejects the username" in line
-               for line in lines)
+    assert any(
+        line.startswith("FAIL") and "provider badlogin proxy" in line and "rejects the username" in line
+        for line in lines
+    )
 
 
 def test_a_relay_outage_is_not_the_sources_fault(stack):
@@ -296,12 +360,18 @@ def test_a_relay_outage_is_not_the_sources_fault(stack):
         status, _, body = first_request(stack.playlist_url(761))
         assert status == 503 and body == b"channel 761: egress relay unavailable\n"
         assert not stack.redis.exists(keys.failed_key(761))
-        wait_for(lambda: "channel 760: egress relay unavailable" in stack.log("launcher"), 30,
-                 message="the launcher to wait for the relay")
+        wait_for(
+            lambda: "channel 760: egress relay unavailable" in stack.log("launcher"),
+            30,
+            message="the launcher to wait for the relay",
+        )
     finally:
         stack.start_egress()
-    wait_for(lambda: ffmpegs_writing(stack, 760) and os.path.exists(os.path.join(stack.hls_dir, "stream_760.m3u8")),
-             30, message="channel 760 to play again")
+    wait_for(
+        lambda: ffmpegs_writing(stack, 760) and os.path.exists(os.path.join(stack.hls_dir, "stream_760.m3u8")),
+        30,
+        message="channel 760 to play again",
+    )
     assert first_request(stack.playlist_url(761))[0] == 200
     assert not any(stack.redis.exists(keys.source_failed_key(url)) for url in sources)
     assert not stack.redis.exists(keys.failed_key(760))
@@ -313,13 +383,18 @@ def test_a_relay_outage_is_not_the_sources_fault(stack):
     stack.launcher_json("/channel/761/stop", "POST")
 
 
-@pytest.mark.parametrize("channel, spelling", [(780, "2130706433"), (781, "0x7f.1"), (782, "127.1"),
-                                               (783, "0177.0.0.1"), (784, "localhost")])
+@pytest.mark.parametrize(
+    "channel, spelling", [(780, "2130706433"), (781, "0x7f.1"), (782, "127.1"), (783, "0177.0.0.1"), (784, "localhost")]
+)
 def test_any_spelling_of_this_host_is_refused_through_a_proxy_too(stack, socks, channel, spelling):
     """With socks5h (the proxy resolves names), an address in any spelling the C library
     reads, and localhost, are still checked here: Redis is never reached."""
-    add_channel(stack, channel, source_url=f"http://{spelling}:{stack.redis_port}/x.ts",
-                proxy=f"socks5h://streamer:{PASSWORD}@127.0.0.1:{socks.port}")
+    add_channel(
+        stack,
+        channel,
+        source_url=f"http://{spelling}:{stack.redis_port}/x.ts",
+        proxy=f"socks5h://streamer:{PASSWORD}@127.0.0.1:{socks.port}",
+    )
     status, _, body = first_request(stack.playlist_url(channel))
     assert status == 503 and body == f"channel {channel}: upstream address not allowed\n".encode()
     assert not [r for r in socks.requests if r["port"] == stack.redis_port]
@@ -330,8 +405,12 @@ def test_our_own_ports_are_refused_on_every_address_of_this_host(stack):
     """Redis reached as 127.0.0.1 may listen everywhere: its port is refused on 127.0.0.2 too
     (loopback is allowed in this stack), and so is nginx's."""
     for channel, port in ((785, stack.redis_port), (786, stack.nginx_port)):
-        add_channel(stack, channel, source_url=f"http://127.0.0.1:{stack.upstream_port}/redirect/x"
-                                               f"?to=http://127.0.0.2:{port}/live/stream_1.m3u8")
+        add_channel(
+            stack,
+            channel,
+            source_url=f"http://127.0.0.1:{stack.upstream_port}/redirect/x"
+            f"?to=http://127.0.0.2:{port}/live/stream_1.m3u8",
+        )
         status, _, body = first_request(stack.playlist_url(channel))
         assert status == 503 and body == f"channel {channel}: upstream address not allowed\n".encode()
         stack.redis.delete(keys.failed_key(channel))
@@ -349,10 +428,18 @@ def test_an_http_proxy_that_refuses_connect_is_the_proxy_s_fault(stack):
 
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Refusing)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    sources = [f"https://127.0.0.1:{stack.upstream_port}/live/787.ts", f"https://127.0.0.1:{stack.upstream_port}/live/787b.ts"]
+    sources = [
+        f"https://127.0.0.1:{stack.upstream_port}/live/787.ts",
+        f"https://127.0.0.1:{stack.upstream_port}/live/787b.ts",
+    ]
     try:
-        add_channel(stack, 787, source_url=sources[0], fallback_urls=sources[1:],
-                    proxy=f"http://127.0.0.1:{server.server_address[1]}")
+        add_channel(
+            stack,
+            787,
+            source_url=sources[0],
+            fallback_urls=sources[1:],
+            proxy=f"http://127.0.0.1:{server.server_address[1]}",
+        )
         status, _, body = first_request(stack.playlist_url(787))
         assert status == 503 and body == b"channel 787: upstream proxy unusable\n"
         assert not any(stack.redis.exists(keys.source_failed_key(url)) for url in sources)
@@ -369,6 +456,7 @@ class KeepAliveOrigin:
     def __init__(self, body: bytes):
         import http.server
         import threading
+
         heads = self.heads = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -383,6 +471,7 @@ class KeepAliveOrigin:
 
             def log_message(self, *args):
                 pass
+
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -399,7 +488,9 @@ def test_each_request_on_a_persistent_proxy_connection_is_its_own(stack):
     our credentials, and answered in turn."""
     import base64
     import http.client
+
     from streamstate import egress
+
     first, second = KeepAliveOrigin(b"first\n"), KeepAliveOrigin(b"second\n")
     token = egress.write_ticket(stack.settings["state_dir"], "7060", None)
     auth = "Basic " + base64.b64encode(f"7060:{token}".encode()).decode()
@@ -427,9 +518,12 @@ def test_each_request_on_a_persistent_proxy_connection_is_its_own(stack):
 
 # -- the relay's own defences (attack on issue 16) ------------------------------------------
 
+
 def _ticket_auth(stack, channel_id: str) -> str:
     import base64
+
     from streamstate import egress
+
     token = egress.write_ticket(stack.settings["state_dir"], channel_id, None)
     return "Basic " + base64.b64encode(f"{channel_id}:{token}".encode()).decode()
 
@@ -449,6 +543,7 @@ def _in_process_relay(stack, scenario, **relay_options):
             return await scenario(relay, server.sockets[0].getsockname()[1])
         finally:
             server.close()
+
     return asyncio.run(run())
 
 
@@ -458,13 +553,14 @@ def test_a_request_head_sent_a_byte_at_a_time_is_cut_at_its_deadline(stack, monk
     import asyncio
 
     from egress import relay as relay_module
+
     monkeypatch.setattr(relay_module, "HEAD_TIMEOUT", 1.0)
 
     async def scenario(relay, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         dribble = b"GET http://127.0.0.1/ HTTP/1.1\r\n" + b"X-Slow: " + b"a" * 400
         try:
-            for sent, byte in enumerate(dribble):        # 0.05 s apart: 21 s for all of them
+            for sent, byte in enumerate(dribble):  # 0.05 s apart: 21 s for all of them
                 writer.write(bytes([byte]))
                 await writer.drain()
                 try:
@@ -477,6 +573,7 @@ def test_a_request_head_sent_a_byte_at_a_time_is_cut_at_its_deadline(stack, monk
             return sent
         finally:
             writer.close()
+
     cut_after = _in_process_relay(stack, scenario)
     assert cut_after is not None, "the relay kept a dribbled head open to its end"
 
@@ -486,20 +583,25 @@ def test_at_the_client_cap_a_stranger_gives_way(stack):
     At the cap (2 here) a new connection takes the place of the oldest one that has shown no
     ticket, and a connection that has shown one is never cut for it."""
     import asyncio
+
     origin = KeepAliveOrigin(b"ours\n")
     auth = _ticket_auth(stack, "7061")
 
     async def scenario(relay, port):
         ours = await asyncio.open_connection("127.0.0.1", port)
-        ours[1].write(f"GET http://127.0.0.1:{origin.port}/a.ts HTTP/1.1\r\nHost: x\r\n"
-                      f"Proxy-Authorization: {auth}\r\n\r\n".encode())
+        ours[1].write(
+            f"GET http://127.0.0.1:{origin.port}/a.ts HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {auth}\r\n\r\n".encode()
+        )
         assert (await asyncio.wait_for(ours[0].readuntil(b"ours\n"), 10)).startswith(b"HTTP/1.1 200")
         stranger = await asyncio.open_connection("127.0.0.1", port)
         await asyncio.sleep(0)
         newcomer = await asyncio.open_connection("127.0.0.1", port)
-        assert await asyncio.wait_for(stranger[0].read(), 10) == b""              # cut
-        ours[1].write(f"GET http://127.0.0.1:{origin.port}/b.ts HTTP/1.1\r\nHost: x\r\n"
-                      f"Proxy-Authorization: {auth}\r\n\r\n".encode())
+        assert await asyncio.wait_for(stranger[0].read(), 10) == b""  # cut
+        ours[1].write(
+            f"GET http://127.0.0.1:{origin.port}/b.ts HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {auth}\r\n\r\n".encode()
+        )
         assert (await asyncio.wait_for(ours[0].readuntil(b"ours\n"), 10)).startswith(b"HTTP/1.1 200")
         # Both places are now held by a ticket holder and the newcomer, which shows none:
         # the newcomer gives way to the next connection, the ticket holder does not.
@@ -509,6 +611,7 @@ def test_at_the_client_cap_a_stranger_gives_way(stack):
         for _, writer in (ours, stranger, newcomer, third):
             writer.close()
         return counters
+
     try:
         counters = _in_process_relay(stack, scenario, max_clients=2)
     finally:
@@ -523,8 +626,10 @@ def test_bytes_sent_right_after_connect_reach_the_upstream(stack):
     early = b"EARLY-HELLO\r\n\r\n"
     listener = RecordingListener()
     with socket.create_connection(("127.0.0.1", stack.egress_port), timeout=10) as sock:
-        sock.sendall(f"CONNECT 127.0.0.1:{listener.port} HTTP/1.1\r\nHost: x\r\n"
-                     f"Proxy-Authorization: {auth}\r\n\r\n".encode() + early)
+        sock.sendall(
+            f"CONNECT 127.0.0.1:{listener.port} HTTP/1.1\r\nHost: x\r\n" f"Proxy-Authorization: {auth}\r\n\r\n".encode()
+            + early
+        )
         received = b""
         while b"404 Not Found" not in received:
             chunk = sock.recv(4096)
@@ -539,12 +644,14 @@ def test_a_request_reaches_the_upstream_with_one_framing_and_no_hop_headers(stac
     headers the client's Connection header named were forwarded.  Now h11's framing is the
     only one, and every hop-by-hop header stays at the relay."""
     auth = _ticket_auth(stack, "7063")
-    listener = RecordingListener(answer_after=b"0\r\n\r\n")      # answers once the body has come
+    listener = RecordingListener(answer_after=b"0\r\n\r\n")  # answers once the body has come
     with socket.create_connection(("127.0.0.1", stack.egress_port), timeout=10) as sock:
-        sock.sendall(f"POST http://127.0.0.1:{listener.port}/x HTTP/1.1\r\nHost: x\r\n"
-                     f"Proxy-Authorization: {auth}\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n"
-                     "Connection: X-Secret\r\nX-Secret: relay-only\r\nTE: trailers\r\nUpgrade: h2c\r\n"
-                     "X-Kept: yes\r\n\r\n4\r\nbody\r\n0\r\nX-Trailer: no\r\n\r\n".encode())
+        sock.sendall(
+            f"POST http://127.0.0.1:{listener.port}/x HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {auth}\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n"
+            "Connection: X-Secret\r\nX-Secret: relay-only\r\nTE: trailers\r\nUpgrade: h2c\r\n"
+            "X-Kept: yes\r\n\r\n4\r\nbody\r\n0\r\nX-Trailer: no\r\n\r\n".encode()
+        )
         answer = b""
         while b"\r\n\r\n" not in answer:
             chunk = sock.recv(4096)
@@ -552,7 +659,7 @@ def test_a_request_reaches_the_upstream_with_one_framing_and_no_hop_headers(stac
             answer += chunk
     listener.close()
     assert answer.startswith(b"HTTP/1.1 404 ")
-    assert bytes(listener.received).endswith(b"\r\n\r\n4\r\nbody\r\n0\r\n\r\n")   # no trailer
+    assert bytes(listener.received).endswith(b"\r\n\r\n4\r\nbody\r\n0\r\n\r\n")  # no trailer
     head = bytes(listener.received).split(b"\r\n\r\n")[0].lower()
     assert b"x-kept: yes" in head and b"transfer-encoding: chunked" in head
     for hop in (b"content-length", b"x-secret", b"te:", b"upgrade", b"proxy-authorization"):

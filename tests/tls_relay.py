@@ -1,5 +1,6 @@
 """An https upstream for the tests: TLS on loopback with a self-signed certificate (made by
 the openssl command), relaying each connection to a plain HTTP upstream."""
+
 from __future__ import annotations
 
 import os
@@ -17,10 +18,29 @@ class TLSRelay:
             raise RuntimeError("openssl is not installed")
         self.certificate = os.path.join(directory, "relay-cert.pem")
         key = os.path.join(directory, "relay-key.pem")
-        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
-                        "-out", self.certificate, "-days", "1", "-subj", "/CN=127.0.0.1",
-                        "-addext", "subjectAltName=IP:127.0.0.1"],
-                       check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [
+                openssl,
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                key,
+                "-out",
+                self.certificate,
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(self.certificate, key)
         self.upstream = (upstream_host, upstream_port)
@@ -41,7 +61,7 @@ class TLSRelay:
         try:
             secure = self.context.wrap_socket(client, server_side=True)
         except (ssl.SSLError, OSError):
-            client.close()                   # the client refused our certificate
+            client.close()  # the client refused our certificate
             return
         try:
             upstream = socket.create_connection(self.upstream, timeout=10)

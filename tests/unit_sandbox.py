@@ -3,6 +3,7 @@ runs none): ``ProtectSystem=strict`` makes every mount read-only but the unit's
 ``ReadWritePaths=``, in a mount namespace of the command's own (util-linux ``unshare``, as
 root).  /proc, /sys, /dev and /run stay as they are (the processes to signal, the devices
 every program opens, sd_notify)."""
+
 from __future__ import annotations
 
 import shutil
@@ -27,8 +28,11 @@ exec "$@"
 
 
 def directives(unit_text: str, name: str) -> list[str]:
-    return [line.split("=", 1)[1].strip() for line in unit_text.splitlines()
-            if line.startswith(f"{name}=") and not line.startswith("#")]
+    return [
+        line.split("=", 1)[1].strip()
+        for line in unit_text.splitlines()
+        if line.startswith(f"{name}=") and not line.startswith("#")
+    ]
 
 
 def run_sandboxed(unit_text: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -37,5 +41,7 @@ def run_sandboxed(unit_text: str, argv: list[str], **kwargs) -> subprocess.Compl
     paths = [p for line in directives(unit_text, "ReadWritePaths") for p in line.split()]
     unshare = shutil.which("unshare")
     assert unshare, "unshare (util-linux) is missing"
-    return subprocess.run([unshare, "--mount", "--propagation", "private", "sh", "-c", _SCRIPT, "sandbox",
-                           ":".join(paths), *argv], **kwargs)
+    return subprocess.run(
+        [unshare, "--mount", "--propagation", "private", "sh", "-c", _SCRIPT, "sandbox", ":".join(paths), *argv],
+        **kwargs,
+    )

@@ -8,6 +8,7 @@ frames, VLC's displayed pictures): a player whose count stops rising is frozen, 
 its clock says (Shaka moves currentTime forward while it waits; VLC's time stays at 0
 after a discontinuity).  Used by tests/test_continuity.py and bench/continuity.py.
 """
+
 from __future__ import annotations
 
 import base64
@@ -26,14 +27,14 @@ from demo.stack import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAYERS_DIR = os.path.join(REPO, "tests", "players")
-SAMPLE_INTERVAL = 0.25        # seconds between samples of each player
-REBUFFER_GAP = 1.0            # a stretch without a new frame this long counts as one rebuffer
+SAMPLE_INTERVAL = 0.25  # seconds between samples of each player
+REBUFFER_GAP = 1.0  # a stretch without a new frame this long counts as one rebuffer
 VLC_PASSWORD = "streamkeeper"
 
 
 @dataclasses.dataclass
 class Sample:
-    t: float                  # epoch seconds
+    t: float  # epoch seconds
     frames: int | None
     buffering: bool = False
     fatal: object = None
@@ -81,10 +82,21 @@ class Watchers:
         if not os.path.isdir(os.path.join(PLAYERS_DIR, "node_modules", "shaka-player")):
             raise RuntimeError("tests/players/node_modules is missing (make test runs npm ci there)")
         self._browser = subprocess.Popen(
-            ["node", os.path.join(PLAYERS_DIR, "watch.mjs"), self.url, "--players", ",".join(players),
-             "--interval", str(SAMPLE_INTERVAL)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-            start_new_session=True, text=True)
+            [
+                "node",
+                os.path.join(PLAYERS_DIR, "watch.mjs"),
+                self.url,
+                "--players",
+                ",".join(players),
+                "--interval",
+                str(SAMPLE_INTERVAL),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+        )
         self._spawn_thread(self._read_browser)
 
     def _read_browser(self) -> None:
@@ -96,8 +108,9 @@ class Watchers:
             if "event" in data:
                 self.events.append(data)
             elif data.get("player") in self.samples:
-                self.samples[data["player"]].append(Sample(
-                    data["t"], data.get("frames"), bool(data.get("buffering")), data.get("fatal")))
+                self.samples[data["player"]].append(
+                    Sample(data["t"], data.get("frames"), bool(data.get("buffering")), data.get("fatal"))
+                )
 
     def _start_vlc(self) -> None:
         vlc = shutil.which("cvlc")
@@ -105,22 +118,43 @@ class Watchers:
             raise RuntimeError("VLC is not installed (make test installs vlc-bin and vlc-plugin-base)")
         self._vlc_home = tempfile.mkdtemp(prefix="sk-vlc-")
         as_user = {}
-        if os.geteuid() == 0:                          # VLC refuses to run as root
+        if os.geteuid() == 0:  # VLC refuses to run as root
             shutil.chown(self._vlc_home, "nobody", "nogroup")
             as_user = {"user": "nobody", "group": "nogroup", "extra_groups": []}
         self._vlc_port = free_port()
         self._vlc = subprocess.Popen(
-            [vlc, "--vout", "vdummy", "--aout", "adummy", "--no-video-title-show", "-I", "http",
-             "--http-host", "127.0.0.1", "--http-port", str(self._vlc_port),
-             "--http-password", VLC_PASSWORD, self.url],
-            env={**os.environ, "HOME": self._vlc_home}, cwd=self._vlc_home, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **as_user)
+            [
+                vlc,
+                "--vout",
+                "vdummy",
+                "--aout",
+                "adummy",
+                "--no-video-title-show",
+                "-I",
+                "http",
+                "--http-host",
+                "127.0.0.1",
+                "--http-port",
+                str(self._vlc_port),
+                "--http-password",
+                VLC_PASSWORD,
+                self.url,
+            ],
+            env={**os.environ, "HOME": self._vlc_home},
+            cwd=self._vlc_home,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            **as_user,
+        )
         self._spawn_thread(self._poll_vlc)
 
     def _poll_vlc(self) -> None:
         request = urllib.request.Request(
             f"http://127.0.0.1:{self._vlc_port}/requests/status.json",
-            headers={"Authorization": "Basic " + base64.b64encode(f":{VLC_PASSWORD}".encode()).decode()})
+            headers={"Authorization": "Basic " + base64.b64encode(f":{VLC_PASSWORD}".encode()).decode()},
+        )
         while not self._stop.wait(SAMPLE_INTERVAL):
             if self._vlc.poll() is not None:
                 self.samples["vlc"].append(Sample(time.time(), None, fatal=f"VLC exited ({self._vlc.returncode})"))
@@ -129,12 +163,13 @@ class Watchers:
                 with urllib.request.urlopen(request, timeout=2) as answer:
                     status = json.load(answer)
             except (OSError, ValueError):
-                continue                              # its interface is not up yet
+                continue  # its interface is not up yet
             frames = (status.get("stats") or {}).get("displayedpictures")
             state = status.get("state")
             started = any(s.frames for s in self.samples["vlc"])
-            self.samples["vlc"].append(Sample(time.time(), frames, fatal=f"VLC {state}"
-                                              if started and state == "stopped" else None))
+            self.samples["vlc"].append(
+                Sample(time.time(), frames, fatal=f"VLC {state}" if started and state == "stopped" else None)
+            )
 
     def _spawn_thread(self, target) -> None:
         thread = threading.Thread(target=target, daemon=True)
@@ -173,6 +208,8 @@ class Watchers:
                 last = sample.frames if last is None else max(last, sample.frames)
             points = [since] + rises + [until]
             gaps = [b - a for a, b in zip(points, points[1:])]
-            result[player] = {"longest_freeze": round(max(gaps, default=until - since), 2),
-                              "rebuffers": sum(1 for gap in gaps if gap > REBUFFER_GAP)}
+            result[player] = {
+                "longest_freeze": round(max(gaps, default=until - since), 2),
+                "rebuffers": sum(1 for gap in gaps if gap > REBUFFER_GAP),
+            }
         return result

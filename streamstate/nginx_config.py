@@ -3,22 +3,23 @@
 The template and the log format ship inside the package (``streamstate/nginx/``,
 package data), so an installed wheel renders exactly what a checkout does.
 """
+
 from __future__ import annotations
 
 import math
 import re
 from importlib import resources
 
-from heartbeatd.logformat import LogLineParser
-from streamstate.keys import CHANNEL_ID_PATTERN
-from streamstate.urls import ACCEL_PREFIX
+from .keys import CHANNEL_ID_PATTERN
+from .logformat import LogLineParser
+from .urls import ACCEL_PREFIX
 
 # Request headers nginx's @start_stream sets: "answer a player, with X-Accel-Redirect", and
 # the player's query string as nginx received it ($args).
 ACCEL_REQUEST_HEADER = "X-Streamkeeper-Accel"
 QUERY_HEADER = "X-Streamkeeper-Query"
-AGENT_HEADER = "X-Streamkeeper-Agent"       # the player's User-Agent (viewer identity)
-CLIENT_HEADER = "X-Forwarded-For"           # the player's address, $remote_addr
+AGENT_HEADER = "X-Streamkeeper-Agent"  # the player's User-Agent (viewer identity)
+CLIENT_HEADER = "X-Forwarded-For"  # the player's address, $remote_addr
 
 # On every answer under /live/, errors included (`always`): CORS for web players on other
 # origins, and nosniff (a body is only ever what its Content-Type says).
@@ -27,8 +28,8 @@ ANSWER_HEADERS = (
     'add_header Access-Control-Allow-Methods "GET, HEAD, OPTIONS" always;',
     'add_header Access-Control-Allow-Headers "Range, Origin, Accept" always;',
     'add_header Access-Control-Expose-Headers "Content-Length, Content-Range, Retry-After" always;',
-    'add_header Access-Control-Max-Age 86400 always;',
-    'add_header X-Content-Type-Options nosniff always;',
+    "add_header Access-Control-Max-Age 86400 always;",
+    "add_header X-Content-Type-Options nosniff always;",
 )
 # A playlist, whether a plain file hit or the answer to a cold start.
 PLAYLIST_HEADERS = (
@@ -48,37 +49,40 @@ def log_format_directive(log_format: str = "streamkeeper") -> str:
     if log_format == "streamkeeper":
         text = shipped_file("streamkeeper-log-format.conf")
         return next(line for line in text.splitlines() if line.startswith("log_format"))
-    fmt = LogLineParser(log_format).format        # refuses what heartbeatd cannot parse
+    fmt = LogLineParser(log_format).format  # refuses what heartbeatd cannot parse
     if "'" in fmt or "\n" in fmt:
         raise ValueError("log_format: a format with a single quote or a newline cannot be rendered")
     return f"log_format streamkeeper '{fmt}';"
 
 
 def render_nginx_config(settings) -> str:
-    return fill(shipped_file("streamkeeper.conf.template"), dict(
-        config_source=settings.config_path or "built-in defaults",
-        log_format_directive=log_format_directive(settings.log_format),
-        launcher_listen=settings.launcher_listen,
-        nginx_listen=settings.nginx_listen,
-        access_log=settings.access_log,
-        hls_dir=settings.hls_dir.rstrip("/") or "/",
-        segment_max_age=int(max(60, settings.hls_time * settings.hls_list_size * 2)),
-        start_timeout=f"{settings.start_timeout:g}",
-        proxy_read_timeout=int(math.ceil(settings.start_timeout)) + 10,
-        accel_prefix=ACCEL_PREFIX,
-        accel_request_header=ACCEL_REQUEST_HEADER,
-        query_header=QUERY_HEADER,
-        agent_header=AGENT_HEADER,
-        channel_id=CHANNEL_ID_PATTERN,
-        answer_headers=ANSWER_HEADERS,
-        playlist_headers=PLAYLIST_HEADERS,
-        start_rate_burst=START_RATE_BURST,
-        **start_rate_limit(settings.start_rate_limit),
-        **viewer_auth(settings),
-    ))
+    return fill(
+        shipped_file("streamkeeper.conf.template"),
+        dict(
+            config_source=settings.config_path or "built-in defaults",
+            log_format_directive=log_format_directive(settings.log_format),
+            launcher_listen=settings.launcher_listen,
+            nginx_listen=settings.nginx_listen,
+            access_log=settings.access_log,
+            hls_dir=settings.hls_dir.rstrip("/") or "/",
+            segment_max_age=int(max(60, settings.hls_time * settings.hls_list_size * 2)),
+            start_timeout=f"{settings.start_timeout:g}",
+            proxy_read_timeout=int(math.ceil(settings.start_timeout)) + 10,
+            accel_prefix=ACCEL_PREFIX,
+            accel_request_header=ACCEL_REQUEST_HEADER,
+            query_header=QUERY_HEADER,
+            agent_header=AGENT_HEADER,
+            channel_id=CHANNEL_ID_PATTERN,
+            answer_headers=ANSWER_HEADERS,
+            playlist_headers=PLAYLIST_HEADERS,
+            start_rate_burst=START_RATE_BURST,
+            **start_rate_limit(settings.start_rate_limit),
+            **viewer_auth(settings),
+        ),
+    )
 
 
-START_RATE_BURST = 10     # cold starts an address may make at once (a household zapping)
+START_RATE_BURST = 10  # cold starts an address may make at once (a household zapping)
 
 
 AUTH_LOCATION = "/_streamkeeper/auth"
@@ -91,16 +95,28 @@ def viewer_auth(settings) -> dict:
     if not settings.auth_url:
         return {"auth_zone": (), "auth_check": (), "auth_location": ()}
     seconds = settings.auth_cache_seconds
-    cache = ("proxy_cache streamkeeper_auth;",
-             # The address too: a validator may decide by it (viewers without a token).
-             'proxy_cache_key "$streamkeeper_token $streamkeeper_channel $remote_addr";',
-             f"proxy_cache_valid 200 401 403 {seconds}s;",
-             "proxy_ignore_headers Cache-Control Expires Set-Cookie Vary;") if seconds else ()
+    cache = (
+        (
+            "proxy_cache streamkeeper_auth;",
+            # The address too: a validator may decide by it (viewers without a token).
+            'proxy_cache_key "$streamkeeper_token $streamkeeper_channel $remote_addr";',
+            f"proxy_cache_valid 200 401 403 {seconds}s;",
+            "proxy_ignore_headers Cache-Control Expires Set-Cookie Vary;",
+        )
+        if seconds
+        else ()
+    )
     return {
-        "auth_zone": (f"proxy_cache_path {settings.auth_cache_dir} levels=1 keys_zone=streamkeeper_auth:1m "
-                      "max_size=16m inactive=60s use_temp_path=off;",) if seconds else (),
-        "auth_check": ("set $streamkeeper_token $arg_token;",     # the subrequest sees it
-                       f"auth_request {AUTH_LOCATION};"),
+        "auth_zone": (
+            f"proxy_cache_path {settings.auth_cache_dir} levels=1 keys_zone=streamkeeper_auth:1m "
+            "max_size=16m inactive=60s use_temp_path=off;",
+        )
+        if seconds
+        else (),
+        "auth_check": (
+            "set $streamkeeper_token $arg_token;",  # the subrequest sees it
+            f"auth_request {AUTH_LOCATION};",
+        ),
         "auth_location": (
             f"location = {AUTH_LOCATION} {{",
             "    internal;",
@@ -115,7 +131,8 @@ def viewer_auth(settings) -> dict:
             "    proxy_connect_timeout 3s;",
             "    proxy_read_timeout 5s;",
             *("    " + line for line in cache),
-            "}"),
+            "}",
+        ),
     }
 
 
@@ -129,12 +146,12 @@ def start_rate_limit(per_minute: int) -> dict:
     if not per_minute:
         return {"start_rate_zone": (), "start_rate_limit": ()}
     return {
-        "start_rate_zone": (
-            f"limit_req_zone $binary_remote_addr zone=streamkeeper_starts:10m rate={per_minute}r/m;",),
+        "start_rate_zone": (f"limit_req_zone $binary_remote_addr zone=streamkeeper_starts:10m rate={per_minute}r/m;",),
         "start_rate_limit": (
             f"limit_req zone=streamkeeper_starts burst={START_RATE_BURST} nodelay;",
             "limit_req_status 429;",
-            "error_page 429 = @streamkeeper_too_many_starts;"),
+            "error_page 429 = @streamkeeper_too_many_starts;",
+        ),
     }
 
 
@@ -144,6 +161,7 @@ def fill(template: str, values: dict) -> str:
     A tuple value is a block of directives: one per line, each at the
     placeholder's indentation.
     """
+
     def value(match: re.Match) -> str:
         indent, name = match.group(1), match.group(2)
         if name not in values:
@@ -152,4 +170,5 @@ def fill(template: str, values: dict) -> str:
         if isinstance(found, tuple):
             return "\n".join(indent + line for line in found) if found else indent + "# (none)"
         return indent + str(found)
+
     return re.sub(r"([ \t]*)\{\{([a-z_]+)\}\}", value, template)

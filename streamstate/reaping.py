@@ -21,6 +21,7 @@ Rules, in the order a pass applies them:
 * Files in hls_dir of no running stream, older than orphan_age -> deleted.
 * FFmpeg processes writing into hls_dir that no record knows -> stopped.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,13 +32,23 @@ import os
 import time
 import uuid
 
+import click
 import redis
 
-from streamstate import files, keys, runs, stream_end
-from streamstate.process import (ProcessHandle, StreamProcess, process_age, process_start_time,
-                                 resolve_executable, stop_processes, stream_ffmpegs_under)
+from . import files, keys, runs, stream_end
+from .process import (
+    ProcessHandle,
+    StreamProcess,
+    process_age,
+    process_start_time,
+    resolve_executable,
+    stop_processes,
+    stream_ffmpegs_under,
+)
 
 log = logging.getLogger("streamkeeper.reaper")
+
+EXIT_REDIS = 1  # a pass could not reach Redis: nothing was stopped
 
 BATCH = 500
 SCAN_COUNT = 1000
@@ -79,10 +90,11 @@ class StreamView:
 
 class ActionKind(enum.StrEnum):
     """What a pass does with a stream (the value is what --json shows)."""
-    STOP = "stop"            # this host's, idle past idle_timeout: stopped
-    STALE = "stale"          # its FFmpeg is gone (or its host is): its keys are cleared
-    KEEP = "keep"            # watched, or vouched for by its launcher
-    FOREIGN = "foreign"      # another live host's: its own reaper's
+
+    STOP = "stop"  # this host's, idle past idle_timeout: stopped
+    STALE = "stale"  # its FFmpeg is gone (or its host is): its keys are cleared
+    KEEP = "keep"  # watched, or vouched for by its launcher
+    FOREIGN = "foreign"  # another live host's: its own reaper's
 
     @property
     def verb(self) -> str:
@@ -99,18 +111,24 @@ class Action:
     idle: float | None = None
     run_id: str | None = None
     pid_start: int | None = None
-    pid_raw: str | None = None        # a legacy record's pid key as stored (compared on delete)
-    provider: str | None = None       # the provider slot its run holds
-    host: str | None = None           # another host's record (its files and ticket are not here)
+    pid_raw: str | None = None  # a legacy record's pid key as stored (compared on delete)
+    provider: str | None = None  # the provider slot its run holds
+    host: str | None = None  # another host's record (its files and ticket are not here)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     def target(self) -> stream_end.StopTarget:
-        return stream_end.StopTarget(channel=self.channel, pid=self.pid, run_id=self.run_id,
-                                     pid_start=self.pid_start, pid_raw=self.pid_raw,
-                                     provider=self.provider or "", local=self.host is None,
-                                     why=self.why)
+        return stream_end.StopTarget(
+            channel=self.channel,
+            pid=self.pid,
+            run_id=self.run_id,
+            pid_start=self.pid_start,
+            pid_raw=self.pid_raw,
+            provider=self.provider or "",
+            local=self.host is None,
+            why=self.why,
+        )
 
 
 @dataclasses.dataclass
@@ -119,7 +137,7 @@ class PassSummary:
     dry_run: bool
     started: float
     duration: float = 0.0
-    skipped: str = ""                 # why the pass did nothing (another reaper holds the lock)
+    skipped: str = ""  # why the pass did nothing (another reaper holds the lock)
     streams: int = 0
     stopped: int = 0
     stale: int = 0
@@ -127,17 +145,19 @@ class PassSummary:
     foreign: int = 0
     orphan_files: int = 0
     orphan_processes: int = 0
-    invalid_members: int = 0          # junk in streams:active (not a channel id): removed
+    invalid_members: int = 0  # junk in streams:active (not a channel id): removed
     actions: list = dataclasses.field(default_factory=list)
 
     def line(self) -> str:
         if self.skipped:
             return f"pass skipped: {self.skipped}"
         prefix = "dry run: would have " if self.dry_run else "pass: "
-        return (f"{prefix}stopped {self.stopped}, cleared {self.stale} stale, kept {self.kept}, "
-                f"left {self.foreign} of other hosts, removed {self.orphan_files} orphan file(s) and "
-                f"{self.orphan_processes} orphan process(es); {self.streams} stream(s) in "
-                f"{self.duration:.3f} s")
+        return (
+            f"{prefix}stopped {self.stopped}, cleared {self.stale} stale, kept {self.kept}, "
+            f"left {self.foreign} of other hosts, removed {self.orphan_files} orphan file(s) and "
+            f"{self.orphan_processes} orphan process(es); {self.streams} stream(s) in "
+            f"{self.duration:.3f} s"
+        )
 
     def as_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -148,6 +168,7 @@ class PassSummary:
 class Reaper:
     def __init__(self, settings, client: redis.Redis | None = None, *, dry_run: bool = False):
         from streamstate.redis_client import redis_from_url
+
         self.settings = settings
         self.host = settings.host_id
         self.redis = client or redis_from_url(settings.redis_url)
@@ -198,13 +219,19 @@ class Reaper:
         """Every stream of this host (or only ``channel``), stopped now with the one stop
         routine (streamstate.stream_end): what `streamctl stop` falls back to when the
         launcher is not there to do it.  Returns the channels stopped."""
-        views = [v for v in self._collect() if (v.run is None or not v.run.host or v.run.host == self.host)
-                 and channel in (None, v.channel)]
+        views = [
+            v
+            for v in self._collect()
+            if (v.run is None or not v.run.host or v.run.host == self.host) and channel in (None, v.channel)
+        ]
         actions = [self._decide(view, time.time(), set()) for view in views]
         # Only streams proven to be FFmpegs writing into this hls_dir; stale records are
         # the reaper's next pass's business.
-        stops = [dataclasses.replace(a, kind=ActionKind.STOP, why=reason) for a in actions
-                 if a.kind in (ActionKind.STOP, ActionKind.KEEP)]
+        stops = [
+            dataclasses.replace(a, kind=ActionKind.STOP, why=reason)
+            for a in actions
+            if a.kind in (ActionKind.STOP, ActionKind.KEEP)
+        ]
         self._stop(stops)
         return [a.channel for a in stops]
 
@@ -216,7 +243,7 @@ class Reaper:
         try:
             runs.release_lock(self.redis, keys.reaper_lock_key(self.host), token)
         except redis.RedisError:
-            pass   # it expires
+            pass  # it expires
 
     # -- reading ------------------------------------------------------------------
     def _collect(self) -> list[StreamView]:
@@ -224,19 +251,25 @@ class Reaper:
         active = runs.read_active(self.redis)
         self._invalid_members = active.invalid
         ids = set(active.channels)
-        for key in self.redis.scan_iter(match=keys.PID_KEY_PATTERN, count=SCAN_COUNT):   # type-blind
+        for key in self.redis.scan_iter(match=keys.PID_KEY_PATTERN, count=SCAN_COUNT):  # type-blind
             channel = keys.channel_id_from_pid_key(key)
             if channel:
                 ids.add(channel)
         ordered = sorted(ids, key=int)
         views = []
-        for start in range(0, len(ordered), BATCH):        # one round trip per batch
-            batch = ordered[start:start + BATCH]
+        for start in range(0, len(ordered), BATCH):  # one round trip per batch
+            batch = ordered[start : start + BATCH]
             now = time.time()
             for channel, (run, pid, started, last_access) in zip(batch, runs.read_batch(self.redis, batch)):
-                views.append(StreamView(channel=channel, run=run, pid_raw=pid,
-                                        started=runs.epoch_seconds(started, now),
-                                        last_access=runs.epoch_seconds(last_access, now)))
+                views.append(
+                    StreamView(
+                        channel=channel,
+                        run=run,
+                        pid_raw=pid,
+                        started=runs.epoch_seconds(started, now),
+                        last_access=runs.epoch_seconds(last_access, now),
+                    )
+                )
         return views
 
     def _live_hosts(self, views: list[StreamView]) -> set[str]:
@@ -255,17 +288,25 @@ class Reaper:
         run = view.run
 
         def action(kind: ActionKind, why: str, host: str | None = None) -> Action:
-            return Action(kind=kind, channel=channel, pid=pid, why=why, host=host,
-                          idle=None if idle is None else round(idle, 1),
-                          pid_raw=None if run else view.pid_raw,
-                          run_id=run.run_id if run else None,
-                          pid_start=run.pid_start if run else None,
-                          provider=(run.provider or None) if run else None)
+            return Action(
+                kind=kind,
+                channel=channel,
+                pid=pid,
+                why=why,
+                host=host,
+                idle=None if idle is None else round(idle, 1),
+                pid_raw=None if run else view.pid_raw,
+                run_id=run.run_id if run else None,
+                pid_start=run.pid_start if run else None,
+                provider=(run.provider or None) if run else None,
+            )
+
         if run is not None and run.host and run.host != self.host:
             if run.host in live_hosts:
                 return action(ActionKind.FOREIGN, f"runs on host {run.host}")
-            return action(ActionKind.STALE, f"host {run.host} not seen for {self.settings.host_timeout:g} s",
-                          host=run.host)
+            return action(
+                ActionKind.STALE, f"host {run.host} not seen for {self.settings.host_timeout:g} s", host=run.host
+            )
         vouched_state = run.state if run is not None and run.vouched(now) else None
         if vouched_state is not None and (idle is None or idle <= self.settings.idle_timeout):
             return action(ActionKind.KEEP, f"its launcher vouches for it ({vouched_state})")
@@ -293,13 +334,17 @@ class Reaper:
             if result.keys_deleted:
                 log.info("channel %s: stopped (pid %s, %s)", action.channel, action.pid, action.why)
             else:
-                log.info("channel %s: stopped pid %s; its keys now belong to a newer run and stay",
-                         action.channel, action.pid)
+                log.info(
+                    "channel %s: stopped pid %s; its keys now belong to a newer run and stay",
+                    action.channel,
+                    action.pid,
+                )
 
     def _end(self, actions: list[Action], *, signal: bool) -> list[stream_end.Stopped]:
         try:
-            return stream_end.stop_streams(self.redis, self.settings, [a.target() for a in actions],
-                                           executable=self.ffmpeg, log=log, signal=signal)
+            return stream_end.stop_streams(
+                self.redis, self.settings, [a.target() for a in actions], executable=self.ffmpeg, log=log, signal=signal
+            )
         except stream_end.StopAborted as exc:
             raise RedisUnavailable(str(exc)) from None
 
@@ -313,8 +358,12 @@ class Reaper:
             except redis.ResponseError as exc:
                 log.error("%s is not a set (%s): fix or delete it by hand", keys.ACTIVE_STREAMS_KEY, exc)
                 return len(junk)
-            log.warning("removed %d invalid member(s) of %s: %s", len(junk), keys.ACTIVE_STREAMS_KEY,
-                        ", ".join(runs.shown_member(m) for m in junk[:5]))
+            log.warning(
+                "removed %d invalid member(s) of %s: %s",
+                len(junk),
+                keys.ACTIVE_STREAMS_KEY,
+                ", ".join(runs.shown_member(m) for m in junk[:5]),
+            )
         return len(junk)
 
     def _orphan_files(self, running: set[str], now: float) -> int:
@@ -350,14 +399,20 @@ class Reaper:
         of the records, taken now (after the stop phase, which can last stop_grace: a stream
         started meanwhile has a record by now), and never for a process younger than
         start_timeout (a launcher may not have written its record yet)."""
-        candidates = [(pid, playlist) for pid, playlist in stream_ffmpegs_under(self.hls_dir, self.ffmpeg)
-                      if (process_age(pid) or 0.0) >= self.settings.start_timeout]
+        candidates = [
+            (pid, playlist)
+            for pid, playlist in stream_ffmpegs_under(self.hls_dir, self.ffmpeg)
+            if (process_age(pid) or 0.0) >= self.settings.start_timeout
+        ]
         if not candidates:
             return 0
         uptime = int(self.redis.info("server").get("uptime_in_seconds", 0) or 0)
         if uptime < ORPHAN_GRACE_AFTER_REDIS_START:
-            log.info("redis started %d s ago: no FFmpeg is taken for an orphan before its launcher "
-                     "has written its record again", uptime)
+            log.info(
+                "redis started %d s ago: no FFmpeg is taken for an orphan before its launcher "
+                "has written its record again",
+                uptime,
+            )
             return 0
         known_pids = {view.pid for view in self._collect() if view.pid}
         stopped = 0
@@ -371,8 +426,9 @@ class Reaper:
                 stopped += 1
                 if self.dry_run:
                     continue
-                log.warning("orphan FFmpeg pid %s writing %s: no record knows it; stopping it", pid,
-                            os.path.basename(playlist))
+                log.warning(
+                    "orphan FFmpeg pid %s writing %s: no record knows it; stopping it", pid, os.path.basename(playlist)
+                )
                 stop_processes([handle], self.settings.stop_grace)
             channel = files.channel_of_file(os.path.basename(playlist))
             if channel is not None and channel not in running:
@@ -381,16 +437,23 @@ class Reaper:
 
     def _record_pass(self, summary: PassSummary) -> None:
         try:
-            runs.clear_other_type(self.redis, keys.reaper_last_pass_key(self.host), "hash")    # junk
+            runs.clear_other_type(self.redis, keys.reaper_last_pass_key(self.host), "hash")  # junk
             pipe = self.redis.pipeline(transaction=False)
-            pipe.hset(keys.reaper_last_pass_key(self.host), mapping={
-                "time": f"{summary.started:.3f}", "duration": f"{summary.duration:.3f}",
-                "streams": summary.streams, "stopped": summary.stopped, "stale": summary.stale,
-                "kept": summary.kept, "orphan_files": summary.orphan_files,
-                "orphan_processes": summary.orphan_processes})
+            pipe.hset(
+                keys.reaper_last_pass_key(self.host),
+                mapping={
+                    "time": f"{summary.started:.3f}",
+                    "duration": f"{summary.duration:.3f}",
+                    "streams": summary.streams,
+                    "stopped": summary.stopped,
+                    "stale": summary.stale,
+                    "kept": summary.kept,
+                    "orphan_files": summary.orphan_files,
+                    "orphan_processes": summary.orphan_processes,
+                },
+            )
             pipe.hincrby(keys.reaper_last_pass_key(self.host), "passes", 1)
-            pipe.set(keys.host_key(self.host), f"{time.time():.3f}",
-                     px=int(self.settings.host_timeout * 1000))
+            pipe.set(keys.host_key(self.host), f"{time.time():.3f}", px=int(self.settings.host_timeout * 1000))
             pipe.execute()
         except redis.RedisError as exc:
             log.error("could not record the pass in redis: %s", exc)
@@ -405,3 +468,25 @@ def _unlink(path: str) -> None:
 
 def summary_json(summary: PassSummary) -> str:
     return json.dumps(summary.as_dict(), indent=2)
+
+
+def run_one(reaper: Reaper, as_json: bool) -> int:
+    """One pass, its log lines (each action of a dry run), its summary; the exit code:
+    0 done, EXIT_REDIS when Redis cannot be reached (nothing was stopped)."""
+    try:
+        summary = reaper.run_pass()
+    except RedisUnavailable as exc:
+        log.error("%s", exc)
+        return EXIT_REDIS
+    except Exception as exc:  # noqa: BLE001 - one bad pass must not end the service
+        log.error("pass failed: %s: %s", type(exc).__name__, exc)
+        return EXIT_REDIS
+    if reaper.dry_run:
+        for action in summary.actions:
+            log.info(
+                "dry run: channel %s: would %s pid %s: %s", action.channel, action.kind.verb, action.pid, action.why
+            )
+    log.info("%s", summary.line())
+    if as_json:
+        click.echo(summary_json(summary))
+    return 0

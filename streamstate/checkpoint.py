@@ -1,16 +1,41 @@
-"""The read position, kept on disk: written atomically, only after Redis acknowledged."""
+"""heartbeatd's read position in the access log, kept on disk (written atomically, only
+after Redis acknowledged): heartbeatd writes it, `streamctl doctor` reads its lag."""
+
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 
-from streamstate.files import write_atomic
-
-from .tailer import FileIdentity, Position
+from .files import write_atomic
 
 log = logging.getLogger("streamkeeper.heartbeatd")
+
+
+@dataclasses.dataclass(frozen=True)
+class FileIdentity:
+    """Which file this is: device, inode and its first bytes."""
+
+    dev: int
+    ino: int
+    fingerprint: bytes
+
+    def as_dict(self) -> dict:
+        return {"dev": self.dev, "ino": self.ino, "fingerprint": self.fingerprint.hex()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FileIdentity":
+        return cls(int(data["dev"]), int(data["ino"]), bytes.fromhex(data["fingerprint"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """A place in a file: the end of the last complete line handed out."""
+
+    identity: FileIdentity
+    offset: int
 
 
 def checkpoint_path(state_dir: str, log_path: str) -> str:
@@ -40,6 +65,5 @@ def load_checkpoint(path: str, log_path: str) -> Position | None:
 def save_checkpoint(path: str, log_path: str, position: Position) -> None:
     """Temp file, fsync, rename, fsync the directory."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    payload = json.dumps({"log": log_path, "file": position.identity.as_dict(),
-                          "offset": position.offset}).encode()
+    payload = json.dumps({"log": log_path, "file": position.identity.as_dict(), "offset": position.offset}).encode()
     write_atomic(path, payload, durable=True)

@@ -16,6 +16,7 @@ distinct tail, not once per line.  All per-line work runs inside the regex
 engine and C-level builtins; Python code runs once per distinct channel or
 viewer.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -29,15 +30,14 @@ from itertools import compress
 from operator import itemgetter
 from typing import Callable, Sequence
 
-from streamstate.urls import ACCEL_PREFIX
-from streamstate.viewers import token_from_query, viewer_hash, viewer_identity  # noqa: F401 - viewer_hash re-exported
+from .urls import ACCEL_PREFIX
+from .viewers import token_from_query, viewer_hash, viewer_identity  # noqa: F401 - viewer_hash re-exported
 
 # Our own format, shipped in nginx/ and rendered into the nginx snippet.  The
 # fields heartbeatd reads come first and the viewer's fields last, so a line
 # is parsed no further than needed.  $msec is the request's own time;
 # $arg_token is hashed before it is kept anywhere.
-STREAMKEEPER_LOG_FORMAT = ('$msec $status $request_method "$uri" $remote_addr "$arg_token" '
-                           '"$http_user_agent"')
+STREAMKEEPER_LOG_FORMAT = '$msec $status $request_method "$uri" $remote_addr "$arg_token" ' '"$http_user_agent"'
 
 TIME_VARIABLES = ("msec", "time_iso8601", "time_local")
 REQUEST_VARIABLES = ("request", "request_uri", "uri")
@@ -50,8 +50,9 @@ MAX_CHANNEL_ID_DIGITS = 18
 # The second group is b"8" for a playlist, b"" for a segment: viewers are counted
 # from playlist requests only (a player fetches its playlist with the token and
 # its segments without; counting both would count every player twice).
-_VIEW_PATH = (rb"(?:/live/|" + re.escape(ACCEL_PREFIX.encode()) +
-              rb")stream_([0-9]++)(?:\.m3u(8)|_[0-9]++\.(?:ts|m4s|mp4|aac))")
+_VIEW_PATH = (
+    rb"(?:/live/|" + re.escape(ACCEL_PREFIX.encode()) + rb")stream_([0-9]++)(?:\.m3u(8)|_[0-9]++\.(?:ts|m4s|mp4|aac))"
+)
 
 _TIME_PATTERNS = {
     "msec": rb"[0-9]++\.[0-9]++",
@@ -75,10 +76,10 @@ class ChunkResult:
     """What one chunk of complete lines held."""
 
     lines: int = 0
-    matched: int = 0          # viewing requests (channel, 2xx/304)
-    other: int = 0            # well-formed lines that are not viewing requests
+    matched: int = 0  # viewing requests (channel, 2xx/304)
+    other: int = 0  # well-formed lines that are not viewing requests
     malformed: int = 0
-    bad_channel: int = 0      # viewing path with a channel id that is not canonical
+    bad_channel: int = 0  # viewing path with a channel id that is not canonical
     newest_time: float = 0.0  # newest request time among matched lines
     # channel id (str) -> newest request time (epoch seconds)
     channel_times: dict = dataclasses.field(default_factory=dict)
@@ -112,7 +113,7 @@ def tokenize_format(fmt: str) -> list[tuple[str, str]]:
     pos = 0
     for match in _VARIABLE_RE.finditer(fmt):
         if match.start() > pos:
-            tokens.append(("lit", fmt[pos:match.start()]))
+            tokens.append(("lit", fmt[pos : match.start()]))
         tokens.append(("var", match.group(1) or match.group(2)))
         pos = match.end()
     if pos < len(fmt):
@@ -152,8 +153,7 @@ def _field_pattern(tokens: list[tuple[str, str]], index: int) -> bytes:
 class LogLineParser:
     """Parses chunks of complete lines written with one nginx log_format."""
 
-    def __init__(self, log_format: str, *, count_viewers: bool = True,
-                 viewer_window: float = float("inf")):
+    def __init__(self, log_format: str, *, count_viewers: bool = True, viewer_window: float = float("inf")):
         fmt = normalise_format(STREAMKEEPER_LOG_FORMAT if log_format == "streamkeeper" else log_format)
         self.format = fmt
         tokens = tokenize_format(fmt)
@@ -163,11 +163,12 @@ class LogLineParser:
         if not time_vars:
             raise LogFormatError(
                 "log_format has no usable time variable: it needs $msec, $time_iso8601 or "
-                f"$time_local (format: {fmt!r})")
+                f"$time_local (format: {fmt!r})"
+            )
         if not request_vars:
             raise LogFormatError(
-                "log_format has no request: it needs $request, $request_uri or $uri "
-                f"(format: {fmt!r})")
+                "log_format has no request: it needs $request, $request_uri or $uri " f"(format: {fmt!r})"
+            )
         if "status" not in names:
             raise LogFormatError(f"log_format has no $status (format: {fmt!r})")
         self.time_variable = time_vars[0]
@@ -187,11 +188,9 @@ class LogLineParser:
                 first_index[value] = index
         core = (self.time_variable, "status", self.request_variable)
         core_end = max(first_index[name] for name in core)
-        viewer_vars = ([v for v in VIEWER_VARIABLES if v in first_index]
-                       if self.count_viewers else [])
+        viewer_vars = [v for v in VIEWER_VARIABLES if v in first_index] if self.count_viewers else []
         # Without $arg_token the token is read from the request's query string.
-        self._query_token = (bool(viewer_vars) and "arg_token" not in first_index
-                             and self.request_variable != "uri")
+        self._query_token = bool(viewer_vars) and "arg_token" not in first_index and self.request_variable != "uri"
         # Viewer fields after every core field: capture the rest of the line as
         # one "tail" (cheap), split it once per distinct tail.
         tail_mode = bool(viewer_vars) and min(first_index[v] for v in viewer_vars) > core_end
@@ -211,7 +210,7 @@ class LogLineParser:
             generic = _TIME_PATTERNS.get(value) or _field_pattern(tokens, index)
             other_parts.append(rb"[0-9]{3}" if value == "status" else generic)
             if value == "request_method":
-                view_parts.append(VIEWING_METHODS)     # a preflight is not watching
+                view_parts.append(VIEWING_METHODS)  # a preflight is not watching
             elif value not in needed or first_index[value] != index:
                 view_parts.append(generic)
             elif value == self.time_variable:
@@ -220,8 +219,7 @@ class LogLineParser:
             elif value == "status":
                 view_parts.append(rb"(?:2[0-9][0-9]|304)")
             elif value == self.request_variable:
-                view_parts.append(self._viewing_request(tokens, index, group_names,
-                                                        last=index == stop_at))
+                view_parts.append(self._viewing_request(tokens, index, group_names, last=index == stop_at))
             else:  # a viewer field captured on its own (viewer fields not last)
                 group_names.append(value)
                 view_parts.append(b"(" + generic + b")")
@@ -234,19 +232,16 @@ class LogLineParser:
             self._tail_regex, self._tail_names = self._tail_parser(tokens, core_end)
         # The other branch reads up to the start of the last core field: enough
         # to tell a line of this format from a malformed one.
-        pattern = (rb"\n(?:" + b"".join(view_parts) + b"|"
-                   + b"".join(other_parts[:core_end]) + b")")
+        pattern = rb"\n(?:" + b"".join(view_parts) + b"|" + b"".join(other_parts[:core_end]) + b")"
         self._regex = re.compile(pattern)
         index_of = {name: i for i, name in enumerate(group_names)}
         self._get_channel = itemgetter(index_of["channel"])
         self._get_time = itemgetter(index_of["time"])
         self._get_playlist = itemgetter(index_of["playlist"])
-        self._viewer_fields = [n for n in group_names
-                               if n in VIEWER_VARIABLES or n in ("query", "tail")]
+        self._viewer_fields = [n for n in group_names if n in VIEWER_VARIABLES or n in ("query", "tail")]
         self._get_viewer_key: Callable[[Sequence[bytes]], tuple] | None = None
         if self._viewer_fields:
-            self._get_viewer_key = itemgetter(index_of["channel"],
-                                              *(index_of[n] for n in self._viewer_fields))
+            self._get_viewer_key = itemgetter(index_of["channel"], *(index_of[n] for n in self._viewer_fields))
 
     def _query_pattern(self, end: bytes, capture: bool) -> bytes:
         body = rb"[^ " + end + rb"\n]*+"
@@ -267,8 +262,7 @@ class LogLineParser:
         if variable == "uri":
             return _VIEW_PATH + rb"(?=" + end + b")"
         if last:
-            return method + _VIEW_PATH + (rb"(?=[? ])" if variable == "request"
-                                          else rb"(?=[?" + end + rb"])")
+            return method + _VIEW_PATH + (rb"(?=[? ])" if variable == "request" else rb"(?=[?" + end + rb"])")
         if self._query_token:
             group_names.append("query")
         query = self._query_pattern(end, self._query_token)
@@ -328,7 +322,7 @@ class LogLineParser:
         # first); then the value a dict keeps last for a key is the newest.
         get_time = self._get_time
         if self._convert_time is float and len(set(map(len, map(get_time, rows)))) <= 2:
-            rows.sort(key=get_time)   # one width of $msec (or b''): bytes order is numeric
+            rows.sort(key=get_time)  # one width of $msec (or b''): bytes order is numeric
             times = list(map(get_time, rows))
         else:
             times = self._epoch_times(rows)
@@ -388,8 +382,7 @@ class LogLineParser:
     def _epoch_times(self, rows: list[tuple]) -> list[float]:
         """Every row's time as epoch seconds (rows of the other branch: -inf)."""
         raw = list(map(self._get_time, rows))
-        converted = {value: (self._convert_time(value) if value else float("-inf"))
-                     for value in set(raw)}
+        converted = {value: (self._convert_time(value) if value else float("-inf")) for value in set(raw)}
         return list(map(converted.__getitem__, raw))
 
     def viewer_identity(self, raw_fields: tuple) -> bytes:
