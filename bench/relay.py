@@ -25,8 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.results import write_section  # noqa: E402
-from streamstate import egress  # noqa: E402
+from bench.results import write_section
+from streamstate import egress
 
 BULK_CONNECTIONS = 8
 BULK_BYTES = 128 * 1024 * 1024

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from streamstate import early_signals  # first: signals from the first instant
+
+# isort: split
+
 import asyncio
 import logging
 
 import click
 
-from streamstate import early_signals  # noqa: F401 - first: signals from the first instant
 from streamstate.cli_options import settings_options
-from streamstate.service import configure_logging, notify_until_stopped, sd_notify
+from streamstate.daemon import configure_logging, notify_until_stopped, sd_notify
 
 log = logging.getLogger("streamkeeper.egress")
 

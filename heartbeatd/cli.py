@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from streamstate import early_signals  # noqa: F401 - first: signals from the first instant
+
+# isort: split
+
 import logging
 
 import click
 
-from streamstate import early_signals  # noqa: F401 - first: signals from the first instant
 from streamstate.cli_options import EXIT_BAD_SETTINGS, settings_options
+from streamstate.daemon import configure_logging
 from streamstate.logformat import LogFormatError
-from streamstate.service import configure_logging
 
 log = logging.getLogger("streamkeeper.heartbeatd")
 
@@ -63,7 +66,7 @@ def main(settings_loader, log_file, log_format, state_dir, flush_interval, viewe
         viewer_window=viewer_window,
     )
     configure_logging(log_level.upper())
-    from .service import HeartbeatService
+    from .loop import HeartbeatService
 
     try:
         service = HeartbeatService(settings, log_file=log_file, from_start=from_start, once=once)

@@ -188,9 +188,7 @@ class LogTailer:
             current.last_growth = time.monotonic()
             self._current = None
             self.stats.rotations += 1
-            log.info(
-                "%s was rotated (renamed); draining the old file, reading the new one " "from its start", self.path
-            )
+            log.info("%s was rotated (renamed); draining the old file, reading the new one from its start", self.path)
             fd = self._open_path()
             if fd is not None:
                 self._current = _OpenFile(fd, 0, self.path)

@@ -21,7 +21,7 @@ from streamstate.nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, AGENT_H
 from streamstate.viewers import viewer_of_request
 
 from . import status_page
-from .service import ChannelNotFound, CoolingDown, Launcher
+from .core import ChannelNotFound, CoolingDown, Launcher
 from .supervisor import StartFailed
 
 log = logging.getLogger("streamkeeper.launcher")
@@ -360,7 +360,7 @@ async def adopt_at_start_up(launcher: Launcher) -> None:
     try:
         counts = await launcher.adopt_streams()
         log.info(
-            "at start-up: adopted %d running stream(s), resumed %d between two FFmpegs, " "cleared %d stale record(s)",
+            "at start-up: adopted %d running stream(s), resumed %d between two FFmpegs, cleared %d stale record(s)",
             counts["adopted"],
             counts["resumed"],
             counts["cleared"],

@@ -88,9 +88,7 @@ def _resolve_cloudscraper(upstream: Upstream, source: str, relay_url: str, ca_fi
         import cloudscraper
         import requests
     except ImportError:
-        raise ResolveFailed(
-            "resolver cloudscraper is not installed " "(pip install streamkeeper[cloudscraper])"
-        ) from None
+        raise ResolveFailed("resolver cloudscraper is not installed (pip install streamkeeper[cloudscraper])") from None
     session = cloudscraper.create_scraper()
     session.trust_env = False  # only the relay: no proxy from the environment
     session.proxies = {"http": relay_url, "https": relay_url}

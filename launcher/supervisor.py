@@ -17,25 +17,30 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import errno
 import logging
 import os
-import signal
 import time
 from signal import SIGKILL, SIGTERM
+from typing import Any, Awaitable, Callable
 
-from streamstate import egress, files, hls, providers, runs, stream_end
+from streamstate import egress, files, hls, runs, stream_end
 from streamstate.channels import Channel, ChannelError
-from streamstate.egress import RefusalKind
-from streamstate.process import ProcessHandle, process_start_time
+from streamstate.process import ProcessHandle, StreamProcess, process_start_time
 from streamstate.redact import redact_url
 from streamstate.runs import RunState
+from streamstate.settings import Settings
 from streamstate.stream_end import Cause, Next
 from streamstate.upstreams import Upstream
 
-from .ffmpeg import DISK_FULL, build_argv, classify_failure
+from .child import SLOW_WINDOW, AdoptedProcess, PaceMeter, exit_text
+from .diagnosis import LOG_MARK, diagnose, relay_refused
+from .ffmpeg import DISK_FULL, build_argv
 from .publisher import PlaylistPublisher
 from .resolvers import ResolveFailed, resolve
+from .run_record import RunRecordKeeper
+from .sources import SourceOrder
 
 log = logging.getLogger("streamkeeper.launcher")
 
@@ -52,9 +57,6 @@ STATE_SLACK = 10.0
 # a few looks' worth, so the reaper never takes a watched run for stale in the instant
 # between its FFmpeg's death and the launcher noticing it.
 VOUCH_AHEAD = 3 * WANTED_EVERY + STATE_SLACK
-STDERR_LINES = 40  # lines of FFmpeg's log read for the reason of a failure
-LOG_MARK = "--- streamkeeper: "  # the line the launcher writes before each FFmpeg start
-SLOW_WINDOW = 30.0  # seconds over which a stream's pace is judged
 SLOW_RATIO = 0.9  # media seconds per wall second below this: slower than real time
 
 
@@ -63,88 +65,27 @@ class StartFailed(Exception):
     may see (``upstream refused: HTTP 403``), never a URL."""
 
 
-class PaceMeter:
-    """Media produced against wall time, sampled when segments appear: a stream writing
-    slower than real time (an overloaded host) cannot keep its viewers playing."""
-
-    def __init__(self):
-        self.last_sequence = -1
-        self.media = 0.0
-        self.samples: collections.deque[tuple[float, float]] = collections.deque()
-
-    def update(self, media: tuple[int, list[float]] | None, now: float) -> float | None:
-        """Take the playlist's (media sequence, durations); the pace (media seconds per wall
-        second) over the last SLOW_WINDOW seconds once that much has been seen, else None."""
-        if media is not None:
-            sequence, durations = media
-            grew = False
-            for offset, duration in enumerate(durations):
-                if sequence + offset > self.last_sequence:
-                    self.last_sequence = sequence + offset
-                    self.media += duration
-                    grew = True
-            if grew:
-                self.samples.append((now, self.media))
-        while len(self.samples) > 2 and self.samples[1][0] <= now - SLOW_WINDOW:
-            self.samples.popleft()
-        if len(self.samples) < 2:
-            return None
-        (first_time, first_media), (last_time, last_media) = self.samples[0], self.samples[-1]
-        if last_time - first_time < SLOW_WINDOW:
-            return None
-        return (last_media - first_media) / (last_time - first_time)
-
-
-def exit_text(process) -> str:
-    """How an FFmpeg ended, in words: its status, the signal that killed it, or (one a
-    previous launcher started) that its status is not ours to read."""
-    code = process.returncode
-    if isinstance(process, AdoptedProcess):
-        return "FFmpeg ended (started by a previous launcher: its exit status is unknown)"
-    if code == 0:
-        return "FFmpeg ended on its own (exit status 0: its input ended)"
-    if code is not None and code < 0:
-        try:
-            return f"FFmpeg was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"FFmpeg was killed by signal {-code}"
-    return f"FFmpeg exited with status {code}"
-
-
-class AdoptedProcess:
-    """An FFmpeg a previous launcher started (it outlives launchers): held by a pidfd, whose
-    readiness says it exited.  Looks like an asyncio Process to the supervisor; its exit
-    status is not ours to read (-1 once it has exited)."""
-
-    def __init__(self, handle: ProcessHandle):
-        self.pid = handle.pid
-        self._handle = handle
-        loop = asyncio.get_running_loop()
-        self._exited: asyncio.Future = loop.create_future()
-        loop.add_reader(handle.fileno(), self._on_exit)
-
-    def _on_exit(self) -> None:
-        asyncio.get_running_loop().remove_reader(self._handle.fileno())
-        self._handle.close()
-        if not self._exited.done():
-            self._exited.set_result(None)
-
-    @property
-    def returncode(self) -> int | None:
-        return -1 if self._exited.done() else None
-
-    async def wait(self) -> int:
-        await asyncio.shield(self._exited)
-        return -1
-
-
 RELAY_DOWN = "egress relay unavailable"
+
+
+@dataclasses.dataclass(frozen=True)
+class HostServices:
+    """What a stream's supervisor uses of its host, handed to it (no back-pointer to the
+    Launcher): Redis (its client, and calls in the launcher's Redis threads), the counters
+    the metrics show, and what proves a pid is a channel's FFmpeg."""
+
+    settings: Settings
+    redis: Any
+    redis_call: Callable[..., Awaitable[Any]]
+    counters: dict[str, int]
+    ffmpeg_executable: str | None
+    identity: Callable[[str, int | None], StreamProcess]
 
 
 class StreamSupervisor:
     def __init__(
         self,
-        launcher,
+        host: HostServices,
         channel: Channel,
         upstream: Upstream | None,
         adopted: "tuple[AdoptedProcess, runs.RunRecord] | None" = None,
@@ -154,8 +95,8 @@ class StreamSupervisor:
         """``adopted``: an FFmpeg a previous launcher started, and its record; ``resumed``:
         the record of a run a previous launcher left between two FFmpegs (its next starts
         at once, continuing the viewers' playlist)."""
-        self.launcher = launcher
-        self.settings = launcher.settings
+        self.host = host
+        self.settings = host.settings
         self.channel = channel
         self.id = channel.id
         self.upstream = upstream  # None: the record is unusable, never (re)started
@@ -166,7 +107,6 @@ class StreamSupervisor:
         self.process: asyncio.subprocess.Process | AdoptedProcess | None = None
         self.pid_start: int | None = None
         self.started = time.time()
-        self.written_to: str | None = None  # the Redis server (INFO run_id) the record went to
         self.restarts = 0
         self.cause: Cause | None = None  # why the last FFmpeg ended, for the next step
         self.failure = ""  # the class of the last failure, what a player may see
@@ -201,6 +141,8 @@ class StreamSupervisor:
         if resumed:
             self.started, self.restarts = resumed.started, resumed.restarts
             self.publisher.resume()
+        self.sources = SourceOrder(channel, host.redis_call, host.counters, self.settings.source_cooldown)
+        self.record = RunRecordKeeper(self.id, self.run_id, host.redis_call, self._record_now, VOUCH_AHEAD)
 
     # -- what the HTTP handlers call ------------------------------------------------
     def begin(self) -> None:
@@ -275,11 +217,11 @@ class StreamSupervisor:
         restart_times: collections.deque[float] = collections.deque()
         first = self._adopted is None and self._resumed is None
         if self._resumed is not None:  # a record to keep, written to this Redis
-            self.written_to = await self.launcher.redis_call(runs.redis_server_id)
+            await self.record.note_server()
         while not self._stop_requested:
             if self._adopted is not None:  # it plays already: watch it
                 self._adopted, playable = None, True
-                self.written_to = await self.launcher.redis_call(runs.redis_server_id)
+                await self.record.note_server()
             elif self.upstream is None:
                 self.failure = "channel record missing or unusable: cannot restart"
                 await self._fail(self.failure)
@@ -373,7 +315,7 @@ class StreamSupervisor:
         disk that stays full past the freeze limit fails the stream."""
         cause = self.cause
         if cause is Cause.DISK_FULL:
-            self.launcher.counters["disk_full"] += 1
+            self.host.counters["disk_full"] += 1
         log.warning("channel %s: %s; starting FFmpeg again once it is solved", self.id, why)
         began = time.monotonic()
         limit = hls.freeze_limit(self.settings.hls_time, self.settings.start_timeout)
@@ -420,7 +362,7 @@ class StreamSupervisor:
         log.error("channel %s: failed: %s", self.id, why or self.last_error or "unknown error")
         if self.cause is not Cause.RELAY_DOWN:  # the host's problem: the channel is not cooled down
             try:
-                await self.launcher.redis_call(
+                await self.host.redis_call(
                     runs.mark_failed, self.id, self.failure, self.settings.host_id, self.settings.failed_cooldown
                 )
             except Exception as exc:  # noqa: BLE001 - the cooldown is a courtesy to the upstream
@@ -436,8 +378,11 @@ class StreamSupervisor:
         while not self._stop_requested:
             if not await self._relay_answers():
                 return False
-            source = await self._next_source(tried)
+            source = await self.sources.next(self.source, tried, replacing=self.restarts > 0)
             if source is None:
+                if not tried:
+                    self.cause, self.failure = Cause.SOURCE, self.sources.all_cooling()
+                    self.last_error = self.failure
                 return False
             tried.append(source)
             self.source = source
@@ -454,7 +399,7 @@ class StreamSupervisor:
                 or not await self._relay_answers()
             ):
                 return False
-            await self._source_failed(source)
+            await self.sources.failed(source, self.failure, self.last_error)
             await self._terminate()
             if time.monotonic() >= deadline:
                 return False
@@ -471,55 +416,6 @@ class StreamSupervisor:
         self.cause, self.failure = Cause.RELAY_DOWN, RELAY_DOWN
         self.last_error = f"{RELAY_DOWN}: nothing answers on {self.settings.egress_listen}"
         return False
-
-    async def _next_source(self, tried: list[str]) -> str | None:
-        """The current source unless it failed recently, else the next one in order; None when
-        every source was tried in this start or is cooling down (the failure says so)."""
-        sources = list(self.channel.sources)
-        if len(sources) == 1:
-            return None if tried else sources[0]
-        start = sources.index(self.source) if self.source in sources else 0
-        ordered = [s for s in sources[start:] + sources[:start] if s not in tried]
-        try:
-            cooling = await self.launcher.redis_call(providers.cooling_sources, ordered)
-        except Exception:  # noqa: BLE001 - without Redis, no cooldown is known
-            cooling = set()
-        for source in ordered:
-            if source not in cooling:
-                return source
-        if not tried and self.restarts:
-            # A watched stream being replaced: waiting out the cooldown would leave its viewers
-            # with nothing; the back-off already spaces the tries.
-            log.info(
-                "channel %s: every source failed within source_cooldown; trying source %d/%d " "again for its viewers",
-                self.id,
-                sources.index(ordered[0]) + 1,
-                len(sources),
-            )
-            return ordered[0]
-        if not tried:
-            self.cause = Cause.SOURCE
-            self.failure = f"all {len(sources)} sources failed within source_cooldown"
-            self.last_error = self.failure
-        return None
-
-    async def _source_failed(self, source: str) -> None:
-        sources = self.channel.sources
-        log.warning(
-            "channel %s: source %d/%d (%s) failed: %s; trying the next",
-            self.id,
-            sources.index(source) + 1,
-            len(sources),
-            redact_url(source),
-            self.last_error,
-        )
-        self.launcher.counters["failovers"] += 1
-        try:
-            await self.launcher.redis_call(
-                providers.mark_source_failed, source, self.failure, self.settings.source_cooldown
-            )
-        except Exception as exc:  # noqa: BLE001 - the cooldown is a courtesy to the upstream
-            log.warning("channel %s: cannot record the source's failure (%s)", self.id, exc)
 
     async def _prepare(self, source: str, start_number: int) -> tuple[list[str], dict[str, str]]:
         """FFmpeg's argv and environment for one source: a fresh egress ticket, and the
@@ -554,7 +450,7 @@ class StreamSupervisor:
                 egress.wait_closed, self.settings.egress_listen, self.id, stream_end.RELAY_CLOSE_WAIT
             ):
                 log.warning(
-                    "channel %s: the relay still holds the previous FFmpeg's connection after " "%g s",
+                    "channel %s: the relay still holds the previous FFmpeg's connection after %g s",
                     self.id,
                     stream_end.RELAY_CLOSE_WAIT,
                 )
@@ -585,8 +481,8 @@ class StreamSupervisor:
         finally:
             os.close(log_fd)
         self.pid_start = process_start_time(self.child.pid)
-        if first and self.written_to is None:
-            await self._write_record()
+        if first and self.record.written_to is None:
+            await self.record.write()
         else:
             await self._update_record(
                 pid=self.child.pid,
@@ -687,7 +583,7 @@ class StreamSupervisor:
         self.speed = ratio
         if ratio < SLOW_RATIO and not self.slow:
             self.slow = True
-            self.launcher.counters["slow"] += 1
+            self.host.counters["slow"] += 1
             log.warning(
                 "channel %s: slower than real time: %.2fx over the last %.0f s (host "
                 "overloaded? lower max_streams or the quality)",
@@ -700,65 +596,34 @@ class StreamSupervisor:
             log.info("channel %s: back to real time (%.2fx)", self.id, ratio)
 
     def _relay_refused(self) -> bool:
-        """The relay refused one of this run's connections (an address not allowed, a proxy
-        that cannot be used): the run ends with that reason, even where FFmpeg would carry on
-        (its HLS demuxer skips a segment it cannot fetch and tries the next)."""
-        refusal = egress.read_refusal(self.settings.state_dir, self.id, self._spawned_at)
-        if refusal is None or refusal.kind is RefusalKind.UNREACHABLE:
+        if not relay_refused(self.settings.state_dir, self.id, self._spawned_at):
             return False
         self._note_failure("refused by the egress relay")
         return True
 
     def _note_failure(self, otherwise: str, *, from_ffmpeg: bool = True, cause: Cause = Cause.SOURCE) -> None:
-        """Why FFmpeg failed: the egress relay's refusal if it refused one of its connections
-        (an address not allowed, a proxy that cannot be used), else FFmpeg's own output; the
-        class, and the line that says so (redacted).  ``cause``: what it was, unless the
-        output says the disk is full or the relay refused."""
-        refusal = egress.read_refusal(self.settings.state_dir, self.id, self._spawned_at)
-        if refusal is not None:
-            self.cause = Cause.PROXY if refusal.kind is RefusalKind.PROXY else Cause.REFUSED
-            self.failure = refusal.kind.text
-            self.last_error = f"{self.failure}: {refusal.reason}"
-            return
-        self.cause = cause
-        if not from_ffmpeg:
-            self.failure = self.last_error = otherwise
-            return
-        tail = files.log_tail(self.log_path, STDERR_LINES, since=LOG_MARK)
-        found = classify_failure(tail, self.source)
-        if found.disk_full:
-            self.cause = Cause.DISK_FULL
-        self.failure = found.text or otherwise
-        self.last_error = f"{self.failure}: {found.detail}" if found.detail else self.failure
+        """Why FFmpeg failed (launcher.diagnosis); ``from_ffmpeg`` False: ``otherwise`` is the
+        whole story (a resolver's failure, a record that cannot run) unless the relay refused."""
+        log_path = self.log_path if from_ffmpeg else None
+        found = diagnose(self.settings.state_dir, self.id, self._spawned_at, log_path, self.source, otherwise, cause)
+        self.cause, self.failure, self.last_error = found.cause, found.failure, found.last_error
 
     async def _update_record(self, **fields) -> None:
-        """Keep the run record current; a Redis error is logged, never fatal to the stream."""
-        try:
-            await self.launcher.redis_call(runs.update_run, self.id, self.run_id, **fields)
-        except Exception as exc:  # noqa: BLE001 - redis errors of any kind
-            log.warning("channel %s: cannot update its record (%s)", self.id, exc)
+        await self.record.update(**fields)
 
     async def _still_wanted(self) -> bool:
-        """Its record is still this run and not being stopped.  While Redis cannot be read
-        the answer is yes: a Redis outage must not take watched streams down."""
         self._wanted_checked = time.monotonic()
-        try:
-            # One round trip: read whether it is still this run, and renew the promise then.
-            answer = await self.launcher.redis_call(runs.vouch, self.id, self.run_id, time.time() + VOUCH_AHEAD)
-        except Exception as exc:  # noqa: BLE001 - redis errors of any kind
-            log.warning("channel %s: cannot read its record (%s); keeping it running", self.id, exc)
-            return True
-        if answer < 0:
-            return await self._record_lost()
-        return answer == 1
+        return await self.record.still_wanted()
 
-    async def _write_record(self) -> None:
-        """The run record, whole, with the identity of the Redis server it went to."""
-        record = runs.RunRecord(
+    def _record_now(self) -> runs.RunRecord | None:
+        """This run's record as it should be now; None before it has an FFmpeg."""
+        if self.process is None:
+            return None
+        return runs.RunRecord(
             channel=self.id,
             run_id=self.run_id,
             host=self.settings.host_id,
-            pid=self.child.pid,
+            pid=self.process.pid,
             pid_start=self.pid_start,
             started=self.started,
             state=self.state,
@@ -773,27 +638,6 @@ class StreamSupervisor:
                 else VOUCH_AHEAD
             ),
         )
-        await self.launcher.redis_call(runs.record_run, record)
-        self.written_to = await self.launcher.redis_call(runs.redis_server_id)
-
-    async def _record_lost(self) -> bool:
-        """The record is gone.  Deleted on purpose (a stop, the reaper's compare-and-delete):
-        not wanted.  Lost with a Redis that restarted empty or from an older snapshot (its
-        run_id changed since the record was written): written again, and the stream runs on."""
-        try:
-            server = await self.launcher.redis_call(runs.redis_server_id)
-            if server == self.written_to or self.process is None:
-                return False
-            await self._write_record()
-            if self.provider_name:  # its connection is open: its slot is held
-                await self.launcher.redis_call(
-                    providers.hold_slot, self.provider_name, self.id, self.run_id, self.settings.host_id
-                )
-        except Exception as exc:  # noqa: BLE001 - Redis gone again: keep running, ask later
-            log.warning("channel %s: cannot write its record again (%s); keeping it running", self.id, exc)
-            return True
-        log.info("channel %s: record lost with a Redis restart; written again (pid %s)", self.id, self.child.pid)
-        return True
 
     def detach(self) -> None:
         """The launcher exits: stop watching, leave FFmpeg, its files and its record as they
@@ -810,7 +654,7 @@ class StreamSupervisor:
         if process is None:
             return
         if process.returncode is None:
-            handle = ProcessHandle.open_proven(process.pid, self.launcher.identity(self.id, self.pid_start))
+            handle = ProcessHandle.open_proven(process.pid, self.host.identity(self.id, self.pid_start))
             if handle is not None:
                 # Waited for on the event loop, not in a thread: a stalled FFmpeg ignoring
                 # SIGTERM for stop_grace must not hold a worker other streams need.
@@ -840,10 +684,10 @@ class StreamSupervisor:
         )
         await asyncio.to_thread(
             stream_end.stop_streams,
-            self.launcher.redis,
+            self.host.redis,
             self.settings,
             [target],
-            executable=self.launcher.ffmpeg_executable,
+            executable=self.host.ffmpeg_executable,
             log=log,
             need_mark=False,
         )
@@ -861,7 +705,7 @@ class StreamSupervisor:
         async with self._changed:
             self.state = state
             self._changed.notify_all()
-        if state in (*runs.VOUCHED_STATES, RunState.STOPPING) and self.written_to is not None:
+        if state in (*runs.VOUCHED_STATES, RunState.STOPPING) and self.record.written_to is not None:
             if state is RunState.STARTING and until is None:
                 until = time.time() + self.settings.start_timeout + STATE_SLACK
             if state is RunState.RUNNING and until is None:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from streamstate import early_signals  # first: signals from the first instant
+
+# isort: split
+
 import logging
 import threading
 import time
 
 import click
 
-from streamstate import early_signals  # noqa: F401 - first: signals from the first instant
 from streamstate.cli_options import settings_options
+from streamstate.daemon import StopSignals, configure_logging, sd_notify, watchdog_interval
 from streamstate.reaping import Reaper, run_one
-from streamstate.service import StopSignals, configure_logging, sd_notify, watchdog_interval
 
 log = logging.getLogger("streamkeeper.reaper")
 

@@ -50,7 +50,7 @@ def _client(settings_loader):
 )
 @click.option(
     "--provider",
-    help="The [providers.<name>] account it belongs to (else the first whose " "match prefixes SOURCE_URL).",
+    help="The [providers.<name>] account it belongs to (else the first whose match prefixes SOURCE_URL).",
 )
 @click.option(
     "--resolver",

@@ -112,8 +112,8 @@ def reap_command(settings_loader, dry_run, as_json):
 
     Exit codes: 0 done, 1 Redis unreachable (nothing stopped), 2 bad settings.
     """
+    from streamstate.daemon import configure_logging
     from streamstate.reaping import Reaper, run_one
-    from streamstate.service import configure_logging
 
     configure_logging("INFO")
     raise SystemExit(run_one(Reaper(settings_loader(), dry_run=dry_run), as_json))

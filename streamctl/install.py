@@ -24,13 +24,13 @@ import re
 import shutil
 import subprocess
 import sys
-from importlib import resources
 
 import click
 
 from streamstate.cli_options import settings_options
 from streamstate.files import write_atomic
 from streamstate.settings import SPECS, shown_value
+from streamstate.templates import fill, package_file
 
 SYSTEMD_DIR = "systemd"
 UNITS = (
@@ -44,21 +44,14 @@ UNITS = (
 DEFAULT_USER = "streamkeeper"
 
 
-def _package_file(*parts: str) -> str:
-    """A file shipped inside the package (streamstate/systemd/...)."""
-    return resources.files("streamstate").joinpath(*parts).read_text(encoding="utf-8")
-
-
 def render_unit(name: str, values: dict) -> str:
-    """One unit from its template: {{key}} replaced, the shared sandbox block inserted."""
-    text = _package_file(SYSTEMD_DIR, name).replace(
-        "{{hardening}}", _package_file(SYSTEMD_DIR, "_hardening.conf").rstrip()
-    )
-    for key, value in values.items():
-        text = text.replace("{{" + key + "}}", str(value))
-    if "{{" in text:
-        raise ValueError(f"{name}: a placeholder was not rendered")
-    return text
+    """One unit from its template (streamstate.templates, as the nginx snippet): {{key}}
+    replaced, the shared sandbox block inserted."""
+    hardening = package_file(SYSTEMD_DIR, "_hardening.conf").rstrip()
+    try:
+        return fill(package_file(SYSTEMD_DIR, name), {**values, "hardening": hardening})
+    except KeyError as exc:
+        raise ValueError(f"{name}: {exc.args[0]}") from None
 
 
 def example_settings() -> str:

@@ -246,7 +246,7 @@ def status_command(settings_loader, channel_id, as_json):
     click.echo(
         f"{len(streams)} stream(s)"
         + (
-            f", {len(listing['invalid_members'])} invalid " f"member(s) of {keys.ACTIVE_STREAMS_KEY}"
+            f", {len(listing['invalid_members'])} invalid member(s) of {keys.ACTIVE_STREAMS_KEY}"
             if listing["invalid_members"]
             else ""
         )

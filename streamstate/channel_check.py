@@ -20,7 +20,5 @@ def validate(channel: Channel, settings) -> Upstream:
     profiles = settings.quality_profiles
     if channel.quality not in profiles:
         shown = channel.quality if re.fullmatch(r"[A-Za-z0-9_-]{1,32}", channel.quality) else "?"
-        raise ChannelError(
-            f"channel {channel.id}: unknown quality {shown!r} " f"(profiles: {', '.join(sorted(profiles))})"
-        )
+        raise ChannelError(f"channel {channel.id}: unknown quality {shown!r} (profiles: {', '.join(sorted(profiles))})")
     return upstream_of(channel, settings)

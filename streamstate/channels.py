@@ -98,7 +98,7 @@ def _check_text(channel_id: str, field: str, value, limit: int) -> str:
     if not isinstance(value, str):
         raise ChannelError(f"channel {channel_id}: {field} must be a string")
     if len(value) > limit:
-        raise ChannelError(f"channel {channel_id}: {field} is too long ({len(value)} characters, " f"at most {limit})")
+        raise ChannelError(f"channel {channel_id}: {field} is too long ({len(value)} characters, at most {limit})")
     if CONTROL_RE.search(value):
         raise ChannelError(
             f"channel {channel_id}: {field} contains a control character " "(CR, LF, NUL, TAB or another); refused"
@@ -157,7 +157,7 @@ def check_fallback_urls(channel_id: str, urls) -> tuple[str, ...]:
         return ()
     if not isinstance(urls, (list, tuple)) or len(urls) > MAX_FALLBACK_URLS:
         raise ChannelError(
-            f"channel {channel_id}: fallback_urls must be a list of at most " f"{MAX_FALLBACK_URLS} source URLs"
+            f"channel {channel_id}: fallback_urls must be a list of at most {MAX_FALLBACK_URLS} source URLs"
         )
     return tuple(_check_url(channel_id, "fallback_urls", url, ALLOWED_SOURCE_SCHEMES) for url in urls)
 
@@ -240,7 +240,7 @@ def channel_from_dict(channel_id: str, data) -> Channel:
     )
     size = len(channel.as_json().encode())
     if size > MAX_RECORD_BYTES:  # however it came (a file, the legacy route)
-        raise ChannelError(f"channel {channel_id}: record is too large ({size} bytes, at most " f"{MAX_RECORD_BYTES})")
+        raise ChannelError(f"channel {channel_id}: record is too large ({size} bytes, at most {MAX_RECORD_BYTES})")
     return channel
 
 
@@ -252,14 +252,12 @@ def recheck(channel: Channel) -> Channel:
 
 def parse_channel(channel_id: str, raw: str | bytes) -> Channel:
     if len(raw) > MAX_RECORD_BYTES:
-        raise ChannelError(
-            f"channel {channel_id}: record is too large ({len(raw)} bytes, at most " f"{MAX_RECORD_BYTES})"
-        )
+        raise ChannelError(f"channel {channel_id}: record is too large ({len(raw)} bytes, at most {MAX_RECORD_BYTES})")
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ChannelError(
-            f"channel {channel_id}: {keys.channel_key(channel_id)} is not valid " f"JSON ({str(exc)[:80]})"
+            f"channel {channel_id}: {keys.channel_key(channel_id)} is not valid JSON ({str(exc)[:80]})"
         ) from None
     except RecursionError:
         raise ChannelError(f"channel {channel_id}: record is nested too deeply") from None

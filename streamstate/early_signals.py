@@ -3,7 +3,7 @@
 Imported first by each service's command module (heartbeatd, stream-launcher,
 stream-reaper), before anything slow: SIGINT, SIGTERM and SIGHUP during start-up
 only note the signal, and the service, once its own handlers are in place
-(streamstate.service.StopSignals, the launcher's event loop), stops at once
+(streamstate.daemon.StopSignals, the launcher's event loop), stops at once
 instead of dying mid-start with a traceback or missing the signal.
 """
 

@@ -35,7 +35,7 @@ def check_channel_id(channel_id: str | int) -> str:
         # client, and nothing it sent (a URL, markup, control characters) comes back.
         shown = f" {text!r}" if _ECHOABLE_ID_RE.fullmatch(text) else ""
         raise InvalidChannelId(
-            f"invalid channel id{shown}: expected 0 or 1 to " f"{MAX_CHANNEL_ID_DIGITS} digits without a leading zero"
+            f"invalid channel id{shown}: expected 0 or 1 to {MAX_CHANNEL_ID_DIGITS} digits without a leading zero"
         )
     return text
 

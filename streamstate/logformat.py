@@ -31,13 +31,20 @@ from operator import itemgetter
 from typing import Callable, Sequence
 
 from .urls import ACCEL_PREFIX
-from .viewers import token_from_query, viewer_hash, viewer_identity  # noqa: F401 - viewer_hash re-exported
+from .viewers import token_from_query, viewer_hash, viewer_identity  # viewer_hash: re-exported
 
-# Our own format, shipped in nginx/ and rendered into the nginx snippet.  The
-# fields heartbeatd reads come first and the viewer's fields last, so a line
-# is parsed no further than needed.  $msec is the request's own time;
-# $arg_token is hashed before it is kept anywhere.
-STREAMKEEPER_LOG_FORMAT = '$msec $status $request_method "$uri" $remote_addr "$arg_token" ' '"$http_user_agent"'
+# Our own format, written only here: `streamctl nginx-config` renders it into the snippet's
+# `log_format streamkeeper '...'`.  The fields heartbeatd reads come first and the viewer's
+# last, so a line is parsed no further than needed:
+#   $msec             the request's own time (epoch seconds, ms): heartbeats carry it
+#   $status           only 2xx and 304 count as viewing
+#   $request_method   GET, HEAD, OPTIONS
+#   "$uri"            nginx's normalised path: what it served (/live//stream_5.m3u8 and
+#                     /live/stream_%35.m3u8 are logged as /live/stream_5.m3u8), no query
+#   $remote_addr      with the user agent, tells token-less viewers apart
+#   "$arg_token"      the player's token argument; heartbeatd keeps only a hash of it
+#   "$http_user_agent"
+STREAMKEEPER_LOG_FORMAT = '$msec $status $request_method "$uri" $remote_addr "$arg_token" "$http_user_agent"'
 
 TIME_VARIABLES = ("msec", "time_iso8601", "time_local")
 REQUEST_VARIABLES = ("request", "request_uri", "uri")

@@ -7,11 +7,10 @@ package data), so an installed wheel renders exactly what a checkout does.
 from __future__ import annotations
 
 import math
-import re
-from importlib import resources
 
 from .keys import CHANNEL_ID_PATTERN
-from .logformat import LogLineParser
+from .logformat import STREAMKEEPER_LOG_FORMAT, LogLineParser
+from .templates import fill, package_file
 from .urls import ACCEL_PREFIX
 
 # Request headers nginx's @start_stream sets: "answer a player, with X-Accel-Redirect", and
@@ -39,17 +38,11 @@ PLAYLIST_HEADERS = (
 )
 
 
-def shipped_file(name: str) -> str:
-    """The text of a file shipped in streamstate/nginx/."""
-    return resources.files("streamstate").joinpath("nginx", name).read_text(encoding="utf-8")
-
-
 def log_format_directive(log_format: str = "streamkeeper") -> str:
     """The log_format heartbeatd parses, named streamkeeper: ours, or the setting's format."""
-    if log_format == "streamkeeper":
-        text = shipped_file("streamkeeper-log-format.conf")
-        return next(line for line in text.splitlines() if line.startswith("log_format"))
-    fmt = LogLineParser(log_format).format  # refuses what heartbeatd cannot parse
+    fmt = (
+        STREAMKEEPER_LOG_FORMAT if log_format == "streamkeeper" else LogLineParser(log_format).format
+    )  # refuses what heartbeatd cannot parse
     if "'" in fmt or "\n" in fmt:
         raise ValueError("log_format: a format with a single quote or a newline cannot be rendered")
     return f"log_format streamkeeper '{fmt}';"
@@ -57,7 +50,7 @@ def log_format_directive(log_format: str = "streamkeeper") -> str:
 
 def render_nginx_config(settings) -> str:
     return fill(
-        shipped_file("streamkeeper.conf.template"),
+        package_file("nginx", "streamkeeper.conf.template"),
         dict(
             config_source=settings.config_path or "built-in defaults",
             log_format_directive=log_format_directive(settings.log_format),
@@ -138,7 +131,9 @@ def viewer_auth(settings) -> dict:
 
 def render_logrotate(settings, nginx_pid: str = "/run/nginx.pid") -> str:
     """logrotate's file for the access log: rename, create, nginx reopens on USR1."""
-    return fill(shipped_file("logrotate.streamkeeper"), {"access_log": settings.access_log, "nginx_pid": nginx_pid})
+    return fill(
+        package_file("nginx", "logrotate.streamkeeper"), {"access_log": settings.access_log, "nginx_pid": nginx_pid}
+    )
 
 
 def start_rate_limit(per_minute: int) -> dict:
@@ -153,22 +148,3 @@ def start_rate_limit(per_minute: int) -> dict:
             "error_page 429 = @streamkeeper_too_many_starts;",
         ),
     }
-
-
-def fill(template: str, values: dict) -> str:
-    """Replace {{name}} placeholders (nginx's own $variables are left alone).
-
-    A tuple value is a block of directives: one per line, each at the
-    placeholder's indentation.
-    """
-
-    def value(match: re.Match) -> str:
-        indent, name = match.group(1), match.group(2)
-        if name not in values:
-            raise KeyError(f"nginx template: no value for {{{{{name}}}}}")
-        found = values[name]
-        if isinstance(found, tuple):
-            return "\n".join(indent + line for line in found) if found else indent + "# (none)"
-        return indent + str(found)
-
-    return re.sub(r"([ \t]*)\{\{([a-z_]+)\}\}", value, template)

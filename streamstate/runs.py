@@ -486,7 +486,7 @@ def recent_viewers(client, channels: list[str], since: float) -> list[set[str]]:
 def record_viewer(client, channel: str, viewer: str, when: float) -> None:
     """The viewer whose request the launcher answered (a cold start or a join), in the
     stream's viewers at once: heartbeatd sees the same request only a second or two later,
-    and a channel change on a full provider account needs to know now (launcher.service)."""
+    and a channel change on a full provider account needs to know now (launcher.core)."""
     registered_script(client, "record_viewer", _RECORD_VIEWER_LUA)(
         keys=[keys.run_key(channel), keys.viewers_key(channel)], args=[f"{when:.3f}", viewer]
     )

@@ -288,7 +288,7 @@ def _release_slots(client, results: list[Stopped], log: logging.Logger) -> None:
             providers.release_slot(client, target.provider, target.channel, target.run_id)
         except redis.RedisError as exc:
             log.warning(
-                "channel %s: cannot free its slot of provider %s (%s); it is reclaimed at " "the next start",
+                "channel %s: cannot free its slot of provider %s (%s); it is reclaimed at the next start",
                 target.channel,
                 target.provider,
                 exc,

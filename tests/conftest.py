@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from demo.stack import LocalStack, json_request, port_open, toml_value, write_nginx_conf
+from streamstate.nginx_config import log_format_directive
 from tests.helpers import ffmpeg_processes, free_port, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,7 +198,7 @@ class NginxServer:
         port = free_port()
         return cls(
             directory,
-            f"""include {REPO}/nginx/streamkeeper-log-format.conf;
+            f"""{log_format_directive()}
     server {{
         listen 127.0.0.1:{port};
         {server_block}

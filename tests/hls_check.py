@@ -107,7 +107,7 @@ def check(texts: list[str]) -> list[str]:
         for entry in version.entries:
             if math.floor(entry.duration + 0.5) > version.target:
                 problems.append(
-                    f"{where}: {entry.uri} lasts {entry.duration:g} s, over the target " f"duration {version.target}"
+                    f"{where}: {entry.uri} lasts {entry.duration:g} s, over the target duration {version.target}"
                 )
             known = by_msn.get(entry.msn)
             if known is not None and (known.uri, known.dsn) != (entry.uri, entry.dsn):

@@ -210,7 +210,7 @@ def test_a_default_server_in_front_of_ours_is_named(stack, tmp_path):
     """Debian's sites-enabled/default on the same port: nginx sends /live/ there."""
     port = stack.settings["nginx_listen"].rpartition(":")[2]
     text = rendered_snippet(stack).replace(
-        "http {", "http {\n    server { listen %s default_server; " "server_name _; root /var/www/html; }" % port, 1
+        "http {", "http {\n    server { listen %s default_server; server_name _; root /var/www/html; }" % port, 1
     )
     code, checks, _ = doctor(stack, tmp_path, nginx_text=text)
     assert code == 1 and any(f"default_server on port {port}" in d for d in failed(checks, "nginx server"))

@@ -23,7 +23,7 @@ def setup(tmp_path, redis_server, redis_client):
     state = tmp_path / "state"
     config = tmp_path / "sk.toml"
     config.write_text(
-        f'redis_url = "{redis_server.url}"\naccess_log = "{log}"\n' f'state_dir = "{state}"\nflush_interval = 0.2\n'
+        f'redis_url = "{redis_server.url}"\naccess_log = "{log}"\nstate_dir = "{state}"\nflush_interval = 0.2\n'
     )
     return {"log": log, "state": state, "config": str(config), "redis": redis_client, "tmp": tmp_path}
 

@@ -52,10 +52,10 @@ def test_max_streams_preempts_the_longest_idle_stream_else_refuses(stack, extra_
     request = urllib.request.Request(
         launcher.url("/channel/804/start"), method="POST", headers={"X-Streamkeeper-Accel": "1"}
     )
-    try:
+    # Issue 17: the old try/except passed silently on a 200.
+    with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=30)
-    except urllib.error.HTTPError as exc:
-        assert exc.code == 503 and exc.headers["Retry-After"]
+    assert refused.value.code == 503 and refused.value.headers["Retry-After"]
     running = [a for a in _ffmpeg_argvs() if a[-1].startswith(launcher.hls_dir)]
     assert len(running) == 2
     assert metric(launcher, "streamkeeper_launcher_preempted_total") == 1
@@ -82,7 +82,7 @@ def scan_ids(port: int, first: int, count: int, connections: int = 8, batch: int
                 chunk = ids[start : start + batch]
                 sock.sendall(
                     b"".join(
-                        b"GET /channel/%d/start HTTP/1.1\r\nHost: x\r\n" b"Accept: application/json\r\n\r\n" % c
+                        b"GET /channel/%d/start HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n" % c
                         for c in chunk
                     )
                 )

@@ -67,7 +67,8 @@ def test_sigterm_to_the_whole_process_group_exits_cleanly(tmp_path, redis_server
     )
     try:
         wait_for(lambda: (tmp_path / "state").exists(), message="heartbeatd to start")
-        time.sleep(0.5)
+        # Its parse workers at work on the backlog: the SIGTERM reaches them too.
+        wait_for(lambda: len(children_of(process.pid)) >= 2, timeout=30, message="its parse workers")
         os.killpg(process.pid, signal.SIGTERM)  # as systemd does: every process of the unit
         output, _ = process.communicate(timeout=20)
     finally:
@@ -76,3 +77,18 @@ def test_sigterm_to_the_whole_process_group_exits_cleanly(tmp_path, redis_server
             process.wait()
     assert process.returncode == 0, output
     assert "SIGTERM received" in output and "lines read" in output
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc/<pid>/stat)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found

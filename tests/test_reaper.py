@@ -18,6 +18,36 @@ from tests.conftest import REPO
 from tests.helpers import wait_for
 
 IGNORE_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"
+# A process that holds SIGTERM and SIGINT blocked: a signal sent to it stays pending, where
+# /proc shows it at once (a negative check needs no sleep).
+HOLD_SIGNALS = (
+    "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT}); time.sleep(300)"
+)
+
+
+def ignores_sigterm(pid: int) -> bool:
+    """Its SIGTERM disposition is 'ignore' (/proc/<pid>/status SigIgn, bit 15)."""
+    return _status_mask(pid, "SigIgn") & (1 << (signal.SIGTERM - 1)) != 0
+
+
+def blocks_sigterm(pid: int) -> bool:
+    return _status_mask(pid, "SigBlk") & (1 << (signal.SIGTERM - 1)) != 0
+
+
+def pending_signals(pid: int) -> int:
+    """Signals sent to it and not yet delivered (blocked ones stay here)."""
+    return _status_mask(pid, "SigPnd") | _status_mask(pid, "ShdPnd")
+
+
+def _status_mask(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            line = next(line for line in handle if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return 0
+    return int(line.split()[1], 16)
+
+
 # A stream's FFmpeg that ignores SIGTERM: this Python, configured as `ffmpeg`, whose last
 # argument is the channel's playlist (what the identity proof looks at).
 AS_FFMPEG = {"ffmpeg": sys.executable}
@@ -92,7 +122,7 @@ def env(tmp_path, redis_server, redis_client, monkeypatch):
     def stubborn(channel):
         process = spawn([sys.executable, "-c", IGNORE_TERM, files.playlist_path(str(hls), channel)])
         wait_for(lambda: process_start_time(process.pid) is not None)
-        time.sleep(0.3)  # let it install its SIGTERM handler
+        wait_for(lambda: ignores_sigterm(process.pid), message="its SIGTERM handler")
         return process
 
     class Env:
@@ -153,7 +183,8 @@ def test_a_watched_stream_survives_ten_passes(env):
 
 
 def test_a_pid_that_belongs_to_an_unrelated_process_is_never_signalled(env):
-    sleeper = env.spawn(["sleep", "300"])
+    sleeper = env.spawn([sys.executable, "-c", HOLD_SIGNALS])
+    wait_for(lambda: blocks_sigterm(sleeper.pid), message="the sleeper to block SIGTERM")
     # A run record whose start time is not the sleeper's (the pid was reused).
     record(env, 3, sleeper, last_access=time.time() - 100, pid_start=process_start_time(sleeper.pid) - 5)
     # A legacy record pointing at it: its command line is not FFmpeg writing stream_4.m3u8.
@@ -161,8 +192,7 @@ def test_a_pid_that_belongs_to_an_unrelated_process_is_never_signalled(env):
     env.redis.set(keys.last_access_key(4), "1000.0")
     summary = Reaper(env.settings()).run_pass()
     assert (summary.stale, summary.stopped) == (2, 0)
-    time.sleep(0.2)
-    assert alive(sleeper)
+    assert pending_signals(sleeper.pid) == 0 and alive(sleeper)  # never signalled
     assert env.redis.exists(keys.pid_key(3), keys.pid_key(4), keys.run_key(3)) == 0
 
 
@@ -421,7 +451,11 @@ def test_a_channel_started_during_a_pass_is_not_taken_for_an_orphan(env):
     unrecorded = env.spawn([sys.executable, "-c", "import time; time.sleep(60)", files.playlist_path(env.hls, 19)])
     wait_for(lambda: process_start_time(recorded.pid) and process_start_time(unrecorded.pid))
     record(env, 18, recorded, last_access=time.time())
-    time.sleep(1.2)  # both older than start_timeout by the end of the stop phase
+    # Both older than start_timeout (1 s) by the end of the stop phase.
+    wait_for(
+        lambda: min(process_age(recorded.pid) or 0, process_age(unrecorded.pid) or 0) > 1.2,
+        message="both processes older than start_timeout",
+    )
     worker.join(timeout=30)
     assert result["s"].stopped == 1 and result["s"].orphan_processes == 1
     assert alive(recorded)  # recorded meanwhile: kept

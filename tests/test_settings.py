@@ -85,7 +85,7 @@ def test_streamctl_config_bad_value_exits_2_with_one_line(tmp_path):
 def test_a_profile_in_the_file_replaces_only_its_namesake(tmp_path):
     """Finding 12: [quality_profiles.low] alone keeps copy, medium (the default) and high."""
     config = write(
-        tmp_path / "sk.toml", '[quality_profiles.low]\nvideo = ["-c:v", "libx264"]\n' 'audio = ["-c:a", "aac"]\n'
+        tmp_path / "sk.toml", '[quality_profiles.low]\nvideo = ["-c:v", "libx264"]\naudio = ["-c:a", "aac"]\n'
     )
     settings = load_settings(config, environ={})
     assert set(settings.quality_profiles) == {"copy", "low", "medium", "high"}

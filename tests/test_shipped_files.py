@@ -10,20 +10,20 @@ import pytest
 
 from demo.stack import write_nginx_conf
 from streamstate.logformat import STREAMKEEPER_LOG_FORMAT, LogLineParser, normalise_format
+from streamstate.nginx_config import log_format_directive, render_nginx_config
+from streamstate.settings import load_settings
 from tests.conftest import REPO
-
-LOG_FORMAT_FILE = os.path.join(REPO, "streamstate", "nginx", "streamkeeper-log-format.conf")
 
 
 def shipped_directive() -> str:
-    lines = [line for line in open(LOG_FORMAT_FILE) if line.startswith("log_format")]
-    assert len(lines) == 1
-    return lines[0]
+    """The log_format the rendered snippet carries (written once, in streamstate.logformat)."""
+    return log_format_directive()
 
 
 def test_shipped_log_format_is_the_one_heartbeatd_parses():
     assert normalise_format(shipped_directive()) == STREAMKEEPER_LOG_FORMAT
     assert LogLineParser(shipped_directive()).format == LogLineParser("streamkeeper").format
+    assert shipped_directive() in render_nginx_config(load_settings(None, environ={}))
 
 
 def test_nginx_accepts_the_log_format(tmp_path):
@@ -36,7 +36,7 @@ pid {tmp_path}/nginx.pid;
 error_log {tmp_path}/error.log;
 events {{}}
 http {{
-    include {LOG_FORMAT_FILE};
+    {shipped_directive()}
     access_log {tmp_path}/access.log streamkeeper buffer=32k flush=1s;
 }}
 """)

@@ -627,7 +627,7 @@ def test_bytes_sent_right_after_connect_reach_the_upstream(stack):
     listener = RecordingListener()
     with socket.create_connection(("127.0.0.1", stack.egress_port), timeout=10) as sock:
         sock.sendall(
-            f"CONNECT 127.0.0.1:{listener.port} HTTP/1.1\r\nHost: x\r\n" f"Proxy-Authorization: {auth}\r\n\r\n".encode()
+            f"CONNECT 127.0.0.1:{listener.port} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: {auth}\r\n\r\n".encode()
             + early
         )
         received = b""

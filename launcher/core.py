@@ -41,8 +41,9 @@ from streamstate.runs import RunState
 from streamstate.streams_view import collect_streams
 from streamstate.upstreams import Upstream
 
+from .child import AdoptedProcess
 from .ffmpeg import start_number_of
-from .supervisor import AdoptedProcess, StartFailed, StreamSupervisor
+from .supervisor import HostServices, StartFailed, StreamSupervisor
 
 log = logging.getLogger("streamkeeper.launcher")
 
@@ -101,6 +102,15 @@ class Launcher:
             "provider_refused": 0,
             "relay_down": 0,
         }
+        # What each stream's supervisor uses of this host (no back-pointer to the Launcher).
+        self.host_services = HostServices(
+            settings=settings,
+            redis=self.redis,
+            redis_call=self.redis_call,
+            counters=self.counters,
+            ffmpeg_executable=self.ffmpeg_executable,
+            identity=self.identity,
+        )
         self.warned: set[str] = set()  # warnings given once per process
         # channel -> until when (monotonic) its refusals in failed_cooldown go unlogged
         self.warned_cooldowns: dict[str, float] = {}
@@ -207,7 +217,7 @@ class Launcher:
             try:
                 async with self._capacity:
                     await self._make_room(channel_id)
-                    supervisor = StreamSupervisor(self, channel, upstream, run_id=run_id)
+                    supervisor = StreamSupervisor(self.host_services, channel, upstream, run_id=run_id)
                     self.supervisors[channel_id] = supervisor
                     self.counters["starts"] += 1
                     supervisor.begin()
@@ -287,7 +297,7 @@ class Launcher:
         if not idle or idle[0][0] < preempt_idle:
             self.counters["busy"] += 1
             log.warning(
-                "channel %s: not started: host at max_streams (%d) and no stream idle " "for %g s",
+                "channel %s: not started: host at max_streams (%d) and no stream idle for %g s",
                 channel_id,
                 limit,
                 preempt_idle,
@@ -306,7 +316,7 @@ class Launcher:
         ):
             self.counters["relay_down"] += 1
             log.error(
-                "channel %s: not started: the egress relay does not answer on %s (is " "stream-egress running?)",
+                "channel %s: not started: the egress relay does not answer on %s (is stream-egress running?)",
                 channel_id,
                 self.settings.egress_listen,
             )
@@ -346,7 +356,7 @@ class Launcher:
                     break
                 self.counters["provider_preempted"] += 1
                 log.info(
-                    "channel %s: preempted (%s) to start channel %s on provider %s's last " "connection",
+                    "channel %s: preempted (%s) to start channel %s on provider %s's last connection",
                     victim.id,
                     why,
                     channel_id,
@@ -355,7 +365,7 @@ class Launcher:
                 await victim.stop(f"preempted by a start of channel {channel_id} (provider {provider.name})")
         self.counters["provider_refused"] += 1
         log.warning(
-            "channel %s: not started: provider %s has all %d connections in use by " "watched channels",
+            "channel %s: not started: provider %s has all %d connections in use by watched channels",
             channel_id,
             provider.name,
             provider.max_streams,
@@ -411,7 +421,7 @@ class Launcher:
                 return "already_running"
             await asyncio.sleep(0.05)
         raise StartFailed(
-            f"another launcher is starting channel {channel_id} and it is not " f"playable after {timeout:g} s"
+            f"another launcher is starting channel {channel_id} and it is not playable after {timeout:g} s"
         )
 
     async def stop(self, channel_id: str, reason: str) -> bool:
@@ -511,7 +521,7 @@ class Launcher:
 
     async def _adopt(self, channel_id: str, record: runs.RunRecord, handle: ProcessHandle) -> None:
         channel, upstream = await self._channel_for_adoption(channel_id)
-        supervisor = StreamSupervisor(self, channel, upstream, adopted=(AdoptedProcess(handle), record))
+        supervisor = StreamSupervisor(self.host_services, channel, upstream, adopted=(AdoptedProcess(handle), record))
         supervisor.source = next((s for s in channel.sources if redact_url(s) == record.source), channel.source_url)
         argv = process_cmdline(handle.pid)
         supervisor.publisher.adopt_run(
@@ -532,11 +542,11 @@ class Launcher:
         """A run caught between two FFmpegs: the same run (its record, its provider slot)
         starts its next FFmpeg, continuing the viewers' playlist from the file."""
         channel, upstream = await self._channel_for_adoption(channel_id)
-        supervisor = StreamSupervisor(self, channel, upstream, run_id=record.run_id, resumed=record)
+        supervisor = StreamSupervisor(self.host_services, channel, upstream, run_id=record.run_id, resumed=record)
         self.supervisors[channel_id] = supervisor
         supervisor.begin()
         log.info(
-            "channel %s: its run %s was between two FFmpegs when the last launcher ended; " "starting its next one",
+            "channel %s: its run %s was between two FFmpegs when the last launcher ended; starting its next one",
             channel_id,
             record.run_id[:8],
         )

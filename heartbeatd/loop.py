@@ -12,9 +12,9 @@ import redis
 
 from streamstate import heartbeats, runs
 from streamstate.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from streamstate.daemon import StopSignals, sd_notify, watchdog_interval
 from streamstate.logformat import LogLineParser
 from streamstate.redis_client import redis_from_url
-from streamstate.service import StopSignals, sd_notify, watchdog_interval
 
 from .metrics import HeartbeatMetrics
 from .parse_pool import POOL_MIN_BLOCK, ParsePool, worker_count
@@ -101,7 +101,7 @@ class HeartbeatService:
         self._log_summary()
         if not ok:
             log.error(
-                "redis is unreachable at %s: heartbeats not written, checkpoint not " "moved", self.settings.redis_url
+                "redis is unreachable at %s: heartbeats not written, checkpoint not moved", self.settings.redis_url
             )
             return 1
         return 0
@@ -213,7 +213,7 @@ class HeartbeatService:
             if self.redis_down_since is None:
                 self.redis_down_since = now_mono
                 log.error(
-                    "redis unavailable (%s); keeping %d channel(s) of heartbeats in memory " "and retrying",
+                    "redis unavailable (%s); keeping %d channel(s) of heartbeats in memory and retrying",
                     exc,
                     len(self.pending.channel_times),
                 )

@@ -1,0 +1,487 @@
+"""doctor's checks of this host's parts: Redis, nginx, the launcher and its start route, the relay,
+the validator, heartbeatd, the reaper, free space, FFmpeg, the proxies."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from urllib.parse import urlsplit
+
+import redis
+
+from streamstate import egress, files, runs
+from streamstate.process import resolve_executable
+from streamstate.redact import redact_url
+from streamstate.upstreams import proxy_endpoint
+
+from . import nginx_conf
+from .checks_common import (
+    FAIL,
+    NEEDED_PROTOCOLS,
+    OK,
+    REDIS_SLOW_MS,
+    TIMEOUT,
+    WARN,
+    Check,
+    http_get,
+    processes,
+    same_config,
+)
+
+
+def check_redis(settings) -> list[Check]:
+    """Reachable and fast, within seconds; persisting the catalogue (AOF or snapshots)."""
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=TIMEOUT, socket_timeout=TIMEOUT)
+    where = redact_url(settings.redis_url)
+    started = time.monotonic()
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return [Check(FAIL, "redis", f"{where} does not answer ({exc}); start redis-server or fix redis_url")]
+    took = (time.monotonic() - started) * 1000
+    found = [Check(OK if took < REDIS_SLOW_MS else WARN, "redis", f"{where} answers in {took:.1f} ms")]
+    try:
+        appendonly = client.config_get("appendonly").get("appendonly")
+        save = client.config_get("save").get("save")
+    except redis.RedisError as exc:  # CONFIG renamed or refused: cannot tell
+        return found + [
+            Check(
+                WARN,
+                "redis persistence",
+                f"cannot read Redis's config ({exc}); make sure "
+                "appendonly is yes: the channel catalogue lives only in Redis",
+            )
+        ]
+    if appendonly == "yes":
+        found.append(Check(OK, "redis persistence", "appendonly yes (AOF)"))
+    elif save:
+        found.append(
+            Check(
+                WARN,
+                "redis persistence",
+                f"snapshots only (save {save!r}): channels added "
+                "since the last snapshot are lost with a restart; set appendonly yes",
+            )
+        )
+    else:
+        found.append(
+            Check(
+                FAIL,
+                "redis persistence",
+                "no AOF and no snapshots: a Redis restart loses "
+                "every channel record (running streams survive it); set appendonly yes",
+            )
+        )
+    return found
+
+
+# -- nginx -------------------------------------------------------------------------------
+
+
+def check_nginx(settings, conf_file: str | None) -> list[Check]:
+    """The /live/ location logs to the file heartbeatd follows, in a format it parses; a
+    missing playlist falls back to the address the launcher listens on."""
+    from streamstate.logformat import LogFormatError, LogLineParser, normalise_format
+
+    try:
+        text, source = nginx_conf.effective_config(conf_file)
+        root = nginx_conf.parse(text)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        return [Check(FAIL, "nginx config", f"cannot read it ({exc}); give --nginx-conf FILE")]
+    live = nginx_conf.live_locations(root)
+    if not live:
+        return [
+            Check(
+                FAIL,
+                "nginx config",
+                f"no location serves /live/ in {source}: include the snippet " "`streamctl nginx-config` renders",
+            )
+        ]
+    found = []
+    formats = nginx_conf.log_formats(root)
+    expected = LogLineParser(settings.log_format).format
+    logs = list({tuple(d.args): d for location in live for d in location.inherited("access_log")}.values())
+    if not logs or any(d.args and d.args[0] == "off" for d in logs):
+        found.append(
+            Check(
+                FAIL,
+                "nginx access log",
+                "access_log off (or none) where /live/ is served: "
+                "heartbeatd sees no viewer and the reaper stops watched streams; render the "
+                "snippet again (`streamctl nginx-config`)",
+            )
+        )
+    else:
+        for directive in logs:
+            path, name = directive.args[0], (directive.args[1] if len(directive.args) > 1 else "combined")
+            if path != settings.access_log:
+                found.append(
+                    Check(
+                        FAIL,
+                        "nginx access log",
+                        f"/live/ logs to {path}, heartbeatd follows "
+                        f"{settings.access_log}: set access_log (the setting) or the snippet to one file",
+                    )
+                )
+                continue
+            fmt = formats.get(name)
+            try:
+                parses = fmt is not None and normalise_format(fmt) == expected and LogLineParser(fmt)
+            except LogFormatError:
+                parses = False
+            if not parses:
+                found.append(
+                    Check(
+                        FAIL,
+                        "nginx access log",
+                        f"/live/ logs in format {name!r}, not the one "
+                        f"heartbeatd parses (log_format setting {settings.log_format!r}): render "
+                        "the snippet again",
+                    )
+                )
+            else:
+                found.append(
+                    Check(
+                        OK, "nginx access log", f"/live/ logs to {path} in format {name!r}, " "which heartbeatd parses"
+                    )
+                )
+    for port, names in nginx_conf.default_servers_in_front(root):
+        found.append(
+            Check(
+                FAIL,
+                "nginx server",
+                f"the server {names!r} is default_server on port {port}: it "
+                "answers /live/ instead of ours (Debian's sites-enabled/default); remove it, or "
+                "give nginx_listen another port",
+            )
+        )
+    targets = nginx_conf.fallback_targets(root)
+    listen = settings.launcher_listen
+    if not targets:
+        found.append(
+            Check(
+                FAIL,
+                "nginx fallback",
+                "no fallback for a missing playlist (error_page 404 = "
+                "@start_stream): a cold channel is a 404; render the snippet again",
+            )
+        )
+    for name, address in targets:
+        if _same_address(address, listen):
+            found.append(Check(OK, "nginx fallback", f"{name} proxies to {address}, where the launcher listens"))
+        else:
+            found.append(
+                Check(
+                    FAIL,
+                    "nginx fallback",
+                    f"{name} proxies to {address} but the launcher listens "
+                    f"on {listen} (launcher_listen): render the snippet again and reload nginx",
+                )
+            )
+    return found
+
+
+def check_nginx_answers(settings) -> list[Check]:
+    """Something answers HTTP on nginx_listen (from this host): where viewers come in."""
+    address = _local_address(settings.nginx_listen)
+    if address is None:
+        return [
+            Check(
+                WARN,
+                "nginx answers",
+                f"cannot check nginx_listen {settings.nginx_listen!r} from here " "(a unix socket?)",
+            )
+        ]
+    try:
+        status, _ = http_get(f"http://{address}/live/")
+    except (OSError, TimeoutError) as exc:
+        return [
+            Check(
+                FAIL,
+                "nginx answers",
+                f"nothing answers on {address} (nginx_listen {settings.nginx_listen}: "
+                f"{exc}): viewers reach nothing; start nginx (systemctl start nginx) or fix nginx_listen",
+            )
+        ]
+    return [Check(OK, "nginx answers", f"answers on {address} (HTTP {status} for /live/)")]
+
+
+def _local_address(listen: str) -> str | None:
+    """host:port to reach nginx's listen (80, 127.0.0.1:8080, [::]:80, *:80) from this host."""
+    first = listen.split()[0] if listen.split() else ""
+    if first.isdigit():
+        return f"127.0.0.1:{first}"
+    host, sep, port = first.rpartition(":")
+    if not sep or not port.isdigit() or first.startswith("unix:"):
+        return None
+    host = {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+    return f"{host}:{port}"
+
+
+def _same_address(a: str, b: str) -> bool:
+    def split(text):
+        host, _, port = text.rpartition(":")
+        host = host.strip("[]")
+        return ("127.0.0.1" if host == "localhost" else host), port or "80"
+
+    return split(a) == split(b)
+
+
+# -- the services ------------------------------------------------------------------------
+
+
+def check_launcher(settings) -> list[Check]:
+    """It answers on launcher_listen, and its start route exists there."""
+    base = f"http://{settings.launcher_listen}"
+    try:
+        status, body = http_get(f"{base}/healthz")
+    except TimeoutError:
+        status, body = 0, ""
+        found = [
+            Check(
+                FAIL,
+                "launcher",
+                f"no answer from {settings.launcher_listen} within {TIMEOUT:g} s "
+                "(its /healthz asks Redis: is Redis hanging?)",
+            )
+        ]
+    except OSError as exc:
+        found = [
+            Check(
+                FAIL,
+                "launcher",
+                f"nothing answers on {settings.launcher_listen} ({exc}): start "
+                "it (systemctl start streamkeeper-launcher)",
+            )
+        ]
+    else:
+        found = []
+    if found:
+        return found + check_relay(settings)
+    found = [
+        Check(
+            OK if status == 200 else FAIL,
+            "launcher",
+            f"answers on {settings.launcher_listen}"
+            + ("" if status == 200 else f" but is unhealthy: {_health_reason(body)}"),
+        )
+    ]
+    try:
+        status, body = http_get(f"{base}/channel/x/start")  # an invalid id: 400 from the route itself
+    except OSError as exc:
+        status, body = 0, str(exc)
+    if status == 400 and "invalid channel id" in body:
+        found.append(Check(OK, "launcher start route", f"{base}/channel/<id>/start exists"))
+    else:
+        found.append(
+            Check(
+                FAIL,
+                "launcher start route",
+                f"{base}/channel/<id>/start answered {status}: " "whatever listens there is not this launcher",
+            )
+        )
+    return found + check_relay(settings)
+
+
+def check_relay(settings) -> list[Check]:
+    counts = egress.open_connections(settings.egress_listen, timeout=TIMEOUT)
+    if counts is None:
+        return [
+            Check(
+                FAIL,
+                "egress relay",
+                f"nothing answers on {settings.egress_listen}: every start "
+                "fails with 'egress relay unavailable'; start it (systemctl start streamkeeper-egress)",
+            )
+        ]
+    return [
+        Check(
+            OK,
+            "egress relay",
+            f"answers on {settings.egress_listen} ({sum(counts.values())} upstream connection(s) open)",
+        )
+    ]
+
+
+def check_validator(settings) -> list[Check]:
+    """auth_url answers (a validator that is down makes every playlist request a 500)."""
+    if not settings.auth_url:
+        return []
+    try:
+        status, _ = http_get(settings.auth_url)
+    except OSError as exc:
+        return [
+            Check(
+                FAIL,
+                "viewer validator",
+                f"{redact_url(settings.auth_url)} does not answer ({exc}): "
+                "every playlist request gets 500 from nginx; start it or unset auth_url",
+            )
+        ]
+    return [
+        Check(
+            OK if status < 500 else FAIL,
+            "viewer validator",
+            f"{redact_url(settings.auth_url)} answers {status} to a request without a token",
+        )
+    ]
+
+
+def _health_reason(body: str) -> str:
+    try:
+        data = json.loads(body)
+        return f"Redis: {data.get('redis')}" if isinstance(data, dict) and data.get("redis") else body[:120]
+    except ValueError:
+        return " ".join(body.split())[:120]
+
+
+def check_heartbeatd(settings) -> list[Check]:
+    """Running (a process of that name), and how far behind the access log it is."""
+    from streamstate.checkpoint import checkpoint_path, load_checkpoint
+
+    running = [
+        pid
+        for pid, argv in processes()
+        if any(os.path.basename(a) == "heartbeatd" for a in argv[:3]) and same_config(argv, settings.config_path)
+    ]
+    if not running:
+        return [
+            Check(
+                FAIL,
+                "heartbeatd",
+                "not running: last_access is never bumped and the reaper stops "
+                "watched streams; start it (systemctl start streamkeeper-heartbeatd)",
+            )
+        ]
+    position = load_checkpoint(checkpoint_path(settings.state_dir, settings.access_log), settings.access_log)
+    try:
+        size = os.stat(settings.access_log).st_size
+    except OSError:
+        size = None
+    if position is None or size is None:
+        return [Check(OK, "heartbeatd", f"running (pid {running[0]}); no checkpoint yet")]
+    lag = max(0, size - position.offset)
+    return [
+        Check(
+            OK if lag < 1 << 20 else WARN,
+            "heartbeatd",
+            f"running (pid {running[0]}), {lag} bytes of {settings.access_log} behind",
+        )
+    ]
+
+
+def check_reaper(client, settings) -> list[Check]:
+    """It passed within 2 x reaper_interval (the cleanup has a scheduler)."""
+    data = runs.reaper_last_pass(client, settings.host_id)
+    last = runs.epoch_seconds(data.get("time"))
+    interval = settings.reaper_interval
+    if last is None:
+        return [
+            Check(
+                FAIL,
+                "reaper",
+                f"no pass recorded for host {settings.host_id}: idle streams are never "
+                "stopped; start stream-reaper (systemctl start streamkeeper-reaper)",
+            )
+        ]
+    age = time.time() - last
+    if age > 2 * interval:
+        return [
+            Check(
+                FAIL,
+                "reaper",
+                f"last pass {age:.0f} s ago (reaper_interval {interval:g} s): start it "
+                "(systemctl start streamkeeper-reaper)",
+            )
+        ]
+    return [Check(OK, "reaper", f"last pass {age:.0f} s ago")]
+
+
+def check_space(settings) -> list[Check]:
+    found = []
+    free = files.free_mb(settings.hls_dir)
+    if free is not None:
+        minimum = settings.min_free_mb
+        found.append(
+            Check(
+                OK if free >= minimum else FAIL,
+                "hls_dir space",
+                f"{free} MB free in {settings.hls_dir}"
+                + ("" if free >= minimum else f", under min_free_mb {minimum}: starts are refused"),
+            )
+        )
+    return found
+
+
+def check_ffmpeg(settings) -> list[Check]:
+    binary = resolve_executable(settings.ffmpeg)
+    if binary is None:
+        return [Check(FAIL, "ffmpeg", f"{settings.ffmpeg} not found: apt-get install ffmpeg, or set ffmpeg")]
+    try:
+        version = subprocess.run([binary, "-version"], capture_output=True, text=True, timeout=10).stdout
+        protocols = subprocess.run(
+            [binary, "-hide_banner", "-protocols"], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [Check(FAIL, "ffmpeg", f"{binary} does not run: {exc}")]
+    inputs = protocols.split("Output:")[0].split()
+    missing = [p for p in NEEDED_PROTOCOLS if p not in inputs]
+    first = version.splitlines()[0] if version else binary
+    if missing:
+        return [
+            Check(
+                FAIL, "ffmpeg", f"{first}: lacks the protocols {', '.join(missing)} (https and HLS sources need them)"
+            )
+        ]
+    return [Check(OK, "ffmpeg", f"{first}; protocols {', '.join(NEEDED_PROTOCOLS)}")]
+
+
+def check_proxies(settings) -> list[Check]:
+    """upstream_proxy and each provider's proxy accept connections (socks: a handshake)."""
+    found = []
+    proxies = [("upstream_proxy", settings.upstream_proxy)] + [
+        (f"provider {name} proxy", provider.proxy) for name, provider in settings.providers.items()
+    ]
+    for label, proxy in proxies:
+        if not proxy:
+            continue
+        problem = _proxy_problem(proxy)
+        found.append(
+            Check(FAIL, label, f"{redact_url(proxy)}: {problem}; its channels answer 503 'upstream " "proxy unusable'")
+            if problem
+            else Check(OK, label, f"{redact_url(proxy)} usable")
+        )
+    return found
+
+
+def _proxy_problem(proxy: str) -> str | None:
+    parts = urlsplit(proxy)
+    try:
+        sock = socket.create_connection(proxy_endpoint(proxy), timeout=TIMEOUT)
+    except OSError as exc:
+        return f"does not accept connections ({exc})"
+    with sock:
+        if not parts.scheme.startswith("socks"):
+            return None
+        method = b"\x02" if parts.username else b"\x00"
+        try:
+            sock.sendall(b"\x05\x01" + method)
+            answer = sock.recv(2)
+        except OSError as exc:
+            return f"no SOCKS5 answer ({exc})"
+        if answer != b"\x05" + method:
+            return "refuses our SOCKS5 login method" if answer[:1] == b"\x05" else "is not a SOCKS5 proxy"
+        if parts.username:
+            from urllib.parse import unquote
+
+            user, password = unquote(parts.username).encode(), unquote(parts.password or "").encode()
+            try:
+                sock.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
+                if sock.recv(2) != b"\x01\x00":
+                    return "rejects the username or password"
+            except OSError as exc:
+                return f"no answer to the login ({exc})"
+    return None
