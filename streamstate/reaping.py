@@ -45,6 +45,7 @@ from .process import (
     stop_processes,
     stream_ffmpegs_under,
 )
+from .redis_client import redis_from_url
 
 log = logging.getLogger("streamkeeper.reaper")
 
@@ -167,8 +168,6 @@ class PassSummary:
 
 class Reaper:
     def __init__(self, settings, client: redis.Redis | None = None, *, dry_run: bool = False):
-        from streamstate.redis_client import redis_from_url
-
         self.settings = settings
         self.host = settings.host_id
         self.redis = client or redis_from_url(settings.redis_url)
