@@ -18,10 +18,10 @@ from demo.stack import LocalStack
 from streamstate import keys
 from streamstate.urls import ACCEL_PREFIX
 from tests import hls_check
+from tests.fakes.provider_emulator import ProviderEmulator
+from tests.fakes.recording_proxy import RecordingProxy
 from tests.faults import FAULTS, add_watched_channel
 from tests.helpers import ffmpegs_writing, first_request, wait_for
-from tests.provider_emulator import ProviderEmulator
-from tests.recording_proxy import RecordingProxy
 from tests.viewing import Watchers
 
 pytestmark = pytest.mark.e2e

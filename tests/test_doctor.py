@@ -128,7 +128,7 @@ def test_the_launcher_stopped_and_redis_stopped(stack, tmp_path):
 
 
 def test_channel_shows_what_its_source_answers_with_and_without_its_proxy(stack, tmp_path):
-    from tests.socks5_server import Socks5Server
+    from tests.fakes.socks5_server import Socks5Server
 
     socks = Socks5Server()
     try:

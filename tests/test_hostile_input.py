@@ -304,7 +304,7 @@ def test_credentials_never_reach_a_player_nor_the_logs(stack):
 def test_tls_is_verified_by_default(stack, extra_launcher, tmp_path):
     """Finding 3: a self-signed https upstream is refused; tls_verify = false plays it; the
     same certificate as tls_ca_file plays with verification on."""
-    from tests.tls_relay import TLSRelay
+    from tests.fakes.tls_relay import TLSRelay
 
     relay = TLSRelay(tmp_path, "127.0.0.1", stack.upstream_port)
     try:

@@ -13,8 +13,8 @@ import redis
 
 from demo.stack import LocalStack
 from streamstate import keys
+from tests.fakes.provider_emulator import ProviderEmulator
 from tests.helpers import ffmpegs_writing, first_request, wait_for
-from tests.provider_emulator import ProviderEmulator
 
 pytestmark = pytest.mark.e2e
 

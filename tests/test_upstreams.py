@@ -12,11 +12,11 @@ import pytest
 
 from streamstate import keys
 from tests.conftest import REPO
+from tests.fakes.hls_origin import HLSOrigin
+from tests.fakes.socks5_server import Socks5Server
+from tests.fakes.tls_relay import TLSRelay
 from tests.helpers import add_channel, ffmpegs_writing, first_request, wait_for
-from tests.hls_origin import HLSOrigin
-from tests.socks5_server import Socks5Server
 from tests.test_hostile_input import RecordingListener
-from tests.tls_relay import TLSRelay
 
 pytestmark = pytest.mark.e2e
 
