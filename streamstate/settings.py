@@ -12,14 +12,33 @@ The file is found as: ``--config PATH``, else ``$STREAMKEEPER_CONFIG``, else
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
 import socket
 import tomllib
 from typing import Any, Callable, Mapping
 
-from .channels import CONTROL_RE, ChannelError, check_proxy
+from .setting_values import (
+    DEFAULT_QUALITY_PROFILES,
+    DEFAULT_USER_AGENT,
+    is_loopback_host,
+    parse_abs_path,
+    parse_auth_url,
+    parse_bool,
+    parse_command,
+    parse_count,
+    parse_header_text,
+    parse_host_port,
+    parse_listen_or_off,
+    parse_loopback_host_port,
+    parse_nginx_listen,
+    parse_nonempty_str,
+    parse_number,
+    parse_profiles,
+    parse_proxy,
+    parse_redis_url,
+    positive_seconds,
+    seconds_or_off,
+)
 from .upstreams import DEFAULT_UPSTREAM_DENY, Network, Provider, parse_networks, parse_providers
 
 DEFAULT_CONFIG_PATH = "/etc/streamkeeper/streamkeeper.toml"
@@ -29,233 +48,6 @@ ENV_PREFIX = "STREAMKEEPER_"
 
 class SettingsError(ValueError):
     """An invalid setting; the message names the key and the problem."""
-
-
-def _parse_str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {type(value).__name__}")
-    return value
-
-
-def _parse_nonempty_str(value: Any) -> str:
-    text = _parse_str(value).strip()
-    if not text:
-        raise ValueError("must not be empty")
-    return text
-
-
-def _parse_number(value: Any, *, minimum: float, allow_zero: bool = False) -> float:
-    if isinstance(value, bool):
-        raise ValueError("expected a number, got a boolean")
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise ValueError(f"expected a number, got {value!r}") from None
-    if not isinstance(value, (int, float)):
-        raise ValueError(f"expected a number, got {type(value).__name__}")
-    number = float(value)
-    if number != number or number in (float("inf"), float("-inf")):
-        raise ValueError("must be a finite number")
-    if allow_zero and number == 0:
-        return number
-    if number < minimum:
-        raise ValueError(f"must be at least {minimum:g}" + (" (or 0 to turn it off)" if allow_zero else ""))
-    return number
-
-
-def _positive_seconds(value: Any) -> float:
-    return _parse_number(value, minimum=0.05)
-
-
-def _seconds_or_off(value: Any) -> float:
-    return _parse_number(value, minimum=1, allow_zero=True)
-
-
-def _parse_count(value: Any) -> int:
-    number = _parse_number(value, minimum=0)
-    if number != int(number):
-        raise ValueError(f"expected a whole number, got {value!r}")
-    return int(number)
-
-
-def _parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def _parse_host_port(value: Any) -> str:
-    text = _parse_nonempty_str(value)
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected host:port, got {text!r}")
-    return text
-
-
-def _parse_nginx_listen(value: Any) -> str:
-    text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else None
-    if not text or any(c in text for c in ";{}\n\"'"):
-        raise ValueError(f"expected what nginx's listen takes (80, 127.0.0.1:8080), got {value!r}")
-    return text
-
-
-def _parse_proxy(value: Any) -> str:
-    text = _parse_str(value).strip()
-    if text in ("", "none", "off"):
-        return ""
-    try:
-        return check_proxy("upstream_proxy", text) or ""
-    except ChannelError as exc:
-        raise ValueError(str(exc).replace("channel upstream_proxy: proxy", "expected a proxy URL:")) from None
-
-
-def _parse_auth_url(value: Any) -> str:
-    """The operator's token validator nginx asks (auth_request): an http(s) URL, '' for none."""
-    text = _parse_str(value).strip()
-    if text in ("", "none", "off"):
-        return ""
-    if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~!$&'()*+,;=:@%/\-]*)?", text):
-        raise ValueError(f"expected an http:// or https:// URL (no query, no spaces), got {text[:80]!r}")
-    return text
-
-
-def is_loopback_host(host: str) -> bool:
-    """127.0.0.0/8, ::1 (bracketed or not) or localhost: the one loopback test of a listen address."""
-    host = host.strip("[]")
-    return host.startswith("127.") or host in ("::1", "localhost")
-
-
-def _parse_loopback_host_port(value: Any) -> str:
-    text = _parse_host_port(value)
-    if not is_loopback_host(text.rpartition(":")[0]):
-        raise ValueError(f"must be a loopback address (it carries every upstream connection), got {text!r}")
-    return text
-
-
-PROFILE_KEYS = {"video", "audio", "analyzeduration", "probesize"}
-_PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
-
-
-def _parse_profiles(value: Any) -> dict:
-    """The built-in profiles, each replaced by the file's profile of the same name (a file
-    defining only [quality_profiles.low] keeps copy, medium and high).  Every value is
-    checked here, at load, not at the first start."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise ValueError(f"expected a table (or JSON object): {exc}") from None
-    if not isinstance(value, dict) or not value:
-        raise ValueError("expected a table of profiles: name = {video = [...], audio = [...]}")
-    profiles = {
-        name: dict(profile, **{k: v for k, v in DEFAULT_PROFILE_PROBE.items() if k not in profile})
-        for name, profile in DEFAULT_QUALITY_PROFILES.items()
-    }
-    for name, profile in value.items():
-        if not isinstance(name, str) or not _PROFILE_NAME_RE.fullmatch(name):
-            raise ValueError(f"profile name {str(name)[:40]!r}: letters, digits, _ and - only")
-        if not isinstance(profile, dict) or not set(profile) <= PROFILE_KEYS:
-            raise ValueError(f"profile {name!r}: expected keys among {sorted(PROFILE_KEYS)}")
-        clean: dict[str, Any] = dict(DEFAULT_PROFILE_PROBE)
-        for key in ("video", "audio"):
-            args = profile.get(key, [])
-            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-                raise ValueError(f"profile {name!r}: {key} must be a list of ffmpeg arguments (strings)")
-            if any(CONTROL_RE.search(a) or len(a) > 1024 for a in args):
-                raise ValueError(
-                    f"profile {name!r}: {key} has an argument with a control " "character or over 1024 characters"
-                )
-            clean[key] = list(args)
-        for key in ("analyzeduration", "probesize"):
-            if key in profile:
-                clean[key] = int(_parse_number(profile[key], minimum=32))
-        profiles[name] = clean
-    return profiles
-
-
-# Probing: FFmpeg's default (analyzeduration 5 s) holds the first segment back
-# about 4 s on a live source; 1 s / 1 MB still finds audio and video.
-DEFAULT_PROFILE_PROBE = {"analyzeduration": 1_000_000, "probesize": 1_000_000}
-
-
-def _x264(height: int, bitrate_k: int, audio_k: int) -> dict:
-    return {
-        "video": [
-            "-c:v",
-            "libx264",
-            "-preset",
-            "veryfast",
-            "-profile:v",
-            "main",
-            "-vf",
-            f"scale=-2:{height}",
-            "-b:v",
-            f"{bitrate_k}k",
-            "-maxrate",
-            f"{bitrate_k * 11 // 10}k",
-            "-bufsize",
-            f"{bitrate_k * 2}k",
-            "-pix_fmt",
-            "yuv420p",
-        ],
-        "audio": ["-c:a", "aac", "-b:a", f"{audio_k}k", "-ac", "2"],
-    }
-
-
-DEFAULT_QUALITY_PROFILES = {
-    "copy": {"video": ["-c:v", "copy"], "audio": ["-c:a", "copy"]},
-    "low": _x264(480, 800, 96),
-    "medium": _x264(720, 2000, 128),
-    "high": _x264(1080, 4500, 160),
-}
-
-DEFAULT_USER_AGENT = (
-    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
-    "(KHTML, like Gecko) Chrome/124.0 Safari/537.36 VLC/3.0.20"
-)
-
-
-def _parse_header_text(value: Any) -> str:
-    """A value FFmpeg sends in a request header: no control characters (CR/LF injection)."""
-    text = _parse_nonempty_str(value)
-    if CONTROL_RE.search(text) or len(text) > 512:
-        raise ValueError("must be at most 512 characters, without control characters")
-    return text
-
-
-def _parse_command(value: Any) -> str:
-    text = _parse_nonempty_str(value)
-    if CONTROL_RE.search(text):
-        raise ValueError("must not contain control characters")
-    return text
-
-
-def _parse_redis_url(value: Any) -> str:
-    url = _parse_nonempty_str(value)
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"must start with redis://, rediss:// or unix://, got {url!r}")
-    return url
-
-
-def _parse_abs_path(value: Any) -> str:
-    path = _parse_nonempty_str(value)
-    if CONTROL_RE.search(path):
-        raise ValueError("must not contain control characters (a newline, a tab, ...)")
-    if not os.path.isabs(path):
-        raise ValueError(f"must be an absolute path, got {path!r}")
-    return os.path.normpath(path)
-
-
-def _parse_listen_or_off(value: Any) -> str:
-    text = _parse_str(value).strip()
-    if text in ("", "off", "none"):
-        return ""
-    return _parse_host_port(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,72 +69,72 @@ class Settings:
     """The effective settings: the one table of every key (its type, default, parser and
     help), then where each value came from.  Built by :func:`load_settings` only."""
 
-    redis_url: str = setting(lambda: "redis://127.0.0.1:6379/0", _parse_redis_url, "shared state")
-    hls_dir: str = setting(lambda: "/var/www/hls", _parse_abs_path, "where playlists and segments live")
+    redis_url: str = setting(lambda: "redis://127.0.0.1:6379/0", parse_redis_url, "shared state")
+    hls_dir: str = setting(lambda: "/var/www/hls", parse_abs_path, "where playlists and segments live")
     access_log: str = setting(
-        lambda: "/var/log/nginx/streams_access.log", _parse_abs_path, "the nginx access log heartbeatd follows"
+        lambda: "/var/log/nginx/streams_access.log", parse_abs_path, "the nginx access log heartbeatd follows"
     )
     log_format: str = setting(
-        lambda: "streamkeeper", _parse_nonempty_str, "'streamkeeper' (ours) or a full nginx log_format string"
+        lambda: "streamkeeper", parse_nonempty_str, "'streamkeeper' (ours) or a full nginx log_format string"
     )
-    state_dir: str = setting(lambda: "/var/lib/streamkeeper", _parse_abs_path, "checkpoints and other local state")
+    state_dir: str = setting(lambda: "/var/lib/streamkeeper", parse_abs_path, "checkpoints and other local state")
     log_dir: str = setting(
         lambda: "/var/log/streamkeeper",
-        _parse_abs_path,
+        parse_abs_path,
         "FFmpeg's own output, one capped file per channel (streamctl logs ID)",
     )
     idle_timeout: float = setting(
-        lambda: 300.0, lambda v: _parse_number(v, minimum=1), "seconds without a viewer before a stream is stopped"
+        lambda: 300.0, lambda v: parse_number(v, minimum=1), "seconds without a viewer before a stream is stopped"
     )
-    flush_interval: float = setting(lambda: 1.0, _positive_seconds, "seconds between heartbeat writes")
+    flush_interval: float = setting(lambda: 1.0, positive_seconds, "seconds between heartbeat writes")
     viewer_window: float = setting(
         lambda: 30.0,
-        _seconds_or_off,
+        seconds_or_off,
         "seconds a viewer counts as watching after its last request (0: no viewer counting)",
     )
-    host_id: str = setting(socket.gethostname, _parse_nonempty_str, "which streaming host this is")
+    host_id: str = setting(socket.gethostname, parse_nonempty_str, "which streaming host this is")
     parse_workers: int = setting(
         lambda: 0,
-        _parse_count,
+        parse_count,
         "processes that parse a backlog of the access log in parallel (0: one per core, "
         "at most 4; 1: parse in heartbeatd itself)",
     )
     launcher_listen: str = setting(
-        lambda: "127.0.0.1:5000", _parse_host_port, "host:port the launcher listens on (nginx's fallback calls it)"
+        lambda: "127.0.0.1:5000", parse_host_port, "host:port the launcher listens on (nginx's fallback calls it)"
     )
-    launcher_allow_remote: bool = setting(lambda: False, _parse_bool, "allow a non-loopback launcher_listen")
-    nginx_listen: str = setting(lambda: "80", _parse_nginx_listen, "what the rendered nginx server block listens on")
-    ffmpeg: str = setting(lambda: "ffmpeg", _parse_command, "the ffmpeg binary")
-    hls_time: float = setting(lambda: 4.0, lambda v: _parse_number(v, minimum=0.5), "target segment length, seconds")
+    launcher_allow_remote: bool = setting(lambda: False, parse_bool, "allow a non-loopback launcher_listen")
+    nginx_listen: str = setting(lambda: "80", parse_nginx_listen, "what the rendered nginx server block listens on")
+    ffmpeg: str = setting(lambda: "ffmpeg", parse_command, "the ffmpeg binary")
+    hls_time: float = setting(lambda: 4.0, lambda v: parse_number(v, minimum=0.5), "target segment length, seconds")
     hls_init_time: float = setting(
         lambda: 1.0,
-        lambda v: _parse_number(v, minimum=0.5),
+        lambda v: parse_number(v, minimum=0.5),
         "length of the first segments, seconds (a faster first picture)",
     )
     hls_list_size: int = setting(
-        lambda: 6, lambda v: int(_parse_number(v, minimum=2)), "segments listed in the playlist"
+        lambda: 6, lambda v: int(parse_number(v, minimum=2)), "segments listed in the playlist"
     )
     start_timeout: float = setting(
-        lambda: 20.0, lambda v: _parse_number(v, minimum=1), "seconds a start may take before the player gets a 503"
+        lambda: 20.0, lambda v: parse_number(v, minimum=1), "seconds a start may take before the player gets a 503"
     )
     min_segments: int = setting(
         lambda: 1,
-        lambda v: int(_parse_number(v, minimum=1)),
+        lambda v: int(parse_number(v, minimum=1)),
         "segments the playlist must list before the first player is sent to it",
     )
     quality_profiles: dict[str, dict[str, Any]] = setting(
-        lambda: DEFAULT_QUALITY_PROFILES, _parse_profiles, "FFmpeg video/audio options and probe settings per quality"
+        lambda: DEFAULT_QUALITY_PROFILES, parse_profiles, "FFmpeg video/audio options and probe settings per quality"
     )
     upstream_proxy: str = setting(
         lambda: "",
-        _parse_proxy,
+        parse_proxy,
         "proxy for every upstream connection: http://, socks5:// or socks5h:// (the "
         "proxy resolves names), user:pass allowed ('' for none); a provider's or "
         "channel's proxy wins",
     )
     egress_listen: str = setting(
         lambda: "127.0.0.1:5001",
-        _parse_loopback_host_port,
+        parse_loopback_host_port,
         "loopback host:port of the egress relay every upstream connection goes through",
     )
     upstream_allow: tuple[Network, ...] = setting(
@@ -366,78 +158,76 @@ class Settings:
     )
     auth_url: str = setting(
         lambda: "",
-        _parse_auth_url,
+        parse_auth_url,
         "the operator's viewer validator: nginx asks it (auth_request, with the token and the "
         "channel) before a playlist or a cold start; '' lets everyone in",
     )
     auth_cache_seconds: int = setting(
-        lambda: 10, _parse_count, "seconds nginx keeps the validator's answer per token and channel (0: ask every time)"
+        lambda: 10, parse_count, "seconds nginx keeps the validator's answer per token and channel (0: ask every time)"
     )
     auth_cache_dir: str = setting(
         lambda: "/var/lib/nginx/streamkeeper-auth",
-        _parse_abs_path,
+        parse_abs_path,
         "where nginx keeps those answers (nginx creates the directory; its parent must exist: "
         "/var/lib/nginx does on Debian)",
     )
     source_cooldown: float = setting(
         lambda: 60.0,
-        lambda v: _parse_number(v, minimum=0),
+        lambda v: parse_number(v, minimum=0),
         "seconds a source that failed is skipped while a channel has other sources",
     )
     user_agent: str = setting(
-        lambda: DEFAULT_USER_AGENT, _parse_header_text, "User-Agent sent upstream unless the channel sets one"
+        lambda: DEFAULT_USER_AGENT, parse_header_text, "User-Agent sent upstream unless the channel sets one"
     )
     tls_ca_file: str = setting(
         lambda: "/etc/ssl/certs/ca-certificates.crt",
-        _parse_abs_path,
+        parse_abs_path,
         "CA certificates an https source's certificate is verified against",
     )
     max_streams: int = setting(
         lambda: 0,
-        _parse_count,
+        parse_count,
         "FFmpegs this host runs at most (0: 2 per CPU core); a start beyond it preempts "
         "the stream longest without a request, else gets 503",
     )
     preempt_idle: float = setting(
         lambda: 15.0,
-        lambda v: _parse_number(v, minimum=1),
+        lambda v: parse_number(v, minimum=1),
         "seconds without any request before a stream may be preempted by a new start",
     )
     start_rate_limit: int = setting(
-        lambda: 30, _parse_count, "cold starts per minute per client address, in nginx (burst 10; 0: no limit)"
+        lambda: 30, parse_count, "cold starts per minute per client address, in nginx (burst 10; 0: no limit)"
     )
-    min_free_mb: int = setting(lambda: 256, _parse_count, "MB that must be free in hls_dir for a start (0: no check)")
+    min_free_mb: int = setting(lambda: 256, parse_count, "MB that must be free in hls_dir for a start (0: no check)")
     reaper_interval: float = setting(
-        lambda: 60.0, lambda v: _parse_number(v, minimum=0.1), "seconds between reaper passes"
+        lambda: 60.0, lambda v: parse_number(v, minimum=0.1), "seconds between reaper passes"
     )
     stop_grace: float = setting(
         lambda: 10.0,
-        lambda v: _parse_number(v, minimum=0.1),
+        lambda v: parse_number(v, minimum=0.1),
         "seconds between SIGTERM and SIGKILL when a stream is stopped",
     )
-    max_restarts: int = setting(
-        lambda: 5, _parse_count, "restarts within restart_window after which a stream is failed"
-    )
+    max_restarts: int = setting(lambda: 5, parse_count, "restarts within restart_window after which a stream is failed")
     restart_window: float = setting(
-        lambda: 300.0, lambda v: _parse_number(v, minimum=1), "seconds over which max_restarts is counted"
+        lambda: 300.0, lambda v: parse_number(v, minimum=1), "seconds over which max_restarts is counted"
     )
     failed_cooldown: float = setting(
         lambda: 60.0,
-        lambda v: _parse_number(v, minimum=0),
+        lambda v: parse_number(v, minimum=0),
         "seconds a failed channel's starts get 503 with the reason, and no FFmpeg runs",
     )
     orphan_age: float = setting(
         lambda: 0.0,
-        lambda v: _parse_number(v, minimum=1, allow_zero=True),
+        lambda v: parse_number(v, minimum=1, allow_zero=True),
         "seconds before files of no running stream are deleted (0: 2 x idle_timeout)",
     )
     host_timeout: float = setting(
         lambda: 0.0,
-        lambda v: _parse_number(v, minimum=1, allow_zero=True),
+        lambda v: parse_number(v, minimum=1, allow_zero=True),
         "seconds before another host's records count as stale (0: 5 x reaper_interval)",
     )
     metrics_listen: str = setting(
-        lambda: "", _parse_listen_or_off, "host:port for heartbeatd's Prometheus metrics ('' or 'off': none)"
+        lambda: "", parse_listen_or_off, "host:port for heartbeatd's Prometheus metrics ('' or 'off': none)"
     )
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)  # key -> where from
     config_path: str | None = None
