@@ -59,4 +59,4 @@ bench-cold-start: venv players
 	$(VPY) bench/cold_start.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache $(PLAYERS)/node_modules test-artifacts
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info $(PLAYERS)/node_modules test-artifacts

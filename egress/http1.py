@@ -34,8 +34,8 @@ def deadline(seconds: float) -> float:
     return asyncio.get_running_loop().time() + seconds
 
 
-async def next_event(connection: h11.Connection, reader, deadline: float, *, skip_informational: bool = False):
-    """The next h11 event of a connection, reading as it needs until ``deadline`` (the loop's
+async def next_event(connection: h11.Connection, reader, until: float, *, skip_informational: bool = False):
+    """The next h11 event of a connection, reading as it needs until ``until`` (the loop's
     clock: one bound for a whole head, however it is cut up); None when the peer closed or
     broke the protocol, TOO_LARGE for a head over MAX_HEAD_BYTES.  Raises TimeoutError."""
     while True:
@@ -44,7 +44,7 @@ async def next_event(connection: h11.Connection, reader, deadline: float, *, ski
         except h11.RemoteProtocolError as exc:
             return TOO_LARGE if exc.error_status_hint == 431 else None
         if event is h11.NEED_DATA:
-            remaining = deadline - asyncio.get_running_loop().time()
+            remaining = until - asyncio.get_running_loop().time()
             if remaining <= 0:
                 raise asyncio.TimeoutError
             data = await asyncio.wait_for(reader.read(CHUNK), remaining)

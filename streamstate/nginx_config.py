@@ -1,7 +1,8 @@
-"""Render the nginx snippet from the settings.
+"""Render the nginx snippet and the logrotate file from the settings.
 
-The template and the log format ship inside the package (``streamstate/nginx/``,
-package data), so an installed wheel renders exactly what a checkout does.
+Their templates ship inside the package (``streamstate/nginx/``, package data), so an
+installed wheel renders exactly what a checkout does; the log format is
+``logformat.STREAMKEEPER_LOG_FORMAT``.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from .redis_client import registered_script
 
 class RunState(enum.StrEnum):
     """A run's states, as the run record keeps them (the value), and the moves allowed
-    between them (``can_become``): supervisor's BACKOFF and FATAL as states, not strings."""
+    between them (``can_become``): as supervisor's BACKOFF and FATAL are: states, not strings."""
 
     STARTING = "starting"  # FFmpeg runs, its playlist not yet playable
     RUNNING = "running"  # playable, watched

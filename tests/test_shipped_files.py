@@ -2,6 +2,7 @@
 wheel carries it."""
 
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -46,28 +47,44 @@ http {{
     assert result.returncode == 0, result.stderr
 
 
-def test_an_installed_wheel_renders_the_nginx_snippet(tmp_path):
-    """As a host gets it: a wheel installed outside the checkout renders a snippet nginx accepts."""
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
+def build_wheel(directory) -> pathlib.Path:
+    """The wheel as a host gets it, built from a copy of the checkout's tracked files: a
+    stale build/ in the checkout (setuptools never empties it) never leaks into it."""
+    source = directory / "source"
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True, timeout=60)
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        target = source / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.join(REPO, name), target, follow_symlinks=False)
+    wheels = directory / "wheels"
     build = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--wheel-dir",
-            str(wheels),
-            REPO,
-        ],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"]
+        + ["--wheel-dir", str(wheels), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert build.returncode == 0, build.stderr[-3000:]
     [wheel] = list(wheels.glob("streamkeeper-*.whl"))
+    return wheel
+
+
+def test_the_wheel_holds_what_a_host_needs_and_nothing_of_the_demo(tmp_path):
+    """Issue 17: the demo's stack (a test helper) is not shipped; the packages are the shared
+    layer, the four services and streamctl, with their templates."""
+    import zipfile
+
+    names = zipfile.ZipFile(build_wheel(tmp_path)).namelist()
+    packages = {name.split("/")[0] for name in names if "/" in name and ".dist-info" not in name}
+    assert packages == {"streamstate", "heartbeatd", "launcher", "egress", "reaper", "streamctl"}
+    assert "streamstate/nginx/streamkeeper.conf.template" in names
+    assert "streamstate/systemd/_hardening.conf" in names and "launcher/status.html" in names
+
+
+def test_an_installed_wheel_renders_the_nginx_snippet(tmp_path):
+    """As a host gets it: a wheel installed outside the checkout renders a snippet nginx accepts."""
+    site = tmp_path / "site"
+    wheel = build_wheel(tmp_path)
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],
         capture_output=True,
@@ -118,27 +135,9 @@ def installed_venv(tmp_path_factory):
     """The wheel installed into a fresh venv outside the checkout, as a host gets it (its
     dependencies come from the test venv through a .pth file: no network needed)."""
     base = tmp_path_factory.mktemp("wheel")
-    wheels, venv = base / "wheels", base / "venv"
-    build = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--wheel-dir",
-            str(wheels),
-            REPO,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
+    venv = base / "venv"
+    wheel = build_wheel(base)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    [wheel] = list(wheels.glob("streamkeeper-*.whl"))
     install = subprocess.run(
         [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
         capture_output=True,
