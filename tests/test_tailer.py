@@ -42,13 +42,30 @@ class Writer(threading.Thread):
                 self.written = n + 1
 
 
+def holds(tailer: LogTailer, path) -> bool:
+    """The tailer reads the file now at ``path``."""
+    position = tailer.position()
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return position is not None and (position.identity.dev, position.identity.ino) == (st.st_dev, st.st_ino)
+
+
 def follow_while(tailer, writer, rotate, rotations=3):
     lines: list[bytes] = []
     done_rotations = 0
     writer.start()
     while writer.is_alive() or done_rotations < rotations:
         collect(tailer, lines)
-        if done_rotations < rotations and writer.written > (done_rotations + 1) * writer.count // (rotations + 1):
+        # The next rotation only once the tailer holds the file it rotates: two rotations
+        # between two reads (a whole file it never saw) is no rotation a host lives with
+        # (logrotate runs daily), and on a loaded machine the writer can outrun a read.
+        if (
+            done_rotations < rotations
+            and writer.written > (done_rotations + 1) * writer.count // (rotations + 1)
+            and holds(tailer, writer.path)
+        ):
             rotate(done_rotations)
             done_rotations += 1
     writer.join()
