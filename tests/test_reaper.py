@@ -25,6 +25,13 @@ HOLD_SIGNALS = (
 )
 
 
+def pattern_hls_argv(hls: str, channel, extra: list[str] = ()) -> list[str]:
+    """An FFmpeg writing the channel's HLS from a test pattern, as the old launcher did."""
+    encode = "ffmpeg -nostdin -re -f lavfi -i testsrc=size=96x64:rate=10 -c:v libx264 -preset ultrafast -g 10"
+    segments = ["-f", "hls", "-hls_time", "1", "-hls_list_size", "3", "-hls_segment_filename"]
+    return [*encode.split(), *extra, *segments, files.segment_pattern(hls, channel), files.playlist_path(hls, channel)]
+
+
 def ignores_sigterm(pid: int) -> bool:
     """Its SIGTERM disposition is 'ignore' (/proc/<pid>/status SigIgn, bit 15)."""
     return _status_mask(pid, "SigIgn") & (1 << (signal.SIGTERM - 1)) != 0
@@ -86,32 +93,7 @@ def env(tmp_path, redis_server, redis_client, monkeypatch):
         return process
 
     def ffmpeg(channel):
-        process = spawn(
-            [
-                "ffmpeg",
-                "-nostdin",
-                "-re",
-                "-f",
-                "lavfi",
-                "-i",
-                "testsrc=size=96x64:rate=10",
-                "-c:v",
-                "libx264",
-                "-preset",
-                "ultrafast",
-                "-g",
-                "10",
-                "-f",
-                "hls",
-                "-hls_time",
-                "1",
-                "-hls_list_size",
-                "3",
-                "-hls_segment_filename",
-                files.segment_pattern(str(hls), channel),
-                files.playlist_path(str(hls), channel),
-            ]
-        )
+        process = spawn(pattern_hls_argv(str(hls), channel))
         wait_for(
             lambda: files.count_listed_segments(files.playlist_path(str(hls), channel)) >= 1,
             timeout=20,
@@ -371,34 +353,7 @@ def test_a_legacy_record_is_proven_by_the_output_argument_not_any_argument(env):
     """Channel 53's FFmpeg mentions stream_51.m3u8 (in its metadata); a legacy record of 51
     pointing at it must not get channel 53 killed."""
     decoy = files.playlist_path(env.hls, 51)
-    ff = env.spawn(
-        [
-            "ffmpeg",
-            "-nostdin",
-            "-re",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=96x64:rate=10",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-g",
-            "10",
-            "-metadata",
-            f"title={decoy}",
-            "-f",
-            "hls",
-            "-hls_time",
-            "1",
-            "-hls_list_size",
-            "3",
-            "-hls_segment_filename",
-            files.segment_pattern(env.hls, 53),
-            files.playlist_path(env.hls, 53),
-        ]
-    )
+    ff = env.spawn(pattern_hls_argv(env.hls, 53, extra=["-metadata", f"title={decoy}"]))
     wait_for(lambda: files.count_listed_segments(files.playlist_path(env.hls, 53)) >= 1, timeout=20)
     record(env, 53, ff, last_access=time.time())  # 53 is watched
     env.redis.set(keys.pid_key(51), ff.pid)
