@@ -11,11 +11,9 @@ import re
 import socket
 from urllib.parse import unquote
 
+from streamstate.address_policy import literal_address
 from streamstate.egress import RefusalKind
-from streamstate.upstreams import (
-    literal_address,
-    socks_connection,
-)
+from streamstate.upstreams import socks_connection
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach an upstream or a proxy
 CHUNK = 64 * 1024

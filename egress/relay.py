@@ -40,16 +40,10 @@ from urllib.parse import unquote, urlsplit
 import h11
 
 from streamstate import egress, keys
+from streamstate.address_policy import AddressPolicy, literal_address
 from streamstate.egress import RefusalKind
 from streamstate.redact import redact_url
-from streamstate.upstreams import (
-    AddressPolicy,
-    literal_address,
-    matching_providers,
-    provider_servers,
-    proxy_endpoint,
-    server_key,
-)
+from streamstate.upstreams import matching_providers, provider_servers, proxy_endpoint, server_key
 
 from .connect import (
     CHUNK,

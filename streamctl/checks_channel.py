@@ -73,7 +73,7 @@ def _probe_within(url: str, headers: dict, proxy: str | None, settings) -> str:
 
 
 def _refused_address(url: str, settings) -> str | None:
-    from streamstate.upstreams import AddressPolicy, literal_address
+    from streamstate.address_policy import AddressPolicy, literal_address
 
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)

@@ -17,6 +17,7 @@ import socket
 import tomllib
 from typing import Any, Callable, Mapping
 
+from .address_policy import DEFAULT_UPSTREAM_DENY, Network, parse_networks
 from .setting_values import (
     DEFAULT_QUALITY_PROFILES,
     DEFAULT_USER_AGENT,
@@ -39,7 +40,7 @@ from .setting_values import (
     positive_seconds,
     seconds_or_off,
 )
-from .upstreams import DEFAULT_UPSTREAM_DENY, Network, Provider, parse_networks, parse_providers
+from .upstreams import Provider, parse_providers
 
 DEFAULT_CONFIG_PATH = "/etc/streamkeeper/streamkeeper.toml"
 CONFIG_ENV = "STREAMKEEPER_CONFIG"

@@ -4,7 +4,7 @@ and the cloud metadata addresses and the shared address space are in the default
 
 import pytest
 
-from streamstate.upstreams import DEFAULT_UPSTREAM_DENY, AddressPolicy, normal_address, parse_networks
+from streamstate.address_policy import DEFAULT_UPSTREAM_DENY, AddressPolicy, normal_address, parse_networks
 
 pytestmark = pytest.mark.unit
 
