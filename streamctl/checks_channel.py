@@ -10,6 +10,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 from streamstate import keys
+from streamstate.address_policy import AddressPolicy, literal_address
 from streamstate.channel_check import validate
 from streamstate.channels import ChannelError, get_channel
 from streamstate.redact import redact_url
@@ -73,8 +74,6 @@ def _probe_within(url: str, headers: dict, proxy: str | None, settings) -> str:
 
 
 def _refused_address(url: str, settings) -> str | None:
-    from streamstate.address_policy import AddressPolicy, literal_address
-
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     host = parts.hostname or ""

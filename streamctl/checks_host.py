@@ -8,11 +8,13 @@ import os
 import socket
 import subprocess
 import time
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis
 
 from streamstate import egress, files, runs
+from streamstate.checkpoint import checkpoint_path, load_checkpoint
+from streamstate.logformat import LogFormatError, LogLineParser, normalise_format
 from streamstate.process import resolve_executable
 from streamstate.redact import redact_url
 from streamstate.upstreams import proxy_endpoint
@@ -84,7 +86,6 @@ def check_redis(settings) -> list[Check]:
 def check_nginx(settings, conf_file: str | None) -> list[Check]:
     """The /live/ location logs to the file heartbeatd follows, in a format it parses; a
     missing playlist falls back to the address the launcher listens on."""
-    from streamstate.logformat import LogFormatError, LogLineParser, normalise_format
 
     try:
         text, source = nginx_conf.effective_config(conf_file)
@@ -340,7 +341,6 @@ def _health_reason(body: str) -> str:
 
 def check_heartbeatd(settings) -> list[Check]:
     """Running (a process of that name), and how far behind the access log it is."""
-    from streamstate.checkpoint import checkpoint_path, load_checkpoint
 
     running = [
         pid
@@ -475,8 +475,6 @@ def _proxy_problem(proxy: str) -> str | None:
         if answer != b"\x05" + method:
             return "refuses our SOCKS5 login method" if answer[:1] == b"\x05" else "is not a SOCKS5 proxy"
         if parts.username:
-            from urllib.parse import unquote
-
             user, password = unquote(parts.username).encode(), unquote(parts.password or "").encode()
             try:
                 sock.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)

@@ -10,6 +10,7 @@ import stat
 import time
 
 from streamstate import files, hls, keys, providers, runs
+from streamstate.reaping import ActionKind, Reaper, RedisUnavailable
 from streamstate.runs import RunState
 
 from .checks_common import (
@@ -88,7 +89,6 @@ def check_streams(client, settings) -> list[Check]:
     old host's keys alone: stream:<id>:pid, :started, :last_access), junk in streams:active,
     provider slots no running stream holds, FFmpegs no record knows; empty or stale
     playlists in hls_dir; free space."""
-    from streamstate.reaping import ActionKind, Reaper, RedisUnavailable
 
     found = []
     try:

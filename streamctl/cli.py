@@ -8,6 +8,10 @@ import click
 import redis
 
 from streamstate.cli_options import group_settings_options, settings_options
+from streamstate.daemon import configure_logging
+from streamstate.files import write_atomic
+from streamstate.nginx_config import render_nginx_config
+from streamstate.reaping import Reaper, run_one
 from streamstate.settings import SPEC_BY_KEY
 
 from .channels import channels_group
@@ -87,7 +91,6 @@ def nginx_config_command(settings_loader, output):
     the launcher at launcher_listen. Include it in nginx's http {} block, then
     `nginx -t && nginx -s reload`.
     """
-    from streamstate.nginx_config import render_nginx_config
 
     try:
         text = render_nginx_config(settings_loader())
@@ -97,7 +100,6 @@ def nginx_config_command(settings_loader, output):
     if not output:
         click.echo(text, nl=False)
         return
-    from streamstate.files import write_atomic
 
     write_atomic(output, text.encode())
     click.echo(f"wrote {output}", err=True)
@@ -112,8 +114,6 @@ def reap_command(settings_loader, dry_run, as_json):
 
     Exit codes: 0 done, 1 Redis unreachable (nothing stopped), 2 bad settings.
     """
-    from streamstate.daemon import configure_logging
-    from streamstate.reaping import Reaper, run_one
 
     configure_logging("INFO")
     raise SystemExit(run_one(Reaper(settings_loader(), dry_run=dry_run), as_json))

@@ -29,6 +29,7 @@ import click
 
 from streamstate.cli_options import settings_options
 from streamstate.files import write_atomic
+from streamstate.nginx_config import render_logrotate, render_nginx_config
 from streamstate.settings import SPECS, shown_value
 from streamstate.templates import fill, package_file
 
@@ -131,8 +132,6 @@ def check_unit_values(values: dict, *, sandbox: bool = True) -> None:
 
 
 def build_plan(settings, prefix: str, bin_dir: str, user: str, config_path: str) -> Plan:
-    from streamstate.nginx_config import render_logrotate, render_nginx_config
-
     def under(path: str) -> str:
         return os.path.join(prefix, path.lstrip("/")) if prefix else path
 

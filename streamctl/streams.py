@@ -13,6 +13,7 @@ import redis
 
 from streamstate import files, keys, runs
 from streamstate.cli_options import settings_options
+from streamstate.reaping import Reaper, RedisUnavailable
 from streamstate.redact import redact_url
 from streamstate.redis_client import redis_from_url
 from streamstate.streams_view import collect_streams
@@ -106,7 +107,6 @@ def stop_command(settings_loader, channel_id, stop_all):
     except click.ClickException as exc:
         # The launcher is gone (stopped alone before the target): its streams run on, so
         # they are stopped here, with the routine every stop uses.
-        from streamstate.reaping import Reaper, RedisUnavailable
 
         click.echo(f"{exc.message}; stopping this host's streams directly", err=True)
         try:
