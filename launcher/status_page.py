@@ -21,7 +21,7 @@ from importlib import resources
 import redis
 from aiohttp import web
 
-from streamstate import keys, runs
+from streamstate import keys, redis_values, runs
 from streamstate.streams_view import collect_streams
 
 log = logging.getLogger("streamkeeper.launcher")
@@ -84,11 +84,11 @@ def read_history(client, host_id: str) -> list[dict]:
     try:
         raws = client.lrange(keys.status_history_key(host_id), 0, HISTORY_KEEP - 1) or []
     except redis.ResponseError as exc:
-        if not runs.wrong_type(exc):
+        if not redis_values.wrong_type(exc):
             raise
         raws = []  # junk of another type: record_sample replaces it
     for raw in reversed(raws):
-        sample = runs.json_value(raw)
+        sample = redis_values.json_value(raw)
         try:
             point = {"t": float(sample["t"]), "streams": int(sample["streams"]), "viewers": int(sample["viewers"])}
         except (ValueError, TypeError, KeyError, OverflowError):  # junk, Infinity, 1e400, NaN
@@ -102,7 +102,7 @@ def record_sample(client, settings, supervisors) -> None:
     listing = collect_streams(client, settings, supervisors)
     mine = [s for s in listing["streams"] if s["host"] in (None, settings.host_id)]
     sample = json.dumps({"t": round(time.time(), 1), "streams": len(mine), "viewers": sum(s["viewers"] for s in mine)})
-    runs.clear_other_type(client, keys.status_history_key(settings.host_id), "list")
+    redis_values.clear_other_type(client, keys.status_history_key(settings.host_id), "list")
     pipe = client.pipeline(transaction=False)
     pipe.lpush(keys.status_history_key(settings.host_id), sample)
     pipe.ltrim(keys.status_history_key(settings.host_id), 0, HISTORY_KEEP - 1)

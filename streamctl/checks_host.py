@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 
-from streamstate import egress, files, runs
+from streamstate import egress, files, redis_values, runs
 from streamstate.checkpoint import checkpoint_path, load_checkpoint
 from streamstate.logformat import LogFormatError, LogLineParser, normalise_format
 from streamstate.process import resolve_executable
@@ -376,7 +376,7 @@ def check_heartbeatd(settings) -> list[Check]:
 def check_reaper(client, settings) -> list[Check]:
     """It passed within 2 x reaper_interval (the cleanup has a scheduler)."""
     data = runs.reaper_last_pass(client, settings.host_id)
-    last = runs.epoch_seconds(data.get("time"))
+    last = redis_values.epoch_seconds(data.get("time"))
     interval = settings.reaper_interval
     if last is None:
         return [

@@ -11,7 +11,7 @@ import urllib.request
 import click
 import redis
 
-from streamstate import files, keys, runs
+from streamstate import files, keys, redis_values, runs
 from streamstate.cli_options import settings_options
 from streamstate.reaping import Reaper, RedisUnavailable
 from streamstate.redact import redact_url
@@ -233,7 +233,7 @@ def status_command(settings_loader, channel_id, as_json):
             f"{f['cooldown_seconds']:.0f} s more; host {printable(f['host'])})"
         )
     if last_pass:
-        age = time.time() - (runs.epoch_seconds(last_pass.get("time")) or 0)
+        age = time.time() - (redis_values.epoch_seconds(last_pass.get("time")) or 0)
         click.echo(
             f"reaper ({printable(settings.host_id)}): last pass {age:.0f} s ago, "
             f"stopped {printable(last_pass.get('stopped'))}, stale {printable(last_pass.get('stale'))}, "

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 
 from . import keys
 from .redis_client import registered_script
-from .runs import FUTURE_SLACK
+from .redis_values import FUTURE_SLACK
 
 # KEYS: per channel, 3 keys: pid, last_access, viewers.
 # ARGV[1]: trim cutoff (epoch s; viewers with an older score are removed)

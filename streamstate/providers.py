@@ -21,7 +21,7 @@ import time
 
 import redis
 
-from . import keys, runs
+from . import keys, redis_values
 from .redis_client import registered_script
 
 # KEYS: slots; ARGV: channel, value, limit, then (stale channel, its value as read) pairs.
@@ -63,12 +63,12 @@ def _holders(client, provider: str) -> dict[str, tuple[str, dict | None]]:
     try:
         held = client.hgetall(keys.provider_slots_key(provider))
     except redis.ResponseError as exc:
-        if not runs.wrong_type(exc):
+        if not redis_values.wrong_type(exc):
             raise
         held = {}  # junk of another type: no slot held (acquire_slot deletes it)
     for field, raw in held.items():
-        channel, value = runs.text(field), runs.text(raw)
-        data = runs.json_value(value)
+        channel, value = redis_values.text(field), redis_values.text(raw)
+        data = redis_values.json_value(value)
         found[channel] = (value, data if isinstance(data, dict) else None)
     return found
 
@@ -84,7 +84,7 @@ def _stale(
     run_ids = dict(
         zip(
             channels,
-            [None if isinstance(r, Exception) else runs.text(r) for r in pipe.execute(raise_on_error=False)]
+            [None if isinstance(r, Exception) else redis_values.text(r) for r in pipe.execute(raise_on_error=False)]
             if channels
             else [],
         )
@@ -94,7 +94,7 @@ def _stale(
         if data is None or channel not in run_ids:
             stale.append((channel, raw))  # junk
         elif run_ids[channel] != data.get("run_id"):
-            at = runs.epoch_seconds(data.get("at"), now) or 0.0
+            at = redis_values.epoch_seconds(data.get("at"), now) or 0.0
             if now - at > start_grace:
                 stale.append((channel, raw))
     return stale
@@ -115,7 +115,7 @@ def acquire_slot(client, provider: str, limit: int, channel: str, run_id: str, h
 def hold_slot(client, provider: str, channel: str, run_id: str, host: str) -> None:
     """A running stream's slot written again (Redis restarted empty): its connection is open
     whatever the count says."""
-    runs.clear_other_type(client, keys.provider_slots_key(provider), "hash")
+    redis_values.clear_other_type(client, keys.provider_slots_key(provider), "hash")
     client.hset(
         keys.provider_slots_key(provider),
         channel,

@@ -35,7 +35,7 @@ import uuid
 import click
 import redis
 
-from . import files, keys, runs, stream_end
+from . import files, keys, redis_values, runs, stream_end
 from .process import (
     ProcessHandle,
     StreamProcess,
@@ -265,8 +265,8 @@ class Reaper:
                         channel=channel,
                         run=run,
                         pid_raw=pid,
-                        started=runs.epoch_seconds(started, now),
-                        last_access=runs.epoch_seconds(last_access, now),
+                        started=redis_values.epoch_seconds(started, now),
+                        last_access=redis_values.epoch_seconds(last_access, now),
                     )
                 )
         return views
@@ -436,7 +436,7 @@ class Reaper:
 
     def _record_pass(self, summary: PassSummary) -> None:
         try:
-            runs.clear_other_type(self.redis, keys.reaper_last_pass_key(self.host), "hash")  # junk
+            redis_values.clear_other_type(self.redis, keys.reaper_last_pass_key(self.host), "hash")  # junk
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(
                 keys.reaper_last_pass_key(self.host),

@@ -12,15 +12,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import math
 import time
-import typing
 import uuid
 
 import redis
 
-from . import keys
+from . import keys, run_scripts
 from .redis_client import registered_script
+from .redis_values import epoch_seconds, int_or_none, json_value, text, wrong_type
 
 
 class RunState(enum.StrEnum):
@@ -66,107 +65,6 @@ TRANSITIONS: dict[RunState, frozenset[RunState]] = {
 VOUCHED_STATES = frozenset({RunState.STARTING, RunState.BACKOFF, RunState.RUNNING})
 
 
-# Many records in one call (the reaper's batches).  KEYS: per record run, pid, started,
-# last_access (4 keys).  Returns per record 13 values: the run hash's run_id, host, pid,
-# pid_start, started, state, restarts, last_error, until, provider, then pid, started,
-# last_access.
-_READ_BATCH_LUA = """
--- A key of the wrong type (Redis contents are hostile) reads as missing, never as an error
--- that would stop the whole pass.
-local function value(reply)
-  if type(reply) == 'table' and reply.err then return false end
-  return reply
-end
-local out = {}
-for k = 1, #KEYS, 4 do
-  local run = redis.pcall('HMGET', KEYS[k], 'run_id', 'host', 'pid', 'pid_start', 'started',
-                          'state', 'restarts', 'last_error', 'until', 'provider')
-  if type(run) == 'table' and run.err then run = {} end
-  for i = 1, 10 do out[#out + 1] = run[i] or false end
-  out[#out + 1] = value(redis.pcall('GET', KEYS[k + 1]))
-  out[#out + 1] = value(redis.pcall('GET', KEYS[k + 2]))
-  out[#out + 1] = value(redis.pcall('GET', KEYS[k + 3]))
-end
-return out
-"""
-
-# Compare-and-delete many records in one call.  KEYS: per record run, pid, started,
-# last_access, viewers (5 keys), then the active set last.  ARGV: per record
-# kind ('run': compare run_id; 'pid': a legacy record or junk, compare the pid key), the
-# expected value, the channel id.  Returns per record 1 (deleted) or 0 (kept).
-_DELETE_MANY_LUA = """
-local active = KEYS[#KEYS]
-local out = {}
-local a = 1
-for k = 1, #KEYS - 1, 5 do
-  local kind, expected, channel = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  a = a + 3
-  local ours
-  if kind == 'run' then
-    ours = redis.pcall('HGET', KEYS[k], 'run_id') == expected
-  else
-    -- A legacy record (or junk): no run hash with a run_id, and the pid key still holds
-    -- what was read ('' for none, or a key that is not a string).
-    local has_run = redis.call('TYPE', KEYS[k]).ok == 'hash' and redis.call('HEXISTS', KEYS[k], 'run_id') == 1
-    local pid = redis.pcall('GET', KEYS[k + 1])
-    if type(pid) ~= 'string' then pid = '' end
-    ours = (not has_run) and pid == expected
-  end
-  if ours then
-    redis.call('DEL', KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4])
-    redis.pcall('SREM', active, channel)
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
-  end
-end
-return out
-"""
-
-# KEYS: run; ARGV: run id, then field, value pairs
-_UPDATE_IF_RUN_LUA = """
-if redis.pcall('HGET', KEYS[1], 'run_id') ~= ARGV[1] then
-  return 0
-end
-for i = 2, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-return 1
-"""
-
-# KEYS: run, viewers; ARGV: time, viewer.  Only for a running stream (nothing is created
-# for a stream that has no record), never moving a viewer's time backwards.
-_RECORD_VIEWER_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('TYPE', KEYS[2]).ok ~= 'string' then
-  redis.pcall('ZADD', KEYS[2], 'GT', ARGV[1], ARGV[2])
-end
-return 0
-"""
-
-# KEYS: run; ARGV: run id, until.  The launcher's periodic look at its run: 1 and the promise
-# renewed if the record is still that run and not stopping; 0 if it is another run or
-# stopping; -1 if there is none.
-_VOUCH_LUA = """
-local run_id = redis.pcall('HGET', KEYS[1], 'run_id')
-if type(run_id) ~= 'string' then
-  return -1
-end
-if run_id ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') == 'stopping' then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'until', ARGV[2])
-return 1
-"""
-
-# KEYS: lock; ARGV: token
-_RELEASE_LOCK_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-
 @dataclasses.dataclass
 class RunRecord:
     channel: str
@@ -198,12 +96,12 @@ class RunRecord:
             channel=channel,
             run_id=data["run_id"],
             host=data.get("host") or "",
-            pid=_int(data.get("pid")) or 0,
-            pid_start=_int(data.get("pid_start")),
+            pid=int_or_none(data.get("pid")) or 0,
+            pid_start=int_or_none(data.get("pid_start")),
             started=epoch_seconds(data.get("started")) or 0.0,
             state=RunState.parse(data.get("state")),
             last_error=data.get("last_error") or "",
-            restarts=_int(data.get("restarts")) or 0,
+            restarts=int_or_none(data.get("restarts")) or 0,
             source=data.get("source") or "",
             provider=data.get("provider") or "",
             until=epoch_seconds(data.get("until")),
@@ -214,37 +112,6 @@ class RunRecord:
         must not be taken for stale.  A promise further ahead than MAX_PROMISE is junk
         (Redis contents are hostile): not vouched."""
         return self.state in VOUCHED_STATES and self.until is not None and now < self.until <= now + MAX_PROMISE
-
-
-@typing.overload
-def text(value: None) -> None: ...
-@typing.overload
-def text(value: bytes | str | int | float) -> str: ...
-def text(value):
-    """A Redis value as text: undecodable bytes replaced, never an error."""
-    if value is None or value is False:
-        return None
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def json_value(raw):
-    """A JSON value read from Redis; None for junk (not JSON, not text, nested too deep)."""
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError, TypeError, RecursionError):
-        return None
-
-
-def wrong_type(exc: Exception) -> bool:
-    """A Redis error that says our key holds junk of another type (WRONGTYPE)."""
-    return isinstance(exc, redis.ResponseError) and "WRONGTYPE" in str(exc)
-
-
-def clear_other_type(client, key: str, kind: str) -> None:
-    """Delete the key if it holds another Redis type than ``kind`` (junk: our writes would
-    fail on it with WRONGTYPE, forever)."""
-    if text(client.type(key)) not in (kind, "none"):
-        client.delete(key)
 
 
 def reaper_last_pass(client, host_id: str) -> dict[str, str]:
@@ -258,32 +125,9 @@ def reaper_last_pass(client, host_id: str) -> dict[str, str]:
     return {text(k): text(v) for k, v in raw.items()}
 
 
-def _int(value) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-# A time more than this far in the future is junk (it would keep a stream alive forever).
-FUTURE_SLACK = 60.0
 # The furthest a launcher ever vouches ahead (the longest back-off, a start_timeout, slack):
 # beyond it a record's `until` is junk.
 MAX_PROMISE = 3600.0
-
-
-def epoch_seconds(value, now: float | None = None) -> float | None:
-    """An epoch time from Redis (last_access, started): None unless it is a finite number,
-    and, with ``now``, not in the future beyond FUTURE_SLACK (inf, nan, 1e999 are junk)."""
-    try:
-        number = float(text(value)) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-    if number is None or not math.isfinite(number) or number < 0:
-        return None
-    if now is not None and number > now + FUTURE_SLACK:
-        return None
-    return number
 
 
 def new_run_id() -> str:
@@ -377,7 +221,9 @@ def update_run(client, channel: str, run_id: str, **fields) -> bool:
     args = [run_id]
     for name, value in fields.items():
         args += [name, "" if value is None else value]
-    done = bool(registered_script(client, "update", _UPDATE_IF_RUN_LUA)(keys=[keys.run_key(channel)], args=args))
+    done = bool(
+        registered_script(client, "update", run_scripts.UPDATE_IF_RUN_LUA)(keys=[keys.run_key(channel)], args=args)
+    )
     if done and "pid" in fields:
         client.set(keys.pid_key(channel), fields["pid"])
     return done
@@ -387,7 +233,9 @@ def vouch(client, channel: str, run_id: str, until: float) -> int:
     """Renew the launcher's promise for its run: 1 done, 0 the record is another run's or
     stopping (not wanted), -1 the record is gone."""
     return int(
-        registered_script(client, "vouch", _VOUCH_LUA)(keys=[keys.run_key(channel)], args=[run_id, f"{until:.3f}"])
+        registered_script(client, "vouch", run_scripts.VOUCH_LUA)(
+            keys=[keys.run_key(channel)], args=[run_id, f"{until:.3f}"]
+        )
     )
 
 
@@ -414,7 +262,7 @@ def read_batch(client, channels: list[str]) -> list[tuple["RunRecord | None", st
             keys.started_key(channel),
             keys.last_access_key(channel),
         ]
-    flat = registered_script(client, "read_batch", _READ_BATCH_LUA)(keys=key_list) if channels else []
+    flat = registered_script(client, "read_batch", run_scripts.READ_BATCH_LUA)(keys=key_list) if channels else []
     flat = [text(v) for v in flat]
     result = []
     for index, channel in enumerate(channels):
@@ -450,12 +298,14 @@ def delete_many_if_ours(client, items: list[tuple[str, str, str]]) -> list[bool]
         key_list += keys.stream_keys(channel)
         args += [kind, str(expected), channel]
     key_list.append(keys.ACTIVE_STREAMS_KEY)
-    return [bool(x) for x in registered_script(client, "delete_many", _DELETE_MANY_LUA)(keys=key_list, args=args)]
+    return [
+        bool(x) for x in registered_script(client, "delete_many", run_scripts.DELETE_MANY_LUA)(keys=key_list, args=args)
+    ]
 
 
 def mark_stopping_in(pipeline, client, channel: str, run_id: str):
     """Queue 'state = stopping' on a pipeline, only if the record is still that run."""
-    return registered_script(client, "update", _UPDATE_IF_RUN_LUA)(
+    return registered_script(client, "update", run_scripts.UPDATE_IF_RUN_LUA)(
         keys=[keys.run_key(channel)], args=[run_id, "state", RunState.STOPPING.value], client=pipeline
     )
 
@@ -487,7 +337,7 @@ def record_viewer(client, channel: str, viewer: str, when: float) -> None:
     """The viewer whose request the launcher answered (a cold start or a join), in the
     stream's viewers at once: heartbeatd sees the same request only a second or two later,
     and a channel change on a full provider account needs to know now (launcher.core)."""
-    registered_script(client, "record_viewer", _RECORD_VIEWER_LUA)(
+    registered_script(client, "record_viewer", run_scripts.RECORD_VIEWER_LUA)(
         keys=[keys.run_key(channel), keys.viewers_key(channel)], args=[f"{when:.3f}", viewer]
     )
 
@@ -536,4 +386,4 @@ def release_start_lock(client, channel: str, token: str) -> None:
 
 def release_lock(client, key: str, token: str) -> None:
     """Delete a lock only if it still holds our token (it may have expired and been retaken)."""
-    registered_script(client, "release", _RELEASE_LOCK_LUA)(keys=[key], args=[token])
+    registered_script(client, "release", run_scripts.RELEASE_LOCK_LUA)(keys=[key], args=[token])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from . import keys, providers, runs
+from . import keys, providers, redis_values, runs
 from .redact import redact_text
 
 
@@ -29,7 +29,7 @@ def collect_streams(client, settings, supervisors: dict) -> dict:
         raw, last_access, viewers = replies[3 * index : 3 * index + 3]
         record = runs.RunRecord.from_hash(channel_id, raw) if raw else None
         supervisor = supervisors.get(channel_id)
-        last = runs.epoch_seconds(last_access, now)
+        last = redis_values.epoch_seconds(last_access, now)
         entry = {
             "id": channel_id,
             "state": supervisor.state
