@@ -31,6 +31,7 @@ import logging
 import os
 import time
 import uuid
+from typing import Callable
 
 import click
 import redis
@@ -166,6 +167,47 @@ class PassSummary:
         return data
 
 
+def decide(
+    view: StreamView, now: float, live_hosts: set[str], host_id: str, settings, proven: Callable[[StreamView], bool]
+) -> Action:
+    """What a pass does with one stream (pure: the clock, the live hosts and the process
+    proof are given): another live host's is left to it, a dead host's is stale; one its
+    launcher vouches for is kept while watched; one whose pid is not its FFmpeg is stale
+    (never signalled); one idle past idle_timeout is stopped; else kept."""
+    channel, pid = view.channel, view.pid
+    idle = view.idle(now)
+    run = view.run
+
+    def action(kind: ActionKind, why: str, host: str | None = None) -> Action:
+        return Action(
+            kind=kind,
+            channel=channel,
+            pid=pid,
+            why=why,
+            host=host,
+            idle=None if idle is None else round(idle, 1),
+            pid_raw=None if run else view.pid_raw,
+            run_id=run.run_id if run else None,
+            pid_start=run.pid_start if run else None,
+            provider=(run.provider or None) if run else None,
+        )
+
+    if run is not None and run.host and run.host != host_id:
+        if run.host in live_hosts:
+            return action(ActionKind.FOREIGN, f"runs on host {run.host}")
+        return action(ActionKind.STALE, f"host {run.host} not seen for {settings.host_timeout:g} s", host=run.host)
+    vouched_state = run.state if run is not None and run.vouched(now) else None
+    if vouched_state is not None and (idle is None or idle <= settings.idle_timeout):
+        return action(ActionKind.KEEP, f"its launcher vouches for it ({vouched_state})")
+    if vouched_state is None and not proven(view):
+        why = "no pid" if not pid else f"pid {pid} is not this stream's FFmpeg (gone or reused)"
+        return action(ActionKind.STALE, why)
+    if idle is None or idle > settings.idle_timeout:
+        shown = "never watched" if idle is None else f"idle {idle:.0f} s"
+        return action(ActionKind.STOP, f"{shown} > idle_timeout {settings.idle_timeout:g} s")
+    return action(ActionKind.KEEP, "watched")
+
+
 class Reaper:
     def __init__(self, settings, client: redis.Redis | None = None, *, dry_run: bool = False):
         self.settings = settings
@@ -282,40 +324,7 @@ class Reaper:
 
     # -- deciding -------------------------------------------------------------------
     def _decide(self, view: StreamView, now: float, live_hosts: set[str]) -> Action:
-        channel, pid = view.channel, view.pid
-        idle = view.idle(now)
-        run = view.run
-
-        def action(kind: ActionKind, why: str, host: str | None = None) -> Action:
-            return Action(
-                kind=kind,
-                channel=channel,
-                pid=pid,
-                why=why,
-                host=host,
-                idle=None if idle is None else round(idle, 1),
-                pid_raw=None if run else view.pid_raw,
-                run_id=run.run_id if run else None,
-                pid_start=run.pid_start if run else None,
-                provider=(run.provider or None) if run else None,
-            )
-
-        if run is not None and run.host and run.host != self.host:
-            if run.host in live_hosts:
-                return action(ActionKind.FOREIGN, f"runs on host {run.host}")
-            return action(
-                ActionKind.STALE, f"host {run.host} not seen for {self.settings.host_timeout:g} s", host=run.host
-            )
-        vouched_state = run.state if run is not None and run.vouched(now) else None
-        if vouched_state is not None and (idle is None or idle <= self.settings.idle_timeout):
-            return action(ActionKind.KEEP, f"its launcher vouches for it ({vouched_state})")
-        if vouched_state is None and not self._proven(view):
-            why = "no pid" if not pid else f"pid {pid} is not this stream's FFmpeg (gone or reused)"
-            return action(ActionKind.STALE, why)
-        if idle is None or idle > self.settings.idle_timeout:
-            shown = "never watched" if idle is None else f"idle {idle:.0f} s"
-            return action(ActionKind.STOP, f"{shown} > idle_timeout {self.settings.idle_timeout:g} s")
-        return action(ActionKind.KEEP, "watched")
+        return decide(view, now, live_hosts, self.host, self.settings, self._proven)
 
     def _proven(self, view: StreamView) -> bool:
         start_time = view.run.pid_start if view.run is not None else None

@@ -1,9 +1,9 @@
-"""The reaper's decision for one stream (streamstate.reaping.Reaper._decide), as pure logic:
-no Redis is reached (the client connects lazily) and the process proof is the test's."""
+"""The reaper's decision for one stream (streamstate.reaping.decide), as pure logic: the
+clock, the live hosts and the process proof are the test's."""
 
 import pytest
 
-from streamstate.reaping import ActionKind, Reaper, StreamView
+from streamstate.reaping import ActionKind, StreamView, decide
 from streamstate.runs import RunRecord, RunState
 from streamstate.settings import load_settings
 
@@ -13,15 +13,20 @@ NOW = 1_800_000_000.0
 IDLE_TIMEOUT = 300
 
 
+class Decider:
+    """decide() with this test's settings and its own process proof."""
+
+    def __init__(self):
+        self.settings = load_settings(None, {"host_id": "here", "idle_timeout": IDLE_TIMEOUT}, environ={})
+        self.proven: set[str] = set()  # the channels whose pid the test says is their FFmpeg
+
+    def _decide(self, view, now, live_hosts):
+        return decide(view, now, live_hosts, "here", self.settings, lambda v: v.channel in self.proven)
+
+
 @pytest.fixture
-def reaper(monkeypatch):
-    settings = load_settings(
-        None, {"host_id": "here", "idle_timeout": IDLE_TIMEOUT, "redis_url": "redis://127.0.0.1:1/0"}, environ={}
-    )
-    reaper = Reaper(settings)
-    reaper.proven = set()  # the channels whose pid the test says is their FFmpeg
-    monkeypatch.setattr(reaper, "_proven", lambda view: view.channel in reaper.proven)
-    return reaper
+def reaper():
+    return Decider()
 
 
 def view(channel="7", *, host="here", state=RunState.RUNNING, until=None, pid=1234, idle=10.0, legacy=False):
