@@ -85,3 +85,18 @@ class AdoptedProcess:
     async def wait(self) -> int:
         await asyncio.shield(self._exited)
         return -1
+
+
+async def stop_with_grace(process, handle: ProcessHandle, grace: float) -> bool:
+    """SIGTERM through the pidfd held on the proven process, SIGKILL after ``grace``; False if
+    it took the SIGKILL.  Waited for on the event loop, not in a thread: a stalled FFmpeg
+    ignoring SIGTERM must not hold a worker other streams need.  (The synchronous rule,
+    for the reaper and streamctl, is streamstate.process.stop_processes.)"""
+    with handle:
+        handle.signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(process.wait()), grace)
+            return True
+        except asyncio.TimeoutError:
+            handle.signal(signal.SIGKILL)
+            return False

@@ -22,7 +22,6 @@ import errno
 import logging
 import os
 import time
-from signal import SIGKILL, SIGTERM
 from typing import Any, Awaitable, Callable
 
 from streamstate import egress, files, hls, runs, stream_end
@@ -34,7 +33,7 @@ from streamstate.settings import Settings
 from streamstate.stream_end import Cause, Next
 from streamstate.upstreams import Upstream
 
-from .child import SLOW_WINDOW, AdoptedProcess, PaceMeter, exit_text
+from .child import SLOW_WINDOW, AdoptedProcess, PaceMeter, exit_text, stop_with_grace
 from .diagnosis import LOG_MARK, diagnose, relay_refused
 from .ffmpeg import DISK_FULL, build_argv
 from .publisher import PlaylistPublisher
@@ -655,17 +654,8 @@ class StreamSupervisor:
             return
         if process.returncode is None:
             handle = ProcessHandle.open_proven(process.pid, self.host.identity(self.id, self.pid_start))
-            if handle is not None:
-                # Waited for on the event loop, not in a thread: a stalled FFmpeg ignoring
-                # SIGTERM for stop_grace must not hold a worker other streams need.
-                with handle:
-                    grace = self.settings.stop_grace
-                    handle.signal(SIGTERM)
-                    try:
-                        await asyncio.wait_for(asyncio.shield(process.wait()), grace)
-                    except asyncio.TimeoutError:
-                        log.warning("channel %s: FFmpeg ignored SIGTERM for %g s; SIGKILL", self.id, grace)
-                        handle.signal(SIGKILL)
+            if handle is not None and not await stop_with_grace(process, handle, self.settings.stop_grace):
+                log.warning("channel %s: FFmpeg ignored SIGTERM for %g s; SIGKILL", self.id, self.settings.stop_grace)
             await process.wait()
         self.publisher.publish()
 
