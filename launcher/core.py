@@ -43,6 +43,7 @@ from streamstate.upstreams import Upstream
 
 from .child import AdoptedProcess
 from .ffmpeg import start_number_of
+from .slots import ProviderSlots
 from .supervisor import HostServices, StartFailed, StreamSupervisor
 
 log = logging.getLogger("streamkeeper.launcher")
@@ -57,11 +58,6 @@ class ChannelNotFound(LookupError):
 
 class HostBusy(StartFailed):
     """max_streams reached and no stream idle long enough to give its place up (503)."""
-
-
-class ProviderBusy(StartFailed):
-    """Every connection of the channel's provider account is held by a watched stream (503;
-    not a failure of the source: no failover, no cooldown)."""
 
 
 class RelayDown(StartFailed):
@@ -88,7 +84,6 @@ class Launcher:
         self._locks: dict[str, list] = {}
         self._legacy_locks: dict[str, list] = {}  # the same, for the legacy route's record and start
         self._capacity = asyncio.Lock()  # one start at a time decides on a free place
-        self._provider_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.counters = {
             "starts": 0,
             "start_failures": 0,
@@ -111,6 +106,7 @@ class Launcher:
             ffmpeg_executable=self.ffmpeg_executable,
             identity=self.identity,
         )
+        self.slots = ProviderSlots(self.host_services, self.live_supervisors)
         self.warned: set[str] = set()  # warnings given once per process
         # channel -> until when (monotonic) its refusals in failed_cooldown go unlogged
         self.warned_cooldowns: dict[str, float] = {}
@@ -213,7 +209,7 @@ class Launcher:
                 )
                 await self.redis_call(runs.delete_run_if, channel_id, record.run_id)
             run_id = runs.new_run_id()
-            await self._take_provider_slot(upstream, channel_id, run_id, viewer)
+            await self.slots.take(upstream, channel_id, run_id, viewer)
             try:
                 async with self._capacity:
                     await self._make_room(channel_id)
@@ -321,89 +317,6 @@ class Launcher:
                 self.settings.egress_listen,
             )
             raise RelayDown("egress relay unavailable")
-
-    async def _take_provider_slot(self, upstream: Upstream, channel_id: str, run_id: str, viewer: str | None) -> None:
-        """One of the provider's max_streams connections for this run, across every host.
-        When all are held: the stream only this viewer watched (a channel change) is
-        preempted at once, else the one longest without a request if that is at least
-        preempt_idle; its connection is closed before the slot is taken.  Otherwise
-        ProviderBusy."""
-        provider = upstream.limited_provider
-        if provider is None:
-            return
-        grace = self.settings.start_timeout + 10
-        async with self._provider_locks[provider.name]:
-            # This host's running streams of the provider hold their slots first (after a
-            # Redis restart lost them, before their supervisors write them again).
-            for running in self.live_supervisors():
-                if running.provider_name == provider.name and running.id != channel_id:
-                    await self.redis_call(
-                        providers.hold_slot, provider.name, running.id, running.run_id, self.settings.host_id
-                    )
-            for _ in range(provider.max_streams + 2):
-                if await self.redis_call(
-                    providers.acquire_slot,
-                    provider.name,
-                    provider.max_streams,
-                    channel_id,
-                    run_id,
-                    self.settings.host_id,
-                    grace,
-                ):
-                    return
-                victim, why = await self._provider_victim(provider.name, viewer, grace)
-                if victim is None:
-                    break
-                self.counters["provider_preempted"] += 1
-                log.info(
-                    "channel %s: preempted (%s) to start channel %s on provider %s's last connection",
-                    victim.id,
-                    why,
-                    channel_id,
-                    provider.name,
-                )
-                await victim.stop(f"preempted by a start of channel {channel_id} (provider {provider.name})")
-        self.counters["provider_refused"] += 1
-        log.warning(
-            "channel %s: not started: provider %s has all %d connections in use by watched channels",
-            channel_id,
-            provider.name,
-            provider.max_streams,
-        )
-        raise ProviderBusy(
-            f"provider {provider.name}: all {provider.max_streams} connections are " "in use by watched channels"
-        )
-
-    async def _provider_victim(self, provider: str, viewer: str | None, grace: float):
-        """(supervisor, why) of this host's stream of the provider to give its connection
-        up, or (None, '')."""
-        holders = set(await self.redis_call(providers.slot_channels, provider, grace))
-        live = [s for s in self.live_supervisors() if s.id in holders]
-        # A stream still starting that only this viewer asked for: it left before it played.
-        left = [s for s in live if s.state is RunState.STARTING and viewer and s.asked_by == {viewer}]
-        if left:
-            return left[0], "its only viewer changed channel before it played"
-        mine = [s for s in live if s.state in (RunState.RUNNING, RunState.BACKOFF)]
-        if not mine:
-            return None, ""
-        now = time.time()
-        ids = [s.id for s in mine]
-        last = await self.redis_call(runs.last_access_times, ids)
-        window = self.settings.viewer_window
-        watchers = (
-            await self.redis_call(runs.recent_viewers, ids, now - window)
-            if viewer and window > 0
-            else [set() for _ in ids]
-        )
-        idle = [(now - (seen or s.started), s, seen_by) for s, seen, seen_by in zip(mine, last, watchers)]
-        zapped = [entry for entry in idle if viewer and entry[2] == {viewer}]
-        if zapped:
-            seconds, supervisor, _ = max(zapped, key=lambda entry: entry[0])
-            return supervisor, "its only viewer changed channel"
-        seconds, supervisor, _ = max(idle, key=lambda entry: entry[0])
-        if seconds >= self.settings.preempt_idle:
-            return supervisor, f"no request for {seconds:.0f} s"
-        return None, ""
 
     def _runs_elsewhere(self, record: runs.RunRecord) -> bool:
         """A live run of another launcher process (this host: the process is proven to be
