@@ -46,22 +46,21 @@ def build_argv(
     launcher publishes the viewers' playlist from it."""
     source = check_source_url(channel.id, source or channel.source_url)
     profile = settings.quality_profiles[channel.quality]
-    scheme = urlsplit(source).scheme.lower()
-
-    argv = [
+    return [
         settings.ffmpeg,
-        "-hide_banner",
-        "-nostdin",
-        "-loglevel",
-        "warning",
-        "-nostats",
-        "-protocol_whitelist",
-        PROTOCOL_WHITELIST,
-        "-user_agent",
-        upstream.user_agent,
+        *("-hide_banner", "-nostdin", "-loglevel", "warning", "-nostats"),
+        *_input_args(settings, upstream, source, cookies, profile),
+        *_encode_args(settings, profile),
+        *_hls_output_args(settings, channel.id, profile, start_number, target_duration),
     ]
+
+
+def _input_args(settings, upstream: Upstream, source: str, cookies: Sequence[str], profile: dict) -> list[str]:
+    """How FFmpeg reads the source: only our protocols, the channel's headers (and a
+    resolver's cookies), the certificate checked, reconnects, one video and one audio."""
+    args = ["-protocol_whitelist", PROTOCOL_WHITELIST, "-user_agent", upstream.user_agent]
     if upstream.referer:
-        argv += ["-referer", upstream.referer]
+        args += ["-referer", upstream.referer]
     headers = dict(upstream.headers)
     cookies = [c for c in cookies if _COOKIE_RE.fullmatch(c)]  # from a resolver: hostile
     if cookies:
@@ -70,26 +69,21 @@ def build_argv(
         name = next((k for k in headers if k.lower() == "cookie"), "Cookie")
         headers[name] = "; ".join(([headers[name]] if name in headers else []) + cookies)
     if headers:
-        argv += ["-headers", "".join(f"{k}: {v}\r\n" for k, v in headers.items())]
-    if scheme == "https":
+        args += ["-headers", "".join(f"{k}: {v}\r\n" for k, v in headers.items())]
+    if urlsplit(source).scheme.lower() == "https":
         # Verify the upstream's certificate (FFmpeg does not by default); a channel may opt
         # out with tls_verify = false (a provider with a self-signed certificate).
-        argv += ["-tls_verify", "1" if upstream.tls_verify else "0"]
+        args += ["-tls_verify", "1" if upstream.tls_verify else "0"]
         if upstream.tls_verify:
-            argv += ["-ca_file", settings.tls_ca_file]
-    argv += [
+            args += ["-ca_file", settings.tls_ca_file]
+    reconnect = ["-reconnect", "1", "-reconnect_streamed", "1", "-reconnect_delay_max", str(RECONNECT_DELAY_MAX)]
+    probe = ["-analyzeduration", str(profile["analyzeduration"]), "-probesize", str(profile["probesize"])]
+    return [
+        *args,
         "-rw_timeout",
         str(RW_TIMEOUT_US),
-        "-reconnect",
-        "1",
-        "-reconnect_streamed",
-        "1",
-        "-reconnect_delay_max",
-        str(RECONNECT_DELAY_MAX),
-        "-analyzeduration",
-        str(profile["analyzeduration"]),
-        "-probesize",
-        str(profile["probesize"]),
+        *reconnect,
+        *probe,
         "-i",
         source,
         "-map",
@@ -97,36 +91,31 @@ def build_argv(
         "-map",
         "0:a:0?",
     ]
-    argv += profile["video"]
+
+
+def _encode_args(settings, profile: dict) -> list[str]:
+    """The quality profile's video and audio options; an encode cuts a keyframe every
+    hls_init_time (without it the first segment waits for the source's own keyframe)."""
+    keyframes = []
     if "copy" not in profile["video"]:
-        # Cut where asked: a keyframe every hls_init_time; without it the first
-        # segment waits for the source's own keyframe.
-        argv += ["-force_key_frames", f"expr:gte(t,n_forced*{keyframe_interval(settings):g})", "-sc_threshold", "0"]
-    argv += profile["audio"]
-    # FFmpeg lists (and keeps on disk) at least what the viewers' playlist may list, and
-    # deletes its own segments only a window after that: never one still listed.
+        keyframes = ["-force_key_frames", f"expr:gte(t,n_forced*{keyframe_interval(settings):g})", "-sc_threshold", "0"]
+    return [*profile["video"], *keyframes, *profile["audio"]]
+
+
+def _hls_output_args(settings, channel_id: str, profile: dict, start_number: int, target_duration: int | None):
+    """FFmpeg's own playlist: it lists (and keeps on disk) at least what the viewers'
+    playlist may list, and deletes its own segments only a window after that: never one
+    still listed.  Segments numbered on from ``start_number``."""
     target = target_duration or hls.target_duration(settings.hls_time, profile)
     window = hls.window_segments(settings.hls_list_size, target, min(settings.hls_time, settings.hls_init_time))
-    argv += [
-        "-f",
-        "hls",
-        "-hls_time",
-        f"{settings.hls_time:g}",
-        "-hls_init_time",
-        f"{settings.hls_init_time:g}",
-        "-hls_list_size",
-        str(window),
-        "-hls_flags",
-        "delete_segments+temp_file",
-        "-hls_delete_threshold",
-        str(window + hls.KEEP_AFTER_REMOVAL),
-        "-start_number",
-        str(int(start_number)),
+    return [
+        *("-f", "hls", "-hls_time", f"{settings.hls_time:g}", "-hls_init_time", f"{settings.hls_init_time:g}"),
+        *("-hls_list_size", str(window), "-hls_flags", "delete_segments+temp_file"),
+        *("-hls_delete_threshold", str(window + hls.KEEP_AFTER_REMOVAL), "-start_number", str(int(start_number))),
         "-hls_segment_filename",
-        files.segment_pattern(settings.hls_dir, channel.id),
-        files.ffmpeg_playlist_path(settings.hls_dir, channel.id),
+        files.segment_pattern(settings.hls_dir, channel_id),
+        files.ffmpeg_playlist_path(settings.hls_dir, channel_id),
     ]
-    return argv
 
 
 def start_number_of(argv: list[str]) -> int | None:

@@ -84,9 +84,9 @@ def check_redis(settings) -> list[Check]:
 
 
 def check_nginx(settings, conf_file: str | None) -> list[Check]:
-    """The /live/ location logs to the file heartbeatd follows, in a format it parses; a
-    missing playlist falls back to the address the launcher listens on."""
-
+    """The /live/ location logs to the file heartbeatd follows, in a format it parses; no
+    default_server answers in front of ours; a missing playlist falls back to the address
+    the launcher listens on."""
     try:
         text, source = nginx_conf.effective_config(conf_file)
         root = nginx_conf.parse(text)
@@ -94,94 +94,81 @@ def check_nginx(settings, conf_file: str | None) -> list[Check]:
         return [Check(FAIL, "nginx config", f"cannot read it ({exc}); give --nginx-conf FILE")]
     live = nginx_conf.live_locations(root)
     if not live:
-        return [
-            Check(
-                FAIL,
-                "nginx config",
-                f"no location serves /live/ in {source}: include the snippet " "`streamctl nginx-config` renders",
-            )
-        ]
-    found = []
-    formats = nginx_conf.log_formats(root)
-    expected = LogLineParser(settings.log_format).format
+        why = f"no location serves /live/ in {source}: include the snippet `streamctl nginx-config` renders"
+        return [Check(FAIL, "nginx config", why)]
+    return _access_log_checks(settings, root, live) + _default_server_checks(root) + _fallback_checks(settings, root)
+
+
+def _access_log_checks(settings, root, live) -> list[Check]:
     logs = list({tuple(d.args): d for location in live for d in location.inherited("access_log")}.values())
     if not logs or any(d.args and d.args[0] == "off" for d in logs):
-        found.append(
-            Check(
-                FAIL,
-                "nginx access log",
-                "access_log off (or none) where /live/ is served: "
-                "heartbeatd sees no viewer and the reaper stops watched streams; render the "
-                "snippet again (`streamctl nginx-config`)",
-            )
+        why = (
+            "access_log off (or none) where /live/ is served: heartbeatd sees no viewer and the reaper stops "
+            "watched streams; render the snippet again (`streamctl nginx-config`)"
         )
-    else:
-        for directive in logs:
-            path, name = directive.args[0], (directive.args[1] if len(directive.args) > 1 else "combined")
-            if path != settings.access_log:
-                found.append(
-                    Check(
-                        FAIL,
-                        "nginx access log",
-                        f"/live/ logs to {path}, heartbeatd follows "
-                        f"{settings.access_log}: set access_log (the setting) or the snippet to one file",
-                    )
-                )
-                continue
-            fmt = formats.get(name)
-            try:
-                parses = fmt is not None and normalise_format(fmt) == expected and LogLineParser(fmt)
-            except LogFormatError:
-                parses = False
-            if not parses:
-                found.append(
-                    Check(
-                        FAIL,
-                        "nginx access log",
-                        f"/live/ logs in format {name!r}, not the one "
-                        f"heartbeatd parses (log_format setting {settings.log_format!r}): render "
-                        "the snippet again",
-                    )
-                )
-            else:
-                found.append(
-                    Check(
-                        OK, "nginx access log", f"/live/ logs to {path} in format {name!r}, " "which heartbeatd parses"
-                    )
-                )
-    for port, names in nginx_conf.default_servers_in_front(root):
-        found.append(
-            Check(
-                FAIL,
-                "nginx server",
-                f"the server {names!r} is default_server on port {port}: it "
-                "answers /live/ instead of ours (Debian's sites-enabled/default); remove it, or "
-                "give nginx_listen another port",
+        return [Check(FAIL, "nginx access log", why)]
+    formats = nginx_conf.log_formats(root)
+    expected = LogLineParser(settings.log_format).format
+    found = []
+    for directive in logs:
+        path, name = directive.args[0], (directive.args[1] if len(directive.args) > 1 else "combined")
+        if path != settings.access_log:
+            why = (
+                f"/live/ logs to {path}, heartbeatd follows {settings.access_log}: set access_log (the setting) "
+                "or the snippet to one file"
             )
+            found.append(Check(FAIL, "nginx access log", why))
+            continue
+        fmt = formats.get(name)
+        try:
+            parses = fmt is not None and normalise_format(fmt) == expected and LogLineParser(fmt)
+        except LogFormatError:
+            parses = False
+        if parses:
+            found.append(
+                Check(OK, "nginx access log", f"/live/ logs to {path} in format {name!r}, which heartbeatd parses")
+            )
+        else:
+            why = (
+                f"/live/ logs in format {name!r}, not the one heartbeatd parses (log_format setting "
+                f"{settings.log_format!r}): render the snippet again"
+            )
+            found.append(Check(FAIL, "nginx access log", why))
+    return found
+
+
+def _default_server_checks(root) -> list[Check]:
+    """Debian's sites-enabled/default, say: a default_server on our port answers /live/."""
+    return [
+        Check(
+            FAIL,
+            "nginx server",
+            f"the server {names!r} is default_server on port {port}: it answers /live/ instead of ours (Debian's "
+            "sites-enabled/default); remove it, or give nginx_listen another port",
         )
+        for port, names in nginx_conf.default_servers_in_front(root)
+    ]
+
+
+def _fallback_checks(settings, root) -> list[Check]:
     targets = nginx_conf.fallback_targets(root)
     listen = settings.launcher_listen
     if not targets:
-        found.append(
-            Check(
-                FAIL,
-                "nginx fallback",
-                "no fallback for a missing playlist (error_page 404 = "
-                "@start_stream): a cold channel is a 404; render the snippet again",
-            )
+        why = (
+            "no fallback for a missing playlist (error_page 404 = @start_stream): a cold channel is a 404; "
+            "render the snippet again"
         )
+        return [Check(FAIL, "nginx fallback", why)]
+    found = []
     for name, address in targets:
         if _same_address(address, listen):
             found.append(Check(OK, "nginx fallback", f"{name} proxies to {address}, where the launcher listens"))
         else:
-            found.append(
-                Check(
-                    FAIL,
-                    "nginx fallback",
-                    f"{name} proxies to {address} but the launcher listens "
-                    f"on {listen} (launcher_listen): render the snippet again and reload nginx",
-                )
+            why = (
+                f"{name} proxies to {address} but the launcher listens on {listen} (launcher_listen): render the "
+                "snippet again and reload nginx"
             )
+            found.append(Check(FAIL, "nginx fallback", why))
     return found
 
 

@@ -88,94 +88,87 @@ def check_streams(client, settings) -> list[Check]:
     """Every stale record, as the reaper's next pass would judge it (its run record, or the
     old host's keys alone: stream:<id>:pid, :started, :last_access), junk in streams:active,
     provider slots no running stream holds, FFmpegs no record knows; empty or stale
-    playlists in hls_dir; free space."""
-
-    found = []
+    playlists in hls_dir."""
     try:
         summary = Reaper(settings, client, dry_run=True).run_pass()
     except RedisUnavailable as exc:
         return [Check(FAIL, "streams", str(exc))]
-    channels = summary.streams
+    found = _records_checks(client, settings, summary)
+    found += _streams_not_playing(client, settings) + _records_without_channels(client, settings)
+    found += _slot_checks(client, settings)
+    try:
+        found += _playlist_checks(settings)
+    except OSError as exc:
+        return found + [Check(FAIL, "hls_dir", f"{settings.hls_dir}: {exc}")]
+    if not [c for c in found if c.check.startswith(("channel ", "streams"))]:
+        found.append(Check(OK, "streams", f"{summary.streams} record(s), none stale; no empty or stale playlist"))
+    return found
+
+
+def _records_checks(client, settings, summary) -> list[Check]:
+    """What the dry pass found stale (this host's), junk in streams:active, orphan FFmpegs."""
+    found = []
     for action in summary.actions:
         if action.kind is ActionKind.STALE and action.host is None:  # another host's: its own doctor
             kind = "its run record" if action.run_id else "the old host's keys (no run record)"
-            found.append(
-                Check(
-                    FAIL,
-                    f"channel {action.channel}",
-                    f"stale record ({kind}): {action.why}; `streamctl reap` clears it "
-                    "(the reaper does at its next pass)",
-                )
-            )
+            why = f"stale record ({kind}): {action.why}; `streamctl reap` clears it (the reaper does at its next pass)"
+            found.append(Check(FAIL, f"channel {action.channel}", why))
     for member in runs.read_active(client).invalid:
-        found.append(
-            Check(
-                FAIL,
-                "streams:active",
-                f"holds {runs.shown_member(member)}, no channel id: " "`streamctl reap` removes it",
-            )
-        )
+        why = f"holds {runs.shown_member(member)}, no channel id: `streamctl reap` removes it"
+        found.append(Check(FAIL, "streams:active", why))
     if summary.orphan_processes:
-        found.append(
-            Check(
-                FAIL,
-                "streams",
-                f"{summary.orphan_processes} FFmpeg(s) writing into "
-                f"{settings.hls_dir} that no record knows: `streamctl reap` stops them",
-            )
+        why = (
+            f"{summary.orphan_processes} FFmpeg(s) writing into {settings.hls_dir} that no record knows: "
+            "`streamctl reap` stops them"
         )
-    found += _streams_not_playing(client, settings) + _records_without_channels(client, settings)
+        found.append(Check(FAIL, "streams", why))
+    return found
+
+
+def _slot_checks(client, settings) -> list[Check]:
+    """Provider slots held by no running stream (the next start on the account reclaims them)."""
+    found = []
     grace = settings.start_timeout + 10
     for name in sorted(settings.providers):
         stale = providers.stale_slots(client, name, grace)
         if stale:
             shown = ", ".join(runs.shown_member(c) if not keys.CHANNEL_ID_RE.fullmatch(c) else c for c in stale)
-            found.append(
-                Check(
-                    WARN,
-                    f"provider {name}",
-                    f"slot(s) held by no running stream: {shown}; " "the next start on the account reclaims them",
-                )
-            )
+            why = f"slot(s) held by no running stream: {shown}; the next start on the account reclaims them"
+            found.append(Check(WARN, f"provider {name}", why))
+    return found
+
+
+def _playlist_checks(settings) -> list[Check]:
+    """Each viewers' playlist in hls_dir: a regular file, listing a segment, not frozen past
+    the freeze limit.  OSError when hls_dir cannot be listed."""
     stale_after = hls.freeze_limit(settings.hls_time, settings.start_timeout)
     now = time.time()
-    try:
-        names = sorted(os.listdir(settings.hls_dir))
-    except OSError as exc:
-        return found + [Check(FAIL, "hls_dir", f"{settings.hls_dir}: {exc}")]
-    for name in names:
+    found = []
+    for name in sorted(os.listdir(settings.hls_dir)):
         match = re.fullmatch(r"stream_(%s)\.m3u8" % keys.CHANNEL_ID_PATTERN, name)
         if not match:
             continue
-        path = os.path.join(settings.hls_dir, name)
+        path, channel = os.path.join(settings.hls_dir, name), match.group(1)
         try:
             info = os.lstat(path)
         except FileNotFoundError:
             continue
         if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read below
-            found.append(Check(FAIL, f"channel {match.group(1)}", f"{name} is not a regular file; remove it"))
+            found.append(Check(FAIL, f"channel {channel}", f"{name} is not a regular file; remove it"))
             continue
         age = now - info.st_mtime
         media = files.playlist_media(path)
-        channel = match.group(1)
         fix = (
             f"`streamctl stop {channel}` if it runs, else delete {path} (the reaper does after "
             f"orphan_age, {settings.orphan_age:g} s)"
         )
         if media is not None and not media[1]:
-            found.append(
-                Check(FAIL, f"channel {channel}", f"{name} lists no segment: nginx serves an empty playlist; {fix}")
-            )
+            why = f"{name} lists no segment: nginx serves an empty playlist; {fix}"
+            found.append(Check(FAIL, f"channel {channel}", why))
         elif age > stale_after:
-            found.append(
-                Check(
-                    FAIL,
-                    f"channel {channel}",
-                    f"{name} not updated for {age:.0f} s: players see "
-                    f"a frozen stream; the launcher publishes it: if the launcher is down (its "
-                    f"check above), start it; else {fix}",
-                )
+            why = (
+                f"{name} not updated for {age:.0f} s: players see a frozen stream; the launcher publishes it: "
+                f"if the launcher is down (its check above), start it; else {fix}"
             )
-    if not [c for c in found if c.check.startswith(("channel ", "streams"))]:
-        found.append(Check(OK, "streams", f"{channels} record(s), none stale; no empty or stale playlist"))
+            found.append(Check(FAIL, f"channel {channel}", why))
     return found
