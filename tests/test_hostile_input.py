@@ -151,6 +151,28 @@ def test_the_legacy_start_answers_json_whatever_headers_it_is_sent(stack):
     stack.launcher_json("/channel/556/stop", "POST")
 
 
+def test_a_legacy_start_with_redis_down_is_a_503_with_its_reason(stack, extra_launcher, tmp_path):
+    """Found by mypy (issue 17): with Redis unreachable the legacy route passed its
+    Retry-After header as a positional argument: a TypeError, a 500.  Now the 503 it meant:
+    JSON, the reason, nothing stored, Retry-After."""
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    launcher = extra_launcher(hls_dir=str(tmp_path / "hls"), redis_url=f"redis://127.0.0.1:{port}/0")
+    request = urllib.request.Request(
+        launcher.url("/api/stream/start"),
+        method="POST",
+        data=json.dumps({"channel_id": "557", "source_url": stack.upstream_url("ch557")}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    body = json.loads(refused.value.read())
+    assert refused.value.code == 503 and refused.value.headers["Retry-After"]
+    assert body["stored"] is False and "redis unreachable" in body["error"]
+    assert "Traceback" not in launcher.log()
+
+
 def test_two_legacy_starts_of_one_channel_take_turns(stack):
     """Finding (attack, issue 16): B's record, written while A's start was failing, was put back
     to A's when B's start failed too: a record no start had succeeded with was left.  Legacy
