@@ -30,8 +30,7 @@ STATUS_EVERY = 2.0  # seconds between status lines
 # Seconds a stopped part stays down: time to run doctor and see it named (the reaper's check
 # turns FAIL only after 2 x reaper_interval = 20 s without a pass).
 RESTART_AFTER = 30.0
-# When doctor sees a part gone: at once, except the reaper (no pass for 2 x reaper_interval).
-DOCTOR_SEES = {"reaper": "after 20 s without a pass", "upstream": "only through its channels (--channel 1)"}
+REAPER_INTERVAL = 10.0  # the demo's reaper_interval: an idle channel stops within 10 s of idle_timeout
 STATUS_QUIET = 60.0  # an unchanged status line is printed again after this long
 RESTART_TRIES = 3  # a part that will not come back after this many tries stops the demo
 
@@ -49,7 +48,7 @@ class Demo:
                 "hls_time": 2,
                 "hls_init_time": 1,
                 "idle_timeout": 60,
-                "reaper_interval": 10,
+                "reaper_interval": REAPER_INTERVAL,
                 "viewer_window": 15,
                 "max_restarts": 20,
                 "restart_window": 120,
@@ -140,13 +139,21 @@ class Demo:
                 self.back_since.pop(name, None)
                 print(
                     f"{time.strftime('%H:%M:%S')} {name} {exit_text(process.returncode)}; `streamctl doctor` "
-                    f"names it {DOCTOR_SEES.get(name, 'now')}; the demo starts it again in "
+                    f"names it {self.doctor_sees(name)}; the demo starts it again in "
                     f"{self.restart_after:g} s. Its log: "
                     f"{self.work}/{name}.log",
                     flush=True,
                 )
             elif now - self.down_since[name] >= self.restart_after:
                 self.bring_back(name)
+
+    @staticmethod
+    def doctor_sees(name: str) -> str:
+        """When doctor names a part that is gone: at once, but the reaper only once it has missed
+        two passes, and the upstream only through its channels."""
+        if name == "reaper":
+            return f"after {2 * REAPER_INTERVAL:g} s without a pass"
+        return "only through its channels (--channel 1)" if name == "upstream" else "now"
 
     def bring_back(self, name: str) -> None:
         self.tries[name] = self.tries.get(name, 0) + 1

@@ -99,6 +99,9 @@ class EgressRelay:
         # client connection (its writer) -> whether it has shown a valid ticket; oldest first
         self.clients: dict[asyncio.StreamWriter, bool] = {}
         self.max_clients = max_clients or _max_clients()
+        # The accounts with a connection limit, whose match prefix _check_account compares
+        # every request against (computed once, not per request).
+        self.limited_providers = {n: p for n, p in settings.providers.items() if p.max_streams}
 
     # -- one client connection ---------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -345,7 +348,7 @@ class EgressRelay:
     def _check_account(self, ticket: dict, url: str) -> None:
         """A URL under a limited provider's match prefix is fetched only by a stream holding a
         slot of that provider: two accounts on one server are told apart by their prefix."""
-        owners = matching_providers(url, {n: p for n, p in self.settings.providers.items() if p.max_streams})
+        owners = matching_providers(url, self.limited_providers)
         if owners and ticket.get("provider") not in owners:
             raise Refused(
                 RefusalKind.ADDRESS,
