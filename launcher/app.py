@@ -146,7 +146,7 @@ async def _start_response(request: web.Request, channel_id: str, channel: Channe
             "status": status,
             "channel_id": channel_id,
             "playlist": f"/live/stream_{channel_id}.m3u8",
-            "pid": supervisor.process.pid if supervisor and supervisor.process else None,
+            "pid": supervisor.ffmpeg.process.pid if supervisor and supervisor.ffmpeg.process else None,
         }
     )
 
@@ -341,7 +341,7 @@ def _registry(launcher: Launcher) -> CollectorRegistry:
             yield GaugeMetricFamily(
                 "streamkeeper_launcher_slow_streams",
                 "Streams producing slower than real time now",
-                value=sum(1 for s in live if s.slow),
+                value=sum(1 for s in live if s.ffmpeg.slow),
             )
             free = files.free_mb(launcher.settings.hls_dir)
             if free is not None:

@@ -43,8 +43,9 @@ from streamstate.upstreams import Upstream
 
 from .child import AdoptedProcess
 from .ffmpeg import start_number_of
+from .host_services import HostServices
 from .slots import ProviderSlots
-from .supervisor import HostServices, StartFailed, StreamSupervisor
+from .supervisor import StartFailed, StreamSupervisor
 
 log = logging.getLogger("streamkeeper.launcher")
 
@@ -435,7 +436,9 @@ class Launcher:
     async def _adopt(self, channel_id: str, record: runs.RunRecord, handle: ProcessHandle) -> None:
         channel, upstream = await self._channel_for_adoption(channel_id)
         supervisor = StreamSupervisor(self.host_services, channel, upstream, adopted=(AdoptedProcess(handle), record))
-        supervisor.source = next((s for s in channel.sources if redact_url(s) == record.source), channel.source_url)
+        supervisor.ffmpeg.source = next(
+            (s for s in channel.sources if redact_url(s) == record.source), channel.source_url
+        )
         argv = process_cmdline(handle.pid)
         supervisor.publisher.adopt_run(
             start_number_of(argv),

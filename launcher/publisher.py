@@ -334,6 +334,19 @@ class PlaylistPublisher:
         """Seconds since the viewers' playlist last gained a segment."""
         return time.monotonic() - self.last_growth
 
+    def end_if_frozen(self, limit: float) -> None:
+        """No viewers' playlist is served unchanged past the freeze limit: the session ends
+        and its files go (a player's next request starts the channel again)."""
+        if self.playlist is not None and self.unchanged_for() > limit:
+            log.warning(
+                "channel %s: its playlist did not change for %.0f s (freeze limit %g s); its "
+                "files are removed, the next request starts it again",
+                self.id,
+                self.unchanged_for(),
+                limit,
+            )
+            self.end_session()
+
     def media(self) -> tuple[int, list[float]] | None:
         """(media sequence, durations) as published: the pace meter's input."""
         if self.passive:

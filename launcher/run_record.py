@@ -10,8 +10,26 @@ import time
 from typing import Any, Awaitable, Callable
 
 from streamstate import providers, runs
+from streamstate.runs import RunState
 
 log = logging.getLogger("streamkeeper.launcher")
+
+WANTED_EVERY = 2.0  # seconds between reads of the record: is the stream still wanted?
+# The launcher's promise in the record (runs.RunRecord.until): a stream starting or in
+# back-off has its next state by then, or the reaper may take it for stale.
+STATE_SLACK = 10.0
+# While watching, the launcher renews that promise at each look at the record (WANTED_EVERY):
+# a few looks' worth, so the reaper never takes a watched run for stale in the instant
+# between its FFmpeg's death and the launcher noticing it.
+VOUCH_AHEAD = 3 * WANTED_EVERY + STATE_SLACK
+
+
+def promised_until(state: RunState, start_timeout: float) -> float:
+    """The promise a run in ``state`` makes (runs.RunRecord.until): a start is playable
+    within start_timeout; a watched run is looked at again within VOUCH_AHEAD."""
+    if state in (RunState.STARTING, RunState.BACKOFF):
+        return time.time() + start_timeout + STATE_SLACK
+    return time.time() + VOUCH_AHEAD
 
 
 class RunRecordKeeper:
@@ -21,12 +39,10 @@ class RunRecordKeeper:
         run_id: str,
         redis_call: Callable[..., Awaitable[Any]],
         now: Callable[[], runs.RunRecord | None],
-        vouch_ahead: float,
     ):
-        """``now``: the record as it should be now (None before the run has an FFmpeg);
-        ``vouch_ahead``: how far ahead each look at the record renews the promise."""
+        """``now``: the record as it should be now (None before the run has an FFmpeg)."""
         self.channel_id, self.run_id = channel_id, run_id
-        self._call, self._now, self._vouch_ahead = redis_call, now, vouch_ahead
+        self._call, self._now = redis_call, now
         self.written_to: str | None = None  # the Redis server (its run_id) the record went to
 
     async def note_server(self) -> None:
@@ -52,7 +68,7 @@ class RunRecordKeeper:
         the answer is yes: a Redis outage must not take watched streams down."""
         try:
             # One round trip: read whether it is still this run, and renew the promise then.
-            answer = await self._call(runs.vouch, self.channel_id, self.run_id, time.time() + self._vouch_ahead)
+            answer = await self._call(runs.vouch, self.channel_id, self.run_id, time.time() + VOUCH_AHEAD)
         except Exception as exc:  # noqa: BLE001 - redis errors of any kind
             log.warning("channel %s: cannot read its record (%s); keeping it running", self.channel_id, exc)
             return True

@@ -15,7 +15,8 @@ from streamstate import providers, runs
 from streamstate.runs import RunState
 from streamstate.upstreams import Upstream
 
-from .supervisor import HostServices, StartFailed, StreamSupervisor
+from .host_services import HostServices
+from .supervisor import StartFailed, StreamSupervisor
 
 log = logging.getLogger("streamkeeper.launcher")
 

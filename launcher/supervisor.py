@@ -1,4 +1,6 @@
-"""One channel's FFmpeg on this host: start it, wait until playable, watch it, restart it, stop it.
+"""One channel's stream on this host, across its FFmpegs: start, wait until playable,
+restart with back-off, wait out the host's problems, fail, stop.  One FFmpeg at a time
+(spawn, watch, why it ended) is launcher.ffmpeg_run's.
 
 States (streamstate.runs.TRANSITIONS): ``starting`` (FFmpeg runs, its first segment
 not yet published), ``running``, ``backoff`` (between two FFmpegs), ``failed``,
@@ -17,68 +19,32 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
-import errno
 import logging
-import os
 import time
-from typing import Any, Awaitable, Callable
 
-from streamstate import egress, files, hls, runs, stream_end
-from streamstate.channels import Channel, ChannelError
-from streamstate.process import ProcessHandle, StreamProcess, process_start_time
+from streamstate import files, hls, runs, stream_end
+from streamstate.channels import Channel
 from streamstate.redact import redact_url
 from streamstate.runs import RunState
-from streamstate.settings import Settings
 from streamstate.stream_end import Cause, Next
 from streamstate.upstreams import Upstream
 
-from .child import SLOW_WINDOW, AdoptedProcess, PaceMeter, exit_text, stop_with_grace
-from .diagnosis import LOG_MARK, diagnose, relay_refused
-from .ffmpeg import DISK_FULL, build_argv
+from .child import AdoptedProcess
+from .ffmpeg import DISK_FULL
+from .ffmpeg_run import FfmpegRun
+from .host_services import HostServices
 from .publisher import PlaylistPublisher
-from .resolvers import ResolveFailed, resolve
-from .run_record import RunRecordKeeper
+from .run_record import STATE_SLACK, WANTED_EVERY, RunRecordKeeper, promised_until
 from .sources import SourceOrder
 
 log = logging.getLogger("streamkeeper.launcher")
 
-POLL_READY = 0.05  # seconds between playlist checks while starting
-# Seconds between health checks while running; each also publishes FFmpeg's new segments,
-# so it is the most a segment waits to reach the viewers' playlist.
-WATCH_INTERVAL = 0.25
 WAIT_TICK = 0.25  # seconds between looks while waiting (back-off, relay down, disk full)
-WANTED_EVERY = 2.0  # seconds between reads of the record: is the stream still wanted?
-# The launcher's promise in the record (runs.RunRecord.until): a stream starting or in
-# back-off has its next state by then, or the reaper may take it for stale.
-STATE_SLACK = 10.0
-# While watching, the launcher renews that promise at each look at the record (WANTED_EVERY):
-# a few looks' worth, so the reaper never takes a watched run for stale in the instant
-# between its FFmpeg's death and the launcher noticing it.
-VOUCH_AHEAD = 3 * WANTED_EVERY + STATE_SLACK
-SLOW_RATIO = 0.9  # media seconds per wall second below this: slower than real time
 
 
 class StartFailed(Exception):
     """The stream did not become playable; the message is the class of failure a player
     may see (``upstream refused: HTTP 403``), never a URL."""
-
-
-RELAY_DOWN = "egress relay unavailable"
-
-
-@dataclasses.dataclass(frozen=True)
-class HostServices:
-    """What a stream's supervisor uses of its host, handed to it (no back-pointer to the
-    Launcher): Redis (its client, and calls in the launcher's Redis threads), the counters
-    the metrics show, and what proves a pid is a channel's FFmpeg."""
-
-    settings: Settings
-    redis: Any
-    redis_call: Callable[..., Awaitable[Any]]
-    counters: dict[str, int]
-    ffmpeg_executable: str | None
-    identity: Callable[[str, int | None], StreamProcess]
 
 
 class StreamSupervisor:
@@ -99,18 +65,10 @@ class StreamSupervisor:
         self.channel = channel
         self.id = channel.id
         self.upstream = upstream  # None: the record is unusable, never (re)started
-        self.source = channel.source_url  # the source in use (channel.sources: the order)
-        self._spawned_at = 0.0
         self.state = RunState.STARTING
         self.run_id = run_id or runs.new_run_id()
-        self.process: asyncio.subprocess.Process | AdoptedProcess | None = None
-        self.pid_start: int | None = None
         self.started = time.time()
         self.restarts = 0
-        self.cause: Cause | None = None  # why the last FFmpeg ended, for the next step
-        self.failure = ""  # the class of the last failure, what a player may see
-        self.last_error = ""  # the class and FFmpeg's own line (redacted), for operators
-        self.log_path = files.ffmpeg_log_path(self.settings.log_dir, self.id)
         profile = self.settings.quality_profiles.get(channel.quality, {})
         self.publisher = PlaylistPublisher(
             self.settings.hls_dir,
@@ -126,22 +84,24 @@ class StreamSupervisor:
         limited = upstream.limited_provider if upstream is not None else None
         self.slot_provider = (inherited.provider or None) if inherited else limited.name if limited else None
         self._detaching = False  # the launcher is exiting: leave FFmpeg running
-        self.slow = False  # producing slower than real time (logged once per episode)
-        self.speed: float | None = None  # media seconds per wall second over SLOW_WINDOW
         self.asked_by: set[str] = set()  # viewers whose requests started or joined it (hashes)
         self._changed = asyncio.Condition()
         self._task: asyncio.Task | None = None
         self._stop_requested = False
-        self._wanted_checked = 0.0  # monotonic time of the last read of the record
+        # The stream's FFmpeg, one at a time, and why the last one ended.
+        self.ffmpeg = FfmpegRun(
+            host, channel, upstream, self.publisher, self.slot_provider, lambda: self._stop_requested
+        )
         if adopted:
             process, record = adopted
-            self.run_id, self.process, self.pid_start = record.run_id, process, record.pid_start
-            self.started, self.restarts, self.state = record.started, record.restarts, RunState.RUNNING
+            self.run_id, self.started, self.restarts = record.run_id, record.started, record.restarts
+            self.state = RunState.RUNNING
+            self.ffmpeg.adopt(process, record.pid_start)
         if resumed:
             self.started, self.restarts = resumed.started, resumed.restarts
             self.publisher.resume()
         self.sources = SourceOrder(channel, host.redis_call, host.counters, self.settings.source_cooldown)
-        self.record = RunRecordKeeper(self.id, self.run_id, host.redis_call, self._record_now, VOUCH_AHEAD)
+        self.record = RunRecordKeeper(self.id, self.run_id, host.redis_call, self._record_now)
 
     # -- what the HTTP handlers call ------------------------------------------------
     def begin(self) -> None:
@@ -158,21 +118,8 @@ class StreamSupervisor:
             raise
         except Exception as exc:  # noqa: BLE001 - reported as the stream's error
             log.error("channel %s: supervisor failed: %s", self.id, exc)
-            self.cause, self.failure = Cause.LAUNCHER, "launcher error"
-            self.last_error = f"launcher error: {exc}"
-            await self._end(RunState.FAILED, self.last_error, signal=True)
-
-    @property
-    def child(self) -> "asyncio.subprocess.Process | AdoptedProcess":
-        """This run's FFmpeg: there is one from its spawn (or adoption) on."""
-        assert self.process is not None
-        return self.process
-
-    @property
-    def usable_upstream(self) -> Upstream:
-        """The channel's upstream: a run whose record is unusable never spawns."""
-        assert self.upstream is not None
-        return self.upstream
+            self.ffmpeg.set_failure(Cause.LAUNCHER, "launcher error", f"launcher error: {exc}")
+            await self._end(RunState.FAILED, self.ffmpeg.last_error, signal=True)
 
     @property
     def provider_name(self) -> str | None:
@@ -194,7 +141,7 @@ class StreamSupervisor:
         except asyncio.TimeoutError:
             raise StartFailed(f"no playable stream after {timeout:g} s") from None
         if self.state is not RunState.RUNNING:
-            raise StartFailed(self.failure or f"stream {self.state}")
+            raise StartFailed(self.ffmpeg.failure or f"stream {self.state}")
 
     async def stop(self, reason: str) -> None:
         """The stream ends now, by the one stop routine (streamstate.stream_end): marked
@@ -218,72 +165,77 @@ class StreamSupervisor:
         if self._resumed is not None:  # a record to keep, written to this Redis
             await self.record.note_server()
         while not self._stop_requested:
-            if self._adopted is not None:  # it plays already: watch it
-                self._adopted, playable = None, True
-                await self.record.note_server()
-            elif self.upstream is None:
-                self.failure = "channel record missing or unusable: cannot restart"
-                await self._fail(self.failure)
+            if self._adopted is None and self.upstream is None:
+                self.ffmpeg.failure = "channel record missing or unusable: cannot restart"
+                await self._fail(self.ffmpeg.failure)
                 return
-            else:
-                playable = await self._start_from_sources(first)
-            if playable:
-                if first:
-                    log.info(
-                        "channel %s: playable after %.2f s (pid %s)",
-                        self.id,
-                        time.time() - self.started,
-                        self.child.pid,
-                    )
-                first = False
-                await self._set_state(RunState.RUNNING)
-                why = await self._watch()
-                if (
-                    self.cause in (Cause.EXITED, Cause.STALLED)
-                    and not self._stop_requested
-                    and not await self._relay_answers()
-                ):
-                    # Its connection went with the relay: the host's problem, waited out
-                    # without spending a restart or growing the back-off.
-                    why = self.last_error
-            else:
-                why = self.last_error
-            await self._terminate()
-            if self._stop_requested:
+            why, played = await self._one_ffmpeg(first)
+            first = first and not played
+            await self.ffmpeg.terminate()
+            if self._stop_requested or not await self._after_exit(why, first, restart_times):
                 return
-            window = self.settings.restart_window
-            while restart_times and restart_times[0] < time.monotonic() - window:
-                restart_times.popleft()
-            step = stream_end.after_exit(
-                self.cause or Cause.EXITED,
-                ever_playable=not first,
-                wanted=await self._still_wanted(),
-                restarts_in_window=len(restart_times),
-                max_restarts=self.settings.max_restarts,
-                restart_window=window,
-            )
-            if step.next is Next.STOP:
-                log.info("channel %s: FFmpeg ended and the stream is %s", self.id, step.why)
-                await self._end(RunState.STOPPED, step.why, signal=False)
-                return
-            if step.next is Next.FAIL:
-                await self._fail(why if first else f"{step.why}; last: {why}")
-                return
-            if step.next is Next.WAIT:
-                if not await self._wait_for_host(why):
-                    return
-                continue
-            restart_times.append(time.monotonic())
-            self.restarts += 1
-            log.warning(
-                "channel %s: restarting FFmpeg%s (%s; restart %d)",
+
+    async def _one_ffmpeg(self, first: bool) -> tuple[str, bool]:
+        """The stream's next FFmpeg (or the adopted one), from its start to its end: why it
+        ended, and whether it played."""
+        if self._adopted is not None:  # it plays already: watch it
+            self._adopted = None
+            await self.record.note_server()
+        elif not await self._start_from_sources(first):
+            return self.ffmpeg.last_error, False
+        if first:
+            log.info(
+                "channel %s: playable after %.2f s (pid %s)",
                 self.id,
-                f" in {step.delay:g} s" if step.delay else "",
-                why,
-                self.restarts,
+                time.time() - self.started,
+                self.ffmpeg.child.pid,
             )
-            if not await self._backoff(step.delay):
-                return
+        await self._set_state(RunState.RUNNING)
+        why = await self.ffmpeg.watch(self._still_wanted)
+        if (
+            self.ffmpeg.cause in (Cause.EXITED, Cause.STALLED)
+            and not self._stop_requested
+            and not await self.ffmpeg.relay_answers()
+        ):
+            # Its connection went with the relay: the host's problem, waited out
+            # without spending a restart or growing the back-off.
+            why = self.ffmpeg.last_error
+        return why, True
+
+    async def _after_exit(self, why: str, first: bool, restart_times: collections.deque[float]) -> bool:
+        """What follows an FFmpeg's end (stream_end.after_exit): a restart after its back-off,
+        a wait for the host, a failure or the end; False once the stream is over.
+        ``first``: it never played; ``restart_times``: the restarts so far (monotonic)."""
+        window = self.settings.restart_window
+        while restart_times and restart_times[0] < time.monotonic() - window:
+            restart_times.popleft()
+        step = stream_end.after_exit(
+            self.ffmpeg.cause or Cause.EXITED,
+            ever_playable=not first,
+            wanted=await self._still_wanted(),
+            restarts_in_window=len(restart_times),
+            max_restarts=self.settings.max_restarts,
+            restart_window=window,
+        )
+        if step.next is Next.STOP:
+            log.info("channel %s: FFmpeg ended and the stream is %s", self.id, step.why)
+            await self._end(RunState.STOPPED, step.why, signal=False)
+            return False
+        if step.next is Next.FAIL:
+            await self._fail(why if first else f"{step.why}; last: {why}")
+            return False
+        if step.next is Next.WAIT:
+            return await self._wait_for_host(why)
+        restart_times.append(time.monotonic())
+        self.restarts += 1
+        log.warning(
+            "channel %s: restarting FFmpeg%s (%s; restart %d)",
+            self.id,
+            f" in {step.delay:g} s" if step.delay else "",
+            why,
+            self.restarts,
+        )
+        return await self._backoff(step.delay)
 
     async def _backoff(self, delay: float) -> bool:
         """backoff for ``delay`` seconds, then starting; False if the stream ended meanwhile."""
@@ -291,7 +243,7 @@ class StreamSupervisor:
         deadline = time.monotonic() + delay
         next_look = time.monotonic() + WANTED_EVERY
         while time.monotonic() < deadline and not self._stop_requested:
-            self._enforce_freeze_limit()
+            self.publisher.end_if_frozen(self.ffmpeg.freeze_limit)
             if time.monotonic() >= next_look:
                 # A stream reaped (idle) or stopped during a long back-off ends now, not when
                 # the back-off is over: the launcher's view and Redis's agree.
@@ -312,25 +264,25 @@ class StreamSupervisor:
         """A problem of this host, not of the stream (the egress relay down, hls_dir full):
         wait in backoff, spending no restart, until it is gone; then starting (True).  A full
         disk that stays full past the freeze limit fails the stream."""
-        cause = self.cause
+        cause = self.ffmpeg.cause
         if cause is Cause.DISK_FULL:
             self.host.counters["disk_full"] += 1
         log.warning("channel %s: %s; starting FFmpeg again once it is solved", self.id, why)
         began = time.monotonic()
-        limit = hls.freeze_limit(self.settings.hls_time, self.settings.start_timeout)
+        limit = self.ffmpeg.freeze_limit
         while not self._stop_requested:
             await self._set_state(RunState.BACKOFF, until=time.time() + WANTED_EVERY + STATE_SLACK)
-            if cause is Cause.RELAY_DOWN and await self._relay_answers():
+            if cause is Cause.RELAY_DOWN and await self.ffmpeg.relay_answers():
                 break
             if cause is Cause.DISK_FULL and (files.free_mb(self.settings.hls_dir) or 0) >= max(
                 1, self.settings.min_free_mb
             ):
                 break
             if cause is Cause.DISK_FULL and time.monotonic() - began > limit:
-                self.cause, self.failure = Cause.DISK_FULL, DISK_FULL
+                self.ffmpeg.set_failure(Cause.DISK_FULL, DISK_FULL, self.ffmpeg.last_error)
                 await self._fail(f"{why}; still full after {limit:g} s")
                 return False
-            self._enforce_freeze_limit()
+            self.publisher.end_if_frozen(self.ffmpeg.freeze_limit)
             if not await self._still_wanted():
                 await self._end(RunState.STOPPED, "no longer wanted", signal=False)
                 return False
@@ -340,29 +292,15 @@ class StreamSupervisor:
         await self._set_state(RunState.STARTING)
         return True
 
-    def _enforce_freeze_limit(self) -> None:
-        """No viewers' playlist is served unchanged past the freeze limit: the session ends
-        and its files go (a player's next request starts the channel again)."""
-        limit = hls.freeze_limit(self.settings.hls_time, self.settings.start_timeout)
-        if self.publisher.playlist is not None and self.publisher.unchanged_for() > limit:
-            log.warning(
-                "channel %s: its playlist did not change for %.0f s (freeze limit %g s); its "
-                "files are removed, the next request starts it again",
-                self.id,
-                self.publisher.unchanged_for(),
-                limit,
-            )
-            self.publisher.end_session()
-
     async def _fail(self, why: str) -> None:
         """failed: files and keys go; starts get 503 with the reason for failed_cooldown."""
-        if not self.failure:
-            self._note_failure("FFmpeg did not produce a playable stream")
-        log.error("channel %s: failed: %s", self.id, why or self.last_error or "unknown error")
-        if self.cause is not Cause.RELAY_DOWN:  # the host's problem: the channel is not cooled down
+        if not self.ffmpeg.failure:
+            self.ffmpeg.note_failure("FFmpeg did not produce a playable stream")
+        log.error("channel %s: failed: %s", self.id, why or self.ffmpeg.last_error or "unknown error")
+        if self.ffmpeg.cause is not Cause.RELAY_DOWN:  # the host's problem: the channel is not cooled down
             try:
                 await self.host.redis_call(
-                    runs.mark_failed, self.id, self.failure, self.settings.host_id, self.settings.failed_cooldown
+                    runs.mark_failed, self.id, self.ffmpeg.failure, self.settings.host_id, self.settings.failed_cooldown
                 )
             except Exception as exc:  # noqa: BLE001 - the cooldown is a courtesy to the upstream
                 log.warning("channel %s: cannot record the failure (%s)", self.id, exc)
@@ -375,267 +313,82 @@ class StreamSupervisor:
         deadline = time.monotonic() + self.settings.start_timeout
         tried: list[str] = []
         while not self._stop_requested:
-            if not await self._relay_answers():
+            if not await self.ffmpeg.relay_answers():
                 return False
-            source = await self.sources.next(self.source, tried, replacing=self.restarts > 0)
+            source = await self.sources.next(self.ffmpeg.source, tried, replacing=self.restarts > 0)
             if source is None:
                 if not tried:
-                    self.cause, self.failure = Cause.SOURCE, self.sources.all_cooling()
-                    self.last_error = self.failure
+                    self.ffmpeg.set_failure(Cause.SOURCE, self.sources.all_cooling())
                 return False
             tried.append(source)
-            self.source = source
             if not await self._spawn(first, source):
                 playable = False
             else:
-                playable = await self._wait_until_playable(deadline)
+                playable = await self.ffmpeg.until_playable(deadline)
             if playable:
                 return True
             if (
-                self.cause in stream_end.NOT_THE_SOURCE
+                self.ffmpeg.cause in stream_end.NOT_THE_SOURCE
                 or len(self.channel.sources) == 1
                 or self._stop_requested
-                or not await self._relay_answers()
+                or not await self.ffmpeg.relay_answers()
             ):
                 return False
-            await self.sources.failed(source, self.failure, self.last_error)
-            await self._terminate()
+            await self.sources.failed(source, self.ffmpeg.failure, self.ffmpeg.last_error)
+            await self.ffmpeg.terminate()
             if time.monotonic() >= deadline:
                 return False
         return False
 
-    async def _relay_answers(self) -> bool:
-        """Every connection goes through the egress relay: while it is down, nothing is the
-        source's fault (no failover, no cooldown) and a restart waits for it."""
-        if (
-            await asyncio.to_thread(egress.open_connections, self.settings.egress_listen, egress.RELAY_CHECK_TIMEOUT)
-            is not None
-        ):
-            return True
-        self.cause, self.failure = Cause.RELAY_DOWN, RELAY_DOWN
-        self.last_error = f"{RELAY_DOWN}: nothing answers on {self.settings.egress_listen}"
-        return False
-
-    async def _prepare(self, source: str, start_number: int) -> tuple[list[str], dict[str, str]]:
-        """FFmpeg's argv and environment for one source: a fresh egress ticket, and the
-        resolver's URL and cookies.  ResolveFailed or ChannelError say why not."""
-        upstream = self.usable_upstream
-        token = egress.write_ticket(self.settings.state_dir, self.id, upstream.proxy, self.slot_provider)
-        relay = egress.relay_url(self.settings.egress_listen, self.id, token)
-        url: str = source
-        cookies: list[str] = []
-        if upstream.resolver != "none":
-            url, cookies = await asyncio.to_thread(resolve, upstream, source, relay, self.settings.tls_ca_file)
-        argv = build_argv(
-            self.channel,
-            self.settings,
-            upstream,
-            source=url,
-            cookies=cookies,
-            start_number=start_number,
-            target_duration=self.publisher.target_duration,
-        )
-        return argv, egress.ffmpeg_environment(self.settings.egress_listen, self.id, token)
-
     async def _spawn(self, first: bool, source: str) -> bool:
-        """FFmpeg in a session of its own, its output appended to the channel's log file (not
-        a pipe to the launcher: it outlives a launcher restart), numbering its segments on
-        from the viewers' playlist; False if it could not be prepared (the resolver failed:
-        the failure says why)."""
-        if self.slot_provider and not first:
-            # The previous FFmpeg's upstream connection is closed before the next opens one:
-            # the provider never sees one connection over its limit, not even for a moment.
-            if not await asyncio.to_thread(
-                egress.wait_closed, self.settings.egress_listen, self.id, stream_end.RELAY_CLOSE_WAIT
-            ):
-                log.warning(
-                    "channel %s: the relay still holds the previous FFmpeg's connection after %g s",
-                    self.id,
-                    stream_end.RELAY_CLOSE_WAIT,
-                )
-        start_number = self.publisher.begin_run()
-        self._spawned_at = time.time()
-        try:
-            argv, environment = await self._prepare(source, start_number)
-        except (ResolveFailed, ChannelError) as exc:
-            self._note_failure(str(exc), from_ffmpeg=False)
-            log.warning("channel %s: cannot start on %s: %s", self.id, redact_url(source), self.last_error)
+        """FFmpeg on ``source`` (launcher.ffmpeg_run), then its record; False if it could
+        not be prepared (the failure says why)."""
+        start_number = await self.ffmpeg.spawn(source, replacing=not first, restarts=self.restarts)
+        if start_number is None:
             return False
-        if self._stop_requested:
-            return False
-        log_fd = files.open_ffmpeg_log(
-            self.settings.log_dir,
-            self.id,
-            f"{LOG_MARK}{time.strftime('%Y-%m-%dT%H:%M:%S')} start (restart {self.restarts})",
-        )
-        try:
-            self.process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=log_fd,
-                start_new_session=True,
-                env=environment,
-            )
-        finally:
-            os.close(log_fd)
-        self.pid_start = process_start_time(self.child.pid)
         if first and self.record.written_to is None:
             await self.record.write()
         else:
-            await self._update_record(
-                pid=self.child.pid,
-                pid_start=self.pid_start or "",
+            await self.record.update(
+                pid=self.ffmpeg.child.pid,
+                pid_start=self.ffmpeg.pid_start or "",
                 state=RunState.STARTING,
                 restarts=self.restarts,
-                last_error=self.last_error,
+                last_error=self.ffmpeg.last_error,
                 source=redact_url(source),
-                until=f"{time.time() + self.settings.start_timeout + STATE_SLACK:.3f}",
+                until=f"{promised_until(RunState.STARTING, self.settings.start_timeout):.3f}",
             )
         log.info(
             "channel %s: FFmpeg started (pid %s, quality %s, source %s%s, first segment %d)",
             self.id,
-            self.child.pid,
+            self.ffmpeg.child.pid,
             self.channel.quality,
             redact_url(source),
-            f", proxy {redact_url(self.usable_upstream.proxy)}" if self.usable_upstream.proxy else "",
+            f", proxy {redact_url(self.ffmpeg.usable_upstream.proxy)}" if self.ffmpeg.usable_upstream.proxy else "",
             start_number,
         )
         return True
 
-    async def _wait_until_playable(self, deadline: float) -> bool:
-        """Until this FFmpeg's first min_segments segments are in the viewers' playlist."""
-        minimum = self.settings.min_segments
-        while time.monotonic() < deadline and not self._stop_requested:
-            self.publisher.publish()
-            if self.publisher.run_published >= minimum:
-                return True
-            if self._cannot_publish():
-                return False
-            if self.child.returncode is not None:
-                self._note_failure(exit_text(self.process))
-                return False
-            if self._relay_refused():
-                return False
-            self._enforce_freeze_limit()
-            await asyncio.sleep(POLL_READY)
-        self.cause = Cause.SOURCE
-        self._note_failure(f"no playable stream after {self.settings.start_timeout:g} s")
-        return False
-
-    async def _watch(self) -> str:
-        """Until FFmpeg dies, stalls, or the stream is no longer wanted; returns why.  Each
-        tick publishes FFmpeg's new segments."""
-        stall_after = hls.stall_after(self.settings.hls_time)
-        pace = PaceMeter()
-        checks = 0
-        while not self._stop_requested:
-            try:
-                await asyncio.wait_for(asyncio.shield(self.child.wait()), WATCH_INTERVAL)
-            except asyncio.TimeoutError:
-                pass
-            self.publisher.publish()
-            if self._cannot_publish():
-                return self.last_error
-            if self.child.returncode is not None:
-                self._note_failure(exit_text(self.process), cause=Cause.EXITED)
-                return self.last_error
-            if self._relay_refused():
-                return self.last_error
-            unchanged = self.publisher.unchanged_for()
-            if unchanged > stall_after:
-                self.cause, self.failure = Cause.STALLED, "stalled"
-                self.last_error = f"stalled: no new segment for {unchanged:.0f} s"
-                return self.last_error
-            if files.free_mb(self.settings.hls_dir) == 0:
-                # FFmpeg writes empty playlists and truncated segments on a full disk, and
-                # says nothing (seen with 5.1): under 1 MB free ends this FFmpeg.
-                self.cause, self.failure = Cause.DISK_FULL, DISK_FULL
-                self.last_error = f"disk full: under 1 MB free in {self.settings.hls_dir}"
-                return self.last_error
-            self._judge_pace(pace.update(self.publisher.media(), time.monotonic()))
-            checks += 1
-            if checks % 40 == 0:
-                files.cap_ffmpeg_log(self.settings.log_dir, self.id)
-            if time.monotonic() - self._wanted_checked >= WANTED_EVERY and not await self._still_wanted():
-                self.cause = None
-                return "no longer wanted (its record was stopped or replaced)"
-        return "stop requested"
-
-    def _cannot_publish(self) -> bool:
-        """The viewers' playlist cannot be written: a full disk (waited out), or another
-        error of the host's (this FFmpeg ends, and the next try says it again)."""
-        error = self.publisher.write_error
-        if error is None:
-            return False
-        if error.errno == errno.ENOSPC:
-            self.cause, self.failure = Cause.DISK_FULL, DISK_FULL
-            self.last_error = f"disk full: cannot write the playlist in {self.settings.hls_dir}"
-        else:
-            self.cause, self.failure = Cause.LAUNCHER, "launcher error"
-            self.last_error = f"launcher error: cannot write the playlist ({error.strerror or error})"
-        return True
-
-    def _judge_pace(self, ratio: float | None) -> None:
-        if ratio is None:
-            return
-        self.speed = ratio
-        if ratio < SLOW_RATIO and not self.slow:
-            self.slow = True
-            self.host.counters["slow"] += 1
-            log.warning(
-                "channel %s: slower than real time: %.2fx over the last %.0f s (host "
-                "overloaded? lower max_streams or the quality)",
-                self.id,
-                ratio,
-                SLOW_WINDOW,
-            )
-        elif ratio >= 0.97 and self.slow:
-            self.slow = False
-            log.info("channel %s: back to real time (%.2fx)", self.id, ratio)
-
-    def _relay_refused(self) -> bool:
-        if not relay_refused(self.settings.state_dir, self.id, self._spawned_at):
-            return False
-        self._note_failure("refused by the egress relay")
-        return True
-
-    def _note_failure(self, otherwise: str, *, from_ffmpeg: bool = True, cause: Cause = Cause.SOURCE) -> None:
-        """Why FFmpeg failed (launcher.diagnosis); ``from_ffmpeg`` False: ``otherwise`` is the
-        whole story (a resolver's failure, a record that cannot run) unless the relay refused."""
-        log_path = self.log_path if from_ffmpeg else None
-        found = diagnose(self.settings.state_dir, self.id, self._spawned_at, log_path, self.source, otherwise, cause)
-        self.cause, self.failure, self.last_error = found.cause, found.failure, found.last_error
-
-    async def _update_record(self, **fields) -> None:
-        await self.record.update(**fields)
-
     async def _still_wanted(self) -> bool:
-        self._wanted_checked = time.monotonic()
         return await self.record.still_wanted()
 
     def _record_now(self) -> runs.RunRecord | None:
         """This run's record as it should be now; None before it has an FFmpeg."""
-        if self.process is None:
+        if self.ffmpeg.process is None:
             return None
         return runs.RunRecord(
             channel=self.id,
             run_id=self.run_id,
             host=self.settings.host_id,
-            pid=self.process.pid,
-            pid_start=self.pid_start,
+            pid=self.ffmpeg.process.pid,
+            pid_start=self.ffmpeg.pid_start,
             started=self.started,
             state=self.state,
-            last_error=self.last_error,
+            last_error=self.ffmpeg.last_error,
             restarts=self.restarts,
-            source=redact_url(self.source),
+            source=redact_url(self.ffmpeg.source),
             provider=self.provider_name or "",
-            until=time.time()
-            + (
-                self.settings.start_timeout + STATE_SLACK
-                if self.state in (RunState.STARTING, RunState.BACKOFF)
-                else VOUCH_AHEAD
-            ),
+            until=promised_until(self.state, self.settings.start_timeout),
         )
 
     def detach(self) -> None:
@@ -645,30 +398,16 @@ class StreamSupervisor:
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
-    async def _terminate(self) -> None:
-        """This run's FFmpeg, stopped (a replacement follows): SIGTERM through a pidfd held
-        on the proven process, SIGKILL after the grace; then the child is reaped and its
-        last segments published."""
-        process = self.process
-        if process is None:
-            return
-        if process.returncode is None:
-            handle = ProcessHandle.open_proven(process.pid, self.host.identity(self.id, self.pid_start))
-            if handle is not None and not await stop_with_grace(process, handle, self.settings.stop_grace):
-                log.warning("channel %s: FFmpeg ignored SIGTERM for %g s; SIGKILL", self.id, self.settings.stop_grace)
-            await process.wait()
-        self.publisher.publish()
-
     async def _end(self, state: RunState, why: str, *, signal: bool) -> None:
         """The run is over: the one stop routine (streamstate.stream_end) in a thread, then
         the child reaped and the state set."""
         self.publisher.close()  # its files go now: the session is over
-        process = self.process if signal and self.process is not None and self.process.returncode is None else None
+        process = self.ffmpeg.running_process() if signal else None
         target = stream_end.StopTarget(
             channel=self.id,
             pid=process.pid if process else 0,
             run_id=self.run_id,
-            pid_start=self.pid_start,
+            pid_start=self.ffmpeg.pid_start,
             provider=self.slot_provider or "",
             why=why,
         )
@@ -696,9 +435,9 @@ class StreamSupervisor:
             self.state = state
             self._changed.notify_all()
         if state in (*runs.VOUCHED_STATES, RunState.STOPPING) and self.record.written_to is not None:
-            if state is RunState.STARTING and until is None:
-                until = time.time() + self.settings.start_timeout + STATE_SLACK
-            if state is RunState.RUNNING and until is None:
-                until = time.time() + VOUCH_AHEAD
-            fields = {"restarts": self.restarts, "last_error": self.last_error} if state is RunState.BACKOFF else {}
-            await self._update_record(state=state, until=f"{until:.3f}" if until else "", **fields)
+            if state in (RunState.STARTING, RunState.RUNNING) and until is None:
+                until = promised_until(state, self.settings.start_timeout)
+            fields = (
+                {"restarts": self.restarts, "last_error": self.ffmpeg.last_error} if state is RunState.BACKOFF else {}
+            )
+            await self.record.update(state=state, until=f"{until:.3f}" if until else "", **fields)

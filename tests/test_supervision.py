@@ -439,7 +439,7 @@ def test_a_stream_stopped_during_a_long_back_off_ends_then_not_when_the_back_off
     """Finding (operator, issue 16): a failing stream nobody watched was reaped during its
     back-off, yet the launcher kept it in `backoff` (its status, the demo's line) until the
     back-off ran out, up to a minute.  Now it looks at its record through the back-off."""
-    from launcher.supervisor import STATE_SLACK
+    from launcher.run_record import STATE_SLACK
     from tests.faults import upstream_control
 
     launcher = extra_launcher(hls_dir=str(tmp_path / "hls"), max_restarts=50, restart_window=600)
