@@ -71,7 +71,8 @@ class _RateLimitedLoopErrors:
 
 
 async def serve(settings) -> int:
-    from .relay import CHUNK, EgressRelay
+    from .connect import CHUNK
+    from .relay import EgressRelay
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -20,29 +20,22 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
-import os
 import time
 import uuid
 
-from streamstate import egress, files, keys, providers, runs, stream_end
+from streamstate import egress, files, keys, providers, runs
 from streamstate.channel_check import validate
-from streamstate.channels import Channel, ChannelError, get_channel
+from streamstate.channels import Channel, get_channel
 from streamstate.process import (
-    ProcessHandle,
     StreamProcess,
-    process_cmdline,
-    process_start_time,
     resolve_executable,
-    stream_ffmpegs_under,
 )
-from streamstate.redact import redact_url
 from streamstate.redis_client import redis_from_url
 from streamstate.runs import RunState
 from streamstate.streams_view import collect_streams
 from streamstate.upstreams import Upstream
 
-from .child import AdoptedProcess
-from .ffmpeg import start_number_of
+from .adoption import adopt_streams
 from .host_services import HostServices
 from .slots import ProviderSlots
 from .supervisor import StartFailed, StreamSupervisor
@@ -362,121 +355,8 @@ class Launcher:
             await asyncio.sleep(interval)
 
     async def adopt_streams(self) -> dict[str, int]:
-        """At start-up: this host's streams a previous launcher ran (the hls_dir lock makes
-        this launcher the only one).  For each record of this host:
-
-        * its process proven to be the channel's FFmpeg: adopted and watched again;
-        * else an FFmpeg writing the channel's playlist that the record does not name yet
-          (the previous launcher died between starting it and recording it): that one is
-          adopted, and the record says so;
-        * else a run its launcher vouched for (it was between two FFmpegs): the run goes on,
-          a new FFmpeg continues its viewers' playlist;
-        * else its FFmpeg is gone: the record is cleared by the one stop routine (files,
-          keys, ticket, provider slot)."""
-        counts = {"adopted": 0, "resumed": 0, "cleared": 0}
-        unrecorded = {
-            files.channel_of_file(os.path.basename(playlist)): pid
-            for pid, playlist in await asyncio.to_thread(
-                stream_ffmpegs_under, self.settings.hls_dir, self.ffmpeg_executable
-            )
-            if playlist.endswith(".ffmpeg.m3u8")
-        }
-        for channel_id in await self.redis_call(runs.active_channels):
-            record = await self.redis_call(runs.get_run, channel_id)
-            if record is None or record.host != self.settings.host_id or channel_id in self.supervisors:
-                continue
-            handle = ProcessHandle.open_proven(record.pid, self.identity(channel_id, record.pid_start))
-            if handle is None and channel_id in unrecorded:
-                pid = unrecorded[channel_id]
-                handle = ProcessHandle.open_proven(pid, self.identity(channel_id, process_start_time(pid)))
-                if handle is not None:
-                    record.pid, record.pid_start = pid, process_start_time(pid)
-                    await self.redis_call(
-                        runs.update_run, channel_id, record.run_id, pid=pid, pid_start=record.pid_start or ""
-                    )
-                    log.info("channel %s: its FFmpeg pid %s was started but not recorded; adopting it", channel_id, pid)
-            if handle is not None:
-                await self._adopt(channel_id, record, handle)
-                counts["adopted"] += 1
-            elif record.vouched(time.time()):
-                if not os.path.exists(files.playlist_path(self.settings.hls_dir, channel_id)):
-                    # Vouched for, yet its playlist is not in this hls_dir: another launcher's
-                    # (the same host_id on two launchers is a mistake): left alone.
-                    log.warning(
-                        "channel %s: its run %s is vouched for but its files are not in %s; "
-                        "left alone (is another launcher using host_id %s?)",
-                        channel_id,
-                        record.run_id[:8],
-                        self.settings.hls_dir,
-                        self.settings.host_id,
-                    )
-                    continue
-                await self._resume(channel_id, record)
-                counts["resumed"] += 1
-            else:
-                await asyncio.to_thread(
-                    stream_end.stop_streams,
-                    self.redis,
-                    self.settings,
-                    [stream_end.StopTarget.of_record(record, "its FFmpeg is gone")],
-                    executable=self.ffmpeg_executable,
-                    log=log,
-                    signal=False,
-                    need_mark=False,
-                )
-                log.info(
-                    "channel %s: cleared the record of pid %s at start-up (its FFmpeg is gone)%s",
-                    channel_id,
-                    record.pid,
-                    f"; freed its slot of provider {record.provider}" if record.provider else "",
-                )
-                counts["cleared"] += 1
-        return counts
-
-    async def _adopt(self, channel_id: str, record: runs.RunRecord, handle: ProcessHandle) -> None:
-        channel, upstream = await self._channel_for_adoption(channel_id)
-        supervisor = StreamSupervisor(self.host_services, channel, upstream, adopted=(AdoptedProcess(handle), record))
-        supervisor.ffmpeg.source = next(
-            (s for s in channel.sources if redact_url(s) == record.source), channel.source_url
-        )
-        argv = process_cmdline(handle.pid)
-        supervisor.publisher.adopt_run(
-            start_number_of(argv),
-            writes_public=bool(argv) and argv[-1] == files.playlist_path(self.settings.hls_dir, channel_id),
-        )
-        self.supervisors[channel_id] = supervisor
-        supervisor.begin()
-        log.info(
-            "channel %s: adopted pid %s (run %s)%s",
-            channel_id,
-            handle.pid,
-            record.run_id[:8],
-            "" if upstream else "; its channel record is unusable: it will not be restarted",
-        )
-
-    async def _resume(self, channel_id: str, record: runs.RunRecord) -> None:
-        """A run caught between two FFmpegs: the same run (its record, its provider slot)
-        starts its next FFmpeg, continuing the viewers' playlist from the file."""
-        channel, upstream = await self._channel_for_adoption(channel_id)
-        supervisor = StreamSupervisor(self.host_services, channel, upstream, run_id=record.run_id, resumed=record)
-        self.supervisors[channel_id] = supervisor
-        supervisor.begin()
-        log.info(
-            "channel %s: its run %s was between two FFmpegs when the last launcher ended; starting its next one",
-            channel_id,
-            record.run_id[:8],
-        )
-
-    async def _channel_for_adoption(self, channel_id: str) -> tuple[Channel, Upstream | None]:
-        """The channel and its upstream for restarts; without a usable record the stream is
-        still watched (and cleaned when it ends), never restarted."""
-        try:
-            channel = await self.redis_call(get_channel, channel_id)
-            if channel is not None:
-                return channel, validate(channel, self.settings)
-        except ChannelError as exc:
-            log.warning("%s", exc)
-        return Channel(id=channel_id, source_url=""), None
+        """At start-up: this host's streams a previous launcher ran (launcher.adoption)."""
+        return await adopt_streams(self.host_services, self.supervisors)
 
     def detach_all(self) -> None:
         """The launcher exits without stopping anything: the next one adopts the streams."""

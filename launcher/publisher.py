@@ -137,29 +137,57 @@ class PlaylistPublisher:
             return 0
         if self.passive:
             return self._watch_passive()
-        if self.run_first is None:
+        segments = self._ffmpeg_segments()
+        if segments is None:
             return 0
+        previous = self.playlist.segments[-1] if self.playlist and self.playlist.segments else None
+        fresh, made, considered, pending = self._new_whole_segments(segments, previous)
+        if fresh:
+            self._date(fresh, made, previous)
+            try:
+                self._append(fresh)
+            except OSError as exc:  # a full disk: nothing is taken as listed, FFmpeg's end is near
+                self.write_error = exc
+                self._seen = None
+                log.warning("channel %s: cannot write its playlist (%s)", self.id, exc)
+                return 0
+        self.write_error = None
+        self._considered, self._pending_discontinuity = considered, pending
+        return len(fresh)
+
+    def _ffmpeg_segments(self) -> list[hls.Segment] | None:
+        """The segments of FFmpeg's playlist when it changed since the last look (None: it
+        did not, or cannot be read, or a new FFmpeg is still writing its first burst)."""
+        if self.run_first is None:
+            return None
         try:
             info = os.stat(self.ffmpeg_path)
         except OSError:
-            return 0
+            return None
         stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
         if stamp == self._seen:
-            return 0
+            return None
         if self.run_published == 0 and time.time() - info.st_mtime < BURST_SETTLE:
-            return 0  # a new FFmpeg is writing its burst: list it whole, a moment later
+            return None  # a new FFmpeg is writing its burst: list it whole, a moment later
         self._seen = stamp
         source = hls.read(self.ffmpeg_path)
         if source is None:
-            return 0
+            return None
         # The segment FFmpeg closed because it was exiting (EXT-X-ENDLIST follows it) is cut
         # short, its audio often shorter than its video: never listed, so the next run's
         # first segment meets whole ones at the discontinuity.
-        segments = source.segments[:-1] if source.ended else source.segments
+        return source.segments[:-1] if source.ended else source.segments
+
+    def _new_whole_segments(
+        self, segments: list[hls.Segment], previous: hls.Segment | None
+    ) -> tuple[list[hls.Segment], list[float], int, bool]:
+        """Of FFmpeg's segments, those of this run not considered yet and whole on disk, each
+        marked with a discontinuity after a gap (an incomplete or deleted segment); with
+        when FFmpeg finished each, the last number considered and whether a gap is pending."""
+        assert self.run_first is not None
         considered, pending = self._considered, self._pending_discontinuity
         fresh: list[hls.Segment] = []
         made: list[float] = []  # when FFmpeg finished each (its mtime)
-        previous = self.playlist.segments[-1] if self.playlist and self.playlist.segments else None
         for segment in segments:
             number = hls.segment_number(segment.uri, self.id)
             if number is None or number < self.run_first or number <= considered:
@@ -195,18 +223,7 @@ class PlaylistPublisher:
             )
             made.append(finished)
             pending = False
-        if fresh:
-            self._date(fresh, made, previous)
-            try:
-                self._append(fresh)
-            except OSError as exc:  # a full disk: nothing is taken as listed, FFmpeg's end is near
-                self.write_error = exc
-                self._seen = None
-                log.warning("channel %s: cannot write its playlist (%s)", self.id, exc)
-                return 0
-        self.write_error = None
-        self._considered, self._pending_discontinuity = considered, pending
-        return len(fresh)
+        return fresh, made, considered, pending
 
     @staticmethod
     def _date(fresh: list[hls.Segment], made: list[float], previous: hls.Segment | None) -> None:

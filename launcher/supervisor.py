@@ -127,6 +127,16 @@ class StreamSupervisor:
         return self.slot_provider
 
     @property
+    def last_error(self) -> str:
+        """The class and FFmpeg's own line of the last failure (redacted), for operators."""
+        return self.ffmpeg.last_error
+
+    @property
+    def speed(self) -> float | None:
+        """Media seconds per wall second of its FFmpeg over the last 30 s."""
+        return self.ffmpeg.speed
+
+    @property
     def finished(self) -> bool:
         return self._task is not None and self._task.done()
 

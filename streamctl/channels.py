@@ -199,6 +199,69 @@ def parse_m3u(text: str) -> list[dict]:
     return entries
 
 
+def _channels_of_entries(
+    entries: list[dict], settings, quality: str, provider: str | None, start_id: int | None
+) -> tuple[list[Channel], list[dict]]:
+    """The channels of the M3U entries, each checked on its own (a bad one is skipped with
+    why, the rest imported); ids from the URL, the tvg-id, else numbered from start_id."""
+    skipped: list[dict] = []
+    seen: set[str] = set()
+    next_id = start_id
+    candidates: list[Channel] = []
+    for entry in entries:
+        channel_id = channel_id_for(entry)
+        if channel_id is None and next_id is not None:
+            while str(next_id) in seen:
+                next_id += 1
+            channel_id, next_id = str(next_id), next_id + 1
+        if channel_id is None:
+            skipped.append({"line": entry["line"], "why": "no id (use --start-id)"})
+            continue
+        if channel_id in seen:
+            skipped.append({"line": entry["line"], "id": channel_id, "why": "duplicate id in the file"})
+            continue
+        attrs = entry["attrs"]
+        try:
+            channel = channel_from_dict(
+                channel_id,
+                {
+                    "source_url": entry["url"],
+                    "quality": quality,
+                    "provider": provider,
+                    "name": attrs.get("tvg-name") or entry["title"] or None,
+                    "group": attrs.get("group-title") or None,
+                },
+            )
+            validate(channel, settings)  # a quality and a provider this host has
+        except (ChannelError, keys.InvalidChannelId) as exc:
+            skipped.append({"line": entry["line"], "why": str(exc)})
+            continue
+        seen.add(channel_id)
+        candidates.append(channel)
+    return candidates, skipped
+
+
+def _write_channels(client, candidates: list[Channel], replace: bool) -> tuple[list[str], list[dict]]:
+    """The channels written in one pipeline (those that exist already kept unless
+    ``replace``): the ids added, and those kept with why."""
+    existing = set()
+    if not replace and candidates:
+        flags = client.pipeline(transaction=False)
+        for channel in candidates:
+            flags.exists(keys.channel_key(channel.id))
+        existing = {c.id for c, there in zip(candidates, flags.execute()) if there}
+    added, kept = [], []
+    pipe = client.pipeline(transaction=False)
+    for channel in candidates:
+        if channel.id in existing:
+            kept.append({"id": channel.id, "why": "exists already (use --replace)"})
+            continue
+        put_channel(client, channel, pipeline=pipe)
+        added.append(channel.id)
+    pipe.execute()
+    return added, kept
+
+
 def channel_id_for(entry: dict) -> str | None:
     """The old host's rule: the number that ends the URL's path, else a numeric tvg-id."""
     try:
@@ -238,58 +301,14 @@ def import_command(settings_loader, m3u_file, quality, start_id, replace, provid
     settings = settings_loader()
     if provider is not None and provider not in settings.providers:
         click.echo(
-            f"error: provider {provider[:64]!r} is not configured (no [providers.<name>] of " "that name)", err=True
+            f"error: provider {provider[:64]!r} is not configured (no [providers.<name>] of that name)", err=True
         )
         raise SystemExit(EXIT_INVALID)
     client = redis_from_url(settings.redis_url)
     entries = parse_m3u(m3u_file.read())  # undecodable bytes arrive as U+FFFD
-    added, skipped, seen = [], [], set()
-    next_id = start_id
-    candidates: list[Channel] = []
-    for entry in entries:
-        channel_id = channel_id_for(entry)
-        if channel_id is None and next_id is not None:
-            while str(next_id) in seen:
-                next_id += 1
-            channel_id, next_id = str(next_id), next_id + 1
-        if channel_id is None:
-            skipped.append({"line": entry["line"], "why": "no id (use --start-id)"})
-            continue
-        if channel_id in seen:
-            skipped.append({"line": entry["line"], "id": channel_id, "why": "duplicate id in the file"})
-            continue
-        attrs = entry["attrs"]
-        try:  # each entry on its own: a bad one is skipped with why, the rest imported
-            channel = channel_from_dict(
-                channel_id,
-                {
-                    "source_url": entry["url"],
-                    "quality": quality,
-                    "provider": provider,
-                    "name": attrs.get("tvg-name") or entry["title"] or None,
-                    "group": attrs.get("group-title") or None,
-                },
-            )
-            validate(channel, settings)  # a quality and a provider this host has
-        except (ChannelError, keys.InvalidChannelId) as exc:
-            skipped.append({"line": entry["line"], "why": str(exc)})
-            continue
-        seen.add(channel_id)
-        candidates.append(channel)
-    existing = set()
-    if not replace and candidates:
-        flags = client.pipeline(transaction=False)
-        for channel in candidates:
-            flags.exists(keys.channel_key(channel.id))
-        existing = {c.id for c, there in zip(candidates, flags.execute()) if there}
-    pipe = client.pipeline(transaction=False)
-    for channel in candidates:
-        if channel.id in existing:
-            skipped.append({"id": channel.id, "why": "exists already (use --replace)"})
-            continue
-        put_channel(client, channel, pipeline=pipe)
-        added.append(channel.id)
-    pipe.execute()
+    candidates, skipped = _channels_of_entries(entries, settings, quality, provider, start_id)
+    added, exist = _write_channels(client, candidates, replace)
+    skipped += exist
     report = {"entries": len(entries), "added": len(added), "skipped": skipped}
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -10,7 +10,8 @@ import stat
 import time
 
 from streamstate import files, hls, keys, providers, runs
-from streamstate.reaping import ActionKind, Reaper, RedisUnavailable
+from streamstate.reap_rules import ActionKind
+from streamstate.reaping import Reaper, RedisUnavailable
 from streamstate.runs import RunState
 
 from .checks_common import (

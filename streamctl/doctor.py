@@ -18,18 +18,8 @@ from streamstate.redis_client import redis_from_url
 
 from .checks_channel import check_channel
 from .checks_common import FAIL
-from .checks_host import (
-    check_ffmpeg,
-    check_heartbeatd,
-    check_launcher,
-    check_nginx,
-    check_nginx_answers,
-    check_proxies,
-    check_reaper,
-    check_redis,
-    check_space,
-    check_validator,
-)
+from .checks_host import check_ffmpeg, check_nginx, check_nginx_answers, check_proxies, check_redis, check_space
+from .checks_services import check_heartbeatd, check_launcher, check_reaper, check_validator
 from .checks_streams import check_streams
 
 

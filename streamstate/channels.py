@@ -101,7 +101,7 @@ def _check_text(channel_id: str, field: str, value, limit: int) -> str:
         raise ChannelError(f"channel {channel_id}: {field} is too long ({len(value)} characters, at most {limit})")
     if CONTROL_RE.search(value):
         raise ChannelError(
-            f"channel {channel_id}: {field} contains a control character " "(CR, LF, NUL, TAB or another); refused"
+            f"channel {channel_id}: {field} contains a control character (CR, LF, NUL, TAB or another); refused"
         )
     if field not in DISPLAY_FIELDS and field != "quality" and not _WIRE_TEXT_RE.fullmatch(value):
         raise ChannelError(
@@ -144,9 +144,7 @@ def check_proxy(channel_id: str, proxy) -> str | None:
         return None
     url = _check_url(channel_id, "proxy", proxy, PROXY_SCHEMES)
     if urlsplit(url).path not in ("", "/") or urlsplit(url).query:
-        raise ChannelError(
-            f"channel {channel_id}: proxy must be scheme://[user:pass@]host:port " "with no path or query"
-        )
+        raise ChannelError(f"channel {channel_id}: proxy must be scheme://[user:pass@]host:port with no path or query")
     if not urlsplit(url).port:
         raise ChannelError(f"channel {channel_id}: proxy needs a port (e.g. socks5h://127.0.0.1:40000)")
     return url
@@ -166,7 +164,7 @@ def check_provider_name(channel_id: str, name) -> str | None:
     if name in (None, ""):
         return None
     if not isinstance(name, str) or not keys.valid_provider_name(name):
-        raise ChannelError(f"channel {channel_id}: provider must be a name of letters, digits, " "_ and - (at most 64)")
+        raise ChannelError(f"channel {channel_id}: provider must be a name of letters, digits, _ and - (at most 64)")
     return name
 
 

@@ -174,7 +174,7 @@ class LogLineParser:
             )
         if not request_vars:
             raise LogFormatError(
-                "log_format has no request: it needs $request, $request_uri or $uri " f"(format: {fmt!r})"
+                f"log_format has no request: it needs $request, $request_uri or $uri (format: {fmt!r})"
             )
         if "status" not in names:
             raise LogFormatError(f"log_format has no $status (format: {fmt!r})")

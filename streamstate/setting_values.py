@@ -149,7 +149,7 @@ def parse_profiles(value: Any) -> dict:
                 raise ValueError(f"profile {name!r}: {key} must be a list of ffmpeg arguments (strings)")
             if any(CONTROL_RE.search(a) or len(a) > 1024 for a in args):
                 raise ValueError(
-                    f"profile {name!r}: {key} has an argument with a control " "character or over 1024 characters"
+                    f"profile {name!r}: {key} has an argument with a control character or over 1024 characters"
                 )
             clean[key] = list(args)
         for key in ("analyzeduration", "probesize"):

@@ -5,12 +5,27 @@ failed channels and the provider accounts' slots."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Protocol
 
 from . import keys, providers, redis_values, runs
 from .redact import redact_text
 
 
-def collect_streams(client, settings, supervisors: dict) -> dict:
+class LiveStream(Protocol):
+    """What the view reads of a launcher's stream (launcher.supervisor.StreamSupervisor)."""
+
+    @property
+    def state(self) -> runs.RunState: ...
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def last_error(self) -> str: ...
+    @property
+    def speed(self) -> float | None: ...
+
+
+def collect_streams(client, settings, supervisors: Mapping[str, LiveStream]) -> dict:
     """GET /streams and `streamctl status`: every stream Redis lists as active, plus this
     process's supervisors; members of the active set that are no channel id, apart."""
     active = runs.read_active(client)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -99,6 +100,18 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, decode_responses=True)
+
+
+# Channel ids handed to tests: fresh for each test, never one a test spells by hand (those
+# stay below this), so tests sharing one stack never meet on a channel.
+FIRST_FIXTURE_CHANNEL_ID = 500_000
+_channel_ids = itertools.count(FIRST_FIXTURE_CHANNEL_ID)
+
+
+@pytest.fixture
+def channel_id() -> str:
+    """A channel id no other test of this session uses."""
+    return str(next(_channel_ids))
 
 
 @pytest.fixture(scope="session")

@@ -44,13 +44,13 @@ def assert_cors(headers: dict):
     assert "GET" in headers.get("Access-Control-Allow-Methods", ""), headers
 
 
-def test_the_first_viewer_gets_the_playlist_with_a_normal_hits_headers(stack):
-    add_channel(stack, 601)
-    status, cold, body = first_request(stack.playlist_url(601, "?token=t601"), ORIGIN)
+def test_the_first_viewer_gets_the_playlist_with_a_normal_hits_headers(stack, channel_id):
+    add_channel(stack, channel_id)
+    status, cold, body = first_request(stack.playlist_url(channel_id, f"?token=t{channel_id}"), ORIGIN)
     assert status == 200 and "Location" not in cold
     assert cold["Content-Type"] == "application/vnd.apple.mpegurl"
     assert body.startswith(b"#EXTM3U") and b"#EXTINF" in body
-    status, warm, _ = first_request(stack.playlist_url(601, "?token=t601"), ORIGIN)
+    status, warm, _ = first_request(stack.playlist_url(channel_id, f"?token=t{channel_id}"), ORIGIN)
     assert status == 200
     assert {k: v for k, v in cold.items() if k not in VOLATILE} == {k: v for k, v in warm.items() if k not in VOLATILE}
     assert_cors(cold)
@@ -105,9 +105,9 @@ def test_cors_on_every_answer_under_live(stack):
     assert "Retry-After" in answers["upstream refused"][1]["Access-Control-Expose-Headers"]
 
 
-def test_a_preflight_is_answered_and_starts_nothing(stack):
-    add_channel(stack, 605)
-    for path in ("/live/stream_605.m3u8", "/live/stream_605_3.ts"):
+def test_a_preflight_is_answered_and_starts_nothing(stack, channel_id):
+    add_channel(stack, channel_id)
+    for path in (f"/live/stream_{channel_id}.m3u8", f"/live/stream_{channel_id}_3.ts"):
         status, headers, _ = first_request(
             stack.nginx_url(path),
             {**ORIGIN, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "range"},
@@ -116,8 +116,8 @@ def test_a_preflight_is_answered_and_starts_nothing(stack):
         assert status == 204
         assert_cors(headers)
         assert "Range" in headers["Access-Control-Allow-Headers"]
-    assert not ffmpegs_writing(stack, 605)
-    assert not stack.redis.exists(keys.run_key(605))
+    assert not ffmpegs_writing(stack, channel_id)
+    assert not stack.redis.exists(keys.run_key(channel_id))
 
 
 def test_a_launcher_that_is_down_still_answers_with_cors(tmp_path, rendered_nginx):
@@ -137,33 +137,35 @@ def test_a_launcher_that_is_down_still_answers_with_cors(tmp_path, rendered_ngin
         "/live/stream_606.m3u8?next=https://evil.example/",
     ],
 )
-def test_hostile_paths_get_no_location(stack, target):
-    add_channel(stack, 606)
+def test_hostile_paths_get_no_location(stack, channel_id, target):
+    add_channel(stack, channel_id)
     status, headers, body = raw_request(stack.nginx_port, target)
     assert "Location" not in headers, headers
     assert b"evil.example" not in body
     assert status in (200, 400, 404)
 
 
-def test_the_launcher_never_reflects_what_the_client_sent(stack):
-    add_channel(stack, 607)
+def test_the_launcher_never_reflects_what_the_client_sent(stack, channel_id):
+    add_channel(stack, channel_id)
     status, headers, body = raw_request(
-        stack.launcher_port, "/channel/607/start", {"X-Original-URI": "https://evil.example/", "Accept": "text/html"}
+        stack.launcher_port,
+        f"/channel/{channel_id}/start",
+        {"X-Original-URI": "https://evil.example/", "Accept": "text/html"},
     )
     assert status == 200 and "Location" not in headers and b"evil.example" not in body
     status, headers, body = raw_request(
-        stack.launcher_port, "/channel/607/start?x=1%0d%0aSet-Cookie:a", {ACCEL_REQUEST_HEADER: "1"}
+        stack.launcher_port, f"/channel/{channel_id}/start?x=1%0d%0aSet-Cookie:a", {ACCEL_REQUEST_HEADER: "1"}
     )
     assert status == 200 and "Location" not in headers and "Set-Cookie" not in headers
-    assert headers["X-Accel-Redirect"].startswith(f"{ACCEL_PREFIX}stream_607.m3u8")
+    assert headers["X-Accel-Redirect"].startswith(f"{ACCEL_PREFIX}stream_{channel_id}.m3u8")
     status, _, body = raw_request(stack.launcher_port, "/channel/https:%2F%2Fevil.example/start")
     assert status in (400, 404) and b"evil.example" not in body
 
 
-def test_the_internal_location_is_not_reachable_from_outside(stack):
-    add_channel(stack, 608)
-    assert first_request(stack.playlist_url(608))[0] == 200
-    assert first_request(stack.nginx_url(f"{ACCEL_PREFIX}stream_608.m3u8"))[0] == 404
+def test_the_internal_location_is_not_reachable_from_outside(stack, channel_id):
+    add_channel(stack, channel_id)
+    assert first_request(stack.playlist_url(channel_id))[0] == 200
+    assert first_request(stack.nginx_url(f"{ACCEL_PREFIX}stream_{channel_id}.m3u8"))[0] == 404
 
 
 @pytest.mark.parametrize(
@@ -206,24 +208,24 @@ def test_rendered_snippet_has_no_placeholders_left():
     assert "{{" not in text and "X-Accel-Redirect" in text and "internal;" in text
 
 
-def test_head_on_a_cold_channel_starts_it(stack):
-    add_channel(stack, 611)
-    status, headers, body = first_request(stack.playlist_url(611), ORIGIN, method="HEAD")
+def test_head_on_a_cold_channel_starts_it(stack, channel_id):
+    add_channel(stack, channel_id)
+    status, headers, body = first_request(stack.playlist_url(channel_id), ORIGIN, method="HEAD")
     assert status == 200 and body == b""
     assert headers["Content-Type"] == "application/vnd.apple.mpegurl"
     assert_cors(headers)
-    assert ffmpegs_writing(stack, 611)
+    assert ffmpegs_writing(stack, channel_id)
     assert first_request(stack.playlist_url(699991), method="HEAD")[0] == 404
 
 
-def test_byte_ranges_never_give_206_or_416(stack):
+def test_byte_ranges_never_give_206_or_416(stack, channel_id):
     """A 416 repeated every add_header (browsers refuse '*, *'); playlists and segments are
     always sent whole."""
-    add_channel(stack, 612)
-    status, headers, body = first_request(stack.playlist_url(612), {**ORIGIN, "Range": "bytes=0-"})
+    add_channel(stack, channel_id)
+    status, headers, body = first_request(stack.playlist_url(channel_id), {**ORIGIN, "Range": "bytes=0-"})
     assert status == 200 and b"#EXTINF" in body
-    segment = next(os.path.basename(p) for p in files.stream_files(stack.hls_dir, 612) if p.endswith(".ts"))
-    for path in ("/live/stream_612.m3u8", f"/live/{segment}"):
+    segment = next(os.path.basename(p) for p in files.stream_files(stack.hls_dir, channel_id) if p.endswith(".ts"))
+    for path in (f"/live/stream_{channel_id}.m3u8", f"/live/{segment}"):
         connection = http.client.HTTPConnection("127.0.0.1", stack.nginx_port, timeout=30)
         connection.request("GET", path, headers={**ORIGIN, "Range": "bytes=99999999-"})
         response = connection.getresponse()
@@ -255,16 +257,18 @@ def test_the_cold_line_and_later_lines_carry_the_same_token(stack, query):
     assert len(set(seen)) == 1 and seen[0] != "-", seen
 
 
-def test_raw_utf8_in_the_query_still_starts_the_channel(stack):
-    add_channel(stack, 617)
-    status, _, body = raw_request(stack.nginx_port, "/live/stream_617.m3u8?token=\xc3\xa9")  # raw UTF-8 é
+def test_raw_utf8_in_the_query_still_starts_the_channel(stack, channel_id):
+    add_channel(stack, channel_id)
+    status, _, body = raw_request(stack.nginx_port, f"/live/stream_{channel_id}.m3u8?token=\xc3\xa9")  # raw UTF-8 é
     assert status == 200 and b"#EXTINF" in body
 
 
-def test_what_the_launcher_refuses_is_never_quoted_back(stack):
-    add_channel(stack, 618)
+def test_what_the_launcher_refuses_is_never_quoted_back(stack, channel_id):
+    add_channel(stack, channel_id)
     status, headers, body = raw_request(
-        stack.nginx_port, "/live/stream_618.m3u8", {"X-A": "\x01<b>hi</b>", **{f"X-Pad-{n}": "x" for n in range(150)}}
+        stack.nginx_port,
+        f"/live/stream_{channel_id}.m3u8",
+        {"X-A": "\x01<b>hi</b>", **{f"X-Pad-{n}": "x" for n in range(150)}},
     )
     assert b"<b>" not in body and b"hi" not in body
     assert status in (200, 400)
@@ -272,24 +276,24 @@ def test_what_the_launcher_refuses_is_never_quoted_back(stack):
 
 
 @pytest.mark.parametrize("method, expected", [("POST", 405), ("FOO", 405), ("DELETE", 405)])
-def test_only_get_and_head_start_a_channel(stack, method, expected):
-    add_channel(stack, 619)
-    status, headers, _ = raw_request(stack.nginx_port, "/live/stream_619.m3u8", method=method)
+def test_only_get_and_head_start_a_channel(stack, channel_id, method, expected):
+    add_channel(stack, channel_id)
+    status, headers, _ = raw_request(stack.nginx_port, f"/live/stream_{channel_id}.m3u8", method=method)
     assert status == expected
     assert_cors(headers)
-    assert not ffmpegs_writing(stack, 619)
+    assert not ffmpegs_writing(stack, channel_id)
 
 
 @pytest.mark.parametrize(
     "target",
     ["/live/stream_620.m3u8%0a", "/live/stream_620.m3u8%0A", "/live/stream_0620.m3u8", "/live/stream_620_1.ts%0a"],
 )
-def test_paths_nginx_would_alias_are_refused(stack, target):
-    add_channel(stack, 620)
+def test_paths_nginx_would_alias_are_refused(stack, channel_id, target):
+    add_channel(stack, channel_id)
     status, headers, _ = raw_request(stack.nginx_port, target)
     assert status == 404
     assert_cors(headers)
-    assert not ffmpegs_writing(stack, 620)
+    assert not ffmpegs_writing(stack, channel_id)
 
 
 def test_nginx_own_errors_carry_cors_and_one_line_reasons(rendered_nginx):

@@ -169,7 +169,9 @@ def test_junk_in_redis_is_named_never_a_traceback(stack, tmp_path):
             stack.redis.hset(keys.reaper_last_pass_key(host), mapping=saved)
 
 
-def test_a_source_that_never_finishes_its_headers_has_a_deadline_and_a_validator_down_is_named(stack, tmp_path):
+def test_a_source_that_never_finishes_its_headers_has_a_deadline_and_a_validator_down_is_named(
+    stack, channel_id, tmp_path
+):
     import socket
     import threading
 
@@ -188,22 +190,28 @@ def test_a_source_that_never_finishes_its_headers_has_a_deadline_and_a_validator
 
     threading.Thread(target=trickle, daemon=True).start()
     try:
-        add_channel(stack, 798, source_url=f"http://127.0.0.1:{port}/x.ts")
+        add_channel(stack, channel_id, source_url=f"http://127.0.0.1:{port}/x.ts")
         from tests.helpers import free_port
 
         code, checks, _ = doctor(
-            stack, tmp_path, "--channel", "798", settings={"auth_url": f"http://127.0.0.1:{free_port()}/validate"}
+            stack,
+            tmp_path,
+            "--channel",
+            f"{channel_id}",
+            settings={"auth_url": f"http://127.0.0.1:{free_port()}/validate"},
         )
-        assert any("no answer within" in d for d in failed(checks, "channel 798 source"))
+        assert any("no answer within" in d for d in failed(checks, f"channel {channel_id} source"))
         assert any("every playlist request gets 500" in d for d in failed(checks, "viewer validator"))
     finally:
         server.close()
 
 
-def test_a_source_on_a_denied_address_is_not_asked(stack, tmp_path):
-    add_channel(stack, 799, source_url="http://169.254.169.254/latest/meta-data/")
-    code, checks, _ = doctor(stack, tmp_path, "--channel", "799")
-    assert any("not asked (169.254.169.254:80 is in upstream_deny" in d for d in failed(checks, "channel 799 source"))
+def test_a_source_on_a_denied_address_is_not_asked(stack, channel_id, tmp_path):
+    add_channel(stack, channel_id, source_url="http://169.254.169.254/latest/meta-data/")
+    code, checks, _ = doctor(stack, tmp_path, "--channel", f"{channel_id}")
+    assert any(
+        "not asked (169.254.169.254:80 is in upstream_deny" in d for d in failed(checks, f"channel {channel_id} source")
+    )
 
 
 def test_a_default_server_in_front_of_ours_is_named(stack, tmp_path):
@@ -279,20 +287,20 @@ def test_the_old_host_s_stale_keys_are_named_each_with_its_channel(stack, tmp_pa
                 os.unlink(os.path.join(stack.hls_dir, name))
 
 
-def test_a_running_stream_whose_channel_record_is_gone_is_named(stack, tmp_path):
+def test_a_running_stream_whose_channel_record_is_gone_is_named(stack, channel_id, tmp_path):
     """A Redis restarted without its data keeps the streams (their records are written again)
     but not the catalogue: doctor says such a stream will not be restarted."""
-    add_channel(stack, 798)
+    add_channel(stack, channel_id)
     from tests.helpers import first_request
 
-    assert first_request(stack.playlist_url(798))[0] == 200
-    stack.redis.delete(keys.channel_key(798))
+    assert first_request(stack.playlist_url(channel_id))[0] == 200
+    stack.redis.delete(keys.channel_key(channel_id))
     try:
         _, checks, _ = doctor(stack, tmp_path)
-        [warning] = [c for c in checks if c["check"] == "channel 798"]
-        assert warning["status"] == "warn" and "channel record (channel:798) is gone" in warning["detail"]
+        [warning] = [c for c in checks if c["check"] == f"channel {channel_id}"]
+        assert warning["status"] == "warn" and f"channel record (channel:{channel_id}) is gone" in warning["detail"]
     finally:
-        stack.launcher_json("/channel/798/stop", "POST")
+        stack.launcher_json(f"/channel/{channel_id}/stop", "POST")
 
 
 def test_nothing_answering_on_nginx_listen_is_named(stack, tmp_path):

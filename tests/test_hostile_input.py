@@ -135,20 +135,20 @@ def test_the_legacy_route_takes_only_its_own_fields_and_stores_nothing_else(stac
     assert listener.connections == 0
 
 
-def test_the_legacy_start_answers_json_whatever_headers_it_is_sent(stack):
+def test_the_legacy_start_answers_json_whatever_headers_it_is_sent(stack, channel_id):
     """Finding (attack, issue 16): X-Streamkeeper-Accel: 1 on the legacy route (nginx's header
     for a player's start) made it answer a redirect it then read as JSON: a 500."""
-    add_channel(stack, 556)
+    add_channel(stack, channel_id)
     request = urllib.request.Request(
         stack.launcher_url("/api/stream/start"),
         method="POST",
-        data=json.dumps({"channel_id": "556"}).encode(),
+        data=json.dumps({"channel_id": f"{channel_id}"}).encode(),
         headers={"Content-Type": "application/json", "X-Streamkeeper-Accel": "1"},
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.status == 200 and "X-Accel-Redirect" not in response.headers
         assert json.loads(response.read())["status"] in ("started", "running")
-    stack.launcher_json("/channel/556/stop", "POST")
+    stack.launcher_json(f"/channel/{channel_id}/stop", "POST")
 
 
 def test_a_legacy_start_with_redis_down_is_a_503_with_its_reason(stack, extra_launcher, tmp_path):
@@ -234,20 +234,20 @@ def test_streamctl_refuses_injections(stack, listener, args, field):
     assert stack.redis.exists(keys.channel_key(503)) == 0
 
 
-def test_a_valid_record_sends_exactly_its_headers(stack, listener):
+def test_a_valid_record_sends_exactly_its_headers(stack, channel_id, listener):
     """The positive side: what a record asks for arrives as single header lines."""
     add_channel(
         stack,
-        504,
-        source_url=listener.url("/live/u/p/504.ts"),
+        channel_id,
+        source_url=listener.url(f"/live/u/p/{channel_id}.ts"),
         user_agent="UA/1 (x)",
         referer="http://r.example/",
         headers={"X-Key": "v1"},
     )
-    assert first_request(stack.playlist_url(504))[0] == 503
+    assert first_request(stack.playlist_url(channel_id))[0] == 503
     request = bytes(listener.received).split(b"\r\n\r\n")[0].decode()
     lines = request.split("\r\n")
-    assert lines[0] == "GET /live/u/p/504.ts HTTP/1.1"
+    assert lines[0] == f"GET /live/u/p/{channel_id}.ts HTTP/1.1"
     assert "User-Agent: UA/1 (x)" in lines and "Referer: http://r.example/" in lines
     assert "X-Key: v1" in lines
     assert all(":" in line for line in lines[1:])
@@ -276,14 +276,14 @@ def test_m3u_import_skips_hostile_entries_and_keeps_the_rest(stack, tmp_path):
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
 
 
-def test_oversized_and_deeply_nested_records_are_refused_and_listed_as_invalid(stack):
+def test_oversized_and_deeply_nested_records_are_refused_and_listed_as_invalid(stack, channel_id):
     """Finding 8."""
     stack.redis.set(keys.channel_key(512), "[" * 5000 + "]" * 5000)
     stack.redis.set(keys.channel_key(513), json.dumps({"source_url": "http://up.example/" + "a" * 200_000}))
     stack.redis.set(
         keys.channel_key(514), json.dumps({"source_url": "http://up.example/x.ts", "user_agent": "u" * 10_000})
     )
-    add_channel(stack, 515)
+    add_channel(stack, channel_id)
     for channel, why in ((512, b"nested too deeply"), (513, b"too large"), (514, b"user_agent is too long")):
         status, _, body = first_request(stack.playlist_url(channel))
         assert status == 422 and why in body, (channel, body)
@@ -291,7 +291,7 @@ def test_oversized_and_deeply_nested_records_are_refused_and_listed_as_invalid(s
     assert listed.returncode == 0, listed.stderr
     rows = {row["id"]: row for row in json.loads(listed.stdout)}
     assert all("error" in rows[str(c)] for c in (512, 513, 514))
-    assert "error" not in rows["515"]
+    assert "error" not in rows[channel_id]
 
 
 def test_credentials_never_reach_a_player_nor_the_logs(stack):
@@ -387,10 +387,10 @@ def test_junk_in_the_active_set_is_shown_as_invalid(stack):
     "path",
     ["/live//stream_522.m3u8", "/live/./stream_522.m3u8", "/live/stream_%35%32%32.m3u8", "/x/../live/stream_522.m3u8"],
 )
-def test_what_nginx_serves_as_a_channel_is_counted_as_that_channel(stack, path):
+def test_what_nginx_serves_as_a_channel_is_counted_as_that_channel(stack, channel_id, path):
     """Finding 10: the log records $uri, nginx's normalised path."""
-    add_channel(stack, 522)
-    assert first_request(stack.playlist_url(522))[0] == 200
+    add_channel(stack, channel_id)
+    assert first_request(stack.playlist_url(channel_id))[0] == 200
     with open(stack.settings["access_log"], "rb") as handle:
         handle.seek(0, os.SEEK_END)
         offset = handle.tell()
@@ -407,14 +407,14 @@ def test_what_nginx_serves_as_a_channel_is_counted_as_that_channel(stack, path):
             handle.seek(offset)
             return LogLineParser("streamkeeper").parse_chunk(handle.read()).channel_times
 
-    assert wait_for(lambda: counted().get("522"), timeout=10, message="the aliased request counted")
+    assert wait_for(lambda: counted().get(channel_id), timeout=10, message="the aliased request counted")
 
 
-def test_a_record_of_an_unknown_process_is_never_trusted(stack):
+def test_a_record_of_an_unknown_process_is_never_trusted(stack, channel_id):
     """Finding 7 through the launcher: a run record naming a process that is not this
     channel's FFmpeg (here: this test's own Python) is stale, never joined nor signalled."""
     record = runs.RunRecord(
-        channel="523",
+        channel=channel_id,
         run_id="forged",
         host=stack.settings.get("host_id", socket.gethostname()),
         pid=os.getpid(),
@@ -426,9 +426,9 @@ def test_a_record_of_an_unknown_process_is_never_trusted(stack):
 
     record.pid_start = process_start_time(os.getpid())
     runs.record_run(stack.redis, record)
-    add_channel(stack, 523)
-    assert first_request(stack.playlist_url(523))[0] == 200  # started anew, we live on
-    assert stack.redis.hget(keys.run_key(523), "run_id") != "forged"
+    add_channel(stack, channel_id)
+    assert first_request(stack.playlist_url(channel_id))[0] == 200  # started anew, we live on
+    assert stack.redis.hget(keys.run_key(channel_id), "run_id") != "forged"
 
 
 JUNK = [
@@ -477,7 +477,7 @@ def test_junk_of_any_type_or_encoding_in_redis_breaks_nothing(stack):
     stack.redis.delete(*[key for _, key, _ in JUNK], keys.pid_key(547))
 
 
-def test_junk_in_failure_slot_history_and_pass_keys_is_only_junk(stack):
+def test_junk_in_failure_slot_history_and_pass_keys_is_only_junk(stack, channel_id):
     """Finding (attack, issue 16): a failure mark of another type made every start of its
     channel a 503 "redis unreachable"; a slot or failure nested too deep raised
     RecursionError; a provider's slots of another type blocked its every start; a reaper's
@@ -486,13 +486,13 @@ def test_junk_in_failure_slot_history_and_pass_keys_is_only_junk(stack):
     from launcher import status_page
     from streamstate import providers
 
-    add_channel(stack, 563)
-    stack.redis.hset(keys.failed_key(563), "reason", "junk of another type")
-    assert first_request(stack.playlist_url(563))[0] == 200
-    stack.launcher_json("/channel/563/stop", "POST")
+    add_channel(stack, channel_id)
+    stack.redis.hset(keys.failed_key(channel_id), "reason", "junk of another type")
+    assert first_request(stack.playlist_url(channel_id))[0] == 200
+    stack.launcher_json(f"/channel/{channel_id}/stop", "POST")
     stack.redis.set(keys.failed_key(564), "[" * 100_000)
     assert runs.get_failed(stack.redis, "564") is None
-    stack.redis.delete(keys.failed_key(563), keys.failed_key(564))
+    stack.redis.delete(keys.failed_key(channel_id), keys.failed_key(564))
 
     slots = keys.provider_slots_key("junkprov")
     stack.redis.set(slots, "not a hash")
@@ -530,21 +530,21 @@ def test_junk_in_failure_slot_history_and_pass_keys_is_only_junk(stack):
     assert not stack.redis.sismember(keys.ACTIVE_STREAMS_KEY, "567")
 
 
-def test_an_infinite_last_access_keeps_nothing_alive(stack):
+def test_an_infinite_last_access_keeps_nothing_alive(stack, channel_id):
     """A stored last_access of inf (or far in the future) is junk: the next heartbeat
     replaces it, and the reaper falls back to the start time."""
     from streamstate import heartbeats
 
-    add_channel(stack, 548)
-    assert first_request(stack.playlist_url(548))[0] == 200
-    stack.redis.set(keys.last_access_key(548), "inf")
+    add_channel(stack, channel_id)
+    assert first_request(stack.playlist_url(channel_id))[0] == 200
+    stack.redis.set(keys.last_access_key(channel_id), "inf")
     now = time.time()
-    heartbeats.write_heartbeats(stack.redis, {"548": now - 1}, now=now)
-    assert float(stack.redis.get(keys.last_access_key(548))) == pytest.approx(now - 1, abs=0.01)
-    stack.redis.set(keys.last_access_key(548), "9999999999")
-    heartbeats.write_heartbeats(stack.redis, {"548": now}, now=now)
-    assert float(stack.redis.get(keys.last_access_key(548))) == pytest.approx(now, abs=0.01)
-    stack.launcher_json("/channel/548/stop", "POST")
+    heartbeats.write_heartbeats(stack.redis, {f"{channel_id}": now - 1}, now=now)
+    assert float(stack.redis.get(keys.last_access_key(channel_id))) == pytest.approx(now - 1, abs=0.01)
+    stack.redis.set(keys.last_access_key(channel_id), "9999999999")
+    heartbeats.write_heartbeats(stack.redis, {f"{channel_id}": now}, now=now)
+    assert float(stack.redis.get(keys.last_access_key(channel_id))) == pytest.approx(now, abs=0.01)
+    stack.launcher_json(f"/channel/{channel_id}/stop", "POST")
 
 
 def test_status_escapes_what_redis_holds(stack):

@@ -9,7 +9,7 @@ import pytest
 from launcher.ffmpeg import DISK_FULL, classify_failure
 from streamstate import egress
 from streamstate.egress import RefusalKind
-from streamstate.reaping import ActionKind
+from streamstate.reap_rules import ActionKind
 from streamstate.runs import TRANSITIONS, RunRecord, RunState
 from streamstate.stream_end import NOT_THE_SOURCE, Cause
 

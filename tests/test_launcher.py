@@ -19,9 +19,9 @@ from tests.helpers import add_channel, ffmpeg_processes, ffmpegs_writing, first_
 pytestmark = pytest.mark.e2e
 
 
-def test_cold_channel_plays_through_nginx(stack):
-    add_channel(stack, 101)
-    status, headers, body = first_request(stack.playlist_url(101, "?token=abc"))
+def test_cold_channel_plays_through_nginx(stack, channel_id):
+    add_channel(stack, channel_id)
+    status, headers, body = first_request(stack.playlist_url(channel_id, "?token=abc"))
     # The first viewer gets the playlist itself: no redirect, a segment listed.
     assert status == 200 and "Location" not in headers and b"#EXTINF" in body
     # A real HLS client through nginx: decodes at least 5 s of it.
@@ -31,7 +31,7 @@ def test_cold_channel_plays_through_nginx(stack):
             "-hide_banner",
             "-nostdin",
             "-i",
-            stack.playlist_url(101, "?token=abc"),
+            stack.playlist_url(channel_id, "?token=abc"),
             "-t",
             "5",
             "-f",
@@ -45,21 +45,39 @@ def test_cold_channel_plays_through_nginx(stack):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "time=00:00:05" in result.stderr or "time=00:00:04.9" in result.stderr
     probe = subprocess.run(
-        ["ffprobe", "-v", "error", "-show_entries", "stream=codec_type", "-of", "csv=p=0", stack.playlist_url(101)],
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_type",
+            "-of",
+            "csv=p=0",
+            stack.playlist_url(channel_id),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert sorted(set(probe.stdout.split())) == ["audio", "video"]
-    assert len(ffmpegs_writing(stack, 101)) == 1
+    assert len(ffmpegs_writing(stack, channel_id)) == 1
 
 
-def test_transcoding_profile_keeps_audio_and_video(stack):
-    add_channel(stack, 102, quality="low")
-    status, _, _ = first_request(stack.playlist_url(102))
+def test_transcoding_profile_keeps_audio_and_video(stack, channel_id):
+    add_channel(stack, channel_id, quality="low")
+    status, _, _ = first_request(stack.playlist_url(channel_id))
     assert status == 200
     probe = subprocess.run(
-        ["ffprobe", "-v", "error", "-show_entries", "stream=codec_type,height", "-of", "json", stack.playlist_url(102)],
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_type,height",
+            "-of",
+            "json",
+            stack.playlist_url(channel_id),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -69,14 +87,14 @@ def test_transcoding_profile_keeps_audio_and_video(stack):
     assert [s["height"] for s in streams if s["codec_type"] == "video"] == [480]
 
 
-def test_a_hundred_simultaneous_first_requests_make_one_ffmpeg(stack):
-    add_channel(stack, 103)
+def test_a_hundred_simultaneous_first_requests_make_one_ffmpeg(stack, channel_id):
+    add_channel(stack, channel_id)
     statuses = []
     barrier = threading.Barrier(100)
 
     def player():
         barrier.wait()
-        statuses.append(first_request(stack.playlist_url(103))[0])
+        statuses.append(first_request(stack.playlist_url(channel_id))[0])
 
     threads = [threading.Thread(target=player) for _ in range(100)]
     for thread in threads:
@@ -84,9 +102,9 @@ def test_a_hundred_simultaneous_first_requests_make_one_ffmpeg(stack):
     for thread in threads:
         thread.join(timeout=90)
     assert len(statuses) == 100 and set(statuses) == {200}
-    assert len(ffmpegs_writing(stack, 103)) == 1
+    assert len(ffmpegs_writing(stack, channel_id)) == 1
     _, body = stack.launcher_json("/streams")
-    assert [s["state"] for s in body["streams"] if s["id"] == "103"] == ["running"]
+    assert [s["state"] for s in body["streams"] if s["id"] == channel_id] == ["running"]
 
 
 def test_twenty_channels_started_at_once_all_play(stack):
@@ -135,14 +153,14 @@ def test_upstream_403_is_a_503_with_the_reason_and_no_playlist(stack):
         "rtmp://127.0.0.1/live/x",
     ],
 )
-def test_non_http_sources_never_reach_ffmpeg(stack, source):
-    add_channel(stack, 105, source_url=source)
+def test_non_http_sources_never_reach_ffmpeg(stack, channel_id, source):
+    add_channel(stack, channel_id, source_url=source)
     before = len(ffmpeg_processes())
-    status, _, body = first_request(stack.playlist_url(105))
+    status, _, body = first_request(stack.playlist_url(channel_id))
     assert status == 422
     assert b"only http:// and https://" in body
     assert len(ffmpeg_processes()) <= before
-    assert not os.path.exists(files.playlist_path(stack.hls_dir, 105))
+    assert not os.path.exists(files.playlist_path(stack.hls_dir, channel_id))
 
 
 def test_bad_channel_records_are_clear_errors(stack):
@@ -172,20 +190,20 @@ def test_unknown_channel_is_404(stack):
     assert first_request(stack.playlist_url(999998))[0] == 404
 
 
-def test_json_callers_get_started_then_already_running(stack):
-    add_channel(stack, 109)
-    status, body = stack.launcher_json("/channel/109/start", "POST")
+def test_json_callers_get_started_then_already_running(stack, channel_id):
+    add_channel(stack, channel_id)
+    status, body = stack.launcher_json(f"/channel/{channel_id}/start", "POST")
     assert (status, body["status"]) == (200, "started")
-    status, body = stack.launcher_json("/channel/109/start", "POST")
+    status, body = stack.launcher_json(f"/channel/{channel_id}/start", "POST")
     assert (status, body["status"]) == (200, "already_running")
     _, streams = stack.launcher_json("/streams")
-    entry = next(s for s in streams["streams"] if s["id"] == "109")
-    assert entry["state"] == "running" and entry["pid"] in ffmpegs_writing(stack, 109)
-    assert stack.redis.get(keys.pid_key(109)) == str(entry["pid"])
-    assert float(stack.redis.get(keys.last_access_key(109))) > 0
-    assert stack.launcher_json("/channel/109/stop", "POST")[1]["status"] == "stopped"
-    assert files.stream_files(stack.hls_dir, 109) == []
-    assert stack.redis.exists(keys.pid_key(109), keys.run_key(109)) == 0
+    entry = next(s for s in streams["streams"] if s["id"] == f"{channel_id}")
+    assert entry["state"] == "running" and entry["pid"] in ffmpegs_writing(stack, channel_id)
+    assert stack.redis.get(keys.pid_key(channel_id)) == str(entry["pid"])
+    assert float(stack.redis.get(keys.last_access_key(channel_id))) > 0
+    assert stack.launcher_json(f"/channel/{channel_id}/stop", "POST")[1]["status"] == "stopped"
+    assert files.stream_files(stack.hls_dir, channel_id) == []
+    assert stack.redis.exists(keys.pid_key(channel_id), keys.run_key(channel_id)) == 0
 
 
 def test_legacy_routes_keep_working(stack):
@@ -207,16 +225,16 @@ def test_legacy_routes_keep_working(stack):
     assert status == 422
 
 
-def test_a_killed_ffmpeg_is_restarted_while_wanted(stack):
-    add_channel(stack, 111)
-    assert stack.launcher_json("/channel/111/start", "POST")[0] == 200
-    [pid] = ffmpegs_writing(stack, 111)
+def test_a_killed_ffmpeg_is_restarted_while_wanted(stack, channel_id):
+    add_channel(stack, channel_id)
+    assert stack.launcher_json(f"/channel/{channel_id}/start", "POST")[0] == 200
+    [pid] = ffmpegs_writing(stack, channel_id)
     os.kill(pid, 9)
-    wait_for(lambda: ffmpegs_writing(stack, 111) not in ([], [pid]), timeout=30, message="a new FFmpeg")
-    wait_for(lambda: first_request(stack.playlist_url(111))[0] == 200, timeout=30, message="playable again")
+    wait_for(lambda: ffmpegs_writing(stack, channel_id) not in ([], [pid]), timeout=30, message="a new FFmpeg")
+    wait_for(lambda: first_request(stack.playlist_url(channel_id))[0] == 200, timeout=30, message="playable again")
     _, streams = stack.launcher_json("/streams")
-    assert next(s for s in streams["streams"] if s["id"] == "111")["restarts"] == 1
-    stack.launcher_json("/channel/111/stop", "POST")
+    assert next(s for s in streams["streams"] if s["id"] == f"{channel_id}")["restarts"] == 1
+    stack.launcher_json(f"/channel/{channel_id}/stop", "POST")
 
 
 def test_metrics_and_healthz(stack):
@@ -227,11 +245,11 @@ def test_metrics_and_healthz(stack):
     assert "streamkeeper_launcher_starts_total" in text
 
 
-def test_the_reaper_stops_an_idle_launcher_stream_and_the_launcher_does_not_restart_it(stack):
-    add_channel(stack, 112)
-    assert stack.launcher_json("/channel/112/start", "POST")[0] == 200
-    [pid] = ffmpegs_writing(stack, 112)
-    stack.redis.set(keys.last_access_key(112), "1000.0")  # nobody watched for ages
+def test_the_reaper_stops_an_idle_launcher_stream_and_the_launcher_does_not_restart_it(stack, channel_id):
+    add_channel(stack, channel_id)
+    assert stack.launcher_json(f"/channel/{channel_id}/start", "POST")[0] == 200
+    [pid] = ffmpegs_writing(stack, channel_id)
+    stack.redis.set(keys.last_access_key(channel_id), "1000.0")  # nobody watched for ages
     result = subprocess.run(
         [sys.executable, "-m", "reaper", "--once", "--config", stack.config_path],
         cwd=REPO,
@@ -240,19 +258,19 @@ def test_the_reaper_stops_an_idle_launcher_stream_and_the_launcher_does_not_rest
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert "channel 112: stopped" in result.stderr
-    wait_for(lambda: not ffmpegs_writing(stack, 112), timeout=15, message="FFmpeg gone")
+    assert f"channel {channel_id}: stopped" in result.stderr
+    wait_for(lambda: not ffmpegs_writing(stack, channel_id), timeout=15, message="FFmpeg gone")
     wait_for(
-        lambda: all(s["id"] != "112" for s in stack.launcher_json("/streams")[1]["streams"]),
+        lambda: all(s["id"] != f"{channel_id}" for s in stack.launcher_json("/streams")[1]["streams"]),
         timeout=15,
         message="the launcher to let it go",
     )
-    assert not ffmpegs_writing(stack, 112)  # not restarted
-    assert files.stream_files(stack.hls_dir, 112) == []
-    assert stack.redis.exists(keys.pid_key(112), keys.run_key(112)) == 0
+    assert not ffmpegs_writing(stack, channel_id)  # not restarted
+    assert files.stream_files(stack.hls_dir, channel_id) == []
+    assert stack.redis.exists(keys.pid_key(channel_id), keys.run_key(channel_id)) == 0
     # The next player starts it again, as a new run.
-    assert first_request(stack.playlist_url(112))[0] == 200
-    assert ffmpegs_writing(stack, 112) not in ([], [pid])
+    assert first_request(stack.playlist_url(channel_id))[0] == 200
+    assert ffmpegs_writing(stack, channel_id) not in ([], [pid])
 
 
 def streamctl(stack, *args):
@@ -265,44 +283,47 @@ def streamctl(stack, *args):
     )
 
 
-def test_streamctl_start_status_stop_and_reap(stack):
-    add_channel(stack, 113)
-    started = streamctl(stack, "start", "113")
+def test_streamctl_start_status_stop_and_reap(stack, channel_id):
+    add_channel(stack, channel_id)
+    started = streamctl(stack, "start", f"{channel_id}")
     assert started.returncode == 0, started.stderr
-    assert "channel 113: started" in started.stdout
-    assert "already_running" in streamctl(stack, "start", "113").stdout
+    assert f"channel {channel_id}: started" in started.stdout
+    assert "already_running" in streamctl(stack, "start", f"{channel_id}").stdout
     status = json.loads(streamctl(stack, "status", "--json").stdout)
-    entry = next(s for s in status["streams"] if s["id"] == "113")
-    assert entry["state"] == "running" and entry["pid"] in ffmpegs_writing(stack, 113)
+    entry = next(s for s in status["streams"] if s["id"] == f"{channel_id}")
+    assert entry["state"] == "running" and entry["pid"] in ffmpegs_writing(stack, channel_id)
     assert streamctl(stack, "start", "777777").returncode == 3
     assert streamctl(stack, "start", "abc").returncode == 2
     dry = streamctl(stack, "reap", "--dry-run", "--json")
     assert dry.returncode == 0 and json.loads(dry.stdout)["dry_run"] is True
-    stopped = streamctl(stack, "stop", "113")
+    stopped = streamctl(stack, "stop", f"{channel_id}")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
-    assert not ffmpegs_writing(stack, 113)
+    assert not ffmpegs_writing(stack, channel_id)
 
 
-def test_temp_files_are_never_served(stack):
-    add_channel(stack, 114)
-    assert first_request(stack.playlist_url(114))[0] == 200
-    tmp = files.playlist_path(stack.hls_dir, 114) + ".tmp"
+def test_temp_files_are_never_served(stack, channel_id):
+    add_channel(stack, channel_id)
+    assert first_request(stack.playlist_url(channel_id))[0] == 200
+    tmp = files.playlist_path(stack.hls_dir, channel_id) + ".tmp"
     with open(tmp, "w") as handle:
         handle.write("#EXTM3U\n")
-    for path in ("/live/stream_114.m3u8.tmp", "/live/stream_114_1.ts.tmp", "/live/other.txt"):
+    for path in (f"/live/stream_{channel_id}.m3u8.tmp", f"/live/stream_{channel_id}_1.ts.tmp", "/live/other.txt"):
         assert first_request(stack.nginx_url(path))[0] == 404
-    stack.launcher_json("/channel/114/stop", "POST")
+    stack.launcher_json(f"/channel/{channel_id}/stop", "POST")
 
 
-def test_twenty_concurrent_starts_run_one_ffmpeg(stack):
+def test_twenty_concurrent_starts_run_one_ffmpeg(stack, channel_id):
     """Concurrent first requests for one channel: one FFmpeg, every answer started or
     already_running."""
-    add_channel(stack, 115)
+    add_channel(stack, channel_id)
     answers = []
 
     def start():
         request = urllib.request.Request(
-            stack.launcher_url("/channel/115/start"), data=b"", method="POST", headers={"Accept": "application/json"}
+            stack.launcher_url(f"/channel/{channel_id}/start"),
+            data=b"",
+            method="POST",
+            headers={"Accept": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             answers.append(json.loads(response.read())["status"])
@@ -313,9 +334,9 @@ def test_twenty_concurrent_starts_run_one_ffmpeg(stack):
     for thread in threads:
         thread.join(timeout=60)
     assert len(answers) == 20 and set(answers) <= {"started", "already_running"}
-    assert len(ffmpegs_writing(stack, 115)) == 1
-    stack.launcher_json("/channel/115/stop", "POST")
-    assert not ffmpegs_writing(stack, 115)
+    assert len(ffmpegs_writing(stack, channel_id)) == 1
+    stack.launcher_json(f"/channel/{channel_id}/stop", "POST")
+    assert not ffmpegs_writing(stack, channel_id)
 
 
 def test_a_second_launcher_on_the_same_hls_dir_refuses_to_run(stack, tmp_path):
@@ -373,11 +394,11 @@ def test_launcher_with_redis_unreachable_answers_503(tmp_path):
     assert "Traceback" not in output
 
 
-def test_a_launcher_that_cannot_listen_adopts_nothing(stack, tmp_path):
+def test_a_launcher_that_cannot_listen_adopts_nothing(stack, channel_id, tmp_path):
     """A launcher on a port in use exits 1 before it looks at the running streams (its own
     hls_dir: on the stack's, the directory's lock turns it away even sooner)."""
-    add_channel(stack, 116)
-    assert first_request(stack.playlist_url(116))[0] == 200
+    add_channel(stack, channel_id)
+    assert first_request(stack.playlist_url(channel_id))[0] == 200
     result = subprocess.run(
         [sys.executable, "-m", "launcher", "--config", stack.config_path, "--hls-dir", str(tmp_path / "hls")],
         cwd=REPO,
@@ -387,4 +408,4 @@ def test_a_launcher_that_cannot_listen_adopts_nothing(stack, tmp_path):
     )
     assert result.returncode == 1 and "cannot listen" in result.stderr
     assert "adopted" not in result.stderr
-    stack.launcher_json("/channel/116/stop", "POST")
+    stack.launcher_json(f"/channel/{channel_id}/stop", "POST")

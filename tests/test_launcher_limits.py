@@ -183,7 +183,7 @@ def test_a_full_disk_is_waited_out_and_never_lists_a_cut_segment(stack, extra_la
     assert not any(a[-1] == files.ffmpeg_playlist_path(launcher.hls_dir, 805) for a in _ffmpeg_argvs())
 
 
-def test_a_stream_slower_than_real_time_is_logged_once_and_counted(stack, extra_launcher, tmp_path):
+def test_a_stream_slower_than_real_time_is_logged_once_and_counted(stack, channel_id, extra_launcher, tmp_path):
     """Finding 4, last part: FFmpeg producing 0.5 s of media a second, for over 30 s."""
     profiles = {
         "halfspeed": {
@@ -192,8 +192,8 @@ def test_a_stream_slower_than_real_time_is_logged_once_and_counted(stack, extra_
         }
     }
     launcher = extra_launcher(hls_dir=str(tmp_path / "hls"), quality_profiles=json.dumps(profiles))
-    add_channel(stack, 807, quality="halfspeed")
-    assert launcher.json("/channel/807/start", "POST")[0] == 200
+    add_channel(stack, channel_id, quality="halfspeed")
+    assert launcher.json(f"/channel/{channel_id}/start", "POST")[0] == 200
     wait_for(
         lambda: "slower than real time" in launcher.log(),
         timeout=60,
@@ -203,8 +203,8 @@ def test_a_stream_slower_than_real_time_is_logged_once_and_counted(stack, extra_
     assert launcher.log().count("slower than real time") == 1
     assert metric(launcher, "streamkeeper_launcher_slow_total") == 1
     assert metric(launcher, "streamkeeper_launcher_slow_streams") == 1
-    launcher.json("/channel/807/stop", "POST")
-    assert not ffmpegs_writing(type("S", (), {"hls_dir": launcher.hls_dir})(), 807)
+    launcher.json(f"/channel/{channel_id}/stop", "POST")
+    assert not ffmpegs_writing(type("S", (), {"hls_dir": launcher.hls_dir})(), channel_id)
 
 
 def test_a_request_head_sent_slowly_is_cut_off(stack):

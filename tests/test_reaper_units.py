@@ -1,9 +1,9 @@
-"""The reaper's decision for one stream (streamstate.reaping.decide), as pure logic: the
+"""The reaper's decision for one stream (streamstate.reap_rules.decide), as pure logic: the
 clock, the live hosts and the process proof are the test's."""
 
 import pytest
 
-from streamstate.reaping import ActionKind, StreamView, decide
+from streamstate.reap_rules import ActionKind, StreamView, decide
 from streamstate.runs import RunRecord, RunState
 from streamstate.settings import load_settings
 

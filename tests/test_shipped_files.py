@@ -106,7 +106,7 @@ def test_an_installed_wheel_renders_the_nginx_snippet(tmp_path):
 
     config = tmp_path / "streamkeeper.toml"
     config.write_text(
-        f'hls_dir = "{tmp_path}/hls"\naccess_log = "{tmp_path}/logs/streams.log"\n' 'nginx_listen = "127.0.0.1:8089"\n'
+        f'hls_dir = "{tmp_path}/hls"\naccess_log = "{tmp_path}/logs/streams.log"\nnginx_listen = "127.0.0.1:8089"\n'
     )
     snippet = tmp_path / "streamkeeper.conf"
     render = subprocess.run(

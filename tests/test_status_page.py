@@ -21,12 +21,12 @@ ARTIFACTS = os.environ.get("STREAMKEEPER_TEST_ARTIFACTS", os.path.join(REPO, "te
 HOSTILE = "<img src=x onerror=alert(1)>"
 
 
-def test_the_status_page_shows_every_stream_as_text_and_no_token(stack):
+def test_the_status_page_shows_every_stream_as_text_and_no_token(stack, channel_id):
     """A running channel (started with a token), a failed one whose reason is markup, and the
     chart's samples: the page shows them, runs no markup from Redis, shows no token, and is
     not on nginx's public port.  Its screenshot stays in test-artifacts/status-page.png."""
-    add_channel(stack, 1701)
-    assert first_request(stack.playlist_url(1701, "?token=s3cr3t-viewer"))[0] == 200
+    add_channel(stack, channel_id)
+    assert first_request(stack.playlist_url(channel_id, "?token=s3cr3t-viewer"))[0] == 200
     stack.redis.set(keys.failed_key(1702), json.dumps({"reason": HOSTILE, "host": "h", "at": time.time()}), ex=120)
     os.makedirs(ARTIFACTS, exist_ok=True)
     screenshot = os.path.join(ARTIFACTS, "status-page.png")
@@ -37,7 +37,7 @@ def test_the_status_page_shows_every_stream_as_text_and_no_token(stack):
                 os.path.join(PLAYERS, "page_shot.mjs"),
                 stack.launcher_url("/status"),
                 "--wait-for",
-                "1701",
+                f"{channel_id}",
                 "--screenshot",
                 screenshot,
                 "--timeout",
@@ -51,16 +51,16 @@ def test_the_status_page_shows_every_stream_as_text_and_no_token(stack):
         page = json.loads(result.stdout)
         assert page["errors"] == []
         text = page["text"]
-        assert re.search(r"1701\s+running", text) and "1702" in text
+        assert re.search(rf"{channel_id}\s+running", text) and "1702" in text
         assert HOSTILE in text  # shown as text, never run as markup
-        assert "s3cr3t" not in text and stack.upstream_url("ch1701") not in text
+        assert "s3cr3t" not in text and stack.upstream_url(f"ch{channel_id}") not in text
         assert os.path.getsize(screenshot) > 0
         data = json.loads(urllib.request.urlopen(stack.launcher_url("/status.json"), timeout=10).read())
         assert data["history"] and {"t", "streams", "viewers"} <= set(data["history"][-1])
         assert "s3cr3t" not in json.dumps(data)
         assert first_request(stack.nginx_url("/status"))[0] == 404  # not on the public port
     finally:
-        stack.launcher_json("/channel/1701/stop", "POST")
+        stack.launcher_json(f"/channel/{channel_id}/stop", "POST")
         stack.redis.delete(keys.failed_key(1702))
 
 

@@ -164,11 +164,11 @@ def test_an_upstream_that_always_refuses_fails_once_then_cools_down(own_stack):
         server.close()
 
 
-def test_a_stream_that_keeps_dying_fails_after_max_restarts(stack, extra_launcher, tmp_path):
+def test_a_stream_that_keeps_dying_fails_after_max_restarts(stack, channel_id, extra_launcher, tmp_path):
     launcher = extra_launcher(hls_dir=str(tmp_path / "hls"), max_restarts=2, restart_window=120)
-    add_channel(stack, 45)
-    assert launcher.json("/channel/45/start", "POST")[0] == 200
-    playlist = files.ffmpeg_playlist_path(launcher.hls_dir, 45)
+    add_channel(stack, channel_id)
+    assert launcher.json(f"/channel/{channel_id}/start", "POST")[0] == 200
+    playlist = files.ffmpeg_playlist_path(launcher.hls_dir, channel_id)
     killed = set()
     in_backoff = []  # the run record while it waits (1 s before restart 2)
     deadline = time.monotonic() + 60
@@ -177,17 +177,17 @@ def test_a_stream_that_keeps_dying_fails_after_max_restarts(stack, extra_launche
             if argv[-1] == playlist and pid not in killed:
                 killed.add(pid)
                 os.kill(pid, signal.SIGKILL)
-        record = stack.redis.hgetall(keys.run_key(45))
+        record = stack.redis.hgetall(keys.run_key(channel_id))
         if record.get("state") == "backoff":
             in_backoff.append((int(record["restarts"]), record["last_error"]))
         time.sleep(0.1)
-    wait_for(lambda: "channel 45: failed" in launcher.log(), timeout=30, message="the failure")
+    wait_for(lambda: f"channel {channel_id}: failed" in launcher.log(), timeout=30, message="the failure")
     assert len(killed) == 3  # the first run, then max_restarts restarts
     # Finding (operator, issue 16): the record said restarts 1 while it waited for restart 2.
     assert (2, "FFmpeg was killed by SIGKILL") in in_backoff, in_backoff
     assert "2 restarts in 120 s" in launcher.log()
-    status, body = launcher.json("/channel/45/start", "POST")
-    assert status == 503 and body["error"] == "channel 45: FFmpeg was killed by SIGKILL"
+    status, body = launcher.json(f"/channel/{channel_id}/start", "POST")
+    assert status == 503 and body["error"] == f"channel {channel_id}: FFmpeg was killed by SIGKILL"
     assert not [a for _, a in ffmpeg_processes() if a[-1] == playlist]
 
 
@@ -434,7 +434,7 @@ def test_a_watched_stream_is_replaced_even_when_every_source_is_cooling_down(sta
 
 
 def test_a_stream_stopped_during_a_long_back_off_ends_then_not_when_the_back_off_is_over(
-    stack, extra_launcher, tmp_path
+    stack, channel_id, extra_launcher, tmp_path
 ):
     """Finding (operator, issue 16): a failing stream nobody watched was reaped during its
     back-off, yet the launcher kept it in `backoff` (its status, the demo's line) until the
@@ -443,28 +443,28 @@ def test_a_stream_stopped_during_a_long_back_off_ends_then_not_when_the_back_off
     from tests.faults import upstream_control
 
     launcher = extra_launcher(hls_dir=str(tmp_path / "hls"), max_restarts=50, restart_window=600)
-    add_channel(stack, 48, source_url=stack.upstream_url("backoff48"))
+    add_channel(stack, channel_id, source_url=stack.upstream_url(f"backoff{channel_id}"))
     try:
-        assert launcher.json("/channel/48/start", "POST")[0] == 200
-        upstream_control(stack, "fail", "?name=backoff48.ts")  # every restart now fails
+        assert launcher.json(f"/channel/{channel_id}/start", "POST")[0] == 200
+        upstream_control(stack, "fail", f"?name=backoff{channel_id}.ts")  # every restart now fails
         for pid in [pid for pid, argv in ffmpeg_processes() if argv and argv[-1].startswith(launcher.hls_dir)]:
             os.kill(pid, signal.SIGKILL)
 
         def long_back_off():
-            record = stack.redis.hgetall(keys.run_key(48))
+            record = stack.redis.hgetall(keys.run_key(channel_id))
             return record.get("state") == "backoff" and float(record.get("until") or 0) - time.time() > STATE_SLACK + 6
 
         wait_for(long_back_off, timeout=60, message="a back-off of more than 6 s")
-        until = float(stack.redis.hget(keys.run_key(48), "until"))
-        run_id = stack.redis.hget(keys.run_key(48), "run_id")
-        assert runs.delete_run_if(stack.redis, "48", run_id)  # as the reaper's stop does
+        until = float(stack.redis.hget(keys.run_key(channel_id), "until"))
+        run_id = stack.redis.hget(keys.run_key(channel_id), "run_id")
+        assert runs.delete_run_if(stack.redis, f"{channel_id}", run_id)  # as the reaper's stop does
         wait_for(
-            lambda: "48" not in {s["id"] for s in launcher.json("/streams")[1]["streams"]},
+            lambda: f"{channel_id}" not in {s["id"] for s in launcher.json("/streams")[1]["streams"]},
             timeout=30,
             message="the launcher to let the stream go",
         )
         assert time.time() < until - STATE_SLACK, "the launcher held the stream to the end of its back-off"
-        assert "channel 48: no longer wanted during its back-off" in launcher.log()
+        assert f"channel {channel_id}: no longer wanted during its back-off" in launcher.log()
     finally:
-        upstream_control(stack, "heal", "?name=backoff48.ts")
-        launcher.json("/channel/48/stop", "POST")
+        upstream_control(stack, "heal", f"?name=backoff{channel_id}.ts")
+        launcher.json(f"/channel/{channel_id}/stop", "POST")

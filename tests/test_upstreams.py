@@ -292,7 +292,7 @@ def test_a_resolver_s_redirect_to_a_denied_address_is_refused(stack):
     add_channel(
         stack,
         743,
-        source_url=f"http://127.0.0.1:{stack.upstream_port}/redirect/x" "?to=http://169.254.169.254/latest/meta-data/",
+        source_url=f"http://127.0.0.1:{stack.upstream_port}/redirect/x?to=http://169.254.169.254/latest/meta-data/",
         resolver="plain",
     )
     status, _, body = first_request(stack.playlist_url(743))
@@ -300,23 +300,23 @@ def test_a_resolver_s_redirect_to_a_denied_address_is_refused(stack):
     stack.redis.delete(keys.failed_key(743))
 
 
-def test_a_launcher_restart_leaves_a_proxied_stream_and_its_connection(stack, socks):
+def test_a_launcher_restart_leaves_a_proxied_stream_and_its_connection(stack, channel_id, socks):
     """The relay is its own service: the launcher's restart cuts no connection."""
     add_channel(
         stack,
-        750,
-        source_url=stack.upstream_url("restart750"),
+        channel_id,
+        source_url=stack.upstream_url(f"restart{channel_id}"),
         proxy=f"socks5h://streamer:{PASSWORD}@127.0.0.1:{socks.port}",
     )
-    assert first_request(stack.playlist_url(750))[0] == 200
-    pids, connections = ffmpegs_writing(stack, 750), len(socks.requests)
+    assert first_request(stack.playlist_url(channel_id))[0] == 200
+    pids, connections = ffmpegs_writing(stack, channel_id), len(socks.requests)
     stack.restart_launcher()
-    wait_for(lambda: "channel 750: adopted pid" in stack.log("launcher"), 20, message="adoption")
-    playlist = os.path.join(stack.hls_dir, "stream_750.m3u8")
+    wait_for(lambda: f"channel {channel_id}: adopted pid" in stack.log("launcher"), 20, message="adoption")
+    playlist = os.path.join(stack.hls_dir, f"stream_{channel_id}.m3u8")
     written = os.stat(playlist).st_mtime
     wait_for(lambda: os.stat(playlist).st_mtime > written, 10, message="the playlist to move on")
-    assert ffmpegs_writing(stack, 750) == pids and len(socks.requests) == connections
-    stack.launcher_json("/channel/750/stop", "POST")
+    assert ffmpegs_writing(stack, channel_id) == pids and len(socks.requests) == connections
+    stack.launcher_json(f"/channel/{channel_id}/stop", "POST")
 
 
 def test_doctor_checks_the_relay_and_every_proxy(stack, tmp_path, socks):

@@ -77,14 +77,14 @@ def test_a_viewer_without_a_valid_token_gets_401_or_403_and_starts_nothing(stack
     assert ("stolen", "770", "/live/stream_770.m3u8?token=stolen") in validator.calls
 
 
-def test_a_valid_viewer_cold_starts_the_channel_and_the_answer_is_cached(stack, guarded):
+def test_a_valid_viewer_cold_starts_the_channel_and_the_answer_is_cached(stack, channel_id, guarded):
     nginx, validator = guarded
-    add_channel(stack, 771)
-    status, headers, body = first_request(playlist(nginx, 771, f"?token={GOOD}"))
+    add_channel(stack, channel_id)
+    status, headers, body = first_request(playlist(nginx, channel_id, f"?token={GOOD}"))
     assert status == 200 and body.startswith(b"#EXTM3U")
     asked = len(validator.calls)
     for _ in range(5):  # the player's next playlist requests
-        assert first_request(playlist(nginx, 771, f"?token={GOOD}"))[0] == 200
+        assert first_request(playlist(nginx, channel_id, f"?token={GOOD}"))[0] == 200
     assert len(validator.calls) == asked  # within auth_cache_seconds: not asked again
-    assert first_request(playlist(nginx, 771, "?token=other"))[0] == 403  # cached per token
-    stack.launcher_json("/channel/771/stop", "POST")
+    assert first_request(playlist(nginx, channel_id, "?token=other"))[0] == 403  # cached per token
+    stack.launcher_json(f"/channel/{channel_id}/stop", "POST")
