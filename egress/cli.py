@@ -11,8 +11,10 @@ import logging
 
 import click
 
+from streamstate import lease
 from streamstate.cli_options import settings_options
 from streamstate.daemon import configure_logging, notify_until_stopped, sd_notify
+from streamstate.redis_client import redis_for
 
 log = logging.getLogger("streamkeeper.egress")
 
@@ -97,6 +99,7 @@ async def serve(settings) -> int:
         ", ".join(map(str, settings.upstream_allow)) or "nothing extra",
         ", ".join(map(str, settings.upstream_deny)) or "nothing",
     )
+    lease_keeper = asyncio.create_task(_hold_lease(relay, settings, stop)) if lease.fencing_on(settings) else None
     sd_notify("READY=1\nSTATUS=listening on " + settings.egress_listen)
     await notify_until_stopped(
         stop,
@@ -105,7 +108,32 @@ async def serve(settings) -> int:
             f"{relay.counters['refused_address']} address(es), {relay.counters['refused_proxy']} for the proxy"
         ),
     )
+    if lease_keeper is not None:
+        await lease_keeper
     log.info("exiting: %d upstream connection(s) are cut", sum(relay.open.values()))
     sd_notify("STOPPING=1")
     server.close()
     return 0
+
+
+async def _hold_lease(relay, settings, stop: asyncio.Event) -> None:
+    """This host's lease (streamstate.lease): the relay holds every upstream connection, so it
+    cuts them all when the lease lapses, before another host may take their slots."""
+    held = lease.HostLease(redis_for(settings), settings.host_id, settings.host_timeout)
+
+    def fence(age: float | None) -> None:
+        cut = relay.fence()
+        log.error(
+            "fenced: this host's Redis lease was not renewed for %s (fence after %g s, host_timeout %g s); "
+            "cut %d upstream connection(s), refusing new ones until it is renewed",
+            "its whole start" if age is None else f"{age:.1f} s",
+            lease.fence_after(settings.host_timeout),
+            settings.host_timeout,
+            cut,
+        )
+
+    def unfence() -> None:
+        relay.unfence()
+        log.warning("lease renewed: no longer fenced; upstream connections are taken again")
+
+    await lease.keep_lease(held, stop, fence, unfence)

@@ -87,6 +87,9 @@ class EgressRelay:
         self.clients: dict[asyncio.StreamWriter, bool] = {}
         self.max_clients = max_clients or _max_clients()
         self.dialer = Dialer(settings, self.policy)  # where connections go, and who may go there
+        self.upstreams: set[asyncio.StreamWriter] = set()  # every open upstream connection
+        # Fenced (streamstate.lease): this host's lease lapsed, it pulls nothing until renewed.
+        self.fenced = False
 
     # -- one client connection ---------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -222,6 +225,8 @@ class EgressRelay:
         when it was refused or unreachable (the client has been answered, the note written)."""
         proxy = ticket.get("proxy") or ""
         try:
+            if self.fenced:
+                raise Refused(RefusalKind.FENCED, "this host is fenced: it could not renew its Redis lease", 503)
             self.dialer.check_provider(ticket, host, port)
             up_reader, up_writer, via = await self.dialer.connect(host, port, proxy, tunnel=tunnel, ticket=ticket)
         except Refused as refused:
@@ -237,12 +242,16 @@ class EgressRelay:
             await reply(writer, 502, "upstream unreachable")
             return None
         self.open[channel_id] += 1
+        self.upstreams.add(up_writer)
         self.counters["connections"] += 1
         log.debug("channel %s: connected to %s%s", channel_id, shown_target(host, port), via)
         return up_reader, up_writer, via
 
     def _closed(self, channel_id: str, up_writer) -> None:
         up_writer.transport.abort()  # the provider sees the close at once
+        if up_writer not in self.upstreams:
+            return  # cut by the fence, counted then
+        self.upstreams.discard(up_writer)
         self.open[channel_id] -= 1
         if self.open[channel_id] <= 0:
             del self.open[channel_id]
@@ -321,6 +330,21 @@ class EgressRelay:
         self.counters[f"refused_{refused.kind}"] += 1
         log.warning("channel %s: refused a connection to %s: %s", channel_id, shown_target(host, port), refused.reason)
         egress.record_refusal(self.state_dir, channel_id, refused.kind, refused.reason)
+
+    # -- fencing ---------------------------------------------------------------------------
+    def fence(self) -> int:
+        """This host's lease lapsed: every upstream connection is cut now (the provider sees
+        them close) and new ones are refused until it is renewed; how many were cut."""
+        self.fenced = True
+        cut = len(self.upstreams)
+        for up_writer in list(self.upstreams):
+            up_writer.transport.abort()
+        self.upstreams.clear()
+        self.open.clear()
+        return cut
+
+    def unfence(self) -> None:
+        self.fenced = False
 
     # -- the relay's own routes ----------------------------------------------------
     async def _status_route(self, writer, method: str, target: str) -> None:

@@ -14,7 +14,7 @@ from streamstate import heartbeats, runs
 from streamstate.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from streamstate.daemon import StopSignals, sd_notify, watchdog_interval
 from streamstate.logformat import LogLineParser
-from streamstate.redis_client import redis_from_url
+from streamstate.redis_client import redis_for, redis_where
 
 from .metrics import HeartbeatMetrics
 from .parse_pool import POOL_MIN_BLOCK, ParsePool, worker_count
@@ -42,7 +42,7 @@ class HeartbeatService:
         self.tailer = LogTailer(self.log_path)
         self.checkpoint_file = checkpoint_path(settings.state_dir, self.log_path)
         self.metrics = HeartbeatMetrics()
-        self.redis = redis_from_url(settings.redis_url)
+        self.redis = redis_for(settings)
         self.wake = threading.Event()
         self.signals = StopSignals(self.wake)
         self.position: Position | None = None  # after the last block read
@@ -101,7 +101,7 @@ class HeartbeatService:
         self._log_summary()
         if not ok:
             log.error(
-                "redis is unreachable at %s: heartbeats not written, checkpoint not moved", self.settings.redis_url
+                "redis is unreachable (%s): heartbeats not written, checkpoint not moved", redis_where(self.settings)
             )
             return 1
         return 0

@@ -30,7 +30,7 @@ from streamstate.process import (
     StreamProcess,
     resolve_executable,
 )
-from streamstate.redis_client import redis_from_url
+from streamstate.redis_client import redis_for
 from streamstate.runs import RunState
 from streamstate.streams_view import collect_streams
 from streamstate.upstreams import Upstream
@@ -70,7 +70,7 @@ class CoolingDown(StartFailed):
 class Launcher:
     def __init__(self, settings):
         self.settings = settings
-        self.redis = redis_from_url(settings.redis_url)
+        self.redis = redis_for(settings)
         self.ffmpeg_executable = resolve_executable(settings.ffmpeg)
         self.supervisors: dict[str, StreamSupervisor] = {}
         self._redis_pool = concurrent.futures.ThreadPoolExecutor(REDIS_THREADS, thread_name_prefix="redis")

@@ -9,6 +9,8 @@ set -eu
 
 missing=""
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+# Debian's redis-sentinel: the multi-host tests run one master, one replica and three sentinels.
+command -v redis-sentinel >/dev/null 2>&1 || missing="$missing redis-sentinel"
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx"
 command -v ffmpeg >/dev/null 2>&1 || missing="$missing ffmpeg"
 command -v cvlc >/dev/null 2>&1 || missing="$missing vlc-bin vlc-plugin-base"

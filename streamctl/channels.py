@@ -13,7 +13,7 @@ from streamstate.channel_check import validate
 from streamstate.channels import Channel, ChannelError, channel_from_dict, delete_channel, iter_channels, put_channel
 from streamstate.cli_options import settings_options
 from streamstate.redact import redact_url
-from streamstate.redis_client import redis_from_url
+from streamstate.redis_client import redis_for
 
 EXIT_NOT_FOUND = 1
 EXIT_INVALID = 2
@@ -25,7 +25,7 @@ def channels_group():
 
 
 def _client(settings_loader):
-    return redis_from_url(settings_loader().redis_url)
+    return redis_for(settings_loader())
 
 
 @channels_group.command("add")
@@ -110,7 +110,7 @@ def add_command(
     except (keys.InvalidChannelId, ChannelError) as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_INVALID) from None
-    put_channel(redis_from_url(settings.redis_url), channel)
+    put_channel(redis_for(settings), channel)
     click.echo(f"channel {channel_id}: added ({channel.quality}, {redact_url(channel.source_url)})")
 
 
@@ -304,7 +304,7 @@ def import_command(settings_loader, m3u_file, quality, start_id, replace, provid
             f"error: provider {provider[:64]!r} is not configured (no [providers.<name>] of that name)", err=True
         )
         raise SystemExit(EXIT_INVALID)
-    client = redis_from_url(settings.redis_url)
+    client = redis_for(settings)
     entries = parse_m3u(m3u_file.read())  # undecodable bytes arrive as U+FFFD
     candidates, skipped = _channels_of_entries(entries, settings, quality, provider, start_id)
     added, exist = _write_channels(client, candidates, replace)

@@ -14,6 +14,7 @@ from streamstate import files
 from streamstate.logformat import LogFormatError, LogLineParser, normalise_format
 from streamstate.process import resolve_executable
 from streamstate.redact import redact_url
+from streamstate.redis_client import redis_for, redis_where
 from streamstate.upstreams import proxy_endpoint
 
 from . import nginx_conf
@@ -31,8 +32,8 @@ from .checks_common import (
 
 def check_redis(settings) -> list[Check]:
     """Reachable and fast, within seconds; persisting the catalogue (AOF or snapshots)."""
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=TIMEOUT, socket_timeout=TIMEOUT)
-    where = redact_url(settings.redis_url)
+    client = redis_for(settings)
+    where = redis_where(settings)
     started = time.monotonic()
     try:
         client.ping()

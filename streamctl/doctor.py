@@ -14,7 +14,7 @@ import json
 import click
 
 from streamstate.cli_options import settings_options
-from streamstate.redis_client import redis_from_url
+from streamstate.redis_client import redis_for
 
 from .checks_channel import check_channel
 from .checks_common import FAIL
@@ -54,7 +54,7 @@ def doctor_command(settings_loader, as_json, channel_id, nginx_conf_file):
     settings = settings_loader()
     checks = check_redis(settings)
     redis_up = checks[0].status != FAIL
-    client = redis_from_url(settings.redis_url)
+    client = redis_for(settings)
     checks += (
         check_nginx(settings, nginx_conf_file)
         + check_nginx_answers(settings)

@@ -14,8 +14,7 @@ import redis
 from streamstate import files, keys, redis_values, runs
 from streamstate.cli_options import settings_options
 from streamstate.reaping import Reaper, RedisUnavailable
-from streamstate.redact import redact_url
-from streamstate.redis_client import redis_from_url
+from streamstate.redis_client import redis_for, redis_where
 from streamstate.streams_view import collect_streams
 
 EXIT_FAILED = 1  # the launcher could not start it (503), or is unreachable
@@ -195,7 +194,7 @@ def status_command(settings_loader, channel_id, as_json):
     Exit codes: 0 done, 1 Redis unreachable.
     """
     settings = settings_loader()
-    client = redis_from_url(settings.redis_url)
+    client = redis_for(settings)
     try:
         listing = collect_streams(client, settings, {})
         if channel_id is not None:
@@ -204,7 +203,7 @@ def status_command(settings_loader, channel_id, as_json):
             listing["providers"] = [p for p in listing["providers"] if channel_id in p["channels"]]
         last_pass = runs.reaper_last_pass(client, settings.host_id)
     except redis.RedisError as exc:
-        click.echo(f"error: redis at {redact_url(settings.redis_url)} unreachable: {exc}", err=True)
+        click.echo(f"error: {redis_where(settings)} unreachable: {exc}", err=True)
         raise SystemExit(EXIT_FAILED) from None
     if as_json:
         click.echo(json.dumps({**listing, "reaper_last_pass": last_pass}, indent=2))

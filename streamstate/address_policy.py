@@ -160,12 +160,17 @@ def _shown(address, port: int) -> str:
 
 
 def own_service_addresses(settings) -> list[tuple[str, int]]:
-    """(address, port) of Redis, the launcher, the relay and heartbeatd's metrics."""
+    """(address, port) of Redis and its sentinels, the launcher, the relay and heartbeatd's metrics."""
     endpoints = []
     redis_url = urlsplit(settings.redis_url)
     if redis_url.scheme in ("redis", "rediss") and redis_url.hostname:
         endpoints.append((redis_url.hostname, redis_url.port or 6379))
-    for listen in (settings.launcher_listen, settings.egress_listen, settings.metrics_listen):
+    for listen in (
+        settings.launcher_listen,
+        settings.egress_listen,
+        settings.metrics_listen,
+        *settings.redis_sentinels,
+    ):
         if listen:
             host, _, port = listen.rpartition(":")
             endpoints.append((host.strip("[]"), int(port)))

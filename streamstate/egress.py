@@ -99,6 +99,7 @@ class RefusalKind(enum.StrEnum):
     ADDRESS = "address"  # an address upstream_deny or our own services cover
     PROXY = "proxy"  # the channel's proxy cannot be used (fail closed)
     UNREACHABLE = "unreachable"  # the upstream did not answer
+    FENCED = "fenced"  # this host could not renew its Redis lease: it pulls nothing (streamstate.lease)
 
     @property
     def text(self) -> str:
@@ -109,6 +110,7 @@ _REFUSAL_TEXT = {
     RefusalKind.ADDRESS: "upstream address not allowed",
     RefusalKind.PROXY: "upstream proxy unusable",
     RefusalKind.UNREACHABLE: "upstream unreachable",
+    RefusalKind.FENCED: "host fenced: its Redis lease lapsed",
 }
 
 

@@ -27,7 +27,7 @@ from .process import (
     stream_ffmpegs_under,
 )
 from .reap_rules import Action, ActionKind, PassSummary, StreamView, decide
-from .redis_client import redis_from_url
+from .redis_client import redis_for
 
 log = logging.getLogger("streamkeeper.reaper")
 
@@ -48,7 +48,7 @@ class Reaper:
     def __init__(self, settings, client: redis.Redis | None = None, *, dry_run: bool = False):
         self.settings = settings
         self.host = settings.host_id
-        self.redis = client or redis_from_url(settings.redis_url)
+        self.redis = client or redis_for(settings)
         self.dry_run = dry_run
         self.hls_dir = settings.hls_dir
         self.ffmpeg = resolve_executable(settings.ffmpeg)

@@ -1,8 +1,15 @@
-"""Redis connections, made lazily, with timeouts so an unreachable Redis is an error, not a hang."""
+"""Redis connections, made lazily, with timeouts so an unreachable Redis is an error, not a hang:
+to redis_url's server, or, with redis_sentinels, to whichever server the sentinels name master."""
 
 from __future__ import annotations
 
+from urllib.parse import unquote, urlsplit
+
 import redis
+from redis.sentinel import Sentinel
+
+from .redact import redact_url
+from .setting_values import split_host_port
 
 CONNECT_TIMEOUT = 2.0
 SOCKET_TIMEOUT = 5.0
@@ -21,3 +28,35 @@ def redis_from_url(url: str) -> redis.Redis:
     return redis.Redis.from_url(
         url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=SOCKET_TIMEOUT, health_check_interval=30
     )
+
+
+def redis_for(settings) -> redis.Redis:
+    """The client every service and streamctl use.  With redis_sentinels, redis-py's Sentinel
+    client: the master is asked of the sentinels at each new connection, so after a failover
+    (the old master gone, or demoted: READONLY) the next command reaches the new one;
+    redis_url gives only the password and the database number then."""
+    if not settings.redis_sentinels:
+        return redis_from_url(settings.redis_url)
+    sentinel = Sentinel(
+        [split_host_port(address) for address in settings.redis_sentinels],
+        sentinel_kwargs={"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": SOCKET_TIMEOUT},
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        socket_timeout=SOCKET_TIMEOUT,
+    )
+    parts = urlsplit(settings.redis_url)
+    database = parts.path.strip("/")
+    return sentinel.master_for(
+        settings.redis_master_name,
+        db=int(database) if database.isdigit() else 0,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        ssl=parts.scheme == "rediss",
+        health_check_interval=30,
+    )
+
+
+def redis_where(settings) -> str:
+    """Where the shared state is, for messages (no password)."""
+    if settings.redis_sentinels:
+        return f"Redis master {settings.redis_master_name!r} of sentinels {', '.join(settings.redis_sentinels)}"
+    return redact_url(settings.redis_url)

@@ -78,6 +78,21 @@ def parse_host_port(value: Any) -> str:
     return text
 
 
+def parse_host_ports(value: Any) -> tuple[str, ...]:
+    """A list of host:port (a TOML list, or text separated by commas or spaces)."""
+    if isinstance(value, str):
+        value = [part for part in value.replace(",", " ").split() if part]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError('expected a list of host:port, e.g. ["10.0.0.1:26379", "10.0.0.2:26379"]')
+    return tuple(parse_host_port(item) for item in value)
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """(host, port) of a checked host:port; an IPv6 host loses its brackets."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def parse_nginx_listen(value: Any) -> str:
     text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else None
     if not text or any(c in text for c in ";{}\n\"'"):

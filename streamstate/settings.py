@@ -29,6 +29,7 @@ from .setting_values import (
     parse_count,
     parse_header_text,
     parse_host_port,
+    parse_host_ports,
     parse_listen_or_off,
     parse_loopback_host_port,
     parse_nginx_listen,
@@ -70,7 +71,20 @@ class Settings:
     """The effective settings: the one table of every key (its type, default, parser and
     help), then where each value came from.  Built by :func:`load_settings` only."""
 
-    redis_url: str = setting(lambda: "redis://127.0.0.1:6379/0", parse_redis_url, "shared state")
+    redis_url: str = setting(
+        lambda: "redis://127.0.0.1:6379/0",
+        parse_redis_url,
+        "shared state (with redis_sentinels: only its password and database number are used)",
+    )
+    redis_sentinels: tuple[str, ...] = setting(
+        lambda: (),
+        parse_host_ports,
+        "host:port of each Redis Sentinel; when set, every service and streamctl reach the master "
+        "they name instead of redis_url's host",
+    )
+    redis_master_name: str = setting(
+        lambda: "streamkeeper", parse_nonempty_str, "the master's name in the sentinels' configuration"
+    )
     hls_dir: str = setting(lambda: "/var/www/hls", parse_abs_path, "where playlists and segments live")
     access_log: str = setting(
         lambda: "/var/log/nginx/streams_access.log", parse_abs_path, "the nginx access log heartbeatd follows"
@@ -226,6 +240,13 @@ class Settings:
         lambda: 0.0,
         lambda v: parse_number(v, minimum=1, allow_zero=True),
         "seconds before another host's records count as stale (0: 5 x reaper_interval)",
+    )
+    hosts: tuple[str, ...] = setting(
+        lambda: (),
+        parse_host_ports,
+        "every streaming host's nginx (host:port) in a multi-host set-up: the edge routes each channel "
+        "to one of them (streamctl nginx-config --edge); set on every host, it turns fencing on "
+        "(a host that cannot renew its Redis lease stops pulling)",
     )
     metrics_listen: str = setting(
         lambda: "", parse_listen_or_off, "host:port for heartbeatd's Prometheus metrics ('' or 'off': none)"

@@ -49,9 +49,10 @@ def stop_by_pid(process: subprocess.Popen | None, sig: int = signal.SIGTERM, tim
 class RedisServer:
     """A redis-server of our own: start, stop (by pid), start again on the same port."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, extra_args: tuple[str, ...] = ()):
         self.directory = directory
         self.port = free_port()
+        self.extra_args = extra_args  # more of redis-server's options (a replica's replicaof)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -79,6 +80,7 @@ class RedisServer:
                 "no",
                 "--loglevel",
                 "warning",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -137,8 +137,8 @@ def test_a_launcher_that_is_down_still_answers_with_cors(tmp_path, rendered_ngin
         "/live/stream_606.m3u8?next=https://evil.example/",
     ],
 )
-def test_hostile_paths_get_no_location(stack, channel_id, target):
-    add_channel(stack, channel_id)
+def test_hostile_paths_get_no_location(stack, target):
+    add_channel(stack, 606)
     status, headers, body = raw_request(stack.nginx_port, target)
     assert "Location" not in headers, headers
     assert b"evil.example" not in body
@@ -288,12 +288,12 @@ def test_only_get_and_head_start_a_channel(stack, channel_id, method, expected):
     "target",
     ["/live/stream_620.m3u8%0a", "/live/stream_620.m3u8%0A", "/live/stream_0620.m3u8", "/live/stream_620_1.ts%0a"],
 )
-def test_paths_nginx_would_alias_are_refused(stack, channel_id, target):
-    add_channel(stack, channel_id)
+def test_paths_nginx_would_alias_are_refused(stack, target):
+    add_channel(stack, 620)
     status, headers, _ = raw_request(stack.nginx_port, target)
     assert status == 404
     assert_cors(headers)
-    assert not ffmpegs_writing(stack, channel_id)
+    assert not ffmpegs_writing(stack, 620)
 
 
 def test_nginx_own_errors_carry_cors_and_one_line_reasons(rendered_nginx):
