@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 
-from streamstate import egress, files, keys, providers, runs
+from streamstate import egress, files, keys, lease, providers, runs
 from streamstate.channel_check import validate
 from streamstate.channels import Channel, get_channel
 from streamstate.process import (
@@ -56,6 +56,10 @@ class HostBusy(StartFailed):
 
 class RelayDown(StartFailed):
     """The egress relay does not answer: no FFmpeg could reach its upstream (503)."""
+
+
+class HostFenced(StartFailed):
+    """This host could not renew its Redis lease (streamstate.lease): it starts nothing (503)."""
 
 
 class CoolingDown(StartFailed):
@@ -101,6 +105,8 @@ class Launcher:
             identity=self.identity,
         )
         self.slots = ProviderSlots(self.host_services, self.live_supervisors)
+        self.fenced = False  # this host's lease lapsed (streamstate.lease): it starts nothing
+        self._ending: set[asyncio.Task] = set()  # streams being ended by the fence (kept till done)
         self.warned: set[str] = set()  # warnings given once per process
         # channel -> until when (monotonic) its refusals in failed_cooldown go unlogged
         self.warned_cooldowns: dict[str, float] = {}
@@ -141,6 +147,8 @@ class Launcher:
         never runs), StartFailed (with the reason).
         """
         channel_id = keys.check_channel_id(channel_id)
+        if self.fenced:
+            raise HostFenced("host fenced: its Redis lease lapsed")
         timeout = self.settings.start_timeout
         supervisor = self.active_supervisor(channel_id)
         created = False
@@ -345,7 +353,15 @@ class Launcher:
         )
 
     async def refresh_host_forever(self) -> None:
-        """Keep host:<host_id> alive, so other hosts' reapers leave this host's records alone."""
+        """Keep host:<host_id> alive, so other hosts' reapers leave this host's records alone.
+        In a multi-host set-up it is this host's lease (streamstate.lease): once it lapses,
+        every stream here ends without a word to Redis and no start is taken until it is
+        renewed; the streams ended stay ended (a viewer's next request starts a channel on
+        whichever host then serves it)."""
+        if lease.fencing_on(self.settings):
+            held = lease.HostLease(self.redis, self.settings.host_id, self.settings.host_timeout)
+            await lease.keep_lease(held, asyncio.Event(), self._fence, self._unfence)
+            return
         interval = max(1.0, self.settings.reaper_interval / 2)
         while True:
             try:
@@ -353,6 +369,25 @@ class Launcher:
             except Exception as exc:  # noqa: BLE001 - retried next time
                 log.warning("cannot refresh host key: %s", exc)
             await asyncio.sleep(interval)
+
+    def _fence(self, age: float | None) -> None:
+        self.fenced = True
+        live = self.live_supervisors()
+        log.error(
+            "fenced: this host's Redis lease was not renewed for %s (fence after %g s); ending its %d stream(s) "
+            "and taking no start until it is renewed",
+            "its whole start" if age is None else f"{age:.1f} s",
+            lease.fence_after(self.settings.host_timeout),
+            len(live),
+        )
+        for supervisor in live:
+            task = asyncio.create_task(supervisor.end_fenced(), name=f"fence-{supervisor.id}")
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
+
+    def _unfence(self) -> None:
+        self.fenced = False
+        log.warning("lease renewed: no longer fenced; starts are taken again (the streams ended stay ended)")
 
     async def adopt_streams(self) -> dict[str, int]:
         """At start-up: this host's streams a previous launcher ran (launcher.adoption)."""

@@ -401,6 +401,24 @@ class StreamSupervisor:
             until=promised_until(self.state, self.settings.start_timeout),
         )
 
+    async def end_fenced(self) -> None:
+        """This host's lease lapsed (streamstate.lease): the stream ends now without a word
+        to Redis, which cannot be reached (the other hosts clear its record once the lease
+        has expired; this host's reaper does when it can): its FFmpeg stopped, its files
+        gone, and nothing restarts it."""
+        self._stop_requested = True
+        self._detaching = True  # the cancelled run does not go through the stop routine (Redis)
+        self.publisher.close()
+        if self._task is not None and not self._task.done() and self._task is not asyncio.current_task():
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=self.settings.stop_grace + 5)
+        await self.ffmpeg.terminate()
+        files.delete_stream_files(self.settings.hls_dir, self.id)
+        async with self._changed:
+            self.state = RunState.STOPPED
+            self._changed.notify_all()
+        log.warning("channel %s: ended: this host is fenced", self.id)
+
     def detach(self) -> None:
         """The launcher exits: stop watching, leave FFmpeg, its files and its record as they
         are; the next launcher adopts it."""

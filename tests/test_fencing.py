@@ -1,0 +1,163 @@
+"""Fencing (issue 18): a host that cannot renew its Redis lease stops pulling before the lease
+could expire anywhere, and does not start again on its own when the partition heals.  A
+real egress relay reaches a real redis-server through a forwarder the test cuts; a provider
+emulator counts the account's connections."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import os
+import subprocess
+import sys
+
+import pytest
+import redis
+
+from demo.stack import LocalStack, toml_value
+from streamstate import egress, keys
+from tests.conftest import REPO, stop_by_pid
+from tests.fakes.provider_emulator import ProviderEmulator
+from tests.fakes.tcp_forwarder import TcpForwarder
+from tests.helpers import add_channel, ffmpegs_writing, first_request, free_port, wait_for
+
+HOST_TIMEOUT = 4  # the lease expires 4 s after its last renewal; the host is fenced after 2
+
+
+@pytest.fixture
+def provider():
+    with ProviderEmulator(limit=1) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def partitioned_relay(tmp_path, redis_server):
+    """hostB's egress relay, its Redis connection through a forwarder."""
+    forwarder = TcpForwarder(redis_server.port)
+    port = free_port()
+    config = tmp_path / "hostB.toml"
+    values = {
+        "redis_url": f"redis://127.0.0.1:{forwarder.port}/0",
+        "host_id": "hostB",
+        "host_timeout": HOST_TIMEOUT,
+        "hosts": ["127.0.0.1:1", "127.0.0.1:2"],  # a multi-host set-up: fencing on
+        "state_dir": str(tmp_path / "state"),
+        "egress_listen": f"127.0.0.1:{port}",
+        "upstream_allow": ["127.0.0.0/8"],
+    }
+    config.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in values.items()))
+    log_path = tmp_path / "egress.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "egress", "--config", str(config)], cwd=REPO, stdout=log, stderr=log
+        )
+    wait_for(lambda: os.path.exists(log_path) and b"listening on" in log_path.read_bytes(), 20, message="the relay")
+    yield {"port": port, "forwarder": forwarder, "state_dir": values["state_dir"], "log": log_path}
+    stop_by_pid(process)
+    forwarder.close()
+
+
+def open_stream_through(relay, url: str) -> http.client.HTTPConnection:
+    """A channel's upstream connection through the relay, its answer's head read."""
+    token = egress.write_ticket(relay["state_dir"], "9001", None)
+    connection = http.client.HTTPConnection("127.0.0.1", relay["port"], timeout=20)
+    auth = "Basic " + base64.b64encode(f"9001:{token}".encode()).decode()
+    connection.request("GET", url, headers={"Proxy-Authorization": auth})
+    answer = connection.getresponse()
+    assert answer.status == 200
+    return connection
+
+
+def test_a_partitioned_host_cuts_its_provider_connections_before_its_lease_expires(
+    partitioned_relay, provider, redis_client
+):
+    relay = partitioned_relay
+    wait_for(lambda: redis_client.exists(keys.host_key("hostB")), message="hostB's lease in Redis")
+    connection = open_stream_through(relay, provider.url("alice"))
+    wait_for(lambda: provider.open_count("alice") == 1, message="the stream's connection at the provider")
+
+    relay["forwarder"].cut()  # hostB loses Redis; the provider is still reachable
+    closed_while_leased = []
+
+    def closed() -> bool:
+        if provider.open_count("alice") == 0:
+            closed_while_leased.append(bool(redis_client.exists(keys.host_key("hostB"))))
+            return True
+        return False
+
+    wait_for(closed, timeout=3 * HOST_TIMEOUT, message="hostB's provider connection to close")
+    # Closed while its lease still stood: no other host could have taken its slot yet.
+    assert closed_while_leased == [True]
+    wait_for(lambda: not redis_client.exists(keys.host_key("hostB")), timeout=2 * HOST_TIMEOUT, message="the lease")
+    assert b"fenced: this host's Redis lease was not renewed" in relay["log"].read_bytes()
+    # While fenced, a new connection is refused, and says why.
+    token = egress.write_ticket(relay["state_dir"], "9002", None)
+    refused = http.client.HTTPConnection("127.0.0.1", relay["port"], timeout=20)
+    refused.request(
+        "GET",
+        provider.url("bob"),
+        headers={"Proxy-Authorization": "Basic " + base64.b64encode(f"9002:{token}".encode()).decode()},
+    )
+    answer = refused.getresponse()
+    assert answer.status == 503 and answer.getheader("X-Streamkeeper-Refused") == "fenced"
+
+    relay["forwarder"].heal()
+    wait_for(lambda: b"no longer fenced" in relay["log"].read_bytes(), timeout=3 * HOST_TIMEOUT, message="unfenced")
+    wait_for(lambda: redis_client.exists(keys.host_key("hostB")), message="hostB's lease renewed")
+    # Healed, it pulls nothing of its own accord: the cut stream stays closed.
+    assert provider.open_count("alice") == 0 and provider.max_concurrent.get("alice", 0) == 1
+    assert provider.violations == []
+    connection.close()
+    refused.close()
+
+
+@pytest.fixture
+def partitioned_host(tmp_path):
+    """A whole host (relay, launcher, nginx, upstream) of a multi-host set-up, its Redis
+    reached through a forwarder the test cuts."""
+    forwarder = TcpForwarder(0)
+    stack = LocalStack(
+        str(tmp_path / "hostB"),
+        {
+            "redis_url": f"redis://127.0.0.1:{forwarder.port}/0",
+            "host_id": "hostB",
+            "host_timeout": HOST_TIMEOUT,
+            "hosts": ["127.0.0.1:1", "127.0.0.1:2"],
+        },
+    )
+    forwarder.target = ("127.0.0.1", stack.redis_port)
+    stack.start()
+    stack.redis = redis.Redis(port=stack.redis_port, decode_responses=True)
+    yield stack, forwarder
+    forwarder.heal()
+    stack.stop()
+    forwarder.close()
+
+
+def test_a_partitioned_launcher_ends_its_streams_takes_no_start_and_restarts_nothing_when_healed(
+    partitioned_host, channel_id
+):
+    stack, forwarder = partitioned_host
+    add_channel(stack, channel_id)
+    assert first_request(stack.playlist_url(channel_id))[0] == 200
+    assert len(ffmpegs_writing(stack, channel_id)) == 1
+    forwarder.cut()
+    ended_while_leased = []
+
+    def ended() -> bool:
+        if ffmpegs_writing(stack, channel_id):
+            return False
+        ended_while_leased.append(bool(stack.redis.exists(keys.host_key("hostB"))))
+        return True
+
+    wait_for(ended, timeout=3 * HOST_TIMEOUT, message="the fenced host's FFmpeg to end")
+    assert ended_while_leased == [True]
+    assert "fenced: this host's Redis lease was not renewed" in stack.log("launcher")
+    status, _, body = first_request(stack.playlist_url(channel_id))
+    assert status == 503 and b"host fenced" in body
+    forwarder.heal()
+    for part in ("launcher", "egress"):
+        wait_for(lambda: "no longer fenced" in stack.log(part), timeout=3 * HOST_TIMEOUT, message=f"{part} unfenced")
+    # Nothing of the fenced host's own accord: the stream it ended is not started again.
+    assert ffmpegs_writing(stack, channel_id) == []
+    assert first_request(stack.playlist_url(channel_id))[0] == 200  # a viewer's request starts it
