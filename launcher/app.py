@@ -21,7 +21,7 @@ from streamstate.nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, AGENT_H
 from streamstate.viewers import viewer_of_request
 
 from . import status_page
-from .core import ChannelNotFound, CoolingDown, Launcher
+from .core import ChannelNotFound, CoolingDown, HostFenced, Launcher
 from .supervisor import StartFailed
 
 log = logging.getLogger("streamkeeper.launcher")
@@ -113,6 +113,12 @@ async def _start_response(request: web.Request, channel_id: str, channel: Channe
             f"channel {channel_id}: temporarily unavailable (redis unreachable)",
             {"Retry-After": RETRY_AFTER},
         )
+    except HostFenced as exc:
+        # 421: this host cannot produce an answer (streamstate.lease); nginx closes the
+        # connection without one, and the edge tries the next host on the ring.
+        launcher.counters["start_failures"] += 1
+        log.warning("channel %s: start refused: %s", channel_id, exc)
+        return _error(for_player, 421, f"channel {channel_id}: {exc}", {"Retry-After": RETRY_AFTER})
     except StartFailed as exc:
         launcher.counters["start_failures"] += 1
         if not isinstance(exc, CoolingDown) or _first_refusal(launcher, channel_id):

@@ -21,9 +21,8 @@ import contextlib
 import functools
 import logging
 import time
-import uuid
 
-from streamstate import egress, files, keys, lease, providers, runs
+from streamstate import egress, files, keys, lease, providers, runs, stream_end
 from streamstate.channel_check import validate
 from streamstate.channels import Channel, get_channel
 from streamstate.process import (
@@ -60,6 +59,11 @@ class RelayDown(StartFailed):
 
 class HostFenced(StartFailed):
     """This host could not renew its Redis lease (streamstate.lease): it starts nothing (503)."""
+
+
+class RunsElsewhere(StartFailed):
+    """Another live host runs or starts the channel: one FFmpeg per channel cluster-wide, so
+    this host does not start it (503 at once; through the edge a viewer reaches that host)."""
 
 
 class CoolingDown(StartFailed):
@@ -194,15 +198,20 @@ class Launcher:
         channel_id = channel.id
         self._check_free_space(channel_id)
         await self._check_relay(channel_id)
-        token = uuid.uuid4().hex
+        token = runs.start_lock_token(self.settings.host_id)
         if not await self.redis_call(runs.acquire_start_lock, channel_id, token, self.settings.start_timeout + 5):
+            holder = await self.redis_call(runs.start_lock_host, channel_id)
+            if holder is not None and holder != self.settings.host_id:
+                raise RunsElsewhere(f"channel {channel_id} is starting on host {holder}; retry shortly")
             return None
         try:
             record = await self.redis_call(runs.get_run, channel_id)
-            if record is not None and self._runs_elsewhere(record):
+            if record is not None and record.host != self.settings.host_id:
+                await self._take_over(record)
+            elif record is not None and self._runs_elsewhere(record):
                 await self.redis_call(runs.release_start_lock, channel_id, token)
                 return None
-            if record is not None:
+            elif record is not None:
                 log.info(
                     "channel %s: clearing a stale record (run %s, pid %s gone)",
                     channel_id,
@@ -319,6 +328,27 @@ class Launcher:
                 self.settings.egress_listen,
             )
             raise RelayDown("egress relay unavailable")
+
+    async def _take_over(self, record: runs.RunRecord) -> None:
+        """The channel's record is another host's.  While that host's lease stands the run is
+        its own (RunsElsewhere); once it has expired the host is gone and so is its
+        connection (a host fences itself first, streamstate.lease): its record and provider
+        slot are cleared here, as the reaper would, and the channel starts on this host."""
+        if await self.redis_call(runs.host_alive, record.host):
+            raise RunsElsewhere(f"channel {record.channel} runs on host {record.host}")
+        why = f"host {record.host} not seen for {self.settings.host_timeout:g} s"
+        await asyncio.to_thread(
+            stream_end.stop_streams,
+            self.redis,
+            self.settings,
+            [stream_end.StopTarget.of_record(record, why, local=False)],
+            executable=self.ffmpeg_executable,
+            log=log,
+            signal=False,
+            need_mark=False,
+            relay_wait=0,
+        )
+        log.info("channel %s: took it over from host %s (%s)", record.channel, record.host, why)
 
     def _runs_elsewhere(self, record: runs.RunRecord) -> bool:
         """A live run of another launcher process (this host: the process is proven to be

@@ -10,7 +10,7 @@ import redis
 from streamstate.cli_options import group_settings_options, settings_options
 from streamstate.daemon import configure_logging
 from streamstate.files import write_atomic
-from streamstate.nginx_config import render_nginx_config
+from streamstate.nginx_config import render_edge_config, render_nginx_config
 from streamstate.reaping import Reaper, run_one
 from streamstate.settings import SPEC_BY_KEY
 
@@ -81,19 +81,27 @@ def config_command(settings_loader, as_json):
     type=click.Path(dir_okay=False, writable=True),
     help="Write to this file (atomically) instead of standard output.",
 )
-def nginx_config_command(settings_loader, output):
+@click.option(
+    "--edge",
+    is_flag=True,
+    help="Render the edge's snippet instead (a multi-host set-up): /live/ to one of `hosts` by channel id.",
+)
+def nginx_config_command(settings_loader, output, edge):
     """Print the nginx conf.d snippet rendered from the settings.
 
     Exit codes: 0 rendered, 2 a setting cannot be rendered (the line says which).
 
-    It holds the log_format heartbeatd parses and a server block on
-    nginx_listen whose /live/ location logs to access_log and falls back to
-    the launcher at launcher_listen. Include it in nginx's http {} block, then
+    A streaming host's snippet holds the log_format heartbeatd parses and a server block
+    on nginx_listen whose /live/ location logs to access_log and falls back to the
+    launcher at launcher_listen. --edge renders the edge's instead: a server block on
+    nginx_listen that sends each channel's requests to one of `hosts`, by a consistent
+    hash of the channel id. Include it in nginx's http {} block, then
     `nginx -t && nginx -s reload`.
     """
 
     try:
-        text = render_nginx_config(settings_loader())
+        settings = settings_loader()
+        text = render_edge_config(settings) if edge else render_nginx_config(settings)
     except ValueError as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None

@@ -72,8 +72,16 @@ def render_nginx_config(settings) -> str:
             start_rate_burst=START_RATE_BURST,
             **start_rate_limit(settings.start_rate_limit),
             **viewer_auth(settings),
+            edge_real_ip=edge_real_ip(settings.edge_from),
         ),
     )
+
+
+def edge_real_ip(networks) -> tuple[str, ...]:
+    """The realip lines that trust X-Forwarded-For from the edge's networks only."""
+    if not networks:
+        return ("# (edge_from not set: $remote_addr is the connection's own address)",)
+    return (*(f"set_real_ip_from {network};" for network in networks), "real_ip_header X-Forwarded-For;")
 
 
 START_RATE_BURST = 10  # cold starts an address may make at once (a household zapping)
@@ -149,3 +157,24 @@ def start_rate_limit(per_minute: int) -> dict:
             "error_page 429 = @streamkeeper_too_many_starts;",
         ),
     }
+
+
+def render_edge_config(settings) -> str:
+    """The edge's snippet: /live/ to one of ``hosts`` by a consistent hash of the channel id."""
+    if not settings.hosts:
+        raise ValueError("hosts: list every streaming host's nginx (host:port) to render the edge")
+    return fill(
+        package_file("nginx", "edge.conf.template"),
+        dict(
+            config_source=settings.config_path or "built-in defaults",
+            nginx_listen=settings.nginx_listen,
+            channel_id=CHANNEL_ID_PATTERN,
+            host_timeout=f"{settings.host_timeout:g}",
+            host_servers=tuple(
+                f"server {host} max_fails=1 fail_timeout={int(math.ceil(settings.host_timeout))}s;"
+                for host in settings.hosts
+            ),
+            start_timeout=f"{settings.start_timeout:g}",
+            proxy_read_timeout=int(math.ceil(settings.start_timeout)) + 10,
+        ),
+    )

@@ -380,6 +380,23 @@ def acquire_start_lock(client, channel: str, token: str, ttl_seconds: float) -> 
     return bool(client.set(keys.lock_key(channel), token, nx=True, px=int(ttl_seconds * 1000)))
 
 
+def start_lock_token(host_id: str) -> str:
+    """A start lock's value: unique, and saying which host holds it (start_lock_host)."""
+    return f"{uuid.uuid4().hex}@{host_id}"
+
+
+def start_lock_host(client, channel: str) -> str | None:
+    """The host holding the channel's start lock (None: free, or a value of no host)."""
+    value = text(client.get(keys.lock_key(channel)))
+    _, at, host = (value or "").partition("@")
+    return host if at and host else None
+
+
+def host_alive(client, host_id: str) -> bool:
+    """The host's lease (host:<id>) stands: its records are its own (streamstate.lease)."""
+    return bool(client.exists(keys.host_key(host_id)))
+
+
 def release_start_lock(client, channel: str, token: str) -> None:
     release_lock(client, keys.lock_key(channel), token)
 

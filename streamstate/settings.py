@@ -248,6 +248,12 @@ class Settings:
         "to one of them (streamctl nginx-config --edge); set on every host, it turns fencing on "
         "(a host that cannot renew its Redis lease stops pulling)",
     )
+    edge_from: tuple[Network, ...] = setting(
+        lambda: (),
+        parse_networks,
+        "networks of the edge nginx (a multi-host set-up): a host's nginx takes the viewer's address "
+        "from X-Forwarded-For only on requests from these",
+    )
     metrics_listen: str = setting(
         lambda: "", parse_listen_or_off, "host:port for heartbeatd's Prometheus metrics ('' or 'off': none)"
     )
@@ -295,7 +301,7 @@ def shown_value(key: str, value: Any) -> Any:
 
     if key == "upstream_proxy":
         return redact_url(value) if value else ""
-    if key in ("upstream_allow", "upstream_deny"):
+    if key in ("upstream_allow", "upstream_deny", "edge_from"):
         return [str(network) for network in value]
     if key == "providers":  # an account is in match's path, a token may be in a header
         return {

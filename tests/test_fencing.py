@@ -10,6 +10,7 @@ import http.client
 import os
 import subprocess
 import sys
+import urllib.error
 
 import pytest
 import redis
@@ -153,8 +154,12 @@ def test_a_partitioned_launcher_ends_its_streams_takes_no_start_and_restarts_not
     wait_for(ended, timeout=3 * HOST_TIMEOUT, message="the fenced host's FFmpeg to end")
     assert ended_while_leased == [True]
     assert "fenced: this host's Redis lease was not renewed" in stack.log("launcher")
-    status, _, body = first_request(stack.playlist_url(channel_id))
-    assert status == 503 and b"host fenced" in body
+    # A start asked of the launcher: refused, 421 (this host cannot answer), with the reason.
+    status, answer = stack.launcher_json(f"/channel/{channel_id}/start")
+    assert status == 421 and "host fenced" in str(answer)
+    # Through this host's nginx: no answer at all, so an edge would try the next host.
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError, urllib.error.URLError)):
+        first_request(stack.playlist_url(channel_id))
     forwarder.heal()
     for part in ("launcher", "egress"):
         wait_for(lambda: "no longer fenced" in stack.log(part), timeout=3 * HOST_TIMEOUT, message=f"{part} unfenced")
