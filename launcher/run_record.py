@@ -39,10 +39,14 @@ class RunRecordKeeper:
         run_id: str,
         redis_call: Callable[..., Awaitable[Any]],
         now: Callable[[], runs.RunRecord | None],
+        slot_limit: int = 0,
+        start_grace: float = 0.0,
     ):
-        """``now``: the record as it should be now (None before the run has an FFmpeg)."""
+        """``now``: the record as it should be now (None before the run has an FFmpeg);
+        ``slot_limit``: its provider's max_streams (0: none), ``start_grace`` as for slots."""
         self.channel_id, self.run_id = channel_id, run_id
         self._call, self._now = redis_call, now
+        self._slot_limit, self._start_grace = slot_limit, start_grace
         self.written_to: str | None = None  # the Redis server (its run_id) the record went to
 
     async def note_server(self) -> None:
@@ -79,17 +83,46 @@ class RunRecordKeeper:
     async def _lost(self) -> bool:
         """The record is gone.  Deleted on purpose (a stop, the reaper's compare-and-delete):
         not wanted.  Lost with a Redis that restarted empty or from an older snapshot (its
-        run_id changed since the record was written): written again, and the stream runs on."""
+        run_id changed since the record was written) or with a failover (replication is
+        asynchronous): written again, and the stream runs on, with its provider slot taken
+        again within the limit.  A slot another stream took meanwhile is that stream's: this
+        one ends, so the provider never sees one connection over its limit for longer than
+        it took to notice."""
         record = self._now()
         try:
             server = await self._call(runs.redis_server_id)
             if server == self.written_to or record is None:
                 return False
             await self.write()
-            if record.provider:  # its connection is open: its slot is held
-                await self._call(providers.hold_slot, record.provider, self.channel_id, self.run_id, record.host)
+            if record.provider and not await self._slot_again(record):
+                log.warning(
+                    "channel %s: its slot of provider %s was lost with Redis and another stream holds it "
+                    "now; this stream ends (the provider's limit holds)",
+                    self.channel_id,
+                    record.provider,
+                )
+                return False
         except Exception as exc:  # noqa: BLE001 - Redis gone again: keep running, ask later
             log.warning("channel %s: cannot write its record again (%s); keeping it running", self.channel_id, exc)
             return True
-        log.info("channel %s: record lost with a Redis restart; written again (pid %s)", self.channel_id, record.pid)
+        log.info(
+            "channel %s: record lost with a Redis restart or failover; written again (pid %s)",
+            self.channel_id,
+            record.pid,
+        )
         return True
+
+    async def _slot_again(self, record: runs.RunRecord) -> bool:
+        """Its connection is open: its slot is held again, within the limit (False: full)."""
+        if not self._slot_limit:
+            await self._call(providers.hold_slot, record.provider, self.channel_id, self.run_id, record.host)
+            return True
+        return await self._call(
+            providers.acquire_slot,
+            record.provider,
+            self._slot_limit,
+            self.channel_id,
+            self.run_id,
+            record.host,
+            self._start_grace,
+        )

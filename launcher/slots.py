@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 from streamstate import providers, runs
+from streamstate.redis_client import REPLICA_WAIT_MS
 from streamstate.runs import RunState
 from streamstate.upstreams import Upstream
 
@@ -32,6 +33,36 @@ class ProviderSlots:
         # One start at a time decides on each provider's slots (in this process).
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
+    async def _acquire(self, provider: str, limit: int, channel_id: str, run_id: str, grace: float) -> bool:
+        """One try at a slot.  Through Sentinel a slot taken just before a failover could be
+        lost with the old master (replication is asynchronous): it is waited for on a
+        replica.  If none has it within REPLICA_WAIT_MS the start goes on, said (with no
+        replica in sync there is nothing a failover could promote); the record's check after
+        a failover (launcher.run_record) gives a slot up that another stream took meanwhile."""
+        settings = self._host.settings
+        if not settings.redis_sentinels:
+            return await self._host.redis_call(
+                providers.acquire_slot, provider, limit, channel_id, run_id, settings.host_id, grace
+            )
+        taken, on_replica = await self._host.redis_call(
+            providers.acquire_slot_on_replica,
+            provider,
+            limit,
+            channel_id,
+            run_id,
+            settings.host_id,
+            grace,
+            REPLICA_WAIT_MS,
+        )
+        if taken and not on_replica:
+            log.warning(
+                "channel %s: its slot of provider %s is on no replica after %d ms",
+                channel_id,
+                provider,
+                REPLICA_WAIT_MS,
+            )
+        return taken
+
     async def take(self, upstream: Upstream, channel_id: str, run_id: str, viewer: str | None) -> None:
         """One of the provider's max_streams connections for this run, across every host.
         When all are held: the stream only this viewer watched (a channel change) is
@@ -51,15 +82,7 @@ class ProviderSlots:
                         providers.hold_slot, provider.name, running.id, running.run_id, self._host.settings.host_id
                     )
             for _ in range(provider.max_streams + 2):
-                if await self._host.redis_call(
-                    providers.acquire_slot,
-                    provider.name,
-                    provider.max_streams,
-                    channel_id,
-                    run_id,
-                    self._host.settings.host_id,
-                    grace,
-                ):
+                if await self._acquire(provider.name, provider.max_streams, channel_id, run_id, grace):
                     return
                 victim, why = await self._victim(provider.name, viewer, grace)
                 if victim is None:

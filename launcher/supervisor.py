@@ -101,7 +101,15 @@ class StreamSupervisor:
             self.started, self.restarts = resumed.started, resumed.restarts
             self.publisher.resume()
         self.sources = SourceOrder(channel, host.redis_call, host.counters, self.settings.source_cooldown)
-        self.record = RunRecordKeeper(self.id, self.run_id, host.redis_call, self._record_now)
+        provider = self.settings.providers.get(self.slot_provider or "")
+        self.record = RunRecordKeeper(
+            self.id,
+            self.run_id,
+            host.redis_call,
+            self._record_now,
+            slot_limit=provider.max_streams if provider is not None else 0,
+            start_grace=self.settings.start_timeout + STATE_SLACK,
+        )
 
     # -- what the HTTP handlers call ------------------------------------------------
     def begin(self) -> None:

@@ -102,14 +102,34 @@ def _stale(
 
 def acquire_slot(client, provider: str, limit: int, channel: str, run_id: str, host: str, start_grace: float) -> bool:
     """Take a slot of the provider for the channel's run; False when all are held."""
+    script, slots, args = _acquire_call(client, provider, limit, channel, run_id, host, start_grace)
+    return bool(script(keys=[slots], args=args))
+
+
+def acquire_slot_on_replica(
+    client, provider: str, limit: int, channel: str, run_id: str, host: str, start_grace: float, wait_ms: int
+) -> tuple[bool, bool]:
+    """acquire_slot for Redis through Sentinel: (taken, on a replica).  A slot taken is waited
+    for on a replica (WAIT, on the same connection as the write) so that a failover, which
+    promotes a replica, keeps it."""
+    script, slots, args = _acquire_call(client, provider, limit, channel, run_id, host, start_grace)
+    pipe = client.pipeline(transaction=False)  # one connection: WAIT counts its own writes
+    script(keys=[slots], args=args, client=pipe)
+    pipe.execute_command("WAIT", 1, wait_ms)
+    taken, replicas = pipe.execute()
+    return bool(taken), bool(taken) and int(replicas) > 0
+
+
+def _acquire_call(client, provider: str, limit: int, channel: str, run_id: str, host: str, start_grace: float):
+    """The acquire script, its key and its arguments: the slot's value, the limit, then
+    the stale slots (channel, value as read) it reclaims first."""
     now = time.time()
     stale = _stale(client, _holders(client, provider), start_grace, now)
     value = json.dumps({"run_id": run_id, "host": host, "at": round(now, 3)})
     args = [channel, value, limit]
     for stale_channel, raw in stale:
         args += [stale_channel, raw]
-    script = registered_script(client, "acquire_slot", _ACQUIRE_LUA)
-    return bool(script(keys=[keys.provider_slots_key(provider)], args=args))
+    return registered_script(client, "acquire_slot", _ACQUIRE_LUA), keys.provider_slots_key(provider), args
 
 
 def hold_slot(client, provider: str, channel: str, run_id: str, host: str) -> None:

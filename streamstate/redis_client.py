@@ -60,3 +60,7 @@ def redis_where(settings) -> str:
     if settings.redis_sentinels:
         return f"Redis master {settings.redis_master_name!r} of sentinels {', '.join(settings.redis_sentinels)}"
     return redact_url(settings.redis_url)
+
+
+# Milliseconds a write that must survive a failover (a provider slot) waits for a replica.
+REPLICA_WAIT_MS = 1000

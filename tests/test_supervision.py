@@ -468,3 +468,46 @@ def test_a_stream_stopped_during_a_long_back_off_ends_then_not_when_the_back_off
     finally:
         upstream_control(stack, "heal", f"?name=backoff{channel_id}.ts")
         launcher.json(f"/channel/{channel_id}/stop", "POST")
+
+
+def test_a_slot_lost_with_redis_and_taken_by_another_host_is_given_up(tmp_path):
+    """Issue 18: a failover (here, a Redis restart that loses everything) may lose a slot;
+    if another host's stream took it meanwhile, the stream that lost it ends once it notices,
+    rather than hold a second connection on a one-connection account."""
+    from tests.fakes.provider_emulator import ProviderEmulator
+
+    with ProviderEmulator(limit=1) as provider:
+        match = f"http://127.0.0.1:{provider.port}/live/acct/"
+        stack = LocalStack(
+            str(tmp_path / "host"), {"providers": {"acme": {"match": match, "max_streams": 1}}, "stop_grace": 3}
+        ).start()
+        try:
+            stack.redis = redis.Redis(port=stack.redis_port, decode_responses=True)
+            add_channel(stack, 4101, source_url=provider.url("acct", name="a"), provider="acme")
+            assert first_request(stack.playlist_url(4101))[0] == 200
+            wait_for(lambda: provider.open_count("acct") == 1, message="the stream's provider connection")
+            stack.processes["launcher"].send_signal(signal.SIGSTOP)
+            try:
+                restart_redis_empty(stack)
+                # Another host's stream holds the account's only slot in the new Redis.
+                runs.refresh_host(stack.redis, "hostA", 60)
+                runs.record_run(
+                    stack.redis,
+                    runs.RunRecord(
+                        channel="4102", run_id="r-a", host="hostA", pid=1, pid_start=None, started=time.time()
+                    ),
+                )
+                stack.redis.hset(
+                    keys.provider_slots_key("acme"),
+                    "4102",
+                    json.dumps({"run_id": "r-a", "host": "hostA", "at": time.time()}),
+                )
+            finally:
+                stack.processes["launcher"].send_signal(signal.SIGCONT)
+            wait_for(lambda: ffmpegs_writing(stack, 4101) == [], timeout=30, message="the stream to give its slot up")
+            assert "was lost with Redis and another stream holds it" in stack.log("launcher")
+            wait_for(lambda: provider.open_count("acct") == 0, message="its provider connection to close")
+            assert provider.violations == []
+            assert json.loads(stack.redis.hget(keys.provider_slots_key("acme"), "4102"))["run_id"] == "r-a"
+        finally:
+            stack.stop()
