@@ -10,7 +10,7 @@ import time
 
 import redis
 
-from demo.stack import free_port
+from demo.stack import free_port, redis_server_argv
 
 
 class BenchRedis:
@@ -19,19 +19,7 @@ class BenchRedis:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = subprocess.Popen(
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                self.directory,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
+            redis_server_argv(self.port, self.directory),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -104,6 +104,24 @@ http {{
     return conf
 
 
+def redis_server_argv(port: int, directory: str, *, persistent: bool = False) -> list[str]:
+    """A redis-server of the tests, the demo and the benchmarks: loopback, its files in
+    ``directory``; ``persistent``: an append-only file, as a host's must keep."""
+    persistence = (
+        ["--appendonly", "yes", "--appendfsync", "everysec"] if persistent else ["--save", "", "--appendonly", "no"]
+    )
+    return [
+        shutil.which("redis-server") or "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        directory,
+        *persistence,
+    ]
+
+
 class LocalStack:
     """``own_sessions``: each part in a session of its own, so a terminal's Ctrl-C (SIGINT to
     the whole foreground process group) reaches only whoever runs the stack, which then
@@ -262,24 +280,7 @@ class LocalStack:
     def _start_redis(self) -> subprocess.Popen:
         directory = os.path.join(self.work, "redis")
         os.makedirs(directory, exist_ok=True)
-        persistence = (
-            ["--appendonly", "yes", "--appendfsync", "everysec"]
-            if self.persistent_redis
-            else ["--save", "", "--appendonly", "no"]
-        )
-        process = self._spawn(
-            "redis",
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--port",
-                str(self.redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                directory,
-                *persistence,
-            ],
-        )
+        process = self._spawn("redis", redis_server_argv(self.redis_port, directory, persistent=self.persistent_redis))
         wait_until(
             lambda: port_open(self.redis_port), 20, "redis-server", process, os.path.join(self.work, "redis.log")
         )

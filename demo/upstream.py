@@ -57,6 +57,13 @@ def random_access_offset(chunk: bytes) -> int | None:
 
 
 def encoder_argv(ffmpeg: str = "ffmpeg", size: str = "320x180", rate: int = 25) -> list[str]:
+    """The live test broadcast as MPEG-TS on standard output."""
+    return [*pattern_encoder_argv(ffmpeg, size, rate), "-f", "mpegts", "-pat_period", "0.1", "pipe:1"]
+
+
+def pattern_encoder_argv(ffmpeg: str = "ffmpeg", size: str = "320x180", rate: int = 25) -> list[str]:
+    """FFmpeg encoding a test picture and tone in real time, one keyframe a second (H.264
+    and AAC); the output format and file are the caller's."""
     return [
         ffmpeg,
         "-hide_banner",
@@ -91,11 +98,6 @@ def encoder_argv(ffmpeg: str = "ffmpeg", size: str = "320x180", rate: int = 25) 
         "aac",
         "-b:a",
         "64k",
-        "-f",
-        "mpegts",
-        "-pat_period",
-        "0.1",
-        "pipe:1",
     ]
 
 

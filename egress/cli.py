@@ -12,7 +12,7 @@ import logging
 import click
 
 from streamstate import lease
-from streamstate.cli_options import settings_options
+from streamstate.cli_options import log_level_option, settings_options
 from streamstate.daemon import configure_logging, notify_until_stopped, sd_notify
 from streamstate.redis_client import redis_for
 
@@ -22,12 +22,7 @@ log = logging.getLogger("streamkeeper.egress")
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @settings_options
 @click.option("--listen", metavar="HOST:PORT", help="Loopback address to listen on (overrides egress_listen).")
-@click.option(
-    "--log-level",
-    default="INFO",
-    show_default=True,
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-)
+@log_level_option
 def main(settings_loader, listen, log_level):
     """Relay FFmpeg's and the resolvers' upstream connections, and police them.
 

@@ -10,7 +10,7 @@ import logging
 
 import click
 
-from streamstate.cli_options import EXIT_BAD_SETTINGS, settings_options
+from streamstate.cli_options import EXIT_BAD_SETTINGS, log_level_option, settings_options
 from streamstate.daemon import configure_logging
 from streamstate.logformat import LogFormatError
 
@@ -42,12 +42,7 @@ log = logging.getLogger("streamkeeper.heartbeatd")
 @click.option(
     "--from-start", is_flag=True, help="With no checkpoint, start at the beginning of the log instead of its end."
 )
-@click.option(
-    "--log-level",
-    default="INFO",
-    show_default=True,
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-)
+@log_level_option
 def main(settings_loader, log_file, log_format, state_dir, flush_interval, viewer_window, once, from_start, log_level):
     """Follow the nginx access log and keep stream:<id>:last_access current.
 

@@ -18,6 +18,8 @@ from streamstate import files, keys
 from streamstate.channel_check import validate
 from streamstate.channels import Channel, ChannelError, channel_from_dict, put_channel_undoably, undo_put_channel
 from streamstate.nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, AGENT_HEADER, CLIENT_HEADER, QUERY_HEADER
+from streamstate.runs import RunState
+from streamstate.urls import INVALID_CHANNEL_ID_KIND
 from streamstate.viewers import viewer_of_request
 
 from . import status_page
@@ -88,7 +90,7 @@ async def _start_response(request: web.Request, channel_id: str, channel: Channe
     try:
         channel_id = keys.check_channel_id(channel_id)
     except keys.InvalidChannelId as exc:
-        return _error(for_player, 400, str(exc))
+        return _error(for_player, 400, str(exc), kind=INVALID_CHANNEL_ID_KIND)
     viewer = (
         viewer_of_request(
             request.headers.get(QUERY_HEADER, ""),
@@ -328,7 +330,7 @@ async def legacy_stop(request: web.Request) -> web.Response:
 async def legacy_active(request: web.Request) -> web.Response:
     """GET /api/streams/active: the old shape, a list of running channel ids and a count."""
     listing = await request.app["launcher"].streams()
-    active = [e for e in listing["streams"] if e["state"] in ("running", "starting")]
+    active = [e for e in listing["streams"] if e["state"] in (RunState.RUNNING, RunState.STARTING)]
     return _json({"active_streams": [e["id"] for e in active], "count": len(active), "streams": active})
 
 

@@ -11,7 +11,7 @@ import logging
 
 import click
 
-from streamstate.cli_options import settings_options
+from streamstate.cli_options import log_level_option, settings_options
 from streamstate.daemon import configure_logging, notify_until_stopped, sd_notify
 
 log = logging.getLogger("streamkeeper.launcher")
@@ -21,12 +21,7 @@ log = logging.getLogger("streamkeeper.launcher")
 @settings_options
 @click.option("--listen", metavar="HOST:PORT", help="Address to listen on (overrides launcher_listen).")
 @click.option("--hls-dir", metavar="DIR", help="Where playlists and segments go (overrides hls_dir).")
-@click.option(
-    "--log-level",
-    default="INFO",
-    show_default=True,
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-)
+@log_level_option
 def main(settings_loader, listen, hls_dir, log_level):
     """Start FFmpeg on demand for nginx and hand the first player a playable playlist.
 

@@ -31,6 +31,7 @@ from streamstate.process import (
 )
 from streamstate.redis_client import redis_for
 from streamstate.runs import RunState
+from streamstate.stream_end import Cause
 from streamstate.streams_view import collect_streams
 from streamstate.upstreams import Upstream
 
@@ -264,7 +265,7 @@ class Launcher:
                 self.settings.hls_dir,
                 minimum,
             )
-            raise StartFailed("disk full")
+            raise StartFailed(Cause.DISK_FULL.text)
 
     def status_line(self) -> str:
         """systemd's STATUS=: streams per state, and what was refused or failed."""
@@ -327,7 +328,7 @@ class Launcher:
                 channel_id,
                 self.settings.egress_listen,
             )
-            raise RelayDown("egress relay unavailable")
+            raise RelayDown(Cause.RELAY_DOWN.text)
 
     async def _take_over(self, record: runs.RunRecord) -> None:
         """The channel's record is another host's.  While that host's lease stands the run is

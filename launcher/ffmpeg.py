@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from streamstate import files, hls
 from streamstate.channels import Channel, check_source_url
 from streamstate.redact import redact_text, url_secrets
+from streamstate.stream_end import Cause
 from streamstate.upstreams import Upstream
 
 # Read/write timeout: a dead upstream ends in an error, not a hang.
@@ -126,8 +127,7 @@ def start_number_of(argv: list[str]) -> int | None:
     return None
 
 
-DISK_FULL = "disk full"
-_DISK_FULL_CLASS = (re.compile(r"No space left on device", re.I), DISK_FULL)
+_DISK_FULL_CLASS = (re.compile(r"No space left on device", re.I), Cause.DISK_FULL.text)
 
 # Why an FFmpeg failed, as a class a player may see (never a URL: providers put accounts
 # in their URLs) and the line of its output that says so, redacted, for the log.

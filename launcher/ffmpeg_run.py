@@ -22,7 +22,7 @@ from streamstate.upstreams import Upstream
 
 from .child import SLOW_WINDOW, AdoptedProcess, PaceMeter, exit_text, stop_with_grace
 from .diagnosis import LOG_MARK, diagnose, relay_refused
-from .ffmpeg import DISK_FULL, build_argv
+from .ffmpeg import build_argv
 from .host_services import HostServices
 from .publisher import PlaylistPublisher
 from .resolvers import ResolveFailed, resolve
@@ -37,7 +37,6 @@ WATCH_INTERVAL = 0.25
 SLOW_RATIO = 0.9  # media seconds per wall second below this: slower than real time
 BACK_TO_REAL_TIME = 0.97  # ... and at or above this again: no longer slow (a margin against flapping)
 LOG_CAP_EVERY = 40  # watch ticks between trims of FFmpeg's log file (10 s at WATCH_INTERVAL)
-RELAY_DOWN = "egress relay unavailable"
 
 
 class FfmpegRun:
@@ -87,11 +86,11 @@ class FfmpegRun:
         """An FFmpeg a previous launcher started: this run's from now on."""
         self.process, self.pid_start = process, pid_start
 
-    def set_failure(self, cause: Cause | None, failure: str, last_error: str | None = None) -> None:
-        """Why the stream cannot go on: ``failure`` for players, ``last_error`` (default the
-        same) for operators."""
-        self.cause, self.failure = cause, failure
-        self.last_error = failure if last_error is None else last_error
+    def set_failure(self, cause: Cause, detail: str = "", *, failure: str | None = None) -> None:
+        """Why the stream cannot go on: ``failure`` (default the cause's own text) for players,
+        and with ``detail`` for operators."""
+        self.cause, self.failure = cause, failure or cause.text
+        self.last_error = f"{self.failure}: {detail}" if detail else self.failure
 
     @property
     def freeze_limit(self) -> float:
@@ -106,9 +105,7 @@ class FfmpegRun:
             is not None
         ):
             return True
-        self.set_failure(
-            Cause.RELAY_DOWN, RELAY_DOWN, f"{RELAY_DOWN}: nothing answers on {self.settings.egress_listen}"
-        )
+        self.set_failure(Cause.RELAY_DOWN, f"nothing answers on {self.settings.egress_listen}")
         return False
 
     async def _prepare(self, source: str, start_number: int) -> tuple[list[str], dict[str, str]]:
@@ -221,12 +218,12 @@ class FfmpegRun:
                 return self.last_error
             unchanged = self.publisher.unchanged_for()
             if unchanged > stall_after:
-                self.set_failure(Cause.STALLED, "stalled", f"stalled: no new segment for {unchanged:.0f} s")
+                self.set_failure(Cause.STALLED, f"no new segment for {unchanged:.0f} s")
                 return self.last_error
             if files.free_mb(self.settings.hls_dir) == 0:
                 # FFmpeg writes empty playlists and truncated segments on a full disk, and
                 # says nothing (seen with 5.1): under 1 MB free ends this FFmpeg.
-                self.set_failure(Cause.DISK_FULL, DISK_FULL, f"disk full: under 1 MB free in {self.settings.hls_dir}")
+                self.set_failure(Cause.DISK_FULL, f"under 1 MB free in {self.settings.hls_dir}")
                 return self.last_error
             self._judge_pace(pace.update(self.publisher.media(), time.monotonic()))
             checks += 1
@@ -246,14 +243,11 @@ class FfmpegRun:
         if error is None:
             return False
         if error.errno == errno.ENOSPC:
-            self.set_failure(
-                Cause.DISK_FULL, DISK_FULL, f"disk full: cannot write the playlist in {self.settings.hls_dir}"
-            )
+            self.set_failure(Cause.DISK_FULL, f"cannot write the playlist in {self.settings.hls_dir}")
         else:
             self.set_failure(
                 Cause.LAUNCHER,
-                "launcher error",
-                f"launcher error: cannot write the playlist ({error.strerror or error})",
+                f"cannot write the playlist ({error.strerror or error})",
             )
         return True
 

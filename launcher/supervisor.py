@@ -30,7 +30,6 @@ from streamstate.stream_end import Cause, Next
 from streamstate.upstreams import Upstream
 
 from .child import AdoptedProcess
-from .ffmpeg import DISK_FULL
 from .ffmpeg_run import FfmpegRun
 from .host_services import HostServices
 from .publisher import PlaylistPublisher
@@ -126,7 +125,7 @@ class StreamSupervisor:
             raise
         except Exception as exc:  # noqa: BLE001 - reported as the stream's error
             log.error("channel %s: supervisor failed: %s", self.id, exc)
-            self.ffmpeg.set_failure(Cause.LAUNCHER, "launcher error", f"launcher error: {exc}")
+            self.ffmpeg.set_failure(Cause.LAUNCHER, str(exc))
             await self._end(RunState.FAILED, self.ffmpeg.last_error, signal=True)
 
     @property
@@ -297,7 +296,7 @@ class StreamSupervisor:
             ):
                 break
             if cause is Cause.DISK_FULL and time.monotonic() - began > limit:
-                self.ffmpeg.set_failure(Cause.DISK_FULL, DISK_FULL, self.ffmpeg.last_error)
+                self.ffmpeg.cause, self.ffmpeg.failure = Cause.DISK_FULL, Cause.DISK_FULL.text
                 await self._fail(f"{why}; still full after {limit:g} s")
                 return False
             self.publisher.end_if_frozen(self.ffmpeg.freeze_limit)
@@ -336,7 +335,7 @@ class StreamSupervisor:
             source = await self.sources.next(self.ffmpeg.source, tried, replacing=self.restarts > 0)
             if source is None:
                 if not tried:
-                    self.ffmpeg.set_failure(Cause.SOURCE, self.sources.all_cooling())
+                    self.ffmpeg.set_failure(Cause.SOURCE, failure=self.sources.all_cooling())
                 return False
             tried.append(source)
             if not await self._spawn(first, source):

@@ -12,7 +12,7 @@ import time
 
 import click
 
-from streamstate.cli_options import settings_options
+from streamstate.cli_options import log_level_option, settings_options
 from streamstate.daemon import StopSignals, configure_logging, sd_notify, watchdog_interval
 from streamstate.reaping import Reaper, run_one
 
@@ -25,12 +25,7 @@ log = logging.getLogger("streamkeeper.reaper")
 @click.option("--dry-run", is_flag=True, help="Print what a pass would do; change nothing (implies --once).")
 @click.option("--json", "as_json", is_flag=True, help="Print each pass's summary as JSON on standard output.")
 @click.option("--interval", type=float, metavar="SECONDS", help="Seconds between passes (overrides reaper_interval).")
-@click.option(
-    "--log-level",
-    default="INFO",
-    show_default=True,
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-)
+@log_level_option
 def main(settings_loader, once, dry_run, as_json, interval, log_level):
     """Every reaper_interval seconds, stop streams idle past idle_timeout and clear stale
     records, orphan files and orphan FFmpeg processes of this host.

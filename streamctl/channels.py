@@ -11,7 +11,7 @@ import click
 from streamstate import keys
 from streamstate.channel_check import validate
 from streamstate.channels import Channel, ChannelError, channel_from_dict, delete_channel, iter_channels, put_channel
-from streamstate.cli_options import settings_options
+from streamstate.cli_options import channel_id_or_exit, settings_options
 from streamstate.redact import redact_url
 from streamstate.redis_client import redis_for
 
@@ -163,11 +163,7 @@ def rm_command(settings_loader, channel_id):
 
     Exit codes: 0 removed, 1 no such channel, 2 invalid id.
     """
-    try:
-        keys.check_channel_id(channel_id)
-    except keys.InvalidChannelId as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(EXIT_INVALID) from None
+    channel_id_or_exit(channel_id)
     if not delete_channel(_client(settings_loader), channel_id):
         click.echo(f"channel {channel_id}: no such channel", err=True)
         raise SystemExit(EXIT_NOT_FOUND)

@@ -10,6 +10,7 @@ import time
 from streamstate import egress, redis_values, runs
 from streamstate.checkpoint import checkpoint_path, load_checkpoint
 from streamstate.redact import redact_url
+from streamstate.urls import INVALID_CHANNEL_ID_KIND
 
 from .checks_common import (
     FAIL,
@@ -63,7 +64,7 @@ def check_launcher(settings) -> list[Check]:
         status, body = http_get(f"{base}/channel/x/start")  # an invalid id: 400 from the route itself
     except OSError as exc:
         status, body = 0, str(exc)
-    if status == 400 and "invalid channel id" in body:
+    if status == 400 and _json_field(body, "kind") == INVALID_CHANNEL_ID_KIND:
         found.append(Check(OK, "launcher start route", f"{base}/channel/<id>/start exists"))
     else:
         found.append(
@@ -187,3 +188,12 @@ def check_reaper(client, settings) -> list[Check]:
             )
         ]
     return [Check(OK, "reaper", f"last pass {age:.0f} s ago")]
+
+
+def _json_field(body: str, name: str):
+    """A field of a JSON object body (None: not JSON, not an object, or no such field)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data.get(name) if isinstance(data, dict) else None

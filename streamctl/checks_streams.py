@@ -94,16 +94,16 @@ def check_streams(client, settings) -> list[Check]:
         summary = Reaper(settings, client, dry_run=True).run_pass()
     except RedisUnavailable as exc:
         return [Check(FAIL, "streams", str(exc))]
-    found = _records_checks(client, settings, summary)
-    found += _streams_not_playing(client, settings) + _records_without_channels(client, settings)
-    found += _slot_checks(client, settings)
+    problems = _records_checks(client, settings, summary)
+    problems += _streams_not_playing(client, settings) + _records_without_channels(client, settings)
+    slots = _slot_checks(client, settings)
     try:
-        found += _playlist_checks(settings)
+        problems += _playlist_checks(settings)
     except OSError as exc:
-        return found + [Check(FAIL, "hls_dir", f"{settings.hls_dir}: {exc}")]
-    if not [c for c in found if c.check.startswith(("channel ", "streams"))]:
-        found.append(Check(OK, "streams", f"{summary.streams} record(s), none stale; no empty or stale playlist"))
-    return found
+        return problems + slots + [Check(FAIL, "hls_dir", f"{settings.hls_dir}: {exc}")]
+    if not problems:
+        problems.append(Check(OK, "streams", f"{summary.streams} record(s), none stale; no empty or stale playlist"))
+    return problems + slots
 
 
 def _records_checks(client, settings, summary) -> list[Check]:

@@ -12,7 +12,7 @@ import click
 import redis
 
 from streamstate import files, keys, redis_values, runs
-from streamstate.cli_options import settings_options
+from streamstate.cli_options import channel_id_or_exit, settings_options
 from streamstate.reaping import Reaper, RedisUnavailable
 from streamstate.redis_client import redis_for, redis_where
 from streamstate.streams_view import collect_streams
@@ -94,11 +94,7 @@ def stop_command(settings_loader, channel_id, stop_all):
         click.echo("error: give a CHANNEL_ID or --all", err=True)
         raise SystemExit(EXIT_INVALID)
     if channel_id is not None:
-        try:
-            keys.check_channel_id(channel_id)
-        except keys.InvalidChannelId as exc:
-            click.echo(f"error: {exc}", err=True)
-            raise SystemExit(EXIT_INVALID) from None
+        channel_id_or_exit(channel_id)
     settings = settings_loader()
     path = "/streams/stop" if stop_all else f"/channel/{channel_id}/stop"
     try:
@@ -150,11 +146,7 @@ def logs_command(settings_loader, channel_id, lines, follow):
 
     Exit codes: 0 shown, 1 no log for that channel, 2 invalid id.
     """
-    try:
-        keys.check_channel_id(channel_id)
-    except keys.InvalidChannelId as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(EXIT_INVALID) from None
+    channel_id_or_exit(channel_id)
     settings = settings_loader()
     path = files.ffmpeg_log_path(settings.log_dir, channel_id)
     if not os.path.exists(path):

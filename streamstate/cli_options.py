@@ -7,9 +7,29 @@ import functools
 import click
 from click.core import ParameterSource
 
+from . import keys
 from .settings import Settings, SettingsError, load_settings
 
 EXIT_BAD_SETTINGS = 2
+
+
+# The services' --log-level: the least severe line journalctl gets.
+log_level_option = click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="The least severe log line written.",
+)
+
+
+def channel_id_or_exit(text: str) -> str:
+    """A command's CHANNEL_ID, checked: the canonical id, or one line and exit 2."""
+    try:
+        return keys.check_channel_id(text)
+    except keys.InvalidChannelId as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_BAD_SETTINGS) from None
 
 
 def settings_options(func):

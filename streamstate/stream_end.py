@@ -52,6 +52,15 @@ class Cause(enum.Enum):
     DISK_FULL = "disk full"  # hls_dir is full
     LAUNCHER = "launcher error"
 
+    @property
+    def text(self) -> str:
+        """The class of failure a player sees, for the causes that have one of their own
+        (the others' text comes from what FFmpeg or the source said: launcher.diagnosis)."""
+        return _CAUSE_TEXT.get(self, self.value)
+
+
+_CAUSE_TEXT = {Cause.RELAY_DOWN: "egress relay unavailable"}
+
 
 # Causes that say nothing about the source: another source would not do better.
 NOT_THE_SOURCE = frozenset({Cause.RELAY_DOWN, Cause.DISK_FULL, Cause.LAUNCHER, Cause.PROXY})

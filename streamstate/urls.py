@@ -6,3 +6,7 @@ from __future__ import annotations
 # `internal` location of the rendered snippet that serves the playlist file.  A viewer
 # asking for it gets 404; a 200 logged under it is a first viewer's playlist.
 ACCEL_PREFIX = "/_streamkeeper/playlist/"
+
+# The start route's answer to an id that is not one, as a script reads it (JSON "kind"):
+# doctor tells the launcher from whatever else might listen on launcher_listen by it.
+INVALID_CHANNEL_ID_KIND = "invalid_channel_id"

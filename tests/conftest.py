@@ -13,7 +13,7 @@ import tempfile
 import pytest
 import redis
 
-from demo.stack import LocalStack, json_request, port_open, toml_value, write_nginx_conf
+from demo.stack import LocalStack, json_request, port_open, redis_server_argv, toml_value, write_nginx_conf
 from streamstate.nginx_config import log_format_directive
 from tests.helpers import ffmpeg_processes, free_port, wait_for
 
@@ -64,24 +64,7 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server is not installed (make test installs it)")
         self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                self.directory,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--loglevel",
-                "warning",
-                *self.extra_args,
-            ],
+            [*redis_server_argv(self.port, self.directory), "--loglevel", "warning", *self.extra_args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -114,6 +97,12 @@ _channel_ids = itertools.count(FIRST_FIXTURE_CHANNEL_ID)
 def channel_id() -> str:
     """A channel id no other test of this session uses."""
     return str(next(_channel_ids))
+
+
+@pytest.fixture
+def channel_ids():
+    """For a test of several channels: each call, a channel id no other test uses."""
+    return lambda: str(next(_channel_ids))
 
 
 @pytest.fixture(scope="session")

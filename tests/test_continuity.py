@@ -196,7 +196,7 @@ def test_a_viewer_zapping_through_a_one_connection_account_is_never_refused(one_
     """Ten channels, half a second each, one viewer (its token): each start takes the
     connection the viewer's previous channel gives up at once (the launcher knows who
     asked; heartbeatd's view lags a second or two), and the provider never sees two."""
-    from tests.test_players import run_hlsjs
+    from tests.viewing import run_hlsjs
 
     stack, emulator = one_connection
     urls = [stack.playlist_url(channel, "?token=zapper") for channel in range(1601, 1611)]

@@ -149,9 +149,9 @@ def test_channel_shows_what_its_source_answers_with_and_without_its_proxy(stack,
         socks.close()
 
 
-def test_junk_in_redis_is_named_never_a_traceback(stack, tmp_path):
-    stack.redis.set(keys.pid_key(797), "²")
-    stack.redis.sadd(keys.ACTIVE_STREAMS_KEY, "797", "not-an-id")
+def test_junk_in_redis_is_named_never_a_traceback(stack, tmp_path, channel_id):
+    stack.redis.set(keys.pid_key(channel_id), "²")
+    stack.redis.sadd(keys.ACTIVE_STREAMS_KEY, channel_id, "not-an-id")
     host = __import__("socket").gethostname()
     saved = stack.redis.hgetall(keys.reaper_last_pass_key(host))
     stack.redis.delete(keys.reaper_last_pass_key(host))
@@ -159,12 +159,12 @@ def test_junk_in_redis_is_named_never_a_traceback(stack, tmp_path):
     try:
         code, checks, _ = doctor(stack, tmp_path)
         assert code == 1
-        assert any("stale record" in d for d in failed(checks, "channel 797"))
+        assert any("stale record" in d for d in failed(checks, f"channel {channel_id}"))
         assert any("not-an-id" in d for d in failed(checks, "streams:active"))
         assert failed(checks, "reaper")
     finally:
-        stack.redis.delete(keys.pid_key(797), keys.reaper_last_pass_key(host))
-        stack.redis.srem(keys.ACTIVE_STREAMS_KEY, "797", "not-an-id")
+        stack.redis.delete(keys.pid_key(channel_id), keys.reaper_last_pass_key(host))
+        stack.redis.srem(keys.ACTIVE_STREAMS_KEY, channel_id, "not-an-id")
         if saved:
             stack.redis.hset(keys.reaper_last_pass_key(host), mapping=saved)
 
@@ -197,7 +197,7 @@ def test_a_source_that_never_finishes_its_headers_has_a_deadline_and_a_validator
             stack,
             tmp_path,
             "--channel",
-            f"{channel_id}",
+            channel_id,
             settings={"auth_url": f"http://127.0.0.1:{free_port()}/validate"},
         )
         assert any("no answer within" in d for d in failed(checks, f"channel {channel_id} source"))
@@ -208,7 +208,7 @@ def test_a_source_that_never_finishes_its_headers_has_a_deadline_and_a_validator
 
 def test_a_source_on_a_denied_address_is_not_asked(stack, channel_id, tmp_path):
     add_channel(stack, channel_id, source_url="http://169.254.169.254/latest/meta-data/")
-    code, checks, _ = doctor(stack, tmp_path, "--channel", f"{channel_id}")
+    code, checks, _ = doctor(stack, tmp_path, "--channel", channel_id)
     assert any(
         "not asked (169.254.169.254:80 is in upstream_deny" in d for d in failed(checks, f"channel {channel_id} source")
     )
@@ -313,7 +313,7 @@ def test_nothing_answering_on_nginx_listen_is_named(stack, tmp_path):
     assert code == 1 and "nothing answers on 127.0.0.1:" in detail and "viewers reach nothing" in detail
 
 
-def test_this_host_s_streams_waiting_to_restart_or_failed_are_named_with_their_last_error(stack, tmp_path):
+def test_this_host_s_streams_waiting_to_restart_or_failed_are_named_with_their_last_error(stack, tmp_path, channel_id):
     """Finding (operator, issue 16): a stream in back-off (its viewers see nothing) and a
     channel that failed here passed doctor silently.  Now each is a FAIL with its last error."""
     from streamstate.settings import load_settings
@@ -332,14 +332,14 @@ def test_this_host_s_streams_waiting_to_restart_or_failed_are_named_with_their_l
         until=time.time() + 120,
     )
     runs.record_run(stack.redis, record)
-    runs.mark_failed(stack.redis, "797", "upstream refused: HTTP 403", host, 120)
+    runs.mark_failed(stack.redis, channel_id, "upstream refused: HTTP 403", host, 120)
     try:
         code, checks, _ = doctor(stack, tmp_path)
     finally:
         runs.delete_run_if(stack.redis, "796", "doctor-796")
-        stack.redis.delete(keys.failed_key(797))
+        stack.redis.delete(keys.failed_key(channel_id))
     [waiting] = failed(checks, "channel 796")
     assert "waiting to restart FFmpeg (restart 3)" in waiting and "upstream unreachable: Connection refused" in waiting
-    [failure] = failed(checks, "channel 797")
+    [failure] = failed(checks, f"channel {channel_id}")
     assert failure.startswith("failed: upstream refused: HTTP 403; starts answer 503")
     assert code == 1

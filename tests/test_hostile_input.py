@@ -22,49 +22,12 @@ import redis
 from streamstate import keys, runs
 from streamstate.logformat import LogLineParser
 from tests.conftest import REPO
+from tests.fakes.listeners import RecordingListener
 from tests.helpers import add_channel, ffmpegs_writing, first_request, wait_for
 
 pytestmark = pytest.mark.e2e
 
 SECRET = "S3cretPass"
-
-
-class RecordingListener:
-    """Accepts connections on loopback, records every byte, answers nothing useful."""
-
-    def __init__(self, answer_after: bytes = b"\r\n\r\n"):
-        self.answer_after = answer_after  # what ends a request: its head, or a chunked body
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.received = bytearray()
-        self.connections = 0
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self):
-        while True:
-            try:
-                connection, _ = self.server.accept()
-            except OSError:
-                return
-            self.connections += 1
-            connection.settimeout(2)
-            try:
-                while chunk := connection.recv(65536):
-                    self.received += chunk
-                    if self.answer_after in self.received:
-                        connection.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-                        break
-            except OSError:
-                pass
-            finally:
-                connection.close()
-
-    def url(self, path="/live/x.ts") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def close(self):
-        self.server.close()
 
 
 @pytest.fixture
@@ -142,7 +105,7 @@ def test_the_legacy_start_answers_json_whatever_headers_it_is_sent(stack, channe
     request = urllib.request.Request(
         stack.launcher_url("/api/stream/start"),
         method="POST",
-        data=json.dumps({"channel_id": f"{channel_id}"}).encode(),
+        data=json.dumps({"channel_id": channel_id}).encode(),
         headers={"Content-Type": "application/json", "X-Streamkeeper-Accel": "1"},
     )
     with urllib.request.urlopen(request, timeout=60) as response:
@@ -151,7 +114,7 @@ def test_the_legacy_start_answers_json_whatever_headers_it_is_sent(stack, channe
     stack.launcher_json(f"/channel/{channel_id}/stop", "POST")
 
 
-def test_a_legacy_start_with_redis_down_is_a_503_with_its_reason(stack, extra_launcher, tmp_path):
+def test_a_legacy_start_with_redis_down_is_a_503_with_its_reason(stack, extra_launcher, tmp_path, channel_id):
     """Found by mypy (issue 17): with Redis unreachable the legacy route passed its
     Retry-After header as a positional argument: a TypeError, a 500.  Now the 503 it meant:
     JSON, the reason, nothing stored, Retry-After."""
@@ -162,7 +125,7 @@ def test_a_legacy_start_with_redis_down_is_a_503_with_its_reason(stack, extra_la
     request = urllib.request.Request(
         launcher.url("/api/stream/start"),
         method="POST",
-        data=json.dumps({"channel_id": "557", "source_url": stack.upstream_url("ch557")}).encode(),
+        data=json.dumps({"channel_id": channel_id, "source_url": stack.upstream_url(f"ch{channel_id}")}).encode(),
         headers={"Content-Type": "application/json"},
     )
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -173,7 +136,7 @@ def test_a_legacy_start_with_redis_down_is_a_503_with_its_reason(stack, extra_la
     assert "Traceback" not in launcher.log()
 
 
-def test_two_legacy_starts_of_one_channel_take_turns(stack):
+def test_two_legacy_starts_of_one_channel_take_turns(stack, channel_id):
     """Finding (attack, issue 16): B's record, written while A's start was failing, was put back
     to A's when B's start failed too: a record no start had succeeded with was left.  Legacy
     starts of one channel take turns now, and a failed start leaves no record."""
@@ -185,19 +148,19 @@ def test_two_legacy_starts_of_one_channel_take_turns(stack):
 
     def start(name):
         results[name] = stack.launcher_json(
-            "/api/stream/start", "POST", {"channel_id": "557", "source_url": stalled(name), "quality": "copy"}
+            "/api/stream/start", "POST", {"channel_id": channel_id, "source_url": stalled(name), "quality": "copy"}
         )
 
     first = threading.Thread(target=start, args=("A",))
     first.start()
-    wait_for(lambda: stack.redis.exists(keys.channel_key(557)), timeout=30, message="A's record written")
+    wait_for(lambda: stack.redis.exists(keys.channel_key(channel_id)), timeout=30, message="A's record written")
     second = threading.Thread(target=start, args=("B",))
     second.start()
     first.join(120)
     second.join(120)
     assert results["A"][0] == 503 and results["B"][0] == 503, results
-    assert stack.redis.get(keys.channel_key(557)) is None
-    stack.redis.delete(keys.failed_key(557))
+    assert stack.redis.get(keys.channel_key(channel_id)) is None
+    stack.redis.delete(keys.failed_key(channel_id))
 
 
 def test_a_legacy_body_sent_slowly_is_cut_off(stack):
@@ -539,10 +502,10 @@ def test_an_infinite_last_access_keeps_nothing_alive(stack, channel_id):
     assert first_request(stack.playlist_url(channel_id))[0] == 200
     stack.redis.set(keys.last_access_key(channel_id), "inf")
     now = time.time()
-    heartbeats.write_heartbeats(stack.redis, {f"{channel_id}": now - 1}, now=now)
+    heartbeats.write_heartbeats(stack.redis, {channel_id: now - 1}, now=now)
     assert float(stack.redis.get(keys.last_access_key(channel_id))) == pytest.approx(now - 1, abs=0.01)
     stack.redis.set(keys.last_access_key(channel_id), "9999999999")
-    heartbeats.write_heartbeats(stack.redis, {f"{channel_id}": now}, now=now)
+    heartbeats.write_heartbeats(stack.redis, {channel_id: now}, now=now)
     assert float(stack.redis.get(keys.last_access_key(channel_id))) == pytest.approx(now, abs=0.01)
     stack.launcher_json(f"/channel/{channel_id}/stop", "POST")
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from launcher.ffmpeg import DISK_FULL, classify_failure
+from launcher.ffmpeg import classify_failure
 from streamstate import egress
 from streamstate.egress import RefusalKind
 from streamstate.reap_rules import ActionKind
@@ -47,7 +47,7 @@ def test_a_proxy_that_cannot_be_used_is_not_the_source_s_fault():
 
 def test_a_full_disk_is_known_by_its_kind_not_its_text():
     found = classify_failure(["[segment @ 0x1] Failed to write: No space left on device"])
-    assert found.disk_full and found.text == DISK_FULL
+    assert found.disk_full and found.text == Cause.DISK_FULL.text
     other = classify_failure(["[http @ 0x2] HTTP error 403 Forbidden"])
     assert not other.disk_full and other.text == "upstream refused: HTTP 403"
 

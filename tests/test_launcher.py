@@ -197,7 +197,7 @@ def test_json_callers_get_started_then_already_running(stack, channel_id):
     status, body = stack.launcher_json(f"/channel/{channel_id}/start", "POST")
     assert (status, body["status"]) == (200, "already_running")
     _, streams = stack.launcher_json("/streams")
-    entry = next(s for s in streams["streams"] if s["id"] == f"{channel_id}")
+    entry = next(s for s in streams["streams"] if s["id"] == channel_id)
     assert entry["state"] == "running" and entry["pid"] in ffmpegs_writing(stack, channel_id)
     assert stack.redis.get(keys.pid_key(channel_id)) == str(entry["pid"])
     assert float(stack.redis.get(keys.last_access_key(channel_id))) > 0
@@ -233,7 +233,7 @@ def test_a_killed_ffmpeg_is_restarted_while_wanted(stack, channel_id):
     wait_for(lambda: ffmpegs_writing(stack, channel_id) not in ([], [pid]), timeout=30, message="a new FFmpeg")
     wait_for(lambda: first_request(stack.playlist_url(channel_id))[0] == 200, timeout=30, message="playable again")
     _, streams = stack.launcher_json("/streams")
-    assert next(s for s in streams["streams"] if s["id"] == f"{channel_id}")["restarts"] == 1
+    assert next(s for s in streams["streams"] if s["id"] == channel_id)["restarts"] == 1
     stack.launcher_json(f"/channel/{channel_id}/stop", "POST")
 
 
@@ -261,7 +261,7 @@ def test_the_reaper_stops_an_idle_launcher_stream_and_the_launcher_does_not_rest
     assert f"channel {channel_id}: stopped" in result.stderr
     wait_for(lambda: not ffmpegs_writing(stack, channel_id), timeout=15, message="FFmpeg gone")
     wait_for(
-        lambda: all(s["id"] != f"{channel_id}" for s in stack.launcher_json("/streams")[1]["streams"]),
+        lambda: all(s["id"] != channel_id for s in stack.launcher_json("/streams")[1]["streams"]),
         timeout=15,
         message="the launcher to let it go",
     )
@@ -285,18 +285,18 @@ def streamctl(stack, *args):
 
 def test_streamctl_start_status_stop_and_reap(stack, channel_id):
     add_channel(stack, channel_id)
-    started = streamctl(stack, "start", f"{channel_id}")
+    started = streamctl(stack, "start", channel_id)
     assert started.returncode == 0, started.stderr
     assert f"channel {channel_id}: started" in started.stdout
-    assert "already_running" in streamctl(stack, "start", f"{channel_id}").stdout
+    assert "already_running" in streamctl(stack, "start", channel_id).stdout
     status = json.loads(streamctl(stack, "status", "--json").stdout)
-    entry = next(s for s in status["streams"] if s["id"] == f"{channel_id}")
+    entry = next(s for s in status["streams"] if s["id"] == channel_id)
     assert entry["state"] == "running" and entry["pid"] in ffmpegs_writing(stack, channel_id)
     assert streamctl(stack, "start", "777777").returncode == 3
     assert streamctl(stack, "start", "abc").returncode == 2
     dry = streamctl(stack, "reap", "--dry-run", "--json")
     assert dry.returncode == 0 and json.loads(dry.stdout)["dry_run"] is True
-    stopped = streamctl(stack, "stop", f"{channel_id}")
+    stopped = streamctl(stack, "stop", channel_id)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not ffmpegs_writing(stack, channel_id)
 

@@ -16,13 +16,12 @@ import pytest
 from streamstate import files, keys
 from tests.conftest import REPO
 from tests.helpers import add_channel, ffmpegs_writing
+from tests.viewing import HLSJS_SECONDS, run_hlsjs
 
 pytestmark = pytest.mark.e2e
 
-PLAYERS = os.path.join(REPO, "tests", "players")
 ARTIFACTS = os.environ.get("STREAMKEEPER_TEST_ARTIFACTS", os.path.join(REPO, "test-artifacts"))
 VLC_SECONDS = 22  # VLC dumps this long; at least 20 s of media must come out
-HLSJS_SECONDS = 15  # video.currentTime must pass this
 
 
 @pytest.fixture(autouse=True)
@@ -111,18 +110,6 @@ def test_vlc_plays_a_cold_channel(stack):
     assert kinds == {"audio", "video"}, media
     frames = max(int(s.get("nb_read_frames") or 0) for s in media["streams"] if s["codec_type"] == "video")
     assert frames >= 20 * 25 * 0.9, media  # the source is 25 fps: 20 s of decodable pictures
-
-
-def run_hlsjs(mode: str, *urls: str, screenshot: str | None = None, seconds: float = HLSJS_SECONDS):
-    """hls.js in headless Chromium (tests/players/hlsjs_play.mjs): one JSON result per URL."""
-    if not os.path.isdir(os.path.join(PLAYERS, "node_modules", "hls.js")):
-        pytest.fail("tests/players/node_modules is missing (make test runs npm ci there)")
-    argv = ["node", os.path.join(PLAYERS, "hlsjs_play.mjs"), mode, *urls, "--seconds", str(seconds), "--timeout", "60"]
-    if screenshot:
-        argv += ["--screenshot", screenshot]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=90 * len(urls))
-    assert result.returncode in (0, 1), result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
 
 def test_hlsjs_in_chromium_plays_a_cold_channel_from_another_origin(stack):

@@ -273,7 +273,7 @@ def test_a_stream_with_one_account_s_slot_cannot_fetch_the_other_s(tmp_path):
 
     from egress.relay import EgressRelay
     from streamstate import egress
-    from tests.test_upstreams import KeepAliveOrigin
+    from tests.fakes.listeners import KeepAliveOrigin
 
     origin = KeepAliveOrigin(b"segment\n")
     settings = _two_accounts(str(tmp_path), origin.port)

@@ -37,7 +37,7 @@ def test_the_status_page_shows_every_stream_as_text_and_no_token(stack, channel_
                 os.path.join(PLAYERS, "page_shot.mjs"),
                 stack.launcher_url("/status"),
                 "--wait-for",
-                f"{channel_id}",
+                channel_id,
                 "--screenshot",
                 screenshot,
                 "--timeout",

@@ -191,7 +191,8 @@ def test_a_stream_that_keeps_dying_fails_after_max_restarts(stack, channel_id, e
     assert not [a for _, a in ffmpeg_processes() if a[-1] == playlist]
 
 
-def test_streamctl_logs_status_and_stop_all(stack, extra_launcher, tmp_path):
+def test_streamctl_logs_status_and_stop_all(stack, extra_launcher, tmp_path, channel_ids):
+    first, second = channel_ids(), channel_ids()
     launcher = extra_launcher(hls_dir=str(tmp_path / "hls"), log_dir=str(tmp_path / "ffmpeg-logs"))
 
     def streamctl(*args):
@@ -203,30 +204,30 @@ def test_streamctl_logs_status_and_stop_all(stack, extra_launcher, tmp_path):
             timeout=60,
         )
 
-    for channel in (46, 47):
+    for channel in (first, second):
         add_channel(stack, channel)
         assert launcher.json(f"/channel/{channel}/start", "POST")[0] == 200
-    logs = streamctl("logs", "46", "-n", "5")
+    logs = streamctl("logs", first, "-n", "5")
     assert logs.returncode == 0 and "--- streamkeeper: " in logs.stdout
     assert streamctl("logs", "999").returncode == 1
-    status = json.loads(streamctl("status", "46", "--json").stdout)
-    assert [s["id"] for s in status["streams"]] == ["46"] and status["streams"][0]["uptime_seconds"] >= 0
+    status = json.loads(streamctl("status", first, "--json").stdout)
+    assert [s["id"] for s in status["streams"]] == [first] and status["streams"][0]["uptime_seconds"] >= 0
     stopped = streamctl("stop", "--all")
     assert stopped.returncode == 0 and "stopped 2 stream(s)" in stopped.stdout
     assert not [a for _, a in ffmpeg_processes() if a[-1].startswith(launcher.hls_dir)]
     assert streamctl("stop").returncode == 2
     # The launcher stopped alone first (its streams outlive it), then everything is stopped
     # (systemctl stop streamkeeper.target): --all stops this host's streams itself.
-    for channel in (46, 47):
+    for channel in (first, second):
         assert launcher.json(f"/channel/{channel}/start", "POST")[0] == 200
     launcher.process.send_signal(signal.SIGTERM)
     launcher.process.wait(timeout=30)
     assert [a for _, a in ffmpeg_processes() if a[-1].startswith(launcher.hls_dir)]
     stopped = streamctl("stop", "--all")
     assert stopped.returncode == 0 and "stopping this host's streams directly" in stopped.stderr
-    assert "stopped 2 stream(s): 46, 47" in stopped.stdout
+    assert f"stopped 2 stream(s): {first}, {second}" in stopped.stdout
     assert not [a for _, a in ffmpeg_processes() if a[-1].startswith(launcher.hls_dir)]
-    assert not stack.redis.exists(keys.run_key(46)) and not stack.redis.exists(keys.run_key(47))
+    assert not stack.redis.exists(keys.run_key(first)) and not stack.redis.exists(keys.run_key(second))
     assert not os.listdir(launcher.hls_dir)
 
 
@@ -402,35 +403,36 @@ def test_stop_without_the_launcher_works_inside_the_streams_unit_sandbox(stack, 
     assert not [n for n in os.listdir(os.path.join(state_dir, "egress")) if n.startswith(("57.", "58."))]
 
 
-def test_a_watched_stream_is_replaced_even_when_every_source_is_cooling_down(stack):
+def test_a_watched_stream_is_replaced_even_when_every_source_is_cooling_down(stack, channel_ids):
     """Finding (operator, issue 16): an FFmpeg of a channel with fallbacks died while every
     source was in its cooldown (each had failed a moment before): the replacement tried none
     and waited, its viewers with nothing, until the cooldown ran out.  Now a replacement tries
     the sources anyway (the back-off spaces the tries); a cold start still answers 503 at once."""
+    watched, cold_channel = channel_ids(), channel_ids()
     from streamstate import providers
 
-    sources = [stack.upstream_url("cool46a"), stack.upstream_url("cool46b")]
-    cold = [stack.upstream_url("cool47a"), stack.upstream_url("cool47b")]
-    add_channel(stack, 46, source_url=sources[0], fallback_urls=sources[1:])
+    sources = [stack.upstream_url(f"cool{watched}a"), stack.upstream_url(f"cool{watched}b")]
+    cold = [stack.upstream_url(f"cool{cold_channel}a"), stack.upstream_url(f"cool{cold_channel}b")]
+    add_channel(stack, watched, source_url=sources[0], fallback_urls=sources[1:])
     try:
-        assert first_request(stack.playlist_url(46))[0] == 200
-        wait_for(lambda: ffmpegs_writing(stack, 46), 30, message="channel 46's FFmpeg")
+        assert first_request(stack.playlist_url(watched))[0] == 200
+        wait_for(lambda: ffmpegs_writing(stack, watched), 30, message=f"channel {watched}'s FFmpeg")
         for url in sources:
             providers.mark_source_failed(stack.redis, url, "upstream unreachable", 600)
-        first_pids = ffmpegs_writing(stack, 46)
+        first_pids = ffmpegs_writing(stack, watched)
         for pid in first_pids:
             os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: set(ffmpegs_writing(stack, 46)) - set(first_pids), 30, message="a replacement FFmpeg")
+        wait_for(lambda: set(ffmpegs_writing(stack, watched)) - set(first_pids), 30, message="a replacement FFmpeg")
         assert "every source failed within source_cooldown; trying source 1/2 again" in stack.log("launcher")
         # A cold start of another channel whose sources are all cooling: 503 at once, no FFmpeg.
-        add_channel(stack, 47, source_url=cold[0], fallback_urls=cold[1:])
+        add_channel(stack, cold_channel, source_url=cold[0], fallback_urls=cold[1:])
         for url in cold:
             providers.mark_source_failed(stack.redis, url, "upstream unreachable", 600)
-        status, _, body = first_request(stack.playlist_url(47))
+        status, _, body = first_request(stack.playlist_url(cold_channel))
         assert status == 503 and b"all 2 sources failed within source_cooldown" in body, body
     finally:
-        stack.launcher_json("/channel/46/stop", "POST")
-        stack.redis.delete(*(keys.source_failed_key(url) for url in sources + cold), keys.failed_key(47))
+        stack.launcher_json(f"/channel/{watched}/stop", "POST")
+        stack.redis.delete(*(keys.source_failed_key(url) for url in sources + cold), keys.failed_key(cold_channel))
 
 
 def test_a_stream_stopped_during_a_long_back_off_ends_then_not_when_the_back_off_is_over(
@@ -457,9 +459,9 @@ def test_a_stream_stopped_during_a_long_back_off_ends_then_not_when_the_back_off
         wait_for(long_back_off, timeout=60, message="a back-off of more than 6 s")
         until = float(stack.redis.hget(keys.run_key(channel_id), "until"))
         run_id = stack.redis.hget(keys.run_key(channel_id), "run_id")
-        assert runs.delete_run_if(stack.redis, f"{channel_id}", run_id)  # as the reaper's stop does
+        assert runs.delete_run_if(stack.redis, channel_id, run_id)  # as the reaper's stop does
         wait_for(
-            lambda: f"{channel_id}" not in {s["id"] for s in launcher.json("/streams")[1]["streams"]},
+            lambda: channel_id not in {s["id"] for s in launcher.json("/streams")[1]["streams"]},
             timeout=30,
             message="the launcher to let the stream go",
         )

@@ -7,16 +7,17 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from streamstate import keys
 from tests.conftest import REPO
 from tests.fakes.hls_origin import HLSOrigin
+from tests.fakes.listeners import KeepAliveOrigin, RecordingListener
 from tests.fakes.socks5_server import Socks5Server
 from tests.fakes.tls_relay import TLSRelay
 from tests.helpers import add_channel, ffmpegs_writing, first_request, wait_for
-from tests.test_hostile_input import RecordingListener
 
 pytestmark = pytest.mark.e2e
 
@@ -449,38 +450,6 @@ def test_an_http_proxy_that_refuses_connect_is_the_proxy_s_fault(stack):
         stack.redis.delete(keys.failed_key(787))
 
 
-class KeepAliveOrigin:
-    """An HTTP/1.1 origin on loopback answering keep-alive requests with a small body, and
-    keeping every request head it received, as received."""
-
-    def __init__(self, body: bytes):
-        import http.server
-        import threading
-
-        heads = self.heads = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                heads.append(self.requestline + "\r\n" + str(self.headers))
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_each_request_on_a_persistent_proxy_connection_is_its_own(stack):
     """Finding: the relay spliced every request after the first raw to the first upstream,
     Proxy-Authorization included.  Now each absolute-form request on one connection is
@@ -595,7 +564,10 @@ def test_at_the_client_cap_a_stranger_gives_way(stack):
         )
         assert (await asyncio.wait_for(ours[0].readuntil(b"ours\n"), 10)).startswith(b"HTTP/1.1 200")
         stranger = await asyncio.open_connection("127.0.0.1", port)
-        await asyncio.sleep(0)
+        deadline = time.monotonic() + 10
+        while len(relay.clients) < 2:  # the stranger taken in before the newcomer comes
+            assert time.monotonic() < deadline, "the relay never took the second client in"
+            await asyncio.sleep(0.01)
         newcomer = await asyncio.open_connection("127.0.0.1", port)
         assert await asyncio.wait_for(stranger[0].read(), 10) == b""  # cut
         ours[1].write(

@@ -2,12 +2,10 @@
 validator (auth_request) about every playlist request before serving the file or starting
 the channel; an unauthorised viewer gets 401/403 and starts nothing; answers are cached."""
 
-import http.server
-import threading
-
 import pytest
 
 from streamstate import keys
+from tests.fakes.validator import Validator
 from tests.helpers import add_channel, ffmpegs_writing, first_request
 
 pytestmark = pytest.mark.e2e
@@ -15,38 +13,9 @@ pytestmark = pytest.mark.e2e
 GOOD = "t0k3n-good"
 
 
-class Validator:
-    """The operator's validator on loopback: token GOOD may watch the channels in
-    ``allowed``; no token 401, any other 403.  Every call is recorded."""
-
-    def __init__(self, allowed: set[str]):
-        calls = self.calls = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                token = self.headers.get("X-Streamkeeper-Token", "")
-                channel = self.headers.get("X-Streamkeeper-Channel", "")
-                calls.append((token, channel, self.headers.get("X-Original-URI", "")))
-                status = 401 if not token else 200 if token == GOOD and channel in allowed else 403
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/validate"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def guarded(stack, rendered_nginx, tmp_path):
-    validator = Validator({"770", "771"})
+    validator = Validator({"770", "771"}, GOOD)
     nginx = rendered_nginx(
         {
             "launcher_listen": stack.settings["launcher_listen"],
@@ -77,8 +46,9 @@ def test_a_viewer_without_a_valid_token_gets_401_or_403_and_starts_nothing(stack
     assert ("stolen", "770", "/live/stream_770.m3u8?token=stolen") in validator.calls
 
 
-def test_a_valid_viewer_cold_starts_the_channel_and_the_answer_is_cached(stack, channel_id, guarded):
+def test_a_valid_viewer_cold_starts_the_channel_and_the_answer_is_cached(stack, guarded):
     nginx, validator = guarded
+    channel_id = "771"  # one of the channels the validator allows (the fixture)
     add_channel(stack, channel_id)
     status, headers, body = first_request(playlist(nginx, channel_id, f"?token={GOOD}"))
     assert status == 200 and body.startswith(b"#EXTM3U")

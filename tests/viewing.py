@@ -23,6 +23,8 @@ import threading
 import time
 import urllib.request
 
+import pytest
+
 from demo.stack import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +32,7 @@ PLAYERS_DIR = os.path.join(REPO, "tests", "players")
 SAMPLE_INTERVAL = 0.25  # seconds between samples of each player
 REBUFFER_GAP = 1.0  # a stretch without a new frame this long counts as one rebuffer
 VLC_PASSWORD = "streamkeeper"
+HLSJS_SECONDS = 15  # run_hlsjs: video.currentTime must pass this
 
 
 @dataclasses.dataclass
@@ -213,3 +216,24 @@ class Watchers:
                 "rebuffers": sum(1 for gap in gaps if gap > REBUFFER_GAP),
             }
         return result
+
+
+def run_hlsjs(mode: str, *urls: str, screenshot: str | None = None, seconds: float = HLSJS_SECONDS):
+    """hls.js in headless Chromium (tests/players/hlsjs_play.mjs): one JSON result per URL."""
+    if not os.path.isdir(os.path.join(PLAYERS_DIR, "node_modules", "hls.js")):
+        pytest.fail("tests/players/node_modules is missing (make test runs npm ci there)")
+    argv = [
+        "node",
+        os.path.join(PLAYERS_DIR, "hlsjs_play.mjs"),
+        mode,
+        *urls,
+        "--seconds",
+        str(seconds),
+        "--timeout",
+        "60",
+    ]
+    if screenshot:
+        argv += ["--screenshot", screenshot]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=90 * len(urls))
+    assert result.returncode in (0, 1), result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]

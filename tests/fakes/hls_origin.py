@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 
+from demo.upstream import pattern_encoder_argv
 from tests.helpers import wait_for
 
 
@@ -34,37 +35,7 @@ class HLSOrigin:
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         argv = [
-            shutil.which("ffmpeg") or "ffmpeg",
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-nostdin",
-            "-re",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=320x180:rate=25",
-            "-re",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440:sample_rate=48000",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-g",
-            "25",
-            "-keyint_min",
-            "25",
-            "-sc_threshold",
-            "0",
-            "-pix_fmt",
-            "yuv420p",
-            "-c:a",
-            "aac",
-            "-b:a",
-            "64k",
+            *pattern_encoder_argv(shutil.which("ffmpeg") or "ffmpeg"),
             "-f",
             "hls",
             "-hls_time",
