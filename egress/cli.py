@@ -127,8 +127,12 @@ async def _hold_lease(relay, settings, stop: asyncio.Event) -> None:
             cut,
         )
 
-    def unfence() -> None:
-        relay.unfence()
-        log.warning("lease renewed: no longer fenced; upstream connections are taken again")
+    def unfence(lapsed: bool) -> None:
+        relay.unfence(lapsed)
+        log.warning(
+            "lease %s: no longer fenced; upstream connections are taken again%s",
+            "held anew" if lapsed else "renewed",
+            " (tickets written before the fence stay void)" if lapsed and relay.fenced_at else "",
+        )
 
     await lease.keep_lease(held, stop, fence, unfence)

@@ -34,11 +34,12 @@ import collections
 import hmac
 import json
 import logging
+import time
 from urllib.parse import unquote, urlsplit
 
 import h11
 
-from streamstate import egress, keys
+from streamstate import egress, keys, lease
 from streamstate.address_policy import AddressPolicy
 from streamstate.egress import RefusalKind
 from streamstate.redact import redact_url
@@ -89,7 +90,12 @@ class EgressRelay:
         self.dialer = Dialer(settings, self.policy)  # where connections go, and who may go there
         self.upstreams: set[asyncio.StreamWriter] = set()  # every open upstream connection
         # Fenced (streamstate.lease): this host's lease lapsed, it pulls nothing until renewed.
-        self.fenced = False
+        # With fencing on, the relay starts fenced: nothing is pulled before a lease is held.
+        self.fenced = lease.fencing_on(settings)
+        # When the last fence began (epoch): a ticket written before it is void, so an FFmpeg
+        # left from before a partition does not pull again once it heals (the launcher
+        # starts a stream anew, with a new ticket, only if it is still this host's).
+        self.fenced_at = time.time() if self.fenced else 0.0
 
     # -- one client connection ---------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -227,8 +233,15 @@ class EgressRelay:
         try:
             if self.fenced:
                 raise Refused(RefusalKind.FENCED, "this host is fenced: it could not renew its Redis lease", 503)
+            if _ticket_time(ticket) < self.fenced_at:
+                raise Refused(
+                    RefusalKind.FENCED, "a ticket from before this host was fenced: the stream must start anew", 503
+                )
             self.dialer.check_provider(ticket, host, port)
             up_reader, up_writer, via = await self.dialer.connect(host, port, proxy, tunnel=tunnel, ticket=ticket)
+            if self.fenced:  # fenced while it connected: cut before a byte goes either way
+                up_writer.transport.abort()
+                raise Refused(RefusalKind.FENCED, "this host is fenced: it could not renew its Redis lease", 503)
         except Refused as refused:
             self._refused(channel_id, host, port, refused)
             await reply_refused(writer, refused)
@@ -334,8 +347,10 @@ class EgressRelay:
     # -- fencing ---------------------------------------------------------------------------
     def fence(self) -> int:
         """This host's lease lapsed: every upstream connection is cut now (the provider sees
-        them close) and new ones are refused until it is renewed; how many were cut."""
+        them close) and new ones are refused until it is renewed; every ticket written
+        before now is void; how many connections were cut."""
         self.fenced = True
+        self.fenced_at = time.time()
         cut = len(self.upstreams)
         for up_writer in list(self.upstreams):
             up_writer.transport.abort()
@@ -343,15 +358,20 @@ class EgressRelay:
         self.open.clear()
         return cut
 
-    def unfence(self) -> None:
+    def unfence(self, lapsed: bool) -> None:
+        """The lease is held again.  If it had lapsed, other hosts may have taken this host's
+        slots: the tickets written before the fence stay void.  If it never lapsed (this
+        service alone could not renew it, the key stood), nothing is void."""
         self.fenced = False
+        if not lapsed:
+            self.fenced_at = 0.0
 
     # -- the relay's own routes ----------------------------------------------------
     async def _status_route(self, writer, method: str, target: str) -> None:
         if method != "GET":
             return await reply(writer, 405, "method not allowed")
         if target == egress.CONNECTIONS_PATH:
-            body = json.dumps({"channels": dict(self.open), "counters": dict(self.counters)})
+            body = json.dumps({"channels": dict(self.open), "counters": dict(self.counters), "fenced": self.fenced})
             return await reply(writer, 200, body, {"Content-Type": "application/json"})
         if target == "/healthz":
             return await reply(writer, 200, "ok")
@@ -367,3 +387,9 @@ def _max_clients() -> int:
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return max(64, (soft - FD_RESERVE) // 2)
+
+
+def _ticket_time(ticket: dict) -> float:
+    """When the launcher wrote the ticket (epoch; 0 for a ticket that does not say)."""
+    written = ticket.get("written")
+    return float(written) if isinstance(written, (int, float)) and not isinstance(written, bool) else 0.0

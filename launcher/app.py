@@ -398,7 +398,7 @@ def make_app(settings) -> web.Application:
     app.router.add_get("/favicon.ico", status_page.no_icon)
 
     async def on_startup(app):
-        app["host_refresh"] = asyncio.create_task(launcher.refresh_host_forever())
+        app["host_refresh"] = asyncio.create_task(launcher.host_key.keep_forever())
         app["status_history"] = asyncio.create_task(status_page.record_history_forever(launcher))
 
     async def on_shutdown(app):

@@ -22,7 +22,7 @@ import functools
 import logging
 import time
 
-from streamstate import egress, files, keys, lease, providers, runs, stream_end
+from streamstate import egress, files, keys, providers, runs, stream_end
 from streamstate.channel_check import validate
 from streamstate.channels import Channel, get_channel
 from streamstate.process import (
@@ -36,6 +36,7 @@ from streamstate.streams_view import collect_streams
 from streamstate.upstreams import Upstream
 
 from .adoption import adopt_streams
+from .host_key import HostKeeper
 from .host_services import HostServices
 from .slots import ProviderSlots
 from .supervisor import StartFailed, StreamSupervisor
@@ -110,8 +111,8 @@ class Launcher:
             identity=self.identity,
         )
         self.slots = ProviderSlots(self.host_services, self.live_supervisors)
-        self.fenced = False  # this host's lease lapsed (streamstate.lease): it starts nothing
-        self._ending: set[asyncio.Task] = set()  # streams being ended by the fence (kept till done)
+        # host:<host_id>, kept alive; in a multi-host set-up this host's lease (fencing).
+        self.host_key = HostKeeper(settings, self.redis, self.redis_call, self.live_supervisors)
         self.warned: set[str] = set()  # warnings given once per process
         # channel -> until when (monotonic) its refusals in failed_cooldown go unlogged
         self.warned_cooldowns: dict[str, float] = {}
@@ -152,7 +153,7 @@ class Launcher:
         never runs), StartFailed (with the reason).
         """
         channel_id = keys.check_channel_id(channel_id)
-        if self.fenced:
+        if self.host_key.fenced:
             raise HostFenced("host fenced: its Redis lease lapsed")
         timeout = self.settings.start_timeout
         supervisor = self.active_supervisor(channel_id)
@@ -225,6 +226,8 @@ class Launcher:
             try:
                 async with self._capacity:
                     await self._make_room(channel_id)
+                    if self.host_key.fenced:  # fenced while this start waited: it must not run
+                        raise HostFenced("host fenced: its Redis lease lapsed")
                     supervisor = StreamSupervisor(self.host_services, channel, upstream, run_id=run_id)
                     self.supervisors[channel_id] = supervisor
                     self.counters["starts"] += 1
@@ -382,43 +385,6 @@ class Launcher:
         await asyncio.gather(
             *(s.stop(reason) for s in list(self.supervisors.values()) if not s.finished), return_exceptions=True
         )
-
-    async def refresh_host_forever(self) -> None:
-        """Keep host:<host_id> alive, so other hosts' reapers leave this host's records alone.
-        In a multi-host set-up it is this host's lease (streamstate.lease): once it lapses,
-        every stream here ends without a word to Redis and no start is taken until it is
-        renewed; the streams ended stay ended (a viewer's next request starts a channel on
-        whichever host then serves it)."""
-        if lease.fencing_on(self.settings):
-            held = lease.HostLease(self.redis, self.settings.host_id, self.settings.host_timeout)
-            await lease.keep_lease(held, asyncio.Event(), self._fence, self._unfence)
-            return
-        interval = max(1.0, self.settings.reaper_interval / 2)
-        while True:
-            try:
-                await self.redis_call(runs.refresh_host, self.settings.host_id, self.settings.host_timeout)
-            except Exception as exc:  # noqa: BLE001 - retried next time
-                log.warning("cannot refresh host key: %s", exc)
-            await asyncio.sleep(interval)
-
-    def _fence(self, age: float | None) -> None:
-        self.fenced = True
-        live = self.live_supervisors()
-        log.error(
-            "fenced: this host's Redis lease was not renewed for %s (fence after %g s); ending its %d stream(s) "
-            "and taking no start until it is renewed",
-            "its whole start" if age is None else f"{age:.1f} s",
-            lease.fence_after(self.settings.host_timeout),
-            len(live),
-        )
-        for supervisor in live:
-            task = asyncio.create_task(supervisor.end_fenced(), name=f"fence-{supervisor.id}")
-            self._ending.add(task)
-            task.add_done_callback(self._ending.discard)
-
-    def _unfence(self) -> None:
-        self.fenced = False
-        log.warning("lease renewed: no longer fenced; starts are taken again (the streams ended stay ended)")
 
     async def adopt_streams(self) -> dict[str, int]:
         """At start-up: this host's streams a previous launcher ran (launcher.adoption)."""

@@ -24,6 +24,11 @@ class Diagnosis:
     last_error: str  # the class and the line that says so, redacted, for operators
 
 
+# What a relay's refusal says about the source: a proxy that cannot be used, or a host that
+# is fenced, is not the source's fault (another source would fare no better).
+_REFUSAL_CAUSE = {RefusalKind.PROXY: Cause.PROXY, RefusalKind.FENCED: Cause.FENCED}
+
+
 def relay_refused(state_dir: str, channel_id: str, since: float) -> bool:
     """The relay refused one of the run's connections since it started (an address, a
     proxy): the run ends with that reason, even where FFmpeg would carry on (its HLS demuxer
@@ -47,9 +52,7 @@ def diagnose(
     refusal = egress.read_refusal(state_dir, channel_id, since)
     if refusal is not None:
         failure = refusal.kind.text
-        return Diagnosis(
-            Cause.PROXY if refusal.kind is RefusalKind.PROXY else Cause.REFUSED, failure, f"{failure}: {refusal.reason}"
-        )
+        return Diagnosis(_REFUSAL_CAUSE.get(refusal.kind, Cause.REFUSED), failure, f"{failure}: {refusal.reason}")
     if log_path is None:
         return Diagnosis(cause, otherwise, otherwise)
     found = classify_failure(files.log_tail(log_path, STDERR_LINES, since=LOG_MARK), source)

@@ -10,6 +10,7 @@ import asyncio
 import errno
 import logging
 import os
+import signal
 import time
 from typing import Awaitable, Callable
 
@@ -107,6 +108,11 @@ class FfmpegRun:
             return True
         self.set_failure(Cause.RELAY_DOWN, f"nothing answers on {self.settings.egress_listen}")
         return False
+
+    async def relay_fenced(self) -> bool:
+        """The relay refuses every connection: this host's lease lapsed (streamstate.lease)."""
+        fenced = await asyncio.to_thread(egress.relay_fenced, self.settings.egress_listen, egress.RELAY_CHECK_TIMEOUT)
+        return fenced is not False  # a relay that does not answer is no better
 
     async def _prepare(self, source: str, start_number: int) -> tuple[list[str], dict[str, str]]:
         """FFmpeg's argv and environment for one source: a fresh egress ticket, and the
@@ -283,16 +289,19 @@ class FfmpegRun:
         self.cause, self.failure, self.last_error = found.cause, found.failure, found.last_error
 
     # -- stopping -----------------------------------------------------------------------
-    async def terminate(self) -> None:
+    async def terminate(self, *, at_once: bool = False) -> None:
         """This FFmpeg, stopped (a replacement follows): SIGTERM through a pidfd held on the
-        proven process, SIGKILL after the grace; then the child is reaped and its last
-        segments published."""
+        proven process, SIGKILL after the grace (``at_once``: SIGKILL now, its connection must
+        close before anything else); then the child is reaped and its last segments published."""
         process = self.process
         if process is None:
             return
         if process.returncode is None:
             handle = ProcessHandle.open_proven(process.pid, self.host.identity(self.id, self.pid_start))
-            if handle is not None and not await stop_with_grace(process, handle, self.settings.stop_grace):
+            if handle is not None and at_once:
+                with handle:
+                    handle.signal(signal.SIGKILL)
+            elif handle is not None and not await stop_with_grace(process, handle, self.settings.stop_grace):
                 log.warning("channel %s: FFmpeg ignored SIGTERM for %g s; SIGKILL", self.id, self.settings.stop_grace)
             await process.wait()
         self.publisher.publish()

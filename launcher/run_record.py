@@ -39,6 +39,7 @@ class RunRecordKeeper:
         run_id: str,
         redis_call: Callable[..., Awaitable[Any]],
         now: Callable[[], runs.RunRecord | None],
+        start_timeout: float,
         slot_limit: int = 0,
         start_grace: float = 0.0,
     ):
@@ -46,6 +47,7 @@ class RunRecordKeeper:
         ``slot_limit``: its provider's max_streams (0: none), ``start_grace`` as for slots."""
         self.channel_id, self.run_id = channel_id, run_id
         self._call, self._now = redis_call, now
+        self._start_timeout = start_timeout
         self._slot_limit, self._start_grace = slot_limit, start_grace
         self.written_to: str | None = None  # the Redis server (its run_id) the record went to
 
@@ -59,6 +61,35 @@ class RunRecordKeeper:
         if record is not None:
             await self._call(runs.record_run, record)
             await self.note_server()
+
+    async def ffmpeg_started(self, first: bool) -> None:
+        """The run's new FFmpeg: the record written whole at the run's first, else its
+        FFmpeg's fields (pid, start time, source, restarts, last error, the promise)."""
+        if first and self.written_to is None:
+            await self.write()
+            return
+        record = self._now()
+        if record is not None:
+            await self.update(
+                pid=record.pid,
+                pid_start=record.pid_start or "",
+                state=RunState.STARTING,
+                restarts=record.restarts,
+                last_error=record.last_error,
+                source=record.source,
+                until=f"{promised_until(RunState.STARTING, self._start_timeout):.3f}",
+            )
+
+    async def follow(self, state: RunState, until: float | None, restarts: int, last_error: str) -> None:
+        """The record follows the run's new state (states past its end are not kept: its keys
+        go with the stop); ``until``: the promise, by default the state's own; a back-off
+        also says how many restarts so far, and why."""
+        if state not in (*runs.VOUCHED_STATES, RunState.STOPPING) or self.written_to is None:
+            return
+        if state in (RunState.STARTING, RunState.RUNNING) and until is None:
+            until = promised_until(state, self._start_timeout)
+        fields = {"restarts": restarts, "last_error": last_error} if state is RunState.BACKOFF else {}
+        await self.update(state=state, until=f"{until:.3f}" if until else "", **fields)
 
     async def update(self, **fields) -> None:
         """Keep the record current; a Redis error is logged, never fatal to the stream."""

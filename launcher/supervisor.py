@@ -87,6 +87,7 @@ class StreamSupervisor:
         self._changed = asyncio.Condition()
         self._task: asyncio.Task | None = None
         self._stop_requested = False
+        self._ending = False  # in the stop routine (_end): it finishes, even when fenced
         # The stream's FFmpeg, one at a time, and why the last one ended.
         self.ffmpeg = FfmpegRun(
             host, channel, upstream, self.publisher, self.slot_provider, lambda: self._stop_requested
@@ -106,6 +107,7 @@ class StreamSupervisor:
             self.run_id,
             host.redis_call,
             self._record_now,
+            start_timeout=self.settings.start_timeout,
             slot_limit=provider.max_streams if provider is not None else 0,
             start_grace=self.settings.start_timeout + STATE_SLACK,
         )
@@ -278,7 +280,7 @@ class StreamSupervisor:
         return True
 
     async def _wait_for_host(self, why: str) -> bool:
-        """A problem of this host, not of the stream (the egress relay down, hls_dir full):
+        """A problem of this host, not of the stream (the egress relay down or fenced, hls_dir full):
         wait in backoff, spending no restart, until it is gone; then starting (True).  A full
         disk that stays full past the freeze limit fails the stream."""
         cause = self.ffmpeg.cause
@@ -290,6 +292,8 @@ class StreamSupervisor:
         while not self._stop_requested:
             await self._set_state(RunState.BACKOFF, until=time.time() + WANTED_EVERY + STATE_SLACK)
             if cause is Cause.RELAY_DOWN and await self.ffmpeg.relay_answers():
+                break
+            if cause is Cause.FENCED and not await self.ffmpeg.relay_fenced():
                 break
             if cause is Cause.DISK_FULL and (files.free_mb(self.settings.hls_dir) or 0) >= max(
                 1, self.settings.min_free_mb
@@ -314,7 +318,7 @@ class StreamSupervisor:
         if not self.ffmpeg.failure:
             self.ffmpeg.note_failure("FFmpeg did not produce a playable stream")
         log.error("channel %s: failed: %s", self.id, why or self.ffmpeg.last_error or "unknown error")
-        if self.ffmpeg.cause is not Cause.RELAY_DOWN:  # the host's problem: the channel is not cooled down
+        if self.ffmpeg.cause not in (Cause.RELAY_DOWN, Cause.FENCED):  # the host's: no cooldown for the channel
             try:
                 await self.host.redis_call(
                     runs.mark_failed, self.id, self.ffmpeg.failure, self.settings.host_id, self.settings.failed_cooldown
@@ -363,18 +367,7 @@ class StreamSupervisor:
         start_number = await self.ffmpeg.spawn(source, replacing=not first, restarts=self.restarts)
         if start_number is None:
             return False
-        if first and self.record.written_to is None:
-            await self.record.write()
-        else:
-            await self.record.update(
-                pid=self.ffmpeg.child.pid,
-                pid_start=self.ffmpeg.pid_start or "",
-                state=RunState.STARTING,
-                restarts=self.restarts,
-                last_error=self.ffmpeg.last_error,
-                source=redact_url(source),
-                until=f"{promised_until(RunState.STARTING, self.settings.start_timeout):.3f}",
-            )
+        await self.record.ffmpeg_started(first)
         log.info(
             "channel %s: FFmpeg started (pid %s, quality %s, source %s%s, first segment %d)",
             self.id,
@@ -414,12 +407,16 @@ class StreamSupervisor:
         has expired; this host's reaper does when it can): its FFmpeg stopped, its files
         gone, and nothing restarts it."""
         self._stop_requested = True
-        self._detaching = True  # the cancelled run does not go through the stop routine (Redis)
         self.publisher.close()
-        if self._task is not None and not self._task.done() and self._task is not asyncio.current_task():
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=self.settings.stop_grace + 5)
-        await self.ffmpeg.terminate()
+        await self.ffmpeg.terminate(at_once=True)  # its provider connection closes first
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task() and not self._ending:
+            self._detaching = True  # the cancelled run does not go through the stop routine (Redis)
+            task.cancel()
+            await asyncio.wait({task}, timeout=self.settings.stop_grace + 5)
+        # One the run had started meanwhile; a run already in its stop routine finishes it
+        # (and counts as running until then, so no new start here can meet its deletes).
+        await self.ffmpeg.terminate(at_once=True)
         files.delete_stream_files(self.settings.hls_dir, self.id)
         async with self._changed:
             self.state = RunState.STOPPED
@@ -436,6 +433,7 @@ class StreamSupervisor:
     async def _end(self, state: RunState, why: str, *, signal: bool) -> None:
         """The run is over: the one stop routine (streamstate.stream_end) in a thread, then
         the child reaped and the state set."""
+        self._ending = True
         self.publisher.close()  # its files go now: the session is over
         process = self.ffmpeg.running_process() if signal else None
         target = stream_end.StopTarget(
@@ -469,10 +467,4 @@ class StreamSupervisor:
         async with self._changed:
             self.state = state
             self._changed.notify_all()
-        if state in (*runs.VOUCHED_STATES, RunState.STOPPING) and self.record.written_to is not None:
-            if state in (RunState.STARTING, RunState.RUNNING) and until is None:
-                until = promised_until(state, self.settings.start_timeout)
-            fields = (
-                {"restarts": self.restarts, "last_error": self.ffmpeg.last_error} if state is RunState.BACKOFF else {}
-            )
-            await self.record.update(state=state, until=f"{until:.3f}" if until else "", **fields)
+        await self.record.follow(state, until, self.restarts, self.ffmpeg.last_error)

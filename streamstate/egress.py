@@ -150,6 +150,23 @@ def read_refusal(state_dir: str, channel_id: str, since: float) -> Refusal | Non
 def open_connections(egress_listen: str, timeout: float = 2.0) -> dict[str, int] | None:
     """Upstream connections the relay holds open, per channel; None if it does not answer.
     (Blocking, bounded by ``timeout``: async callers run it in a thread.)"""
+    data = relay_status(egress_listen, timeout)
+    try:
+        return None if data is None else {str(k): int(v) for k, v in data.get("channels", {}).items()}
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def relay_fenced(egress_listen: str, timeout: float = 2.0) -> bool | None:
+    """The relay refuses every connection because this host's lease lapsed (streamstate.lease);
+    None if it does not answer."""
+    data = relay_status(egress_listen, timeout)
+    return None if data is None else data.get("fenced") is True
+
+
+def relay_status(egress_listen: str, timeout: float = 2.0) -> dict | None:
+    """The relay's GET /connections answer (channels, counters, fenced); None if it does not
+    answer with one."""
     host, _, port = egress_listen.rpartition(":")
     deadline = time.monotonic() + timeout
     received = b""
@@ -166,9 +183,9 @@ def open_connections(egress_listen: str, timeout: float = 2.0) -> dict[str, int]
         if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n", 1)[0] + b" ":
             return None
         data = json.loads(body)
-        return {str(k): int(v) for k, v in data.get("channels", {}).items()}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def wait_closed(egress_listen: str, channel_id: str, timeout: float) -> bool:

@@ -11,10 +11,10 @@ else can take a slot, and a Redis outage must not stop a watched stream."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
+import uuid
 from typing import Callable
-
-import redis
 
 from . import runs
 
@@ -23,7 +23,7 @@ RENEW_SHARE = 5
 # Fenced after host_timeout / FENCE_SHARE without a renewal: the rest of host_timeout is the
 # margin in which this host's connections close before any other host can see the lease gone.
 FENCE_SHARE = 2
-FENCE_CHECK = 0.25  # seconds between looks at the clock: how late past the fence a cut may come
+FENCE_CHECK = 0.25  # seconds between looks at the clock at most: how late past the fence a cut may come
 
 
 def renew_interval(host_timeout: float) -> float:
@@ -40,20 +40,28 @@ def fencing_on(settings) -> bool:
 
 
 class HostLease:
-    """The lease as one service holds it.  ``renew`` is blocking (a Redis call: run it in a
-    thread); ``fenced`` only reads the clock, so a hung Redis call cannot delay it."""
+    """The lease as one service holds it.  ``renew`` is blocking (a Redis call: keep_lease runs
+    it in a thread of its own); ``fenced`` only reads the clock, so a hung Redis call cannot
+    delay it."""
 
     def __init__(self, client, host_id: str, host_timeout: float, clock: Callable[[], float] = time.monotonic):
         self.client, self.host_id, self.host_timeout = client, host_id, host_timeout
         self.clock = clock
         self.confirmed: float | None = None  # when the last successful renewal was sent (clock)
+        self.held: str | None = None  # the lease's id at the last renewal
+        # The last renewal found the lease lapsed (the key had expired, or it never held
+        # one): other hosts may have taken this host's slots meanwhile.
+        self.lapsed = True
 
     def renew(self) -> bool:
         sent = self.clock()
+        candidate = uuid.uuid4().hex
         try:
-            runs.refresh_host(self.client, self.host_id, self.host_timeout)
-        except redis.RedisError:
+            lease_id = runs.refresh_host(self.client, self.host_id, self.host_timeout, candidate)
+        except Exception:  # noqa: BLE001 - any failure to renew brings the fence nearer, nothing else
             return False
+        self.lapsed = lease_id == candidate or (self.held is not None and lease_id != self.held)
+        self.held = lease_id
         self.confirmed = max(self.confirmed or sent, sent)
         return True
 
@@ -67,23 +75,43 @@ class HostLease:
 
 
 async def keep_lease(
-    lease: HostLease, stopping: asyncio.Event, fence: Callable[[float | None], None], unfence: Callable[[], None]
+    lease: HostLease,
+    stopping: asyncio.Event,
+    fence: Callable[[float | None], None],
+    unfence: Callable[[bool], None],
 ) -> None:
-    """Hold the lease until ``stopping``: renewed on its cadence in a thread (a hung Redis
-    call delays no look at the clock), the clock looked at every FENCE_CHECK: ``fence(age)``
-    once the lease lapses, ``unfence()`` once it is renewed again."""
-    await asyncio.to_thread(lease.renew)  # a service that starts without its lease pulls nothing
-    next_renewal = time.monotonic() + renew_interval(lease.host_timeout)
+    """Hold the lease until ``stopping``.  The service starts fenced (nothing is pulled before
+    a lease is held): ``unfence(lapsed)`` once a renewal succeeds (``lapsed``: the lease had
+    expired, so whatever was allowed before is void), ``fence(age)`` once it lapses again,
+    or if no renewal succeeds within fence_after of the start.  Renewals run on their
+    cadence in a thread of their own (a busy shared pool or a hung Redis call delays no
+    renewal of another and no look at the clock); the clock is read every FENCE_CHECK."""
+    loop = asyncio.get_running_loop()
+    renewer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lease")
+    started = time.monotonic()
+    next_renewal = started
     renewing: asyncio.Future | None = None
-    fenced = False
-    while not stopping.is_set():
-        if (renewing is None or renewing.done()) and time.monotonic() >= next_renewal:
-            renewing = asyncio.ensure_future(asyncio.to_thread(lease.renew))
-            next_renewal = time.monotonic() + renew_interval(lease.host_timeout)
-        if lease.fenced() != fenced:
-            fenced = not fenced
-            fence(lease.age()) if fenced else unfence()
-        try:
-            await asyncio.wait_for(stopping.wait(), FENCE_CHECK)
-        except asyncio.TimeoutError:
-            pass
+    fenced, announced = True, False  # announced: fence() was called for this lapse
+    try:
+        while not stopping.is_set():
+            if (renewing is None or renewing.done()) and time.monotonic() >= next_renewal:
+                renewing = loop.run_in_executor(renewer, lease.renew)
+                next_renewal = time.monotonic() + renew_interval(lease.host_timeout)
+            lapsed = lease.fenced()
+            if fenced and not lapsed:
+                fenced, announced = False, False
+                unfence(lease.lapsed)
+            elif (
+                lapsed
+                and not announced
+                and (not fenced or time.monotonic() - started >= fence_after(lease.host_timeout))
+            ):
+                fenced, announced = True, True
+                fence(lease.age())
+            look = min(FENCE_CHECK, fence_after(lease.host_timeout) / 4)
+            try:
+                await asyncio.wait_for(stopping.wait(), max(0.0, min(look, next_renewal - time.monotonic())))
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        renewer.shutdown(wait=False)

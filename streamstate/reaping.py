@@ -297,8 +297,8 @@ class Reaper:
                 },
             )
             pipe.hincrby(keys.reaper_last_pass_key(self.host), "passes", 1)
-            pipe.set(keys.host_key(self.host), f"{time.time():.3f}", px=int(self.settings.host_timeout * 1000))
             pipe.execute()
+            runs.refresh_host(self.redis, self.host, self.settings.host_timeout)
         except redis.RedisError as exc:
             log.error("could not record the pass in redis: %s", exc)
 

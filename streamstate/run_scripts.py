@@ -101,3 +101,17 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+# KEYS: host:<id>; ARGV: ttl (ms), a new lease id.  The host's key renewed for ttl, keeping the
+# id it holds (the lease held without a lapse); a key that had expired starts a new lease
+# under the new id.  Returns the id the key holds now.
+RENEW_HOST_LUA = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local id = kind == 'string' and redis.call('GET', KEYS[1]) or false
+if not id or #id > 64 then
+  id = ARGV[2]
+end
+redis.call('SET', KEYS[1], id, 'PX', ARGV[1])
+return id
+"""

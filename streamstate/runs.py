@@ -310,9 +310,13 @@ def mark_stopping_in(pipeline, client, channel: str, run_id: str):
     )
 
 
-def refresh_host(client, host_id: str, ttl_seconds: float, *, now: float | None = None) -> None:
-    """This host is alive: other hosts' reapers leave its records alone."""
-    client.set(keys.host_key(host_id), f"{time.time() if now is None else now:.3f}", px=int(ttl_seconds * 1000))
+def refresh_host(client, host_id: str, ttl_seconds: float, new_id: str | None = None) -> str:
+    """This host is alive for ttl_seconds more: other hosts' reapers leave its records alone.
+    Returns the lease's id: the one the key held while it never lapsed, else ``new_id`` (a
+    new lease; streamstate.lease)."""
+    script = registered_script(client, "renew_host", run_scripts.RENEW_HOST_LUA)
+    args = [int(ttl_seconds * 1000), new_id or uuid.uuid4().hex]
+    return text(script(keys=[keys.host_key(host_id)], args=args)) or ""
 
 
 def last_access_times(client, channels: list[str]) -> list[float | None]:

@@ -51,6 +51,7 @@ class Cause(enum.Enum):
     RELAY_DOWN = "relay down"  # the egress relay does not answer
     DISK_FULL = "disk full"  # hls_dir is full
     LAUNCHER = "launcher error"
+    FENCED = "fenced"  # the relay refused: this host's lease lapsed (streamstate.lease)
 
     @property
     def text(self) -> str:
@@ -59,11 +60,11 @@ class Cause(enum.Enum):
         return _CAUSE_TEXT.get(self, self.value)
 
 
-_CAUSE_TEXT = {Cause.RELAY_DOWN: "egress relay unavailable"}
+_CAUSE_TEXT = {Cause.RELAY_DOWN: "egress relay unavailable", Cause.FENCED: "host fenced: its Redis lease lapsed"}
 
 
 # Causes that say nothing about the source: another source would not do better.
-NOT_THE_SOURCE = frozenset({Cause.RELAY_DOWN, Cause.DISK_FULL, Cause.LAUNCHER, Cause.PROXY})
+NOT_THE_SOURCE = frozenset({Cause.RELAY_DOWN, Cause.DISK_FULL, Cause.LAUNCHER, Cause.PROXY, Cause.FENCED})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,7 @@ def after_exit(
     """
     if not wanted:
         return Step(Next.STOP, why="no longer wanted (its record was stopped or replaced)")
-    if cause in (Cause.RELAY_DOWN, Cause.DISK_FULL):
+    if cause in (Cause.RELAY_DOWN, Cause.DISK_FULL, Cause.FENCED):
         return Step(Next.WAIT, why=cause.value)
     if not ever_playable:
         return Step(Next.FAIL, why="never became playable")

@@ -250,6 +250,7 @@ def test_a_cut_or_hostile_playlist_yields_only_whole_entries():
         (Cause.SOURCE, False, True, 0, Next.FAIL, 0.0),  # never playable
         (Cause.RELAY_DOWN, True, True, 4, Next.WAIT, 0.0),  # the host's problem: no restart spent
         (Cause.DISK_FULL, True, True, 0, Next.WAIT, 0.0),
+        (Cause.FENCED, False, True, 0, Next.WAIT, 0.0),  # the host is fenced: the source is not to blame
         (Cause.EXITED, True, False, 0, Next.STOP, 0.0),  # nobody wants it
     ],
 )

@@ -69,11 +69,20 @@ def open_stream_through(relay, url: str) -> http.client.HTTPConnection:
     return connection
 
 
+def _request_with_ticket(relay, channel: str, token: str, url: str) -> http.client.HTTPResponse:
+    connection = http.client.HTTPConnection("127.0.0.1", relay["port"], timeout=20)
+    auth = "Basic " + base64.b64encode(f"{channel}:{token}".encode()).decode()
+    connection.request("GET", url, headers={"Proxy-Authorization": auth})
+    return connection.getresponse()
+
+
 def test_a_partitioned_host_cuts_its_provider_connections_before_its_lease_expires(
     partitioned_relay, provider, redis_client
 ):
     relay = partitioned_relay
     wait_for(lambda: redis_client.exists(keys.host_key("hostB")), message="hostB's lease in Redis")
+    # A relay starts fenced; it says when it holds the lease (the line follows the change).
+    wait_for(lambda: b"no longer fenced" in relay["log"].read_bytes(), message="the relay to hold the lease")
     connection = open_stream_through(relay, provider.url("alice"))
     wait_for(lambda: provider.open_count("alice") == 1, message="the stream's connection at the provider")
 
@@ -103,10 +112,23 @@ def test_a_partitioned_host_cuts_its_provider_connections_before_its_lease_expir
     assert answer.status == 503 and answer.getheader("X-Streamkeeper-Refused") == "fenced"
 
     relay["forwarder"].heal()
-    wait_for(lambda: b"no longer fenced" in relay["log"].read_bytes(), timeout=3 * HOST_TIMEOUT, message="unfenced")
+    # Unfenced once at its start (a service starts fenced), and again now.
+    wait_for(
+        lambda: relay["log"].read_bytes().count(b"no longer fenced") == 2, timeout=3 * HOST_TIMEOUT, message="unfenced"
+    )
     wait_for(lambda: redis_client.exists(keys.host_key("hostB")), message="hostB's lease renewed")
-    # Healed, it pulls nothing of its own accord: the cut stream stays closed.
+    # Healed, it pulls nothing of its own accord: the cut stream stays closed, and its ticket,
+    # written before the lease lapsed, is void (an FFmpeg left from before cannot pull again).
     assert provider.open_count("alice") == 0 and provider.max_concurrent.get("alice", 0) == 1
+    stale = _request_with_ticket(
+        relay, "9001", egress.read_ticket(relay["state_dir"], "9001")["token"], provider.url("alice")
+    )
+    assert stale.status == 503 and stale.getheader("X-Streamkeeper-Refused") == "fenced"
+    # A stream started anew (a new ticket, written by a launcher that still holds it) pulls.
+    fresh = _request_with_ticket(
+        relay, "9003", egress.write_ticket(relay["state_dir"], "9003", None), provider.url("carol")
+    )
+    assert fresh.status == 200
     assert provider.violations == []
     connection.close()
     refused.close()
@@ -139,6 +161,8 @@ def test_a_partitioned_launcher_ends_its_streams_takes_no_start_and_restarts_not
     partitioned_host, channel_id
 ):
     stack, forwarder = partitioned_host
+    for part in ("launcher", "egress"):  # a service starts fenced, until its lease is held
+        wait_for(lambda: "no longer fenced" in stack.log(part), message=f"{part} to hold the lease")
     add_channel(stack, channel_id)
     assert first_request(stack.playlist_url(channel_id))[0] == 200
     assert len(ffmpegs_writing(stack, channel_id)) == 1
@@ -153,6 +177,8 @@ def test_a_partitioned_launcher_ends_its_streams_takes_no_start_and_restarts_not
 
     wait_for(ended, timeout=3 * HOST_TIMEOUT, message="the fenced host's FFmpeg to end")
     assert ended_while_leased == [True]
+    playlist = os.path.join(stack.hls_dir, f"stream_{channel_id}.m3u8")
+    wait_for(lambda: not os.path.exists(playlist), message="the fenced stream's files to go")
     assert "fenced: this host's Redis lease was not renewed" in stack.log("launcher")
     # A start asked of the launcher: refused, 421 (this host cannot answer), with the reason.
     status, answer = stack.launcher_json(f"/channel/{channel_id}/start")
@@ -162,7 +188,64 @@ def test_a_partitioned_launcher_ends_its_streams_takes_no_start_and_restarts_not
         first_request(stack.playlist_url(channel_id))
     forwarder.heal()
     for part in ("launcher", "egress"):
-        wait_for(lambda: "no longer fenced" in stack.log(part), timeout=3 * HOST_TIMEOUT, message=f"{part} unfenced")
+        wait_for(  # once at its start (a service starts fenced), and again now
+            lambda: stack.log(part).count("no longer fenced") == 2, timeout=3 * HOST_TIMEOUT, message=f"{part} unfenced"
+        )
     # Nothing of the fenced host's own accord: the stream it ended is not started again.
     assert ffmpegs_writing(stack, channel_id) == []
     assert first_request(stack.playlist_url(channel_id))[0] == 200  # a viewer's request starts it
+
+
+def test_a_connection_being_set_up_when_the_fence_comes_is_cut_and_refused(tmp_path):
+    """Attack finding: the relay checked the fence before connecting and counted the
+    connection only after, so one that was connecting when the fence came slipped through."""
+    import asyncio
+
+    from egress.relay import EgressRelay
+    from streamstate.settings import load_settings
+
+    config = tmp_path / "relay.toml"
+    values = {"state_dir": str(tmp_path), "upstream_allow": ["127.0.0.0/8"], "hosts": ["127.0.0.1:1", "127.0.0.1:2"]}
+    config.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in values.items()))
+    settings = load_settings(str(config), environ={})
+
+    async def scenario():
+        async def origin(reader, writer):  # sends for as long as it is connected
+            try:
+                while True:
+                    writer.write(b"x" * 100)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+            except (ConnectionError, OSError):
+                pass
+
+        origin_server = await asyncio.start_server(origin, "127.0.0.1", 0)
+        relay = EgressRelay(settings)
+        relay.unfence(lapsed=False)  # a lease is held
+        connecting, go_on = asyncio.Event(), asyncio.Event()
+        real_connect = relay.dialer.connect
+
+        async def slow_connect(*args, **kwargs):  # DNS, TCP, a proxy's handshake taking a while
+            connecting.set()
+            await go_on.wait()
+            return await real_connect(*args, **kwargs)
+
+        relay.dialer.connect = slow_connect
+        relay_server = await asyncio.start_server(relay.handle, "127.0.0.1", 0)
+        token = egress.write_ticket(str(tmp_path), "77", None)
+        auth = base64.b64encode(f"77:{token}".encode()).decode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay_server.sockets[0].getsockname()[1])
+        target = f"127.0.0.1:{origin_server.sockets[0].getsockname()[1]}"
+        writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
+        await asyncio.wait_for(connecting.wait(), 10)
+        relay.fence()  # the lease lapses while the connection is being set up
+        go_on.set()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.close()
+        relay_server.close()
+        origin_server.close()
+        return head, dict(relay.open), len(relay.upstreams)
+
+    head, open_counts, upstreams = asyncio.run(scenario())
+    assert head.startswith(b"HTTP/1.1 503") and b"X-Streamkeeper-Refused: fenced" in head
+    assert open_counts == {} and upstreams == 0

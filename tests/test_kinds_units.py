@@ -45,6 +45,18 @@ def test_a_proxy_that_cannot_be_used_is_not_the_source_s_fault():
     assert Cause.PROXY in NOT_THE_SOURCE and Cause.REFUSED not in NOT_THE_SOURCE
 
 
+def test_a_relay_fenced_by_the_lease_is_the_host_s_problem_not_the_source_s(tmp_path):
+    """Attack finding: the relay's FENCED refusal was read as the source refusing (cooldowns,
+    a failed channel).  It is the host's problem: wait, blame nothing."""
+    from launcher.diagnosis import diagnose
+
+    os.makedirs(egress.ticket_dir(str(tmp_path)))
+    egress.record_refusal(str(tmp_path), "9", RefusalKind.FENCED, "this host is fenced")
+    found = diagnose(str(tmp_path), "9", 0, None, "http://x/a.ts", "FFmpeg exited", Cause.SOURCE)
+    assert found.cause is Cause.FENCED and Cause.FENCED in NOT_THE_SOURCE
+    assert found.failure == RefusalKind.FENCED.text
+
+
 def test_a_full_disk_is_known_by_its_kind_not_its_text():
     found = classify_failure(["[segment @ 0x1] Failed to write: No space left on device"])
     assert found.disk_full and found.text == Cause.DISK_FULL.text

@@ -1,0 +1,70 @@
+"""This host's key in Redis (host:<host_id>), kept alive so other hosts' reapers leave its
+records alone; in a multi-host set-up it is the host's lease (streamstate.lease), and a
+lease that lapses fences the launcher: its streams end, and it takes no start until the
+lease is renewed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
+
+from streamstate import lease, runs
+
+from .supervisor import StreamSupervisor
+
+log = logging.getLogger("streamkeeper.launcher")
+
+
+class HostKeeper:
+    def __init__(
+        self,
+        settings,
+        redis,
+        redis_call: Callable[..., Awaitable[Any]],
+        live_supervisors: Callable[[], list[StreamSupervisor]],
+    ):
+        self.settings, self._redis, self._redis_call, self._live = settings, redis, redis_call, live_supervisors
+        # The lease lapsed, or is not held yet: this host starts nothing.
+        self.fenced = lease.fencing_on(settings)
+        self._ending: set[asyncio.Task] = set()  # streams being ended by the fence (kept till done)
+
+    async def keep_forever(self) -> None:
+        """Keep host:<host_id> alive, so other hosts' reapers leave this host's records alone.
+        In a multi-host set-up it is this host's lease (streamstate.lease): once it lapses,
+        every stream here ends without a word to Redis and no start is taken until it is
+        renewed; the streams ended stay ended (a viewer's next request starts a channel on
+        whichever host then serves it)."""
+        if lease.fencing_on(self.settings):
+            held = lease.HostLease(self._redis, self.settings.host_id, self.settings.host_timeout)
+            await lease.keep_lease(held, asyncio.Event(), self._fence, self._unfence)
+            return
+        interval = max(1.0, self.settings.reaper_interval / 2)
+        while True:
+            try:
+                await self._redis_call(runs.refresh_host, self.settings.host_id, self.settings.host_timeout)
+            except Exception as exc:  # noqa: BLE001 - retried next time
+                log.warning("cannot refresh host key: %s", exc)
+            await asyncio.sleep(interval)
+
+    def _fence(self, age: float | None) -> None:
+        self.fenced = True
+        live = self._live()
+        log.error(
+            "fenced: this host's Redis lease was not renewed for %s (fence after %g s); ending its %d stream(s) "
+            "and taking no start until it is renewed",
+            "its whole start" if age is None else f"{age:.1f} s",
+            lease.fence_after(self.settings.host_timeout),
+            len(live),
+        )
+        for supervisor in live:
+            task = asyncio.create_task(supervisor.end_fenced(), name=f"fence-{supervisor.id}")
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
+
+    def _unfence(self, lapsed: bool) -> None:
+        self.fenced = False
+        log.warning(
+            "lease %s: no longer fenced; starts are taken again (streams ended by the fence stay ended)",
+            "held anew" if lapsed else "renewed",
+        )
