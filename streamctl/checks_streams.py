@@ -9,10 +9,12 @@ import re
 import stat
 import time
 
-from streamstate import files, hls, keys, providers, runs
+from streamstate import files, hls, keys, lease, providers, runs
 from streamstate.reap_rules import ActionKind
 from streamstate.reaping import Reaper, RedisUnavailable
+from streamstate.redact import printable
 from streamstate.runs import RunState
+from streamstate.streams_view import collect_streams, hosts_view
 
 from .checks_common import (
     FAIL,
@@ -172,4 +174,36 @@ def _playlist_checks(settings) -> list[Check]:
                 f"if the launcher is down (its check above), start it; else {fix}"
             )
             found.append(Check(FAIL, f"channel {channel}", why))
+    return found
+
+
+def check_hosts(client, settings) -> list[Check]:
+    """Every host of the cluster: alive (its lease standing) and how fresh its lease is, its
+    streams and slots.  This host without a lease in a multi-host set-up fails (it is fenced:
+    it pulls nothing); another host gone with streams recorded is a warning (the reapers
+    clear them once its lease has expired; its channels start elsewhere meanwhile)."""
+    found = []
+    for host in hosts_view(client, settings, collect_streams(client, settings, {})["streams"]):
+        name, label = printable(host["host"]), f"host {printable(host['host'])}"
+        what = f"{host['streams']} stream(s), {host['slots']} provider slot(s)"
+        if host["alive"]:
+            found.append(Check(OK, label, f"alive, lease renewed {host['lease_age_seconds']:.0f} s ago; {what}"))
+        elif host["this_host"] and lease.fencing_on(settings):
+            found.append(
+                Check(
+                    FAIL,
+                    label,
+                    f"this host holds no lease (host:{name} is gone): it is fenced and pulls nothing; "
+                    "are its launcher and relay running, and do they reach Redis?",
+                )
+            )
+        elif host["streams"]:
+            found.append(
+                Check(
+                    WARN,
+                    label,
+                    f"not seen for host_timeout ({settings.host_timeout:g} s); {what} recorded: the reapers "
+                    "clear them, and its channels start on another host at their next request",
+                )
+            )
     return found

@@ -20,7 +20,7 @@ from .checks_channel import check_channel
 from .checks_common import FAIL
 from .checks_host import check_ffmpeg, check_nginx, check_nginx_answers, check_proxies, check_redis, check_space
 from .checks_services import check_heartbeatd, check_launcher, check_reaper, check_validator
-from .checks_streams import check_streams
+from .checks_streams import check_hosts, check_streams
 
 
 @click.command("doctor")
@@ -47,7 +47,8 @@ def doctor_command(settings_loader, as_json, channel_id, nginx_conf_file):
     the launcher, /live/ logs where and how heartbeatd reads); the launcher and its start
     route; the egress relay; heartbeatd (running, its lag); the reaper's last pass; this
     host's streams waiting to restart or failed (with the last error); stale records, empty
-    or stale playlists; FFmpeg and its protocols; every proxy; free space. --channel ID adds
+    or stale playlists; every host of the cluster (alive, its lease's age, its streams and
+    slots); FFmpeg and its protocols; every proxy; free space. --channel ID adds
     the channel's record and its source's answer.
     Exit codes: 0 no check failed, 1 a check failed, 2 bad settings.
     """
@@ -63,7 +64,7 @@ def doctor_command(settings_loader, as_json, channel_id, nginx_conf_file):
         + check_heartbeatd(settings)
     )
     if redis_up:
-        checks += check_reaper(client, settings) + check_streams(client, settings)
+        checks += check_reaper(client, settings) + check_streams(client, settings) + check_hosts(client, settings)
     checks += check_space(settings) + check_ffmpeg(settings) + check_proxies(settings)
     if channel_id is not None and redis_up:
         checks += check_channel(client, settings, channel_id)

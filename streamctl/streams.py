@@ -14,6 +14,7 @@ import redis
 from streamstate import files, keys, redis_values, runs
 from streamstate.cli_options import channel_id_or_exit, settings_options
 from streamstate.reaping import Reaper, RedisUnavailable
+from streamstate.redact import printable
 from streamstate.redis_client import redis_for, redis_where
 from streamstate.streams_view import collect_streams
 
@@ -35,11 +36,6 @@ def _launcher_request(settings, path: str, timeout: float) -> tuple[int, dict]:
             return exc.code, {"error": f"HTTP {exc.code}"}
     except (urllib.error.URLError, OSError) as exc:
         raise click.ClickException(f"launcher at {settings.launcher_listen} is unreachable: {exc}") from None
-
-
-def printable(value) -> str:
-    """Text from Redis as a terminal may show it: control characters escaped."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(value))
 
 
 @click.command("start")
@@ -193,6 +189,7 @@ def status_command(settings_loader, channel_id, as_json):
             listing["streams"] = [s for s in listing["streams"] if s["id"] == channel_id]
             listing["failed"] = [f for f in listing["failed"] if f["id"] == channel_id]
             listing["providers"] = [p for p in listing["providers"] if channel_id in p["channels"]]
+            listing["hosts"] = [h for h in listing["hosts"] if any(s["host"] == h["host"] for s in listing["streams"])]
         last_pass = runs.reaper_last_pass(client, settings.host_id)
     except redis.RedisError as exc:
         click.echo(f"error: {redis_where(settings)} unreachable: {exc}", err=True)
@@ -218,6 +215,8 @@ def status_command(settings_loader, channel_id, as_json):
             f"provider {p['provider']}: {len(p['channels'])}/{limit} connections"
             + (f" (channels {', '.join(p['channels'])})" if p["channels"] else "")
         )
+    for h in listing["hosts"]:
+        click.echo(host_line(h))
     for f in listing["failed"]:
         click.echo(
             f"{f['id']:>8}  failed    {printable(f['reason'])} (starts refused for "
@@ -241,4 +240,13 @@ def status_command(settings_loader, channel_id, as_json):
             if listing["invalid_members"]
             else ""
         )
+    )
+
+
+def host_line(h: dict) -> str:
+    """One host of the cluster as `status` shows it (Redis contents: printed escaped)."""
+    lease = f"lease renewed {h['lease_age_seconds']:.0f} s ago" if h["alive"] else "not seen (no lease)"
+    return (
+        f"host {printable(h['host'])}{' (this host)' if h['this_host'] else ''}: "
+        f"{'alive' if h['alive'] else 'DEAD'}, {lease}, {h['streams']} stream(s), {h['slots']} provider slot(s)"
     )

@@ -78,6 +78,11 @@ def host_key(host_id: str) -> str:
     return f"host:{host_id}"
 
 
+def valid_host_id(host_id: str) -> bool:
+    """A host id as a key may carry it (found by SCAN, so hostile): printable, a hostname's length."""
+    return 0 < len(host_id) <= 253 and host_id.isprintable()
+
+
 _PROVIDER_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 

@@ -57,3 +57,8 @@ def url_secrets(url: str) -> tuple[str, ...]:
     segments = [s for s in parts.path.split("/") if s][:-1]
     found = [user, password, parts.query, parts.fragment, *segments]
     return tuple(s for s in found if s)
+
+
+def printable(value) -> str:
+    """Text from Redis as a terminal may show it: control characters escaped."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(value))

@@ -71,5 +71,44 @@ def collect_streams(client, settings, supervisors: Mapping[str, LiveStream]) -> 
         "streams": result,
         "failed": runs.failed_channels(client),
         "providers": providers.usage(client, settings.providers, grace),
+        "hosts": hosts_view(client, settings, result),
         "invalid_members": [runs.shown_member(m) for m in active.invalid],
     }
+
+
+# Hosts looked for by their keys at most (SCAN host:*): a cluster has a handful; junk beyond
+# this many is not listed.
+MAX_HOSTS_LISTED = 256
+
+
+def hosts_view(client, settings, streams: list[dict]) -> list[dict]:
+    """Every host Redis knows of (a lease standing, or streams recorded): alive, the age of
+    its lease's last renewal (host_timeout less what is left of it), its streams and the
+    provider slots they hold."""
+    names = {s["host"] for s in streams if s.get("host")} | {settings.host_id}
+    for key in client.scan_iter(match=keys.host_key("*"), count=100):
+        name = redis_values.text(key)[len(keys.host_key("")) :]
+        if len(names) >= MAX_HOSTS_LISTED:
+            break
+        if name and keys.valid_host_id(name):
+            names.add(name)
+    ordered = sorted(names)
+    pipe = client.pipeline(transaction=False)
+    for name in ordered:
+        pipe.pttl(keys.host_key(name))
+    left = pipe.execute() if ordered else []
+    view = []
+    for name, ttl in zip(ordered, left):
+        alive = isinstance(ttl, int) and ttl > 0
+        mine = [s for s in streams if s.get("host") == name]
+        view.append(
+            {
+                "host": name,
+                "this_host": name == settings.host_id,
+                "alive": alive,
+                "lease_age_seconds": round(max(0.0, settings.host_timeout - ttl / 1000), 1) if alive else None,
+                "streams": len(mine),
+                "slots": sum(1 for s in mine if s.get("provider")),
+            }
+        )
+    return view
