@@ -126,7 +126,8 @@ class LocalStack:
     """``own_sessions``: each part in a session of its own, so a terminal's Ctrl-C (SIGINT to
     the whole foreground process group) reaches only whoever runs the stack, which then
     stops every stream and every part in order (the demo).  ``persistent_redis``: Redis
-    keeps an append-only file in the work directory (as a host's must)."""
+    keeps an append-only file in the work directory (as a host's must).  ``own_redis`` False:
+    the settings name a Redis the stack does not start (several hosts share one)."""
 
     PARTS = ("redis", "upstream", "egress", "launcher", "nginx", "heartbeatd", "reaper")
 
@@ -140,6 +141,7 @@ class LocalStack:
         nginx_port: int | None = None,
         own_sessions: bool = False,
         persistent_redis: bool = False,
+        own_redis: bool = True,
     ):
         self.work = os.path.abspath(work_dir)
         os.makedirs(self.work, exist_ok=True)
@@ -154,6 +156,9 @@ class LocalStack:
         self.with_reaper = reaper
         self.own_sessions = own_sessions
         self.persistent_redis = persistent_redis
+        # False: the settings name a Redis of someone else's (shared by several hosts, or
+        # reached through sentinels); this stack starts none.
+        self.own_redis = own_redis
         self.processes: dict[str, subprocess.Popen] = {}
         self.settings = {
             "redis_url": f"redis://127.0.0.1:{self.redis_port}/0",
@@ -224,7 +229,8 @@ class LocalStack:
         and then each of them listening."""
         try:
             parts = self.parts()
-            self.start_part("redis")
+            if self.own_redis:
+                self.start_part("redis")
             for name in parts:
                 if name not in ("redis", "nginx"):
                     self.start_part(name, wait=False)
@@ -241,7 +247,9 @@ class LocalStack:
         return [
             name
             for name in self.PARTS
-            if (name != "heartbeatd" or self.with_heartbeatd) and (name != "reaper" or self.with_reaper)
+            if (name != "heartbeatd" or self.with_heartbeatd)
+            and (name != "reaper" or self.with_reaper)
+            and (name != "redis" or self.own_redis)
         ]
 
     def start_part(self, name: str, *, wait: bool = True) -> subprocess.Popen:

@@ -114,7 +114,7 @@ async def serve(settings) -> int:
 async def _hold_lease(relay, settings, stop: asyncio.Event) -> None:
     """This host's lease (streamstate.lease): the relay holds every upstream connection, so it
     cuts them all when the lease lapses, before another host may take their slots."""
-    held = lease.HostLease(redis_for(settings), settings.host_id, settings.host_timeout)
+    held = lease.HostLease(redis_for(settings, once=True), settings.host_id, settings.host_timeout)
 
     def fence(age: float | None) -> None:
         cut = relay.fence()

@@ -10,6 +10,7 @@ import logging
 from typing import Any, Awaitable, Callable
 
 from streamstate import lease, runs
+from streamstate.redis_client import redis_for
 
 from .supervisor import StreamSupervisor
 
@@ -36,7 +37,10 @@ class HostKeeper:
         renewed; the streams ended stay ended (a viewer's next request starts a channel on
         whichever host then serves it)."""
         if lease.fencing_on(self.settings):
-            held = lease.HostLease(self._redis, self.settings.host_id, self.settings.host_timeout)
+            # A client of its own, each renewal tried once: its cadence is keep_lease's.
+            held = lease.HostLease(
+                redis_for(self.settings, once=True), self.settings.host_id, self.settings.host_timeout
+            )
             await lease.keep_lease(held, asyncio.Event(), self._fence, self._unfence)
             return
         interval = max(1.0, self.settings.reaper_interval / 2)

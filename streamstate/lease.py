@@ -24,6 +24,9 @@ RENEW_SHARE = 5
 # margin in which this host's connections close before any other host can see the lease gone.
 FENCE_SHARE = 2
 FENCE_CHECK = 0.25  # seconds between looks at the clock at most: how late past the fence a cut may come
+# Seconds before a renewal that failed is tried again (at most renew_interval): a failover's
+# new master is found soon after the sentinels name it.
+RETRY_RENEWAL = 0.5
 
 
 def renew_interval(host_timeout: float) -> float:
@@ -94,7 +97,11 @@ async def keep_lease(
     fenced, announced = True, False  # announced: fence() was called for this lapse
     try:
         while not stopping.is_set():
-            if (renewing is None or renewing.done()) and time.monotonic() >= next_renewal:
+            if renewing is not None and renewing.done():
+                if not renewing.result():  # failed: tried again soon, not a whole interval later
+                    next_renewal = min(next_renewal, time.monotonic() + RETRY_RENEWAL)
+                renewing = None
+            if renewing is None and time.monotonic() >= next_renewal:
                 renewing = loop.run_in_executor(renewer, lease.renew)
                 next_renewal = time.monotonic() + renew_interval(lease.host_timeout)
             lapsed = lease.fenced()

@@ -6,6 +6,8 @@ from __future__ import annotations
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from .redact import redact_url
@@ -23,20 +25,30 @@ def registered_script(client, name: str, source: str):
     return cache[name]
 
 
-def redis_from_url(url: str) -> redis.Redis:
-    """A client for ``url``; no connection is made until the first command."""
+def redis_from_url(url: str, *, once: bool = False) -> redis.Redis:
+    """A client for ``url``; no connection is made until the first command.  ``once``: each
+    command is tried once (no retries with back-off inside a call): for a caller that keeps
+    its own cadence and must know at once (the host's lease)."""
     return redis.Redis.from_url(
-        url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=SOCKET_TIMEOUT, health_check_interval=30
+        url,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        socket_timeout=SOCKET_TIMEOUT,
+        health_check_interval=30,
+        **_retries(once),
     )
 
 
-def redis_for(settings) -> redis.Redis:
-    """The client every service and streamctl use.  With redis_sentinels, redis-py's Sentinel
+def _retries(once: bool) -> dict:
+    return {"retry": Retry(NoBackoff(), 0)} if once else {}
+
+
+def redis_for(settings, *, once: bool = False) -> redis.Redis:
+    """The client every service and streamctl use (``once``: see redis_from_url).  With redis_sentinels, redis-py's Sentinel
     client: the master is asked of the sentinels at each new connection, so after a failover
     (the old master gone, or demoted: READONLY) the next command reaches the new one;
     redis_url gives only the password and the database number then."""
     if not settings.redis_sentinels:
-        return redis_from_url(settings.redis_url)
+        return redis_from_url(settings.redis_url, once=once)
     sentinel = Sentinel(
         [split_host_port(address) for address in settings.redis_sentinels],
         sentinel_kwargs={"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": SOCKET_TIMEOUT},
@@ -52,6 +64,7 @@ def redis_for(settings) -> redis.Redis:
         password=unquote(parts.password) if parts.password else None,
         ssl=parts.scheme == "rediss",
         health_check_interval=30,
+        **_retries(once),
     )
 
 

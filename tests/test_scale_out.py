@@ -1,0 +1,116 @@
+"""Several hosts (issue 18), on loopback: three hosts (each its own hls_dir, launcher, relay,
+nginx, heartbeatd, reaper, host_id), Debian's redis-server as master and replica with three
+redis-sentinels, an edge nginx in front; real players watching through the edge."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import pytest
+import redis
+
+from streamstate import keys, runs
+from tests.helpers import first_request, wait_for
+from tests.multihost import HOST_TIMEOUT, Cluster
+from tests.sentinels import MASTER_NAME, SentinelCluster
+from tests.viewing import Watchers
+
+pytestmark = pytest.mark.e2e
+
+FPS = 25  # the demo upstream's
+PLAYED_AFTER_FAULT = 10  # seconds of new pictures every player must show after a fault
+
+
+@pytest.fixture(scope="module")
+def sentinel_cluster():
+    work = tempfile.mkdtemp(prefix="sk-cluster-")
+    sentinels = SentinelCluster(os.path.join(work, "redis"))
+    cluster = None
+    try:
+        cluster = Cluster(work, 3, {"redis_sentinels": sentinels.addresses, "redis_master_name": MASTER_NAME})
+        yield cluster, sentinels
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        sentinels.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def master(sentinels: SentinelCluster) -> redis.Redis:
+    return redis.Redis(port=sentinels.master_port(), decode_responses=True)
+
+
+def add_channel(cluster: Cluster, sentinels: SentinelCluster, channel: str) -> None:
+    """A channel record, on the master and on a replica if it has one (a failover keeps it)."""
+    client = master(sentinels)
+    client.set(keys.channel_key(channel), json.dumps({"source_url": cluster.source(f"ch{channel}"), "quality": "copy"}))
+    if int(client.info("replication").get("connected_slaves", 0)):
+        assert client.wait(1, 5000) == 1
+
+
+def test_a_master_failover_stops_no_watched_stream(sentinel_cluster):
+    cluster, sentinels = sentinel_cluster
+    channel = "800"
+    add_channel(cluster, sentinels, channel)
+    watchers = Watchers(cluster.url(channel, "?token=viewers"), players=("hlsjs", "shaka")).start()
+    try:
+        wait_for(lambda: watchers.playing(FPS * 3) or watchers.fatal(), timeout=60, message="both players to play")
+        assert watchers.fatal() == {}
+        host = cluster.host_running(channel)
+        assert host is not None
+        pids = cluster.ffmpegs_of(channel)
+        old = sentinels.kill_master()
+        new = sentinels.wait_failover(old.port)
+        failed_over = time.time()
+        before = {p: watchers.frames(p) for p in watchers.players}
+        # A new channel starts through the edge once the new master answers.
+        add_channel(cluster, sentinels, "801")
+        wait_for(lambda: first_request(cluster.url("801"))[0] == 200, timeout=60, message="a start after the failover")
+        wait_for(
+            lambda: all(watchers.frames(p) - before[p] >= PLAYED_AFTER_FAULT * FPS for p in watchers.players),
+            timeout=60,
+            message="every player to show 10 s of new pictures after the failover",
+        )
+        assert watchers.fatal() == {}
+        # No watched stream was stopped: the same FFmpeg, on the same host, all along.
+        assert cluster.ffmpegs_of(channel) == pids and cluster.host_running(channel) == host, cluster.hosts[host].log(
+            "launcher"
+        )[-3000:]
+        # heartbeatd's heartbeats land on the new master.
+        wait_for(
+            lambda: float(new.client().get(keys.last_access_key(channel)) or 0) > failed_over,
+            timeout=30,
+            message="a heartbeat on the new master",
+        )
+    finally:
+        watchers.stop()
+
+
+def test_a_killed_host_s_channels_play_from_another_host_and_its_records_are_cleared(sentinel_cluster):
+    cluster, sentinels = sentinel_cluster
+    channel = "802"
+    add_channel(cluster, sentinels, channel)
+    assert first_request(cluster.url(channel))[0] == 200
+    dead = cluster.host_running(channel)
+    assert dead is not None
+    cluster.kill_host(dead)
+    # Its channel plays from another host at a request once the dead host's lease has gone.
+    wait_for(
+        lambda: first_request(cluster.url(channel))[0] == 200,
+        timeout=3 * HOST_TIMEOUT + 30,
+        interval=1,
+        message="the channel to play from another host",
+    )
+    now_on = cluster.host_running(channel)
+    assert now_on not in (None, dead)
+    assert f"channel {channel}: took it over from host host{dead}" in cluster.hosts[now_on].log("launcher")
+
+    def dead_host_s_records() -> list[str]:
+        client = master(sentinels)
+        return [c for c in runs.active_channels(client) if (r := runs.get_run(client, c)) and r.host == f"host{dead}"]
+
+    wait_for(lambda: dead_host_s_records() == [], timeout=3 * HOST_TIMEOUT, message="the dead host's records cleared")
