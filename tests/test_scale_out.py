@@ -114,3 +114,62 @@ def test_a_killed_host_s_channels_play_from_another_host_and_its_records_are_cle
         return [c for c in runs.active_channels(client) if (r := runs.get_run(client, c)) and r.host == f"host{dead}"]
 
     wait_for(lambda: dead_host_s_records() == [], timeout=3 * HOST_TIMEOUT, message="the dead host's records cleared")
+
+
+def test_a_partitioned_host_stops_pulling_and_another_serves_its_channel(tmp_path):
+    """Host 1 reaches Redis through a forwarder the test cuts.  Its FFmpeg stops within its
+    lease; host 0 serves the channel at a request once the lease has expired; a provider
+    emulator never counts more connections than the account allows, during the partition or
+    after it heals; healed, host 1 starts nothing of its own accord."""
+    from tests.conftest import RedisServer
+    from tests.fakes.provider_emulator import ProviderEmulator
+    from tests.fakes.tcp_forwarder import TcpForwarder
+
+    server = RedisServer(str(tmp_path / "redis"))
+    (tmp_path / "redis").mkdir()
+    server.start()
+    forwarder = TcpForwarder(server.port)
+    provider = ProviderEmulator(limit=1).start()
+    cluster = None
+    try:
+        match = f"http://127.0.0.1:{provider.port}/live/acct/"
+        shared = {"redis_url": server.url, "providers": {"acme": {"match": match, "max_streams": 1}}}
+        cluster = Cluster(str(tmp_path), 2, shared, redis_for_host={1: f"redis://127.0.0.1:{forwarder.port}/0"})
+        client = server.client()
+        channel = "810"
+        client.set(
+            keys.channel_key(channel),
+            json.dumps({"source_url": provider.url("acct", name="p"), "quality": "copy", "provider": "acme"}),
+        )
+        partitioned = cluster.hosts[1]
+        assert first_request(partitioned.playlist_url(channel))[0] == 200  # it runs on host 1
+        wait_for(lambda: provider.open_count("acct") == 1, message="host 1's provider connection")
+        forwarder.cut()
+        closed_while_leased = []
+
+        def closed() -> bool:
+            if provider.open_count("acct"):
+                return False
+            closed_while_leased.append(bool(client.exists(keys.host_key("host1"))))
+            return True
+
+        wait_for(closed, timeout=2 * HOST_TIMEOUT, message="host 1's connection to close")
+        assert closed_while_leased == [True]  # before any other host could take the slot
+        # Through the edge: host 1 closes a fenced start, host 0 answers, and plays it once
+        # host 1's lease has expired.
+        wait_for(
+            lambda: first_request(cluster.url(channel))[0] == 200 and cluster.host_running(channel) == 0,
+            timeout=3 * HOST_TIMEOUT + 30,
+            interval=1,
+            message="host 0 to serve the channel",
+        )
+        forwarder.heal()
+        wait_for(lambda: partitioned.log("launcher").count("no longer fenced") == 2, timeout=30, message="healed")
+        assert cluster.host_running(channel) == 0 and len(cluster.ffmpegs_of(channel)) == 1
+        assert provider.violations == [] and provider.max_concurrent.get("acct", 0) == 1
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        provider.stop()
+        forwarder.close()
+        server.stop()
