@@ -48,18 +48,19 @@ lint: venv
 	$(VENV)/bin/mypy
 
 bench: venv players
-	$(VPY) bench/heartbeat.py
-	$(VPY) bench/cold_start.py
-	$(VPY) bench/reaper.py
-	$(VPY) bench/capacity.py
-	$(VPY) bench/relay.py
-	$(VPY) bench/continuity.py
+	$(VPY) -m bench.heartbeat
+	$(VPY) -m bench.cold_start
+	$(VPY) -m bench.reaper
+	$(VPY) -m bench.capacity
+	$(VPY) -m bench.relay
+	$(VPY) -m bench.continuity
+	$(VPY) -m bench.scale
 
 demo: venv
 	$(VPY) -m demo.run
 
 bench-cold-start: venv players
-	$(VPY) bench/cold_start.py
+	$(VPY) -m bench.cold_start
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info $(PLAYERS)/node_modules test-artifacts

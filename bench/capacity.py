@@ -15,15 +15,13 @@ import argparse
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from bench.results import write_section
+from streamstate.settings import DEFAULT_QUALITY_PROFILES, STREAMS_PER_CORE
 
-from bench.results import write_section  # noqa: E402
-from streamstate.settings import DEFAULT_QUALITY_PROFILES, STREAMS_PER_CORE  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 RUN_SECONDS = 20
 _OUT_TIME = re.compile(r"out_time_us=(\d+)")

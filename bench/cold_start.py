@@ -24,22 +24,20 @@ import os
 import select
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.request
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from bench.results import percentile, write_section
+from demo.stack import LocalStack
+from launcher.ffmpeg import build_argv
+from streamstate import files, keys
+from streamstate.channel_check import validate
+from streamstate.channels import Channel
+from streamstate.settings import Settings, load_settings
 
-from bench.results import percentile, write_section  # noqa: E402
-from demo.stack import LocalStack  # noqa: E402
-from launcher.ffmpeg import build_argv  # noqa: E402
-from streamstate import files, keys  # noqa: E402
-from streamstate.channel_check import validate  # noqa: E402
-from streamstate.channels import Channel  # noqa: E402
-from streamstate.settings import Settings, load_settings  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 SAMPLE_TIMEOUT = 20.0
 

@@ -21,20 +21,18 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 
+import redis
+
+from bench.results import write_section
+from demo.stack import LocalStack
+from tests.faults import FAULTS, add_watched_channel
+from tests.helpers import wait_for
+from tests.viewing import Watchers
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-
-import redis  # noqa: E402
-
-from bench.results import write_section  # noqa: E402
-from demo.stack import LocalStack  # noqa: E402
-from tests.faults import FAULTS, add_watched_channel  # noqa: E402
-from tests.helpers import wait_for  # noqa: E402
-from tests.viewing import Watchers  # noqa: E402
 
 CHANNEL = 1
 PLAYERS = ("hlsjs", "shaka", "vlc")

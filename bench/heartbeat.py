@@ -26,14 +26,13 @@ import sys
 import tempfile
 import time
 
+from bench.loggen import write_log
+from bench.results import write_section
+from bench.servers import BenchRedis
+from streamstate import keys
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
-
-from bench.loggen import write_log  # noqa: E402
-from bench.results import write_section  # noqa: E402
-from bench.servers import BenchRedis  # noqa: E402
-from streamstate import keys  # noqa: E402
 
 SUMMARY_RE = re.compile(r"lines read (\d+).*flushes (\d+), channels written (\d+).*; ([0-9.]+) s, (\d+) lines/s")
 OLD_DESIGN_RE = re.compile(rb'GET "/live/stream_(\d+)(?:\.m3u8|_\d+\.ts)')

@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
+import redis.connection
+
+from bench.results import write_section
+from bench.servers import BenchRedis
+from streamstate import keys, runs
+from streamstate.process import process_start_time
+from streamstate.reaping import Reaper
+from streamstate.settings import load_settings
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-
-import redis.connection  # noqa: E402
-
-from bench.results import write_section  # noqa: E402
-from bench.servers import BenchRedis  # noqa: E402
-from streamstate import keys, runs  # noqa: E402
-from streamstate.process import process_start_time  # noqa: E402
-from streamstate.reaping import Reaper  # noqa: E402
-from streamstate.settings import load_settings  # noqa: E402
 
 STALE, WATCHED, IDLE = 9970, 20, 10
 DEAD_PID_BASE = 4_190_000  # near pid_max: no such processes

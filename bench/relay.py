@@ -23,8 +23,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from bench.results import write_section
 from streamstate import egress
 
