@@ -19,11 +19,11 @@ from streamstate.channel_check import validate
 from streamstate.channels import Channel, ChannelError, channel_from_dict, put_channel_undoably, undo_put_channel
 from streamstate.nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, AGENT_HEADER, CLIENT_HEADER, QUERY_HEADER
 from streamstate.runs import RunState
-from streamstate.urls import INVALID_CHANNEL_ID_KIND
+from streamstate.urls import FORWARDED_HEADER, INVALID_CHANNEL_ID_KIND, PEER_PREFIX
 from streamstate.viewers import viewer_of_request
 
 from . import status_page
-from .core import ChannelNotFound, CoolingDown, HostFenced, Launcher
+from .core import ChannelNotFound, CoolingDown, HostFenced, Launcher, RunsElsewhere
 from .supervisor import StartFailed
 
 log = logging.getLogger("streamkeeper.launcher")
@@ -64,10 +64,22 @@ _SAFE_QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]{1,8192}")
 def accel_target(channel_id: str, query_string: str) -> str:
     """Where nginx serves a cold start's playlist from: built from the validated channel id
     and the player's query string only; nothing else the client sent."""
-    target = f"{ACCEL_PREFIX}stream_{keys.check_channel_id(channel_id)}.m3u8"
-    if _SAFE_QUERY.fullmatch(query_string):
-        target += "?" + query_string
-    return target
+    return _with_query(f"{ACCEL_PREFIX}stream_{keys.check_channel_id(channel_id)}.m3u8", query_string)
+
+
+def peer_target(peer: str, file_name: str, query_string: str) -> str:
+    """Where nginx fetches a file of a channel another host runs: its internal location that
+    proxies to ``peer`` (an address of `hosts`) with the player's query string."""
+    return _with_query(f"{PEER_PREFIX}{peer}/{file_name}", query_string)
+
+
+def _with_query(target: str, query_string: str) -> str:
+    return target + "?" + query_string if _SAFE_QUERY.fullmatch(query_string) else target
+
+
+def _forwarded(request: web.Request) -> bool:
+    """A request another host forwarded here: never forwarded again (no loop)."""
+    return bool(request.headers.get(FORWARDED_HEADER))
 
 
 def _warn_if_old_nginx_config(request: web.Request) -> None:
@@ -115,6 +127,14 @@ async def _start_response(request: web.Request, channel_id: str, channel: Channe
             f"channel {channel_id}: temporarily unavailable (redis unreachable)",
             {"Retry-After": RETRY_AFTER},
         )
+    except RunsElsewhere as exc:
+        if for_player and exc.peer and not _forwarded(request):
+            # The host that runs it answers, through this nginx: the player keeps its URL.
+            log.info("channel %s: forwarded to %s (%s)", channel_id, exc.peer, exc)
+            target = peer_target(exc.peer, f"stream_{channel_id}.m3u8", request.headers.get(QUERY_HEADER, ""))
+            return web.Response(status=200, headers={"X-Accel-Redirect": target})
+        launcher.counters["start_failures"] += 1
+        return _error(for_player, 503, f"channel {channel_id}: {exc}", {"Retry-After": RETRY_AFTER})
     except HostFenced as exc:
         # 421: this host cannot produce an answer (streamstate.lease); nginx closes the
         # connection without one, and the edge tries the next host on the ring.
@@ -170,6 +190,29 @@ def _first_refusal(launcher: Launcher, channel_id: str) -> bool:
         return False
     said[channel_id] = now + launcher.settings.failed_cooldown
     return True
+
+
+async def segment_elsewhere(request: web.Request) -> web.Response:
+    """nginx's answer to a segment it does not have (``@streamkeeper_segment_elsewhere``):
+    the channel runs on another live host, so the segment is fetched there through this
+    nginx (X-Accel-Redirect), else 404 (the player fetches its playlist again)."""
+    launcher: Launcher = request.app["launcher"]
+    channel_id, name = request.match_info["channel_id"], request.match_info["segment"]
+    if (
+        not keys.CHANNEL_ID_RE.fullmatch(channel_id)
+        or not re.fullmatch(rf"stream_{channel_id}_[0-9]{{1,20}}\.ts", name)
+        or _forwarded(request)
+    ):
+        return web.Response(status=404, text="no such segment\n")
+    try:
+        peer = await launcher.segment_peer(channel_id)
+    except redis.RedisError:
+        peer = None
+    if peer is None:
+        return web.Response(status=404, text="no such segment\n")
+    return web.Response(
+        status=200, headers={"X-Accel-Redirect": peer_target(peer, name, request.headers.get(QUERY_HEADER, ""))}
+    )
 
 
 async def start_channel(request: web.Request) -> web.Response:
@@ -385,6 +428,7 @@ def make_app(settings) -> web.Application:
     app.router.add_get("/channel/{channel_id}/start", start_channel)  # HEAD too
     app.router.add_post("/channel/{channel_id}/start", start_channel)
     app.router.add_post("/channel/{channel_id}/stop", stop_channel)
+    app.router.add_get("/channel/{channel_id}/segment/{segment}", segment_elsewhere)
     app.router.add_get("/streams", streams)
     app.router.add_post("/streams/stop", stop_all_streams)
     app.router.add_get("/healthz", healthz)

@@ -65,7 +65,12 @@ class HostFenced(StartFailed):
 
 class RunsElsewhere(StartFailed):
     """Another live host runs or starts the channel: one FFmpeg per channel cluster-wide, so
-    this host does not start it (503 at once; through the edge a viewer reaches that host)."""
+    this host does not start it.  ``peer``: that host's nginx (one of `hosts`), where a
+    player's request is forwarded; None: 503 at once."""
+
+    def __init__(self, reason: str, peer: str | None = None):
+        super().__init__(reason)
+        self.peer = peer
 
 
 class CoolingDown(StartFailed):
@@ -204,7 +209,9 @@ class Launcher:
         if not await self.redis_call(runs.acquire_start_lock, channel_id, token, self.settings.start_timeout + 5):
             holder = await self.redis_call(runs.start_lock_host, channel_id)
             if holder is not None and holder != self.settings.host_id:
-                raise RunsElsewhere(f"channel {channel_id} is starting on host {holder}; retry shortly")
+                raise RunsElsewhere(
+                    f"channel {channel_id} is starting on host {holder}; retry shortly", await self.peer_of(holder)
+                )
             return None
         try:
             record = await self.redis_call(runs.get_run, channel_id)
@@ -339,7 +346,7 @@ class Launcher:
         connection (a host fences itself first, streamstate.lease): its record and provider
         slot are cleared here, as the reaper would, and the channel starts on this host."""
         if await self.redis_call(runs.host_alive, record.host):
-            raise RunsElsewhere(f"channel {record.channel} runs on host {record.host}")
+            raise RunsElsewhere(f"channel {record.channel} runs on host {record.host}", await self.peer_of(record.host))
         why = f"host {record.host} not seen for {self.settings.host_timeout:g} s"
         await asyncio.to_thread(
             stream_end.stop_streams,
@@ -353,6 +360,24 @@ class Launcher:
             relay_wait=0,
         )
         log.info("channel %s: took it over from host %s (%s)", record.channel, record.host, why)
+
+    async def peer_of(self, host_id: str) -> str | None:
+        """Host ``host_id``'s nginx, if it said where (with its lease) and that is one of
+        `hosts` (what Redis says is never trusted as an address on its own)."""
+        if host_id == self.settings.host_id or not self.settings.hosts:
+            return None
+        address = await self.redis_call(runs.host_address, host_id)
+        return address if address in self.settings.hosts else None
+
+    async def segment_peer(self, channel_id: str) -> str | None:
+        """The nginx of the live host that runs the channel, if it is another (a segment this
+        host does not have is fetched there); None: not another live host's."""
+        record = await self.redis_call(runs.get_run, channel_id)
+        if record is None or record.host in ("", self.settings.host_id):
+            return None
+        if not await self.redis_call(runs.host_alive, record.host):
+            return None
+        return await self.peer_of(record.host)
 
     def _runs_elsewhere(self, record: runs.RunRecord) -> bool:
         """A live run of another launcher process (this host: the process is proven to be

@@ -39,14 +39,22 @@ class HostKeeper:
         if lease.fencing_on(self.settings):
             # A client of its own, each renewal tried once: its cadence is keep_lease's.
             held = lease.HostLease(
-                redis_for(self.settings, once=True), self.settings.host_id, self.settings.host_timeout
+                redis_for(self.settings, once=True),
+                self.settings.host_id,
+                self.settings.host_timeout,
+                address=self.settings.host_address,
             )
             await lease.keep_lease(held, asyncio.Event(), self._fence, self._unfence)
             return
         interval = max(1.0, self.settings.reaper_interval / 2)
         while True:
             try:
-                await self._redis_call(runs.refresh_host, self.settings.host_id, self.settings.host_timeout)
+                await self._redis_call(
+                    runs.refresh_host,
+                    self.settings.host_id,
+                    self.settings.host_timeout,
+                    address=self.settings.host_address,
+                )
             except Exception as exc:  # noqa: BLE001 - retried next time
                 log.warning("cannot refresh host key: %s", exc)
             await asyncio.sleep(interval)

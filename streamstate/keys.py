@@ -78,6 +78,11 @@ def host_key(host_id: str) -> str:
     return f"host:{host_id}"
 
 
+def host_address_key(host_id: str) -> str:
+    """Where a host's nginx is, as the other hosts reach it (kept with its lease)."""
+    return f"hosts:{host_id}:address"
+
+
 def valid_host_id(host_id: str) -> bool:
     """A host id as a key may carry it (found by SCAN, so hostile): printable, a hostname's length."""
     return 0 < len(host_id) <= 253 and host_id.isprintable()

@@ -47,8 +47,17 @@ class HostLease:
     it in a thread of its own); ``fenced`` only reads the clock, so a hung Redis call cannot
     delay it."""
 
-    def __init__(self, client, host_id: str, host_timeout: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        client,
+        host_id: str,
+        host_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+        address: str = "",
+    ):
+        """``address``: this host's nginx as the other hosts reach it, said with each renewal."""
         self.client, self.host_id, self.host_timeout = client, host_id, host_timeout
+        self.address = address
         self.clock = clock
         self.confirmed: float | None = None  # when the last successful renewal was sent (clock)
         self.held: str | None = None  # the lease's id at the last renewal
@@ -60,7 +69,7 @@ class HostLease:
         sent = self.clock()
         candidate = uuid.uuid4().hex
         try:
-            lease_id = runs.refresh_host(self.client, self.host_id, self.host_timeout, candidate)
+            lease_id = runs.refresh_host(self.client, self.host_id, self.host_timeout, candidate, self.address)
         except Exception:  # noqa: BLE001 - any failure to renew brings the fence nearer, nothing else
             return False
         self.lapsed = lease_id == candidate or (self.held is not None and lease_id != self.held)

@@ -12,7 +12,7 @@ import math
 from .keys import CHANNEL_ID_PATTERN
 from .logformat import STREAMKEEPER_LOG_FORMAT, LogLineParser
 from .templates import fill, package_file
-from .urls import ACCEL_PREFIX
+from .urls import ACCEL_PREFIX, FORWARDED_HEADER, PEER_PREFIX
 
 # Request headers nginx's @start_stream sets: "answer a player, with X-Accel-Redirect", and
 # the player's query string as nginx received it ($args).
@@ -31,6 +31,8 @@ ANSWER_HEADERS = (
     "add_header Access-Control-Max-Age 86400 always;",
     "add_header X-Content-Type-Options nosniff always;",
 )
+# The names of those headers (a forwarded answer's own are hidden, so each is sent once).
+_ANSWER_HEADER_NAMES = tuple(line.split()[1] for line in ANSWER_HEADERS)
 # A playlist, whether a plain file hit or the answer to a cold start.
 PLAYLIST_HEADERS = (
     "types { application/vnd.apple.mpegurl m3u8; }",
@@ -73,6 +75,10 @@ def render_nginx_config(settings) -> str:
             **start_rate_limit(settings.start_rate_limit),
             **viewer_auth(settings),
             edge_real_ip=edge_real_ip(settings.edge_from),
+            peer_prefix=PEER_PREFIX,
+            forwarded_header=FORWARDED_HEADER,
+            forwarded_variable=FORWARDED_HEADER.lower().replace("-", "_"),
+            peer_hidden_headers=tuple(f"proxy_hide_header {name};" for name in _ANSWER_HEADER_NAMES),
         ),
     )
 

@@ -103,9 +103,10 @@ return 0
 """
 
 
-# KEYS: host:<id>; ARGV: ttl (ms), a new lease id.  The host's key renewed for ttl, keeping the
-# id it holds (the lease held without a lapse); a key that had expired starts a new lease
-# under the new id.  Returns the id the key holds now.
+# KEYS: host:<id>, hosts:<id>:address; ARGV: ttl (ms), a new lease id, the host's address
+# ('' : not said).  The host's key renewed for ttl, keeping the id it holds (the lease held
+# without a lapse); a key that had expired starts a new lease under the new id.  The
+# address, when given, lives as long.  Returns the id the key holds now.
 RENEW_HOST_LUA = """
 local kind = redis.call('TYPE', KEYS[1])['ok']
 local id = kind == 'string' and redis.call('GET', KEYS[1]) or false
@@ -113,5 +114,8 @@ if not id or #id > 64 then
   id = ARGV[2]
 end
 redis.call('SET', KEYS[1], id, 'PX', ARGV[1])
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[1])
+end
 return id
 """

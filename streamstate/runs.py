@@ -310,13 +310,24 @@ def mark_stopping_in(pipeline, client, channel: str, run_id: str):
     )
 
 
-def refresh_host(client, host_id: str, ttl_seconds: float, new_id: str | None = None) -> str:
+def refresh_host(client, host_id: str, ttl_seconds: float, new_id: str | None = None, address: str = "") -> str:
     """This host is alive for ttl_seconds more: other hosts' reapers leave its records alone.
     Returns the lease's id: the one the key held while it never lapsed, else ``new_id`` (a
-    new lease; streamstate.lease)."""
+    new lease; streamstate.lease).  ``address``: this host's nginx as the others reach it
+    (host_address), said for as long."""
     script = registered_script(client, "renew_host", run_scripts.RENEW_HOST_LUA)
-    args = [int(ttl_seconds * 1000), new_id or uuid.uuid4().hex]
-    return text(script(keys=[keys.host_key(host_id)], args=args)) or ""
+    args = [int(ttl_seconds * 1000), new_id or uuid.uuid4().hex, address]
+    return text(script(keys=[keys.host_key(host_id), keys.host_address_key(host_id)], args=args)) or ""
+
+
+def host_address(client, host_id: str) -> str | None:
+    """The host's nginx as it said it (hostile: callers accept only an address of `hosts`)."""
+    try:
+        return text(client.get(keys.host_address_key(host_id)))
+    except redis.ResponseError as exc:
+        if not wrong_type(exc):
+            raise
+        return None
 
 
 def last_access_times(client, channels: list[str]) -> list[float | None]:

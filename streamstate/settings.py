@@ -248,6 +248,13 @@ class Settings:
         "to one of them (streamctl nginx-config --edge); set on every host, it turns fencing on "
         "(a host that cannot renew its Redis lease stops pulling)",
     )
+    host_address: str = setting(
+        lambda: "",
+        parse_listen_or_off,
+        "this host's nginx as the edge and the other hosts reach it, an IP:port of `hosts` (default: "
+        "nginx_listen if it is one of them); another host forwards a request for a channel this host "
+        "runs to it",
+    )
     edge_from: tuple[Network, ...] = setting(
         lambda: (),
         parse_networks,
@@ -383,6 +390,9 @@ def _derive_defaults(values: dict, sources: dict) -> None:
     if not values["host_timeout"]:
         values["host_timeout"] = 5 * values["reaper_interval"]
         sources["host_timeout"] += " (5 x reaper_interval)"
+    if not values["host_address"] and values["nginx_listen"] in values["hosts"]:
+        values["host_address"] = values["nginx_listen"]
+        sources["host_address"] += " (nginx_listen, one of hosts)"
     if not values["max_streams"]:
         values["max_streams"] = STREAMS_PER_CORE * (os.cpu_count() or 1)
         sources["max_streams"] += f" ({STREAMS_PER_CORE} per CPU core)"

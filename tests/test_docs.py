@@ -32,6 +32,7 @@ def schema_keys() -> set[str]:
         keys.channel_key(7),
         keys.ACTIVE_STREAMS_KEY,
         keys.host_key("HOST"),
+        keys.host_address_key("HOST"),
         keys.provider_slots_key("NAME"),
         keys.reaper_lock_key("HOST"),
         keys.reaper_last_pass_key("HOST"),

@@ -173,3 +173,53 @@ def test_a_partitioned_host_stops_pulling_and_another_serves_its_channel(tmp_pat
         provider.stop()
         forwarder.close()
         server.stop()
+
+
+def test_a_host_forwards_a_channel_another_host_runs(tmp_path):
+    """When the edge's ring moves (a host back in it, a host taken out a moment), a channel's
+    requests reach a host that does not run it: that host's nginx fetches its playlist and
+    segments from the host that does, so its viewers keep playing and one FFmpeg runs."""
+    import urllib.request
+
+    from tests.conftest import RedisServer
+
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(str(tmp_path / "redis"))
+    server.start()
+    cluster = None
+    try:
+        cluster = Cluster(str(tmp_path), 2, {"redis_url": server.url})
+        client = server.client()
+        channel = "820"
+        client.set(keys.channel_key(channel), json.dumps({"source_url": cluster.source("ch820"), "quality": "copy"}))
+        runner, other = cluster.hosts
+        assert first_request(runner.playlist_url(channel, "?token=t"))[0] == 200
+        status, headers, body = first_request(other.playlist_url(channel, "?token=t"))
+        assert status == 200 and b"#EXTINF" in body
+        segment = next(line for line in body.decode().splitlines() if line.endswith(".ts"))
+        with open(os.path.join(runner.hls_dir, segment), "rb") as handle:
+            on_disk = handle.read()
+        with urllib.request.urlopen(other.nginx_url(f"/live/{segment}?token=t"), timeout=20) as answer:
+            assert answer.read() == on_disk
+            assert answer.headers.get_all("Access-Control-Allow-Origin") == ["*"]  # once, not twice
+        assert cluster.ffmpegs_of(channel) == runner_pids(cluster, 0, channel)  # one FFmpeg, the runner's
+        assert "forwarded to" in other.log("launcher")
+        # A request another host forwarded is never forwarded again.
+        forwarded = {"X-Streamkeeper-Forwarded": "1"}
+        assert first_request(other.playlist_url(channel), headers=forwarded)[0] == 503
+        assert first_request(other.nginx_url(f"/live/{segment}"), headers=forwarded)[0] == 404
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        server.stop()
+
+
+def runner_pids(cluster: Cluster, index: int, channel: str) -> list[int]:
+    host = cluster.hosts[index]
+    return [pid for pid in cluster.ffmpegs_of(channel) if pid in {p for p, _ in host_ffmpegs(host)}]
+
+
+def host_ffmpegs(host) -> list[tuple[int, list[str]]]:
+    from tests.helpers import ffmpeg_processes
+
+    return [(pid, argv) for pid, argv in ffmpeg_processes() if argv and argv[-1].startswith(host.hls_dir)]
