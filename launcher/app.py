@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import math
-import re
 import time
 
 import redis
@@ -19,11 +18,12 @@ from streamstate.channel_check import validate
 from streamstate.channels import Channel, ChannelError, channel_from_dict, put_channel_undoably, undo_put_channel
 from streamstate.nginx_config import ACCEL_PREFIX, ACCEL_REQUEST_HEADER, AGENT_HEADER, CLIENT_HEADER, QUERY_HEADER
 from streamstate.runs import RunState
-from streamstate.urls import FORWARDED_HEADER, INVALID_CHANNEL_ID_KIND, PEER_PREFIX
+from streamstate.urls import INVALID_CHANNEL_ID_KIND
 from streamstate.viewers import viewer_of_request
 
-from . import status_page
+from . import peers, status_page
 from .core import ChannelNotFound, CoolingDown, HostFenced, Launcher, RunsElsewhere
+from .peers import forwarded, peer_target, with_query
 from .supervisor import StartFailed
 
 log = logging.getLogger("streamkeeper.launcher")
@@ -54,32 +54,10 @@ def _error(for_player: bool, status: int, message: str, headers: dict | None = N
     return _json({"status": "error", "error": message, **extra}, status, **(headers or {}))
 
 
-# The player's query string (?token=...), as nginx received it (X-Streamkeeper-Query: $args,
-# undecoded), rides on the internal redirect, so nginx logs the same $arg_token for the first
-# request as for the later ones.  Only URI query characters, at most what fits in nginx's
-# request line; anything else is dropped, never passed on.
-_SAFE_QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]{1,8192}")
-
-
 def accel_target(channel_id: str, query_string: str) -> str:
     """Where nginx serves a cold start's playlist from: built from the validated channel id
     and the player's query string only; nothing else the client sent."""
-    return _with_query(f"{ACCEL_PREFIX}stream_{keys.check_channel_id(channel_id)}.m3u8", query_string)
-
-
-def peer_target(peer: str, file_name: str, query_string: str) -> str:
-    """Where nginx fetches a file of a channel another host runs: its internal location that
-    proxies to ``peer`` (an address of `hosts`) with the player's query string."""
-    return _with_query(f"{PEER_PREFIX}{peer}/{file_name}", query_string)
-
-
-def _with_query(target: str, query_string: str) -> str:
-    return target + "?" + query_string if _SAFE_QUERY.fullmatch(query_string) else target
-
-
-def _forwarded(request: web.Request) -> bool:
-    """A request another host forwarded here: never forwarded again (no loop)."""
-    return bool(request.headers.get(FORWARDED_HEADER))
+    return with_query(f"{ACCEL_PREFIX}stream_{keys.check_channel_id(channel_id)}.m3u8", query_string)
 
 
 def _warn_if_old_nginx_config(request: web.Request) -> None:
@@ -114,54 +92,8 @@ async def _start_response(request: web.Request, channel_id: str, channel: Channe
     )
     try:
         status = await launcher.start(channel_id, channel, viewer)
-    except ChannelNotFound as exc:
-        return _error(for_player, 404, str(exc))
-    except ChannelError as exc:
-        log.error("%s", exc)
-        return _error(for_player, 422, str(exc))
-    except redis.RedisError as exc:
-        log.error("channel %s: redis unavailable: %s", channel_id, exc)
-        return _error(
-            for_player,
-            503,
-            f"channel {channel_id}: temporarily unavailable (redis unreachable)",
-            {"Retry-After": RETRY_AFTER},
-        )
-    except RunsElsewhere as exc:
-        if for_player and exc.peer and not _forwarded(request):
-            # The host that runs it answers, through this nginx: the player keeps its URL.
-            log.info("channel %s: forwarded to %s (%s)", channel_id, exc.peer, exc)
-            target = peer_target(exc.peer, f"stream_{channel_id}.m3u8", request.headers.get(QUERY_HEADER, ""))
-            return web.Response(status=200, headers={"X-Accel-Redirect": target})
-        launcher.counters["start_failures"] += 1
-        return _error(for_player, 503, f"channel {channel_id}: {exc}", {"Retry-After": RETRY_AFTER})
-    except HostFenced as exc:
-        # 421: this host cannot produce an answer (streamstate.lease); nginx closes the
-        # connection without one, and the edge tries the next host on the ring.
-        launcher.counters["start_failures"] += 1
-        log.warning("channel %s: start refused: %s", channel_id, exc)
-        return _error(for_player, 421, f"channel {channel_id}: {exc}", {"Retry-After": RETRY_AFTER})
-    except StartFailed as exc:
-        launcher.counters["start_failures"] += 1
-        if not isinstance(exc, CoolingDown) or _first_refusal(launcher, channel_id):
-            log.warning(
-                "channel %s: start %s: %s",
-                channel_id,
-                "refused during failed_cooldown (said once per cooldown)" if isinstance(exc, CoolingDown) else "failed",
-                exc,
-            )
-        if isinstance(exc, CoolingDown):
-            # Starts are refused until the cooldown ends: say when (the player's text stays the
-            # failure's class; a script's JSON says it is the cooldown).
-            retry = str(max(1, math.ceil(exc.seconds_left)))
-            return _error(
-                for_player,
-                503,
-                f"channel {channel_id}: {exc}",
-                {"Retry-After": retry},
-                cooldown_seconds=round(exc.seconds_left, 1),
-            )
-        return _error(for_player, 503, f"channel {channel_id}: {exc}", {"Retry-After": RETRY_AFTER})
+    except (ChannelNotFound, ChannelError, redis.RedisError, StartFailed) as exc:
+        return _refusal(request, channel_id, exc, for_player=for_player)
     if for_player:
         # nginx serves the file as the answer to the player's own request: no redirect it sees.
         return web.Response(
@@ -179,6 +111,59 @@ async def _start_response(request: web.Request, channel_id: str, channel: Channe
     )
 
 
+def _refusal(request: web.Request, channel_id: str, exc: Exception, *, for_player: bool) -> web.Response:
+    """The answer to a start that did not happen, by what stopped it: 404 unknown channel,
+    422 unusable record, 503 with the reason (Redis down, failed, busy, cooling down, another
+    host's: forwarded there for a player when that host is known), 421 this host is fenced."""
+    launcher: Launcher = request.app["launcher"]
+    if isinstance(exc, ChannelNotFound):
+        return _error(for_player, 404, str(exc))
+    if isinstance(exc, ChannelError):
+        log.error("%s", exc)
+        return _error(for_player, 422, str(exc))
+    if isinstance(exc, redis.RedisError):
+        log.error("channel %s: redis unavailable: %s", channel_id, exc)
+        return _error(
+            for_player,
+            503,
+            f"channel {channel_id}: temporarily unavailable (redis unreachable)",
+            {"Retry-After": RETRY_AFTER},
+        )
+    if isinstance(exc, RunsElsewhere):
+        if for_player and exc.peer and not forwarded(request):
+            # The host that runs it answers, through this nginx: the player keeps its URL.
+            log.info("channel %s: forwarded to %s (%s)", channel_id, exc.peer, exc)
+            target = peer_target(exc.peer, f"stream_{channel_id}.m3u8", request.headers.get(QUERY_HEADER, ""))
+            return web.Response(status=200, headers={"X-Accel-Redirect": target})
+    launcher.counters["start_failures"] += 1
+    if isinstance(exc, RunsElsewhere):
+        return _error(for_player, 503, f"channel {channel_id}: {exc}", {"Retry-After": RETRY_AFTER})
+    if isinstance(exc, HostFenced):
+        # 421: this host cannot produce an answer (streamstate.lease); nginx closes the
+        # connection without one, and the edge tries the next host on the ring.
+        log.warning("channel %s: start refused: %s", channel_id, exc)
+        return _error(for_player, 421, f"channel {channel_id}: {exc}", {"Retry-After": RETRY_AFTER})
+    if not isinstance(exc, CoolingDown) or _first_refusal(launcher, channel_id):
+        log.warning(
+            "channel %s: start %s: %s",
+            channel_id,
+            "refused during failed_cooldown (said once per cooldown)" if isinstance(exc, CoolingDown) else "failed",
+            exc,
+        )
+    if isinstance(exc, CoolingDown):
+        # Starts are refused until the cooldown ends: say when (the player's text stays the
+        # failure's class; a script's JSON says it is the cooldown).
+        retry = str(max(1, math.ceil(exc.seconds_left)))
+        return _error(
+            for_player,
+            503,
+            f"channel {channel_id}: {exc}",
+            {"Retry-After": retry},
+            cooldown_seconds=round(exc.seconds_left, 1),
+        )
+    return _error(for_player, 503, f"channel {channel_id}: {exc}", {"Retry-After": RETRY_AFTER})
+
+
 def _first_refusal(launcher: Launcher, channel_id: str) -> bool:
     """A channel's first start refused in its cooldown is logged; the next ones (every viewer
     retrying) are not, until failed_cooldown has passed."""
@@ -190,29 +175,6 @@ def _first_refusal(launcher: Launcher, channel_id: str) -> bool:
         return False
     said[channel_id] = now + launcher.settings.failed_cooldown
     return True
-
-
-async def segment_elsewhere(request: web.Request) -> web.Response:
-    """nginx's answer to a segment it does not have (``@streamkeeper_segment_elsewhere``):
-    the channel runs on another live host, so the segment is fetched there through this
-    nginx (X-Accel-Redirect), else 404 (the player fetches its playlist again)."""
-    launcher: Launcher = request.app["launcher"]
-    channel_id, name = request.match_info["channel_id"], request.match_info["segment"]
-    if (
-        not keys.CHANNEL_ID_RE.fullmatch(channel_id)
-        or not re.fullmatch(rf"stream_{channel_id}_[0-9]{{1,20}}\.ts", name)
-        or _forwarded(request)
-    ):
-        return web.Response(status=404, text="no such segment\n")
-    try:
-        peer = await launcher.segment_peer(channel_id)
-    except redis.RedisError:
-        peer = None
-    if peer is None:
-        return web.Response(status=404, text="no such segment\n")
-    return web.Response(
-        status=200, headers={"X-Accel-Redirect": peer_target(peer, name, request.headers.get(QUERY_HEADER, ""))}
-    )
 
 
 async def start_channel(request: web.Request) -> web.Response:
@@ -428,7 +390,7 @@ def make_app(settings) -> web.Application:
     app.router.add_get("/channel/{channel_id}/start", start_channel)  # HEAD too
     app.router.add_post("/channel/{channel_id}/start", start_channel)
     app.router.add_post("/channel/{channel_id}/stop", stop_channel)
-    app.router.add_get("/channel/{channel_id}/segment/{segment}", segment_elsewhere)
+    app.router.add_get("/channel/{channel_id}/segment/{segment}", peers.segment_elsewhere)
     app.router.add_get("/streams", streams)
     app.router.add_post("/streams/stop", stop_all_streams)
     app.router.add_get("/healthz", healthz)

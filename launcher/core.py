@@ -38,6 +38,7 @@ from streamstate.upstreams import Upstream
 from .adoption import adopt_streams
 from .host_key import HostKeeper
 from .host_services import HostServices
+from .peers import peer_of
 from .slots import ProviderSlots
 from .supervisor import StartFailed, StreamSupervisor
 
@@ -210,7 +211,8 @@ class Launcher:
             holder = await self.redis_call(runs.start_lock_host, channel_id)
             if holder is not None and holder != self.settings.host_id:
                 raise RunsElsewhere(
-                    f"channel {channel_id} is starting on host {holder}; retry shortly", await self.peer_of(holder)
+                    f"channel {channel_id} is starting on host {holder}; retry shortly",
+                    await peer_of(self.settings, self.redis_call, holder),
                 )
             return None
         try:
@@ -346,7 +348,10 @@ class Launcher:
         connection (a host fences itself first, streamstate.lease): its record and provider
         slot are cleared here, as the reaper would, and the channel starts on this host."""
         if await self.redis_call(runs.host_alive, record.host):
-            raise RunsElsewhere(f"channel {record.channel} runs on host {record.host}", await self.peer_of(record.host))
+            raise RunsElsewhere(
+                f"channel {record.channel} runs on host {record.host}",
+                await peer_of(self.settings, self.redis_call, record.host),
+            )
         why = f"host {record.host} not seen for {self.settings.host_timeout:g} s"
         await asyncio.to_thread(
             stream_end.stop_streams,
@@ -360,24 +365,6 @@ class Launcher:
             relay_wait=0,
         )
         log.info("channel %s: took it over from host %s (%s)", record.channel, record.host, why)
-
-    async def peer_of(self, host_id: str) -> str | None:
-        """Host ``host_id``'s nginx, if it said where (with its lease) and that is one of
-        `hosts` (what Redis says is never trusted as an address on its own)."""
-        if host_id == self.settings.host_id or not self.settings.hosts:
-            return None
-        address = await self.redis_call(runs.host_address, host_id)
-        return address if address in self.settings.hosts else None
-
-    async def segment_peer(self, channel_id: str) -> str | None:
-        """The nginx of the live host that runs the channel, if it is another (a segment this
-        host does not have is fetched there); None: not another live host's."""
-        record = await self.redis_call(runs.get_run, channel_id)
-        if record is None or record.host in ("", self.settings.host_id):
-            return None
-        if not await self.redis_call(runs.host_alive, record.host):
-            return None
-        return await self.peer_of(record.host)
 
     def _runs_elsewhere(self, record: runs.RunRecord) -> bool:
         """A live run of another launcher process (this host: the process is proven to be

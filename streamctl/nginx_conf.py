@@ -175,6 +175,9 @@ def fallback_targets(root: Directive) -> list[tuple[str, str]]:
     named = {loc.args[0]: loc for loc in root.find("location") if loc.args and loc.args[0].startswith("@")}
     targets = []
     for location in live_locations(root):
+        where = " ".join(location.args)
+        if ".ts" in where and "m3u8" not in where:
+            continue  # a segments' location: its fallback (another host's, multi-host) is not a playlist's
         names = {a.lstrip("=") for d in location.own("error_page") for a in d.args if a.lstrip("=").startswith("@")}
         names |= {a for d in location.own("try_files") for a in d.args if a.startswith("@")}
         for name in sorted(names):

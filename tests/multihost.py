@@ -12,7 +12,7 @@ import sys
 
 from demo.stack import LocalStack, toml_value
 from tests.conftest import REPO, NginxServer, stop_by_pid
-from tests.helpers import ffmpeg_processes, free_port, wait_for
+from tests.helpers import children_of, ffmpeg_processes, free_port, wait_for
 
 HOST_TIMEOUT = 10  # above twice a failover here (down-after 1 s, then the election)
 
@@ -112,7 +112,7 @@ class Cluster:
         doomed = []
         for process in host.processes.values():
             if process.poll() is None:
-                doomed += [process.pid, *_children(process.pid)]  # nginx's workers outlive their master
+                doomed += [process.pid, *children_of(process.pid)]  # nginx's workers outlive their master
         for pid in doomed:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -131,19 +131,3 @@ class Cluster:
         for host in self.hosts:
             host.stop()
         stop_by_pid(self.upstream)
-
-
-def _children(pid: int) -> list[int]:
-    """The pids whose parent is ``pid`` (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found

@@ -9,7 +9,7 @@ import time
 from heartbeatd.parse_pool import ParsePool
 from streamstate.logformat import LogLineParser
 from tests.conftest import REPO
-from tests.helpers import sk_line, wait_for
+from tests.helpers import children_of, sk_line, wait_for
 
 T = 1795000000.0
 
@@ -77,18 +77,3 @@ def test_sigterm_to_the_whole_process_group_exits_cleanly(tmp_path, redis_server
             process.wait()
     assert process.returncode == 0, output
     assert "SIGTERM received" in output and "lines read" in output
-
-
-def children_of(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from /proc/<pid>/stat)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
