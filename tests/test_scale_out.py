@@ -56,9 +56,9 @@ def test_a_master_failover_stops_no_watched_stream(sentinel_cluster):
     cluster, sentinels = sentinel_cluster
     channel = "800"
     add_channel(cluster, sentinels, channel)
-    watchers = Watchers(cluster.url(channel, "?token=viewers"), players=("hlsjs",)).start()
+    watchers = Watchers(cluster.url(channel, "?token=viewers"), players=("hlsjs", "shaka")).start()
     try:
-        wait_for(lambda: watchers.playing(FPS * 3) or watchers.fatal(), timeout=60, message="the player to play")
+        wait_for(lambda: watchers.playing(FPS * 3) or watchers.fatal(), timeout=60, message="both players to play")
         assert watchers.fatal() == {}
         host = cluster.host_running(channel)
         assert host is not None
