@@ -127,12 +127,12 @@ async def _hold_lease(relay, settings, stop: asyncio.Event) -> None:
             cut,
         )
 
-    def unfence(lapsed: bool) -> None:
-        relay.unfence(lapsed)
+    def unfence(lapsed: bool, began: float) -> None:
+        relay.unfence(began)
         log.warning(
             "lease %s: no longer fenced; upstream connections are taken again%s",
             "held anew" if lapsed else "renewed",
-            " (tickets written before the fence stay void)" if lapsed and relay.fenced_at else "",
+            " (tickets written before it began are void)" if lapsed else "",
         )
 
     await lease.keep_lease(held, stop, fence, unfence)

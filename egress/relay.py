@@ -358,13 +358,12 @@ class EgressRelay:
         self.open.clear()
         return cut
 
-    def unfence(self, lapsed: bool) -> None:
-        """The lease is held again.  If it had lapsed, other hosts may have taken this host's
-        slots: the tickets written before the fence stay void.  If it never lapsed (this
-        service alone could not renew it, the key stood), nothing is void."""
+    def unfence(self, began: float) -> None:
+        """The lease is held (again): tickets written before the lease held now began are
+        void (other hosts may have taken this host's slots while there was none); within one
+        lease that never lapsed (this service alone could not renew it), none is."""
         self.fenced = False
-        if not lapsed:
-            self.fenced_at = 0.0
+        self.fenced_at = began
 
     # -- the relay's own routes ----------------------------------------------------
     async def _status_route(self, writer, method: str, target: str) -> None:

@@ -64,7 +64,28 @@ async def adopt_streams(host: HostServices, supervisors: dict[str, StreamSupervi
         else:
             await _clear(host, record)
             counts["cleared"] += 1
+    counts["files_removed"] = await _remove_left_files(host, supervisors)
     return counts
+
+
+async def _remove_left_files(host: HostServices, supervisors: dict[str, StreamSupervisor]) -> int:
+    """Files of channels this launcher does not run and no FFmpeg writes: left from before
+    (a crash, a reboot; in a multi-host set-up another host may run the channel now, and
+    nginx would serve this host's frozen playlist instead of forwarding).  How many channels'."""
+    settings = host.settings
+    written = {
+        files.channel_of_file(os.path.basename(playlist))
+        for _, playlist in await asyncio.to_thread(stream_ffmpegs_under, settings.hls_dir, host.ffmpeg_executable)
+    }
+    try:
+        names = await asyncio.to_thread(os.listdir, settings.hls_dir)
+    except OSError:
+        return 0
+    left = {files.channel_of_file(name) for name in names} - written - set(supervisors) - {None}
+    for channel_id in sorted(c for c in left if c is not None):
+        await asyncio.to_thread(files.delete_stream_files, settings.hls_dir, channel_id)
+        log.info("channel %s: removed its files left from before (no FFmpeg of this host writes them)", channel_id)
+    return len(left)
 
 
 async def _unrecorded_ffmpegs(host: HostServices) -> dict[str, int]:

@@ -159,11 +159,15 @@ class Launcher:
         never runs), StartFailed (with the reason).
         """
         channel_id = keys.check_channel_id(channel_id)
-        if self.host_key.fenced:
+        if self.host_key.fenced and self.host_key.lapsed:
             raise HostFenced("host fenced: its Redis lease lapsed")
+        if self.host_key.fenced:
+            raise StartFailed("host starting: its Redis lease is not held yet")
         timeout = self.settings.start_timeout
         supervisor = self.active_supervisor(channel_id)
         created = False
+        if supervisor is None and self.settings.hosts:
+            await self._refuse_if_elsewhere(channel_id)
         if supervisor is None:
             failed = await self.redis_call(runs.get_failed, channel_id)
             if failed is not None:  # failed_cooldown: no FFmpeg, the same reason
@@ -207,13 +211,7 @@ class Launcher:
         self._check_free_space(channel_id)
         await self._check_relay(channel_id)
         token = runs.start_lock_token(self.settings.host_id)
-        if not await self.redis_call(runs.acquire_start_lock, channel_id, token, self.settings.start_timeout + 5):
-            holder = await self.redis_call(runs.start_lock_host, channel_id)
-            if holder is not None and holder != self.settings.host_id:
-                raise RunsElsewhere(
-                    f"channel {channel_id} is starting on host {holder}; retry shortly",
-                    await peer_of(self.settings, self.redis_call, holder),
-                )
+        if not await self._take_start_lock(channel_id, token):
             return None
         try:
             record = await self.redis_call(runs.get_run, channel_id)
@@ -341,6 +339,38 @@ class Launcher:
                 self.settings.egress_listen,
             )
             raise RelayDown(Cause.RELAY_DOWN.text)
+
+    async def _take_start_lock(self, channel_id: str, token: str) -> bool:
+        """The channel's start lock, across hosts.  Held by another host: RunsElsewhere.  Held
+        by this host while it starts nothing of the channel (the caller holds the channel's
+        lock here, and no supervisor runs it): a lock whose release was lost (Redis
+        unreachable at the time), dropped and taken.  False: another launcher process of
+        this host (an old one still running) starts it."""
+        ttl = self.settings.start_timeout + 5
+        if await self.redis_call(runs.acquire_start_lock, channel_id, token, ttl):
+            return True
+        value, holder = await self.redis_call(runs.start_lock_holder, channel_id)
+        if holder is not None and holder != self.settings.host_id:
+            raise RunsElsewhere(
+                f"channel {channel_id} is starting on host {holder}; retry shortly",
+                await peer_of(self.settings, self.redis_call, holder),
+            )
+        if holder == self.settings.host_id and value and self.active_supervisor(channel_id) is None:
+            log.info("channel %s: dropping a start lock this host left (its release was lost)", channel_id)
+            await self.redis_call(runs.drop_start_lock, channel_id, value)
+            return await self.redis_call(runs.acquire_start_lock, channel_id, token, ttl)
+        return False
+
+    async def _refuse_if_elsewhere(self, channel_id: str) -> None:
+        """A channel another live host runs is that host's (RunsElsewhere, forwarded there for
+        a player): said before any of this host's own checks, locks or starts, so a moved
+        viewer's every request costs two Redis reads here."""
+        record = await self.redis_call(runs.get_run, channel_id)
+        if record is None or record.host in ("", self.settings.host_id):
+            return
+        if await self.redis_call(runs.host_alive, record.host):
+            peer = await peer_of(self.settings, self.redis_call, record.host)
+            raise RunsElsewhere(f"channel {channel_id} runs on host {record.host}", peer)
 
     async def _take_over(self, record: runs.RunRecord) -> None:
         """The channel's record is another host's.  While that host's lease stands the run is

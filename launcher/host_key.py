@@ -28,6 +28,10 @@ class HostKeeper:
         self.settings, self._redis, self._redis_call, self._live = settings, redis, redis_call, live_supervisors
         # The lease lapsed, or is not held yet: this host starts nothing.
         self.fenced = lease.fencing_on(settings)
+        # The lease lapsed (fence() was called): starts get 421, which takes this host out of
+        # the edge's ring.  Before the first renewal (a start-up) they get 503: a launcher
+        # restart must not take its host out.
+        self.lapsed = False
         self._ending: set[asyncio.Task] = set()  # streams being ended by the fence (kept till done)
 
     async def keep_forever(self) -> None:
@@ -60,7 +64,7 @@ class HostKeeper:
             await asyncio.sleep(interval)
 
     def _fence(self, age: float | None) -> None:
-        self.fenced = True
+        self.fenced = self.lapsed = True
         live = self._live()
         log.error(
             "fenced: this host's Redis lease was not renewed for %s (fence after %g s); ending its %d stream(s) "
@@ -74,8 +78,8 @@ class HostKeeper:
             self._ending.add(task)
             task.add_done_callback(self._ending.discard)
 
-    def _unfence(self, lapsed: bool) -> None:
-        self.fenced = False
+    def _unfence(self, lapsed: bool, began: float) -> None:
+        self.fenced = self.lapsed = False
         log.warning(
             "lease %s: no longer fenced; starts are taken again (streams ended by the fence stay ended)",
             "held anew" if lapsed else "renewed",

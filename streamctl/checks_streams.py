@@ -183,7 +183,27 @@ def check_hosts(client, settings) -> list[Check]:
     it pulls nothing); another host gone with streams recorded is a warning (the reapers
     clear them once its lease has expired; its channels start elsewhere meanwhile)."""
     found = []
-    for host in hosts_view(client, settings, collect_streams(client, settings, {})["streams"]):
+    view = hosts_view(client, settings, collect_streams(client, settings, {})["streams"])
+    others = [h["host"] for h in view if h["alive"] and not h["this_host"]]
+    if others and not settings.hosts:
+        found.append(
+            Check(
+                WARN,
+                "hosts",
+                f"other hosts share this Redis ({printable(', '.join(others))}) but `hosts` is not set here: no "
+                "fencing (a host cut off from Redis keeps pulling while another takes its slots); set `hosts`",
+            )
+        )
+    if settings.hosts and settings.host_address not in settings.hosts:
+        found.append(
+            Check(
+                WARN,
+                "host_address",
+                f"this host's address {settings.host_address or '(none)'} is not one of `hosts`: other hosts "
+                "cannot forward a channel it runs to it; set host_address to its entry of `hosts`",
+            )
+        )
+    for host in view:
         name, label = printable(host["host"]), f"host {printable(host['host'])}"
         what = f"{host['streams']} stream(s), {host['slots']} provider slot(s)"
         if host["alive"]:

@@ -61,6 +61,7 @@ class HostLease:
         self.clock = clock
         self.confirmed: float | None = None  # when the last successful renewal was sent (clock)
         self.held: str | None = None  # the lease's id at the last renewal
+        self.began = 0.0  # when the lease held now began (epoch, Redis's clock)
         # The last renewal found the lease lapsed (the key had expired, or it never held
         # one): other hosts may have taken this host's slots meanwhile.
         self.lapsed = True
@@ -69,11 +70,13 @@ class HostLease:
         sent = self.clock()
         candidate = uuid.uuid4().hex
         try:
-            lease_id = runs.refresh_host(self.client, self.host_id, self.host_timeout, candidate, self.address)
+            held = runs.refresh_host(self.client, self.host_id, self.host_timeout, candidate, self.address)
         except Exception:  # noqa: BLE001 - any failure to renew brings the fence nearer, nothing else
             return False
+        lease_id, _, began = held.partition("@")
         self.lapsed = lease_id == candidate or (self.held is not None and lease_id != self.held)
         self.held = lease_id
+        self.began = float(began) if began.replace(".", "", 1).isdigit() else time.time()
         self.confirmed = max(self.confirmed or sent, sent)
         return True
 
@@ -90,12 +93,14 @@ async def keep_lease(
     lease: HostLease,
     stopping: asyncio.Event,
     fence: Callable[[float | None], None],
-    unfence: Callable[[bool], None],
+    unfence: Callable[[bool, float], None],
 ) -> None:
     """Hold the lease until ``stopping``.  The service starts fenced (nothing is pulled before
-    a lease is held): ``unfence(lapsed)`` once a renewal succeeds (``lapsed``: the lease had
-    expired, so whatever was allowed before is void), ``fence(age)`` once it lapses again,
-    or if no renewal succeeds within fence_after of the start.  Renewals run on their
+    a lease is held): ``unfence(lapsed, began)`` once a renewal succeeds (``lapsed``: the
+    lease had expired; ``began``: when the lease held now began, so whatever was allowed
+    before it is void), ``fence(age)`` once it lapses again, or if no renewal succeeds
+    within fence_after of the start; a lapse found while unfenced is a fence and an
+    unfence at once.  Renewals run on their
     cadence in a thread of their own (a busy shared pool or a hung Redis call delays no
     renewal of another and no look at the clock); the clock is read every FENCE_CHECK."""
     loop = asyncio.get_running_loop()
@@ -109,6 +114,12 @@ async def keep_lease(
             if renewing is not None and renewing.done():
                 if not renewing.result():  # failed: tried again soon, not a whole interval later
                     next_renewal = min(next_renewal, time.monotonic() + RETRY_RENEWAL)
+                elif lease.lapsed and not fenced:
+                    # The key had gone while this service ran (another host may have taken its
+                    # slots): fenced at once, then unfenced under the new lease.
+                    fence(lease.age())
+                    unfence(True, lease.began)
+                    lease.lapsed = False  # said once
                 renewing = None
             if renewing is None and time.monotonic() >= next_renewal:
                 renewing = loop.run_in_executor(renewer, lease.renew)
@@ -116,7 +127,8 @@ async def keep_lease(
             lapsed = lease.fenced()
             if fenced and not lapsed:
                 fenced, announced = False, False
-                unfence(lease.lapsed)
+                unfence(lease.lapsed, lease.began)
+                lease.lapsed = False  # said once
             elif (
                 lapsed
                 and not announced

@@ -165,6 +165,11 @@ def start_rate_limit(per_minute: int) -> dict:
     }
 
 
+# Failed connections before the edge takes a host out of its ring: more than one, so a reused
+# keepalive connection that a host's nginx reload closed does not take a healthy host out.
+EDGE_MAX_FAILS = 3
+
+
 def render_edge_config(settings) -> str:
     """The edge's snippet: /live/ to one of ``hosts`` by a consistent hash of the channel id."""
     if not settings.hosts:
@@ -177,7 +182,7 @@ def render_edge_config(settings) -> str:
             channel_id=CHANNEL_ID_PATTERN,
             host_timeout=f"{settings.host_timeout:g}",
             host_servers=tuple(
-                f"server {host} max_fails=1 fail_timeout={int(math.ceil(settings.host_timeout))}s;"
+                f"server {host} max_fails={EDGE_MAX_FAILS} fail_timeout={int(math.ceil(settings.host_timeout))}s;"
                 for host in settings.hosts
             ),
             start_timeout=f"{settings.start_timeout:g}",

@@ -36,7 +36,19 @@ for i = 4, #ARGV, 2 do
     redis.call('HDEL', KEYS[1], ARGV[i])
   end
 end
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 or redis.call('HLEN', KEYS[1]) < tonumber(ARGV[3]) then
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if held then
+  -- The channel's slot: ours again only if it is this run's (after a failover another
+  -- host's run of the channel may hold it; that one keeps it).
+  local ok, data = pcall(cjson.decode, held)
+  local mine = pcall(cjson.decode, ARGV[2]) and cjson.decode(ARGV[2])['run_id']
+  if ok and type(data) == 'table' and data['run_id'] == mine then
+    redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+    return 1
+  end
+  return 0
+end
+if redis.call('HLEN', KEYS[1]) < tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   return 1
 end

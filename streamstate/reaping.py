@@ -77,9 +77,13 @@ class Reaper:
                     self._stop([a for a in actions if a.kind is ActionKind.STOP])
                 summary.stopped = sum(a.kind is ActionKind.STOP for a in actions)
                 summary.stale = sum(a.kind is ActionKind.STALE for a in actions)
-                running = {a.channel for a in actions if a.kind in (ActionKind.KEEP, ActionKind.FOREIGN)}
+                # Only this host's own runs keep processes and files here: a channel another
+                # host runs now (it took it over) has none of this host's, and its old files
+                # would be served stale by this host's nginx.
+                running = {a.channel for a in actions if a.kind is ActionKind.KEEP}
+                elsewhere = {a.channel for a in actions if a.kind is ActionKind.FOREIGN}
                 summary.orphan_processes = self._orphan_processes(running)
-                summary.orphan_files = self._orphan_files(running, now)
+                summary.orphan_files = self._orphan_files(running, now, elsewhere)
                 summary.invalid_members = self._remove_invalid_members()
             finally:
                 if not self.dry_run:
@@ -210,8 +214,9 @@ class Reaper:
             )
         return len(junk)
 
-    def _orphan_files(self, running: set[str], now: float) -> int:
-        """Playlists and segments of no running stream, older than orphan_age."""
+    def _orphan_files(self, running: set[str], now: float, elsewhere: frozenset[str] | set[str] = frozenset()) -> int:
+        """Playlists and segments of no running stream here, older than orphan_age; those of a
+        channel another live host runs (``elsewhere``) at once, whatever their age."""
         try:
             names = os.listdir(self.hls_dir)
         except FileNotFoundError:
@@ -227,7 +232,7 @@ class Reaper:
                 age = now - os.stat(path).st_mtime
             except OSError:
                 continue
-            if age <= age_limit:
+            if age <= age_limit and channel not in elsewhere:
                 continue
             if self.dry_run:
                 removed += 1

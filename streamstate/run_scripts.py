@@ -104,14 +104,16 @@ return 0
 
 
 # KEYS: host:<id>, hosts:<id>:address; ARGV: ttl (ms), a new lease id, the host's address
-# ('' : not said).  The host's key renewed for ttl, keeping the id it holds (the lease held
-# without a lapse); a key that had expired starts a new lease under the new id.  The
-# address, when given, lives as long.  Returns the id the key holds now.
+# ('' : not said).  The host's key renewed for ttl, keeping what it holds (the lease held
+# without a lapse: "<id>@<when it began>"); a key that had expired (or junk) starts a new
+# lease under the new id, begun now by Redis's clock.  The address, when given, lives as
+# long.  Returns the value the key holds now.
 RENEW_HOST_LUA = """
 local kind = redis.call('TYPE', KEYS[1])['ok']
 local id = kind == 'string' and redis.call('GET', KEYS[1]) or false
-if not id or #id > 64 then
-  id = ARGV[2]
+if not id or #id > 96 or not string.find(id, '^[0-9a-f]+@[0-9]+%.[0-9]+$') then
+  local now = redis.call('TIME')
+  id = ARGV[2] .. '@' .. now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
 end
 redis.call('SET', KEYS[1], id, 'PX', ARGV[1])
 if ARGV[3] ~= '' then

@@ -312,9 +312,9 @@ def mark_stopping_in(pipeline, client, channel: str, run_id: str):
 
 def refresh_host(client, host_id: str, ttl_seconds: float, new_id: str | None = None, address: str = "") -> str:
     """This host is alive for ttl_seconds more: other hosts' reapers leave its records alone.
-    Returns the lease's id: the one the key held while it never lapsed, else ``new_id`` (a
-    new lease; streamstate.lease).  ``address``: this host's nginx as the others reach it
-    (host_address), said for as long."""
+    Returns the lease as "<id>@<epoch it began>": the one the key held while it never
+    lapsed, else a new one under ``new_id`` (streamstate.lease).  ``address``: this host's
+    nginx as the others reach it (host_address), said for as long."""
     script = registered_script(client, "renew_host", run_scripts.RENEW_HOST_LUA)
     args = [int(ttl_seconds * 1000), new_id or uuid.uuid4().hex, address]
     return text(script(keys=[keys.host_key(host_id), keys.host_address_key(host_id)], args=args)) or ""
@@ -402,9 +402,20 @@ def start_lock_token(host_id: str) -> str:
 
 def start_lock_host(client, channel: str) -> str | None:
     """The host holding the channel's start lock (None: free, or a value of no host)."""
+    return start_lock_holder(client, channel)[1]
+
+
+def start_lock_holder(client, channel: str) -> tuple[str | None, str | None]:
+    """(the start lock's value, the host it names); (None, None) when it is free."""
     value = text(client.get(keys.lock_key(channel)))
     _, at, host = (value or "").partition("@")
-    return host if at and host else None
+    return value, (host if at and host else None)
+
+
+def drop_start_lock(client, channel: str, value: str) -> None:
+    """A start lock left by a start whose release was lost (Redis unreachable then), deleted
+    only while it still holds ``value``."""
+    release_lock(client, keys.lock_key(channel), value)
 
 
 def host_alive(client, host_id: str) -> bool:

@@ -4,6 +4,7 @@ that take code to write (the quality profiles, the User-Agent)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -85,6 +86,31 @@ def parse_host_ports(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)):
         raise ValueError('expected a list of host:port, e.g. ["10.0.0.1:26379", "10.0.0.2:26379"]')
     return tuple(parse_host_port(item) for item in value)
+
+
+def parse_ip_ports(value: Any) -> tuple[str, ...]:
+    """A list of IP:port ([v6]:port): the hosts forward requests to each other by these, and
+    nginx proxies to an address literal without a resolver."""
+    found = parse_host_ports(value)
+    for text in found:
+        if not _is_ip(split_host_port(text)[0]):
+            raise ValueError(f"expected IP:port (an address, not a name), got {text!r}")
+    return found
+
+
+def parse_ip_port_or_off(value: Any) -> str:
+    text = parse_listen_or_off(value)
+    if text and not _is_ip(split_host_port(text)[0]):
+        raise ValueError(f"expected IP:port (an address, not a name), got {text!r}")
+    return text
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def split_host_port(text: str) -> tuple[str, int]:

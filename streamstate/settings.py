@@ -30,6 +30,8 @@ from .setting_values import (
     parse_header_text,
     parse_host_port,
     parse_host_ports,
+    parse_ip_port_or_off,
+    parse_ip_ports,
     parse_listen_or_off,
     parse_loopback_host_port,
     parse_nginx_listen,
@@ -243,14 +245,14 @@ class Settings:
     )
     hosts: tuple[str, ...] = setting(
         lambda: (),
-        parse_host_ports,
-        "every streaming host's nginx (host:port) in a multi-host set-up: the edge routes each channel "
+        parse_ip_ports,
+        "every streaming host's nginx (IP:port) in a multi-host set-up: the edge routes each channel "
         "to one of them (streamctl nginx-config --edge); set on every host, it turns fencing on "
         "(a host that cannot renew its Redis lease stops pulling)",
     )
     host_address: str = setting(
         lambda: "",
-        parse_listen_or_off,
+        parse_ip_port_or_off,
         "this host's nginx as the edge and the other hosts reach it, an IP:port of `hosts` (default: "
         "nginx_listen if it is one of them); another host forwards a request for a channel this host "
         "runs to it",

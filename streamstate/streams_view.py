@@ -99,14 +99,16 @@ def hosts_view(client, settings, streams: list[dict]) -> list[dict]:
     left = pipe.execute() if ordered else []
     view = []
     for name, ttl in zip(ordered, left):
-        alive = isinstance(ttl, int) and ttl > 0
+        alive = isinstance(ttl, int) and ttl != -2  # the key exists (runs.host_alive's rule)
         mine = [s for s in streams if s.get("host") == name]
         view.append(
             {
                 "host": name,
                 "this_host": name == settings.host_id,
                 "alive": alive,
-                "lease_age_seconds": round(max(0.0, settings.host_timeout - ttl / 1000), 1) if alive else None,
+                "lease_age_seconds": round(max(0.0, settings.host_timeout - ttl / 1000), 1)
+                if alive and ttl > 0
+                else None,
                 "streams": len(mine),
                 "slots": sum(1 for s in mine if s.get("provider")),
             }

@@ -16,8 +16,9 @@ import pytest
 import redis
 
 from demo.stack import LocalStack, toml_value
-from streamstate import egress, keys
+from streamstate import egress, keys, runs
 from tests.conftest import REPO, stop_by_pid
+from tests.fakes.listeners import KeepAliveOrigin
 from tests.fakes.provider_emulator import ProviderEmulator
 from tests.fakes.tcp_forwarder import TcpForwarder
 from tests.helpers import add_channel, ffmpegs_writing, first_request, free_port, wait_for
@@ -32,8 +33,9 @@ def provider():
 
 
 @pytest.fixture
-def partitioned_relay(tmp_path, redis_server):
-    """hostB's egress relay, its Redis connection through a forwarder."""
+def partitioned_relay(tmp_path, redis_server, redis_client):
+    """hostB's egress relay, its Redis connection through a forwarder (started after
+    redis_client's FLUSHALL, which would take its lease away)."""
     forwarder = TcpForwarder(redis_server.port)
     port = free_port()
     config = tmp_path / "hostB.toml"
@@ -48,14 +50,22 @@ def partitioned_relay(tmp_path, redis_server):
     }
     config.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in values.items()))
     log_path = tmp_path / "egress.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "egress", "--config", str(config)], cwd=REPO, stdout=log, stderr=log
-        )
-    wait_for(lambda: os.path.exists(log_path) and b"listening on" in log_path.read_bytes(), 20, message="the relay")
-    yield {"port": port, "forwarder": forwarder, "state_dir": values["state_dir"], "log": log_path}
-    stop_by_pid(process)
+    relay = {"port": port, "forwarder": forwarder, "state_dir": values["state_dir"], "log": log_path, "config": config}
+    relay["process"] = start_relay(relay)
+    yield relay
+    stop_by_pid(relay["process"])
     forwarder.close()
+
+
+def start_relay(relay: dict) -> subprocess.Popen:
+    """The relay of ``relay``'s config, its log appended to; returns once it listens."""
+    already = relay["log"].read_bytes().count(b"listening on") if relay["log"].exists() else 0
+    with open(relay["log"], "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "egress", "--config", str(relay["config"])], cwd=REPO, stdout=log, stderr=log
+        )
+    wait_for(lambda: relay["log"].read_bytes().count(b"listening on") > already, 20, message="the relay")
+    return process
 
 
 def open_stream_through(relay, url: str) -> http.client.HTTPConnection:
@@ -111,10 +121,12 @@ def test_a_partitioned_host_cuts_its_provider_connections_before_its_lease_expir
     answer = refused.getresponse()
     assert answer.status == 503 and answer.getheader("X-Streamkeeper-Refused") == "fenced"
 
+    unfenced = relay["log"].read_bytes().count(b"no longer fenced")
     relay["forwarder"].heal()
-    # Unfenced once at its start (a service starts fenced), and again now.
     wait_for(
-        lambda: relay["log"].read_bytes().count(b"no longer fenced") == 2, timeout=3 * HOST_TIMEOUT, message="unfenced"
+        lambda: relay["log"].read_bytes().count(b"no longer fenced") > unfenced,
+        timeout=3 * HOST_TIMEOUT,
+        message="unfenced",
     )
     wait_for(lambda: redis_client.exists(keys.host_key("hostB")), message="hostB's lease renewed")
     # Healed, it pulls nothing of its own accord: the cut stream stays closed, and its ticket,
@@ -186,14 +198,18 @@ def test_a_partitioned_launcher_ends_its_streams_takes_no_start_and_restarts_not
     # Through this host's nginx: no answer at all, so an edge would try the next host.
     with pytest.raises((http.client.RemoteDisconnected, ConnectionError, urllib.error.URLError)):
         first_request(stack.playlist_url(channel_id))
+    unfenced = {part: stack.log(part).count("no longer fenced") for part in ("launcher", "egress")}
     forwarder.heal()
     for part in ("launcher", "egress"):
-        wait_for(  # once at its start (a service starts fenced), and again now
-            lambda: stack.log(part).count("no longer fenced") == 2, timeout=3 * HOST_TIMEOUT, message=f"{part} unfenced"
+        wait_for(
+            lambda: stack.log(part).count("no longer fenced") > unfenced[part],
+            timeout=3 * HOST_TIMEOUT,
+            message=f"{part} unfenced",
         )
     # Nothing of the fenced host's own accord: the stream it ended is not started again.
     assert ffmpegs_writing(stack, channel_id) == []
-    assert first_request(stack.playlist_url(channel_id))[0] == 200  # a viewer's request starts it
+    answer = first_request(stack.playlist_url(channel_id))
+    assert answer[0] == 200, (answer, stack.log("launcher")[-2500:])  # a viewer's request starts it
 
 
 def test_a_connection_being_set_up_when_the_fence_comes_is_cut_and_refused(tmp_path):
@@ -221,7 +237,7 @@ def test_a_connection_being_set_up_when_the_fence_comes_is_cut_and_refused(tmp_p
 
         origin_server = await asyncio.start_server(origin, "127.0.0.1", 0)
         relay = EgressRelay(settings)
-        relay.unfence(lapsed=False)  # a lease is held
+        relay.unfence(began=0.0)  # a lease is held
         connecting, go_on = asyncio.Event(), asyncio.Event()
         real_connect = relay.dialer.connect
 
@@ -249,3 +265,38 @@ def test_a_connection_being_set_up_when_the_fence_comes_is_cut_and_refused(tmp_p
     head, open_counts, upstreams = asyncio.run(scenario())
     assert head.startswith(b"HTTP/1.1 503") and b"X-Streamkeeper-Refused: fenced" in head
     assert open_counts == {} and upstreams == 0
+
+
+def test_a_lapse_voids_the_tickets_from_before_it_even_across_a_relay_restart(partitioned_relay, redis_client):
+    """Attack findings: a lease lost while the relay held it went unnoticed, and a relay
+    restarted after a lapse took the old tickets again when another service had recreated the
+    lease first.  A ticket is good only if written within the lease held now."""
+    relay = partitioned_relay
+    wait_for(lambda: b"no longer fenced" in relay["log"].read_bytes(), message="the relay to hold the lease")
+    old_token = egress.write_ticket(relay["state_dir"], "9010", None)
+    origin = KeepAliveOrigin(b"ok\n")
+    url = f"http://127.0.0.1:{origin.port}/a.ts"
+    try:
+        assert _request_with_ticket(relay, "9010", old_token, url).status == 200
+        # The key is lost (a promoted replica that lacked it, a flush): a new lease begins.
+        anew = relay["log"].read_bytes().count(b"held anew")  # once already: its first lease
+        redis_client.delete(keys.host_key("hostB"))
+        wait_for(lambda: relay["log"].read_bytes().count(b"held anew") > anew, message="the relay to see the new lease")
+        refused = _request_with_ticket(relay, "9010", old_token, url)
+        assert refused.status == 503 and refused.getheader("X-Streamkeeper-Refused") == "fenced"
+        # Restarted after another lapse, with the lease recreated by another service first.
+        stop_by_pid(relay["process"])
+        unfenced = relay["log"].read_bytes().count(b"no longer fenced")
+        newer_token = egress.write_ticket(relay["state_dir"], "9011", None)
+        redis_client.delete(keys.host_key("hostB"))
+        runs.refresh_host(redis_client, "hostB", HOST_TIMEOUT)  # heartbeatd, say
+        relay["process"] = start_relay(relay)
+        wait_for(
+            lambda: relay["log"].read_bytes().count(b"no longer fenced") > unfenced, message="the new relay to hold it"
+        )
+        stale = _request_with_ticket(relay, "9011", newer_token, url)
+        assert stale.status == 503 and stale.getheader("X-Streamkeeper-Refused") == "fenced"
+        fresh = _request_with_ticket(relay, "9012", egress.write_ticket(relay["state_dir"], "9012", None), url)
+        assert fresh.status == 200
+    finally:
+        origin.close()

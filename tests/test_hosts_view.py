@@ -68,3 +68,14 @@ def test_doctor_fails_a_multi_host_host_without_its_lease(tmp_path, redis_server
     path = config(tmp_path, redis_server, hosts=["127.0.0.1:1", "127.0.0.1:2"])
     checks = {c.check: c for c in check_hosts(redis_client, load_settings(path))}
     assert checks["host hostB"].status == "FAIL" and "fenced" in checks["host hostB"].detail
+
+
+def test_doctor_warns_of_other_hosts_without_hosts_set_and_of_a_host_address_not_in_hosts(
+    tmp_path, redis_server, redis_client
+):
+    runs.refresh_host(redis_client, "hostA", 30)
+    checks = {c.check: c for c in check_hosts(redis_client, load_settings(config(tmp_path, redis_server)))}
+    assert checks["hosts"].status == "warn" and "hostA" in checks["hosts"].detail
+    multi = config(tmp_path, redis_server, hosts=["127.0.0.1:1", "127.0.0.1:2"], nginx_listen="127.0.0.1:3")
+    checks = {c.check: c for c in check_hosts(redis_client, load_settings(multi))}
+    assert checks["host_address"].status == "warn" and "hosts" not in checks

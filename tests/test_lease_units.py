@@ -14,7 +14,7 @@ from streamstate import lease
 
 pytestmark = pytest.mark.unit
 
-HOST_TIMEOUT = 0.4  # fenced 0.2 s after the last renewal; renewed every 0.08 s
+HOST_TIMEOUT = 2.0  # fenced 1 s after the last renewal; renewed every 0.4 s (margin for a loaded machine)
 
 
 class FakeRedis:
@@ -33,7 +33,7 @@ class FakeRedis:
             if self.down:
                 raise redis.ConnectionError("redis down")
             if self.value is None:
-                self.value = args[1]
+                self.value = f"{args[1]}@1000.000000"  # a new lease, begun by Redis's clock
             return self.value
 
         return run
@@ -44,7 +44,10 @@ async def hold(client: FakeRedis, events: list, until) -> None:
     held = lease.HostLease(client, "hostB", HOST_TIMEOUT)
     task = asyncio.create_task(
         lease.keep_lease(
-            held, stopping, lambda age: events.append(("fence", age)), lambda lapsed: events.append(("unfence", lapsed))
+            held,
+            stopping,
+            lambda age: events.append(("fence", age)),
+            lambda lapsed, began: events.append(("unfence", lapsed)),
         )
     )
     try:
@@ -64,7 +67,7 @@ def test_a_service_starts_fenced_and_its_first_renewal_says_the_lease_was_new():
 
 def test_a_lease_that_stood_is_not_lapsed():
     client = FakeRedis()
-    client.value = "held-by-the-launcher"  # another service of this host kept it
+    client.value = "0abc@999.000000"  # another service of this host kept it
     events: list = []
     asyncio.run(hold(client, events, lambda e: e))
     assert events == [("unfence", False)]
@@ -109,3 +112,19 @@ def test_a_service_that_never_renews_is_fenced_from_its_start():
     events: list = []
     asyncio.run(hold(client, events, lambda e: e))
     assert events == [("fence", None)]
+
+
+def test_a_lease_lost_while_held_fences_and_unfences_under_the_new_one():
+    """Attack finding: a key lost while the service was unfenced (a lagging replica promoted,
+    a flush) went unnoticed; other hosts could reap this host's records meanwhile."""
+    client = FakeRedis()
+    events: list = []
+
+    def script(e):
+        if e == [("unfence", True)]:
+            client.value = None  # the key is gone; the next renewal starts a new lease
+            events.append(("lost", None))
+        return len(e) == 4
+
+    asyncio.run(hold(client, events, script))
+    assert events[1:] == [("lost", None), ("fence", events[2][1]), ("unfence", True)]

@@ -317,6 +317,22 @@ def test_records_of_other_hosts(env):
     assert alive(sleeper) and env.redis.exists(keys.run_key(14)) == 0
 
 
+def test_files_of_a_channel_another_host_runs_are_removed_at_once(env):
+    """Attack finding (issue 18): this host's old files of a channel another host took over
+    were kept (the channel counted as running), and nginx served the frozen playlist to the
+    viewers the edge sent here instead of forwarding them."""
+    sleeper = env.spawn(["sleep", "300"])
+    record(env, 16, sleeper, last_access=time.time(), host="host-b")
+    env.redis.set(keys.host_key("host-b"), "1", ex=60)
+    for name in ("stream_16.m3u8", "stream_16_5.ts"):
+        with open(os.path.join(env.hls, name), "w") as handle:
+            handle.write("#EXTM3U\n")  # fresh: well under orphan_age
+    summary = Reaper(env.settings()).run_pass()
+    assert summary.foreign == 1 and summary.orphan_files == 2
+    assert not [n for n in os.listdir(env.hls) if n.startswith("stream_16")]
+    assert alive(sleeper) and env.redis.exists(keys.run_key(16)) == 1  # host-b's run is left alone
+
+
 def test_service_mode_runs_passes_on_a_cadence_and_exits_on_sigterm(env, daemons):
     ff = env.ffmpeg(15)
     record(env, 15, ff, last_access=time.time())

@@ -107,7 +107,11 @@ def test_a_killed_host_s_channels_play_from_another_host_and_its_records_are_cle
     )
     now_on = cluster.host_running(channel)
     assert now_on not in (None, dead)
-    assert f"channel {channel}: took it over from host host{dead}" in cluster.hosts[now_on].log("launcher")
+    # Cleared by the start that took it over, or by a reaper's pass first: either way once
+    # the dead host's lease had expired.
+    assert f"channel {channel}: took it over from host host{dead}" in cluster.hosts[now_on].log("launcher") or any(
+        f"host host{dead} not seen" in h.log("reaper") for i, h in enumerate(cluster.hosts) if i != dead
+    )
 
     def dead_host_s_records() -> list[str]:
         client = master(sentinels)
@@ -163,8 +167,9 @@ def test_a_partitioned_host_stops_pulling_and_another_serves_its_channel(tmp_pat
             interval=1,
             message="host 0 to serve the channel",
         )
+        unfenced = partitioned.log("launcher").count("no longer fenced")
         forwarder.heal()
-        wait_for(lambda: partitioned.log("launcher").count("no longer fenced") == 2, timeout=30, message="healed")
+        wait_for(lambda: partitioned.log("launcher").count("no longer fenced") > unfenced, timeout=30, message="healed")
         assert cluster.host_running(channel) == 0 and len(cluster.ffmpegs_of(channel)) == 1
         assert provider.violations == [] and provider.max_concurrent.get("acct", 0) == 1
     finally:
