@@ -10,11 +10,12 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 
-from streamstate import files
+from streamstate import files, lease
 from streamstate.logformat import LogFormatError, LogLineParser, normalise_format
 from streamstate.process import resolve_executable
 from streamstate.redact import redact_url
-from streamstate.redis_client import redis_for, redis_where
+from streamstate.redis_client import redis_error_text, redis_for, redis_where
+from streamstate.setting_values import split_host_port
 from streamstate.upstreams import proxy_endpoint
 
 from . import nginx_conf
@@ -38,7 +39,12 @@ def check_redis(settings) -> list[Check]:
     try:
         client.ping()
     except redis.RedisError as exc:
-        return [Check(FAIL, "redis", f"{where} does not answer ({exc}); start redis-server or fix redis_url")]
+        fix = (
+            "check redis_sentinels and redis_master_name"
+            if settings.redis_sentinels
+            else "start redis-server or fix redis_url"
+        )
+        return [Check(FAIL, "redis", f"{where} does not answer ({redis_error_text(exc, settings)}); {fix}")]
     took = (time.monotonic() - started) * 1000
     found = [Check(OK if took < REDIS_SLOW_MS else WARN, "redis", f"{where} answers in {took:.1f} ms")]
     try:
@@ -73,6 +79,51 @@ def check_redis(settings) -> list[Check]:
                 "every channel record (running streams survive it); set appendonly yes",
             )
         )
+    return found
+
+
+# Seconds a Sentinel election takes on top of down-after (measured: about 1.5 s on loopback,
+# bench/scale.py); a failover shorter than the fence leaves the hosts unfenced.
+ELECTION_MARGIN = 2.0
+
+
+def check_sentinels(settings) -> list[Check]:
+    """Through Sentinel: the sentinels answer and know the master, it has a replica to fail
+    over to, and a failover (down-after + the election) ends before the hosts' fence
+    (host_timeout/2): else every host would end its streams at every failover."""
+    if not settings.redis_sentinels:
+        return []
+    found = []
+    for address in settings.redis_sentinels:
+        host, port = split_host_port(address)
+        client = redis.Redis(host=host, port=port, socket_connect_timeout=TIMEOUT, socket_timeout=TIMEOUT)
+        try:
+            answer = client.sentinel_master(settings.redis_master_name)
+        except redis.RedisError as exc:
+            found.append(
+                Check(WARN, f"sentinel {address}", f"does not answer for {settings.redis_master_name!r} ({exc})")
+            )
+            continue
+        finally:
+            client.close()
+        master = answer if isinstance(answer, dict) else {}
+        down_after = float(master.get("down-after-milliseconds", 0)) / 1000
+        replicas = int(master.get("num-slaves", 0))
+        found.append(Check(OK, f"sentinel {address}", f"master {settings.redis_master_name!r}, {replicas} replica(s)"))
+        if replicas == 0:
+            found.append(Check(WARN, "redis replica", "the master has no replica: a failover has nothing to promote"))
+        if settings.hosts and down_after + ELECTION_MARGIN >= lease.fence_after(settings.host_timeout):
+            found.append(
+                Check(
+                    FAIL,
+                    "failover vs fence",
+                    f"a failover takes at least down-after-milliseconds ({down_after:g} s) + the election "
+                    f"(~{ELECTION_MARGIN:g} s), not less than host_timeout/2 ({lease.fence_after(settings.host_timeout):g} s): "
+                    "every host would fence itself (end its streams) at every failover; lower the sentinels' "
+                    "down-after-milliseconds or raise host_timeout",
+                )
+            )
+        break  # one sentinel that answers speaks for them
     return found
 
 

@@ -206,8 +206,20 @@ def check_hosts(client, settings) -> list[Check]:
     for host in view:
         name, label = printable(host["host"]), f"host {printable(host['host'])}"
         what = f"{host['streams']} stream(s), {host['slots']} provider slot(s)"
-        if host["alive"]:
-            found.append(Check(OK, label, f"alive, lease renewed {host['lease_age_seconds']:.0f} s ago; {what}"))
+        address = runs.host_address(client, host["host"]) if settings.hosts and not host["this_host"] else None
+        if host["alive"] and settings.hosts and not host["this_host"] and address not in settings.hosts:
+            found.append(
+                Check(
+                    WARN,
+                    label,
+                    f"alive, but its address ({printable(address or 'none said')}) is not one of `hosts`: a channel "
+                    "it runs cannot be forwarded to it; give it the same `hosts` and its host_address",
+                )
+            )
+        elif host["alive"]:
+            age = host["lease_age_seconds"]
+            renewed = f"lease renewed {age:.0f} s ago" if age is not None else "its key has no expiry"
+            found.append(Check(OK, label, f"alive, {renewed}; {what}"))
         elif host["this_host"] and lease.fencing_on(settings):
             found.append(
                 Check(

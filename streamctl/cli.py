@@ -86,7 +86,12 @@ def config_command(settings_loader, as_json):
     is_flag=True,
     help="Render the edge's snippet instead (a multi-host set-up): /live/ to one of `hosts` by channel id.",
 )
-def nginx_config_command(settings_loader, output, edge):
+@click.option(
+    "--listen",
+    metavar="ADDRESS",
+    help="With --edge: where the edge listens (overrides nginx_listen, which on a host is its own).",
+)
+def nginx_config_command(settings_loader, output, edge, listen):
     """Print the nginx conf.d snippet rendered from the settings.
 
     Exit codes: 0 rendered, 2 a setting cannot be rendered (the line says which).
@@ -100,7 +105,7 @@ def nginx_config_command(settings_loader, output, edge):
     """
 
     try:
-        settings = settings_loader()
+        settings = settings_loader(nginx_listen=listen) if listen else settings_loader()
         text = render_edge_config(settings) if edge else render_nginx_config(settings)
     except ValueError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -18,7 +18,15 @@ from streamstate.redis_client import redis_for
 
 from .checks_channel import check_channel
 from .checks_common import FAIL
-from .checks_host import check_ffmpeg, check_nginx, check_nginx_answers, check_proxies, check_redis, check_space
+from .checks_host import (
+    check_ffmpeg,
+    check_nginx,
+    check_nginx_answers,
+    check_proxies,
+    check_redis,
+    check_sentinels,
+    check_space,
+)
 from .checks_services import check_heartbeatd, check_launcher, check_reaper, check_validator
 from .checks_streams import check_hosts, check_streams
 
@@ -55,6 +63,7 @@ def doctor_command(settings_loader, as_json, channel_id, nginx_conf_file):
     settings = settings_loader()
     checks = check_redis(settings)
     redis_up = checks[0].status != FAIL
+    checks += check_sentinels(settings)
     client = redis_for(settings)
     checks += (
         check_nginx(settings, nginx_conf_file)

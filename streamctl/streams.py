@@ -15,7 +15,7 @@ from streamstate import files, keys, redis_values, runs
 from streamstate.cli_options import channel_id_or_exit, settings_options
 from streamstate.reaping import Reaper, RedisUnavailable
 from streamstate.redact import printable
-from streamstate.redis_client import redis_for, redis_where
+from streamstate.redis_client import redis_error_text, redis_for, redis_where
 from streamstate.streams_view import collect_streams
 
 EXIT_FAILED = 1  # the launcher could not start it (503), or is unreachable
@@ -192,7 +192,7 @@ def status_command(settings_loader, channel_id, as_json):
             listing["hosts"] = [h for h in listing["hosts"] if any(s["host"] == h["host"] for s in listing["streams"])]
         last_pass = runs.reaper_last_pass(client, settings.host_id)
     except redis.RedisError as exc:
-        click.echo(f"error: {redis_where(settings)} unreachable: {exc}", err=True)
+        click.echo(f"error: {redis_where(settings)} unreachable: {redis_error_text(exc, settings)}", err=True)
         raise SystemExit(EXIT_FAILED) from None
     if as_json:
         click.echo(json.dumps({**listing, "reaper_last_pass": last_pass}, indent=2))

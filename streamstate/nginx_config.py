@@ -173,7 +173,12 @@ EDGE_MAX_FAILS = 3
 def render_edge_config(settings) -> str:
     """The edge's snippet: /live/ to one of ``hosts`` by a consistent hash of the channel id."""
     if not settings.hosts:
-        raise ValueError("hosts: list every streaming host's nginx (host:port) to render the edge")
+        raise ValueError("hosts: list every streaming host's nginx (IP:port) to render the edge")
+    if settings.nginx_listen in settings.hosts:
+        raise ValueError(
+            f"nginx_listen {settings.nginx_listen} is one of hosts: the edge would route to itself; give the "
+            "edge's own address (--listen, or nginx_listen in the edge's settings)"
+        )
     return fill(
         package_file("nginx", "edge.conf.template"),
         dict(

@@ -8,7 +8,7 @@ from urllib.parse import unquote, urlsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from .redact import redact_url
 from .setting_values import split_host_port
@@ -77,3 +77,34 @@ def redis_where(settings) -> str:
 
 # Milliseconds a write that must survive a failover (a provider slot) waits for a replica.
 REPLICA_WAIT_MS = 1000
+
+
+def redis_error_text(exc: Exception, settings) -> str:
+    """A Redis failure as one line an operator can act on.  Through Sentinel, a master that
+    cannot be found is told apart: no sentinel answered, or they know no master of that name."""
+    if settings.redis_sentinels and isinstance(exc, MasterNotFoundError):
+        known: set[str] = set()
+        answered = []
+        for address in settings.redis_sentinels:
+            host, port = split_host_port(address)
+            client = redis.Redis(
+                host=host, port=port, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=SOCKET_TIMEOUT
+            )
+            try:
+                known |= {str(name) for name in client.sentinel_masters()}
+            except redis.RedisError:
+                continue
+            finally:
+                client.close()
+            answered.append(address)
+        if not answered:
+            return (
+                f"no sentinel answered ({', '.join(settings.redis_sentinels)}): check redis_sentinels and that "
+                "redis-sentinel runs there"
+            )
+        return (
+            f"the sentinels ({', '.join(answered)}) know no master named {settings.redis_master_name!r} "
+            f"(they know: {', '.join(sorted(known)) or 'none'}): check redis_master_name"
+        )
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:300] + "..."

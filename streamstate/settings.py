@@ -395,6 +395,11 @@ def _derive_defaults(values: dict, sources: dict) -> None:
     if not values["host_address"] and values["nginx_listen"] in values["hosts"]:
         values["host_address"] = values["nginx_listen"]
         sources["host_address"] += " (nginx_listen, one of hosts)"
+    elif values["host_address"] and values["host_address"] not in values["hosts"]:
+        raise SettingsError(
+            f"setting host_address ({sources['host_address']}): {values['host_address']!r} is not one of "
+            "hosts; it must be this host's entry there"
+        )
     if not values["max_streams"]:
         values["max_streams"] = STREAMS_PER_CORE * (os.cpu_count() or 1)
         sources["max_streams"] += f" ({STREAMS_PER_CORE} per CPU core)"

@@ -62,3 +62,20 @@ def test_a_missing_master_name_is_a_redis_error_not_a_hang(tmp_path, cluster):
     with pytest.raises(redis.ConnectionError):  # MasterNotFoundError: what every service treats as Redis down
         redis_for(settings).ping()
     assert time.monotonic() - started < 30
+
+
+def test_doctor_fails_a_failover_longer_than_the_fence_and_names_a_wrong_master(tmp_path, cluster):
+    """Operator finding: with Debian's default down-after (30 s) a failover outlasts a
+    host_timeout of 30 s's fence (15 s): every host would end its streams at every failover."""
+    from streamctl.checks_host import check_sentinels
+    from streamstate.redis_client import redis_error_text
+
+    fast = load_settings(sentinel_settings(tmp_path, cluster, hosts=["127.0.0.1:1"], host_timeout=30))
+    assert {c.check: c.status for c in check_sentinels(fast)}.get("failover vs fence") is None  # 1 s + 2 < 15
+    tight = load_settings(sentinel_settings(tmp_path, cluster, hosts=["127.0.0.1:1"], host_timeout=4))
+    assert {c.check: c.status for c in check_sentinels(tight)}["failover vs fence"] == "FAIL"
+    wrong = load_settings(sentinel_settings(tmp_path, cluster, redis_master_name="nosuchmaster"))
+    with pytest.raises(redis.ConnectionError) as raised:
+        redis_for(wrong).ping()
+    text = redis_error_text(raised.value, wrong)
+    assert "know no master named 'nosuchmaster'" in text and MASTER_NAME in text
