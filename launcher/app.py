@@ -22,8 +22,8 @@ from streamstate.urls import INVALID_CHANNEL_ID_KIND
 from streamstate.viewers import viewer_of_request
 
 from . import peers, status_page
-from .core import ChannelNotFound, CoolingDown, HostFenced, Launcher, RunsElsewhere
-from .peers import forwarded, peer_target, with_query
+from .core import ChannelNotFound, CoolingDown, HostFenced, Launcher
+from .peers import RunsElsewhere, forwarded, peer_target, with_query
 from .supervisor import StartFailed
 
 log = logging.getLogger("streamkeeper.launcher")

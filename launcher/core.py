@@ -22,7 +22,7 @@ import functools
 import logging
 import time
 
-from streamstate import egress, files, keys, providers, runs, stream_end
+from streamstate import egress, files, keys, providers, runs
 from streamstate.channel_check import validate
 from streamstate.channels import Channel, get_channel
 from streamstate.process import (
@@ -38,7 +38,7 @@ from streamstate.upstreams import Upstream
 from .adoption import adopt_streams
 from .host_key import HostKeeper
 from .host_services import HostServices
-from .peers import peer_of
+from .peers import RunsElsewhere, peer_of, refuse_if_elsewhere, take_over
 from .slots import ProviderSlots
 from .supervisor import StartFailed, StreamSupervisor
 
@@ -62,16 +62,6 @@ class RelayDown(StartFailed):
 
 class HostFenced(StartFailed):
     """This host could not renew its Redis lease (streamstate.lease): it starts nothing (503)."""
-
-
-class RunsElsewhere(StartFailed):
-    """Another live host runs or starts the channel: one FFmpeg per channel cluster-wide, so
-    this host does not start it.  ``peer``: that host's nginx (one of `hosts`), where a
-    player's request is forwarded; None: 503 at once."""
-
-    def __init__(self, reason: str, peer: str | None = None):
-        super().__init__(reason)
-        self.peer = peer
 
 
 class CoolingDown(StartFailed):
@@ -167,7 +157,7 @@ class Launcher:
         supervisor = self.active_supervisor(channel_id)
         created = False
         if supervisor is None and self.settings.hosts:
-            await self._refuse_if_elsewhere(channel_id)
+            await refuse_if_elsewhere(self.host_services, channel_id)
         if supervisor is None:
             failed = await self.redis_call(runs.get_failed, channel_id)
             if failed is not None:  # failed_cooldown: no FFmpeg, the same reason
@@ -216,7 +206,7 @@ class Launcher:
         try:
             record = await self.redis_call(runs.get_run, channel_id)
             if record is not None and record.host != self.settings.host_id:
-                await self._take_over(record)
+                await take_over(self.host_services, record)
             elif record is not None and self._runs_elsewhere(record):
                 await self.redis_call(runs.release_start_lock, channel_id, token)
                 return None
@@ -360,41 +350,6 @@ class Launcher:
             await self.redis_call(runs.drop_start_lock, channel_id, value)
             return await self.redis_call(runs.acquire_start_lock, channel_id, token, ttl)
         return False
-
-    async def _refuse_if_elsewhere(self, channel_id: str) -> None:
-        """A channel another live host runs is that host's (RunsElsewhere, forwarded there for
-        a player): said before any of this host's own checks, locks or starts, so a moved
-        viewer's every request costs two Redis reads here."""
-        record = await self.redis_call(runs.get_run, channel_id)
-        if record is None or record.host in ("", self.settings.host_id):
-            return
-        if await self.redis_call(runs.host_alive, record.host):
-            peer = await peer_of(self.settings, self.redis_call, record.host)
-            raise RunsElsewhere(f"channel {channel_id} runs on host {record.host}", peer)
-
-    async def _take_over(self, record: runs.RunRecord) -> None:
-        """The channel's record is another host's.  While that host's lease stands the run is
-        its own (RunsElsewhere); once it has expired the host is gone and so is its
-        connection (a host fences itself first, streamstate.lease): its record and provider
-        slot are cleared here, as the reaper would, and the channel starts on this host."""
-        if await self.redis_call(runs.host_alive, record.host):
-            raise RunsElsewhere(
-                f"channel {record.channel} runs on host {record.host}",
-                await peer_of(self.settings, self.redis_call, record.host),
-            )
-        why = f"host {record.host} not seen for {self.settings.host_timeout:g} s"
-        await asyncio.to_thread(
-            stream_end.stop_streams,
-            self.redis,
-            self.settings,
-            [stream_end.StopTarget.of_record(record, why, local=False)],
-            executable=self.ffmpeg_executable,
-            log=log,
-            signal=False,
-            need_mark=False,
-            relay_wait=0,
-        )
-        log.info("channel %s: took it over from host %s (%s)", record.channel, record.host, why)
 
     def _runs_elsewhere(self, record: runs.RunRecord) -> bool:
         """A live run of another launcher process (this host: the process is proven to be

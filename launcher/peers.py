@@ -1,27 +1,83 @@
-"""Forwarding between hosts (docs/design.md, "Several hosts"): a request for a channel that
-another live host runs is fetched from that host's nginx through this one (an internal
-location, PEER_PREFIX<ip:port>/<file>), so a viewer the edge sends here keeps playing and
-one FFmpeg runs.  A host's address comes from Redis (hosts:<id>:address, said with its
-lease) and is used only if it is one of `hosts`; a forwarded request is never forwarded
-again.  Also the rule for the query string an X-Accel-Redirect may carry."""
+"""The other hosts (docs/design.md, "Several hosts").  A channel another live host runs is
+refused here (RunsElsewhere); a dead host's record is taken over once its lease has
+expired.  A player's request for a channel another live host runs is fetched from that
+host's nginx through this one (an internal location, PEER_PREFIX<ip:port>/<file>), so a
+viewer the edge sends here keeps playing and one FFmpeg runs.  A host's address comes from
+Redis (hosts:<id>:address, said with its lease) and is used only if it is one of `hosts`;
+a forwarded request is never forwarded again.  Also the rule for the query string an
+X-Accel-Redirect may carry."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from typing import Any, Awaitable, Callable
 
 import redis
 from aiohttp import web
 
-from streamstate import keys, runs
+from streamstate import keys, runs, stream_end
 from streamstate.nginx_config import QUERY_HEADER
 from streamstate.urls import FORWARDED_HEADER, PEER_PREFIX
+
+from .host_services import HostServices
+from .supervisor import StartFailed
+
+log = logging.getLogger("streamkeeper.launcher")
 
 # The player's query string (?token=...), as nginx received it (X-Streamkeeper-Query: $args,
 # undecoded), rides on the internal redirect, so nginx logs the same $arg_token for the first
 # request as for the later ones.  Only URI query characters, at most what fits in nginx's
 # request line; anything else is dropped, never passed on.
 _SAFE_QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]{1,8192}")
+
+
+class RunsElsewhere(StartFailed):
+    """Another live host runs or starts the channel: one FFmpeg per channel cluster-wide, so
+    this host does not start it.  ``peer``: that host's nginx (one of `hosts`), where a
+    player's request is forwarded; None: 503 at once."""
+
+    def __init__(self, reason: str, peer: str | None = None):
+        super().__init__(reason)
+        self.peer = peer
+
+
+async def refuse_if_elsewhere(host: HostServices, channel_id: str) -> None:
+    """A channel another live host runs is that host's (RunsElsewhere, forwarded there for
+    a player): said before any of this host's own checks, locks or starts, so a moved
+    viewer's every request costs two Redis reads here."""
+    record = await host.redis_call(runs.get_run, channel_id)
+    if record is None or record.host in ("", host.settings.host_id):
+        return
+    if await host.redis_call(runs.host_alive, record.host):
+        peer = await peer_of(host.settings, host.redis_call, record.host)
+        raise RunsElsewhere(f"channel {channel_id} runs on host {record.host}", peer)
+
+
+async def take_over(host: HostServices, record: runs.RunRecord) -> None:
+    """The channel's record is another host's.  While that host's lease stands the run is
+    its own (RunsElsewhere); once it has expired the host is gone and so is its
+    connection (a host fences itself first, streamstate.lease): its record and provider
+    slot are cleared here, as the reaper would, and the channel starts on this host."""
+    if await host.redis_call(runs.host_alive, record.host):
+        raise RunsElsewhere(
+            f"channel {record.channel} runs on host {record.host}",
+            await peer_of(host.settings, host.redis_call, record.host),
+        )
+    why = f"host {record.host} not seen for {host.settings.host_timeout:g} s"
+    await asyncio.to_thread(
+        stream_end.stop_streams,
+        host.redis,
+        host.settings,
+        [stream_end.StopTarget.of_record(record, why, local=False)],
+        executable=host.ffmpeg_executable,
+        log=log,
+        signal=False,
+        need_mark=False,
+        relay_wait=0,
+    )
+    log.info("channel %s: took it over from host %s (%s)", record.channel, record.host, why)
 
 
 def with_query(target: str, query_string: str) -> str:

@@ -182,27 +182,8 @@ def check_hosts(client, settings) -> list[Check]:
     streams and slots.  This host without a lease in a multi-host set-up fails (it is fenced:
     it pulls nothing); another host gone with streams recorded is a warning (the reapers
     clear them once its lease has expired; its channels start elsewhere meanwhile)."""
-    found = []
     view = hosts_view(client, settings, collect_streams(client, settings, {})["streams"])
-    others = [h["host"] for h in view if h["alive"] and not h["this_host"]]
-    if others and not settings.hosts:
-        found.append(
-            Check(
-                WARN,
-                "hosts",
-                f"other hosts share this Redis ({printable(', '.join(others))}) but `hosts` is not set here: no "
-                "fencing (a host cut off from Redis keeps pulling while another takes its slots); set `hosts`",
-            )
-        )
-    if settings.hosts and settings.host_address not in settings.hosts:
-        found.append(
-            Check(
-                WARN,
-                "host_address",
-                f"this host's address {settings.host_address or '(none)'} is not one of `hosts`: other hosts "
-                "cannot forward a channel it runs to it; set host_address to its entry of `hosts`",
-            )
-        )
+    found = _cluster_warnings(view, settings)
     for host in view:
         name, label = printable(host["host"]), f"host {printable(host['host'])}"
         what = f"{host['streams']} stream(s), {host['slots']} provider slot(s)"
@@ -238,4 +219,30 @@ def check_hosts(client, settings) -> list[Check]:
                     "clear them, and its channels start on another host at their next request",
                 )
             )
+    return found
+
+
+def _cluster_warnings(view: list[dict], settings) -> list[Check]:
+    """Other hosts sharing this Redis without `hosts` set here (no fencing); this host's
+    address not one of `hosts` (nothing can be forwarded to it)."""
+    found = []
+    others = [h["host"] for h in view if h["alive"] and not h["this_host"]]
+    if others and not settings.hosts:
+        found.append(
+            Check(
+                WARN,
+                "hosts",
+                f"other hosts share this Redis ({printable(', '.join(others))}) but `hosts` is not set here: no "
+                "fencing (a host cut off from Redis keeps pulling while another takes its slots); set `hosts`",
+            )
+        )
+    if settings.hosts and settings.host_address not in settings.hosts:
+        found.append(
+            Check(
+                WARN,
+                "host_address",
+                f"this host's address {settings.host_address or '(none)'} is not one of `hosts`: other hosts "
+                "cannot forward a channel it runs to it; set host_address to its entry of `hosts`",
+            )
+        )
     return found
