@@ -37,7 +37,9 @@ async def adopt_streams(host: HostServices, supervisors: dict[str, StreamSupervi
     ``supervisors``; how many of each."""
     settings = host.settings
     counts = {"adopted": 0, "resumed": 0, "cleared": 0}
-    unrecorded = await _unrecorded_ffmpegs(host)
+    # Every FFmpeg writing into hls_dir, read once: (pid, the playlist it writes).
+    writing = await asyncio.to_thread(stream_ffmpegs_under, settings.hls_dir, host.ffmpeg_executable)
+    unrecorded = _unrecorded_ffmpegs(writing)
     for channel_id in await host.redis_call(runs.active_channels):
         record = await host.redis_call(runs.get_run, channel_id)
         if record is None or record.host != settings.host_id or channel_id in supervisors:
@@ -64,19 +66,18 @@ async def adopt_streams(host: HostServices, supervisors: dict[str, StreamSupervi
         else:
             await _clear(host, record)
             counts["cleared"] += 1
-    counts["files_removed"] = await _remove_left_files(host, supervisors)
+    counts["files_removed"] = await _remove_left_files(host, supervisors, writing)
     return counts
 
 
-async def _remove_left_files(host: HostServices, supervisors: dict[str, StreamSupervisor]) -> int:
+async def _remove_left_files(
+    host: HostServices, supervisors: dict[str, StreamSupervisor], writing: list[tuple[int, str]]
+) -> int:
     """Files of channels this launcher does not run and no FFmpeg writes: left from before
     (a crash, a reboot; in a multi-host set-up another host may run the channel now, and
     nginx would serve this host's frozen playlist instead of forwarding).  How many channels'."""
     settings = host.settings
-    written = {
-        files.channel_of_file(os.path.basename(playlist))
-        for _, playlist in await asyncio.to_thread(stream_ffmpegs_under, settings.hls_dir, host.ffmpeg_executable)
-    }
+    written = {files.channel_of_file(os.path.basename(playlist)) for _, playlist in writing}
     try:
         names = await asyncio.to_thread(os.listdir, settings.hls_dir)
     except OSError:
@@ -88,11 +89,10 @@ async def _remove_left_files(host: HostServices, supervisors: dict[str, StreamSu
     return len(left)
 
 
-async def _unrecorded_ffmpegs(host: HostServices) -> dict[str, int]:
-    """channel id -> pid of each FFmpeg writing a channel's playlist in this hls_dir."""
-    found = await asyncio.to_thread(stream_ffmpegs_under, host.settings.hls_dir, host.ffmpeg_executable)
+def _unrecorded_ffmpegs(writing: list[tuple[int, str]]) -> dict[str, int]:
+    """channel id -> pid of each FFmpeg writing a channel's own playlist in this hls_dir."""
     by_channel = {}
-    for pid, playlist in found:
+    for pid, playlist in writing:
         channel_id = files.channel_of_file(os.path.basename(playlist))
         if channel_id is not None and playlist.endswith(".ffmpeg.m3u8"):
             by_channel[channel_id] = pid

@@ -108,7 +108,7 @@ class Launcher:
         )
         self.slots = ProviderSlots(self.host_services, self.live_supervisors)
         # host:<host_id>, kept alive; in a multi-host set-up this host's lease (fencing).
-        self.host_key = HostKeeper(settings, self.redis, self.redis_call, self.live_supervisors)
+        self.host_key = HostKeeper(settings, self.redis_call, self.live_supervisors)
         self.warned: set[str] = set()  # warnings given once per process
         # channel -> until when (monotonic) its refusals in failed_cooldown go unlogged
         self.warned_cooldowns: dict[str, float] = {}

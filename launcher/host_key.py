@@ -21,11 +21,10 @@ class HostKeeper:
     def __init__(
         self,
         settings,
-        redis,
         redis_call: Callable[..., Awaitable[Any]],
         live_supervisors: Callable[[], list[StreamSupervisor]],
     ):
-        self.settings, self._redis, self._redis_call, self._live = settings, redis, redis_call, live_supervisors
+        self.settings, self._redis_call, self._live = settings, redis_call, live_supervisors
         # The lease lapsed, or is not held yet: this host starts nothing.
         self.fenced = lease.fencing_on(settings)
         # The lease lapsed (fence() was called): starts get 421, which takes this host out of

@@ -184,7 +184,7 @@ def status_command(settings_loader, channel_id, as_json):
     settings = settings_loader()
     client = redis_for(settings)
     try:
-        listing = collect_streams(client, settings, {})
+        listing = collect_streams(client, settings, {}, with_hosts=True)
         if channel_id is not None:
             listing["streams"] = [s for s in listing["streams"] if s["id"] == channel_id]
             listing["failed"] = [f for f in listing["failed"] if f["id"] == channel_id]

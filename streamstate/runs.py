@@ -396,13 +396,8 @@ def acquire_start_lock(client, channel: str, token: str, ttl_seconds: float) -> 
 
 
 def start_lock_token(host_id: str) -> str:
-    """A start lock's value: unique, and saying which host holds it (start_lock_host)."""
+    """A start lock's value: unique, and saying which host holds it (start_lock_holder)."""
     return f"{uuid.uuid4().hex}@{host_id}"
-
-
-def start_lock_host(client, channel: str) -> str | None:
-    """The host holding the channel's start lock (None: free, or a value of no host)."""
-    return start_lock_holder(client, channel)[1]
 
 
 def start_lock_holder(client, channel: str) -> tuple[str | None, str | None]:

@@ -25,7 +25,7 @@ class LiveStream(Protocol):
     def speed(self) -> float | None: ...
 
 
-def collect_streams(client, settings, supervisors: Mapping[str, LiveStream]) -> dict:
+def collect_streams(client, settings, supervisors: Mapping[str, LiveStream], *, with_hosts: bool = False) -> dict:
     """GET /streams and `streamctl status`: every stream Redis lists as active, plus this
     process's supervisors; members of the active set that are no channel id, apart."""
     active = runs.read_active(client)
@@ -71,7 +71,8 @@ def collect_streams(client, settings, supervisors: Mapping[str, LiveStream]) -> 
         "streams": result,
         "failed": runs.failed_channels(client),
         "providers": providers.usage(client, settings.providers, grace),
-        "hosts": hosts_view(client, settings, result),
+        # Every host (a SCAN of host:*): for `streamctl status`, not the launcher's polled routes.
+        **({"hosts": hosts_view(client, settings, result)} if with_hosts else {}),
         "invalid_members": [runs.shown_member(m) for m in active.invalid],
     }
 

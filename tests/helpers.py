@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 
 from demo.stack import free_port  # noqa: F401 - one definition, used by the tests
 from streamstate import files, keys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.05, message: str = ""):
@@ -113,3 +117,24 @@ def children_of(pid: int) -> list[int]:
             if int(fields[1]) == pid:
                 found.append(int(entry))
     return found
+
+
+def streamctl(stack, *args: str) -> subprocess.CompletedProcess:
+    """`streamctl ARGS --config <the stack's>`, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "streamctl", *args, "--config", stack.config_path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+def decode(url: str, seconds: float) -> subprocess.CompletedProcess:
+    """ffmpeg decodes ``seconds`` of the HLS stream at ``url`` (a real HLS client)."""
+    return subprocess.run(
+        ["ffmpeg", "-hide_banner", "-nostdin", "-i", url, "-t", f"{seconds:g}", "-f", "null", "-"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -23,7 +23,7 @@ from streamstate import keys, runs
 from streamstate.logformat import LogLineParser
 from tests.conftest import REPO
 from tests.fakes.listeners import RecordingListener
-from tests.helpers import add_channel, ffmpegs_writing, first_request, wait_for
+from tests.helpers import add_channel, ffmpegs_writing, first_request, streamctl, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -35,16 +35,6 @@ def listener():
     recorder = RecordingListener()
     yield recorder
     recorder.close()
-
-
-def streamctl(stack, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "streamctl", *args, "--config", stack.config_path],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
 
 
 INJECTIONS = [

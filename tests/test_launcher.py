@@ -14,7 +14,7 @@ import pytest
 from demo.stack import LocalStack
 from streamstate import files, keys
 from tests.conftest import REPO
-from tests.helpers import add_channel, ffmpeg_processes, ffmpegs_writing, first_request, wait_for
+from tests.helpers import add_channel, decode, ffmpeg_processes, ffmpegs_writing, first_request, streamctl, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -25,23 +25,7 @@ def test_cold_channel_plays_through_nginx(stack, channel_id):
     # The first viewer gets the playlist itself: no redirect, a segment listed.
     assert status == 200 and "Location" not in headers and b"#EXTINF" in body
     # A real HLS client through nginx: decodes at least 5 s of it.
-    result = subprocess.run(
-        [
-            "ffmpeg",
-            "-hide_banner",
-            "-nostdin",
-            "-i",
-            stack.playlist_url(channel_id, "?token=abc"),
-            "-t",
-            "5",
-            "-f",
-            "null",
-            "-",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = decode(stack.playlist_url(channel_id, "?token=abc"), 5)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "time=00:00:05" in result.stderr or "time=00:00:04.9" in result.stderr
     probe = subprocess.run(
@@ -271,16 +255,6 @@ def test_the_reaper_stops_an_idle_launcher_stream_and_the_launcher_does_not_rest
     # The next player starts it again, as a new run.
     assert first_request(stack.playlist_url(channel_id))[0] == 200
     assert ffmpegs_writing(stack, channel_id) not in ([], [pid])
-
-
-def streamctl(stack, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "streamctl", *args, "--config", stack.config_path],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
 
 
 def test_streamctl_start_status_stop_and_reap(stack, channel_id):

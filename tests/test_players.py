@@ -15,7 +15,7 @@ import pytest
 
 from streamstate import files, keys
 from tests.conftest import REPO
-from tests.helpers import add_channel, ffmpegs_writing
+from tests.helpers import add_channel, decode, ffmpegs_writing
 from tests.viewing import HLSJS_SECONDS, run_hlsjs
 
 pytestmark = pytest.mark.e2e
@@ -143,22 +143,6 @@ def test_ffmpeg_plays_a_cold_channel(stack):
     channel_id = 705
     add_channel(stack, channel_id)
     assert_cold(stack, channel_id)
-    result = subprocess.run(
-        [
-            "ffmpeg",
-            "-hide_banner",
-            "-nostdin",
-            "-i",
-            stack.playlist_url(channel_id, "?token=ff"),
-            "-t",
-            "5",
-            "-f",
-            "null",
-            "-",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = decode(stack.playlist_url(channel_id, "?token=ff"), 5)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "time=00:00:05" in result.stderr or "time=00:00:04.9" in result.stderr

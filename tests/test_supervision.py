@@ -20,7 +20,7 @@ from demo.stack import LocalStack
 from streamstate import files, hls, keys, runs
 from streamstate.logformat import viewer_hash
 from tests.conftest import REPO
-from tests.helpers import add_channel, ffmpeg_processes, ffmpegs_writing, first_request, free_port, wait_for
+from tests.helpers import add_channel, ffmpeg_processes, ffmpegs_writing, first_request, free_port, streamctl, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -195,27 +195,21 @@ def test_streamctl_logs_status_and_stop_all(stack, extra_launcher, tmp_path, cha
     first, second = channel_ids(), channel_ids()
     launcher = extra_launcher(hls_dir=str(tmp_path / "hls"), log_dir=str(tmp_path / "ffmpeg-logs"))
 
-    def streamctl(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "streamctl", *args, "--config", launcher.config_path],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+    def ctl(*args):
+        return streamctl(launcher, *args)  # this launcher's config
 
     for channel in (first, second):
         add_channel(stack, channel)
         assert launcher.json(f"/channel/{channel}/start", "POST")[0] == 200
-    logs = streamctl("logs", first, "-n", "5")
+    logs = ctl("logs", first, "-n", "5")
     assert logs.returncode == 0 and "--- streamkeeper: " in logs.stdout
-    assert streamctl("logs", "999").returncode == 1
-    status = json.loads(streamctl("status", first, "--json").stdout)
+    assert ctl("logs", "999").returncode == 1
+    status = json.loads(ctl("status", first, "--json").stdout)
     assert [s["id"] for s in status["streams"]] == [first] and status["streams"][0]["uptime_seconds"] >= 0
-    stopped = streamctl("stop", "--all")
+    stopped = ctl("stop", "--all")
     assert stopped.returncode == 0 and "stopped 2 stream(s)" in stopped.stdout
     assert not [a for _, a in ffmpeg_processes() if a[-1].startswith(launcher.hls_dir)]
-    assert streamctl("stop").returncode == 2
+    assert ctl("stop").returncode == 2
     # The launcher stopped alone first (its streams outlive it), then everything is stopped
     # (systemctl stop streamkeeper.target): --all stops this host's streams itself.
     for channel in (first, second):
@@ -223,7 +217,7 @@ def test_streamctl_logs_status_and_stop_all(stack, extra_launcher, tmp_path, cha
     launcher.process.send_signal(signal.SIGTERM)
     launcher.process.wait(timeout=30)
     assert [a for _, a in ffmpeg_processes() if a[-1].startswith(launcher.hls_dir)]
-    stopped = streamctl("stop", "--all")
+    stopped = ctl("stop", "--all")
     assert stopped.returncode == 0 and "stopping this host's streams directly" in stopped.stderr
     assert f"stopped 2 stream(s): {first}, {second}" in stopped.stdout
     assert not [a for _, a in ffmpeg_processes() if a[-1].startswith(launcher.hls_dir)]

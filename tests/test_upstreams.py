@@ -17,7 +17,7 @@ from tests.fakes.hls_origin import HLSOrigin
 from tests.fakes.listeners import KeepAliveOrigin, RecordingListener
 from tests.fakes.socks5_server import Socks5Server
 from tests.fakes.tls_relay import TLSRelay
-from tests.helpers import add_channel, ffmpegs_writing, first_request, wait_for
+from tests.helpers import add_channel, decode, ffmpegs_writing, first_request, streamctl, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -30,37 +30,9 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def streamctl(stack, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "streamctl", *args, "--config", stack.config_path],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-
-
 def plays(stack, channel_id, seconds: float = 3) -> bool:
     """ffmpeg decodes ``seconds`` of the channel through nginx (a cold start included)."""
-    result = subprocess.run(
-        [
-            "ffmpeg",
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-i",
-            stack.playlist_url(channel_id),
-            "-t",
-            str(seconds),
-            "-f",
-            "null",
-            "-",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return result.returncode == 0
+    return decode(stack.playlist_url(channel_id), seconds).returncode == 0
 
 
 @pytest.fixture
